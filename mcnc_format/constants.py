@@ -1,0 +1,98 @@
+"""Every literal of ``spec/SPEC.md`` in one place, named as the spec names it.
+
+``tests/test_spec_tables.py`` checks that the spec's tables and these values agree.
+"""
+
+from __future__ import annotations
+
+# §2 Preamble
+MAGIC = b"\x89MCNC\r\n\x1a"
+PREAMBLE_SIZE = 32
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+
+# §3 Alignment
+DEFAULT_ALIGNMENT = 64
+MIN_ALIGNMENT = 64
+MAX_ALIGNMENT = 1 << 20
+
+# §9 Limits
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_RANK = 8
+MAX_TENSORS = 1_000_000
+MAX_BLOBS = 4_000_000
+MAX_GENERATORS = 256
+MAX_SEGMENTS = 1_000_000
+MAX_NAME_BYTES = 1024
+MAX_METADATA_ENTRIES = 10_000
+MAX_METADATA_VALUE_BYTES = 1 << 20
+MAX_K = 1024
+MAX_D = 1 << 24
+MAX_HIDDEN_LAYERS = 8
+MAX_HIDDEN_WIDTH = 4096
+MAX_M = 64
+MAX_NUMEL = 1 << 48
+MAX_ZSTD_RATIO = 4096
+ZSTD_MIN_DECODED_ALLOWANCE = 1 << 20
+MAX_STREAM_ELEMENTS = 1 << 66  # 2**64 Philox blocks of 4 words
+
+# §4 Blob codecs
+CODEC_RAW = "raw"
+CODEC_ZSTD = "zstd"
+CODECS = (CODEC_RAW, CODEC_ZSTD)
+
+# §4 Dtypes: name -> item size in bytes
+DTYPE_SIZES = {
+    "f64": 8,
+    "f32": 4,
+    "f16": 2,
+    "bf16": 2,
+    "i64": 8,
+    "i32": 4,
+    "i16": 2,
+    "i8": 1,
+    "u8": 1,
+    "bool": 1,
+}
+FLOAT_DTYPES = ("f64", "f32", "f16", "bf16")
+ALPHA_BETA_DTYPES = ("f32", "f16", "bf16")
+
+# §5 Generators
+ACTIVATION_SINE = "sin"
+WEIGHTS_PHILOX = "philox"
+WEIGHTS_INLINE = "inline"
+
+# §6 Tensor encodings
+ENCODING_MCNC = "mcnc"
+ENCODING_DENSE = "dense"
+ENCODING_LORA = "lora"
+
+# §7 theta0 kinds and PRNG schemes
+THETA0_ZEROS = "zeros"
+THETA0_PRNG = "prng"
+THETA0_BLOB = "blob"
+THETA0_EXTERNAL = "external"
+SCHEME_UNIFORM = "uniform"
+SCHEME_FAN_IN_UNIFORM = "fan_in_uniform"
+SCHEME_NORMAL = "normal"
+
+# §8 Philox4x32-10 constants (Salmon et al., SC'11)
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+# §5 Streams used to draw generator weights: layer t (0-based) draws its weight matrix
+# from stream 2t and its bias from stream 2t + 1, under the generator's seed.
+def generator_weight_stream(layer: int) -> int:
+    return 2 * layer
+
+
+def generator_bias_stream(layer: int) -> int:
+    return 2 * layer + 1
+
+
+# §10 Numerics: a conforming reader's error bound against the float64 reference
+REGEN_RTOL = 1e-5
+NORMAL_ATOL = 2.0**-18

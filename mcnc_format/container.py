@@ -1,0 +1,141 @@
+"""Bytes of the container (SPEC.md §2-§4): preamble, header encoding, blob codecs.
+
+Everything here works on ``bytes``-like objects and knows nothing of torch, so the reader,
+the writer and the verifier share one definition of each byte.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+import xxhash
+import zstandard
+
+from . import constants as C
+from .errors import ChecksumError, FormatError, HeaderError, UnsupportedVersionError
+from .header import BlobEntry, Header
+
+__all__ = [
+    "Preamble",
+    "checksum",
+    "decode_blob",
+    "decode_header",
+    "encode_blob",
+    "encode_header",
+    "encode_preamble",
+    "read_preamble",
+]
+
+_PREAMBLE = struct.Struct("<8sHHIQQ")
+ZSTD_LEVEL = 3
+
+
+def checksum(data: bytes | memoryview) -> int:
+    """XXH3-64 with seed 0 (§2)."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+class Preamble:
+    """The fixed 32 bytes at the start of a file."""
+
+    def __init__(self, minor: int, header_length: int, header_xxh3: int) -> None:
+        self.minor = minor
+        self.header_length = header_length
+        self.header_xxh3 = header_xxh3
+
+
+def encode_preamble(header_bytes: bytes, minor: int = C.FORMAT_MINOR) -> bytes:
+    return _PREAMBLE.pack(C.MAGIC, C.FORMAT_MAJOR, minor, 0, len(header_bytes),
+                          checksum(header_bytes))
+
+
+def read_preamble(data: bytes | memoryview, file_size: int, source: str) -> Preamble:
+    """Parse and check the preamble: R1-R4."""
+    if file_size < C.PREAMBLE_SIZE or bytes(data[:8]) != C.MAGIC:
+        raise FormatError(
+            f"{source}: not an .mcnc file: it does not start with the 8-byte magic "
+            f"{C.MAGIC!r} (R1). Check the path, or re-download the file if it was damaged."
+        )
+    _, major, minor, reserved, header_length, header_xxh3 = _PREAMBLE.unpack(
+        bytes(data[: C.PREAMBLE_SIZE])
+    )
+    if major != C.FORMAT_MAJOR:
+        raise UnsupportedVersionError(
+            f"{source}: format version {major}.{minor}; this reader implements major version "
+            f"{C.FORMAT_MAJOR} (R2). Use an mcnc-format release that reads version {major}."
+        )
+    if reserved != 0:
+        raise FormatError(f"{source}: preamble reserved field is {reserved:#x}, expected 0 (R3)")
+    if header_length > C.MAX_HEADER_BYTES:
+        raise FormatError(
+            f"{source}: header_length {header_length} exceeds MAX_HEADER_BYTES "
+            f"{C.MAX_HEADER_BYTES} (R4)"
+        )
+    if C.PREAMBLE_SIZE + header_length > file_size:
+        raise FormatError(
+            f"{source}: header_length {header_length} runs past the end of the {file_size}-byte "
+            "file: the file is truncated (R4). Re-download or re-write it."
+        )
+    return Preamble(minor, header_length, header_xxh3)
+
+
+def encode_header(header: Header) -> bytes:
+    """Deterministic msgpack (§3, §11): sorted keys, float64 floats, smallest int forms."""
+    return msgpack.packb(header.to_dict(), use_bin_type=True, use_single_float=False)
+
+
+def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> Header:
+    """Check the header checksum (R5), decode msgpack (R6) and parse fields (R10-R13)."""
+    if checksum(raw) != preamble.header_xxh3:
+        raise ChecksumError(
+            f"{source}: the header does not match its XXH3-64 checksum (R5): the file was "
+            "damaged after writing. Re-download or re-write it."
+        )
+    try:
+        value: Any = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True, max_ext_len=0
+        )
+    except Exception as exc:  # msgpack raises several unrelated classes for bad input
+        raise HeaderError(f"{source}: the header is not one valid msgpack map (R6): {exc}") from exc
+    return Header.parse(value, source, preamble.minor)
+
+
+def encode_blob(raw: bytes | memoryview, codec: str) -> bytes:
+    """Stored bytes for ``codec`` (§4). zstd at a fixed level with content size, no checksum."""
+    if codec == C.CODEC_RAW:
+        return bytes(raw)
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True,
+                                          write_checksum=False)
+    return compressor.compress(raw)
+
+
+def decode_blob(
+    stored: memoryview, blob: BlobEntry, path: str, source: str, verify: bool = True
+) -> memoryview | bytes:
+    """Decoded bytes of a blob: checksum (R24), then zstd with its declared size (R25)."""
+    if verify and checksum(stored) != blob.xxh3:
+        raise ChecksumError(
+            f"{source}: {path} does not match its XXH3-64 checksum (R24): the file was damaged "
+            "after writing. Re-download or re-write it."
+        )
+    if blob.codec == C.CODEC_RAW:
+        return stored
+    expected = blob.decoded_length
+    try:
+        params = zstandard.get_frame_parameters(stored)
+        if params.content_size != expected:
+            raise FormatError(
+                f"{source}: {path}: the zstd frame declares {params.content_size} bytes, the "
+                f"header {expected} (R25)"
+            )
+        decoded = zstandard.ZstdDecompressor().decompress(stored, max_output_size=expected)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"{source}: {path}: invalid zstd data (R25): {exc}") from exc
+    if len(decoded) != expected:
+        raise FormatError(
+            f"{source}: {path}: zstd data decoded to {len(decoded)} bytes, expected "
+            f"{expected} (R25)"
+        )
+    return decoded

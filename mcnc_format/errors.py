@@ -1,0 +1,91 @@
+"""The one exception family of mcnc-format.
+
+Every failure the library reports is an ``MCNCError``: callers catch that one class, or a
+subclass when they want to tell failures apart. Messages name the file, the header field
+(as a path such as ``tensors[3].theta0.seed``), what was expected and what was found, and
+what to do about it. Rule numbers (``R12``) point into ``spec/SPEC.md``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChecksumError",
+    "DeviceMemoryError",
+    "ExternalReferenceError",
+    "FormatError",
+    "HeaderError",
+    "HubError",
+    "HubFileNotFoundError",
+    "HubOfflineError",
+    "HubPermissionError",
+    "MCNCError",
+    "UnsafeCheckpointError",
+    "UnsupportedFeatureError",
+    "UnsupportedVersionError",
+    "WriteError",
+]
+
+
+class MCNCError(Exception):
+    """Base class of every error raised by mcnc-format."""
+
+
+class FormatError(MCNCError, ValueError):
+    """Raised when a file's bytes do not follow the container layout (magic, preamble,
+    truncation, blob placement): the file is not an ``.mcnc`` file or is damaged."""
+
+
+class ChecksumError(FormatError):
+    """Raised when the header or a blob does not match its XXH3-64 checksum: the bytes were
+    changed after writing (disk or transfer corruption). Re-download or re-write the file."""
+
+
+class HeaderError(FormatError):
+    """Raised when the header decodes but breaks a validation rule of the spec (a missing or
+    mistyped field, a limit exceeded, an inconsistent size, an unknown reference)."""
+
+
+class UnsupportedVersionError(MCNCError):
+    """Raised when the file's major format version is not one this reader implements."""
+
+
+class UnsupportedFeatureError(MCNCError):
+    """Raised when a tensor uses an encoding, codec, dtype, theta0 kind or scheme that this
+    reader does not know (typically written by a newer minor version). Other tensors of the
+    same file stay readable."""
+
+
+class ExternalReferenceError(MCNCError):
+    """Raised when a theta0 reference to another file cannot be resolved: the file or tensor
+    is missing, or its bytes do not match the pinned sha256."""
+
+
+class WriteError(MCNCError):
+    """Raised when a file cannot be written: invalid inputs to the writer, or an I/O failure.
+    The previous file at the target path, if any, is left untouched."""
+
+
+class DeviceMemoryError(MCNCError, MemoryError):
+    """Raised when regenerating weights on a device runs out of memory; the message gives the
+    sizes that were requested."""
+
+
+class UnsafeCheckpointError(MCNCError):
+    """Raised when a checkpoint would need pickle execution to load (it holds objects other
+    than tensors and plain containers). Re-save it as a plain state dict or as safetensors."""
+
+
+class HubError(MCNCError):
+    """Raised for Hugging Face Hub failures that are not covered by a subclass."""
+
+
+class HubFileNotFoundError(HubError, FileNotFoundError):
+    """Raised when a Hub repository, revision or file does not exist."""
+
+
+class HubPermissionError(HubError, PermissionError):
+    """Raised when the Hub refuses access (missing or insufficient token)."""
+
+
+class HubOfflineError(HubError):
+    """Raised when offline mode is on (``HF_HUB_OFFLINE=1``) and the file is not cached."""

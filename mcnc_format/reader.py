@@ -1,0 +1,475 @@
+"""Reading ``.mcnc`` files: header first, tensors on demand, on any torch device.
+
+``open`` reads and validates the preamble and header only (R1-R75 but the blob bytes); blobs
+are read through a private copy-on-write memory map when a tensor needs them, and each blob's
+checksum is checked on first use. Regeneration runs in bounded batches (``regenerate.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import mmap
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import constants as C
+from .container import decode_blob, decode_header, read_preamble
+from .dtypes import to_torch
+from .errors import (
+    DeviceMemoryError,
+    ExternalReferenceError,
+    FormatError,
+    MCNCError,
+    UnsupportedFeatureError,
+)
+from .generator import GeneratorSpec
+from .header import FactorEntry, GeneratorEntry, Header, TensorEntry, Theta0Entry
+from .regenerate import (
+    DEFAULT_CPU_WORKSPACE,
+    DEFAULT_DEVICE_WORKSPACE,
+    FusedGenerator,
+    MemberRequest,
+    regenerate_segment,
+)
+from .theta0 import Theta0Resolver
+from .validate import data_start, validate_header
+
+__all__ = ["MCNCFile", "TensorInfo", "load", "load_into", "open_file"]
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says of one tensor, without reading any blob."""
+
+    name: str
+    encoding: str
+    shape: tuple[int, ...]
+    dtype: str
+    stored_values: int
+    stored_bytes: int
+    theta0: str | None
+    segment: int | None
+    generator: int | None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class MCNCFile:
+    """An open ``.mcnc`` file. Use as a context manager, or call ``close()``."""
+
+    def __init__(self, path: PathLike, *, verify: bool = True,
+                 workspace_bytes: int | None = None) -> None:
+        self.path = Path(path)
+        self.source = str(path)
+        self.verify = verify
+        self.workspace_bytes = workspace_bytes
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise MCNCError(f"{self.source}: cannot open: {exc.strerror}") from exc
+        try:
+            self.file_size = os.fstat(self._fd).st_size
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY) if self.file_size else None
+            view = memoryview(self._map) if self._map is not None else memoryview(b"")
+            preamble = read_preamble(view, self.file_size, self.source)
+            raw_header = view[C.PREAMBLE_SIZE : C.PREAMBLE_SIZE + preamble.header_length]
+            self.header: Header = decode_header(raw_header, preamble, self.source)
+            self.minor = preamble.minor
+            self.header_length = preamble.header_length
+            validate_header(self.header, preamble.header_length, self.file_size, self.source)
+        except BaseException:
+            self.close()
+            raise
+        self._by_name = {t.name: t for t in self.header.tensors}
+        self._verified: set[int] = set()
+        self._generators: dict[tuple[int, int, str], FusedGenerator] = {}
+        self._dense_theta0: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._theta0 = Theta0Resolver(self._dense_theta0_tensor, self.source)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "_map", None) is not None:
+            self._map.close()  # type: ignore[union-attr]
+            self._map = None
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None  # type: ignore[assignment]
+
+    def __enter__(self) -> MCNCFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- header facts ----------------------------------------------------------------------
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header.metadata)
+
+    @property
+    def info(self) -> dict[str, str]:
+        return dict(self.header.info)
+
+    def keys(self) -> list[str]:
+        return [t.name for t in self.header.tensors]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self.header.tensors)
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise MCNCError(
+                f"{self.source}: no tensor named {name!r}; `mcnc inspect {self.source}` lists "
+                f"the {len(self._by_name)} tensors"
+            ) from None
+
+    def generator_spec(self, index: int, device: torch.device | str = "cpu") -> GeneratorSpec:
+        """The generator ``index`` as a ``GeneratorSpec`` (inline weights read from blobs)."""
+        g = self.header.generators[index]
+        inline = None
+        if g.blobs is not None:
+            inline = tuple(self.blob_tensor(b, f"generators[{index}].weights.blobs[{j}]")
+                           for j, b in enumerate(g.blobs))
+        return _spec_of(g, inline)
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        t = self.entry(name)
+        stored_values, stored_bytes = self._stored(t)
+        segment = t.segment if t.encoding == C.ENCODING_MCNC else (
+            t.A.segment if t.A is not None else None)
+        generator = self.header.segments[segment].generator if segment is not None else None
+        return TensorInfo(t.name, t.encoding, t.shape, t.dtype, stored_values, stored_bytes,
+                          t.theta0.kind if t.theta0 is not None else None, segment, generator)
+
+    def _stored(self, t: TensorEntry) -> tuple[int, int]:
+        """Values and bytes this tensor's own storage takes (its share of segment blobs)."""
+        if t.encoding == C.ENCODING_DENSE:
+            blob = self.header.blobs[t.blob or 0]
+            return blob.numel, blob.length
+        members = [t.as_factor()] if t.encoding == C.ENCODING_MCNC else (
+            [t.A, t.B] if t.A is not None and t.B is not None else [])
+        values = 0.0
+        nbytes = 0.0
+        for member in members:
+            seg = self.header.segments[member.segment]
+            d = self.header.generators[seg.generator].d
+            share = member.numel / max(seg.chunks * d, 1)
+            for blob_index in (seg.alpha, seg.beta):
+                blob = self.header.blobs[blob_index]
+                values += share * blob.numel
+                nbytes += share * blob.length
+        return round(values), round(nbytes)
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes and ratios for ``mcnc inspect`` and for users deciding what to ship."""
+        dense_bytes = sum(t.numel * C.DTYPE_SIZES.get(t.dtype, 4) for t in self.header.tensors)
+        compressed = [t for t in self.header.tensors if t.encoding != C.ENCODING_DENSE]
+        compressed_params = sum(t.numel for t in compressed)
+        trainable = sum(
+            self.header.blobs[s.alpha].numel + self.header.blobs[s.beta].numel
+            for s in self.header.segments
+        )
+        return {
+            "file_bytes": self.file_size,
+            "header_bytes": self.header_length,
+            "dense_bytes": dense_bytes,
+            "parameters": sum(t.numel for t in self.header.tensors),
+            "compressed_parameters": compressed_params,
+            "stored_alpha_beta_values": trainable,
+            "compression_ratio": dense_bytes / self.file_size if self.file_size else 0.0,
+            "compressed_part_ratio": compressed_params / trainable if trainable else 0.0,
+            "tensors": len(self.header.tensors),
+            "segments": len(self.header.segments),
+            "generators": len(self.header.generators),
+            "format_version": f"{C.FORMAT_MAJOR}.{self.minor}",
+        }
+
+    # -- blobs -----------------------------------------------------------------------------
+    def blob_bytes(self, index: int, path: str | None = None) -> memoryview | bytes:
+        """Decoded bytes of blob ``index``, checksum-checked on first use."""
+        blob = self.header.blobs[index]
+        assert self._map is not None, "blob access on a closed file"
+        stored = memoryview(self._map)[blob.offset : blob.offset + blob.length]
+        verify = self.verify and index not in self._verified
+        decoded = decode_blob(stored, blob, path or f"blobs[{index}]", self.source, verify)
+        if verify:
+            self._verified.add(index)
+        return decoded
+
+    def blob_tensor(self, index: int, path: str | None = None) -> torch.Tensor:
+        """Blob ``index`` as a CPU tensor of its dtype and shape (zero-copy for raw blobs)."""
+        blob = self.header.blobs[index]
+        data = self.blob_bytes(index, path)
+        if blob.numel == 0:
+            return torch.empty(blob.shape, dtype=to_torch(blob.dtype))
+        if isinstance(data, bytes):
+            data = bytearray(data)
+        tensor = torch.frombuffer(data, dtype=to_torch(blob.dtype), count=blob.numel)
+        if blob.dtype == "bool" and bool((tensor.view(torch.uint8) > 1).any()):
+            raise FormatError(f"{self.source}: {path or f'blobs[{index}]'}: bool bytes must be 0"
+                              " or 1 (§1)")
+        return tensor.reshape(blob.shape)
+
+    # -- tensors ---------------------------------------------------------------------------
+    def get_tensor(self, name: str, device: torch.device | str = "cpu",
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, regenerated (or decoded) on ``device``; ``dtype`` overrides floats."""
+        return self.tensors([name], device=device, dtype=dtype)[name]
+
+    def get_lora_factors(self, name: str, device: torch.device | str = "cpu",
+                         dtype: torch.dtype | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, scale)`` of a lora tensor, without merging them into theta0."""
+        t = self.entry(name)
+        if t.encoding != C.ENCODING_LORA or t.A is None or t.B is None:
+            raise MCNCError(f"{self.source}: {name!r} is a {t.encoding} tensor, not lora")
+        dev = torch.device(device)
+        factors = self._members([(t.A, f"{name}:A"), (t.B, f"{name}:B")], dev)
+        out = [factors[f"{name}:A"], factors[f"{name}:B"]]
+        out = [x.to(dtype or to_torch(f.dtype)) for x, f in zip(out, (t.A, t.B), strict=True)]
+        return out[0], out[1], float(t.scale or 0.0)
+
+    def tensors(self, names: Iterable[str] | None = None, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Many tensors at once; each segment is regenerated once for all requested members."""
+        return dict(self.iter_tensors(names, device, dtype))
+
+    def iter_tensors(self, names: Iterable[str] | None = None,
+                     device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` in file order; segments are regenerated as needed."""
+        dev = torch.device(device)
+        wanted = [self.entry(n) for n in (self.keys() if names is None else names)]
+        members: list[tuple[FactorEntry, str]] = []
+        for t in wanted:
+            self._check_supported(t)
+            if t.encoding == C.ENCODING_MCNC:
+                members.append((t.as_factor(), t.name))
+            elif t.encoding == C.ENCODING_LORA and t.A is not None and t.B is not None:
+                members += [(t.A, f"{t.name}:A"), (t.B, f"{t.name}:B")]
+        generated = self._members(members, dev)
+        for t in wanted:
+            yield t.name, self._finish(t, generated, dev, dtype)
+
+    def _check_supported(self, t: TensorEntry) -> None:
+        if not t.known:
+            raise UnsupportedFeatureError(
+                f"{self.source}: tensor {t.name!r} uses encoding {t.encoding!r}, unknown to this "
+                "reader (R46). Upgrade mcnc-format; the other tensors can be read by name."
+            )
+
+    def _finish(self, t: TensorEntry, generated: dict[str, torch.Tensor], device: torch.device,
+                dtype: torch.dtype | None) -> torch.Tensor:
+        out_dtype = to_torch(t.dtype)
+        if dtype is not None and out_dtype.is_floating_point:
+            out_dtype = dtype
+        if t.encoding == C.ENCODING_DENSE:
+            assert t.blob is not None
+            value = self.blob_tensor(t.blob, f"tensors[{t.name!r}].blob")
+            return _to_device(value, device, out_dtype, self.source)
+        if t.encoding == C.ENCODING_MCNC:
+            return generated.pop(t.name).to(out_dtype)
+        assert t.A is not None and t.B is not None and t.theta0 is not None
+        a = generated.pop(f"{t.name}:A")
+        b = generated.pop(f"{t.name}:B")
+        with torch.autocast(device_type=device.type, enabled=False):
+            base = self._theta0.values(t.theta0, t.shape, 0, t.numel, device, f"{t.name}.theta0")
+            merged = torch.mm(b, a) * float(t.scale or 0.0)
+            if base is not None:
+                merged = merged + base.reshape(t.shape)
+        return merged.to(out_dtype)
+
+    def _members(self, members: list[tuple[FactorEntry, str]], device: torch.device
+                 ) -> dict[str, torch.Tensor]:
+        """Float32 values of segment members on ``device``, one pass per segment."""
+        by_segment: dict[int, list[tuple[FactorEntry, str]]] = {}
+        for member, label in members:
+            by_segment.setdefault(member.segment, []).append((member, label))
+        out: dict[str, torch.Tensor] = {}
+        for seg_index, group in by_segment.items():
+            seg = self.header.segments[seg_index]
+            fused = self._fused(seg.generator, seg.m, device)
+            alpha = self.blob_tensor(seg.alpha, f"segments[{seg_index}].alpha")
+            beta = self.blob_tensor(seg.beta, f"segments[{seg_index}].beta")
+            requests = []
+            for member, label in group:
+                dest = _empty(member.numel, device, self.source, label)
+                out[label] = dest
+                requests.append(MemberRequest(member, dest, self._theta0_fn(member, label,
+                                                                            device)))
+            regenerate_segment(fused, alpha, beta, requests, self._workspace(device))
+            for member, label in group:
+                out[label] = out[label].reshape(member.shape)
+        return out
+
+    def _theta0_fn(self, member: FactorEntry, label: str, device: torch.device):
+        def values(start: int, count: int) -> torch.Tensor | None:
+            return self._theta0.values(member.theta0, member.shape, start, count, device,
+                                       f"{label}.theta0")
+        return values
+
+    def _workspace(self, device: torch.device) -> int:
+        if self.workspace_bytes is not None:
+            return self.workspace_bytes
+        return DEFAULT_CPU_WORKSPACE if device.type == "cpu" else DEFAULT_DEVICE_WORKSPACE
+
+    def _fused(self, index: int, m: int, device: torch.device) -> FusedGenerator:
+        key = (index, m, str(device))
+        if key not in self._generators:
+            self._generators[key] = FusedGenerator(self.generator_spec(index).weights(device), m)
+        return self._generators[key]
+
+    def _dense_theta0_tensor(self, entry: Theta0Entry, shape: tuple[int, ...],
+                             device: torch.device) -> torch.Tensor:
+        key = (entry, str(device))
+        if key not in self._dense_theta0:
+            if entry.kind == C.THETA0_BLOB:
+                assert entry.blob is not None
+                value = self.blob_tensor(entry.blob, "theta0 blob")
+            else:
+                value = self._external(entry, shape)
+            self._dense_theta0[key] = value.to(device=device, dtype=torch.float32)
+        return self._dense_theta0[key]
+
+    def _external(self, entry: Theta0Entry, shape: tuple[int, ...]) -> torch.Tensor:
+        """An external theta0 tensor, shape- and sha256-checked (R75)."""
+        from safetensors import safe_open
+
+        assert entry.uri is not None and entry.tensor is not None
+        path = self._resolve_uri(entry.uri)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if entry.tensor not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                    raise ExternalReferenceError(
+                        f"{self.source}: theta0 reference {entry.uri}: no tensor named "
+                        f"{entry.tensor!r} there (R75)"
+                    )
+                value = f.get_tensor(entry.tensor)
+        except (OSError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, MCNCError):
+                raise
+            raise ExternalReferenceError(
+                f"{self.source}: theta0 reference {entry.uri} ({path}) cannot be read: {exc} "
+                "(R75). Put the base checkpoint next to the .mcnc file."
+            ) from exc
+        if tuple(value.shape) != shape:
+            raise ExternalReferenceError(
+                f"{self.source}: theta0 reference {entry.uri}:{entry.tensor} has shape "
+                f"{list(value.shape)}, the tensor needs {list(shape)} (R75)"
+            )
+        digest = tensor_sha256(value)
+        if digest != entry.sha256:
+            raise ExternalReferenceError(
+                f"{self.source}: theta0 reference {entry.uri}:{entry.tensor} has sha256 "
+                f"{digest}, the file pins {entry.sha256} (R75): the base checkpoint differs "
+                "from the one this file was made against."
+            )
+        return value
+
+    def _resolve_uri(self, uri: str) -> Path:
+        if uri.startswith("hf://"):
+            from .hub import resolve_reference
+
+            return resolve_reference(uri)
+        return self.path.parent / uri
+
+    # -- verification ----------------------------------------------------------------------
+    def check_padding(self) -> None:
+        """R22: the bytes between header and blobs, and between blobs, are zero."""
+        assert self._map is not None
+        view = memoryview(self._map)
+        position = C.PREAMBLE_SIZE + self.header_length
+        gaps = []
+        for blob in self.header.blobs:
+            gaps.append((position, blob.offset))
+            position = blob.offset + blob.length
+        gaps.append((position, data_start(self.header_length, self.header.alignment)
+                     if not self.header.blobs else position))
+        for start, stop in gaps:
+            if any(view[start:stop]):
+                raise FormatError(f"{self.source}: non-zero padding bytes in [{start}, {stop}) "
+                                  "(R22)")
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw little-endian C-order bytes, as pinned by §7.4."""
+    flat = tensor.detach().contiguous().reshape(-1).cpu()
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _spec_of(g: GeneratorEntry, inline: tuple[torch.Tensor, ...] | None) -> GeneratorSpec:
+    return GeneratorSpec(k=g.k, d=g.d, hidden=g.hidden, L=g.L, omega0=g.omega0, bias=g.bias,
+                         normalize=g.normalize, seed=g.seed, inline=inline)
+
+
+def _empty(numel: int, device: torch.device, source: str, label: str) -> torch.Tensor:
+    try:
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    except torch.OutOfMemoryError as exc:
+        raise DeviceMemoryError(
+            f"{source}: out of memory on {device} allocating {numel * 4} bytes for {label}"
+        ) from exc
+
+
+def _to_device(value: torch.Tensor, device: torch.device, dtype: torch.dtype, source: str
+               ) -> torch.Tensor:
+    try:
+        if device.type == "cpu":
+            return value.to(dtype=dtype, copy=True)
+        return value.to(device=device, dtype=dtype)
+    except torch.OutOfMemoryError as exc:
+        raise DeviceMemoryError(
+            f"{source}: out of memory on {device} for a {value.numel() * value.element_size()}"
+            "-byte tensor"
+        ) from exc
+
+
+def open_file(path: PathLike, *, verify: bool = True) -> MCNCFile:
+    """Open an ``.mcnc`` file (header only). ``verify`` checks each blob's checksum on first
+    use; turn it off only for files you produced yourself in this process."""
+    return MCNCFile(path, verify=verify)
+
+
+def load(path: PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+         ) -> dict[str, torch.Tensor]:
+    """Every tensor of a file, regenerated on ``device``; ``dtype`` overrides float dtypes."""
+    with open_file(path) as f:
+        return f.tensors(device=device, dtype=dtype)
+
+
+def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | str = "cpu",
+              strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load a file into ``module``'s parameters and buffers; returns (missing, unexpected).
+
+    A module built on the meta device gets the regenerated tensors assigned (nothing is
+    materialised twice); otherwise values are copied into the existing parameters.
+    """
+    state = load(path, device=device)
+    on_meta = any(p.is_meta for p in module.parameters()) or any(
+        b.is_meta for b in module.buffers())
+    expected = set(module.state_dict().keys())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if strict and (missing or unexpected):
+        raise MCNCError(
+            f"{path}: does not match the module: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}. Pass strict=False to load what matches."
+        )
+    module.load_state_dict(state, strict=False, assign=on_meta)
+    return missing, unexpected

@@ -1,0 +1,221 @@
+"""Rules that relate header entries to each other and to the file size (SPEC.md §4-§7, §12).
+
+``validate_header`` runs once, when a file is opened and before any blob is touched, and again
+in the writer before anything is written: a header that passes cannot make the reader read
+outside the file or allocate more than the file and the limits of §9 justify.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import constants as C
+from .errors import FormatError, HeaderError
+from .header import BlobEntry, FactorEntry, Header, TensorEntry, Theta0Entry
+
+__all__ = ["align_up", "blob_layout", "data_start", "validate_header"]
+
+
+def align_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+def data_start(header_length: int, alignment: int) -> int:
+    return align_up(C.PREAMBLE_SIZE + header_length, alignment)
+
+
+def blob_layout(start: int, lengths: list[int], alignment: int) -> list[int]:
+    """Offsets of §4's placement: each blob at the next aligned offset after the previous."""
+    offsets = []
+    position = start
+    for length in lengths:
+        position = align_up(position, alignment)
+        offsets.append(position)
+        position += length
+    return offsets
+
+
+def validate_header(header: Header, header_length: int, file_size: int, source: str) -> None:
+    """Check R20-R23 and R40-R75 (all but the blob bytes and external files)."""
+    _check_blob_placement(header, header_length, file_size, source)
+    for i, blob in enumerate(header.blobs):
+        _check_blob_size(blob, f"blobs[{i}]", source)
+    _Checker(header, source).run()
+
+
+def _check_blob_placement(header: Header, header_length: int, file_size: int, source: str) -> None:
+    start = data_start(header_length, header.alignment)
+    expected = blob_layout(start, [b.length for b in header.blobs], header.alignment)
+    for i, (blob, offset) in enumerate(zip(header.blobs, expected, strict=True)):
+        if blob.offset != offset:
+            raise FormatError(
+                f"{source}: blobs[{i}].offset: expected {offset} (blobs tile the data region in "
+                f"order at {header.alignment}-byte alignment), got {blob.offset} (R20)"
+            )
+    end = header.blobs[-1].offset + header.blobs[-1].length if header.blobs else start
+    if end != file_size:
+        what = "truncated" if end > file_size else "has trailing bytes"
+        raise FormatError(
+            f"{source}: the file is {file_size} bytes but its header accounts for {end}: the "
+            f"file is {what} (R21). Re-download or re-write it."
+        )
+
+
+def _check_blob_size(blob: BlobEntry, path: str, source: str) -> None:
+    decoded = blob.decoded_length
+    if blob.codec == C.CODEC_RAW and blob.length != decoded:
+        raise HeaderError(
+            f"{source}: {path}.length: a raw {blob.dtype} blob of shape {list(blob.shape)} is "
+            f"{decoded} bytes, got {blob.length} (R23)"
+        )
+    if blob.codec == C.CODEC_ZSTD:
+        allowance = max(C.MAX_ZSTD_RATIO * blob.length, C.ZSTD_MIN_DECODED_ALLOWANCE)
+        if decoded > allowance:
+            raise HeaderError(
+                f"{source}: {path}: a zstd blob of {blob.length} bytes may decode to at most "
+                f"{allowance} bytes, but its shape needs {decoded} (R23)"
+            )
+
+
+class _Checker:
+    """Cross-reference checks; collects blob uses and segment members as it goes."""
+
+    def __init__(self, header: Header, source: str) -> None:
+        self.header = header
+        self.source = source
+        self.blob_users: dict[int, str] = {}
+        self.members: dict[int, list[tuple[int, int, str]]] = {}
+
+    def error(self, path: str, message: str) -> HeaderError:
+        return HeaderError(f"{self.source}: {path}: {message}")
+
+    def use_blob(self, index: int, path: str) -> BlobEntry:
+        if index >= len(self.header.blobs):
+            raise self.error(path, f"blob index {index} is out of range: the file has "
+                             f"{len(self.header.blobs)} blobs (R45)")
+        if index in self.blob_users:
+            raise self.error(path, f"blob {index} is already used by {self.blob_users[index]}; "
+                             "every blob is used exactly once (R45)")
+        self.blob_users[index] = path
+        return self.header.blobs[index]
+
+    def run(self) -> None:
+        for i, gen in enumerate(self.header.generators):
+            if gen.blobs is not None:
+                self.check_inline_generator(i)
+        for i in range(len(self.header.segments)):
+            self.check_segment(i)
+        names: set[str] = set()
+        all_known = True
+        for i, tensor in enumerate(self.header.tensors):
+            path = f"tensors[{i}]"
+            if tensor.name in names:
+                raise self.error(f"{path}.name", f"duplicate tensor name {tensor.name!r} (R42)")
+            names.add(tensor.name)
+            all_known &= self.check_tensor(tensor, path)
+        self.check_members()
+        if all_known and len(self.blob_users) != len(self.header.blobs):
+            unused = sorted(set(range(len(self.header.blobs))) - set(self.blob_users))
+            raise self.error("blobs", f"blob(s) {unused[:8]} are not used by any entry; every "
+                             "blob is used exactly once (R45)")
+
+    def check_inline_generator(self, index: int) -> None:
+        gen = self.header.generators[index]
+        path = f"generators[{index}].weights.blobs"
+        shapes = gen.parameter_shapes()
+        assert gen.blobs is not None
+        if len(gen.blobs) != len(shapes):
+            raise self.error(path, f"expected {len(shapes)} blobs for widths {list(gen.widths)}"
+                             f" (bias={gen.bias}), got {len(gen.blobs)} (R33)")
+        for j, (blob_index, shape) in enumerate(zip(gen.blobs, shapes, strict=True)):
+            blob = self.use_blob(blob_index, f"{path}[{j}]")
+            if blob.dtype != "f32" or blob.shape != shape:
+                raise self.error(f"{path}[{j}]", f"expected an f32 blob of shape {list(shape)}, "
+                                 f"got {blob.dtype} {list(blob.shape)} (R33)")
+
+    def check_segment(self, index: int) -> None:
+        seg = self.header.segments[index]
+        path = f"segments[{index}]"
+        if seg.generator >= len(self.header.generators):
+            raise self.error(f"{path}.generator", f"generator {seg.generator} does not exist; "
+                             f"the file has {len(self.header.generators)} (R45)")
+        gen = self.header.generators[seg.generator]
+        for key, index_, shape in (
+            ("alpha", seg.alpha, (seg.chunks, seg.m, gen.k)),
+            ("beta", seg.beta, (seg.chunks, seg.m)),
+        ):
+            blob = self.use_blob(index_, f"{path}.{key}")
+            if blob.shape != shape or blob.dtype not in C.ALPHA_BETA_DTYPES:
+                raise self.error(
+                    f"{path}.{key}",
+                    f"expected a {'/'.join(C.ALPHA_BETA_DTYPES)} blob of shape {list(shape)}, "
+                    f"got {blob.dtype} {list(blob.shape)} (R40)",
+                )
+
+    def check_tensor(self, tensor: TensorEntry, path: str) -> bool:
+        """Checks one tensor; returns False when it uses features this reader does not know."""
+        if not tensor.known:
+            return False
+        if tensor.encoding == C.ENCODING_DENSE:
+            assert tensor.blob is not None
+            blob = self.use_blob(tensor.blob, f"{path}.blob")
+            if blob.dtype != tensor.dtype or blob.shape != tensor.shape:
+                raise self.error(f"{path}.blob", f"expected a {tensor.dtype} blob of shape "
+                                 f"{list(tensor.shape)}, got {blob.dtype} {list(blob.shape)} (R51)")
+            return True
+        if tensor.encoding == C.ENCODING_MCNC:
+            return self.check_member(tensor.as_factor(), path, tensor.name)
+        assert tensor.A is not None and tensor.B is not None and tensor.theta0 is not None
+        if len(tensor.shape) != 2:
+            raise self.error(f"{path}.shape", f"a lora tensor has rank 2, got {len(tensor.shape)}"
+                             " (R60)")
+        out_dim, in_dim = tensor.shape
+        r = tensor.A.shape[0] if tensor.A.shape else 0
+        if r < 1 or tensor.A.shape != (r, in_dim) or tensor.B.shape != (out_dim, r):
+            raise self.error(path, f"lora factors must be A [r, {in_dim}] and B [{out_dim}, r] "
+                             f"with r >= 1, got A {list(tensor.A.shape)} and B "
+                             f"{list(tensor.B.shape)} (R60)")
+        known = self.check_theta0(tensor.theta0, tensor.shape, f"{path}.theta0")
+        known &= self.check_member(tensor.A, f"{path}.A", f"{tensor.name}:A")
+        return known & self.check_member(tensor.B, f"{path}.B", f"{tensor.name}:B")
+
+    def check_member(self, member: FactorEntry, path: str, label: str) -> bool:
+        if member.segment >= len(self.header.segments):
+            raise self.error(f"{path}.segment", f"segment {member.segment} does not exist; the "
+                             f"file has {len(self.header.segments)} (R45)")
+        self.members.setdefault(member.segment, []).append((member.offset, member.numel, label))
+        return self.check_theta0(member.theta0, member.shape, f"{path}.theta0")
+
+    def check_theta0(self, theta0: Theta0Entry, shape: tuple[int, ...], path: str) -> bool:
+        if not theta0.known:
+            return False
+        if theta0.kind == C.THETA0_BLOB:
+            assert theta0.blob is not None
+            blob = self.use_blob(theta0.blob, f"{path}.blob")
+            if blob.dtype not in C.FLOAT_DTYPES or blob.shape != shape:
+                raise self.error(f"{path}.blob", f"expected a float blob of shape {list(shape)}, "
+                                 f"got {blob.dtype} {list(blob.shape)} (R73)")
+        if theta0.scheme == C.SCHEME_FAN_IN_UNIFORM and (len(shape) < 2 or
+                                                         math.prod(shape[1:]) < 1):
+            raise self.error(f"{path}.scheme", f"fan_in_uniform needs a tensor of rank >= 2 with"
+                             f" fan_in >= 1, got shape {list(shape)} (R72)")
+        return True
+
+    def check_members(self) -> None:
+        for index, seg in enumerate(self.header.segments):
+            members = sorted(self.members.get(index, []))
+            if not members:
+                raise self.error(f"segments[{index}]", "no tensor uses this segment (R41)")
+            position = 0
+            for offset, numel, label in members:
+                if offset != position:
+                    kind = "overlaps" if offset < position else "leaves a gap before"
+                    raise self.error(f"segments[{index}]", f"member {label!r} at offset {offset} "
+                                     f"{kind} element {position}; members must tile the segment "
+                                     "(R41)")
+                position += numel
+            d = self.header.generators[seg.generator].d
+            if seg.chunks != -(-position // d):
+                raise self.error(f"segments[{index}].chunks", f"members hold {position} values, "
+                                 f"which need ceil({position} / {d}) = {-(-position // d)} chunks,"
+                                 f" got {seg.chunks} (R41)")

@@ -1,0 +1,383 @@
+"""Writing ``.mcnc`` files: declarative inputs in, one atomic, deterministic file out.
+
+A caller describes what to store with small value types (``Segment``, ``MCNC``, ``LoRA``,
+``Dense``, ``Theta0``) and calls ``save``. The writer checks every input up front, lays the
+file out exactly as SPEC.md §2-§4 prescribe, validates its own header with the reader's rules,
+and writes to a temporary file in the target directory that is fsynced and renamed into place:
+an interrupted write (crash, Ctrl-C) leaves any previous file untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import constants as C
+from .container import checksum, encode_blob, encode_header, encode_preamble
+from .dtypes import from_torch
+from .errors import MCNCError, WriteError
+from .generator import GeneratorSpec
+from .header import (
+    BlobEntry,
+    FactorEntry,
+    GeneratorEntry,
+    Header,
+    SegmentEntry,
+    TensorEntry,
+    Theta0Entry,
+)
+from .validate import blob_layout, data_start, validate_header
+
+__all__ = ["MCNC", "Dense", "LoRA", "Segment", "Theta0", "save"]
+
+
+@dataclass(frozen=True)
+class Theta0:
+    """Where an mcnc tensor's base values come from (SPEC.md §7)."""
+
+    entry: Theta0Entry
+    tensor: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def zeros(cls) -> Theta0:
+        return cls(Theta0Entry(C.THETA0_ZEROS))
+
+    @classmethod
+    def uniform(cls, bound: float, seed: int, stream: int) -> Theta0:
+        return cls(Theta0Entry(C.THETA0_PRNG, C.SCHEME_UNIFORM, seed, stream, bound=float(bound)))
+
+    @classmethod
+    def fan_in_uniform(cls, seed: int, stream: int) -> Theta0:
+        """PyTorch's default init of Linear and Conv weights, drawn from the spec's PRNG."""
+        return cls(Theta0Entry(C.THETA0_PRNG, C.SCHEME_FAN_IN_UNIFORM, seed, stream))
+
+    @classmethod
+    def normal(cls, seed: int, stream: int, mean: float = 0.0, std: float = 1.0) -> Theta0:
+        """PyTorch's default init of Embedding weights (mean 0, std 1) from the spec's PRNG."""
+        return cls(Theta0Entry(C.THETA0_PRNG, C.SCHEME_NORMAL, seed, stream, mean=float(mean),
+                               std=float(std)))
+
+    @classmethod
+    def stored(cls, tensor: torch.Tensor) -> Theta0:
+        """theta0 stored inline as a blob (any float dtype)."""
+        return cls(Theta0Entry(C.THETA0_BLOB), tensor)
+
+    @classmethod
+    def external(cls, uri: str, tensor: str, sha256: str) -> Theta0:
+        """A tensor in a safetensors file next to the .mcnc file or on the Hub, sha256-pinned."""
+        return cls(Theta0Entry(C.THETA0_EXTERNAL, uri=uri, tensor=tensor, sha256=sha256))
+
+
+@dataclass(eq=False)
+class Segment:
+    """Chunks sharing one generator: ``alpha [chunks, m, k]``, ``beta [chunks, m]``.
+
+    Their dtypes (float32, float16 or bfloat16) are the stored dtypes. Tensors that name the
+    same ``Segment`` object are flattened together in the order they are given.
+    """
+
+    generator: GeneratorSpec
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    codec: str = C.CODEC_RAW
+
+
+@dataclass(frozen=True, eq=False)
+class MCNC:
+    """A tensor stored as a member of an MCNC segment."""
+
+    segment: Segment
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    theta0: Theta0 = field(default_factory=Theta0.zeros)
+
+
+@dataclass(frozen=True, eq=False)
+class LoRA:
+    """``theta0 + scale * B @ A`` with mcnc-encoded factors (the paper's LLM setting)."""
+
+    A: MCNC
+    B: MCNC
+    scale: float
+    dtype: torch.dtype = torch.float32
+    theta0: Theta0 = field(default_factory=Theta0.zeros)
+
+
+@dataclass(frozen=True, eq=False)
+class Dense:
+    """A tensor stored as it is, raw or zstd-compressed."""
+
+    tensor: torch.Tensor
+    codec: str = C.CODEC_RAW
+
+
+TensorSource = torch.Tensor | Dense | MCNC | LoRA
+
+
+def save(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, TensorSource],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    info: Mapping[str, str] | None = None,
+    alignment: int = C.DEFAULT_ALIGNMENT,
+) -> Path:
+    """Write ``tensors`` to ``path`` atomically. Plain tensors are stored dense and raw."""
+    if sys.byteorder != "little":
+        raise WriteError("mcnc-format writes little-endian data and needs a little-endian host")
+    target = Path(path)
+    layout = _Layout(str(target), alignment)
+    for name, source in tensors.items():
+        layout.add_tensor(name, source)
+    layout.header.metadata = _strings(metadata, "metadata", str(target))
+    layout.header.info = _strings(info, "info", str(target))
+    layout.finish_segments()
+    header_bytes = layout.place_blobs()
+    _atomic_write(target, layout, header_bytes)
+    return target
+
+
+def _strings(values: Mapping[str, str] | None, what: str, source: str) -> dict[str, str]:
+    out = dict(values or {})
+    for k, v in out.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise WriteError(f"{source}: {what} must map str to str; got {k!r}: {type(v).__name__}")
+    return out
+
+
+class _Layout:
+    """Turns the inputs into header entries and encoded blobs, in first-reference order."""
+
+    def __init__(self, source: str, alignment: int) -> None:
+        power_of_two = alignment & (alignment - 1) == 0
+        if not (C.MIN_ALIGNMENT <= alignment <= C.MAX_ALIGNMENT and power_of_two):
+            raise WriteError(f"{source}: alignment must be a power of two in "
+                             f"[{C.MIN_ALIGNMENT}, {C.MAX_ALIGNMENT}], got {alignment}")
+        self.source = source
+        self.header = Header(alignment=alignment)
+        self.payloads: list[bytes] = []
+        self.blob_meta: list[tuple[str, str, tuple[int, ...], int]] = []
+        self.generators: dict[Any, int] = {}
+        self.segments: dict[int, int] = {}
+        self.segment_inputs: list[Segment] = []
+        self.segment_fill: list[int] = []
+
+    def fail(self, where: str, message: str) -> WriteError:
+        return WriteError(f"{self.source}: {where}: {message}")
+
+    # -- blobs -----------------------------------------------------------------------------
+    def add_blob(self, tensor: torch.Tensor, codec: str, where: str) -> int:
+        if codec not in C.CODECS:
+            raise self.fail(where, f"codec must be one of {C.CODECS}, got {codec!r}")
+        tensor = tensor.detach()
+        if tensor.is_sparse or tensor.layout != torch.strided:
+            raise self.fail(where, "sparse tensors cannot be stored; call .to_dense() first")
+        dtype = from_torch(tensor.dtype)
+        host = tensor.to("cpu").contiguous()
+        raw = host.reshape(-1).view(torch.uint8).numpy() if host.numel() else b""
+        stored = encode_blob(memoryview(raw), codec)
+        decoded = host.numel() * C.DTYPE_SIZES[dtype]
+        if codec == C.CODEC_ZSTD and decoded > max(C.MAX_ZSTD_RATIO * len(stored),
+                                                   C.ZSTD_MIN_DECODED_ALLOWANCE):
+            codec, stored = C.CODEC_RAW, encode_blob(memoryview(raw), C.CODEC_RAW)
+        self.payloads.append(stored)
+        self.blob_meta.append((codec, dtype, tuple(host.shape), checksum(stored)))
+        return len(self.payloads) - 1
+
+    # -- generators and segments -----------------------------------------------------------
+    def add_generator(self, spec: GeneratorSpec, where: str) -> int:
+        key: Any = id(spec) if spec.inline is not None else spec
+        if key in self.generators:
+            return self.generators[key]
+        blobs = None
+        if spec.inline is not None:
+            shapes = spec.parameter_shapes()
+            if len(spec.inline) != len(shapes):
+                raise self.fail(where, f"inline generator needs {len(shapes)} tensors")
+            blobs = tuple(self.add_blob(t.to(torch.float32), C.CODEC_RAW, f"{where}.inline[{i}]")
+                          for i, t in enumerate(spec.inline))
+        elif spec.seed is None or not 0 <= spec.seed <= 0xFFFFFFFF:
+            raise self.fail(where, f"generator seed must be a uint32, got {spec.seed}")
+        entry = GeneratorEntry(spec.k, spec.d, spec.hidden, float(spec.L), float(spec.omega0),
+                               spec.bias, spec.normalize, spec.seed, blobs)
+        self.header.generators.append(entry)
+        self.generators[key] = len(self.header.generators) - 1
+        return self.generators[key]
+
+    def add_segment(self, segment: Segment, where: str) -> int:
+        if id(segment) in self.segments:
+            return self.segments[id(segment)]
+        spec = segment.generator
+        alpha, beta = segment.alpha, segment.beta
+        if alpha.dim() != 3 or alpha.shape[2] != spec.k:
+            raise self.fail(where, f"alpha must have shape [chunks, m, k={spec.k}], got "
+                            f"{list(alpha.shape)}")
+        if tuple(beta.shape) != tuple(alpha.shape[:2]):
+            raise self.fail(where, f"beta must have shape {list(alpha.shape[:2])}, got "
+                            f"{list(beta.shape)}")
+        for name, t in (("alpha", alpha), ("beta", beta)):
+            if from_torch(t.dtype) not in C.ALPHA_BETA_DTYPES:
+                raise self.fail(where, f"{name} must be float32, float16 or bfloat16, got "
+                                f"{t.dtype}")
+        if not 1 <= alpha.shape[1] <= C.MAX_M:
+            raise self.fail(where, f"m must be in [1, {C.MAX_M}], got {alpha.shape[1]}")
+        generator = self.add_generator(spec, f"{where}.generator")
+        a = self.add_blob(alpha, segment.codec, f"{where}.alpha")
+        b = self.add_blob(beta, segment.codec, f"{where}.beta")
+        self.header.segments.append(SegmentEntry(generator, alpha.shape[1], alpha.shape[0], a, b))
+        self.segment_inputs.append(segment)
+        self.segment_fill.append(0)
+        self.segments[id(segment)] = len(self.header.segments) - 1
+        return self.segments[id(segment)]
+
+    def finish_segments(self) -> None:
+        for index, (segment, filled) in enumerate(zip(self.segment_inputs, self.segment_fill,
+                                                      strict=True)):
+            d = segment.generator.d
+            chunks = segment.alpha.shape[0]
+            if chunks != -(-filled // d):
+                raise self.fail(f"segment {index}", f"its members hold {filled} values, which "
+                                f"need ceil({filled} / {d}) = {-(-filled // d)} chunks, but "
+                                f"alpha has {chunks}")
+
+    # -- tensors ---------------------------------------------------------------------------
+    def theta0(self, theta0: Theta0, shape: tuple[int, ...], where: str) -> Theta0Entry:
+        if theta0.entry.kind != C.THETA0_BLOB:
+            return theta0.entry
+        assert theta0.tensor is not None
+        if tuple(theta0.tensor.shape) != shape or not theta0.tensor.is_floating_point():
+            raise self.fail(where, f"a stored theta0 must be a float tensor of shape "
+                            f"{list(shape)}, got {theta0.tensor.dtype} {list(theta0.tensor.shape)}")
+        return Theta0Entry(C.THETA0_BLOB, blob=self.add_blob(theta0.tensor, C.CODEC_RAW, where))
+
+    def member(self, value: MCNC, where: str) -> FactorEntry:
+        shape = tuple(int(s) for s in value.shape)
+        dtype = from_torch(value.dtype)
+        if dtype not in C.FLOAT_DTYPES:
+            raise self.fail(where, f"an mcnc tensor's dtype must be floating point, got "
+                            f"{value.dtype}")
+        segment = self.add_segment(value.segment, f"{where}.segment")
+        offset = self.segment_fill[segment]
+        self.segment_fill[segment] += math.prod(shape)
+        return FactorEntry(shape, dtype, segment, offset,
+                           self.theta0(value.theta0, shape, f"{where}.theta0"))
+
+    def add_tensor(self, name: str, source: TensorSource) -> None:
+        if not isinstance(name, str) or not name:
+            raise self.fail(repr(name), "tensor names must be non-empty strings")
+        where = f"tensor {name!r}"
+        if isinstance(source, torch.Tensor):
+            source = Dense(source)
+        if isinstance(source, Dense):
+            blob = self.add_blob(source.tensor, source.codec, where)
+            meta = self.blob_meta[blob]
+            entry = TensorEntry(name, C.ENCODING_DENSE, meta[2], meta[1], blob=blob)
+        elif isinstance(source, MCNC):
+            f = self.member(source, where)
+            entry = TensorEntry(name, C.ENCODING_MCNC, f.shape, f.dtype, segment=f.segment,
+                                offset=f.offset, theta0=f.theta0)
+        elif isinstance(source, LoRA):
+            entry = self.lora(name, source, where)
+        else:
+            raise self.fail(where, f"expected a torch.Tensor, Dense, MCNC or LoRA, got "
+                            f"{type(source).__name__}")
+        self.header.tensors.append(entry)
+
+    def lora(self, name: str, source: LoRA, where: str) -> TensorEntry:
+        if len(source.A.shape) != 2 or len(source.B.shape) != 2 or \
+                source.A.shape[0] != source.B.shape[1]:
+            raise self.fail(where, f"LoRA factors must be A [r, in] and B [out, r], got "
+                            f"{list(source.A.shape)} and {list(source.B.shape)}")
+        shape = (int(source.B.shape[0]), int(source.A.shape[1]))
+        dtype = from_torch(source.dtype)
+        if dtype not in C.FLOAT_DTYPES or not math.isfinite(source.scale):
+            raise self.fail(where, "a lora tensor needs a float dtype and a finite scale")
+        theta0 = self.theta0(source.theta0, shape, f"{where}.theta0")
+        a = self.member(source.A, f"{where}.A")
+        b = self.member(source.B, f"{where}.B")
+        return TensorEntry(name, C.ENCODING_LORA, shape, dtype, theta0=theta0,
+                           scale=float(source.scale), A=a, B=b)
+
+    # -- layout ----------------------------------------------------------------------------
+    def place_blobs(self) -> bytes:
+        """Fix blob offsets; the header's length depends on them, so iterate to a fixpoint."""
+        lengths = [len(p) for p in self.payloads]
+        header_bytes = b""
+        for _ in range(16):
+            start = data_start(len(header_bytes), self.header.alignment)
+            offsets = blob_layout(start, lengths, self.header.alignment)
+            self.header.blobs = [
+                BlobEntry(off, length, codec, dtype, shape, xxh)
+                for off, length, (codec, dtype, shape, xxh) in zip(offsets, lengths,
+                                                                   self.blob_meta, strict=True)
+            ]
+            encoded = encode_header(self.header)
+            if encoded == header_bytes:
+                break
+            header_bytes = encoded
+        else:  # pragma: no cover - the header length grows monotonically and settles fast
+            raise WriteError(f"{self.source}: header layout did not converge")
+        if len(header_bytes) > C.MAX_HEADER_BYTES:
+            raise WriteError(f"{self.source}: the header is {len(header_bytes)} bytes, over "
+                             f"MAX_HEADER_BYTES {C.MAX_HEADER_BYTES}; split the model")
+        end = self.header.blobs[-1].offset + lengths[-1] if lengths else data_start(
+            len(header_bytes), self.header.alignment)
+        try:
+            validate_header(self.header, len(header_bytes), end, self.source)
+        except MCNCError as exc:
+            raise WriteError(f"refusing to write an invalid file: {exc}") from exc
+        return header_bytes
+
+
+def _atomic_write(target: Path, layout: _Layout, header_bytes: bytes) -> None:
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise WriteError(f"{target}: cannot create a temporary file in {directory}: "
+                         f"{exc.strerror}") from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(encode_preamble(header_bytes))
+            out.write(header_bytes)
+            position = C.PREAMBLE_SIZE + len(header_bytes)
+            for blob, payload in zip(layout.header.blobs, layout.payloads, strict=True):
+                out.write(bytes(blob.offset - position))
+                out.write(payload)
+                position = blob.offset + len(payload)
+            if not layout.payloads:
+                out.write(bytes(data_start(len(header_bytes), layout.header.alignment) - position))
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteError(f"{target}: write failed: {exc}; the previous file, if any, is "
+                             "unchanged") from exc
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (POSIX); harmless where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
