@@ -36,6 +36,9 @@ MAX_ZSTD_RATIO = 4096
 ZSTD_MIN_DECODED_ALLOWANCE = 1 << 20
 MAX_STREAM_ELEMENTS = 1 << 66  # 2**64 Philox blocks of 4 words
 
+# §3 Structured facts in the header's `info` map
+INFO_KEYS = ("base_model", "license", "producer", "source")
+
 # §4 Blob codecs
 CODEC_RAW = "raw"
 CODEC_ZSTD = "zstd"

@@ -189,13 +189,17 @@ class GeneratorWeights:
         return x
 
     def __call__(self, alpha: torch.Tensor) -> torch.Tensor:
-        """``phi(alpha)`` as float32 ``[..., d]``; differentiable in ``alpha`` (for training)."""
+        """``phi(alpha)`` as float32 ``[..., d]``; differentiable in ``alpha`` (for training).
+
+        Everything runs in IEEE float32 even under a caller's autocast, so a model trained
+        through this function has exactly the weights a reader regenerates."""
         h = self.hidden(alpha)
-        y = h @ self.out_weight.T
-        if self.out_bias is not None:
-            y = y + self.out_bias
-        if self.spec.normalize:
-            y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        with ieee_fp32(h.device):
+            y = h @ self.out_weight.T
+            if self.out_bias is not None:
+                y = y + self.out_bias
+            if self.spec.normalize:
+                y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)
         return y
 
     def gram(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -393,13 +393,12 @@ class Theta0Entry:
 
 def _valid_uri(uri: str) -> bool:
     if uri.startswith("hf://"):
-        repo, sep, path = uri[len("hf://"):].partition("/")
-        rest, sep2, rel = path.partition("/")
-        # hf://ORG/REPO@REV/PATH: the first '/' splits ORG; REPO@REV comes next.
-        name, at, rev = rest.partition("@")
-        return bool(repo and sep and name and at and sep2 and rel) and len(rev) == 40 and all(
-            c in "0123456789abcdef" for c in rev
-        ) and ".." not in rel.split("/")
+        from .hub.uri import parse_uri
+
+        try:
+            return parse_uri(uri).pinned
+        except ValueError:
+            return False
     if not uri or uri.startswith(("/", "\\")) or ":" in uri.split("/")[0]:
         return False
     return ".." not in uri.replace("\\", "/").split("/")
@@ -568,6 +567,10 @@ class Header:
             info=_string_map(m, "info", default={}),
             minor=minor,
         )
+        unknown_info = sorted(set(header.info) - set(C.INFO_KEYS))
+        if unknown_info and not m.lenient:
+            raise m.error("info", f"unknown key(s) {', '.join(unknown_info)}; version 1.0 defines "
+                          f"{', '.join(C.INFO_KEYS)} (R11). Put free-form facts in metadata.")
         m.done()
         return header
 

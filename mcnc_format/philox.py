@@ -9,12 +9,14 @@ Layout (chosen so Triton's ``tl.randint4x(seed | stream << 32, block)`` gives th
 words): key = ``(seed, stream)`` as two uint32 words; counter = ``(block mod 2**32,
 block >> 32, 0, 0)``; element ``i`` of the stream is word ``i mod 4`` of block ``i // 4``.
 
-All arithmetic is done in int64 holding uint32 values; the 32x32-bit products are split in
-16-bit halves so that no intermediate exceeds 2**63 (signed overflow is undefined in C++).
+On accelerators all arithmetic is done in torch int64 holding uint32 values; the 32x32-bit
+products are split in 16-bit halves so that no intermediate exceeds 2**63 (signed overflow is
+undefined in C++). On the CPU the same rounds run in NumPy uint64, where a product is exact.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .constants import (
@@ -83,6 +85,25 @@ def _check_key(seed: int, stream: int) -> None:
         raise ValueError(f"stream must be a uint32 (0..{_MASK32}), got {stream}")
 
 
+def _philox4x32_numpy(
+    c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, k0: int, k1: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The same bijection on uint64 NumPy arrays: a 32x32-bit product fits in uint64 exactly,
+    so each multiply is one operation; on the CPU this is an order of magnitude faster than the
+    split products the torch version needs."""
+    mask, shift = np.uint64(_MASK32), np.uint64(32)
+    m0, m1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
+    key0, key1 = np.uint64(k0), np.uint64(k1)
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            key0 = (key0 + np.uint64(PHILOX_W0)) & mask
+            key1 = (key1 + np.uint64(PHILOX_W1)) & mask
+        p0 = c0 * m0
+        p1 = c2 * m1
+        c0, c1, c2, c3 = (p1 >> shift) ^ c1 ^ key0, p1 & mask, (p0 >> shift) ^ c3 ^ key1, p0 & mask
+    return c0, c1, c2, c3
+
+
 def blocks(
     seed: int, stream: int, first_block: int, count: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -91,6 +112,14 @@ def blocks(
     # A negative block would silently give non-uint32 "words"; int64 indices stop at 2**63.
     if first_block < 0 or first_block + count > 1 << 63:
         raise ValueError(f"blocks {first_block} .. {first_block + count - 1} outside 0 .. 2**63")
+    if torch.device(device).type == "cpu":
+        index_np = np.arange(first_block, first_block + count, dtype=np.uint64)
+        zero_np = np.zeros_like(index_np)
+        words_np = _philox4x32_numpy(
+            index_np & np.uint64(_MASK32), index_np >> np.uint64(32), zero_np, zero_np, seed,
+            stream,
+        )
+        return torch.from_numpy(np.stack(words_np, axis=-1).astype(np.int64))
     index = torch.arange(first_block, first_block + count, dtype=torch.int64, device=device)
     c0 = index & _MASK32
     c1 = index >> 32

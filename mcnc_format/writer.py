@@ -21,9 +21,16 @@ from typing import Any
 import torch
 
 from . import constants as C
-from .container import checksum, encode_blob, encode_header, encode_preamble
+from .container import (
+    Preamble,
+    checksum,
+    decode_header,
+    encode_blob,
+    encode_header,
+    encode_preamble,
+)
 from .dtypes import from_torch
-from .errors import MCNCError, WriteError
+from .errors import MCNCError, UnsupportedFeatureError, WriteError
 from .generator import GeneratorSpec
 from .header import (
     BlobEntry,
@@ -136,9 +143,16 @@ def save(
     target = Path(path)
     layout = _Layout(str(target), alignment)
     for name, source in tensors.items():
-        layout.add_tensor(name, source)
+        try:
+            layout.add_tensor(name, source)
+        except UnsupportedFeatureError as exc:  # a dtype the format cannot store
+            raise WriteError(f"{target}: tensor {name!r}: {exc}") from exc
     layout.header.metadata = _strings(metadata, "metadata", str(target))
     layout.header.info = _strings(info, "info", str(target))
+    unknown_info = sorted(set(layout.header.info) - set(C.INFO_KEYS))
+    if unknown_info:
+        raise WriteError(f"{target}: info accepts {', '.join(C.INFO_KEYS)}; got "
+                         f"{', '.join(unknown_info)}. Put free-form facts in metadata.")
     layout.finish_segments()
     header_bytes = layout.place_blobs()
     _atomic_write(target, layout, header_bytes)
@@ -331,6 +345,9 @@ class _Layout:
         end = self.header.blobs[-1].offset + lengths[-1] if lengths else data_start(
             len(header_bytes), self.header.alignment)
         try:
+            # Parse the bytes as the reader will: field rules (R10-R13, R30-R34, R71-R74).
+            preamble = Preamble(C.FORMAT_MINOR, len(header_bytes), checksum(header_bytes))
+            decode_header(header_bytes, preamble, self.source)
             validate_header(self.header, len(header_bytes), end, self.source)
         except MCNCError as exc:
             raise WriteError(f"refusing to write an invalid file: {exc}") from exc
