@@ -34,7 +34,9 @@ class _Map:
 
     def __init__(self, value: Any, path: str, source: str, lenient: bool) -> None:
         if not isinstance(value, dict):
-            raise HeaderError(f"{source}: {path or 'header'}: expected a map, got {_kind(value)}")
+            rule = "R10" if path else "R6"
+            raise HeaderError(f"{source}: {path or 'header'}: expected a map, got {_kind(value)} "
+                              f"({rule})")
         self.value = value
         self.path = path
         self.source = source
@@ -64,16 +66,16 @@ class _Map:
             raise self.error(key, f"expected {_names(kinds)}, got {_kind(value)} (R10)")
         return value
 
-    def uint(self, key: str, limit: int, default: Any = ...) -> int:
+    def uint(self, key: str, limit: int, default: Any = ..., rule: str = "R10") -> int:
         value = self.get(key, int, default)
         if not 0 <= value <= limit:
-            raise self.error(key, f"expected an integer in [0, {limit}], got {value} (R10)")
+            raise self.error(key, f"expected an integer in [0, {limit}], got {value} ({rule})")
         return value
 
-    def finite(self, key: str, default: Any = ...) -> float:
+    def finite(self, key: str, default: Any = ..., rule: str = "R71") -> float:
         value = self.get(key, float, default)
         if not math.isfinite(value):
-            raise self.error(key, f"expected a finite number, got {value} (R71)")
+            raise self.error(key, f"expected a finite number, got {value} ({rule})")
         return value
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -99,7 +101,8 @@ class _Map:
                 f"{', '.join(C.DTYPE_SIZES)} (R26). Upgrade mcnc-format."
             )
         if allowed is not None and value not in allowed:
-            raise self.error(key, f"dtype must be one of {', '.join(allowed)}, got {value!r}")
+            raise self.error(key, f"dtype must be one of {', '.join(allowed)}, got {value!r} "
+                             "(R44)")
         return value
 
     def child(self, key: str) -> _Map:
@@ -238,8 +241,8 @@ class GeneratorEntry:
                 f"{m.source}: {m.path}.activation: unknown activation {activation!r}; "
                 f"this reader knows 'sin' (R31). Upgrade mcnc-format."
             )
-        L = m.finite("L")
-        omega0 = m.finite("omega0")
+        L = m.finite("L", rule="R34")
+        omega0 = m.finite("omega0", rule="R34")
         if L <= 0:
             raise m.error("L", f"expected L > 0, got {L} (R34)")
         if omega0 == 0:
@@ -251,7 +254,7 @@ class GeneratorEntry:
         seed: int | None = None
         blobs: tuple[int, ...] | None = None
         if kind == C.WEIGHTS_PHILOX:
-            seed = w.uint("seed", _U32)
+            seed = w.uint("seed", _U32, rule="R30")
         elif kind == C.WEIGHTS_INLINE:
             raw = w.get("blobs", list)
             for i, b in enumerate(raw):
@@ -360,8 +363,8 @@ class Theta0Entry:
     @classmethod
     def _parse_prng(cls, m: _Map) -> Theta0Entry:
         scheme = m.get("scheme", str)
-        seed = m.uint("seed", _U32)
-        stream = m.uint("stream", _U32)
+        seed = m.uint("seed", _U32, rule="R71")
+        stream = m.uint("stream", _U32, rule="R71")
         if scheme == C.SCHEME_UNIFORM:
             return cls(C.THETA0_PRNG, scheme, seed, stream, bound=m.finite("bound"))
         if scheme == C.SCHEME_FAN_IN_UNIFORM:
@@ -506,7 +509,7 @@ class TensorEntry:
                 theta0=Theta0Entry.parse(m.child("theta0")),
             )
         elif encoding == C.ENCODING_LORA:
-            scale = m.finite("scale")
+            scale = m.finite("scale", rule="R60")
             entry = cls(
                 name, encoding, shape, m.dtype("dtype", C.FLOAT_DTYPES),
                 theta0=Theta0Entry.parse(m.child("theta0")),

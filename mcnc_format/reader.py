@@ -69,8 +69,12 @@ class MCNCFile:
 
     def __init__(self, path: PathLike, *, verify: bool = True,
                  workspace_bytes: int | None = None) -> None:
-        self.path = Path(path)
         self.source = str(path)
+        if self.source.startswith("hf://"):
+            from .hub import resolve_path
+
+            path = resolve_path(self.source)
+        self.path = Path(path)
         self.verify = verify
         self.workspace_bytes = workspace_bytes
         try:
@@ -98,8 +102,13 @@ class MCNCFile:
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
+        for cache in ("_generators", "_dense_theta0"):  # they hold zero-copy views of the map
+            getattr(self, cache, {}).clear()
         if getattr(self, "_map", None) is not None:
-            self._map.close()  # type: ignore[union-attr]
+            try:
+                self._map.close()  # type: ignore[union-attr]
+            except BufferError:
+                pass  # tensors from blob_tensor still view it: unmapped when the last is freed
             self._map = None
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
@@ -285,8 +294,10 @@ class MCNCFile:
         if t.encoding == C.ENCODING_MCNC:
             return generated.pop(t.name).to(out_dtype)
         assert t.A is not None and t.B is not None and t.theta0 is not None
-        a = generated.pop(f"{t.name}:A")
-        b = generated.pop(f"{t.name}:B")
+        # Each factor is an mcnc member: rounded to its own dtype before the product (§6.3),
+        # so the merge equals B @ A of what get_lora_factors returns.
+        a = generated.pop(f"{t.name}:A").to(to_torch(t.A.dtype)).to(torch.float32)
+        b = generated.pop(f"{t.name}:B").to(to_torch(t.B.dtype)).to(torch.float32)
         with torch.autocast(device_type=device.type, enabled=False):
             base = self._theta0.values(t.theta0, t.shape, 0, t.numel, device, f"{t.name}.theta0")
             merged = torch.mm(b, a) * float(t.scale or 0.0)
@@ -331,7 +342,18 @@ class MCNCFile:
     def _fused(self, index: int, m: int, device: torch.device) -> FusedGenerator:
         key = (index, m, str(device))
         if key not in self._generators:
-            self._generators[key] = FusedGenerator(self.generator_spec(index).weights(device), m)
+            try:
+                weights = self.generator_spec(index).weights(device)
+                self._generators[key] = FusedGenerator(weights, m)
+            except (RuntimeError, MemoryError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                g = self.header.generators[index]
+                params = sum(math.prod(s) for s in g.parameter_shapes())
+                raise DeviceMemoryError(
+                    f"{self.source}: generators[{index}]: out of memory on {device} drawing "
+                    f"{params} weights ({4 * params} bytes) for widths {list(g.widths)}"
+                ) from exc
         return self._generators[key]
 
     def _dense_theta0_tensor(self, entry: Theta0Entry, shape: tuple[int, ...],
@@ -347,11 +369,21 @@ class MCNCFile:
         return self._dense_theta0[key]
 
     def _external(self, entry: Theta0Entry, shape: tuple[int, ...]) -> torch.Tensor:
-        """An external theta0 tensor, shape- and sha256-checked (R75)."""
+        """An external theta0 tensor, shape- and sha256-checked (R75); references on the Hub
+        (or relative to a file from the Hub) are downloaded and re-downloaded if damaged."""
+        assert entry.uri is not None
+        if entry.uri.startswith("hf://") or self.source.startswith("hf://"):
+            from .hub import read_reference
+
+            return read_reference(entry.uri, self.source,
+                                  lambda path: self._read_external(entry, shape, path))
+        return self._read_external(entry, shape, self.path.parent / entry.uri)
+
+    def _read_external(self, entry: Theta0Entry, shape: tuple[int, ...], path: Path
+                       ) -> torch.Tensor:
         from safetensors import safe_open
 
         assert entry.uri is not None and entry.tensor is not None
-        path = self._resolve_uri(entry.uri)
         try:
             with safe_open(str(path), framework="pt") as f:
                 if entry.tensor not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
@@ -380,13 +412,6 @@ class MCNCFile:
                 "from the one this file was made against."
             )
         return value
-
-    def _resolve_uri(self, uri: str) -> Path:
-        if uri.startswith("hf://"):
-            from .hub import resolve_reference
-
-            return resolve_reference(uri)
-        return self.path.parent / uri
 
     # -- verification ----------------------------------------------------------------------
     def check_padding(self) -> None:
@@ -417,10 +442,18 @@ def _spec_of(g: GeneratorEntry, inline: tuple[torch.Tensor, ...] | None) -> Gene
                          normalize=g.normalize, seed=g.seed, inline=inline)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch reports a failed CPU allocation as a plain RuntimeError, CUDA's as its own."""
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def _empty(numel: int, device: torch.device, source: str, label: str) -> torch.Tensor:
     try:
         return torch.empty(numel, dtype=torch.float32, device=device)
-    except torch.OutOfMemoryError as exc:
+    except (RuntimeError, MemoryError) as exc:
+        if not _out_of_memory(exc):
+            raise
         raise DeviceMemoryError(
             f"{source}: out of memory on {device} allocating {numel * 4} bytes for {label}"
         ) from exc

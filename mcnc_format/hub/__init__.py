@@ -1,0 +1,24 @@
+"""Hugging Face Hub integration: publish and load ``.mcnc`` models and adapters.
+
+Everything goes through ``huggingface_hub`` (``HfApi``, ``hf_hub_download``, its cache, token
+handling, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``); this package adds the checks that make a
+downloaded file safe to use, the model card, and errors that say what to do. See docs/hub.md.
+"""
+
+from .download import pull, read_reference, resolve_path, resolve_reference
+from .pin import theta0_reference, theta0_references
+from .push import PushResult, push
+from .uri import HubURI, parse_uri
+
+__all__ = [
+    "HubURI",
+    "PushResult",
+    "parse_uri",
+    "pull",
+    "push",
+    "read_reference",
+    "resolve_path",
+    "resolve_reference",
+    "theta0_reference",
+    "theta0_references",
+]

@@ -1,0 +1,64 @@
+"""theta0 references to a base model on the Hub, pinned to a commit and a tensor hash.
+
+Why pin: a branch moves, and an ``.mcnc`` file must always rebuild the weights it was made
+with. The reference names the commit the branch points to now, and the sha256 of each
+tensor's bytes, which the reader checks before use (R74, R75).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from huggingface_hub import HfApi
+
+from ..errors import ExternalReferenceError
+from ..reader import tensor_sha256
+from ..writer import Theta0
+from .download import download
+from .error_map import hub_errors
+from .uri import HubURI, parse_uri
+
+__all__ = ["theta0_reference", "theta0_references"]
+
+
+def theta0_reference(reference: str, tensor: str, *, token: str | None = None,
+                     endpoint: str | None = None) -> Theta0:
+    """``Theta0.external`` for tensor ``tensor`` of ``[hf://]ORG/REPO[@REVISION]/FILE``
+    (a safetensors file), with the revision resolved to its current commit."""
+    return theta0_references(reference, [tensor], token=token, endpoint=endpoint)[tensor]
+
+
+def theta0_references(reference: str, tensors: Iterable[str], *, token: str | None = None,
+                      endpoint: str | None = None) -> dict[str, Theta0]:
+    """``theta0_reference`` for many tensors of one file: one commit lookup, one download."""
+    from safetensors import safe_open
+
+    try:
+        target = parse_uri(reference)
+    except ValueError as exc:
+        raise ExternalReferenceError(str(exc)) from exc
+    target = _pinned(target, token, endpoint)
+    local = download(target, token=token, endpoint=endpoint)
+    out: dict[str, Theta0] = {}
+    try:
+        with safe_open(str(local), framework="pt") as base:
+            names = set(base.keys())
+            for name in tensors:
+                if name not in names:
+                    raise ExternalReferenceError(
+                        f"{target}: no tensor named {name!r}; the file holds {len(names)} "
+                        f"tensors, e.g. {sorted(names)[:3]}")
+                out[name] = Theta0.external(str(target), name, tensor_sha256(base.get_tensor(name)))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ExternalReferenceError(f"{target}: not a readable safetensors file ({local}): "
+                                     f"{exc}") from exc
+    return out
+
+
+def _pinned(target: HubURI, token: str | None, endpoint: str | None) -> HubURI:
+    if target.pinned:
+        return target
+    with hub_errors(str(target), target.repo_id, target.revision, endpoint):
+        info = HfApi(endpoint=endpoint, token=token).model_info(target.repo_id,
+                                                                revision=target.revision)
+    return target.with_revision(info.sha)

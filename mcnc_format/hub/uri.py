@@ -1,0 +1,83 @@
+"""The one parser of ``hf://ORG/REPO[@REVISION]/PATH`` references.
+
+Why its own module without imports: ``header.py`` checks theta0 URIs (R74) with it while
+parsing a header, and that must not pull in the Hub client.
+
+``REVISION`` is a branch, a tag or a 40-hex commit hash; a revision containing ``/`` is
+written percent-encoded (``@refs%2Fpr%2F3``). ``PATH`` may be empty only where a whole
+repository is meant (``mcnc pull hf://org/repo``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+__all__ = ["SCHEME", "HubURI", "is_commit_hash", "parse_uri"]
+
+SCHEME = "hf://"
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_commit_hash(revision: str | None) -> bool:
+    """True for a full 40-hex commit hash: the only revision whose content cannot change."""
+    return revision is not None and len(revision) == 40 and set(revision) <= _HEX
+
+
+@dataclass(frozen=True)
+class HubURI:
+    """A parsed ``hf://`` reference: repository, optional revision, path inside the repo."""
+
+    repo_id: str
+    revision: str | None
+    path: str
+
+    @property
+    def pinned(self) -> bool:
+        """The revision is a commit hash, so the bytes behind this URI are immutable."""
+        return is_commit_hash(self.revision)
+
+    def with_path(self, path: str) -> HubURI:
+        return HubURI(self.repo_id, self.revision, path)
+
+    def with_revision(self, revision: str | None) -> HubURI:
+        return HubURI(self.repo_id, revision, self.path)
+
+    def __str__(self) -> str:
+        revision = f"@{quote(self.revision, safe='')}" if self.revision else ""
+        path = f"/{self.path}" if self.path else ""
+        return f"{SCHEME}{self.repo_id}{revision}{path}"
+
+
+def parse_uri(uri: str, *, require_path: bool = True) -> HubURI:
+    """Split ``hf://ORG/REPO[@REVISION]/PATH``; ``ValueError`` names what is malformed.
+
+    The ``hf://`` prefix is optional so that ``org/repo@main/file`` is accepted where a user
+    types a reference (``mcnc_format.hub.theta0_reference``).
+    """
+    body = uri[len(SCHEME):] if uri.startswith(SCHEME) else uri
+    org, slash, rest = body.partition("/")
+    name_and_revision, _, path = rest.partition("/")
+    name, at, revision = name_and_revision.partition("@")
+    problem = _problem(org, slash, name, at, unquote(revision), path, require_path)
+    if problem:
+        raise ValueError(f"{uri!r} is not a Hub reference hf://ORG/REPO[@REVISION]/PATH: "
+                         f"{problem}")
+    return HubURI(f"{org}/{name}", unquote(revision) if at else None, path)
+
+
+def _problem(org: str, slash: str, name: str, at: str, revision: str, path: str,
+             require_path: bool) -> str | None:
+    """What is wrong with the parts of a reference, or None."""
+    if not org or not slash or not name:
+        return "the repository must be ORG/REPO"
+    if any(c in part for part in (org, name) for c in " \\@:"):
+        return "the repository name holds a character the Hub does not allow"
+    if at and not revision:
+        return "'@' must be followed by a revision"
+    if require_path and not path:
+        return "a file path inside the repository is missing"
+    parts = path.split("/") if path else []
+    if any(part in ("", ".", "..") for part in parts):
+        return "the path must not have empty, '.' or '..' components"
+    return None

@@ -1,0 +1,181 @@
+"""The model card (README.md) that ``mcnc push`` writes or merges.
+
+Why merge rather than write: a repository's card is its owners' text. A push only sets the
+metadata the Hub uses to find and label the model (``library_name``, ``tags``,
+``base_model``) and rewrites one marked section holding the facts of the ``.mcnc`` files; any
+other text and metadata are kept, and pushing the same files again gives the same card.
+Parsing and rendering the YAML block is left to ``huggingface_hub.ModelCard``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+
+from . import constants as C
+from .errors import MCNCError
+from .header import Header
+from .hub.uri import SCHEME, parse_uri
+from .reader import MCNCFile
+
+__all__ = ["LIBRARY_NAME", "SECTION_BEGIN", "SECTION_END", "FileFacts", "render_card"]
+
+LIBRARY_NAME = "mcnc-format"
+TAGS = ("mcnc",)
+SECTION_BEGIN = "<!-- mcnc-format:begin (written by `mcnc push`; edits here are replaced) -->"
+SECTION_END = "<!-- mcnc-format:end -->"
+_ROW = re.compile(r"^\| `(?P<path>[^`]+)` \|.*$", re.MULTILINE)
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+_PIPE = "\\|"  # a "|" inside a table cell
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What the card's table says about one ``.mcnc`` file, read from its header."""
+
+    path: str
+    parameters: int
+    compression_ratio: float
+    generators: str
+    file_bytes: int
+    dense_bytes: int
+    has_lora: bool
+    base_models: tuple[str, ...]
+
+    @classmethod
+    def of(cls, path_in_repo: str, mcnc_file: MCNCFile) -> FileFacts:
+        summary = mcnc_file.summary()
+        header = mcnc_file.header
+        return cls(
+            path=path_in_repo,
+            parameters=summary["parameters"],
+            compression_ratio=summary["compression_ratio"],
+            generators=_describe_generators(header),
+            file_bytes=summary["file_bytes"],
+            dense_bytes=summary["dense_bytes"],
+            has_lora=any(t.encoding == C.ENCODING_LORA for t in header.tensors),
+            base_models=_base_models(header),
+        )
+
+    def row(self) -> str:
+        cells = [f"`{self.path.replace('|', _PIPE)}`", f"{self.parameters:,}",
+                 f"{self.compression_ratio:.1f}x", self.generators, _size(self.file_bytes),
+                 _size(self.dense_bytes)]
+        return "| " + " | ".join(cells) + " |"
+
+
+def render_card(existing: str | None, repo_id: str, facts: Sequence[FileFacts], *,
+                base_model: str | None = None, tags: Iterable[str] = (),
+                keep_rows_for: Collection[str] = ()) -> str:
+    """The card after a push of ``facts``' files to ``repo_id``.
+
+    ``existing`` is the current README.md (None for a new repo). Table rows of files listed
+    in ``keep_rows_for`` (still in the repo) but not pushed now are kept. ``base_model``
+    given here wins over the card's value, which wins over one found in the files (an
+    ``hf://`` theta0 reference, or ``info.base_model`` when it looks like a repo id).
+    """
+    from huggingface_hub import ModelCard
+
+    name = repo_id.rsplit("/", 1)[-1]
+    content = existing or f"---\nlibrary_name: {LIBRARY_NAME}\n---\n\n# {name}\n"
+    try:
+        card = ModelCard(content)
+    except ValueError as exc:
+        raise MCNCError(f"{repo_id}: README.md: its YAML metadata cannot be parsed ({exc}); "
+                        "fix it, or push without a model card (--no-card)") from exc
+    data = card.data
+    data.library_name = LIBRARY_NAME
+    extra = ("lora",) if any(f.has_lora for f in facts) else ()
+    data.tags = _union(_as_list(data.tags), TAGS, extra, tags)
+    inferred = _union(*(f.base_models for f in facts))
+    chosen = base_model or data.base_model or (inferred[0] if len(inferred) == 1 else inferred)
+    if chosen:
+        data.base_model = chosen
+    card.text = _with_section(card.text, _section(repo_id, card.text, facts, keep_rows_for))
+    return str(card)
+
+
+def _section(repo_id: str, text: str, facts: Sequence[FileFacts],
+             keep_rows_for: Collection[str]) -> str:
+    rows = {path: match.group(0) for match in _ROW.finditer(_old_section(text))
+            if (path := match["path"].replace(_PIPE, "|")) in keep_rows_for}
+    rows.update({f.path: f.row() for f in facts})
+    example = next((path for path in sorted(rows) if path.endswith(".mcnc")), sorted(rows)[0])
+    return "\n".join([
+        SECTION_BEGIN,
+        "## MCNC files",
+        "",
+        "Weights in the `.mcnc` format of the `mcnc-format` library: each chunk of a "
+        "compressed tensor is rebuilt from a few coefficients by a small random generator "
+        "network, so the files are much smaller than the dense weights.",
+        "",
+        "| File | Parameters | Compression | Generator | File size | Dense size |",
+        "|---|---:|---:|---|---:|---:|",
+        *(rows[path] for path in sorted(rows)),
+        "",
+        "```python",
+        "import mcnc_format",
+        "",
+        f'state_dict = mcnc_format.load("{SCHEME}{repo_id}/{example}")',
+        "```",
+        SECTION_END,
+    ])
+
+
+def _old_section(text: str) -> str:
+    start = text.find(SECTION_BEGIN)
+    end = text.find(SECTION_END, start)
+    return text[start:end] if start >= 0 and end >= 0 else ""
+
+
+def _with_section(text: str, section: str) -> str:
+    """Replace the marked section in place, or append it: idempotent by construction."""
+    start = text.find(SECTION_BEGIN)
+    end = text.find(SECTION_END, start)
+    if start >= 0 and end >= 0:
+        return text[:start] + section + text[end + len(SECTION_END):]
+    body = text.rstrip("\n")
+    return f"{body}\n\n{section}\n" if body.strip() else f"\n{section}\n"
+
+
+def _describe_generators(header: Header) -> str:
+    kinds = []
+    for g in header.generators:
+        layers = "x".join(str(h) for h in g.hidden)
+        source = "stored" if g.blobs is not None else "seeded"
+        kinds.append(f"k={g.k}, d={g.d}, {layers} sine MLP ({source})")
+    return "; ".join(dict.fromkeys(kinds)) or "none"
+
+
+def _base_models(header: Header) -> tuple[str, ...]:
+    """Repos referenced by ``hf://`` theta0 entries, then ``info.base_model`` if a repo id."""
+    found: list[str] = []
+    for t in header.tensors:
+        for entry in (t.theta0, t.A and t.A.theta0, t.B and t.B.theta0):
+            if entry is not None and entry.uri is not None and entry.uri.startswith(SCHEME):
+                found.append(parse_uri(entry.uri).repo_id)
+    declared = header.info.get("base_model", "")
+    if _REPO_ID.match(declared):
+        found.append(declared)
+    return tuple(dict.fromkeys(found))
+
+
+def _as_list(value: object) -> list[str]:
+    """Card tags as a list: YAML allows one string as well as a list."""
+    if isinstance(value, str):
+        return [value]
+    return [str(item) for item in value] if isinstance(value, Iterable) else []
+
+
+def _union(*groups: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(item for group in groups for item in group))
+
+
+def _size(nbytes: int) -> str:
+    """Binary units, one decimal: ``1.5 MiB``."""
+    exponent = min((max(nbytes, 1).bit_length() - 1) // 10, len(_UNITS) - 1)
+    if exponent == 0:
+        return f"{nbytes} B"
+    return f"{nbytes / 1024**exponent:.1f} {_UNITS[exponent]}"
