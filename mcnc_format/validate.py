@@ -54,10 +54,10 @@ def _check_blob_placement(header: Header, header_length: int, file_size: int, so
             )
     end = header.blobs[-1].offset + header.blobs[-1].length if header.blobs else start
     if end != file_size:
-        what = "truncated" if end > file_size else "has trailing bytes"
+        what = "is truncated" if end > file_size else "has trailing bytes"
         raise FormatError(
             f"{source}: the file is {file_size} bytes but its header accounts for {end}: the "
-            f"file is {what} (R21). Re-download or re-write it."
+            f"file {what} (R21). Re-download or re-write it."
         )
 
 
