@@ -15,6 +15,7 @@ from .errors import (
     HubOfflineError,
     HubPermissionError,
     MCNCError,
+    ReparametrizeError,
     UnsafeCheckpointError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
@@ -23,6 +24,7 @@ from .errors import (
 from .generator import GeneratorSpec
 from .reader import MCNCFile, TensorInfo, load, load_into
 from .reader import open_file as open
+from .torch import save_model
 from .writer import MCNC, Dense, LoRA, Segment, Theta0, save
 
 __version__ = "0.1.0"
@@ -43,6 +45,7 @@ __all__ = [
     "LoRA",
     "MCNCError",
     "MCNCFile",
+    "ReparametrizeError",
     "Segment",
     "TensorInfo",
     "Theta0",
@@ -55,4 +58,5 @@ __all__ = [
     "load_into",
     "open",
     "save",
+    "save_model",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "HubOfflineError",
     "HubPermissionError",
     "MCNCError",
+    "ReparametrizeError",
     "UnsafeCheckpointError",
     "UnsupportedFeatureError",
     "UnsupportedVersionError",
@@ -68,6 +69,12 @@ class WriteError(MCNCError):
 class DeviceMemoryError(MCNCError, MemoryError):
     """Raised when regenerating weights on a device runs out of memory; the message gives the
     sizes that were requested."""
+
+
+class ReparametrizeError(MCNCError, ValueError):
+    """Raised when a model cannot be reparametrized, trained or exported as asked: an invalid
+    ``MCNCConfig`` field, a selection that matches no parameter, tied or lazy parameters, a
+    merged LoRA at export, or a state dict that is not a reparametrized one."""
 
 
 class UnsafeCheckpointError(MCNCError):

@@ -1,0 +1,173 @@
+"""MCNC-LoRA, the paper's LLM setting: LoRA adapters whose factors live on the MCNC manifold.
+
+``add_mcnc_lora`` wraps target ``nn.Linear`` layers in ``MCNCLoRALinear``: the base layer is
+frozen and ``W x + scale * B (A x)`` is computed with ``A = lora_A.weight`` (``[r, in]``) and
+``B = lora_B.weight`` (``[out, r]``) MCNC-reparametrized, each factor its own segment by
+default (``MCNCConfig.chunking="model"`` puts them all in one). PEFT's names and init are kept
+(``base_layer``, ``lora_A``, ``lora_B``, ``scale = lora_alpha / r``; A starts at
+Kaiming-uniform with ``a = sqrt(5)``, here the spec's ``fan_in_uniform`` theta0; B starts at
+zero), so the adapter starts as the identity and maps onto PEFT's layout. The export writes
+``{target}.weight`` as one ``lora`` tensor: base + scale * B @ A.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import constants as C
+from ..errors import ReparametrizeError
+from ..generator import ieee_fp32
+from ..header import Theta0Entry
+from ..writer import Theta0
+from .config import THETA0_STREAM_BASE, MCNCConfig
+from .manifest import LoRASpec
+from .reparam import PlannedMember, check_not_reparametrized, install
+
+__all__ = ["MCNCLoRALinear", "add_mcnc_lora", "merge_mcnc_lora", "unmerge_mcnc_lora"]
+
+
+class MCNCLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus an MCNC-LoRA adapter (PEFT's ``LoraLayer`` layout).
+
+    Built by ``add_mcnc_lora``, which also gives ``lora_A`` and ``lora_B`` their MCNC
+    parametrizations (until then their weights are placeholders on the meta device).
+
+    ``lora_merged`` (a state-dict buffer) records whether the adapter has been added into
+    the base weight; the export refuses merged adapters, whose base weight is no longer theta0.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, scale: float) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        weight = base_layer.weight
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device="meta")
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device="meta")
+        self.scale = float(scale)
+        self.merged = False
+        self.register_buffer("lora_merged", torch.tensor(False, device=weight.device))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (callers that inspect ``layer.weight.dtype`` keep working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        a = self.lora_A.weight
+        delta = F.linear(F.linear(x.to(a.dtype), a), self.lora_B.weight) * self.scale
+        return out + delta.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * B @ A`` in IEEE float32, the reader's arithmetic for ``lora`` tensors."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        with ieee_fp32(a.device):
+            return torch.mm(b, a) * self.scale
+
+    def set_merged(self, merged: bool) -> None:
+        self.merged = merged
+        self.lora_merged.fill_(merged)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.merged = bool(self.lora_merged)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.lora_A.out_features}, scale={self.scale}, merged={self.merged}"
+
+
+def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
+                  target_modules: Sequence[str], rank: int = 16,
+                  lora_alpha: float | None = None) -> nn.Module:
+    """Attach MCNC-LoRA adapters to the ``nn.Linear`` layers named by ``target_modules``.
+
+    A pattern matches a module name by ``fnmatch``, whole or as a dotted suffix (``"q_proj"``
+    matches ``"layers.0.attn.q_proj"`` as in PEFT, ``"mlp.*"`` matches ``"layers.0.mlp.fc1"``);
+    matching modules that are not ``nn.Linear`` (activations, norms) are left alone.
+    ``scale = lora_alpha / rank`` (``lora_alpha`` defaults to ``rank``). ``config`` supplies
+    the generator, ``m``, the seed, the storage dtypes, ``beta_init`` and ``chunking``; its
+    ``include``, ``exclude``, ``theta0`` and ``train_dense`` do not apply: everything but alpha
+    and beta is frozen. Modifies ``model`` in place and returns it.
+    """
+    config = config or MCNCConfig()
+    check_not_reparametrized(model)
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ReparametrizeError(f"add_mcnc_lora: rank must be a positive integer, got {rank!r}")
+    scale = (rank if lora_alpha is None else float(lora_alpha)) / rank
+    order = tuple(model.state_dict().keys())
+    targets = _targets(model, target_modules)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    planned: list[PlannedMember] = []
+    loras: list[LoRASpec] = []
+    for name, linear in targets:
+        wrapper = MCNCLoRALinear(linear, rank, scale)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, wrapper)
+        device = linear.weight.device
+        stream = THETA0_STREAM_BASE + len(planned)
+        loras.append(LoRASpec(name, len(planned), len(planned) + 1, scale))
+        planned.append(PlannedMember(f"{name}.lora_A.weight", wrapper.lora_A, "weight",
+                                     (rank, linear.in_features), torch.float32, device,
+                                     Theta0.fan_in_uniform(config.seed, stream).entry))
+        planned.append(PlannedMember(f"{name}.lora_B.weight", wrapper.lora_B, "weight",
+                                     (linear.out_features, rank), torch.float32, device,
+                                     Theta0Entry(C.THETA0_ZEROS)))
+    install(model, config, planned, loras, order)
+    return model
+
+
+def _targets(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` modules (exactly that type: subclasses such as MultiheadAttention's
+    ``out_proj`` are read by their owner without calling their forward) whose names match."""
+    found = []
+    for name, module in model.named_modules():
+        matches = any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p)
+                      for p in patterns)
+        if name and matches and type(module) is nn.Linear:
+            found.append((name, module))
+    if not found:
+        linear = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+        raise ReparametrizeError(
+            f"add_mcnc_lora: target_modules {list(patterns)} match no nn.Linear module "
+            f"(MCNC-LoRA wraps nn.Linear layers only); they are named like {linear[:5]}")
+    return found
+
+
+def _lora_layers(model: nn.Module) -> Iterator[MCNCLoRALinear]:
+    return (m for m in model.modules() if isinstance(m, MCNCLoRALinear))
+
+
+@torch.no_grad()
+def merge_mcnc_lora(model: nn.Module) -> nn.Module:
+    """Add every adapter into its base weight (``W += scale * B @ A``); the forward then
+    skips the adapters. Undo with ``unmerge_mcnc_lora`` before training or saving."""
+    for layer in _lora_layers(model):
+        if not layer.merged:
+            weight = layer.base_layer.weight
+            weight.copy_(weight.to(torch.float32) + layer.delta_weight())
+            layer.set_merged(True)
+    return model
+
+
+@torch.no_grad()
+def unmerge_mcnc_lora(model: nn.Module) -> nn.Module:
+    """Subtract every merged adapter from its base weight (exact up to float rounding)."""
+    for layer in _lora_layers(model):
+        if layer.merged:
+            weight = layer.base_layer.weight
+            weight.copy_(weight.to(torch.float32) - layer.delta_weight())
+            layer.set_merged(False)
+    return model

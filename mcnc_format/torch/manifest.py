@@ -1,0 +1,167 @@
+"""The manifest: everything needed to rebuild a reparametrized model's ``.mcnc`` file.
+
+A reparametrized module stores its manifest as a ``uint8`` buffer holding UTF-8 JSON
+(``mcnc_config`` in the state dict), so ``torch.save(model.state_dict())`` followed by
+``torch.load(..., weights_only=True)`` is all a converter needs: no pickle, no model class.
+The runtime (``runtime.py``) and the exporter (``export.py``) both read this one description,
+so what trains is what is written. docs/torch.md documents the layout field by field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ReparametrizeError
+from ..header import Theta0Entry
+from .config import MCNCConfig
+
+__all__ = [
+    "CONFIG_KEY",
+    "MANIFEST_FORMAT",
+    "LoRASpec",
+    "Manifest",
+    "MemberSpec",
+    "alpha_key",
+    "beta_key",
+]
+
+CONFIG_KEY = "mcnc_config"
+MANIFEST_FORMAT = "mcnc_format.torch/1"
+
+
+def alpha_key(segment: int) -> str:
+    """Name of segment ``segment``'s alpha parameter on the reparametrized module."""
+    return f"mcnc_alpha_{segment}"
+
+
+def beta_key(segment: int) -> str:
+    """Name of segment ``segment``'s beta parameter on the reparametrized module."""
+    return f"mcnc_beta_{segment}"
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One compressed tensor: where it lives in the module, and in which segment.
+
+    ``name`` is its path in the reparametrized module (``"fc.weight"``,
+    ``"q.lora_A.weight"``); ``dtype`` the spec name of the values it produces; ``theta0`` a
+    spec theta0 entry: ``zeros``, ``prng`` (all fields given), or ``blob``, meaning "the
+    tensor in the state dict under ``theta0_key``".
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    segment: int
+    offset: int
+    theta0: Theta0Entry
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def module_path(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def attribute(self) -> str:
+        return self.name.rpartition(".")[2]
+
+    @property
+    def theta0_key(self) -> str:
+        """Where ``torch.nn.utils.parametrize`` keeps this tensor's theta0 in the state dict."""
+        prefix = f"{self.module_path}." if self.module_path else ""
+        return f"{prefix}parametrizations.{self.attribute}.original"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "segment": self.segment, "offset": self.offset,
+                "theta0": self.theta0.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MemberSpec:
+        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]),
+                   int(d["segment"]), int(d["offset"]), Theta0Entry(**d["theta0"]))
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """An MCNC-LoRA adapter on the Linear at ``module``: ``W = base + scale * B @ A``.
+
+    ``A`` and ``B`` index ``Manifest.members``. In the plain model the merged weight is
+    ``{module}.weight``; in the reparametrized one the base Linear is ``{module}.base_layer``.
+    """
+
+    module: str
+    A: int
+    B: int
+    scale: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.module, "A": self.A, "B": self.B, "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoRASpec:
+        return cls(str(d["module"]), int(d["A"]), int(d["B"]), float(d["scale"]))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The config, the compressed tensors, the segment sizes, the LoRA adapters and ``order``:
+    the plain (un-reparametrized) model's state-dict names in order, which the export keeps."""
+
+    config: MCNCConfig
+    members: tuple[MemberSpec, ...]
+    chunks: tuple[int, ...]
+    loras: tuple[LoRASpec, ...]
+    order: tuple[str, ...]
+
+    def segment_members(self, segment: int) -> list[int]:
+        """Indices of the members of ``segment``, in offset order."""
+        found = [i for i, m in enumerate(self.members) if m.segment == segment]
+        return sorted(found, key=lambda i: self.members[i].offset)
+
+    def to_json(self) -> str:
+        body = {
+            "format": MANIFEST_FORMAT,
+            "config": self.config.to_dict(),
+            "members": [m.to_dict() for m in self.members],
+            "chunks": list(self.chunks),
+            "lora": [x.to_dict() for x in self.loras],
+            "order": list(self.order),
+        }
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    def to_tensor(self) -> torch.Tensor:
+        """The manifest as the ``uint8`` tensor stored under ``mcnc_config``."""
+        return torch.frombuffer(bytearray(self.to_json().encode("utf-8")), dtype=torch.uint8)
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor, source: str) -> Manifest:
+        """Parse the ``mcnc_config`` tensor of a state dict; ``source`` names it in errors."""
+        if tensor.dtype != torch.uint8 or tensor.dim() != 1:
+            raise ReparametrizeError(f"{source}: expected a 1-D uint8 tensor holding the MCNC "
+                                     f"manifest, got {tensor.dtype} {list(tensor.shape)}")
+        try:
+            body = json.loads(tensor.cpu().numpy().tobytes().decode("utf-8"))
+            if body.get("format") != MANIFEST_FORMAT:
+                raise ReparametrizeError(
+                    f"{source}: manifest format {body.get('format')!r} is not "
+                    f"{MANIFEST_FORMAT!r}; upgrade mcnc-format to read it")
+            return cls(
+                MCNCConfig.from_dict(body["config"]),
+                tuple(MemberSpec.from_dict(m) for m in body["members"]),
+                tuple(int(c) for c in body["chunks"]),
+                tuple(LoRASpec.from_dict(x) for x in body["lora"]),
+                tuple(str(n) for n in body["order"]),
+            )
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ReparametrizeError(f"{source}: the MCNC manifest is damaged ({exc}); re-save "
+                                     "the state dict of the reparametrized model") from exc
+

@@ -1,0 +1,247 @@
+"""``reparametrize``: put a model's weights on the MCNC manifold, in place.
+
+Each selected parameter becomes a ``torch.nn.utils.parametrize`` parametrization
+(``MCNCMember``): ``model(x)`` works unchanged and ``fc.weight`` still reads as a tensor of the
+original shape and dtype, now computed from alpha and beta. The trainable state lives on the
+module passed in, as flat-named parameters (``mcnc_alpha_0``, ``mcnc_beta_0``, ...) and a
+``mcnc_config`` buffer. Flat names, not a child module, because a container such as
+``nn.Sequential`` runs every child in its forward. docs/torch.md gives the state-dict layout.
+
+``install`` is shared with MCNC-LoRA (``lora.py``): both describe the tensors to compress as
+``PlannedMember`` values and let it build the manifest, the parameters and the hooks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
+
+from .. import constants as C
+from .. import philox
+from ..dtypes import from_torch
+from ..errors import ReparametrizeError
+from ..header import Theta0Entry
+from ..theta0 import Theta0Resolver, fan_in_bound
+from ..writer import Theta0
+from .config import (
+    ALPHA_INIT_STREAM_BASE,
+    CHUNKING_TENSOR,
+    THETA0_MODULE,
+    THETA0_STREAM_BASE,
+    MCNCConfig,
+)
+from .manifest import CONFIG_KEY, LoRASpec, Manifest, MemberSpec, alpha_key, beta_key
+from .runtime import MCNCMember, MCNCRuntime
+
+__all__ = ["PlannedMember", "check_not_reparametrized", "install", "reparametrize", "runtime_of"]
+
+RUNTIME_ATTRIBUTE = "_mcnc_runtime"
+_FAN_IN_MODULES = (nn.Linear, _ConvNd)
+_NORMAL_MODULES = (nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass
+class PlannedMember:
+    """A tensor about to be compressed: where it lives and where its theta0 comes from.
+
+    ``stored`` holds theta0's values when ``theta0.kind`` is ``blob`` (fine-tuning)."""
+
+    name: str
+    module: nn.Module
+    attribute: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    theta0: Theta0Entry
+    stored: torch.Tensor | None = None
+
+
+def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Module:
+    """Reparametrize ``model`` in place with MCNC and return it.
+
+    The weights selected by ``config`` (by default those of Linear, Conv and Embedding
+    layers) become ``theta0 + sum_j beta_j phi(alpha_j)`` per chunk of ``d`` values. Only
+    alpha and beta are trainable (unless ``config.train_dense``). Alpha starts uniform on
+    ``[-L, L]`` and beta at ``config.beta_init`` (0: the model starts exactly at theta0);
+    alpha is projected onto ``[-L, L]`` at the start of every forward. ``torch.save(
+    model.state_dict())`` keeps everything ``mcnc_format.torch.export_state_dict`` needs.
+
+    Raises ``ReparametrizeError`` when nothing is selected, a selected parameter is tied
+    to another name or not yet materialised (lazy modules), or the model is already
+    reparametrized.
+    """
+    config = config or MCNCConfig()
+    check_not_reparametrized(model)
+    order = tuple(model.state_dict().keys())
+    selected = _select(model, config)
+    planned = [
+        _plan(name, module, attribute, param, config, THETA0_STREAM_BASE + i)
+        for i, (name, module, attribute, param) in enumerate(selected)
+    ]
+    install(model, config, planned, (), order)
+    return model
+
+
+def check_not_reparametrized(model: nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, RUNTIME_ATTRIBUTE) or isinstance(module, MCNCMember):
+            raise ReparametrizeError(
+                f"{type(model).__name__} already holds MCNC-reparametrized weights; a model is "
+                "reparametrized (or given MCNC-LoRA adapters) once. Start from a plain model.")
+
+
+def runtime_of(model: nn.Module) -> MCNCRuntime:
+    """The runtime of a reparametrized ``model`` (the module ``reparametrize`` was given)."""
+    runtime = getattr(model, RUNTIME_ATTRIBUTE, None)
+    if runtime is None:
+        raise ReparametrizeError(f"{type(model).__name__} is not reparametrized; call "
+                                 "mcnc_format.torch.reparametrize(model, config) first")
+    return runtime
+
+
+# -- selection -----------------------------------------------------------------------------
+def _select(model: nn.Module, config: MCNCConfig
+            ) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names[id(param)].append(name)
+    out = []
+    for module_name, module in model.named_modules():
+        for attribute, param in module._parameters.items():
+            name = f"{module_name}.{attribute}" if module_name else attribute
+            if param is None or not _wanted(config, name, module, attribute):
+                continue
+            if isinstance(param, nn.parameter.UninitializedParameter):
+                raise ReparametrizeError(f"parameter {name!r} is not materialised yet (lazy "
+                                         "module); run one forward pass before reparametrize")
+            if not param.is_floating_point() or param.numel() == 0:
+                continue
+            if len(names[id(param)]) > 1:
+                raise ReparametrizeError(
+                    f"parameter {name!r} is tied to {names[id(param)]}; MCNC would untie them. "
+                    f"Add one of the names to MCNCConfig.exclude, or untie the weights first.")
+            out.append((name, module, attribute, param))
+    if not out:
+        raise ReparametrizeError(
+            f"MCNCConfig selected no parameter of {type(model).__name__} (include="
+            f"{config.include}, exclude={config.exclude}); parameter names look like "
+            f"{[n for n, _ in model.named_parameters()][:5]}")
+    return out
+
+
+def _wanted(config: MCNCConfig, name: str, module: nn.Module, attribute: str) -> bool:
+    if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+        return False
+    if config.include is not None:
+        return any(fnmatch.fnmatchcase(name, p) for p in config.include)
+    return attribute == "weight" and isinstance(module, _FAN_IN_MODULES + _NORMAL_MODULES)
+
+
+def _plan(name: str, module: nn.Module, attribute: str, param: nn.Parameter,
+          config: MCNCConfig, stream: int) -> PlannedMember:
+    """theta0 for a selected parameter. ``prng``: PyTorch's default init of the layer, drawn
+    from the spec's Philox (fan_in_uniform for Linear/Conv weights, uniform with the same bound
+    for their biases, normal for Embedding); anything else, or ``theta0="module"``: the
+    current values, stored."""
+    shape = tuple(param.shape)
+    theta0 = Theta0Entry(C.THETA0_BLOB)
+    weight = getattr(module, "weight", None)
+    if config.theta0 != THETA0_MODULE:
+        if isinstance(module, _FAN_IN_MODULES) and attribute == "weight" and len(shape) >= 2:
+            theta0 = Theta0.fan_in_uniform(config.seed, stream).entry
+        elif isinstance(module, _NORMAL_MODULES) and attribute == "weight":
+            theta0 = Theta0.normal(config.seed, stream).entry
+        elif (isinstance(module, _FAN_IN_MODULES) and attribute == "bias"
+              and isinstance(weight, torch.Tensor) and weight.dim() >= 2):
+            theta0 = Theta0.uniform(fan_in_bound(tuple(weight.shape)), config.seed, stream).entry
+    stored = param.detach() if theta0.kind == C.THETA0_BLOB else None
+    return PlannedMember(name, module, attribute, shape, param.dtype, param.device, theta0,
+                         stored)
+
+
+# -- installation --------------------------------------------------------------------------
+def install(model: nn.Module, config: MCNCConfig, planned: Sequence[PlannedMember],
+            loras: Sequence[LoRASpec], order: Sequence[str]) -> MCNCRuntime:
+    """Swap each planned parameter for an ``MCNCMember`` parametrization of its theta0 and
+    register alpha, beta, the manifest buffer and the forward hooks on ``model``."""
+    members, chunks = _layout(config, planned)
+    manifest = Manifest(config, tuple(members), tuple(chunks), tuple(loras), tuple(order))
+    for key in [CONFIG_KEY] + [f(s) for s in range(len(chunks)) for f in (alpha_key, beta_key)]:
+        if hasattr(model, key):
+            raise ReparametrizeError(f"{type(model).__name__} already has an attribute {key!r};"
+                                     " MCNC needs that name for its state")
+    devices: dict[int, torch.device] = {}
+    for member, plan in zip(members, planned, strict=True):
+        devices.setdefault(member.segment, plan.device)
+    model.register_buffer(CONFIG_KEY, manifest.to_tensor().to(planned[0].device))
+    for s, n_chunks in enumerate(chunks):
+        size = n_chunks * config.m * config.k
+        alpha = philox.uniform_signed(config.seed, ALPHA_INIT_STREAM_BASE + s, 0, size,
+                                      config.L, devices[s])
+        model.register_parameter(alpha_key(s), nn.Parameter(alpha.view(n_chunks, config.m,
+                                                                       config.k)))
+        beta = torch.full((n_chunks, config.m), config.beta_init, device=devices[s])
+        model.register_parameter(beta_key(s), nn.Parameter(beta))
+    runtime = MCNCRuntime(model, manifest)
+    resolver = Theta0Resolver(_no_dense_theta0, "reparametrize")
+    for index, (member, plan) in enumerate(zip(members, planned, strict=True)):
+        theta0 = _theta0_tensor(member, plan, resolver)
+        del plan.module._parameters[plan.attribute]
+        plan.module.register_buffer(plan.attribute, theta0)
+        parametrize.register_parametrization(plan.module, plan.attribute,
+                                             MCNCMember(runtime, index), unsafe=True)
+        holder = plan.module.parametrizations[plan.attribute]
+        holder.register_buffer("original", holder.original,
+                               persistent=member.theta0.kind == C.THETA0_BLOB)
+    object.__setattr__(model, RUNTIME_ATTRIBUTE, runtime)
+    model.register_forward_pre_hook(runtime.enter)
+    model.register_forward_hook(runtime.leave, always_call=True)
+    model.register_load_state_dict_pre_hook(runtime.check_incoming)
+    trained = {id(getattr(model, f(s))) for s in range(len(chunks)) for f in (alpha_key, beta_key)}
+    for param in model.parameters():
+        if id(param) not in trained and not config.train_dense:
+            param.requires_grad_(False)
+    return runtime
+
+
+def _layout(config: MCNCConfig, planned: Sequence[PlannedMember]
+            ) -> tuple[list[MemberSpec], list[int]]:
+    """Segment and offset of every member: one segment each, or all in one (``model``)."""
+    members: list[MemberSpec] = []
+    filled: list[int] = []
+    for plan in planned:
+        numel = math.prod(plan.shape)
+        if config.chunking == CHUNKING_TENSOR or not filled:
+            filled.append(0)
+        segment = len(filled) - 1
+        members.append(MemberSpec(plan.name, plan.shape, from_torch(plan.dtype), segment,
+                                  filled[segment], plan.theta0))
+        filled[segment] += numel
+    return members, [-(-n // config.d) for n in filled]
+
+
+def _theta0_tensor(member: MemberSpec, plan: PlannedMember, resolver: Theta0Resolver
+                   ) -> torch.Tensor:
+    if member.theta0.kind == C.THETA0_BLOB:
+        assert plan.stored is not None
+        return plan.stored
+    if member.theta0.kind == C.THETA0_ZEROS:
+        return torch.empty(0, device=plan.device)
+    values = resolver.values(member.theta0, member.shape, 0, member.numel, plan.device,
+                             member.name)
+    assert values is not None
+    return values.view(member.shape)
+
+
+def _no_dense_theta0(entry: Theta0Entry, shape: tuple[int, ...], device: torch.device
+                     ) -> torch.Tensor:
+    raise ReparametrizeError(f"theta0 of kind {entry.kind!r} is kept in the state dict, not "
+                             "drawn; this is a bug in mcnc_format.torch")

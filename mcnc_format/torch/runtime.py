@@ -1,0 +1,200 @@
+"""Regenerating compressed weights during training: differentiable, fp32, once per forward.
+
+A reparametrized module holds an ``MCNCRuntime`` (a plain object, not a submodule, so it
+adds no state-dict keys) and one ``MCNCMember`` parametrization per compressed tensor. Reading
+``fc.weight`` asks the runtime for the member's value:
+
+``theta0 + sum_j beta_j phi(alpha_j)`` for the member's chunks, computed with the reader's
+own ``FusedGenerator`` (``regenerate.py``: hidden sine layers in IEEE float32, the row norm
+from the Gram identity, the output layer, the normalisation and the beta sum fused into one
+matrix product). Autograd flows through it to alpha and beta. Using the reader's arithmetic
+keeps training and loading within float32 rounding of the same operations, and the backward
+pass saves only the ``[chunks, m * width]`` activations instead of ``[chunks, m, d]``.
+
+Inside a forward of the reparametrized module (opened and closed by hooks on it), a segment
+is generated once, for all its chunks, and split among its members (``torch.split``: one
+backward node, not one full-size gradient per member); outside a forward, reading a weight
+generates just that member's chunks. Alpha is projected onto ``[-L, L]`` when a forward
+starts (projected gradient descent) and clamped in the computation as well, so the function
+always equals the file, whose alpha is ``clamp(alpha, -L, L)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import constants as C
+from ..dtypes import to_torch
+from ..errors import ReparametrizeError
+from ..generator import ieee_fp32
+from ..regenerate import FusedGenerator
+from .manifest import CONFIG_KEY, Manifest, alpha_key, beta_key
+
+__all__ = ["MCNCMember", "MCNCRuntime", "stored_values"]
+
+
+class _RoundThrough(torch.autograd.Function):
+    """Round to a storage dtype in the forward, pass the gradient straight through."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.to(dtype).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def stored_values(param: torch.Tensor, dtype_name: str, bound: float | None = None
+                  ) -> torch.Tensor:
+    """What the file stores for ``param``, as float32: clamped to ``[-bound, bound]`` (alpha)
+    and rounded to the storage dtype; differentiable (straight-through rounding)."""
+    x = param.to(torch.float32)
+    if bound is not None:
+        x = x.clamp(-bound, bound)
+    dtype = to_torch(dtype_name)
+    return x if dtype == torch.float32 else _RoundThrough.apply(x, dtype)
+
+
+class MCNCRuntime:
+    """The live side of a manifest: parameters on ``root``, caches, and forward hooks."""
+
+    def __init__(self, root: nn.Module, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.spec = manifest.config.generator()
+        self.segment_members = [manifest.segment_members(s) for s in range(len(manifest.chunks))]
+        self._fused: dict[str, FusedGenerator] = {}
+        self._depth = 0
+        self._cache_grad: bool | None = None
+        self._pieces: dict[int, torch.Tensor] = {}
+        self._values: dict[int, torch.Tensor] = {}
+
+    # -- forward scope -----------------------------------------------------------------------
+    def enter(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook: project alpha once per outermost forward and open the cache."""
+        if self._depth == 0:
+            self.project_alpha_()
+            self._clear()
+        self._depth += 1
+
+    def leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook (also on exceptions): drop cached tensors when the forward ends."""
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            self._clear()
+
+    def _clear(self) -> None:
+        self._pieces.clear()
+        self._values.clear()
+        self._cache_grad = None
+
+    def project_alpha_(self) -> None:
+        """Clamp every alpha into ``[-L, L]`` in place (through ``.data``: a projection step
+        of the optimizer, invisible to autograd)."""
+        bound = self.manifest.config.L
+        with torch.no_grad():
+            for s in range(len(self.manifest.chunks)):
+                self.alpha(s).data.clamp_(-bound, bound)
+
+    def check_incoming(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                       *args: Any) -> None:
+        """Load-state-dict pre-hook: refuse a state dict made with another manifest, whose
+        alpha and beta would silently mean something else here (other seed, shapes, order)."""
+        key = prefix + CONFIG_KEY
+        if key not in state_dict:
+            return
+        incoming = Manifest.from_tensor(state_dict[key], f"state dict key {key!r}")
+        if incoming == self.manifest:
+            return
+        ours, theirs = self.manifest.config.to_dict(), incoming.config.to_dict()
+        fields = [f for f in ours if ours[f] != theirs[f]]
+        what = f"config fields {fields}" if fields else "compressed tensors or their order"
+        raise ReparametrizeError(
+            f"state dict key {key!r}: the state dict was saved from a model reparametrized "
+            f"differently ({what} differ). Reparametrize the model with the same MCNCConfig "
+            "before loading, or export the state dict directly with export_state_dict.")
+
+    # -- values ----------------------------------------------------------------------------
+    def alpha(self, segment: int) -> torch.Tensor:
+        return getattr(self.root, alpha_key(segment))
+
+    def beta(self, segment: int) -> torch.Tensor:
+        return getattr(self.root, beta_key(segment))
+
+    def member_value(self, index: int, theta0: torch.Tensor) -> torch.Tensor:
+        """The current value of member ``index`` (shape and dtype of the original tensor)."""
+        caching = self._depth > 0 and self._cache_grad in (None, torch.is_grad_enabled())
+        if caching and index in self._values:
+            return self._values[index]
+        member = self.manifest.members[index]
+        delta = self._piece(index) if caching else self._member_delta(index)
+        if member.theta0.kind != C.THETA0_ZEROS:
+            delta = delta + theta0.reshape(-1).to(torch.float32)
+        value = delta.view(member.shape).to(to_torch(member.dtype))
+        if caching:
+            self._cache_grad = torch.is_grad_enabled()
+            self._values[index] = value
+        return value
+
+    def _piece(self, index: int) -> torch.Tensor:
+        """Member ``index``'s share of its whole segment, generated once per forward."""
+        if index not in self._pieces:
+            segment = self.manifest.members[index].segment
+            order = self.segment_members[segment]
+            sizes = [self.manifest.members[i].numel for i in order]
+            flat = self.segment_delta(segment, 0, self.manifest.chunks[segment])
+            pieces = torch.split(flat, [*sizes, flat.numel() - sum(sizes)])
+            self._pieces.update(zip(order, pieces, strict=False))
+        return self._pieces[index]
+
+    def _member_delta(self, index: int) -> torch.Tensor:
+        member = self.manifest.members[index]
+        d = self.spec.d
+        first = member.offset // d
+        last = -(-(member.offset + member.numel) // d)
+        flat = self.segment_delta(member.segment, first, last)
+        start = member.offset - first * d
+        return flat[start : start + member.numel]
+
+    def segment_delta(self, segment: int, first: int, last: int) -> torch.Tensor:
+        """``sum_j beta_j phi(alpha_j)`` of chunks ``first .. last - 1``, flat float32."""
+        config = self.manifest.config
+        alpha = stored_values(self.alpha(segment)[first:last], config.alpha_dtype, config.L)
+        beta = stored_values(self.beta(segment)[first:last], config.beta_dtype)
+        fused = self.fused(alpha.device)
+        left = fused.coefficients(alpha, beta)
+        with ieee_fp32(left.device):
+            return torch.mm(left, fused.stacked).reshape(-1)
+
+    def fused(self, device: torch.device) -> FusedGenerator:
+        """The generator on ``device``, drawn from the seed on first use. Kept out of the
+        module's buffers on purpose: ``model.half()`` or ``.to(dtype)`` cannot round it."""
+        key = str(device)
+        if key not in self._fused:
+            self._fused[key] = FusedGenerator(self.spec.weights(device), self.manifest.config.m)
+        return self._fused[key]
+
+
+class MCNCMember(nn.Module):
+    """The parametrization of one compressed tensor: ``theta0`` in, current weight out.
+
+    ``torch.nn.utils.parametrize`` keeps theta0 as ``parametrizations.<name>.original``
+    (a buffer: persistent when theta0 is stored, rebuilt from the seed otherwise).
+    """
+
+    def __init__(self, runtime: MCNCRuntime, index: int) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.index = index
+
+    def forward(self, theta0: torch.Tensor) -> torch.Tensor:
+        return self.runtime.member_value(self.index, theta0)
+
+    def extra_repr(self) -> str:
+        member = self.runtime.manifest.members[self.index]
+        return (f"segment={member.segment}, offset={member.offset}, "
+                f"theta0={member.theta0.kind}")

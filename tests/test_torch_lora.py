@@ -1,0 +1,197 @@
+"""MCNC-LoRA: adapters whose A and B factors live on the MCNC manifold (the paper's LLM setup).
+
+A tiny transformer gets adapters on its attention and MLP projections, trains a few Adam
+steps, and is saved: the file's ``lora`` tensors, loaded into a plain model of the same
+architecture, give the adapted model's outputs within ``OUTPUT_RTOL`` of the output scale
+(the adapter path ``B(Ax)`` and the merged weight round differently in float32). Merging
+reproduces the file's merged weights exactly (same arithmetic as the reader), and unmerging
+restores the base weights to float32 rounding.
+
+Inputs are fresh each run, seeded from ``MCNC_TEST_SEED`` or a random seed printed on failure.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mcnc_format
+from mcnc_format.errors import ReparametrizeError
+from mcnc_format.torch import (
+    MCNCConfig,
+    MCNCLoRALinear,
+    add_mcnc_lora,
+    export_state_dict,
+    merge_mcnc_lora,
+    save_model,
+    unmerge_mcnc_lora,
+)
+
+OUTPUT_RTOL = 1e-5
+SEED = int(os.environ.get("MCNC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+TARGETS = ("q_proj", "v_proj", "mlp.*")
+CONFIG = MCNCConfig(k=5, d=200, hidden=(32, 32), seed=SEED & 0xFFFF)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread avoids OpenMP spin-waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.o_proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, w))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 40, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.Sequential(Block(width), Block(width))
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.blocks(self.embed(tokens)))
+
+
+def _tokens(offset: int = 0) -> torch.Tensor:
+    return torch.randint(0, 40, (3, 10), generator=torch.Generator().manual_seed(SEED + offset))
+
+
+def _pretrained() -> TinyLM:
+    torch.manual_seed(SEED)
+    return TinyLM().eval()
+
+
+def _train(model: nn.Module, steps: int = 3) -> None:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    tokens = _tokens()
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.reshape(-1, 40), tokens[:, 1:].reshape(-1)).backward()
+        opt.step()
+
+
+def _assert_same_outputs(got: torch.Tensor, want: torch.Tensor) -> None:
+    scale = want.abs().max().item()
+    assert torch.allclose(got, want, rtol=OUTPUT_RTOL, atol=OUTPUT_RTOL * scale), (
+        f"seed {SEED}: max difference {(got - want).abs().max().item():.3g} at output scale "
+        f"{scale:.3g}")
+
+
+def _adapted(chunking: str = "tensor") -> TinyLM:
+    config = MCNCConfig(**{**CONFIG.to_dict(), "chunking": chunking})
+    return add_mcnc_lora(_pretrained(), config, target_modules=TARGETS, rank=4, lora_alpha=8)
+
+
+def test_adapters_start_as_the_identity_with_peft_names_and_only_alpha_beta_train():
+    base = _pretrained()
+    model = _adapted()
+    x = _tokens(1)
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x))
+    layers = [m for m in model.modules() if isinstance(m, MCNCLoRALinear)]
+    assert len(layers) == 2 * 4  # per block: q_proj, v_proj, mlp.0, mlp.2
+    keys = model.state_dict().keys()
+    assert "blocks.0.q_proj.base_layer.weight" in keys
+    assert "blocks.0.q_proj.lora_merged" in keys
+    assert layers[0].scale == 2.0
+    bound = 1 / 32**0.5  # A starts at PEFT's kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(in))
+    a = layers[0].lora_A.weight
+    assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound
+    assert not layers[0].lora_B.weight.any()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"mcnc_{w}_{s}" for s in range(16) for w in ("alpha", "beta")}
+
+
+@pytest.mark.parametrize("chunking", ["tensor", "model"])
+def test_adapted_model_equals_plain_model_loaded_from_file(tmp_path, chunking):
+    model = _adapted(chunking)
+    _train(model)
+    path = save_model(model, tmp_path / "lora.mcnc")
+    with mcnc_format.open(path) as f:
+        assert f.tensor_info("blocks.1.v_proj.weight").encoding == "lora"
+        assert f.tensor_info("blocks.1.k_proj.weight").encoding == "dense"
+        assert len(f.header.segments) == (1 if chunking == "model" else 16)
+        _, _, scale = f.get_lora_factors("blocks.0.mlp.0.weight")
+        assert scale == 2.0
+    plain = TinyLM().eval()
+    plain.load_state_dict(mcnc_format.load(path), strict=True)
+    x = _tokens(2)
+    with torch.no_grad():
+        adapted = model(x)
+        _assert_same_outputs(plain(x), adapted)
+        assert not torch.allclose(adapted, _pretrained()(x))  # training moved the adapters
+
+
+def test_merge_matches_the_file_and_unmerge_restores_the_base(tmp_path):
+    model = _adapted()
+    _train(model)
+    path = save_model(model, tmp_path / "lora.mcnc")
+    loaded = mcnc_format.load(path)
+    state = model.state_dict()
+    bases = {k: v.clone() for k, v in state.items() if k.endswith("base_layer.weight")}
+    x = _tokens(3)
+    with torch.no_grad():
+        before = model(x)
+        merge_mcnc_lora(model)
+        _assert_same_outputs(model(x), before)
+    for key, base in bases.items():
+        merged = model.get_parameter(key)
+        assert torch.equal(merged, loaded[key.replace(".base_layer", "")]), key
+        assert not torch.equal(merged, base)
+    with pytest.raises(ReparametrizeError, match="unmerge_mcnc_lora"):
+        save_model(model, tmp_path / "merged.mcnc")
+    unmerge_mcnc_lora(model)
+    for key, base in bases.items():
+        torch.testing.assert_close(model.get_parameter(key), base, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        _assert_same_outputs(model(x), before)
+
+
+def test_state_dict_alone_packs_the_same_bytes(tmp_path):
+    model = _adapted()
+    _train(model, steps=1)
+    first = save_model(model, tmp_path / "a.mcnc").read_bytes()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    mcnc_format.save(tmp_path / "b.mcnc", export_state_dict(state))
+    assert (tmp_path / "b.mcnc").read_bytes() == first
+
+
+def test_targets_must_be_linear_layers():
+    for patterns in (("norm1",), ("query",)):
+        with pytest.raises(ReparametrizeError, match=r"match no nn.Linear module .*q_proj"):
+            add_mcnc_lora(_pretrained(), CONFIG, target_modules=patterns)
+    with pytest.raises(ReparametrizeError, match="rank"):
+        add_mcnc_lora(_pretrained(), CONFIG, target_modules=TARGETS, rank=0)

@@ -1,0 +1,333 @@
+"""Training in the manifold (``mcnc_format.torch``) and packing what was trained.
+
+The central promise: a reparametrized model, trained a few Adam steps, computes the same
+function as a fresh plain model of the same architecture loaded from ``save_model``'s file
+(``load_state_dict(strict=True)``). Both sides regenerate the weights with the same fused
+float32 arithmetic, so outputs agree to ``OUTPUT_RTOL`` of the output scale (float32 rounding
+of the same operations in a different batching; on one CPU they are usually bit-identical).
+Also: only alpha and beta get gradients, state dicts round-trip, packing is byte-identical
+whichever path (model or saved state dict) it takes, autocast leaves the generator in fp32.
+
+Inputs are fresh each run, seeded from ``MCNC_TEST_SEED`` or a random seed printed on failure.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import mcnc_format
+from mcnc_format import Theta0
+from mcnc_format.errors import ReparametrizeError
+from mcnc_format.torch import MCNCConfig, export_state_dict, reparametrize, save_model
+from mcnc_format.torch.runtime import MCNCRuntime
+
+OUTPUT_RTOL = 1e-5
+SEED = int(os.environ.get("MCNC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread avoids OpenMP spin-waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _seeded(offset: int) -> torch.Generator:
+    return torch.Generator().manual_seed(SEED + offset)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 48), nn.ReLU(), nn.Linear(48, 32), nn.Tanh(),
+                         nn.Linear(32, 5))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.encoder = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0,
+                                                  batch_first=True)
+        self.head = nn.Linear(32, 7)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)))
+
+
+def _inputs(name: str, offset: int = 0) -> torch.Tensor:
+    g = _seeded(offset)
+    if name == "mlp":
+        return torch.randn(6, 12, generator=g)
+    if name == "cnn":
+        return torch.randn(4, 3, 8, 8, generator=g)
+    return torch.randint(0, 50, (3, 9), generator=g)
+
+
+BUILDERS = {"mlp": mlp, "cnn": SmallCNN, "transformer": TinyTransformer}
+# The transformer also compresses MultiheadAttention's in_proj_weight: no PyTorch default
+# scheme is a spec PRNG scheme, so its theta0 is stored (kind "blob").
+CONFIGS = {
+    "mlp": MCNCConfig(k=4, d=100, hidden=(16, 16), seed=SEED & 0xFFFF),
+    "cnn": MCNCConfig(k=5, d=128, hidden=(24, 24), m=2, seed=SEED & 0xFFFF),
+    "transformer": MCNCConfig(k=4, d=256, hidden=(16, 16), seed=SEED & 0xFFFF,
+                              include=("*weight",), exclude=("*norm*",)),
+}
+
+
+def _train(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=0.05)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+    model.eval()
+
+
+def _assert_same_outputs(got: torch.Tensor, want: torch.Tensor) -> None:
+    scale = want.abs().max().item()
+    assert torch.allclose(got, want, rtol=OUTPUT_RTOL, atol=OUTPUT_RTOL * scale), (
+        f"seed {SEED}: max difference {(got - want).abs().max().item():.3g} at output scale "
+        f"{scale:.3g}")
+
+
+@pytest.mark.parametrize("chunking", ["tensor", "model"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_trained_model_equals_plain_model_loaded_from_file(tmp_path, name, chunking):
+    torch.manual_seed(SEED)
+    config = MCNCConfig(**{**CONFIGS[name].to_dict(), "chunking": chunking})
+    model = reparametrize(BUILDERS[name](), config)
+    x = _inputs(name)
+    _train(model, x)
+    path = save_model(model, tmp_path / "model.mcnc", metadata={"arch": name})
+    plain = BUILDERS[name]()
+    plain.load_state_dict(mcnc_format.load(path), strict=True)
+    plain.eval()
+    with torch.no_grad():
+        _assert_same_outputs(plain(_inputs(name, 1)), model(_inputs(name, 1)))
+    with mcnc_format.open(path) as f:
+        assert f.metadata == {"arch": name}
+        encodings = [f.tensor_info(n).encoding for n in f.keys()]  # noqa: SIM118
+        assert set(encodings) == {"mcnc", "dense"}
+        compressed = encodings.count("mcnc")
+        assert len(f.header.segments) == (1 if chunking == "model" else compressed)
+
+
+def test_packing_is_byte_identical_from_model_or_saved_state_dict(tmp_path):
+    torch.manual_seed(SEED)
+    model = reparametrize(TinyTransformer(), CONFIGS["transformer"])
+    _train(model, _inputs("transformer"))
+    first = save_model(model, tmp_path / "a.mcnc").read_bytes()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    mcnc_format.save(tmp_path / "b.mcnc", export_state_dict(state))
+    assert (tmp_path / "b.mcnc").read_bytes() == first
+    assert save_model(model, tmp_path / "c.mcnc").read_bytes() == first
+
+
+def test_state_dict_round_trips_into_a_fresh_reparametrized_model():
+    torch.manual_seed(SEED)
+    config = CONFIGS["cnn"]
+    model = reparametrize(SmallCNN(), config)
+    x = _inputs("cnn")
+    _train(model, x)
+    fresh = reparametrize(SmallCNN(), config)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_load_refuses_a_state_dict_made_with_another_config():
+    model = reparametrize(mlp(), CONFIGS["mlp"])
+    other = reparametrize(mlp(), MCNCConfig(**{**CONFIGS["mlp"].to_dict(), "seed": 1 + (
+        SEED & 0xFFFF)}))
+    with pytest.raises(ReparametrizeError, match=r"config fields \['seed'\]"):
+        other.load_state_dict(model.state_dict())
+
+
+def test_gradients_reach_alpha_and_beta_only():
+    torch.manual_seed(SEED)
+    model = reparametrize(SmallCNN(), CONFIGS["cnn"])
+    x = _inputs("cnn")
+    _train(model, x, steps=1)  # beta starts at 0: alpha's gradient is zero until beta moves
+    model.train()
+    model.zero_grad()
+    model(x).square().mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in model.named_parameters() if n.startswith("mcnc_")}
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in with_grad)
+    assert not any(b.requires_grad for b in model.buffers())
+    frozen = [n for n, p in model.named_parameters() if not n.startswith("mcnc_")]
+    assert frozen and not any(p.requires_grad for n, p in model.named_parameters()
+                              if n in frozen)
+
+
+def test_train_dense_leaves_the_uncompressed_parameters_trainable():
+    model = reparametrize(SmallCNN(), MCNCConfig(**{**CONFIGS["cnn"].to_dict(),
+                                                    "train_dense": True}))
+    model(_inputs("cnn")).square().mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert {"conv1.bias", "bn1.weight", "bn2.bias", "head.bias"} <= with_grad
+    assert "mcnc_beta_0" in with_grad
+
+
+def test_beta_starts_at_zero_so_the_model_starts_at_theta0():
+    config = CONFIGS["mlp"]
+    model = reparametrize(mlp(), config)
+    layer = model[0]
+    theta0 = layer.parametrizations.weight.original
+    assert torch.equal(layer.weight, theta0)
+    bound = 1 / math.sqrt(12)  # PyTorch's default Linear init: U(-1/sqrt(fan_in), ...)
+    assert theta0.abs().max() <= bound and theta0.abs().max() > 0.9 * bound
+    alpha = model.mcnc_alpha_0  # 24 values uniform on [-L, L): all below L/2 has p = 2**-24
+    assert alpha.abs().max() <= config.L and alpha.abs().max() > 0.5 * config.L
+
+
+def test_theta0_from_module_weights_keeps_the_pretrained_function(tmp_path):
+    torch.manual_seed(SEED)
+    pretrained = TinyTransformer().eval()
+    x = _inputs("transformer")
+    with torch.no_grad():
+        before = pretrained(x)
+    config = MCNCConfig(**{**CONFIGS["transformer"].to_dict(), "theta0": "module"})
+    model = reparametrize(pretrained, config)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert "embed.parametrizations.weight.original" in model.state_dict()
+    _train(model, x)
+    path = save_model(model, tmp_path / "ft.mcnc")
+    with mcnc_format.open(path) as f:
+        assert f.tensor_info("embed.weight").theta0 == "blob"
+    plain = TinyTransformer().eval()
+    plain.load_state_dict(mcnc_format.load(path), strict=True)
+    with torch.no_grad():
+        _assert_same_outputs(plain(x), model(x))
+
+
+def test_theta0_override_replaces_the_stored_base(tmp_path):
+    model = reparametrize(mlp(), MCNCConfig(**{**CONFIGS["mlp"].to_dict(), "theta0": "module"}))
+    state = model.state_dict()
+    base = state["0.parametrizations.weight.original"]
+    tensors = export_state_dict(state, {"0.weight": Theta0.zeros()})
+    path = mcnc_format.save(tmp_path / "o.mcnc", tensors)
+    with torch.no_grad():
+        delta = model[0].weight - base
+    assert torch.allclose(mcnc_format.load(path)["0.weight"], delta, atol=1e-6)
+    with pytest.raises(ReparametrizeError, match="name no compressed"):
+        export_state_dict(state, {"0.bias": Theta0.zeros()})
+
+
+def test_alpha_is_projected_onto_the_box_and_the_file_matches(tmp_path):
+    config = CONFIGS["mlp"]
+    model = reparametrize(mlp(), MCNCConfig(**{**config.to_dict(), "beta_init": 0.5}))
+    x = _inputs("mlp")
+    with torch.no_grad():
+        model.mcnc_alpha_0.mul_(3.0)  # as if an optimizer step left the box
+    state = model.state_dict()
+    out = model(x)
+    assert model.mcnc_alpha_0.abs().max() <= config.L
+    path = mcnc_format.save(tmp_path / "p.mcnc", export_state_dict(state))  # unprojected dict
+    plain = mlp()
+    plain.load_state_dict(mcnc_format.load(path), strict=True)
+    with torch.no_grad():
+        _assert_same_outputs(plain(x), out)
+    out.square().mean().backward()
+    at_bound = model.mcnc_alpha_0.detach().abs() == config.L
+    assert at_bound.any() and model.mcnc_alpha_0.grad[at_bound].abs().sum() > 0
+
+
+def test_low_precision_alpha_beta_are_what_the_forward_uses(tmp_path):
+    config = MCNCConfig(**{**CONFIGS["mlp"].to_dict(), "alpha_dtype": torch.bfloat16,
+                           "beta_dtype": "f16"})
+    model = reparametrize(mlp(), config)
+    x = _inputs("mlp")
+    _train(model, x)
+    assert model.mcnc_alpha_0.dtype == torch.float32  # float32 masters for the optimizer
+    path = save_model(model, tmp_path / "bf16.mcnc")
+    with mcnc_format.open(path) as f:
+        segment = f.header.segments[0]
+        assert f.header.blobs[segment.alpha].dtype == "bf16"
+        assert f.header.blobs[segment.beta].dtype == "f16"
+    plain = mlp()
+    plain.load_state_dict(mcnc_format.load(path), strict=True)
+    with torch.no_grad():
+        _assert_same_outputs(plain(x), model(x))
+
+
+def test_autocast_runs_the_generator_in_float32():
+    torch.manual_seed(SEED)
+    model = reparametrize(TinyTransformer(), CONFIGS["transformer"])
+    _train(model, _inputs("transformer"), steps=1)
+    x = _inputs("transformer")
+    reference = model.head.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        inside = model.head.weight
+    assert out.dtype == torch.bfloat16
+    assert inside.dtype == torch.float32 and torch.equal(inside, reference)
+    out.float().square().mean().backward()
+    assert model.mcnc_beta_0.grad is not None
+
+
+def test_model_chunking_generates_each_segment_once_per_forward(monkeypatch):
+    calls = []
+    original = MCNCRuntime.segment_delta
+
+    def counting(self, segment, first, last):
+        calls.append((segment, first, last))
+        return original(self, segment, first, last)
+
+    monkeypatch.setattr(MCNCRuntime, "segment_delta", counting)
+    config = MCNCConfig(**{**CONFIGS["transformer"].to_dict(), "chunking": "model"})
+    model = reparametrize(TinyTransformer(), config)
+    model(_inputs("transformer")).sum().backward()
+    assert calls == [(0, 0, model.mcnc_alpha_0.shape[0])]
+    calls.clear()
+    _ = model.head.weight  # outside a forward: only the member's own chunks
+    assert len(calls) == 1 and calls[0][2] - calls[0][1] <= -(-7 * 32 // 256) + 1
+
+
+def test_refusals_name_the_problem_and_the_fix():
+    with pytest.raises(ReparametrizeError, match="selected no parameter"):
+        reparametrize(mlp(), MCNCConfig(include=("nothing.*",)))
+    tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ReparametrizeError, match="tied"):
+        reparametrize(tied, MCNCConfig(k=2, d=8))
+    model = reparametrize(mlp(), CONFIGS["mlp"])
+    with pytest.raises(ReparametrizeError, match="already"):
+        reparametrize(model, CONFIGS["mlp"])
+    with pytest.raises(ReparametrizeError, match=r"MCNCConfig\.k"):
+        MCNCConfig(k=0)
+    with pytest.raises(ReparametrizeError, match="chunking"):
+        MCNCConfig(chunking="layer")
+    with pytest.raises(ReparametrizeError, match="no 'mcnc_config'"):
+        export_state_dict(mlp().state_dict())
