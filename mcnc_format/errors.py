@@ -19,6 +19,7 @@ __all__ = [
     "HubOfflineError",
     "HubPermissionError",
     "MCNCError",
+    "MappingError",
     "ReparametrizeError",
     "UnsafeCheckpointError",
     "UnsupportedFeatureError",
@@ -69,6 +70,10 @@ class WriteError(MCNCError):
 class DeviceMemoryError(MCNCError, MemoryError):
     """Raised when regenerating weights on a device runs out of memory; the message gives the
     sizes that were requested."""
+
+
+class MappingError(MCNCError, ValueError):
+    """A mapping file that is malformed or does not fit the checkpoint it is applied to."""
 
 
 class ReparametrizeError(MCNCError, ValueError):

@@ -1,0 +1,93 @@
+"""``mcnc pack CHECKPOINT OUT.mcnc`` (also the ``mcnc-pack`` command).
+
+Reads a ``.pt`` / ``.safetensors`` state dict of a reparametrized model or MCNC-LoRA adapter
+(never executing pickled code), recognises its layout and writes an ``.mcnc`` file. Inputs
+larger than ``PROGRESS_MIN_BYTES`` get a progress display on stderr; an existing OUT is kept
+unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
+
+from ..converters.pack import ProgressCallback, pack
+
+__all__ = ["PROGRESS_MIN_BYTES", "main", "pack_command"]
+
+PROGRESS_MIN_BYTES = 64 * 1024 * 1024
+_STAGES = {"read": "reading checkpoint", "convert": "converting", "write": "writing .mcnc"}
+
+
+@click.command("pack", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--mapping", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON mapping file for MCNC checkpoints trained by other code "
+                   "(docs/converters.md).")
+@click.option("--converter", default=None,
+              help="Use this registered converter instead of detecting the layout.")
+@click.option("--base", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Base checkpoint (.safetensors beside OUT) of an adapter: theta0 references "
+                   "it, sha256-pinned, and its unchanged tensors are left out.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show progress (default: for inputs over 64 MiB on a terminal).")
+def pack_command(checkpoint: Path, out: Path, mapping: Path | None, converter: str | None,
+                 base: Path | None, force: bool, progress: bool | None) -> None:
+    """Pack CHECKPOINT (.pt or .safetensors state dict) into the .mcnc file OUT."""
+    size = checkpoint.stat().st_size if checkpoint.is_file() else 0
+    show = progress if progress is not None else (
+        size >= PROGRESS_MIN_BYTES and sys.stderr.isatty())
+    with _progress(show) as report:
+        result = pack(checkpoint, out, mapping=mapping, converter=converter, base=base,
+                      force=force,
+                      progress=report)
+    ratio = result.input_bytes / result.output_bytes if result.output_bytes else 0.0
+    click.echo(f"wrote {result.output} ({result.output_bytes:,} bytes, {result.tensors} tensors, "
+               f"converter {result.converter}; {ratio:,.1f}x smaller than the checkpoint)")
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator[ProgressCallback | None]:
+    """A rich progress display fed by ``pack``'s stage callbacks, or nothing."""
+    if not show:
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as display:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, advance: int, total: int) -> None:
+            if stage not in tasks:
+                for earlier in tasks.values():
+                    display.update(earlier, completed=display.tasks[earlier].total or 0)
+                tasks[stage] = display.add_task(_STAGES.get(stage, stage), total=total or None)
+            display.advance(tasks[stage], advance)
+
+        yield report
+
+
+def main() -> None:
+    """Entry point of the ``mcnc-pack`` console script: ``mcnc pack`` with the same error
+    policy as ``mcnc`` (one line on stderr, exit status 2)."""
+    from ..errors import MCNCError
+    from .main import EXIT_ERROR
+
+    try:
+        pack_command(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (MCNCError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)

@@ -1,0 +1,91 @@
+"""``mcnc unpack FILE OUT.safetensors``: a dense copy that any safetensors reader loads.
+
+Every tensor is regenerated on the CPU (lora tensors merged: ``theta0 + scale * B @ A``) and
+written with ``safetensors.torch.save_file`` to a temporary file that is renamed into place,
+so an interrupted export never leaves a half-written OUT. The file's metadata goes into the
+safetensors ``__metadata__``, with the keys of ``provenance_metadata`` added.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+import torch
+
+from .. import constants as C
+from ..errors import WriteError
+from ..reader import MCNCFile, open_file
+
+__all__ = ["export_safetensors", "provenance_metadata", "unpack"]
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+FORMAT_VERSION_KEY = "mcnc.format_version"
+SOURCE_KEY = "mcnc.source"
+INFO_PREFIX = "mcnc.info."
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+              help="Cast floating-point tensors to this dtype (default: each tensor's own).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def unpack(file: Path, out: Path, dtype: str | None, force: bool) -> None:
+    """Write every tensor of FILE, regenerated and dense, to OUT.safetensors.
+
+    The whole dense model is held in memory while it is written (safetensors writes a file
+    in one call).
+    """
+    written = export_safetensors(file, out, dtype=DTYPES[dtype] if dtype else None,
+                                 overwrite=force)
+    click.echo(f"wrote {out} ({written:,} bytes)")
+
+
+def provenance_metadata(f: MCNCFile) -> dict[str, str]:
+    """The safetensors ``__metadata__`` for an export of ``f``: the file's metadata, its
+    ``info`` under ``mcnc.info.*``, ``mcnc.format_version`` and ``mcnc.source`` (these win
+    over metadata keys of the same name), and ``format: pt`` unless the metadata sets it
+    (older transformers releases refuse safetensors files without it)."""
+    metadata = {"format": "pt", **f.metadata}
+    metadata.update({INFO_PREFIX + key: value for key, value in f.info.items()})
+    metadata[FORMAT_VERSION_KEY] = f"{C.FORMAT_MAJOR}.{f.minor}"
+    metadata[SOURCE_KEY] = f.path.name
+    return metadata
+
+
+def export_safetensors(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                       dtype: torch.dtype | None = None, overwrite: bool = False) -> int:
+    """Write the dense tensors of the ``.mcnc`` file ``source`` to the safetensors file
+    ``out`` atomically; ``dtype`` casts floating-point tensors. Returns the bytes written."""
+    from safetensors.torch import save_file
+
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise WriteError(f"{target}: already exists; pass --force to overwrite it")
+    if target.exists() and target.resolve() == Path(source).resolve():
+        raise WriteError(f"{target}: is the source file itself; choose another output path")
+    with open_file(source) as f:
+        tensors = {name: value.contiguous() for name, value in f.iter_tensors(dtype=dtype)}
+        metadata = provenance_metadata(f)
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise WriteError(f"{target}: cannot create a temporary file in {directory}: "
+                         f"{exc.strerror}") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError | ValueError | RuntimeError):
+            raise WriteError(f"{target}: writing the safetensors file failed: {exc}; the "
+                             "previous file, if any, is unchanged") from exc
+        raise
+    return target.stat().st_size

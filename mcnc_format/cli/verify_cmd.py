@@ -1,0 +1,67 @@
+"""``mcnc verify FILE``: check every byte and rebuild every tensor; the exit code says.
+
+Exit status 0: the file is valid. 1: it breaks a rule (each problem is printed on one line
+with its rule number). 2: the check could not run (bad usage, unreadable path, or a feature
+this reader does not implement). The work is ``mcnc_format.verify.verify_file``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from ..verify import VerifyReport, verify_file
+
+__all__ = ["verify"]
+
+EXIT_INVALID = 1
+EXIT_UNVERIFIABLE = 2
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.pass_context
+def verify(ctx: click.Context, file: Path, as_json: bool) -> None:
+    """Verify an .mcnc FILE: checksums of the header and every blob, structure, padding,
+    a full regeneration of every tensor on the CPU, and external references.
+
+    Exits 0 when the file is valid, 1 when it is not, 2 when it could not be checked.
+    """
+    report = verify_file(file)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        _print(report)
+    if report.status == "invalid":
+        ctx.exit(EXIT_INVALID)
+    if report.status == "unverifiable":
+        ctx.exit(EXIT_UNVERIFIABLE)
+
+
+def _print(report: VerifyReport) -> None:
+    console = Console(highlight=False)
+    c = report.counts
+    checked = (f"{c['blobs']:,} blobs ({c['blob_bytes']:,} bytes) checksummed, "
+               f"{c['tensors']:,} tensors ({c['values']:,} values) rebuilt, "
+               f"{c['external_references']:,} external references checked, "
+               f"in {report.seconds:.2f} s")
+    if report.ok:
+        console.print(f"[green]valid[/green]: {escape(report.path)}: header, blobs, padding "
+                      f"and regeneration OK; {checked}", soft_wrap=True)
+    else:
+        status = "invalid" if report.status == "invalid" else "could not be verified"
+        console.print(f"[red]{status}[/red]: {escape(report.path)}: "
+                      f"{len(report.problems)} problem(s); {checked}", soft_wrap=True)
+        for p in report.problems:
+            rule = f"{p.rule} " if p.rule else ""
+            console.print(f"  [red]x[/red] {rule}{p.check}: {escape(p.message)}", soft_wrap=True)
+    if c["skipped_tensors"]:
+        console.print(f"  {c['skipped_tensors']:,} tensor(s) not rebuilt: a blob they need is "
+                      "damaged", soft_wrap=True)
+    for note in report.notes:
+        console.print(f"  note: {escape(note)}", soft_wrap=True)

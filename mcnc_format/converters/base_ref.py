@@ -1,0 +1,82 @@
+"""Adapter files that point at their base checkpoint instead of carrying it.
+
+An MCNC-LoRA (or fine-tuned MCNC) state dict holds the base model's weights: as theta0 of
+the adapted tensors and as the untouched dense tensors. Given the base checkpoint as a
+safetensors file next to the output, ``reference_base`` replaces each stored theta0 by a
+sha256-pinned reference to the same tensor in that file (SPEC.md §7.4) and drops the dense
+tensors the base file already holds unchanged. What is left is the adapter alone; loading
+it needs the base file beside it, and the pinned hashes catch a different base.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import constants as C
+from ..errors import MCNCError
+from ..reader import tensor_sha256
+from ..writer import MCNC, LoRA, TensorSource, Theta0
+
+__all__ = ["reference_base"]
+
+
+def reference_base(
+    tensors: Mapping[str, TensorSource],
+    base_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+) -> tuple[dict[str, TensorSource], str]:
+    """The writer inputs with theta0 referencing ``base_path`` and base-only tensors removed,
+    and the reference's URI (``base_path`` relative to ``output_dir``)."""
+    from safetensors import safe_open
+
+    base = Path(base_path)
+    uri = _relative_uri(base, Path(output_dir))
+    out: dict[str, TensorSource] = {}
+    with safe_open(str(base), framework="pt") as f:
+        names = set(f.keys())
+        for name, source in tensors.items():
+            if isinstance(source, torch.Tensor):
+                if name in names and _same(source, f.get_tensor(name)):
+                    continue
+                out[name] = source
+            elif isinstance(source, MCNC | LoRA) and source.theta0.entry.kind == C.THETA0_BLOB:
+                out[name] = replace(source, theta0=_external(name, source.theta0, names, f,
+                                                             uri, base))
+            else:
+                out[name] = source
+    return out, uri
+
+
+def _relative_uri(base: Path, output_dir: Path) -> str:
+    if base.suffix != ".safetensors" or not base.is_file():
+        raise MCNCError(f"{base}: the base checkpoint must be an existing .safetensors file")
+    try:
+        relative = base.resolve().relative_to(output_dir.resolve())
+    except ValueError:
+        raise MCNCError(f"{base}: an .mcnc file references its base by a path relative to its "
+                        f"own folder ({output_dir}) without '..' (SPEC.md §7.4); put the base "
+                        "checkpoint in that folder or below it") from None
+    return relative.as_posix()
+
+
+def _external(name: str, theta0: Theta0, names: set[str], f: Any, uri: str, base: Path
+              ) -> Theta0:
+    assert theta0.tensor is not None
+    if name not in names:
+        raise MCNCError(f"{base}: holds no tensor {name!r}, the base weight of the adapted "
+                        f"tensor {name!r}; pass the base checkpoint the adapter was trained on")
+    value = f.get_tensor(name)
+    if not _same(theta0.tensor, value):
+        raise MCNCError(f"{base}: tensor {name!r} differs from the base weight stored in the "
+                        "checkpoint; the adapter was trained on another base")
+    return Theta0.external(uri, name, tensor_sha256(value))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))

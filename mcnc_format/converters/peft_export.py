@@ -1,0 +1,135 @@
+"""``.mcnc`` LoRA adapters out to PEFT's folder layout, for tools that only speak PEFT.
+
+A ``lora`` tensor named ``<module>.weight`` becomes PEFT's ``lora_A`` / ``lora_B`` pair of
+``<module>``: the factors are regenerated from alpha and beta, and ``scale`` becomes
+``lora_alpha = scale * r``. The folder holds ``adapter_config.json`` and
+``adapter_model.safetensors``, which ``peft.PeftModel.from_pretrained(base, folder)`` loads.
+The base weights (each lora tensor's theta0) are not exported: PEFT takes them from the base
+model, named by ``base_model_name_or_path``.
+
+PEFT's LoRA on ``nn.Linear`` keeps weights as ``[out, in]``, like the format; layers that store
+``[in, out]`` (GPT-2's ``Conv1D``) are not covered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import constants as C
+from ..errors import MCNCError
+from ..reader import open_file
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PeftExport", "export_peft"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+WEIGHT_SUFFIX = ".weight"
+
+
+@dataclass(frozen=True)
+class PeftExport:
+    """Where the adapter went and what it holds."""
+
+    folder: Path
+    modules: tuple[str, ...]
+    rank: int
+    lora_alpha: float
+    skipped: tuple[str, ...]
+
+
+def export_peft(
+    mcnc_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    base_model: str | None = None,
+    task_type: str | None = None,
+    skip_non_lora: bool = False,
+    force: bool = False,
+) -> PeftExport:
+    """Write the lora tensors of ``mcnc_path`` as a PEFT LoRA adapter folder ``out_dir``.
+
+    ``base_model`` defaults to the file's ``info.base_model``. Tensors that are not ``lora``
+    cannot be expressed as LoRA: they are an error unless ``skip_non_lora``. An existing
+    adapter in ``out_dir`` is replaced only with ``force``.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(out_dir)
+    existing = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (folder / n).exists()]
+    if existing and not force:
+        raise MCNCError(f"{folder}: already holds {', '.join(existing)}; pass --force "
+                        "(force=True) to overwrite")
+    with open_file(mcnc_path) as f:
+        lora_names = [e.name for e in f.header.tensors if e.encoding == C.ENCODING_LORA]
+        others = tuple(e.name for e in f.header.tensors if e.encoding != C.ENCODING_LORA)
+        if not lora_names:
+            raise MCNCError(f"{mcnc_path}: holds no lora tensors, so there is no LoRA adapter "
+                            "to export; use `mcnc unpack` for dense weights")
+        if others and not skip_non_lora:
+            raise MCNCError(f"{mcnc_path}: {len(others)} tensors are not lora (e.g. "
+                            f"{list(others[:3])}) and PEFT's LoRA cannot hold them; pass "
+                            "--skip-non-lora to export the adapter without them")
+        weights: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        for name in lora_names:
+            module = _module_of(name, str(mcnc_path))
+            a, b, scale = f.get_lora_factors(name)
+            weights[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
+            weights[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
+            ranks[module] = int(a.shape[0])
+            alphas[module] = _plain_number(scale * a.shape[0])
+        base = base_model if base_model is not None else f.info.get("base_model")
+    rank, lora_alpha = _most_common(ranks), _most_common(alphas)
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base,
+        "revision": None,
+        "r": rank,
+        "lora_alpha": lora_alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {m: a for m, a in alphas.items() if a != lora_alpha},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                         encoding="utf-8")
+    return PeftExport(folder, tuple(sorted(ranks)), rank, lora_alpha,
+                      others if skip_non_lora else ())
+
+
+def _module_of(name: str, source: str) -> str:
+    if not name.endswith(WEIGHT_SUFFIX) or len(name) == len(WEIGHT_SUFFIX):
+        raise MCNCError(f"{source}: lora tensor {name!r} does not end in '.weight', so it names "
+                        "no module PEFT could attach the adapter to")
+    return name[: -len(WEIGHT_SUFFIX)]
+
+
+def _plain_number(value: float) -> float:
+    """Integral alphas as ints (as PEFT writes them), others as floats."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _most_common(values: dict[str, float]) -> float:
+    """The config's default ``r`` / ``lora_alpha``: the most frequent value (ties: smallest),
+    so the per-module patterns stay short."""
+    counts: dict[float, int] = {}
+    for v in values.values():
+        counts[v] = counts.get(v, 0) + 1
+    return min(counts, key=lambda v: (-counts[v], v))

@@ -1,0 +1,1 @@
+"""Data that ships with mcnc-format for its demo, so ``mcnc demo`` needs no download."""

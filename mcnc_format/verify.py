@@ -1,0 +1,320 @@
+"""Whole-file verification: every byte checked, every tensor rebuilt, nothing kept.
+
+``open`` validates the header and checks a blob's checksum only when a tensor needs it, which
+is right for loading but says nothing about the parts a load did not touch. ``verify_file``
+is the opposite trade: it reads the whole file once and reports every rule it breaks, so a
+file can be checked after a download or before it is published. It checks
+
+- the preamble, the header checksum and every header rule (``open``'s validation),
+- the XXH3-64 checksum of every blob and the decoding of every zstd blob (R24, R25),
+- that padding bytes are zero (R22, which readers skip when loading),
+- that every tensor regenerates on the CPU, with finite values for mcnc and lora tensors,
+- that external theta0 references resolve and match their pinned SHA-256 (R75).
+
+Regeneration runs in batches of at most ``batch_values`` output values (more only for a single
+larger tensor), and results are dropped as soon as they are checked, so memory stays bounded
+whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import constants as C
+from .errors import (
+    ChecksumError,
+    ExternalReferenceError,
+    FormatError,
+    MCNCError,
+    UnsupportedFeatureError,
+    UnsupportedVersionError,
+)
+from .header import Header, TensorEntry
+from .reader import MCNCFile
+
+__all__ = ["Problem", "VerifyReport", "verify_file"]
+
+DEFAULT_BATCH_VALUES = 1 << 25  # 128 MiB of float32 output per regeneration batch
+
+_RULE = re.compile(r"\((R\d+)[)/]")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule. ``check`` names the stage that found it: ``structure`` (preamble,
+    header, blob placement), ``checksum``, ``padding``, ``regeneration``, ``finite``,
+    ``external`` or ``unsupported`` (a feature this reader does not implement, so the file
+    could not be judged). ``rule`` is the SPEC.md rule number when the message names one."""
+
+    check: str
+    message: str
+    rule: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.check, "message": self.message, "rule": self.rule}
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_file`` found. ``ok`` is true when no problem was found.
+
+    ``counts`` holds ``blobs``, ``blob_bytes`` (stored bytes checksummed), ``tensors`` (rebuilt),
+    ``values`` (elements rebuilt), ``segments``, ``external_references`` (resolved and
+    hash-checked), ``skipped_tensors`` (not rebuilt because a blob they need is damaged) and
+    ``nonfinite_dense_values`` (NaN or inf in dense tensors: legal, e.g. attention masks, so
+    reported in ``notes`` rather than as a problem).
+    """
+
+    path: str
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def status(self) -> str:
+        """``valid``, ``invalid``, or ``unverifiable`` when the only problems are features
+        this reader does not implement (a newer file: upgrade and verify again)."""
+        if not self.problems:
+            return "valid"
+        if all(p.check == "unsupported" for p in self.problems):
+            return "unverifiable"
+        return "invalid"
+
+    def add(self, check: str, exc_or_message: BaseException | str) -> None:
+        message = str(exc_or_message)
+        match = _RULE.search(message)
+        self.problems.append(Problem(check, message, match.group(1) if match else None))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "status": self.status,
+            "problems": [p.to_dict() for p in self.problems],
+            "notes": list(self.notes),
+            "counts": dict(self.counts),
+            "seconds": self.seconds,
+        }
+
+
+def verify_file(path: str | os.PathLike[str], *, batch_values: int = DEFAULT_BATCH_VALUES
+                ) -> VerifyReport:
+    """Check everything about the ``.mcnc`` file at ``path`` and report what is wrong.
+
+    A damaged or non-conforming file gives a report with problems; this raises
+    ``MCNCError`` only when the check cannot run at all (the path cannot be opened or read,
+    or memory runs out).
+    """
+    started = time.perf_counter()
+    report = VerifyReport(str(path))
+    report.counts = dict.fromkeys(
+        ("blobs", "blob_bytes", "tensors", "values", "segments", "external_references",
+         "skipped_tensors", "nonfinite_dense_values"), 0)
+    mcnc_file = _open(path, report)
+    if mcnc_file is not None:
+        with mcnc_file:
+            _Verifier(mcnc_file, report, batch_values).run()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _open(path: str | os.PathLike[str], report: VerifyReport) -> MCNCFile | None:
+    if Path(path).is_dir():
+        raise MCNCError(f"{path}: is a directory, not an .mcnc file")
+    try:
+        return MCNCFile(path, verify=True)
+    except (UnsupportedVersionError, UnsupportedFeatureError) as exc:
+        report.add("unsupported", exc)
+    except FormatError as exc:
+        report.add("checksum" if isinstance(exc, ChecksumError) else "structure", exc)
+    except OSError as exc:
+        raise MCNCError(f"{path}: cannot read: {exc}") from exc
+    return None
+
+
+class _Verifier:
+    """One verification pass over an open file, recording problems in ``report``."""
+
+    def __init__(self, f: MCNCFile, report: VerifyReport, batch_values: int) -> None:
+        self.f = f
+        self.header: Header = f.header
+        self.report = report
+        self.batch_values = max(1, batch_values)
+        self.bad_blobs: set[int] = set()
+        self.checked: set[str] = set()
+
+    def run(self) -> None:
+        self.check_blobs()
+        self.check_padding()
+        self.report.counts["segments"] = len(self.header.segments)
+        self.regenerate_all()
+
+    # -- bytes -----------------------------------------------------------------------------
+    def check_blobs(self) -> None:
+        labels = _blob_labels(self.header)
+        for index, blob in enumerate(self.header.blobs):
+            try:
+                self.f.blob_bytes(index, labels.get(index, f"blobs[{index}]"))
+            except ChecksumError as exc:
+                self.report.add("checksum", exc)
+                self.bad_blobs.add(index)
+                continue
+            except FormatError as exc:
+                self.report.add("structure", exc)
+                self.bad_blobs.add(index)
+                continue
+            self.report.counts["blobs"] += 1
+            self.report.counts["blob_bytes"] += blob.length
+
+    def check_padding(self) -> None:
+        try:
+            self.f.check_padding()
+        except FormatError as exc:
+            self.report.add("padding", exc)
+
+    # -- tensors ---------------------------------------------------------------------------
+    def regenerate_all(self) -> None:
+        for batch in self.batches():
+            self.regenerate(batch)
+
+    def batches(self) -> list[list[TensorEntry]]:
+        """Tensors grouped by segment (so shared chunks are computed once), each group cut
+        into runs of at most ``batch_values`` output values."""
+        groups: dict[object, list[TensorEntry]] = {}
+        for t in self.header.tensors:
+            if not t.known:
+                self.report.add("unsupported", UnsupportedFeatureError(
+                    f"{self.f.source}: tensor {t.name!r} uses encoding {t.encoding!r}, unknown "
+                    "to this reader (R46); upgrade mcnc-format to verify it"))
+                continue
+            if self.bad_blobs & set(_blobs_of(self.header, t)):
+                self.report.counts["skipped_tensors"] += 1
+                continue
+            groups.setdefault(_segment_key(t), []).append(t)
+        batches: list[list[TensorEntry]] = []
+        for key, members in groups.items():
+            if key is None:  # dense tensors are decoded one by one anyway
+                batches += [[t] for t in members]
+                continue
+            current: list[TensorEntry] = []
+            size = 0
+            for t in members:
+                if current and size + t.numel > self.batch_values:
+                    batches.append(current)
+                    current, size = [], 0
+                current.append(t)
+                size += t.numel
+            batches.append(current)
+        return batches
+
+    def regenerate(self, batch: list[TensorEntry]) -> None:
+        try:
+            for name, value in self.f.iter_tensors([t.name for t in batch], device="cpu"):
+                self.check_values(self.f.entry(name), value)
+        except MemoryError as exc:  # DeviceMemoryError too: the check cannot run
+            raise MCNCError(f"{self.f.source}: verification ran out of memory: {exc}") from exc
+        except (MCNCError, RuntimeError, ValueError) as exc:
+            if len(batch) > 1:  # find which tensor fails: retry them one by one
+                for t in batch:
+                    self.regenerate([t])
+                return
+            self.report.add(_check_of(exc), exc if isinstance(exc, MCNCError) else
+                            f"{self.f.source}: tensor {batch[0].name!r} cannot be rebuilt: "
+                            f"{type(exc).__name__}: {exc}")
+            return
+        for t in batch:
+            self.report.counts["external_references"] += _external_count(t)
+
+    def check_values(self, t: TensorEntry, value: torch.Tensor) -> None:
+        if t.name in self.checked:  # already checked before a retry of its batch
+            return
+        self.checked.add(t.name)
+        self.report.counts["tensors"] += 1
+        self.report.counts["values"] += value.numel()
+        if not value.is_floating_point():
+            return
+        nonfinite = int((~torch.isfinite(value)).sum())
+        if not nonfinite:
+            return
+        where = f"tensor {t.name!r} ({t.encoding}, {t.dtype})"
+        if t.encoding == C.ENCODING_DENSE:
+            self.report.counts["nonfinite_dense_values"] += nonfinite
+            self.report.notes.append(f"{where} holds {nonfinite} NaN/inf values (stored so)")
+            return
+        self.report.add("finite", f"{self.f.source}: {where} regenerates to {nonfinite} "
+                        f"non-finite values out of {value.numel()}: alpha, beta or theta0 hold "
+                        "NaN/inf, or the values overflow the output dtype")
+
+
+def _check_of(exc: BaseException) -> str:
+    if isinstance(exc, ExternalReferenceError):
+        return "external"
+    if isinstance(exc, UnsupportedFeatureError):
+        return "unsupported"
+    if isinstance(exc, ChecksumError):
+        return "checksum"
+    if isinstance(exc, FormatError):
+        return "structure"
+    return "regeneration"
+
+
+def _segment_key(t: TensorEntry) -> int | None:
+    if t.encoding == C.ENCODING_MCNC:
+        return t.segment
+    if t.encoding == C.ENCODING_LORA and t.A is not None:
+        return t.A.segment
+    return None
+
+
+def _blobs_of(header: Header, t: TensorEntry) -> list[int]:
+    """Every blob that rebuilding ``t`` reads."""
+    blobs: list[int] = []
+    if t.blob is not None:
+        blobs.append(t.blob)
+    members = [t.as_factor()] if t.encoding == C.ENCODING_MCNC else [
+        f for f in (t.A, t.B) if f is not None]
+    theta0s = [t.theta0] if t.theta0 is not None else []
+    for member in members:
+        seg = header.segments[member.segment]
+        blobs += [seg.alpha, seg.beta]
+        blobs += header.generators[seg.generator].blobs or ()
+        theta0s.append(member.theta0)
+    blobs += [th.blob for th in theta0s if th.blob is not None]
+    return blobs
+
+
+def _external_count(t: TensorEntry) -> int:
+    entries = [t.theta0] + ([t.A.theta0, t.B.theta0] if t.A is not None and t.B is not None
+                            else [])
+    return sum(1 for e in entries if e is not None and e.kind == C.THETA0_EXTERNAL)
+
+
+def _blob_labels(header: Header) -> dict[int, str]:
+    """A readable owner for each blob index, for error messages (``segments[2].alpha``)."""
+    labels: dict[int, str] = {}
+    for i, g in enumerate(header.generators):
+        for j, b in enumerate(g.blobs or ()):
+            labels[b] = f"generators[{i}].weights.blobs[{j}]"
+    for i, s in enumerate(header.segments):
+        labels[s.alpha] = f"segments[{i}].alpha"
+        labels[s.beta] = f"segments[{i}].beta"
+    for t in header.tensors:
+        if t.blob is not None:
+            labels[t.blob] = f"tensor {t.name!r} data"
+        for part, theta0 in (("", t.theta0), (":A", t.A and t.A.theta0),
+                             (":B", t.B and t.B.theta0)):
+            if theta0 is not None and theta0.blob is not None:
+                labels[theta0.blob] = f"tensor {t.name + part!r} theta0"
+    return labels

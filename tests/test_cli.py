@@ -1,0 +1,344 @@
+"""The ``mcnc`` command (inspect, verify, unpack), ``verify_file``, README's example and the
+benchmark's smoke run.
+
+Each test file is built from fresh random values; the seed is printed (``-s`` shows it) and
+pytest reports it on failure through the fixture's name in the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from safetensors.torch import load_file, save_file
+
+import mcnc_format as mcnc
+from mcnc_format import constants as C
+from mcnc_format.cli.main import cli
+from mcnc_format.container import checksum
+from mcnc_format.reader import tensor_sha256
+from mcnc_format.verify import verify_file
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = random.SystemRandom().randrange(2**31)
+
+
+def _segment(spec: mcnc.GeneratorSpec, values: int, m: int, gen: torch.Generator,
+             codec: str = C.CODEC_RAW) -> mcnc.Segment:
+    chunks = math.ceil(values / spec.d)
+    alpha = torch.rand(chunks, m, spec.k, generator=gen) * 40 - 20
+    beta = torch.randn(chunks, m, generator=gen) * 0.05
+    return mcnc.Segment(spec, alpha, beta, codec)
+
+
+def _write_model(path: Path, seed: int, *, beta_nan: bool = False) -> Path:
+    """A small file with every encoding: mcnc (two theta0 kinds, f16 output), dense float and
+    int tensors, and a lora tensor whose factors live in a zstd segment and a raw one."""
+    print(f"test file {path.name}: seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
+    main_gen = mcnc.GeneratorSpec(k=5, d=300, hidden=(16, 16), seed=seed % 2**32)
+    lora_gen = mcnc.GeneratorSpec(k=4, d=64, hidden=(8,), seed=(seed + 1) % 2**32)
+    shared = _segment(main_gen, 48 * 24 + 10 * 48, 1, gen)
+    if beta_nan:
+        shared.beta[0, 0] = float("nan")
+    a_seg = _segment(lora_gen, 4 * 24, 2, gen, C.CODEC_ZSTD)
+    b_seg = _segment(lora_gen, 16 * 4, 2, gen)
+    mcnc.save(path, {
+        "encoder.weight": mcnc.MCNC(shared, (48, 24), theta0=mcnc.Theta0.fan_in_uniform(3, 0)),
+        "encoder.bias": torch.randn(48, generator=gen),
+        "head.weight": mcnc.MCNC(shared, (10, 48), dtype=torch.float16),
+        "adapter.weight": mcnc.LoRA(A=mcnc.MCNC(a_seg, (4, 24)), B=mcnc.MCNC(b_seg, (16, 4)),
+                                    scale=0.5, theta0=mcnc.Theta0.stored(
+                                        torch.randn(16, 24, generator=gen))),
+        "steps": torch.tensor([seed % 1000, 7], dtype=torch.int64),
+    }, metadata={"task": "tests", "seed": str(seed)}, info={"producer": "tests/test_cli.py"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_model(tmp_path_factory.mktemp("cli") / "model.mcnc", SEED)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def _assert_one_line_error(result: Result, needle: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+# -- inspect -----------------------------------------------------------------------------------
+def test_inspect_table_lists_tensors_summary_generators_and_segments(runner, model_file):
+    result = runner.invoke(cli, ["inspect", str(model_file)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for name in ("encoder.weight", "encoder.bias", "head.weight", "adapter.weight", "steps"):
+        assert name in out
+    for text in ("compression ratio", "dense equivalent", "format version", "fan_in_uniform",
+                 "philox seed", "segments", "generators", "tests/test_cli.py", "lora", "zstd"):
+        assert text in out, text
+
+
+def test_inspect_json_has_the_documented_keys_and_the_file_facts(runner, model_file):
+    result = runner.invoke(cli, ["inspect", "--json", str(model_file)])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    assert set(facts) == {"file", "format_version", "alignment", "summary", "metadata", "info",
+                          "tensors", "generators", "segments"}
+    with mcnc.open(model_file) as f:
+        summary = f.summary()
+        assert facts["summary"] == {key: summary[key] for key in facts["summary"]}
+        assert [t["name"] for t in facts["tensors"]] == f.keys()
+        for t in facts["tensors"]:
+            info = f.tensor_info(t["name"])
+            assert (t["stored_values"], t["stored_bytes"]) == (info.stored_values,
+                                                               info.stored_bytes)
+    assert set(facts["summary"]) >= {"file_bytes", "dense_bytes", "compression_ratio",
+                                     "compressed_part_ratio", "parameters", "format_version"}
+    assert facts["format_version"] == "1.0"
+    assert facts["metadata"] == {"task": "tests", "seed": str(SEED)}
+    by_name = {t["name"]: t for t in facts["tensors"]}
+    assert by_name["encoder.weight"]["theta0_scheme"] == "fan_in_uniform"
+    assert by_name["head.weight"]["dtype"] == "f16"
+    assert by_name["encoder.bias"]["segment"] is None
+    assert set(by_name["adapter.weight"]["factors"]) == {"A", "B"}
+    gen = facts["generators"][0]
+    assert (gen["k"], gen["d"], gen["hidden"], gen["weights"]["kind"]) == (5, 300, [16, 16],
+                                                                            "philox")
+    codecs = {(s["alpha"]["codec"], s["alpha"]["dtype"]) for s in facts["segments"]}
+    assert codecs == {("raw", "f32"), ("zstd", "f32")}
+
+
+# -- verify ------------------------------------------------------------------------------------
+def test_verify_passes_a_good_file(runner, model_file):
+    result = runner.invoke(cli, ["verify", str(model_file)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("valid")
+    report = verify_file(model_file)
+    assert report.ok and report.status == "valid" and not report.problems
+    with mcnc.open(model_file) as f:
+        assert report.counts["blobs"] == len(f.header.blobs)
+        assert report.counts["tensors"] == len(f)
+        assert report.counts["values"] == f.summary()["parameters"]
+
+
+def _blob_offset(path: Path, index: int) -> int:
+    with mcnc.open(path) as f:
+        blob = f.header.blobs[index]
+        return blob.offset + blob.length // 2
+
+
+def test_verify_fails_on_a_flipped_blob_byte(runner, model_file, tmp_path):
+    bad = _copy(model_file, tmp_path / "flipped.mcnc")
+    data = bytearray(bad.read_bytes())
+    data[_blob_offset(bad, 0)] ^= 0x10
+    bad.write_bytes(data)
+    result = runner.invoke(cli, ["verify", str(bad)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert re.search(r"^  x R24 checksum: .*segments\[0\]\.alpha", result.output, re.M), \
+        result.output
+    report = verify_file(bad)
+    assert report.status == "invalid" and report.counts["skipped_tensors"] == 2
+
+
+def test_verify_fails_on_nonzero_padding(runner, model_file, tmp_path):
+    bad = _copy(model_file, tmp_path / "padding.mcnc")
+    with mcnc.open(bad) as f:
+        position = C.PREAMBLE_SIZE + f.header_length
+        gaps = []
+        for blob in f.header.blobs:
+            gaps.append((position, blob.offset))
+            position = blob.offset + blob.length
+    start, stop = next((a, b) for a, b in gaps if b > a)
+    data = bytearray(bad.read_bytes())
+    data[random.Random(SEED).randrange(start, stop)] = 0xAB
+    bad.write_bytes(data)
+    result = runner.invoke(cli, ["verify", "--json", str(bad)])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert not report["ok"] and report["status"] == "invalid"
+    assert [(p["check"], p["rule"]) for p in report["problems"]] == [("padding", "R22")]
+    assert report["counts"]["tensors"] == 5  # everything else was still checked
+
+
+def test_verify_fails_on_a_truncated_file(model_file, tmp_path):
+    bad = tmp_path / "truncated.mcnc"
+    bad.write_bytes(model_file.read_bytes()[:-3])
+    report = verify_file(bad)
+    assert report.status == "invalid"
+    assert [(p.check, p.rule) for p in report.problems] == [("structure", "R21")]
+
+
+def test_verify_reports_nonfinite_regenerated_values(runner, tmp_path):
+    bad = _write_model(tmp_path / "nan.mcnc", SEED + 1, beta_nan=True)
+    result = runner.invoke(cli, ["verify", str(bad)])
+    assert result.exit_code == 1, result.output
+    report = verify_file(bad)
+    assert {p.check for p in report.problems} == {"finite"}
+    assert any("'encoder.weight'" in p.message and "non-finite" in p.message
+               for p in report.problems)
+
+
+def test_verify_checks_external_references(runner, tmp_path):
+    gen = torch.Generator().manual_seed(SEED + 2)
+    base = torch.randn(20, 30, generator=gen)
+    save_file({"layer.weight": base}, str(tmp_path / "base.safetensors"))
+    spec = mcnc.GeneratorSpec(k=3, d=128, hidden=(8,), seed=SEED % 2**32)
+    path = tmp_path / "delta.mcnc"
+    mcnc.save(path, {"layer.weight": mcnc.MCNC(
+        _segment(spec, 600, 1, gen), (20, 30),
+        theta0=mcnc.Theta0.external("base.safetensors", "layer.weight", tensor_sha256(base)))})
+    good = verify_file(path)
+    assert good.ok and good.counts["external_references"] == 1, good.problems
+    save_file({"layer.weight": base + 1}, str(tmp_path / "base.safetensors"))
+    result = runner.invoke(cli, ["verify", str(path)])
+    assert result.exit_code == 1, result.output
+    assert re.search(r"^  x R75 external: .*sha256", result.output, re.M), result.output
+
+
+def test_verify_exit_2_for_features_this_reader_does_not_know(runner, model_file, tmp_path):
+    """A newer minor version with an unknown encoding cannot be judged: exit 2, not 1."""
+    path = _copy(model_file, tmp_path / "future.mcnc")
+    data = bytearray(path.read_bytes())
+    header_length = struct.unpack_from("<Q", data, 16)[0]
+    header = bytes(data[32 : 32 + header_length])
+    assert header.count(b"\xa5dense") == 2
+    header = header.replace(b"\xa5dense", b"\xa5dens2")  # same length: offsets unchanged
+    data[32 : 32 + header_length] = header
+    struct.pack_into("<H", data, 10, C.FORMAT_MINOR + 1)  # preamble: minor version
+    struct.pack_into("<Q", data, 24, checksum(header))  # preamble: header XXH3-64
+    path.write_bytes(data)
+    result = runner.invoke(cli, ["verify", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "could not be verified" in result.output and "R46" in result.output
+    assert verify_file(path).status == "unverifiable"
+
+
+# -- unpack ------------------------------------------------------------------------------------
+def test_unpack_writes_safetensors_equal_to_load(runner, model_file, tmp_path):
+    out = tmp_path / "dense.safetensors"
+    result = runner.invoke(cli, ["unpack", str(model_file), str(out)])
+    assert result.exit_code == 0, result.output
+    dense = load_file(str(out))
+    expected = mcnc.load(model_file)
+    assert dense.keys() == expected.keys()
+    for name, value in expected.items():
+        assert dense[name].dtype == value.dtype and torch.equal(dense[name], value), name
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["task"] == "tests" and metadata["seed"] == str(SEED)
+    assert metadata["mcnc.format_version"] == "1.0"
+    assert metadata["mcnc.source"] == "model.mcnc"
+    assert metadata["mcnc.info.producer"] == "tests/test_cli.py"
+    assert metadata["format"] == "pt"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_unpack_refuses_to_overwrite_without_force_and_casts_dtype(runner, model_file, tmp_path):
+    out = tmp_path / "dense.safetensors"
+    out.write_bytes(b"precious")
+    result = runner.invoke(cli, ["unpack", str(model_file), str(out)])
+    _assert_one_line_error(result, "--force")
+    assert out.read_bytes() == b"precious"
+    result = runner.invoke(cli, ["unpack", str(model_file), str(out), "--force", "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    dense = load_file(str(out))
+    assert dense["encoder.weight"].dtype == torch.bfloat16
+    assert dense["steps"].dtype == torch.int64
+    expected = mcnc.load(model_file, dtype=torch.bfloat16)
+    assert all(torch.equal(dense[k], v) for k, v in expected.items())
+
+
+# -- errors and help ---------------------------------------------------------------------------
+@pytest.mark.parametrize("args", [["inspect"], ["inspect", "--json"], ["verify"],
+                                  ["verify", "--json"], ["unpack"]])
+def test_missing_file_is_one_line_exit_2(runner, tmp_path, args):
+    missing = tmp_path / "missing.mcnc"
+    extra = [str(tmp_path / "out.safetensors")] if args == ["unpack"] else []
+    result = runner.invoke(cli, [*args, str(missing), *extra])
+    _assert_one_line_error(result, "missing.mcnc")
+
+
+def test_not_an_mcnc_file(runner, tmp_path):
+    text = tmp_path / "notes.mcnc"
+    text.write_text("hello, this is not a checkpoint\n")
+    _assert_one_line_error(runner.invoke(cli, ["inspect", str(text)]), "R1")
+    result = runner.invoke(cli, ["verify", str(text)])
+    assert result.exit_code == 1 and "R1 structure" in result.output, result.output
+
+
+@pytest.mark.parametrize(("command", "option"), [("inspect", "--json"), ("verify", "--json"),
+                                                ("unpack", "--force")])
+def test_every_command_has_help(runner, command, option):
+    result = runner.invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"Usage: cli {command}" in result.output and option in result.output
+
+
+def _mcnc_script() -> str:
+    beside = Path(sys.executable).with_name("mcnc")
+    found = str(beside) if beside.exists() else shutil.which("mcnc")
+    if found is None:
+        pytest.fail("the `mcnc` console script is not installed: run `pip install -e .`")
+    return found
+
+
+def test_console_script_runs_for_real(model_file):
+    """One real process through the installed entry point (the rest use CliRunner)."""
+    run = subprocess.run([_mcnc_script(), "verify", "--json", str(model_file)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert json.loads(run.stdout)["status"] == "valid"
+    assert run.stderr == ""
+
+
+# -- README and benchmark ----------------------------------------------------------------------
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert match, "README.md has no ```python block"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the example's mkdtemp lands here
+    exec(compile(match.group(1), "README.md", "exec"), {"__name__": "readme_example"})
+    assert "smaller than dense" in capsys.readouterr().out
+
+
+def test_benchmark_quick_run(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_load.py"), "--quick",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = json.loads(out.read_text())
+    assert results["quick"] and results["machine"]["torch"] == torch.__version__
+    assert {r["layout"] for r in results["sizes"]} == {"one segment per model",
+                                                       "one segment per tensor"}
+    assert all(r["file_bytes"] > r["ideal_bytes"] > 0 for r in results["sizes"])
+    assert len(results["load"]) == 2 and len(results["regeneration"]) == 4
+    assert all(r["within_bound"] and r["generator_weights_exact"] for r in results["accuracy"])

@@ -1,0 +1,174 @@
+"""``mcnc pack`` / ``mcnc-pack``: checkpoints of mcnc_format.torch models in, .mcnc files out.
+
+The packed file of a reparametrized model's ``.pt`` (or ``.safetensors``) state dict is the
+file ``save_model`` writes, byte for byte; packing is deterministic; the generator is stored
+as a seed; existing outputs survive without ``--force``; an MCNC-LoRA adapter packs against
+its base checkpoint by sha256-pinned reference and loads back onto it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from torch import nn
+
+import mcnc_format as mf
+from mcnc_format.cli import pack_cmd
+from mcnc_format.converters.pack import pack
+from mcnc_format.errors import MCNCError
+from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test, printed so a failure can be replayed with MCNC_TEST_SEED."""
+    value = int(os.environ.get("MCNC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"MCNC_TEST_SEED={value}")
+    return value
+
+
+def _mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 7))
+
+
+def _trained(seed: int, config: MCNCConfig) -> nn.Module:
+    """A reparametrized MLP after a few optimizer steps, so alpha and beta are not initial."""
+    model = reparametrize(_mlp(seed), config)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(32, 12, generator=g), torch.randint(0, 7, (32,), generator=g)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def _run_pack(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run the ``mcnc-pack`` console script in-process; returns its exit status."""
+    monkeypatch.setattr(sys, "argv", ["mcnc-pack", *args])
+    try:
+        pack_cmd.main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.mark.parametrize("container", [".pt", ".safetensors"])
+@pytest.mark.parametrize("chunking", ["tensor", "model"])
+def test_pack_equals_save_model(container: str, chunking: str, seed: int, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    config = MCNCConfig(k=4, d=48, hidden=(16, 16), seed=seed % 2**32, chunking=chunking)
+    model = _trained(seed, config)
+    save_model(model, tmp_path / "direct.mcnc")
+    checkpoint = tmp_path / f"model{container}"
+    if container == ".pt":
+        torch.save(model.state_dict(), checkpoint)
+    else:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
+    assert _run_pack([str(checkpoint), str(tmp_path / "packed.mcnc")], monkeypatch) == 0
+    packed = (tmp_path / "packed.mcnc").read_bytes()
+    assert packed == (tmp_path / "direct.mcnc").read_bytes()
+    with mf.open(tmp_path / "packed.mcnc") as f:
+        assert [g.seed for g in f.header.generators] == [config.seed]  # seed-only
+        assert all(g.blobs is None for g in f.header.generators)
+        loaded = f.tensors()
+    plain = _mlp(seed + 1)
+    plain.load_state_dict(loaded, strict=True)
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)
+    renamed = tmp_path / f"other-name{container}"
+    renamed.write_bytes(checkpoint.read_bytes())
+    pack(renamed, tmp_path / "again.mcnc")
+    assert (tmp_path / "again.mcnc").read_bytes() == packed  # deterministic, name-independent
+
+
+def test_pack_refuses_to_overwrite_without_force(seed: int, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    model = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8)))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    out = tmp_path / "m.mcnc"
+    out.write_bytes(b"precious")
+    assert _run_pack([str(tmp_path / "m.pt"), str(out)], monkeypatch) != 0
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    assert _run_pack([str(tmp_path / "m.pt"), str(out), "--force", "--progress"],
+                     monkeypatch) == 0
+    assert out.read_bytes() != b"precious" and mf.open(out).keys()
+
+
+def test_pack_command_reports_and_shows_progress(seed: int, tmp_path: Path) -> None:
+    model = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8)))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    result = CliRunner().invoke(pack_cmd.pack_command,
+                                [str(tmp_path / "m.pt"), str(tmp_path / "m.mcnc"), "--progress"])
+    assert result.exit_code == 0, result.output
+    assert "converter mcnc-torch" in result.output
+    seen: list[str] = []
+    pack(tmp_path / "m.pt", tmp_path / "m.mcnc", force=True,
+         progress=lambda stage, done, total: seen.append(stage))
+    assert seen[0] == "read" and seen[-2:] == ["convert", "write"]
+
+
+def test_unsafe_checkpoint_exits_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.pt").write_bytes(b"\x80\x04definitely not a state dict")
+    assert _run_pack([str(tmp_path / "bad.pt"), str(tmp_path / "o.mcnc")], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "o.mcnc").exists()
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(10, 24)
+        self.down = nn.Linear(24, 6)
+        self.norm = nn.LayerNorm(24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.norm(self.up(x))))
+
+
+def test_lora_adapter_against_base_checkpoint(seed: int, tmp_path: Path) -> None:
+    torch.manual_seed(seed)
+    base = TinyNet()
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    model = add_mcnc_lora(copy.deepcopy(base),
+                          MCNCConfig(k=3, d=32, hidden=(8, 8), seed=seed % 2**32),
+                          target_modules=["up", "down"], rank=2, lora_alpha=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("mcnc_beta"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    torch.save(model.state_dict(), tmp_path / "adapter.pt")
+    result = pack(tmp_path / "adapter.pt", tmp_path / "adapter.mcnc",
+                  base=tmp_path / "base.safetensors")
+    with mf.open(tmp_path / "adapter.mcnc") as f:
+        names = f.keys()
+        assert names == ["up.weight", "down.weight"]  # biases and norm come from the base
+        assert {f.entry(n).theta0.kind for n in names} == {"external"}
+        assert f.info["base_model"] == "base.safetensors"
+        adapter = f.tensors()
+    assert result.output_bytes < (tmp_path / "base.safetensors").stat().st_size
+    restored = TinyNet()
+    restored.load_state_dict(base.state_dict())
+    restored.load_state_dict(adapter, strict=False)
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x), rtol=1e-5, atol=1e-5)
+    other = TinyNet()
+    save_file(other.state_dict(), tmp_path / "other.safetensors")
+    with pytest.raises(MCNCError, match="trained on another base"):
+        pack(tmp_path / "adapter.pt", tmp_path / "x.mcnc", base=tmp_path / "other.safetensors")
