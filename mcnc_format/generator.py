@@ -202,12 +202,15 @@ class GeneratorWeights:
                 y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)
         return y
 
-    def gram(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def gram(self, dtype: torch.dtype = torch.float32
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(W'W, W'b, b'b)`` of the output layer, for row norms without a second pass:
-        ``||W h + b||^2 = h'(W'W)h + 2 h'(W'b) + b'b`` (SPEC.md §10.2)."""
-        w = self.out_weight.to(torch.float64)
-        gram = (w.T @ w).to(torch.float32)
+        ``||W h + b||^2 = h'(W'W)h + 2 h'(W'b) + b'b`` (SPEC.md §10.2). Computed in float64
+        where the device has it, returned in ``dtype``."""
+        wide = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
+        w = self.out_weight.to(wide)
+        gram = (w.T @ w).to(dtype)
         if self.out_bias is None:
             return gram, None, None
-        b = self.out_bias.to(torch.float64)
-        return gram, (w.T @ b).to(torch.float32), (b @ b).to(torch.float32)
+        b = self.out_bias.to(wide)
+        return gram, (w.T @ b).to(dtype), (b @ b).to(dtype)

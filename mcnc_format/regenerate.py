@@ -33,7 +33,12 @@ class FusedGenerator:
         self.weights = weights
         self.m = m
         self.normalize = weights.spec.normalize
-        self.gram, self.gram_bias, self.bias_sq = weights.gram()
+        # The quadratic form subtracts large terms when ||W h + b|| << ||W h|| + ||b||; float64
+        # keeps that cancellation harmless at a cost of width^2 per row (d * width for the
+        # output). Devices without float64 use float32.
+        self.norm_dtype = torch.float64 if weights.device.type in ("cpu", "cuda") else (
+            torch.float32)
+        self.gram, self.gram_bias, self.bias_sq = weights.gram(self.norm_dtype)
         w_t = weights.out_weight.T  # [width, d]
         rows = [w_t] * m
         if weights.out_bias is not None:
@@ -46,10 +51,11 @@ class FusedGenerator:
         beta = beta.to(torch.float32)
         with ieee_fp32(h.device):
             if self.normalize:
-                sq = ((h @ self.gram) * h).sum(-1)
+                h_wide = h.to(self.norm_dtype)
+                sq = ((h_wide @ self.gram) * h_wide).sum(-1)
                 if self.gram_bias is not None:
-                    sq = sq + 2.0 * (h @ self.gram_bias) + self.bias_sq
-                coef = beta * torch.rsqrt(sq)
+                    sq = sq + 2.0 * (h_wide @ self.gram_bias) + self.bias_sq
+                coef = (beta.to(self.norm_dtype) * torch.rsqrt(sq)).to(torch.float32)
             else:
                 coef = beta
         scaled = (h * coef[..., None]).reshape(h.shape[0], -1)
