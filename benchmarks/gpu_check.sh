@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# GPU check for the pipelined loader and the fused Triton kernel (issue 4), in ~5 minutes.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh      # default OUT=./gpu_out
+#   BENCH_ARGS=--small bash benchmarks/gpu_check.sh # toy sizes: checks the script (any machine)
+#
+# Run from the repository root on a machine with an NVIDIA GPU, torch (CUDA) and triton
+# installed; nothing is downloaded. Steps, each allowed to fail without stopping the others:
+#   1. versions (python, torch, CUDA, triton, GPU, driver)      -> $OUT/versions.txt
+#   2. the GPU-relevant tests (kernel compiled and interpreted, Philox in Triton, pipeline)
+#                                                               -> $OUT/pytest.log, pytest.xml
+#   3. benchmarks/bench_gpu.py: throughput, end-to-end loads, memory, error
+#                                                               -> $OUT/bench_gpu.{json,md}
+# and prints one table ($OUT/summary.md). Multi-GB model files go to $SCRATCH (default: a
+# fresh directory under /tmp), removed on exit.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SCRATCH=${SCRATCH:-$(mktemp -d /tmp/mcnc-gpu-check.XXXXXX)}
+mkdir -p "$SCRATCH"
+trap 'rm -rf "$SCRATCH"' EXIT
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python}
+START=$(date +%s)
+
+# 1. versions ------------------------------------------------------------------------------
+{
+  echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cores: $(nproc)"
+  $PY - <<'EOF' 2>&1
+import platform
+print("python", platform.python_version())
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda,
+          "available", torch.cuda.is_available())
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", "sm", p.multi_processor_count)
+except Exception as exc:
+    print("torch: not importable:", exc)
+for name in ("triton", "safetensors", "numpy", "hypothesis", "mcnc_format"):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, "__version__", "?"))
+    except Exception as exc:
+        print(name, "MISSING:", exc)
+EOF
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+} | tee "$OUT/versions.txt"
+
+# 2. tests ---------------------------------------------------------------------------------
+timeout 150 $PY -m pytest tests/test_triton_kernel.py tests/test_philox_triton.py \
+  tests/test_stream.py -q -p no:cacheprovider --continue-on-collection-errors \
+  --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
+TEST_RC=$?
+TEST_LINE=$(tail -n 1 "$OUT/pytest.log")
+echo "tests (rc $TEST_RC): $TEST_LINE"
+
+# 3. benchmarks ----------------------------------------------------------------------------
+ELAPSED=$(( $(date +%s) - START ))
+BUDGET=$(( 330 - ELAPSED ))
+[ "$BUDGET" -lt 60 ] && BUDGET=60
+# shellcheck disable=SC2086  # BENCH_ARGS (e.g. --small for a dry run) is a word list
+timeout "$BUDGET" $PY benchmarks/bench_gpu.py --out "$OUT" --scratch "$SCRATCH" \
+  --deadline $(( BUDGET - 50 )) ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+BENCH_RC=$?
+echo "bench (rc $BENCH_RC, budget ${BUDGET}s): see $OUT/bench.log"
+
+# summary ----------------------------------------------------------------------------------
+{
+  echo "# GPU check, $(date -u +%FT%TZ), $(( $(date +%s) - START )) s"
+  echo
+  grep -E '^(gpu|torch|triton) ' "$OUT/versions.txt" | sed 's/^/    /'
+  echo
+  echo "tests (rc $TEST_RC): $TEST_LINE"
+  echo
+  if [ -s "$OUT/bench_gpu.md" ]; then
+    cat "$OUT/bench_gpu.md"
+  elif [ -s "$OUT/bench_gpu.json" ]; then
+    echo "bench_gpu.py did not finish (rc $BENCH_RC); the sections it completed:"
+    $PY -c "import json, sys; sys.path.insert(0, 'benchmarks'); import bench_gpu; \
+print(bench_gpu.markdown(json.load(open(sys.argv[1]))))" "$OUT/bench_gpu.json" \
+      | tee "$OUT/bench_gpu.md"
+  else
+    echo "bench_gpu.py produced no figures (rc $BENCH_RC):"
+    tail -n 30 "$OUT/bench.log"
+  fi
+} >"$OUT/summary.md"
+cat "$OUT/summary.md"

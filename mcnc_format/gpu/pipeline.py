@@ -1,0 +1,468 @@
+"""The pipelined loader: inputs staged while the previous step regenerates, outputs written once.
+
+A load is a list of steps in file order: one per dense tensor, one per batch of a segment's
+chunks, one per lora tensor. Each step has a *stage* (bytes from the memory map through the
+pinned staging ring onto the device, on the copy stream) and a *compute* (regeneration on the
+compute stream, straight into the final tensor storage). Step ``i + 1`` is staged before step
+``i`` is computed, so copies overlap regeneration, and a tensor is handed out as soon as the
+batch that completes it has been queued (stream order makes it safe to use on the caller's
+stream).
+
+Memory: device = the final tensors + a workspace of ``max(64 MiB, 2 % of the outputs)`` that
+sizes the batches (plus, for a dense theta0 whose dtype differs from its tensor's, that base on
+the device while its tensor is regenerated); host = the staging ring + the largest decoded
+(zstd) blob. theta0 drawn from the PRNG never leaves the GPU's registers on the fused path;
+a dense theta0 of the tensor's own dtype is streamed into the tensor's storage and updated in
+place.
+
+Where Triton is missing, on the CPU, or for what the kernel does not take (float64 outputs,
+float64 bases), the same steps run the eager torch path: ``FusedGenerator.delta`` into the
+workspace, then theta0 added and cast while copying into the tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .. import constants as C
+from ..dtypes import to_torch
+from ..errors import (
+    DeviceMemoryError,
+    ExternalReferenceError,
+    FormatError,
+    MCNCError,
+    UnsupportedFeatureError,
+)
+from ..generator import GeneratorSpec, GeneratorWeights, ieee_fp32
+from ..header import TensorEntry, Theta0Entry
+from ..reader import MCNCFile
+from ..regenerate import FusedGenerator
+from ..theta0 import Theta0Resolver
+from .plan import Member, SegmentWork, Step, largest_upload, plan_steps, release
+from .safetensors_source import SafetensorsFile
+from .staging import CopyEngine, CudaCopyEngine, StagingRing, SyncCopyEngine
+
+__all__ = [
+    "DEFAULT_STAGING_BYTES",
+    "MIN_WORKSPACE_BYTES",
+    "LoadOptions",
+    "PipelinedLoader",
+    "Progress",
+    "triton_available",
+]
+
+DEFAULT_STAGING_BYTES = 64 << 20
+MIN_WORKSPACE_BYTES = 64 << 20
+WORKSPACE_FRACTION = 0.02
+
+
+def triton_available() -> bool:
+    """Whether the optional ``mcnc-format[gpu]`` extra (Triton) is importable."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after each tensor is handed out."""
+
+    name: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Knobs of the pipelined loader; the defaults suit a GPU with a few GB to spare.
+
+    ``staging_bytes``: pinned host memory for the two staging buffers together.
+    ``workspace_bytes``: device memory beyond the outputs (default ``max(64 MiB, 2 %)``).
+    ``use_triton``: ``None`` picks the fused kernel on CUDA when Triton is installed; ``True``
+    forces it (on the CPU only under ``TRITON_INTERPRET=1``); ``False`` keeps the eager path.
+    ``precision``: the kernel's output-layer product, ``"tf32x3"`` or ``"ieee"``.
+    ``progress``: called with a ``Progress`` after each tensor.
+    """
+
+    staging_bytes: int = DEFAULT_STAGING_BYTES
+    workspace_bytes: int | None = None
+    use_triton: bool | None = None
+    precision: str = "tf32x3"
+    progress: Callable[[Progress], None] | None = None
+
+
+class PipelinedLoader:
+    """Iterate to get ``(name, tensor)`` pairs as they are ready on ``device``."""
+
+    def __init__(self, file: MCNCFile, device: torch.device | str,
+                 dtype: torch.dtype | None = None, names: Iterable[str] | None = None,
+                 options: LoadOptions | None = None) -> None:
+        self.file = file
+        self.header = file.header
+        self.source = file.source
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype
+        self.options = options or LoadOptions()
+        self.wanted = [file.entry(n) for n in (file.keys() if names is None else names)]
+        for t in self.wanted:
+            if not t.known:
+                raise UnsupportedFeatureError(f"{self.source}: tensor {t.name!r} uses encoding "
+                                f"{t.encoding!r}, unknown to this reader (R46). Upgrade "
+                                "mcnc-format; the other tensors can be read by name.")
+        self.total_bytes = sum(t.numel * self._out_dtype(t).itemsize for t in self.wanted)
+        self.workspace_bytes = self.options.workspace_bytes or max(
+            MIN_WORKSPACE_BYTES, int(self.total_bytes * WORKSPACE_FRACTION))
+        self.kernels = self._kernels()
+        self._theta0 = Theta0Resolver(self._no_dense_theta0, self.source)
+        self._generators: dict[tuple[int, int], FusedGenerator] = {}
+        self._externals: dict[str, SafetensorsFile] = {}
+        self.allocated_bytes = 0
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _kernels(self) -> ModuleType | None:
+        use = self.options.use_triton
+        if use is None:
+            use = self.device.type == "cuda" and triton_available()
+        if not use:
+            return None
+        if not triton_available():
+            raise MCNCError("the fused kernel needs Triton: pip install 'mcnc-format[gpu]', or "
+                            "pass use_triton=False for the eager path")
+        from . import triton_kernels
+
+        return triton_kernels
+
+    def _engine(self) -> CopyEngine:
+        if self.device.type == "cuda":
+            return CudaCopyEngine(self.device)
+        return SyncCopyEngine(self.device)
+
+    def _out_dtype(self, t: TensorEntry) -> torch.dtype:
+        out = to_torch(t.dtype)
+        return self.dtype if self.dtype is not None and out.is_floating_point else out
+
+    def _no_dense_theta0(self, entry: Theta0Entry, shape: tuple[int, ...],
+                         device: torch.device) -> torch.Tensor:
+        raise AssertionError("dense theta0 is staged by the pipeline, not resolved lazily")
+
+    # -- planning --------------------------------------------------------------------------
+    def plan(self) -> list[Step]:
+        """The steps of this load in file order (segments at their first member)."""
+        return plan_steps(self.header, self.wanted, self._out_dtype, self.workspace_bytes,
+                          eager=self.kernels is None)
+
+    # -- running ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self._check_fits()
+        steps = self.plan()
+        engine = self._engine()
+        slot = max(1, min(self.options.staging_bytes // 2, largest_upload(self.header, steps)))
+        ring = StagingRing(engine, slot, 2)
+        pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))  # sha256
+        done = 0
+        done_bytes = 0
+        staged: object = None
+        current: object = None
+        try:
+            staged = self._stage(steps[0], engine, ring, pool) if steps else None
+            for i, step in enumerate(steps):
+                current = staged
+                if i + 1 < len(steps):
+                    staged = self._stage(steps[i + 1], engine, ring, pool)
+                for name, tensor in self._compute(step, current, engine):
+                    done += 1
+                    done_bytes += tensor.numel() * tensor.element_size()
+                    if self.options.progress is not None:
+                        self.options.progress(Progress(name, done, len(self.wanted),
+                                                       done_bytes, self.total_bytes))
+                    yield name, tensor
+        except torch.OutOfMemoryError as exc:
+            staged = current = None
+            release(steps)
+            raise self._oom() from exc
+        finally:
+            ring.drain()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for ext in self._externals.values():
+                ext.close()
+            self._externals.clear()
+
+    def _check_fits(self) -> None:
+        """Refuse up front a load that cannot fit the device's free memory (counting what
+        torch's allocator holds in reserve), before anything is read or allocated."""
+        if self.device.type != "cuda":
+            return
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(
+            self.device)
+        if self.total_bytes + self.workspace_bytes > free:
+            raise self._oom()
+
+    def _oom(self) -> DeviceMemoryError:
+        free = total = None
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+        where = f"{free} of {total} bytes free" if free is not None else "device memory exhausted"
+        return DeviceMemoryError(
+            f"{self.source}: out of memory on {self.device} after allocating "
+            f"{self.allocated_bytes} bytes: the load needs {self.total_bytes} bytes of weights "
+            f"plus a workspace of up to {self.workspace_bytes} bytes ({where}). Load fewer "
+            "tensors (names=), a narrower dtype, or a smaller workspace_bytes."
+        )
+
+    def _alloc(self, engine: CopyEngine, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        tensor = engine.device_empty((numel,), dtype)
+        self.allocated_bytes += numel * tensor.element_size()
+        return tensor
+
+    def _stage(self, step: Step, engine: CopyEngine, ring: StagingRing,
+               pool: ThreadPoolExecutor) -> object:
+        if step.kind == "dense":
+            return self._stage_dense(step, engine, ring)
+        if step.kind == "batch":
+            return self._stage_batch(step, engine, ring, pool)
+        return None
+
+    def _compute(self, step: Step, staged: object, engine: CopyEngine
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+        if step.kind == "dense":
+            yield self._finish_dense(step, staged, engine)
+        elif step.kind == "batch":
+            yield from self._compute_batch(step, staged, engine)
+        else:
+            assert step.tensor is not None
+            # Adapters are small: their factors and the merge go through the reader.
+            yield from self.file.iter_tensors([step.tensor.name], self.device, self.dtype)
+
+    # -- dense tensors ---------------------------------------------------------------------
+    def _stage_dense(self, step: Step, engine: CopyEngine, ring: StagingRing
+                     ) -> tuple[torch.Tensor, object]:
+        t = step.tensor
+        assert t is not None and t.blob is not None
+        blob = self.header.blobs[t.blob]
+        data = self.file.blob_bytes(t.blob, f"tensors[{t.name!r}].blob")
+        dest = self._alloc(engine, blob.numel, to_torch(blob.dtype))
+        marker = ring.upload(data, dest.view(torch.uint8)) if blob.numel else None
+        return dest, marker
+
+    def _finish_dense(self, step: Step, staged: object, engine: CopyEngine
+                      ) -> tuple[str, torch.Tensor]:
+        t = step.tensor
+        assert t is not None and isinstance(staged, tuple)
+        dest, marker = staged
+        engine.wait_compute(marker)
+        if t.dtype == "bool" and bool((dest.view(torch.uint8) > 1).any()):
+            raise FormatError(f"{self.source}: tensors[{t.name!r}].blob: bool bytes must be 0 "
+                            "or 1 (§1)")
+        out_dtype = self._out_dtype(t)
+        value = dest.view(t.shape)
+        return t.name, value if value.dtype == out_dtype else value.to(out_dtype)
+
+    # -- segments --------------------------------------------------------------------------
+    def _segment_inputs(self, seg: SegmentWork) -> None:
+        """Checksum-checked (and decoded) alpha and beta bytes, once per segment."""
+        entry = self.header.segments[seg.index]
+        if seg.alpha is None:
+            seg.alpha = self.file.blob_bytes(entry.alpha, f"segments[{seg.index}].alpha")
+            seg.beta = self.file.blob_bytes(entry.beta, f"segments[{seg.index}].beta")
+        if seg.fused is None:
+            key = (entry.generator, entry.m)
+            if key not in self._generators:
+                spec = self.file.generator_spec(entry.generator)
+                self._generators[key] = FusedGenerator(self._generator_weights(spec), entry.m)
+            seg.fused = self._generators[key]
+
+    def _stage_batch(self, step: Step, engine: CopyEngine, ring: StagingRing,
+                     pool: ThreadPoolExecutor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        seg = step.segment
+        assert seg is not None
+        self._segment_inputs(seg)
+        entry = self.header.segments[seg.index]
+        d = self.header.generators[entry.generator].d
+        inputs = []
+        marker: object = None
+        for blob_index, data in ((entry.alpha, seg.alpha), (entry.beta, seg.beta)):
+            blob = self.header.blobs[blob_index]
+            assert data is not None
+            row = blob.decoded_length // max(entry.chunks, 1)
+            window = memoryview(data)[step.c0 * row : step.c1 * row]
+            buf = engine.device_empty((step.c1 - step.c0, *blob.shape[1:]),
+                                      to_torch(blob.dtype))
+            if len(window):
+                marker = ring.upload(window, buf.view(torch.uint8).reshape(-1))
+            inputs.append(buf)
+        lo = step.c0 * d
+        for member in seg.members:
+            if member.dest is None and member.overlaps(lo, step.c1 * d):
+                member.dest = self._alloc(engine, member.entry.numel, member.dtype)
+                self._stage_base(member, engine, ring, pool)
+        return inputs[0], inputs[1], marker
+
+    def _stage_base(self, member: Member, engine: CopyEngine, ring: StagingRing,
+                    pool: ThreadPoolExecutor) -> None:
+        """Stream a blob or external theta0 onto the device: into the tensor's own storage
+        when the dtypes agree (updated in place), else into a buffer of its own dtype."""
+        entry = member.entry.theta0
+        if entry.kind not in (C.THETA0_BLOB, C.THETA0_EXTERNAL) or member.entry.numel == 0:
+            return
+        label = f"{member.name}.theta0"
+        if entry.kind == C.THETA0_BLOB:
+            assert entry.blob is not None
+            blob = self.header.blobs[entry.blob]
+            data: memoryview | bytes = self.file.blob_bytes(entry.blob, label)
+            dtype = to_torch(blob.dtype)
+        else:
+            data, dtype = self._external_base(member, pool)
+        assert member.dest is not None
+        base = member.dest if dtype == member.dtype else self._alloc(
+            engine, member.entry.numel, dtype)
+        member.base = base
+        member.base_marker = ring.upload(data, base.view(torch.uint8))
+
+    def _external_base(self, member: Member, pool: ThreadPoolExecutor
+                       ) -> tuple[memoryview, torch.dtype]:
+        """The referenced tensor's bytes, shape-checked; the sha256 check (R75) runs on a
+        worker while the bytes are copied and is awaited before the tensor is handed out."""
+        entry = member.entry.theta0
+        assert entry.uri is not None and entry.tensor is not None and entry.sha256 is not None
+        label = f"{self.source}: theta0 reference {entry.uri}:{entry.tensor}"
+        if entry.uri.startswith("hf://") or self.source.startswith("hf://"):
+            from ..hub import read_reference
+
+            # The Hub path re-downloads a damaged copy, so it needs the check's verdict now.
+            def read(path: Path) -> memoryview:
+                view = self._external_slice(entry.uri, path, entry.tensor, member)
+                _check_sha256(view, entry.sha256, label)
+                return view
+
+            view = read_reference(entry.uri, self.source, read)
+        else:
+            view = self._external_slice(entry.uri, self.file.path.parent / entry.uri,
+                                        entry.tensor, member)
+            member.base_check = pool.submit(_check_sha256, view, entry.sha256, label)
+        dtype = self._externals[entry.uri].tensor(entry.tensor).dtype
+        return view, dtype
+
+    def _external_slice(self, uri: str, path: Path, tensor: str, member: Member
+                        ) -> memoryview:
+        if uri not in self._externals or self._externals[uri].path != path:
+            self._externals[uri] = SafetensorsFile(path, f"{self.source}: theta0 reference "
+                                                         f"{uri}")
+        source = self._externals[uri].tensor(tensor)
+        if source.shape != member.entry.shape:
+            raise ExternalReferenceError(
+                f"{self.source}: theta0 reference {uri}:{tensor} has shape "
+                f"{list(source.shape)}, the tensor needs {list(member.entry.shape)} (R75)")
+        return source.view
+
+    def _compute_batch(self, step: Step, staged: object, engine: CopyEngine
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+        seg = step.segment
+        assert seg is not None and seg.fused is not None and isinstance(staged, tuple)
+        alpha, beta, marker = staged
+        engine.wait_compute(marker)
+        d = seg.fused.weights.spec.d
+        lo, hi = step.c0 * d, step.c1 * d
+        members = [m for m in seg.members if m.overlaps(lo, hi)]
+        for member in members:
+            if member.base_marker is not None:
+                engine.wait_compute(member.base_marker)
+                member.base_marker = None
+        if members:
+            left = seg.fused.coefficients(alpha, beta)
+            eager = [m for m in members if not self._kernel_takes(m)]
+            values = None
+            if eager:
+                with ieee_fp32(left.device):
+                    values = torch.mm(left, seg.fused.stacked).reshape(-1)
+            for member in members:
+                if member in eager:
+                    assert values is not None
+                    self._eager_member(member, values, lo, hi)
+                else:
+                    self._kernel_member(member, seg.fused, left, step.c0, step.c1, d)
+        for member in seg.members:
+            if not member.done and member.stop <= hi:
+                if member.dest is None:  # an empty member: no chunk covers it
+                    member.dest = self._alloc(engine, 0, member.dtype)
+                yield self._finish_member(member)
+        if step.c1 * d >= max(m.stop for m in seg.members):
+            seg.alpha = seg.beta = None  # the segment is done: drop decoded inputs
+
+    def _kernel_takes(self, member: Member) -> bool:
+        if self.kernels is None or member.dtype not in self.kernels.KERNEL_DTYPES:
+            return False
+        return member.base is None or member.base.dtype in self.kernels.KERNEL_DTYPES
+
+    def _kernel_member(self, member: Member, fused: FusedGenerator, left: torch.Tensor,
+                       c0: int, c1: int, d: int) -> None:
+        kernels = self.kernels
+        assert kernels is not None and member.dest is not None
+        m0 = max(c0, member.start // d)
+        m1 = min(c1, -(-member.stop // d))
+        kernels.fused_regenerate(
+            left[m0 - c0 : m1 - c0], fused.stacked, fused.weights.out_bias is not None,
+            member.dest, m0 * d - member.start, self._kernel_theta0(member),
+            self.options.precision)
+
+    def _kernel_theta0(self, member: Member):  # -> triton_kernels.KernelTheta0
+        assert self.kernels is not None
+        theta0 = self.kernels.kernel_theta0(member.entry.theta0, member.entry.shape,
+                                            member.base)
+        if theta0 is None:  # an unknown kind or scheme: the resolver raises the spec's error
+            self._theta0.values(member.entry.theta0, member.entry.shape, 0, 0, self.device,
+                                member.name)
+            raise AssertionError("unreachable: the resolver accepts only known theta0 kinds")
+        return theta0
+
+    def _generator_weights(self, spec: GeneratorSpec) -> GeneratorWeights:
+        """Philox generators are drawn by a Triton kernel when the kernel path is in use (a
+        few launches instead of hundreds; the same exact bits, §5.2)."""
+        if self.kernels is None or spec.seed is None:
+            return spec.weights(self.device)
+        return self.kernels.draw_generator_weights(spec, self.device)
+
+    def _eager_member(self, member: Member, values: torch.Tensor, lo: int, hi: int) -> None:
+        assert member.dest is not None
+        start, stop = max(lo, member.start), min(hi, member.stop)
+        local = start - member.start
+        piece = values[start - lo : stop - lo]
+        if member.base is not None:
+            piece = piece + member.base[local : local + stop - start]
+        else:
+            base = self._theta0.values(member.entry.theta0, member.entry.shape, local,
+                                       stop - start, self.device, f"{member.name}.theta0")
+            if base is not None:
+                piece = piece + base
+        member.dest[local : local + stop - start].copy_(piece)
+
+    def _finish_member(self, member: Member) -> tuple[str, torch.Tensor]:
+        if member.base_check is not None:
+            member.base_check.result()  # raises ExternalReferenceError on a sha256 mismatch
+        assert member.dest is not None
+        value = member.dest.view(member.entry.shape)
+        member.dest = member.base = None
+        member.done = True
+        return member.name, value
+
+
+def _check_sha256(view: memoryview, expected: str, label: str) -> None:
+    """R75: the referenced tensor's bytes hash to the pinned sha256 (runs on a worker)."""
+    digest = hashlib.sha256(view).hexdigest()
+    if digest != expected:
+        raise ExternalReferenceError(
+            f"{label} has sha256 {digest}, the file pins {expected} (R75): the base "
+            "checkpoint differs from the one this file was made against.")
+
+

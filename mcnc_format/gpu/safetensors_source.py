@@ -1,0 +1,116 @@
+"""Byte ranges of tensors in a safetensors file, so base weights stream like our own blobs.
+
+safetensors' ``load_file(device="cuda")`` copies from its memory map through pageable memory;
+the loader instead needs each tensor's raw bytes to push through its pinned staging ring. The
+layout is simple (an 8-byte little-endian header length, a JSON header, the data), so it is
+read here directly; the sha256 pin of §7.4 is taken over exactly these bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ExternalReferenceError
+
+__all__ = ["SafetensorsFile", "TensorSlice"]
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+_MAX_HEADER = 100_000_000  # safetensors' own cap
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    view: memoryview
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file with its header parsed; ``close()`` when done."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.path = path
+        self.label = label
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ExternalReferenceError(
+                f"{label} ({path}) cannot be opened: {exc.strerror} (R75). Put the base "
+                "checkpoint next to the .mcnc file."
+            ) from exc
+        try:
+            size = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+        finally:
+            os.close(fd)
+        self._entries, self._data_start = self._parse(size)
+
+    def _parse(self, size: int) -> tuple[dict[str, dict], int]:
+        if self._map is None or size < 8:
+            raise self._error("is too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", self._map[:8])
+        if length > _MAX_HEADER or 8 + length > size:
+            raise self._error(f"declares a {length}-byte header, which does not fit the file")
+        try:
+            header = json.loads(bytes(self._map[8 : 8 + length]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._error(f"has an unreadable header: {exc}") from exc
+        if not isinstance(header, dict):
+            raise self._error("has a header that is not a JSON object")
+        header.pop("__metadata__", None)
+        return header, 8 + length
+
+    def _error(self, what: str) -> ExternalReferenceError:
+        return ExternalReferenceError(f"{self.label}: {self.path} {what} (R75)")
+
+    def keys(self) -> list[str]:
+        """Tensor names in header order."""
+        return list(self._entries)
+
+    def tensor(self, name: str) -> TensorSlice:
+        """The dtype, shape and bytes of tensor ``name``."""
+        entry = self._entries.get(name)
+        if not isinstance(entry, dict):
+            raise self._error(f"has no tensor named {name!r}")
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise self._error(f"stores {name!r} as {entry.get('dtype')!r}; base weights must be "
+                              f"one of {', '.join(_DTYPES)}")
+        shape = tuple(entry.get("shape", ()))
+        begin, end = entry.get("data_offsets", (0, -1))
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if end - begin != math.prod(shape) * itemsize or begin < 0:
+            raise self._error(f"gives {name!r} data offsets that do not match its shape")
+        assert self._map is not None
+        start = self._data_start + begin
+        if start + (end - begin) > len(self._map):
+            raise self._error(f"is truncated inside tensor {name!r}")
+        return TensorSlice(dtype, shape, memoryview(self._map)[start : start + end - begin])
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                # A slice is still referenced by pending work; the map closes with it.
+                return
+            self._map = None

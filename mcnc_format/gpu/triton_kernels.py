@@ -1,0 +1,267 @@
+"""The fused output-layer kernel: one pass that writes each regenerated value once.
+
+For a batch of chunks, ``fused_regenerate`` takes the left factor of ``FusedGenerator`` (the
+hidden activations already scaled by ``c = beta / ||W h + b||``, computed in IEEE float32 by
+torch; SPEC.md §10.2) and computes, per output tile ``[BLOCK_C chunks, BLOCK_D values]``::
+
+    out = cast(theta0 + left[:, :K] @ W_stack + csum * b_out)
+
+``left`` rows stay in registers while tiles of the (small, L2-resident) stacked output weight
+stream past; theta0 is drawn from Philox in registers (``tl.randint4x`` computes exactly the
+spec's block, §8.1) or read from a dense base tensor (which may be the output tensor itself:
+a base streamed into the final storage is updated in place). Values land straight in the
+member's final storage with its dtype: there is no float32 intermediate of the output.
+
+The product runs on tensor cores as ``tf32x3`` by default (three TF32 products that together
+carry float32's precision, well inside REGEN_RTOL of §10.1); ``"ieee"`` is plain float32 FMA,
+about 3x slower on an H100/H200. The hidden layers never run here, so §10.1's IEEE rule for
+them is untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import constants as C
+from ..constants import generator_bias_stream, generator_weight_stream
+from ..generator import GeneratorSpec, GeneratorWeights, layer_bounds
+from ..header import Theta0Entry
+from ..philox import round_to_f32
+from ..theta0 import fan_in_bound
+
+__all__ = [
+    "DEFAULT_TILE",
+    "KERNEL_DTYPES",
+    "THETA0_DENSE",
+    "THETA0_NORMAL",
+    "THETA0_UNIFORM",
+    "THETA0_ZEROS",
+    "KernelTheta0",
+    "draw_generator_weights",
+    "fused_regenerate",
+    "kernel_theta0",
+    "philox_uniform",
+]
+
+THETA0_ZEROS = 0
+THETA0_UNIFORM = 1
+THETA0_NORMAL = 2
+THETA0_DENSE = 3
+
+#: Output dtypes the kernel stores (float64 members take the eager path).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: (chunks, values, warps) per program: a 64 x 128 float32 accumulator is 64 registers per
+#: thread at 4 warps. Not tuned on hardware yet; ``benchmarks/bench_gpu.py`` sweeps a few.
+DEFAULT_TILE = (64, 128, 4)
+_TWO_POW_M23 = 1.0 / 8388608.0
+_TWO_POW_M24 = 1.0 / 16777216.0
+
+
+@dataclass(frozen=True)
+class KernelTheta0:
+    """theta0 as the kernel evaluates it: a Philox scheme by its key and constants, or a dense
+    tensor (flat, float32/float16/bfloat16, indexed by the member's element index)."""
+
+    kind: int = THETA0_ZEROS
+    seed: int = 0
+    stream: int = 0
+    bound: float = 0.0
+    mean: float = 0.0
+    std: float = 1.0
+    base: torch.Tensor | None = None
+
+    @property
+    def key(self) -> int:
+        """``tl.randint4x``'s 64-bit key: ``seed | stream << 32`` (§8.1)."""
+        return self.seed | (self.stream << 32)
+
+
+@triton.jit
+def _uniform_units(x):
+    """§8.2: ``((x >> 8) - 2**23) * 2**-23``, exact in float32."""
+    return ((x >> 8).to(tl.int32) - 8388608).to(tl.float32) * _TWO_POW_M23
+
+
+@triton.jit
+def _box_muller(xa, xb):
+    """§8.3: ``sqrt(-2 ln u1) * cos(2 pi u2)`` from two words, in float32."""
+    u1 = ((xa >> 8).to(tl.int32) + 1).to(tl.float32) * _TWO_POW_M24
+    u2 = (xb >> 8).to(tl.int32).to(tl.float32) * _TWO_POW_M24
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+
+
+@triton.jit
+def _regen_kernel(
+    left_ptr, w_ptr, bias_ptr, out_ptr, base_ptr,
+    rows, K, stride_left, d, first_local, numel,
+    key, bound, mean, std,
+    HAS_BIAS: tl.constexpr, THETA: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_d = tl.cdiv(d, BLOCK_D)
+    pid_c = pid // tiles_d
+    pid_d = pid % tiles_d
+    r = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = r < rows
+    col_ok = cols < d
+    r64 = r.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        a = tl.load(left_ptr + r64[:, None] * stride_left + kk[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + kk[:, None].to(tl.int64) * d + cols[None, :],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        # Column K of ``left`` is the component sum of c, which scales the output bias.
+        csum = tl.load(left_ptr + r64 * stride_left + K, mask=row_ok, other=0.0)
+        b_out = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
+        acc += csum[:, None] * b_out[None, :]
+
+    row_start = first_local + r64 * d + pid_d * BLOCK_D  # member index of each row's col 0
+    local = row_start[:, None] + tl.arange(0, BLOCK_D)[None, :]
+    mask = row_ok[:, None] & col_ok[None, :] & (local >= 0) & (local < numel)
+    if THETA == 1:
+        if ALIGNED:
+            # Rows start on a block boundary: one Philox block gives 4 consecutive values.
+            blk = row_start[:, None] // 4 + tl.arange(0, BLOCK_D // 4)[None, :]
+            w0, w1, w2, w3 = tl.randint4x(key, blk)
+            words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_C, BLOCK_D))
+        else:
+            safe = tl.where(local >= 0, local, 0)
+            w0, w1, w2, w3 = tl.randint4x(key, safe // 4)
+            lane = safe % 4
+            words = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+        acc += _uniform_units(words) * bound
+    elif THETA == 2:
+        if ALIGNED:
+            blk = row_start[:, None] // 2 + tl.arange(0, BLOCK_D // 2)[None, :]
+            w0, w1, w2, w3 = tl.randint4x(key, blk)
+            z = tl.reshape(tl.join(_box_muller(w0, w1), _box_muller(w2, w3)), (BLOCK_C, BLOCK_D))
+        else:
+            safe = tl.where(local >= 0, local, 0)
+            w0, w1, w2, w3 = tl.randint4x(key, safe // 2)
+            odd = (safe % 2) == 1
+            z = _box_muller(tl.where(odd, w2, w0), tl.where(odd, w3, w1))
+        acc += z * std + mean
+    elif THETA == 3:
+        acc += tl.load(base_ptr + local, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + local, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _uniform_kernel(out_ptr, n, key, bound, BLOCK: tl.constexpr):
+    """Elements ``[0, n)`` of a Philox stream as §8.2 uniforms times ``bound``."""
+    blk = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    w0, w1, w2, w3 = tl.randint4x(key, blk)
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK,))
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + index, _uniform_units(words) * bound, mask=index < n)
+
+
+def philox_uniform(seed: int, stream: int, count: int, bound: float, device: torch.device
+                   ) -> torch.Tensor:
+    """``philox.uniform_signed(seed, stream, 0, count, bound)`` in one launch: exact, the
+    same bits. Generator weights are drawn with it (the torch version takes hundreds of
+    small launches on a GPU)."""
+    out = torch.empty(count, dtype=torch.float32, device=device)
+    if count:
+        block = 1024
+        _uniform_kernel[(triton.cdiv(count, block),)](out, count, seed | (stream << 32), bound,
+                                                     BLOCK=block)
+    return out
+
+
+def draw_generator_weights(spec: GeneratorSpec, device: torch.device) -> GeneratorWeights:
+    """A Philox generator's weights (§5.2) drawn on ``device`` by ``philox_uniform``."""
+    assert spec.seed is not None
+    tensors = []
+    widths = spec.widths
+    for t in range(spec.n_layers):
+        w_bound, b_bound = layer_bounds(spec, t)
+        fan_out, fan_in = widths[t + 1], widths[t]
+        tensors.append(philox_uniform(spec.seed, generator_weight_stream(t), fan_out * fan_in,
+                                      w_bound, device).reshape(fan_out, fan_in))
+        if spec.bias:
+            tensors.append(philox_uniform(spec.seed, generator_bias_stream(t), fan_out, b_bound,
+                                          device))
+    return GeneratorWeights.from_flat(spec, tensors)
+
+
+def kernel_theta0(entry: Theta0Entry, shape: tuple[int, ...], base: torch.Tensor | None
+                  ) -> KernelTheta0 | None:
+    """How the kernel evaluates a member's theta0: ``base`` (a dense theta0 already on the
+    device) or the entry's Philox scheme; ``None`` for kinds and schemes it does not know."""
+    if base is not None:
+        return KernelTheta0(THETA0_DENSE, base=base)
+    if entry.kind == C.THETA0_ZEROS:
+        return KernelTheta0()
+    if entry.kind != C.THETA0_PRNG or entry.seed is None or entry.stream is None:
+        return None
+    if entry.scheme == C.SCHEME_UNIFORM and entry.bound is not None:
+        return KernelTheta0(THETA0_UNIFORM, entry.seed, entry.stream,
+                            bound=round_to_f32(entry.bound))
+    if entry.scheme == C.SCHEME_FAN_IN_UNIFORM:
+        return KernelTheta0(THETA0_UNIFORM, entry.seed, entry.stream, bound=fan_in_bound(shape))
+    if entry.scheme == C.SCHEME_NORMAL and entry.mean is not None and entry.std is not None:
+        return KernelTheta0(THETA0_NORMAL, entry.seed, entry.stream,
+                            mean=round_to_f32(entry.mean), std=round_to_f32(entry.std))
+    return None
+
+
+def fused_regenerate(
+    left: torch.Tensor,
+    stacked: torch.Tensor,
+    has_bias: bool,
+    dest: torch.Tensor,
+    first_local: int,
+    theta0: KernelTheta0,
+    precision: str = "tf32x3",
+    tile: tuple[int, int, int] = DEFAULT_TILE,
+) -> None:
+    """Write ``theta0 + delta`` of ``left.shape[0]`` consecutive chunks into ``dest``.
+
+    ``left`` is ``FusedGenerator.coefficients`` (``[rows, K (+1)]``, the last column the
+    component sum when the generator has an output bias) and ``stacked`` the matching
+    ``[K (+1), d]`` weights. Chunk ``r``, value ``j`` is the member's element
+    ``first_local + r * d + j`` (negative or past ``dest.numel()`` for neighbouring members:
+    masked). ``dest`` is flat and contiguous in one of ``KERNEL_DTYPES``. ``tile`` is
+    ``(BLOCK_C, BLOCK_D, num_warps)``, powers of two with ``BLOCK_C, BLOCK_D >= 16``.
+    """
+    rows = left.shape[0]
+    d = stacked.shape[1]
+    if rows == 0 or dest.numel() == 0:
+        return
+    k_main = stacked.shape[0] - (1 if has_bias else 0)
+    if left.stride(1) != 1:
+        left = left.contiguous()
+    bias = stacked[k_main] if has_bias else stacked
+    block_k = min(64, max(16, triton.next_power_of_2(k_main)))
+    if theta0.kind == THETA0_UNIFORM:
+        aligned = first_local % 4 == 0 and d % 4 == 0
+    elif theta0.kind == THETA0_NORMAL:
+        aligned = first_local % 2 == 0 and d % 2 == 0
+    else:
+        aligned = False
+    base = theta0.base if theta0.base is not None else dest
+    block_c, block_d, num_warps = tile
+    grid = (triton.cdiv(rows, block_c) * triton.cdiv(d, block_d),)
+    _regen_kernel[grid](
+        left, stacked, bias, dest, base,
+        rows, k_main, left.stride(0), d, first_local, dest.numel(),
+        theta0.key, theta0.bound, theta0.mean, theta0.std,
+        HAS_BIAS=has_bias, THETA=theta0.kind, ALIGNED=aligned,
+        BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_K=block_k, PRECISION=precision,
+        num_warps=num_warps,
+    )

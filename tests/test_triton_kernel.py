@@ -1,0 +1,307 @@
+"""The fused Triton kernel against the eager path and the float64 reference (SPEC.md §10).
+
+Each case regenerates a run of chunks into one member's storage (first element anywhere in a
+chunk, neighbours masked off), with every theta0 the kernel draws or reads: Philox uniform and
+normal (on the fast path where rows start on a Philox block and on the per-element path), a
+dense base updated in place and one of another dtype. Results must meet §10's per-chunk bound
+against float64; for narrower outputs one output ulp is allowed on top, because the
+interpreter's float32 -> bfloat16 cast truncates where a GPU rounds to nearest. Elements
+outside the member are guarded. The pipeline with the kernel must agree with the reader.
+
+The kernel runs in a child process under ``TRITON_INTERPRET=1`` (Triton decides at import
+whether to interpret, and the setting must not leak into other tests); where CUDA is present
+the same cases also run compiled, in this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mcnc_format as mf
+from mcnc_format import GeneratorSpec, philox, reference
+from mcnc_format.constants import NORMAL_ATOL, REGEN_RTOL
+from mcnc_format.generator import ieee_fp32
+from mcnc_format.philox import round_to_f32
+from mcnc_format.regenerate import FusedGenerator
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
+
+SEED = int.from_bytes(os.urandom(4), "little")
+print(f"test_triton_kernel seed: {SEED}")
+GUARD = 5  # sentinel elements on each side of the member's storage
+
+_CHILD = """
+import sys
+import torch
+from mcnc_format.gpu import triton_kernels as tk
+from mcnc_format.streaming import load
+
+cases = torch.load(sys.argv[1])
+outputs = []
+for case in cases:
+    buffer = case["buffer"].clone()
+    dest = buffer[case["guard"] : buffer.numel() - case["guard"]]
+    theta = dict(case["theta0"])
+    if theta.pop("inplace", False):
+        dest.copy_(theta["base"])
+        theta["base"] = dest
+    tk.fused_regenerate(case["left"], case["stacked"], case["has_bias"], dest,
+                        case["first_local"], tk.KernelTheta0(**theta), case["precision"])
+    outputs.append(buffer)
+draws = [tk.philox_uniform(seed, stream, n, bound, torch.device("cpu"))
+         for seed, stream, n, bound in torch.load(sys.argv[1].replace("cases", "draws"))]
+files = {path: load(path, "cpu", use_triton=True, workspace_bytes=int(ws))
+         for path, ws in zip(sys.argv[3::2], sys.argv[4::2])}
+torch.save({"kernel": outputs, "files": files, "draws": draws}, sys.argv[2])
+"""
+
+
+def _case(spec: GeneratorSpec, m: int, rows: int, offset: int, numel: int, out: torch.dtype,
+          theta0: dict, rng: np.random.Generator, precision: str = "tf32x3") -> dict:
+    """Inputs of one kernel call plus what the checks need (alpha, beta, the float64 truth)."""
+    alpha = torch.from_numpy(rng.uniform(-spec.L, spec.L, (rows, m, spec.k))).float()
+    beta = torch.from_numpy(rng.normal(0, 0.5, (rows, m))).float()
+    fused = FusedGenerator(spec.weights(), m)
+    left = fused.coefficients(alpha, beta)
+    weights = [w.numpy() for w in spec.weights().flat()]
+    phi = reference.phi_ref(weights, spec, alpha.double().numpy())  # [rows, m, d]
+    delta64 = np.einsum("rm,rmd->rd", beta.double().numpy(), phi).reshape(-1)
+    phi_norm = np.linalg.norm(phi, axis=-1)  # [rows, m]
+    first_local = -offset
+    local = np.arange(rows * spec.d) + first_local
+    inside = (local >= 0) & (local < numel)
+    theta64, theta_atol = _theta0_truth(theta0, local[inside], numel)
+    truth = np.full(rows * spec.d, np.nan)
+    truth[inside] = delta64[inside] + theta64
+    theta_full = np.zeros(rows * spec.d)
+    theta_full[inside] = theta64
+    buffer = torch.full((numel + 2 * GUARD,), -7.0, dtype=out)
+    return {
+        "spec": spec, "left": left, "stacked": fused.stacked, "m": m,
+        "has_bias": fused.weights.out_bias is not None, "first_local": first_local,
+        "theta0": {k: v for k, v in theta0.items() if k != "kind_name"}, "precision": precision,
+        "buffer": buffer, "guard": GUARD, "truth": truth, "theta_full": theta_full,
+        "theta_atol": theta_atol, "beta": beta.double().numpy(), "phi_norm": phi_norm,
+        "alpha": alpha, "fused": fused, "label": f"{theta0.get('kind_name')} {out} off={offset}",
+    }
+
+
+def _theta0_truth(theta0: dict, local: np.ndarray, numel: int) -> tuple[np.ndarray, float]:
+    """float64 theta0 at member indices ``local`` and the absolute tolerance it carries."""
+    name = theta0.get("kind_name")
+    if name == "zeros":
+        return np.zeros(len(local)), 0.0
+    if name == "uniform":
+        units = reference.uniform_signed_ref(theta0["seed"], theta0["stream"], 0, numel, 1.0)
+        return units[local] * round_to_f32(theta0["bound"]), 0.0
+    if name == "normal":
+        z = reference.normal_ref(theta0["seed"], theta0["stream"], 0, numel)[local]
+        std = round_to_f32(theta0["std"])
+        return z * std + round_to_f32(theta0["mean"]), NORMAL_ATOL * abs(std) * max(
+            1.0, float(np.abs(z).max(initial=0.0)))
+    base = theta0["base"].double().numpy()
+    return base[local], 0.0
+
+
+def _cases(rng: np.random.Generator) -> list[dict]:
+    from mcnc_format.gpu import triton_kernels as tk
+
+    llama = GeneratorSpec(k=5, d=200, hidden=(32, 32), seed=int(rng.integers(2**32)))
+    narrow = GeneratorSpec(k=16, d=96, hidden=(64,), seed=int(rng.integers(2**32)), bias=False)
+    odd = GeneratorSpec(k=3, d=150, hidden=(8, 8), seed=int(rng.integers(2**32)), omega0=2.5)
+    vision = GeneratorSpec(k=16, d=1600, hidden=(256, 256), seed=int(rng.integers(2**32)))
+    key = {"seed": int(rng.integers(2**32)), "stream": int(rng.integers(2**32))}
+    uniform = {"kind": tk.THETA0_UNIFORM, "bound": 0.07, "kind_name": "uniform", **key}
+    normal = {"kind": tk.THETA0_NORMAL, "mean": 0.25, "std": 0.5, "kind_name": "normal", **key}
+    zeros = {"kind": tk.THETA0_ZEROS, "kind_name": "zeros"}
+    bf16_base = torch.from_numpy(rng.normal(0, 1, 10 * 200 - 90)).to(torch.bfloat16)
+    f32_base = torch.from_numpy(rng.normal(0, 1, 6 * 150 - 7)).float()
+    return [
+        _case(llama, 1, 10, 37, 10 * 200 - 37 - 50, torch.float32, uniform, rng),
+        _case(llama, 1, 10, 0, 10 * 200 - 3, torch.bfloat16, uniform, rng),
+        _case(llama, 1, 7, 3, 7 * 200 - 3, torch.float32, normal, rng),
+        _case(llama, 2, 7, 0, 7 * 200, torch.bfloat16, normal, rng),
+        _case(llama, 1, 10, 40, 10 * 200 - 90, torch.bfloat16,
+              {"kind": tk.THETA0_DENSE, "base": bf16_base, "inplace": True,
+               "kind_name": "dense"}, rng),
+        _case(narrow, 3, 9, 5, 9 * 96 - 5, torch.float32, zeros, rng),
+        _case(narrow, 3, 9, 0, 9 * 96, torch.float16, zeros, rng, precision="ieee"),
+        _case(odd, 1, 6, 4, 6 * 150 - 4, torch.float32, uniform, rng),
+        _case(odd, 2, 6, 1, 6 * 150 - 7, torch.bfloat16,
+              {"kind": tk.THETA0_DENSE, "base": f32_base, "kind_name": "dense"}, rng),
+        _case(vision, 1, 2, 0, 2 * 1600, torch.float32, uniform, rng),
+    ]
+
+
+def _draws(rng: np.random.Generator) -> list[tuple[int, int, int, float]]:
+    """(seed, stream, count, bound) cases for ``philox_uniform``: counts that are and are not
+    multiples of the block, extreme keys."""
+    cases = [(0, 0, 5, 1.0), (2**32 - 1, 2**32 - 1, 1030, 0.5), (7, 3, 0, 1.0)]
+    cases += [(int(rng.integers(2**32)), int(rng.integers(2**32)), int(rng.integers(1, 3000)),
+               float(rng.uniform(0.01, 2))) for _ in range(3)]
+    return cases
+
+
+def _check_draws(cases: list[tuple[int, int, int, float]], got: list[torch.Tensor]) -> None:
+    """Exact: the kernel's draw equals the torch Philox draw bit for bit (§8.2)."""
+    for (seed, stream, n, bound), value in zip(cases, got, strict=True):
+        expected = philox.uniform_signed(seed, stream, 0, n, bound)
+        assert torch.equal(value.cpu(), expected), (seed, stream, n, bound, SEED)
+
+
+def _check_case(case: dict, buffer: torch.Tensor) -> None:
+    guard = case["guard"]
+    assert bool((buffer[:guard] == -7).all()) and bool((buffer[-guard:] == -7).all()), (
+        "kernel wrote outside the member", case["label"], SEED)
+    value = buffer[guard:-guard].double().numpy()
+    numel = value.size
+    d = case["spec"].d
+    truth = case["truth"]
+    local = np.arange(truth.size) + case["first_local"]
+    inside = (local >= 0) & (local < numel)
+    got = np.full(truth.size, np.nan)
+    got[inside] = value[local[inside]]
+    err = np.where(inside, got - truth, 0.0).reshape(-1, d)
+    theta = case["theta_full"].reshape(-1, d)
+    # §10.1: ||v - v64|| <= REGEN_RTOL * (||theta0_c|| + sum_j |beta_cj| ||phi64(alpha_cj)||)
+    scale = np.linalg.norm(theta, axis=1) + (np.abs(case["beta"]) * case["phi_norm"]).sum(1)
+    bound = REGEN_RTOL * scale + case["theta_atol"] * math.sqrt(d)
+    dtype = buffer.dtype
+    if dtype != torch.float32:
+        # One output ulp per element (the interpreter truncates to bfloat16).
+        t = np.where(inside, truth, 0.0)
+        ulp = (np.abs(t) * torch.finfo(dtype).eps + torch.finfo(dtype).tiny).reshape(-1, d)
+        err = np.maximum(np.abs(err) - ulp, 0.0).reshape(-1, d)
+    norms = np.linalg.norm(err, axis=1)
+    assert bool((norms <= bound).all()), (case["label"], float((norms / bound).max()), SEED)
+
+
+def _check_against_eager(case: dict, buffer: torch.Tensor) -> None:
+    """The kernel and the eager product agree to float32 rounding (before the cast)."""
+    if buffer.dtype != torch.float32:
+        return
+    with ieee_fp32(torch.device("cpu")):
+        eager = (case["left"] @ case["stacked"]).double().numpy().reshape(-1)
+    local = np.arange(eager.size) + case["first_local"]
+    value = buffer[case["guard"]:-case["guard"]].double().numpy()
+    inside = (local >= 0) & (local < value.size)
+    expected = eager[inside] + case["theta_full"][inside]
+    tol = 1e-5 * (np.abs(expected).max() + 1) + case["theta_atol"]
+    assert np.abs(value[local[inside]] - expected).max() <= tol, (case["label"], SEED)
+
+
+def _mixed_file(directory: Path) -> Path:
+    """Segments whose members start mid-chunk, with Philox, blob and external theta0."""
+    from safetensors.torch import save_file
+
+    from mcnc_format import MCNC, Segment, Theta0
+    from mcnc_format.reader import tensor_sha256
+
+    g = torch.Generator().manual_seed(SEED)
+    gen = GeneratorSpec(k=5, d=120, hidden=(32, 32), seed=SEED)
+    shapes = [(9, 13), (3, 50), (41,), (6, 7)]
+    chunks = -(-sum(math.prod(s) for s in shapes) // 120)
+    seg = Segment(gen, (torch.rand(chunks, 1, 5, generator=g) * 40 - 20).to(torch.bfloat16),
+                  torch.randn(chunks, 1, generator=g) * 0.3)
+    base = torch.randn(3, 50, generator=g).to(torch.bfloat16)
+    save_file({"w": base}, str(directory / "base.safetensors"))
+    mf.save(directory / "k.mcnc", {
+        "a": MCNC(seg, shapes[0], torch.bfloat16, Theta0.fan_in_uniform(4, 1)),
+        "b": MCNC(seg, shapes[1], torch.bfloat16,
+                  Theta0.external("base.safetensors", "w", tensor_sha256(base))),
+        "c": MCNC(seg, shapes[2], torch.float32, Theta0.normal(4, 2, 0.0, 0.02)),
+        "d": MCNC(seg, shapes[3], torch.float16,
+                  Theta0.stored(torch.randn(6, 7, generator=g))),
+        "e": torch.randn(5, generator=g),
+    })
+    return directory / "k.mcnc"
+
+
+def _vectors() -> list[Path]:
+    root = Path(__file__).resolve().parent.parent / "spec" / "vectors"
+    usable = []
+    for path in sorted(root.glob("*.mcnc")):
+        try:
+            mf.load(path)
+        except mf.MCNCError:
+            continue  # vectors of unsupported features are tested by test_stream
+        usable.append(path)
+    return usable
+
+
+def _compare_files(files: dict[str, dict[str, torch.Tensor]]) -> None:
+    for path, got in files.items():
+        want = mf.load(path)
+        assert sorted(got) == sorted(want), path
+        for name, expected in want.items():
+            value = got[name]
+            assert value.dtype == expected.dtype and value.shape == expected.shape, (path, name)
+            if not expected.dtype.is_floating_point or expected.numel() == 0:
+                assert torch.equal(value, expected), (path, name)
+                continue
+            a, b = value.double(), expected.double()
+            ulp = b.abs() * torch.finfo(expected.dtype).eps + torch.finfo(expected.dtype).tiny
+            tol = 2 * ulp + 1e-5 * b.abs().max()
+            assert bool(((a - b).abs() <= tol).all()), (path, name, SEED)
+
+
+def test_kernel_interpreted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(SEED)
+    cases = _cases(rng)
+    inputs = tmp_path / "cases.pt"
+    torch.save([{k: case[k] for k in ("buffer", "guard", "theta0", "left", "stacked",
+                                      "has_bias", "first_local", "precision")}
+                for case in cases], inputs)
+    draws = _draws(rng)
+    torch.save(draws, tmp_path / "draws.pt")
+    files = [_mixed_file(tmp_path), *_vectors()]
+    file_args = [str(a) for path in files for a in (path, 4096)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = tmp_path / "out.pt"
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(inputs), str(result), *file_args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = torch.load(result)
+    for case, buffer in zip(cases, out["kernel"], strict=True):
+        _check_case(case, buffer)
+        _check_against_eager(case, buffer)
+    _compare_files(out["files"])
+    _check_draws(draws, out["draws"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernel_compiled(tmp_path: Path) -> None:
+    from mcnc_format.gpu import triton_kernels as tk
+    from mcnc_format.streaming import load
+
+    rng = np.random.default_rng(SEED)
+    for case in _cases(rng):
+        buffer = case["buffer"].cuda()
+        dest = buffer[GUARD:-GUARD]
+        theta = dict(case["theta0"])
+        if theta.pop("inplace", False):
+            dest.copy_(theta["base"].cuda())
+            theta["base"] = dest
+        elif "base" in theta:
+            theta["base"] = theta["base"].cuda()
+        tk.fused_regenerate(case["left"].cuda(), case["stacked"].cuda(), case["has_bias"], dest,
+                            case["first_local"], tk.KernelTheta0(**theta), case["precision"])
+        _check_case(case, buffer.cpu())
+        _check_against_eager(case, buffer.cpu())
+    draws = _draws(rng)
+    _check_draws(draws, [tk.philox_uniform(s, t, n, b, torch.device("cuda"))
+                         for s, t, n, b in draws])
+    files = [_mixed_file(tmp_path), *_vectors()]
+    _compare_files({str(p): {k: v.cpu() for k, v in load(p, "cuda", use_triton=True).items()}
+                    for p in files})
