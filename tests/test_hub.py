@@ -465,3 +465,29 @@ def test_cli_push_and_pull(hub: HubServer, tmp_path: Path, seed: int) -> None:
     assert isinstance(missing.exception, HubFileNotFoundError)
     no_token = runner.invoke(push_command, [str(local), "alice/other"])
     assert isinstance(no_token.exception, HubPermissionError)
+
+
+def test_cli_inspect_verify_unpack_accept_hf_uris(hub: HubServer, tmp_path: Path,
+                                                  seed: int) -> None:
+    """``hf://`` URIs work wherever the CLI takes an .mcnc file, not only in Python."""
+    from safetensors.torch import load_file
+
+    from mcnc_format.cli.main import cli
+
+    local = _make_mcnc(tmp_path / "model.mcnc", seed)
+    hub.create_repo(REPO, files={"model.mcnc": local.read_bytes()})
+    uri = f"hf://{REPO}/model.mcnc"
+    runner = CliRunner()
+    shown = runner.invoke(cli, ["inspect", uri, "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert '"layer.weight"' in shown.stdout
+    verified = runner.invoke(cli, ["verify", uri])
+    assert verified.exit_code == 0, verified.output
+    out = tmp_path / "dense.safetensors"
+    unpacked = runner.invoke(cli, ["unpack", uri, str(out)])
+    assert unpacked.exit_code == 0, unpacked.output
+    expected = mcnc_format.load(local)
+    got = load_file(str(out))
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value)

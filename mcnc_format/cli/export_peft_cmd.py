@@ -16,7 +16,7 @@ __all__ = ["export_peft_command"]
 
 
 @click.command("export-peft", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--base-model", default=None,
               help="base_model_name_or_path for adapter_config.json (default: the file's "
@@ -26,7 +26,7 @@ __all__ = ["export_peft_command"]
 @click.option("--skip-non-lora", is_flag=True,
               help="Leave out tensors that are not lora instead of failing.")
 @click.option("--force", is_flag=True, help="Overwrite an adapter already in OUT_DIR.")
-def export_peft_command(file: Path, out_dir: Path, base_model: str | None,
+def export_peft_command(file: str, out_dir: Path, base_model: str | None,
                         task_type: str | None, skip_non_lora: bool, force: bool) -> None:
     """Export the lora tensors of FILE as a PEFT LoRA adapter folder OUT_DIR."""
     result = export_peft(file, out_dir, base_model=base_model, task_type=task_type,

@@ -7,7 +7,6 @@ facts as one JSON object whose keys are documented in README.md ("mcnc inspect -
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
@@ -40,10 +39,10 @@ _PIPED_WIDTH = 160
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (stable keys, see README) instead of tables.")
-def inspect(file: Path, as_json: bool) -> None:
+def inspect(file: str, as_json: bool) -> None:
     """Show the tensors, sizes, generators and segments of an .mcnc FILE (header only)."""
     with open_file(file) as f:
         facts = describe(f)

@@ -28,12 +28,12 @@ INFO_PREFIX = "mcnc.info."
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
               help="Cast floating-point tensors to this dtype (default: each tensor's own).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def unpack(file: Path, out: Path, dtype: str | None, force: bool) -> None:
+def unpack(file: str, out: Path, dtype: str | None, force: bool) -> None:
     """Write every tensor of FILE, regenerated and dense, to OUT.safetensors.
 
     The whole dense model is held in memory while it is written (safetensors writes a file

@@ -8,7 +8,6 @@ this reader does not implement). The work is ``mcnc_format.verify.verify_file``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 from rich.console import Console
@@ -23,10 +22,10 @@ EXIT_UNVERIFIABLE = 2
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.pass_context
-def verify(ctx: click.Context, file: Path, as_json: bool) -> None:
+def verify(ctx: click.Context, file: str, as_json: bool) -> None:
     """Verify an .mcnc FILE: checksums of the header and every blob, structure, padding,
     a full regeneration of every tensor on the CPU, and external references.
 
