@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 import torch
+from rich.console import Console
+from rich.progress import Progress
 
 from .. import constants as C
 from ..errors import WriteError
 from ..reader import MCNCFile, open_file
+from ..streaming import Progress as LoadProgress
+from ..streaming import stream
 
 __all__ = ["export_safetensors", "provenance_metadata", "unpack"]
 
@@ -39,8 +44,15 @@ def unpack(file: str, out: Path, dtype: str | None, force: bool) -> None:
     The whole dense model is held in memory while it is written (safetensors writes a file
     in one call).
     """
-    written = export_safetensors(file, out, dtype=DTYPES[dtype] if dtype else None,
-                                 overwrite=force)
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("regenerating", total=None)
+
+        def report(p: LoadProgress) -> None:
+            bar.update(task, total=p.bytes_total, completed=p.bytes_done, description=p.name)
+
+        written = export_safetensors(file, out, dtype=DTYPES[dtype] if dtype else None,
+                                     overwrite=force, progress=report)
     click.echo(f"wrote {out} ({written:,} bytes)")
 
 
@@ -57,9 +69,11 @@ def provenance_metadata(f: MCNCFile) -> dict[str, str]:
 
 
 def export_safetensors(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                       dtype: torch.dtype | None = None, overwrite: bool = False) -> int:
+                       dtype: torch.dtype | None = None, overwrite: bool = False,
+                       progress: Callable[[LoadProgress], None] | None = None) -> int:
     """Write the dense tensors of the ``.mcnc`` file ``source`` to the safetensors file
-    ``out`` atomically; ``dtype`` casts floating-point tensors. Returns the bytes written."""
+    ``out`` atomically; ``dtype`` casts floating-point tensors; ``progress`` is called after
+    each tensor is regenerated. Returns the bytes written."""
     from safetensors.torch import save_file
 
     target = Path(out)
@@ -68,8 +82,9 @@ def export_safetensors(source: str | os.PathLike[str], out: str | os.PathLike[st
     if target.exists() and target.resolve() == Path(source).resolve():
         raise WriteError(f"{target}: is the source file itself; choose another output path")
     with open_file(source) as f:
-        tensors = {name: value.contiguous() for name, value in f.iter_tensors(dtype=dtype)}
         metadata = provenance_metadata(f)
+    tensors = {name: value.contiguous()
+               for name, value in stream(source, "cpu", dtype, progress=progress)}
     directory = target.parent if str(target.parent) else Path(".")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
