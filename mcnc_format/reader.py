@@ -7,6 +7,7 @@ checksum is checked on first use. Regeneration runs in bounded batches (``regene
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import mmap
@@ -105,10 +106,9 @@ class MCNCFile:
         for cache in ("_generators", "_dense_theta0"):  # they hold zero-copy views of the map
             getattr(self, cache, {}).clear()
         if getattr(self, "_map", None) is not None:
-            try:
+            # Tensors from blob_tensor may still view the map: it is unmapped when they go.
+            with contextlib.suppress(BufferError):
                 self._map.close()  # type: ignore[union-attr]
-            except BufferError:
-                pass  # tensors from blob_tensor still view it: unmapped when the last is freed
             self._map = None
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
@@ -263,7 +263,8 @@ class MCNCFile:
                      ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` in file order; segments are regenerated as needed."""
         dev = torch.device(device)
-        wanted = [self.entry(n) for n in (self.keys() if names is None else names)]
+        # A name asked for twice is produced once (its segment values are consumed).
+        wanted = [self.entry(n) for n in dict.fromkeys(self.keys() if names is None else names)]
         members: list[tuple[FactorEntry, str]] = []
         for t in wanted:
             self._check_supported(t)
@@ -381,7 +382,7 @@ class MCNCFile:
 
     def _read_external(self, entry: Theta0Entry, shape: tuple[int, ...], path: Path
                        ) -> torch.Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         assert entry.uri is not None and entry.tensor is not None
         try:
@@ -392,7 +393,7 @@ class MCNCFile:
                         f"{entry.tensor!r} there (R75)"
                     )
                 value = f.get_tensor(entry.tensor)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             if isinstance(exc, MCNCError):
                 raise
             raise ExternalReferenceError(

@@ -1,0 +1,216 @@
+"""An interrupted save never damages the file already at the target path.
+
+``save`` writes a temporary file in the target's directory, fsyncs it and renames it into
+place. Whatever stops it before the rename (an I/O error, Ctrl-C, the process being killed)
+leaves the previous file byte-identical; after an exception no temporary file remains
+(after SIGKILL one may: nothing runs to remove it, and that is acceptable).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import mcnc_format as mf
+from mcnc_format import MCNC, Dense, GeneratorSpec, Segment
+from mcnc_format import writer as writer_module
+
+KILL_WAIT_S = 120  # generous: the child imports torch on a busy machine
+
+
+def _inputs(seed: int, scale: int = 1) -> dict[str, Any]:
+    rng = torch.Generator().manual_seed(seed)
+    gen = GeneratorSpec(k=3, d=16, hidden=(8,), seed=seed % 2**32)
+    segment = Segment(gen, torch.rand(4, 2, 3, generator=rng), torch.randn(4, 2, generator=rng))
+    return {
+        "w": MCNC(segment, (8, 8)),
+        "big": Dense(torch.randn(scale, 1024, generator=rng)),
+        "ids": Dense(torch.arange(100 * scale), "zstd"),
+    }
+
+
+@pytest.fixture
+def seed() -> int:
+    value = int(os.environ.get("MCNC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"MCNC_TEST_SEED={value}")
+    return value
+
+
+@pytest.fixture
+def previous(tmp_path: Path, seed: int) -> tuple[Path, bytes]:
+    """A valid file already at the target path, and its bytes."""
+    path = tmp_path / "model.mcnc"
+    mf.save(path, _inputs(seed), metadata={"version": "old"})
+    return path, path.read_bytes()
+
+
+def _assert_intact(path: Path, old: bytes) -> None:
+    assert path.read_bytes() == old
+    with mf.open(path) as f:
+        assert f.metadata == {"version": "old"}
+        f.tensors()
+        f.check_padding()
+
+
+def _temporaries(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+class _FailingFile:
+    """Wraps the writer's file object; the ``fail_at``-th write raises ``error``."""
+
+    def __init__(self, inner: Any, fail_at: int, error: BaseException) -> None:
+        self.inner, self.fail_at, self.error, self.writes = inner, fail_at, error, 0
+
+    def write(self, data: bytes) -> int:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            self.inner.write(data[: len(data) // 2])  # a partial write first, as a disk would
+            raise self.error
+        return self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __enter__(self) -> _FailingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.close()
+
+
+def _fail_writes(monkeypatch: pytest.MonkeyPatch, fail_at: int, error: BaseException) -> None:
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(writer_module.os, "fdopen",
+                        lambda fd, *a, **k: _FailingFile(real_fdopen(fd, *a, **k), fail_at, error))
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 4, 6])
+def test_io_error_while_writing_blobs(fail_at: int, previous: tuple[Path, bytes], seed: int,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes: preamble, header, then padding and payload per blob; fail at each stage."""
+    path, old = previous
+    _fail_writes(monkeypatch, fail_at, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(mf.WriteError, match="unchanged") as info:
+        mf.save(path, _inputs(seed + 1, 4), metadata={"version": "new"})
+    assert str(path) in str(info.value) and "No space left" in str(info.value)
+    monkeypatch.undo()
+    _assert_intact(path, old)
+    assert _temporaries(path.parent) == []
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("boom")],
+                         ids=["KeyboardInterrupt", "RuntimeError"])
+def test_interrupt_while_writing_blobs(error: BaseException, previous: tuple[Path, bytes],
+                                       seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, old = previous
+    _fail_writes(monkeypatch, 4, error)
+    with pytest.raises(type(error)):
+        mf.save(path, _inputs(seed + 1, 4), metadata={"version": "new"})
+    monkeypatch.undo()
+    _assert_intact(path, old)
+    assert _temporaries(path.parent) == []
+
+
+def test_fsync_failure(previous: tuple[Path, bytes], seed: int,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    path, old = previous
+
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_module.os, "fsync", fail)
+    with pytest.raises(mf.WriteError):
+        mf.save(path, _inputs(seed + 1), metadata={"version": "new"})
+    monkeypatch.undo()
+    _assert_intact(path, old)
+    assert _temporaries(path.parent) == []
+
+
+def test_invalid_input_leaves_previous_file(previous: tuple[Path, bytes]) -> None:
+    path, old = previous
+    with pytest.raises(mf.WriteError):
+        mf.save(path, {"w": Dense(torch.ones(2), "lz4")})
+    _assert_intact(path, old)
+    assert _temporaries(path.parent) == []
+
+
+def test_failed_first_save_creates_nothing(tmp_path: Path, seed: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    _fail_writes(monkeypatch, 3, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(mf.WriteError):
+        mf.save(tmp_path / "new.mcnc", _inputs(seed))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_successful_save_replaces(previous: tuple[Path, bytes], seed: int) -> None:
+    path, old = previous
+    mf.save(path, _inputs(seed + 1), metadata={"version": "new"})
+    assert path.read_bytes() != old
+    assert mf.open(path).metadata == {"version": "new"}
+    assert _temporaries(path.parent) == []
+
+
+# -- SIGKILL ------------------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    from test_writer_atomic import _inputs
+    import mcnc_format as mf
+    from mcnc_format import writer
+    inputs = _inputs({seed}, {scale})
+    def blocked(fd):  # every byte is written; the rename has not happened
+        open({marker!r}, "w").close()
+        time.sleep(600)
+    writer.os.fsync = blocked
+    open({ready!r}, "w").close()
+    mf.save({path!r}, inputs, metadata={{"version": "new"}})
+""")
+
+
+def _run_child(path: Path, seed: int, scale: int) -> tuple[subprocess.Popen, Path, Path]:
+    """A child process saving to ``path`` whose fsync blocks; (process, fsync marker, ready)."""
+    marker, ready = path.parent / "blocked.flag", path.parent / "ready.flag"
+    code = _CHILD.format(tests=str(Path(__file__).parent), seed=seed, scale=scale,
+                         marker=str(marker), ready=str(ready), path=str(path))
+    return subprocess.Popen([sys.executable, "-c", code]), marker, ready
+
+
+def _wait_for(condition: Any, proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + KILL_WAIT_S
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.001)
+    return False
+
+
+def test_sigkill_while_writing(previous: tuple[Path, bytes], seed: int) -> None:
+    """A child saving 16 MiB is killed as soon as its temporary file appears: mid-write,
+    or at the latest in fsync, which is patched to block so the rename can never win."""
+    path, old = previous
+    proc, marker, ready = _run_child(path, seed + 1, 4096)
+    try:
+        assert _wait_for(ready.exists, proc), "the child failed to start"
+        assert _wait_for(lambda: bool(_temporaries(path.parent)), proc), "no temporary file"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=KILL_WAIT_S) == -signal.SIGKILL
+        print(f"killed {'in fsync' if marker.exists() else 'mid-write'}")
+    finally:
+        proc.kill()
+        proc.wait()
+    _assert_intact(path, old)
+    assert len(_temporaries(path.parent)) <= 1  # SIGKILL may leave the temporary file
