@@ -20,6 +20,7 @@ from .header import BlobEntry, Header
 __all__ = [
     "Preamble",
     "checksum",
+    "compress_header",
     "decode_blob",
     "decode_header",
     "encode_blob",
@@ -40,14 +41,18 @@ def checksum(data: bytes | memoryview) -> int:
 class Preamble:
     """The fixed 32 bytes at the start of a file."""
 
-    def __init__(self, minor: int, header_length: int, header_xxh3: int) -> None:
+    def __init__(self, minor: int, header_length: int, header_xxh3: int,
+                 header_codec: int = C.HEADER_CODEC_MSGPACK) -> None:
         self.minor = minor
         self.header_length = header_length
         self.header_xxh3 = header_xxh3
+        self.header_codec = header_codec
 
 
-def encode_preamble(header_bytes: bytes, minor: int = C.FORMAT_MINOR) -> bytes:
-    return _PREAMBLE.pack(C.MAGIC, C.FORMAT_MAJOR, minor, 0, len(header_bytes),
+def encode_preamble(header_bytes: bytes, minor: int = C.FORMAT_MINOR,
+                    header_codec: int = C.HEADER_CODEC_MSGPACK) -> bytes:
+    """The preamble for stored header bytes (msgpack, or zstd-compressed msgpack)."""
+    return _PREAMBLE.pack(C.MAGIC, C.FORMAT_MAJOR, minor, header_codec, len(header_bytes),
                           checksum(header_bytes))
 
 
@@ -58,7 +63,7 @@ def read_preamble(data: bytes | memoryview, file_size: int, source: str) -> Prea
             f"{source}: not an .mcnc file: it does not start with the 8-byte magic "
             f"{C.MAGIC!r} (R1). Check the path, or re-download the file if it was damaged."
         )
-    _, major, minor, reserved, header_length, header_xxh3 = _PREAMBLE.unpack(
+    _, major, minor, header_codec, header_length, header_xxh3 = _PREAMBLE.unpack(
         bytes(data[: C.PREAMBLE_SIZE])
     )
     if major != C.FORMAT_MAJOR:
@@ -66,8 +71,9 @@ def read_preamble(data: bytes | memoryview, file_size: int, source: str) -> Prea
             f"{source}: format version {major}.{minor}; this reader implements major version "
             f"{C.FORMAT_MAJOR} (R2). Use an mcnc-format release that reads version {major}."
         )
-    if reserved != 0:
-        raise FormatError(f"{source}: preamble reserved field is {reserved:#x}, expected 0 (R3)")
+    if header_codec not in C.HEADER_CODECS:
+        raise FormatError(f"{source}: header_codec is {header_codec:#x}, expected 0 (msgpack) or 1 "
+                          "(zstd-compressed msgpack) (R3)")
     if header_length > C.MAX_HEADER_BYTES:
         raise FormatError(
             f"{source}: header_length {header_length} exceeds MAX_HEADER_BYTES "
@@ -78,7 +84,7 @@ def read_preamble(data: bytes | memoryview, file_size: int, source: str) -> Prea
             f"{source}: header_length {header_length} runs past the end of the {file_size}-byte "
             "file: the file is truncated (R4). Re-download or re-write it."
         )
-    return Preamble(minor, header_length, header_xxh3)
+    return Preamble(minor, header_length, header_xxh3, header_codec)
 
 
 def encode_header(header: Header) -> bytes:
@@ -86,13 +92,45 @@ def encode_header(header: Header) -> bytes:
     return msgpack.packb(header.to_dict(), use_bin_type=True, use_single_float=False)
 
 
+def compress_header(msgpack_bytes: bytes) -> tuple[int, bytes]:
+    """``(header_codec, stored bytes)``: zstd for headers of at least
+    ``HEADER_ZSTD_THRESHOLD`` bytes when that is smaller (§2; tensor names and repeated keys
+    compress about 9x, which is what keeps the header small beside alpha and beta), the plain
+    msgpack otherwise, so small files stay readable with any msgpack tool."""
+    if len(msgpack_bytes) >= C.HEADER_ZSTD_THRESHOLD:
+        packed = encode_blob(msgpack_bytes, C.CODEC_ZSTD)
+        if len(packed) < len(msgpack_bytes):
+            return C.HEADER_CODEC_ZSTD, packed
+    return C.HEADER_CODEC_MSGPACK, msgpack_bytes
+
+
+def _decompress_header(stored: bytes | memoryview, source: str) -> bytes:
+    """R6 for zstd headers: a declared content size within MAX_HEADER_BYTES, decoded exactly."""
+    try:
+        size = zstandard.get_frame_parameters(stored).content_size
+        if not 0 <= size <= C.MAX_HEADER_BYTES:
+            raise HeaderError(f"{source}: the zstd header frame declares {size} bytes; it must "
+                              "declare a size of at most MAX_HEADER_BYTES "
+                              f"{C.MAX_HEADER_BYTES} (R6)")
+        decoded = zstandard.ZstdDecompressor().decompress(stored, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise HeaderError(f"{source}: the zstd-compressed header is invalid (R6): {exc}") from exc
+    if len(decoded) != size:
+        raise HeaderError(f"{source}: the zstd header decoded to {len(decoded)} bytes, its frame "
+                          f"declares {size} (R6)")
+    return decoded
+
+
 def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> Header:
-    """Check the header checksum (R5), decode msgpack (R6) and parse fields (R10-R13)."""
+    """Check the header checksum (R5), decompress and decode msgpack (R6) and parse fields
+    (R10-R13)."""
     if checksum(raw) != preamble.header_xxh3:
         raise ChecksumError(
             f"{source}: the header does not match its XXH3-64 checksum (R5): the file was "
             "damaged after writing. Re-download or re-write it."
         )
+    if preamble.header_codec == C.HEADER_CODEC_ZSTD:
+        raw = _decompress_header(raw, source)
     try:
         value: Any = msgpack.unpackb(
             raw, raw=False, strict_map_key=True, use_list=True, max_ext_len=0

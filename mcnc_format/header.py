@@ -235,6 +235,11 @@ class GeneratorEntry:
             if not 1 <= width <= C.MAX_HIDDEN_WIDTH:
                 raise m.error(f"hidden[{i}]", f"expected 1 <= width <= {C.MAX_HIDDEN_WIDTH}, "
                               f"got {width} (R30)")
+        widths = (k, *hidden, d)
+        weights = sum(widths[t] * widths[t + 1] + widths[t + 1] for t in range(len(hidden) + 1))
+        if weights > C.MAX_GENERATOR_WEIGHTS:
+            raise m.error("d", f"widths {list(widths)} need {weights} generator weights, over "
+                          f"MAX_GENERATOR_WEIGHTS {C.MAX_GENERATOR_WEIGHTS} (R30)")
         activation = m.get("activation", str)
         if activation != C.ACTIVATION_SINE:
             raise UnsupportedFeatureError(

@@ -24,6 +24,7 @@ from . import constants as C
 from .container import (
     Preamble,
     checksum,
+    compress_header,
     decode_header,
     encode_blob,
     encode_header,
@@ -154,8 +155,8 @@ def save(
         raise WriteError(f"{target}: info accepts {', '.join(C.INFO_KEYS)}; got "
                          f"{', '.join(unknown_info)}. Put free-form facts in metadata.")
     layout.finish_segments()
-    header_bytes = layout.place_blobs()
-    _atomic_write(target, layout, header_bytes)
+    header_codec, header_bytes = layout.place_blobs()
+    _atomic_write(target, layout, header_codec, header_bytes)
     return target
 
 
@@ -322,9 +323,31 @@ class _Layout:
 
     # -- layout ----------------------------------------------------------------------------
     def place_blobs(self) -> bytes:
-        """Fix blob offsets; the header's length depends on them, so iterate to a fixpoint."""
+        """Fix blob offsets and the stored header, ``(header_codec, bytes)``. The header's
+        length depends on the offsets, so iterate to a fixpoint; a compressed header whose size
+        keeps moving the data start falls back to plain msgpack, whose size only grows."""
         lengths = [len(p) for p in self.payloads]
-        header_bytes = b""
+        for compress in (True, False):
+            stored = self._settle(lengths, compress)
+            if stored is not None:
+                break
+        else:  # pragma: no cover - plain msgpack grows monotonically and settles fast
+            raise WriteError(f"{self.source}: header layout did not converge")
+        codec, header_bytes = stored
+        end = self.header.blobs[-1].offset + lengths[-1] if lengths else data_start(
+            len(header_bytes), self.header.alignment)
+        try:
+            # Parse the bytes as the reader will: field rules (R10-R13, R30-R34, R71-R74).
+            preamble = Preamble(C.FORMAT_MINOR, len(header_bytes), checksum(header_bytes), codec)
+            decode_header(header_bytes, preamble, self.source)
+            validate_header(self.header, len(header_bytes), end, self.source)
+        except MCNCError as exc:
+            raise WriteError(f"refusing to write an invalid file: {exc}") from exc
+        return codec, header_bytes
+
+    def _settle(self, lengths: list[int], compress: bool) -> tuple[int, bytes] | None:
+        """Iterate offsets and header to a fixpoint; ``None`` if it does not settle."""
+        codec, header_bytes = C.HEADER_CODEC_MSGPACK, b""
         for _ in range(16):
             start = data_start(len(header_bytes), self.header.alignment)
             offsets = blob_layout(start, lengths, self.header.alignment)
@@ -334,27 +357,18 @@ class _Layout:
                                                                    self.blob_meta, strict=True)
             ]
             encoded = encode_header(self.header)
-            if encoded == header_bytes:
-                break
-            header_bytes = encoded
-        else:  # pragma: no cover - the header length grows monotonically and settles fast
-            raise WriteError(f"{self.source}: header layout did not converge")
-        if len(header_bytes) > C.MAX_HEADER_BYTES:
-            raise WriteError(f"{self.source}: the header is {len(header_bytes)} bytes, over "
-                             f"MAX_HEADER_BYTES {C.MAX_HEADER_BYTES}; split the model")
-        end = self.header.blobs[-1].offset + lengths[-1] if lengths else data_start(
-            len(header_bytes), self.header.alignment)
-        try:
-            # Parse the bytes as the reader will: field rules (R10-R13, R30-R34, R71-R74).
-            preamble = Preamble(C.FORMAT_MINOR, len(header_bytes), checksum(header_bytes))
-            decode_header(header_bytes, preamble, self.source)
-            validate_header(self.header, len(header_bytes), end, self.source)
-        except MCNCError as exc:
-            raise WriteError(f"refusing to write an invalid file: {exc}") from exc
-        return header_bytes
+            if len(encoded) > C.MAX_HEADER_BYTES:
+                raise WriteError(f"{self.source}: the header is {len(encoded)} bytes, over "
+                                 f"MAX_HEADER_BYTES {C.MAX_HEADER_BYTES}; split the model")
+            new_codec, new_bytes = compress_header(encoded) if compress else (
+                C.HEADER_CODEC_MSGPACK, encoded)
+            if (new_codec, new_bytes) == (codec, header_bytes):
+                return codec, header_bytes
+            codec, header_bytes = new_codec, new_bytes
+        return None
 
 
-def _atomic_write(target: Path, layout: _Layout, header_bytes: bytes) -> None:
+def _atomic_write(target: Path, layout: _Layout, header_codec: int, header_bytes: bytes) -> None:
     directory = target.parent if str(target.parent) else Path(".")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
@@ -364,7 +378,7 @@ def _atomic_write(target: Path, layout: _Layout, header_bytes: bytes) -> None:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(encode_preamble(header_bytes))
+            out.write(encode_preamble(header_bytes, header_codec=header_codec))
             out.write(header_bytes)
             position = C.PREAMBLE_SIZE + len(header_bytes)
             for blob, payload in zip(layout.header.blobs, layout.payloads, strict=True):

@@ -250,7 +250,7 @@ class RawFile:
         self.payloads.append(payload)
         return len(self.payloads) - 1
 
-    def encode(self, *, major: int = C.FORMAT_MAJOR, reserved: int = 0,
+    def encode(self, *, major: int = C.FORMAT_MAJOR, header_codec: int = C.HEADER_CODEC_MSGPACK,
                gap_before: dict[int, int] | None = None, alignment: int | None = None,
                transform: Callable[[bytes], bytes] | None = None) -> bytearray:
         """The file's bytes with every blob's offset, length and xxh3 recomputed.
@@ -276,8 +276,8 @@ class RawFile:
             if encoded == header_bytes:
                 break
             header_bytes = encoded
-        out = bytearray(_PREAMBLE.pack(C.MAGIC, major, self.minor, reserved, len(header_bytes),
-                                       checksum(header_bytes)))
+        out = bytearray(_PREAMBLE.pack(C.MAGIC, major, self.minor, header_codec,
+                                       len(header_bytes), checksum(header_bytes)))
         out += header_bytes
         if not blobs:
             out += bytes(align_up(len(out), align) - len(out))
@@ -456,6 +456,17 @@ def _aligned() -> _Valid:
                   alignment=4096)
 
 
+def _compressed_header() -> _Valid:
+    data = _Data("compressed-header")
+    gen = mf.GeneratorSpec(k=3, d=16, hidden=(8,), L=20.0, seed=11)
+    shapes = [(2, 3)] * 48
+    seg = data.segment(gen, shapes, m=1)
+    tensors = {f"model.layers.{i // 3}.mlp.{('up', 'down', 'gate')[i % 3]}_proj.weight":
+               mf.MCNC(seg, shape) for i, shape in enumerate(shapes)}
+    return _Valid("compressed-header", "a header of over 4 KiB of msgpack (48 tensors with "
+                  "long names in one segment), stored zstd-compressed (header_codec 1)", tensors)
+
+
 def _no_tensors() -> _Valid:
     return _Valid("no-tensors", "no tensors and no blobs: the file ends at data_start", {},
                   metadata={"note": "an empty model"})
@@ -513,7 +524,7 @@ def _minor_unknown_encoding() -> _Valid:
 
 VALID: list[Callable[[], _Valid]] = [
     _basic, _deep, _high_frequency, _shared, _several, _theta0_sources, _dense, _lora,
-    _aligned, _no_tensors, _minor_newer, _minor_unknown_encoding,
+    _aligned, _compressed_header, _no_tensors, _minor_newer, _minor_unknown_encoding,
 ]
 
 
@@ -805,10 +816,16 @@ def _(f: RawFile) -> bytes:
     return bytes(f.encode(major=0))
 
 
-@_invalid("R03-reserved-nonzero", "FormatError")
+@_invalid("R03-unknown-header-codec", "FormatError")
 def _(f: RawFile) -> bytes:
-    """The reserved preamble field is 1."""
-    return bytes(f.encode(reserved=1))
+    """header_codec is 2 (only 0, msgpack, and 1, zstd-compressed msgpack, exist)."""
+    return bytes(f.encode(header_codec=2))
+
+
+@_invalid("R06-zstd-header-not-zstd", "HeaderError")
+def _(f: RawFile) -> bytes:
+    """header_codec says zstd but the header bytes are plain msgpack."""
+    return bytes(f.encode(header_codec=C.HEADER_CODEC_ZSTD))
 
 
 @_invalid("R04-header-length-over-limit", "FormatError")

@@ -496,8 +496,8 @@ def _raw_header(raw: bytes) -> Mutation:
 
 
 def _huge_generator(header: dict[str, Any], payloads: list[bytes]) -> None:
-    """A generator §9 admits behind a one-chunk segment: a 4096-wide layer and d = 2^24 make
-    an output layer of 2^36 floats (256 GiB); a reader must fail cleanly, not crash."""
+    """A 4096-wide layer and d = 2^24 behind a one-chunk segment would make an output layer of
+    2^36 floats (256 GiB): MAX_GENERATOR_WEIGHTS refuses it at open (R30)."""
     header["generators"][0].update(hidden=[4096], d=1 << 24)
     header["segments"][0]["chunks"] = 1
     for index, shape in ((0, [1, 1, 2]), (1, [1, 1])):
@@ -569,7 +569,7 @@ CRAFTED: dict[str, tuple[Mutation, str]] = {
     "seed_u64": (_set("generators.0.weights.seed", 1 << 40), "HeaderError"),
     "weights_kind": (_set("generators.0.weights.kind", "torch"), "UnsupportedFeatureError"),
     "activation": (_set("generators.0.activation", "relu"), "UnsupportedFeatureError"),
-    "huge_generator": (_huge_generator, "DeviceMemoryError"),
+    "huge_generator": (_huge_generator, "HeaderError"),
     "huge_output": (_huge_output, "DeviceMemoryError"),
     "m_zero": (_set("segments.0.m", 0), "HeaderError"),
     "m_huge": (_set("segments.0.m", 1 << 62), "HeaderError"),

@@ -60,7 +60,7 @@ def test_limit_table_is_complete() -> None:
         "MAX_HEADER_BYTES", "MAX_RANK", "MAX_TENSORS", "MAX_BLOBS", "MAX_GENERATORS",
         "MAX_SEGMENTS", "MAX_NAME_BYTES", "MAX_METADATA_ENTRIES", "MAX_METADATA_VALUE_BYTES",
         "MAX_K", "MAX_D", "MAX_HIDDEN_LAYERS", "MAX_HIDDEN_WIDTH", "MAX_M", "MAX_NUMEL",
-        "MAX_ZSTD_RATIO",
+        "MAX_ZSTD_RATIO", "MAX_GENERATOR_WEIGHTS",
     }
     assert "(2^48)" in section(9) and C.MAX_NUMEL == 2**48
 
