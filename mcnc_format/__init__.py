@@ -23,8 +23,9 @@ from .errors import (
     WriteError,
 )
 from .generator import GeneratorSpec
-from .reader import MCNCFile, TensorInfo, load, load_into
+from .reader import MCNCFile, TensorInfo, load
 from .reader import open_file as open
+from .streaming import load_into, stream
 from .torch import save_model
 from .writer import MCNC, Dense, LoRA, Segment, Theta0, save
 
@@ -61,4 +62,5 @@ __all__ = [
     "open",
     "save",
     "save_model",
+    "stream",
 ]

@@ -23,7 +23,8 @@ from torch import nn
 
 from .converters.pack import pack
 from .examples.digits import N_CLASSES, N_FEATURES, DigitsSplit, split_digits
-from .reader import load_into, open_file
+from .reader import open_file
+from .streaming import load_into
 
 __all__ = ["DemoResult", "DemoSettings", "run_demo"]
 

@@ -12,6 +12,7 @@ import hashlib
 import math
 import mmap
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from .regenerate import (
 from .theta0 import Theta0Resolver
 from .validate import data_start, validate_header
 
-__all__ = ["MCNCFile", "TensorInfo", "load", "load_into", "open_file"]
+__all__ = ["MCNCFile", "TensorInfo", "load", "open_file", "tensor_sha256"]
 
 PathLike = str | os.PathLike[str]
 
@@ -83,7 +84,11 @@ class MCNCFile:
         except OSError as exc:
             raise MCNCError(f"{self.source}: cannot open: {exc.strerror}") from exc
         try:
-            self.file_size = os.fstat(self._fd).st_size
+            status = os.fstat(self._fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise MCNCError(f"{self.source}: not a regular file; give the path of an .mcnc "
+                                "file")
+            self.file_size = status.st_size
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY) if self.file_size else None
             view = memoryview(self._map) if self._map is not None else memoryview(b"")
             preamble = read_preamble(view, self.file_size, self.source)
@@ -481,29 +486,14 @@ def open_file(path: PathLike, *, verify: bool = True) -> MCNCFile:
 
 def load(path: PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
          ) -> dict[str, torch.Tensor]:
-    """Every tensor of a file, regenerated on ``device``; ``dtype`` overrides float dtypes."""
+    """Every tensor of a file, regenerated on ``device``; ``dtype`` overrides float dtypes.
+
+    On CUDA this goes through the pipelined loader (``mcnc_format.streaming``: pinned staging,
+    overlapped copies, the fused kernel when Triton is installed); elsewhere through the
+    reader's batched path, which needs no staging buffers."""
+    if torch.device(device).type == "cuda":
+        from .streaming import load as load_pipelined
+
+        return load_pipelined(path, device, dtype)
     with open_file(path) as f:
         return f.tensors(device=device, dtype=dtype)
-
-
-def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | str = "cpu",
-              strict: bool = True) -> tuple[list[str], list[str]]:
-    """Load a file into ``module``'s parameters and buffers; returns (missing, unexpected).
-
-    A module built on the meta device gets the regenerated tensors assigned (nothing is
-    materialised twice); otherwise values are copied into the existing parameters.
-    """
-    state = load(path, device=device)
-    on_meta = any(p.is_meta for p in module.parameters()) or any(
-        b.is_meta for b in module.buffers())
-    expected = set(module.state_dict().keys())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if strict and (missing or unexpected):
-        raise MCNCError(
-            f"{path}: does not match the module: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}. Pass strict=False to load what matches."
-        )
-    module.load_state_dict(state, strict=False, assign=on_meta)
-    return missing, unexpected

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from . import constants as C
+from .atomic import atomic_path
 from .container import (
     Preamble,
     checksum,
@@ -369,46 +369,14 @@ class _Layout:
 
 
 def _atomic_write(target: Path, layout: _Layout, header_codec: int, header_bytes: bytes) -> None:
-    directory = target.parent if str(target.parent) else Path(".")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise WriteError(f"{target}: cannot create a temporary file in {directory}: "
-                         f"{exc.strerror}") from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(encode_preamble(header_bytes, header_codec=header_codec))
-            out.write(header_bytes)
-            position = C.PREAMBLE_SIZE + len(header_bytes)
-            for blob, payload in zip(layout.header.blobs, layout.payloads, strict=True):
-                out.write(bytes(blob.offset - position))
-                out.write(payload)
-                position = blob.offset + len(payload)
-            if not layout.payloads:
-                out.write(bytes(data_start(len(header_bytes), layout.header.alignment) - position))
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise WriteError(f"{target}: write failed: {exc}; the previous file, if any, is "
-                             "unchanged") from exc
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (POSIX); harmless where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_path(target) as tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC),
+                                               "wb") as out:
+        out.write(encode_preamble(header_bytes, header_codec=header_codec))
+        out.write(header_bytes)
+        position = C.PREAMBLE_SIZE + len(header_bytes)
+        for blob, payload in zip(layout.header.blobs, layout.payloads, strict=True):
+            out.write(bytes(blob.offset - position))
+            out.write(payload)
+            position = blob.offset + len(payload)
+        if not layout.payloads:
+            out.write(bytes(data_start(len(header_bytes), layout.header.alignment) - position))

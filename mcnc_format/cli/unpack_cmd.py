@@ -9,7 +9,6 @@ safetensors ``__metadata__``, with the keys of ``provenance_metadata`` added.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from .. import constants as C
+from ..atomic import atomic_path
 from ..errors import WriteError
 from ..reader import MCNCFile, open_file
 from ..streaming import Progress as LoadProgress
@@ -85,22 +85,10 @@ def export_safetensors(source: str | os.PathLike[str], out: str | os.PathLike[st
         metadata = provenance_metadata(f)
     tensors = {name: value.contiguous()
                for name, value in stream(source, "cpu", dtype, progress=progress)}
-    directory = target.parent if str(target.parent) else Path(".")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise WriteError(f"{target}: cannot create a temporary file in {directory}: "
-                         f"{exc.strerror}") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError | ValueError | RuntimeError):
+    with atomic_path(target) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except (ValueError, RuntimeError) as exc:
             raise WriteError(f"{target}: writing the safetensors file failed: {exc}; the "
                              "previous file, if any, is unchanged") from exc
-        raise
     return target.stat().st_size

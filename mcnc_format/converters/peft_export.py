@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import constants as C
+from ..atomic import atomic_path
 from ..errors import MCNCError
 from ..reader import open_file
 
@@ -107,9 +108,12 @@ def export_peft(
         "inference_mode": True,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
-                                         encoding="utf-8")
+    # Each file replaces its predecessor atomically: an interrupted export never leaves a
+    # half-written file (the two files are replaced one after the other, not together).
+    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+    with atomic_path(folder / ADAPTER_CONFIG) as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return PeftExport(folder, tuple(sorted(ranks)), rank, lora_alpha,
                       others if skip_non_lora else ())
 
