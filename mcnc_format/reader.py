@@ -8,6 +8,7 @@ checksum is checked on first use. Regeneration runs in bounded batches (``regene
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import mmap
@@ -32,6 +33,7 @@ from .errors import (
 )
 from .generator import GeneratorSpec
 from .header import FactorEntry, GeneratorEntry, Header, TensorEntry, Theta0Entry
+from .hostmem import empty_float32
 from .regenerate import (
     DEFAULT_CPU_WORKSPACE,
     DEFAULT_DEVICE_WORKSPACE,
@@ -451,13 +453,16 @@ def _spec_of(g: GeneratorEntry, inline: tuple[torch.Tensor, ...] | None) -> Gene
 def _out_of_memory(exc: BaseException) -> bool:
     """torch reports a failed CPU allocation as a plain RuntimeError, CUDA's as its own."""
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)) or (
+        isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
 
 
 def _empty(numel: int, device: torch.device, source: str, label: str) -> torch.Tensor:
     try:
+        if device.type == "cpu":
+            return empty_float32(numel)
         return torch.empty(numel, dtype=torch.float32, device=device)
-    except (RuntimeError, MemoryError) as exc:
+    except (RuntimeError, MemoryError, OSError) as exc:
         if not _out_of_memory(exc):
             raise
         raise DeviceMemoryError(

@@ -22,7 +22,7 @@ from .header import FactorEntry
 
 __all__ = ["FusedGenerator", "MemberRequest", "regenerate_segment"]
 
-DEFAULT_CPU_WORKSPACE = 4 << 20
+DEFAULT_CPU_WORKSPACE = 32 << 20
 DEFAULT_DEVICE_WORKSPACE = 64 << 20
 
 

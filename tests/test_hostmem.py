@@ -1,0 +1,42 @@
+"""Huge-page-backed CPU outputs behave like ordinary tensors, and big loads use them."""
+
+from __future__ import annotations
+
+import gc
+import random
+from pathlib import Path
+
+import torch
+
+import mcnc_format as mf
+from mcnc_format.hostmem import HUGE_PAGE_MIN_BYTES, empty_float32
+from mcnc_format.regenerate import FusedGenerator
+
+
+def test_large_buffer_is_writable_and_outlives_its_first_view() -> None:
+    numel = HUGE_PAGE_MIN_BYTES // 4 + 123
+    values = torch.randn(numel)
+    buffer = empty_float32(numel)
+    assert buffer.dtype == torch.float32 and buffer.shape == (numel,)
+    buffer.copy_(values)
+    view = buffer[7:].reshape(-1)
+    del buffer
+    gc.collect()
+    assert torch.equal(view, values[7:])
+    assert torch.equal(empty_float32(5).fill_(2.0), torch.full((5,), 2.0))
+
+
+def test_a_load_above_the_threshold_matches_the_fused_generator(tmp_path: Path) -> None:
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
+    spec = mf.GeneratorSpec(k=5, d=5000, hidden=(32, 32), seed=seed & 0xFFFFFFFF)
+    numel = HUGE_PAGE_MIN_BYTES // 4 + 5000 * 3 + 17
+    chunks = -(-numel // spec.d)
+    alpha = torch.rand(chunks, 1, 5, generator=gen) * 40 - 20
+    beta = torch.randn(chunks, 1, generator=gen)
+    path = tmp_path / "big.mcnc"
+    mf.save(path, {"w": mf.MCNC(mf.Segment(spec, alpha, beta), (numel,))})
+    loaded = mf.load(path)["w"]
+    expected = FusedGenerator(spec.weights(), 1).delta(alpha, beta).reshape(-1)[:numel]
+    assert torch.allclose(loaded, expected, rtol=0, atol=1e-6 * float(beta.abs().max()))
