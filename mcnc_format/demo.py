@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .converters.pack import pack
 from .examples.digits import N_CLASSES, N_FEATURES, DigitsSplit, split_digits
 from .reader import open_file
@@ -127,7 +128,8 @@ def _run(settings: DemoSettings, folder: Path, log: Callable[[str], None]) -> De
     dense = make_mlp(settings.hidden, settings.seed)
     dense_seconds = _train(dense, data, settings, settings.dense_lr)
     dense_accuracy = _accuracy(dense, data)
-    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, folder / DENSE_FILE)
+    with atomic_path(folder / DENSE_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, tmp)
     dense_bytes = (folder / DENSE_FILE).stat().st_size
     log(f"dense MLP:  test accuracy {dense_accuracy:.2%} ({dense_seconds:.1f} s)")
 
@@ -139,7 +141,8 @@ def _run(settings: DemoSettings, folder: Path, log: Callable[[str], None]) -> De
     mcnc_accuracy = _accuracy(model, data)
     log(f"MCNC MLP:   test accuracy {mcnc_accuracy:.2%} ({mcnc_seconds:.1f} s)")
 
-    torch.save(model.state_dict(), folder / CHECKPOINT_FILE)
+    with atomic_path(folder / CHECKPOINT_FILE) as tmp:
+        torch.save(model.state_dict(), tmp)
     pack(folder / CHECKPOINT_FILE, folder / MCNC_FILE, force=True)
     with open_file(folder / MCNC_FILE) as f:
         summary = f.summary()

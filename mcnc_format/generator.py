@@ -115,20 +115,43 @@ def draw_philox_weights(spec: GeneratorSpec, device: torch.device | str) -> list
 
 @contextlib.contextmanager
 def ieee_fp32(device: torch.device) -> Iterator[None]:
-    """Run the enclosed float32 math in IEEE precision: no autocast, no TF32 (§10)."""
-    cuda_matmul = torch.backends.cuda.matmul.allow_tf32
-    cudnn = torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
+    """Run the enclosed float32 math in IEEE precision: no autocast, no TF32 (§10).
+
+    PyTorch has two sets of precision switches and refuses to read the legacy ones once the
+    newer ``fp32_precision`` ones were used, so this speaks whichever the process uses. The
+    switches are process-wide: matrix products another thread runs meanwhile also run in IEEE
+    precision.
+    """
+    with _matmul_precision_ieee(), torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+@contextlib.contextmanager
+def _matmul_precision_ieee() -> Iterator[None]:
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-        with torch.autocast(device_type=device.type, enabled=False):
+        legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                  torch.get_float32_matmul_precision())
+    except RuntimeError:  # the process uses the fp32_precision API
+        legacy = None
+    if legacy is not None:
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.set_float32_matmul_precision("highest")
             yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy[:2]
+            torch.set_float32_matmul_precision(legacy[2])
+        return
+    switches = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    saved = [s.fp32_precision for s in switches]
+    try:
+        for switch in switches:
+            switch.fp32_precision = "ieee"
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = cuda_matmul
-        torch.backends.cudnn.allow_tf32 = cudnn
-        torch.set_float32_matmul_precision(precision)
+        for switch, value in zip(switches, saved, strict=True):
+            switch.fp32_precision = value
 
 
 @dataclass

@@ -84,9 +84,9 @@ class _Map:
             raise self.error(key, f"rank {len(value)} exceeds MAX_RANK {C.MAX_RANK} (R43)")
         dims = []
         for i, dim in enumerate(value):
-            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-                raise self.error(f"{key}[{i}]",
-                                 f"expected a non-negative integer, got {dim!r} (R43)")
+            if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= C.MAX_NUMEL:
+                raise self.error(f"{key}[{i}]", f"expected an integer in [0, MAX_NUMEL], got "
+                                 f"{dim!r} (R43)")
             dims.append(dim)
         if math.prod(dims) > C.MAX_NUMEL:
             raise self.error(key, f"{math.prod(dims)} elements exceed MAX_NUMEL {C.MAX_NUMEL} "

@@ -22,7 +22,7 @@ def empty_float32(numel: int) -> torch.Tensor:
     """An uninitialised float32 CPU tensor; at least ``HUGE_PAGE_MIN_BYTES`` big, it lives in
     its own huge-page-advised mapping, released when the tensor (and its views) are freed."""
     nbytes = numel * 4
-    if nbytes < HUGE_PAGE_MIN_BYTES:
+    if nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):  # e.g. Windows
         return torch.empty(numel, dtype=torch.float32)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):

@@ -16,6 +16,7 @@ undefined in C++). On the CPU the same rounds run in NumPy uint64, where a produ
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -93,12 +94,29 @@ _CPU_POOL: ThreadPoolExecutor | None = None
 
 
 def _cpu_pool() -> ThreadPoolExecutor:
-    """Threads for large CPU draws; NumPy releases the GIL inside its integer ufuncs."""
+    """Threads for large CPU draws; NumPy releases the GIL inside its integer ufuncs. One
+    worker per core, whatever torch's thread setting is when the pool is first used."""
     global _CPU_POOL
     if _CPU_POOL is None:
-        _CPU_POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()),
+        _CPU_POOL = ThreadPoolExecutor(max_workers=_usable_cores(),
                                        thread_name_prefix="mcnc-philox")
     return _CPU_POOL
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child inherits the pool object but not its threads: start afresh there."""
+    global _CPU_POOL
+    _CPU_POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _philox_tile_numpy(first_block: int, n: int, k0: int, k1: int) -> tuple[np.ndarray, ...]:

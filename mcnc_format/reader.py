@@ -31,7 +31,7 @@ from .errors import (
     MCNCError,
     UnsupportedFeatureError,
 )
-from .generator import GeneratorSpec
+from .generator import GeneratorSpec, ieee_fp32
 from .header import FactorEntry, GeneratorEntry, Header, TensorEntry, Theta0Entry
 from .hostmem import empty_float32
 from .regenerate import (
@@ -91,7 +91,7 @@ class MCNCFile:
                 raise MCNCError(f"{self.source}: not a regular file; give the path of an .mcnc "
                                 "file")
             self.file_size = status.st_size
-            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY) if self.file_size else None
+            self._map = _map_file(self._fd, self.file_size, self.source)
             view = memoryview(self._map) if self._map is not None else memoryview(b"")
             preamble = read_preamble(view, self.file_size, self.source)
             raw_header = view[C.PREAMBLE_SIZE : C.PREAMBLE_SIZE + preamble.header_length]
@@ -257,7 +257,9 @@ class MCNCFile:
         dev = torch.device(device)
         factors = self._members([(t.A, f"{name}:A"), (t.B, f"{name}:B")], dev)
         out = [factors[f"{name}:A"], factors[f"{name}:B"]]
-        out = [x.to(dtype or to_torch(f.dtype)) for x, f in zip(out, (t.A, t.B), strict=True)]
+        # Rounded to the factor's own dtype first (§6.3), whatever dtype is asked for.
+        out = [x.to(to_torch(f.dtype)).to(dtype or to_torch(f.dtype))
+               for x, f in zip(out, (t.A, t.B), strict=True)]
         return out[0], out[1], float(t.scale or 0.0)
 
     def tensors(self, names: Iterable[str] | None = None, device: torch.device | str = "cpu",
@@ -306,11 +308,12 @@ class MCNCFile:
         # so the merge equals B @ A of what get_lora_factors returns.
         a = generated.pop(f"{t.name}:A").to(to_torch(t.A.dtype)).to(torch.float32)
         b = generated.pop(f"{t.name}:B").to(to_torch(t.B.dtype)).to(torch.float32)
-        with torch.autocast(device_type=device.type, enabled=False):
+        with ieee_fp32(device):
             base = self._theta0.values(t.theta0, t.shape, 0, t.numel, device, f"{t.name}.theta0")
             merged = torch.mm(b, a) * float(t.scale or 0.0)
             if base is not None:
                 merged = merged + base.reshape(t.shape)
+        self._release_theta0(t.theta0, device)
         return merged.to(out_dtype)
 
     def _members(self, members: list[tuple[FactorEntry, str]], device: torch.device
@@ -331,10 +334,24 @@ class MCNCFile:
                 out[label] = dest
                 requests.append(MemberRequest(member, dest, self._theta0_fn(member, label,
                                                                             device)))
-            regenerate_segment(fused, alpha, beta, requests, self._workspace(device))
+            try:
+                regenerate_segment(fused, alpha, beta, requests, self._workspace(device))
+            except (RuntimeError, MemoryError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                raise DeviceMemoryError(
+                    f"{self.source}: out of memory on {device} regenerating segment {seg_index} "
+                    f"({seg.chunks} chunks) with a {self._workspace(device)}-byte workspace"
+                ) from exc
             for member, label in group:
                 out[label] = out[label].reshape(member.shape)
+                self._release_theta0(member.theta0, device)
         return out
+
+    def _release_theta0(self, entry: Theta0Entry, device: torch.device) -> None:
+        """Forget a blob or external theta0 once its tensor is built, so a load holds one
+        base tensor at a time, not all of them."""
+        self._dense_theta0.pop((entry, str(device)), None)
 
     def _theta0_fn(self, member: FactorEntry, label: str, device: torch.device):
         def values(start: int, count: int) -> torch.Tensor | None:
@@ -437,6 +454,16 @@ class MCNCFile:
             if any(view[start:stop]):
                 raise FormatError(f"{self.source}: non-zero padding bytes in [{start}, {stop}) "
                                   "(R22)")
+
+
+def _map_file(fd: int, size: int, source: str) -> mmap.mmap | None:
+    """A private copy-on-write map: blobs become writable tensors without a copy."""
+    if not size:
+        return None
+    try:
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    except OSError as exc:
+        raise MCNCError(f"{source}: cannot map the file into memory: {exc.strerror}") from exc
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

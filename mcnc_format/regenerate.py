@@ -45,6 +45,13 @@ class FusedGenerator:
             rows.append(weights.out_bias[None, :])
         self.stacked = torch.cat(rows, dim=0).contiguous()  # [m * width (+1), d]
 
+    def bytes_per_chunk(self) -> int:
+        """Working memory one chunk of a batch needs: its float32 output row when it goes to
+        the workspace, plus the hidden activations in float32 and their float64 copies for
+        the row norm (``m * width`` values each, a few times over)."""
+        spec = self.weights.spec
+        return 4 * spec.d + self.m * (max(spec.hidden) * (4 * 2 + 8 * 3) + spec.k * 4)
+
     def coefficients(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """The left factor ``[B, m * width (+1)]`` for alpha ``[B, m, k]``, beta ``[B, m]``."""
         h = self.weights.hidden(alpha)  # [B, m, width] float32
@@ -102,7 +109,7 @@ def regenerate_segment(
     d = fused.weights.spec.d
     first = min(r.member.offset for r in requests) // d
     last = -(-max(r.member.offset + r.member.numel for r in requests) // d)
-    batch = max(1, workspace_bytes // (4 * d))
+    batch = max(1, workspace_bytes // fused.bytes_per_chunk())
     workspace: torch.Tensor | None = None
     for c0 in range(first, last, batch):
         c1 = min(c0 + batch, last)

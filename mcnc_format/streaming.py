@@ -43,7 +43,8 @@ def stream(
     tensor. ``staging_bytes`` bounds the pinned host memory, ``workspace_bytes`` the device
     memory beyond the outputs (default ``max(64 MiB, 2 %)``). ``use_triton``: ``None`` uses the
     fused kernel on CUDA when Triton is installed. ``verify`` checks blob checksums (turn it
-    off only for files this process wrote). Tensors are ordered on the current CUDA stream.
+    off only for files this process wrote). Tensors are ordered on the current CUDA stream
+    of ``device`` (which need not be the current device).
     """
     options = LoadOptions(staging_bytes=staging_bytes, workspace_bytes=workspace_bytes,
                           use_triton=use_triton, progress=progress)

@@ -113,7 +113,10 @@ class _Checker:
                 raise self.error(f"{path}.name", f"duplicate tensor name {tensor.name!r} (R42)")
             names.add(tensor.name)
             all_known &= self.check_tensor(tensor, path)
-        self.check_members()
+        if all_known:
+            # A tensor of an unknown encoding may be a member too: tiling is checkable only
+            # when every member is visible (§13: the other tensors stay readable).
+            self.check_members()
         if all_known and len(self.blob_users) != len(self.header.blobs):
             unused = sorted(set(range(len(self.header.blobs))) - set(self.blob_users))
             raise self.error("blobs", f"blob(s) {unused[:8]} are not used by any entry; every "
@@ -183,6 +186,12 @@ class _Checker:
         if member.segment >= len(self.header.segments):
             raise self.error(f"{path}.segment", f"segment {member.segment} does not exist; the "
                              f"file has {len(self.header.segments)} (R45)")
+        seg = self.header.segments[member.segment]
+        capacity = seg.chunks * self.header.generators[seg.generator].d
+        if member.offset + member.numel > capacity:
+            raise self.error(f"{path}.offset", f"member {label!r} ends at element "
+                             f"{member.offset + member.numel}, past its segment's {seg.chunks} "
+                             f"chunks of {capacity // max(seg.chunks, 1)} values (R41)")
         self.members.setdefault(member.segment, []).append((member.offset, member.numel, label))
         return self.check_theta0(member.theta0, member.shape, f"{path}.theta0")
 

@@ -322,7 +322,7 @@ class _Layout:
                            scale=float(source.scale), A=a, B=b)
 
     # -- layout ----------------------------------------------------------------------------
-    def place_blobs(self) -> bytes:
+    def place_blobs(self) -> tuple[int, bytes]:
         """Fix blob offsets and the stored header, ``(header_codec, bytes)``. The header's
         length depends on the offsets, so iterate to a fixpoint; a compressed header whose size
         keeps moving the data start falls back to plain msgpack, whose size only grows."""

@@ -278,3 +278,30 @@ def test_hidden_layers_ignore_outer_autocast() -> None:
         under = weights.hidden(alpha)
     assert under.dtype == torch.float32
     assert torch.equal(under, plain)
+
+
+def test_regeneration_under_the_new_precision_api(tmp_path) -> None:
+    """Once a process used torch's ``fp32_precision`` switches, the legacy ones raise when read;
+    ``ieee_fp32`` must then use the new ones (run in a child: the switch is process-wide)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import torch, mcnc_format as mf
+        spec = mf.GeneratorSpec(k=3, d=16, hidden=(8,), seed=1)
+        seg = mf.Segment(spec, torch.rand(2, 1, 3) * 40 - 20, torch.randn(2, 1))
+        path = {str(tmp_path / "x.mcnc")!r}
+        mf.save(path, {{"w": mf.MCNC(seg, (4, 8))}})
+        before = mf.load(path)["w"]
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        after = mf.load(path)["w"]
+        assert torch.equal(before, after)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -306,3 +306,32 @@ def test_empty_draws() -> None:
     assert philox.normal(1, 2, 5, 0).numel() == 0
     assert reference.stream_words_ref(1, 2, 5, 0).size == 0
     assert reference.normal_ref(1, 2, 5, 0).size == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_threaded_draws_work_in_a_forked_child() -> None:
+    """The CPU draw's thread pool is rebuilt in a forked child (DataLoader workers fork).
+
+    The child draws through NumPy only (torch's own thread pools are not fork-safe) and is
+    killed if it does not finish in time, so a regression fails instead of hanging."""
+    import signal
+    import time
+
+    blocks = 1 << 16  # several tiles, so the pool is used
+    store = philox._store_words
+    parent = philox._draw_numpy(3, 4, 5, blocks, np.uint64, store)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        child = philox._draw_numpy(3, 4, 5, blocks, np.uint64, store)
+        os._exit(0 if np.array_equal(parent, child) else 3)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung drawing Philox values")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0

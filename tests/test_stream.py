@@ -3,7 +3,8 @@
 On the CPU the pipeline runs its eager path with a synchronous copy engine, so these tests
 cover the planning (batches sized by the workspace, members spread over batches, segments
 interleaved with dense and lora tensors), the staging ring, hand-out order, progress, the
-theta0 kinds streamed from blobs and safetensors files, error paths and ``load_into``. Results
+theta0 kinds streamed from blobs and safetensors files (and a damaged Hub base fetched again),
+malformed safetensors headers, error paths and ``load_into``. Results
 must match ``mcnc_format.load`` within SPEC.md §10 (the batches differ, so float32 sums may
 round differently: one output ulp). The CUDA-only parts (pinned buffers, copy stream, events)
 share the ring logic tested here against an engine that defers every copy, as a GPU does.
@@ -11,25 +12,34 @@ share the ring logic tested here against an engine that defers every copy, as a 
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 import os
+import struct
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from hub_server import HubServer
 from hypothesis import HealthCheck, given, settings
+from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from strategies import file_plans, materialize
 
 import mcnc_format as mf
-from mcnc_format import MCNC, Dense, GeneratorSpec, LoRA, Segment, Theta0
+from mcnc_format import MCNC, Dense, GeneratorSpec, LoRA, Segment, Theta0, philox
+from mcnc_format import hub as mhub
 from mcnc_format.errors import (
     DeviceMemoryError,
     ExternalReferenceError,
     MCNCError,
 )
 from mcnc_format.gpu.pipeline import LoadOptions, PipelinedLoader, Progress
+from mcnc_format.gpu.plan import batch_rows
+from mcnc_format.gpu.safetensors_source import SafetensorsFile
 from mcnc_format.gpu.staging import StagingRing, SyncCopyEngine
 from mcnc_format.reader import tensor_sha256
 from mcnc_format.streaming import load, load_into, stream
@@ -363,6 +373,10 @@ def test_damaged_base_file(tmp_path: Path) -> None:
     base.write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00nope")
     with pytest.raises(ExternalReferenceError, match="unreadable header"):
         load(path, "cpu")
+    base.unlink()
+    base.mkdir()
+    with pytest.raises(ExternalReferenceError, match="not a regular file"):
+        load(path, "cpu")
 
 
 def test_abandoned_stream_closes_cleanly(tmp_path: Path) -> None:
@@ -371,3 +385,214 @@ def test_abandoned_stream_closes_cleanly(tmp_path: Path) -> None:
     name, tensor = next(iterator)
     iterator.close()  # the file, the staging ring and the worker threads are released
     assert name == "first_dense" and torch.equal(tensor, mf.load(path)["first_dense"])
+
+
+def _raw_safetensors(path: Path, header: object, data: bytes = bytes(12)) -> Path:
+    text = header.encode() if isinstance(header, str) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": ["F32"], "shape": [3], "data_offsets": [0, 12]},
+    {"dtype": 5, "shape": [3], "data_offsets": [0, 12]},
+    {"dtype": "F32", "shape": "3", "data_offsets": [0, 12]},
+    {"dtype": "F32", "shape": [1.5, 2], "data_offsets": [0, 12]},
+    {"dtype": "F32", "shape": [True, 3], "data_offsets": [0, 12]},
+    {"dtype": "F32", "shape": [-3], "data_offsets": [0, 12]},
+    {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 12]},
+    {"dtype": "F32", "shape": [3]},
+    {"dtype": "F32", "shape": [3], "data_offsets": [0]},
+    {"dtype": "F32", "shape": [3], "data_offsets": "0,12"},
+    {"dtype": "F32", "shape": [3], "data_offsets": [0, 12.0]},
+    {"dtype": "F32", "shape": [3], "data_offsets": [12, 0]},
+    {"dtype": "F32", "shape": [3], "data_offsets": [-12, 0]},
+    {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]},
+    {"dtype": "F32", "shape": [3], "data_offsets": [2**70, 2**70 + 12]},
+    [1, 2],
+    "F32",
+])
+def test_malformed_safetensors_entries_are_reference_errors(tmp_path: Path,
+                                                            entry: object) -> None:
+    """Parseable JSON with wrong types or ranges is damage like any other (R75), never a
+    TypeError or ValueError from deep inside the loader."""
+    path = _raw_safetensors(tmp_path / "base.safetensors", {"w": entry, "ok": {
+        "dtype": "F32", "shape": [3], "data_offsets": [0, 12]}})
+    source = SafetensorsFile(path, "label")
+    with pytest.raises(ExternalReferenceError, match=r"base\.safetensors .*'w'.*\(R75\)"):
+        source.tensor("w")
+    assert source.tensor("ok").shape == (3,) and len(source.tensor("ok").view) == 12
+    source.close()
+
+
+@pytest.mark.parametrize("header", ["[1]", "[" * 100_000, '{"w": '])
+def test_malformed_safetensors_headers_are_reference_errors(tmp_path: Path,
+                                                            header: str) -> None:
+    path = _raw_safetensors(tmp_path / "base.safetensors", header)
+    with pytest.raises(ExternalReferenceError, match=r"header.*\(R75\)"):
+        SafetensorsFile(path, "label")
+
+
+def test_unreadable_safetensors_paths_are_reference_errors(tmp_path: Path) -> None:
+    with pytest.raises(ExternalReferenceError, match="not a regular file"):
+        SafetensorsFile(tmp_path, "label")
+    with pytest.raises(ExternalReferenceError, match="cannot be read"):
+        SafetensorsFile(tmp_path / "missing.safetensors", "label")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo")  # opening must neither block nor map it
+        with pytest.raises(ExternalReferenceError, match="not a regular file"):
+            SafetensorsFile(tmp_path / "fifo", "label")
+
+
+def _mixed_segment_file(directory: Path) -> Path:
+    """A segment whose members take both paths of a kernel-backed load: a float64 output
+    (eager) beside members with float64 blob and external bases (kernel), and a segment of
+    kernel members only. The generator is narrow and ``d`` large, so a ``[rows, d]`` float32
+    product is far bigger than the kernel path's temporaries per chunk."""
+    g = torch.Generator().manual_seed(SEED)
+    gen = GeneratorSpec(k=2, d=512, hidden=(4,), seed=SEED % 2**31)
+    shapes = [(40, 30), (700,), (3, 300)]
+    chunks = -(-sum(torch.Size(s).numel() for s in shapes) // 512)
+    mixed = Segment(gen, torch.rand(chunks, 1, 2, generator=g) * 2 - 1,
+                    torch.randn(chunks, 1, generator=g))
+    pure = Segment(gen, torch.rand(3, 1, 2, generator=g) * 2 - 1, torch.randn(3, 1, generator=g))
+    base64 = torch.randn(3, 300, generator=g, dtype=torch.float64)
+    save_file({"w": base64}, str(directory / "base.safetensors"))
+    path = directory / "mixed_segment.mcnc"
+    mf.save(path, {
+        "wide": MCNC(mixed, shapes[0], torch.float64, Theta0.uniform(0.1, 7, 1)),
+        "narrow": MCNC(mixed, shapes[1], torch.float32,
+                       Theta0.stored(torch.randn(700, generator=g, dtype=torch.float64))),
+        "ext": MCNC(mixed, shapes[2], torch.bfloat16,
+                    Theta0.external("base.safetensors", "w", tensor_sha256(base64))),
+        "pure": MCNC(pure, (3, 500), torch.float32, Theta0.normal(7, 2, 0.1, 0.5)),
+    })
+    return path
+
+
+def _torch_kernels() -> SimpleNamespace:
+    """``triton_kernels`` with the fused kernel replaced by torch, so the kernel path of the
+    pipeline runs on the CPU in this process (the real kernel: test_triton_kernel.py)."""
+    from mcnc_format.generator import ieee_fp32
+    from mcnc_format.gpu import triton_kernels as tk
+
+    calls = []
+
+    def fused_regenerate(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
+                         dest: torch.Tensor, first_local: int, theta0: tk.KernelTheta0,
+                         precision: str = "ieee", tile: object = None) -> None:
+        calls.append(left.shape[0])
+        with ieee_fp32(left.device):
+            values = (left @ stacked).reshape(-1)
+        local = torch.arange(values.numel()) + first_local
+        inside = (local >= 0) & (local < dest.numel())
+        index, values = local[inside], values[inside]
+        start, count = int(index[0]), index.numel()
+        if theta0.kind == tk.THETA0_UNIFORM:
+            values = values + philox.uniform_signed(theta0.seed, theta0.stream, start, count,
+                                                    theta0.bound)
+        elif theta0.kind == tk.THETA0_NORMAL:
+            z = philox.normal(theta0.seed, theta0.stream, start, count)
+            values = values + (z * theta0.std + theta0.mean)
+        elif theta0.kind == tk.THETA0_DENSE:
+            assert theta0.base is not None
+            values = values + theta0.base[index].float()
+        dest[index] = values.to(dest.dtype)
+
+    return SimpleNamespace(KERNEL_DTYPES=tk.KERNEL_DTYPES, kernel_theta0=tk.kernel_theta0,
+                           fused_regenerate=fused_regenerate, calls=calls,
+                           draw_generator_weights=lambda spec, device: spec.weights(device))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_mixed_segment_batches_fit_the_workspace(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One eager member (float64 output) makes its segment's batches eager-sized, so the
+    ``[rows, d]`` float32 product stays inside the workspace; kernel-only segments keep the
+    kernel's larger batches. Results still match the reader."""
+    path = _mixed_segment_file(tmp_path)
+    want = mf.load(path)
+    workspace = 5000
+    kernels = _torch_kernels()
+    monkeypatch.setattr(PipelinedLoader, "_kernels", lambda self: kernels)
+    with mf.open(path) as f:
+        loader = PipelinedLoader(f, "cpu", options=LoadOptions(workspace_bytes=workspace))
+        spans: dict[int, list[int]] = {}
+        for step in loader.plan():
+            assert step.segment is not None
+            spans.setdefault(step.segment.index, []).append(step.c1 - step.c0)
+        header = f.header
+    eager_rows = batch_rows(header, 0, workspace, eager=True)
+    assert max(spans[0]) == eager_rows < batch_rows(header, 0, workspace, eager=False)
+    assert spans[1] == [min(3, batch_rows(header, 1, workspace, eager=False))]
+    products: list[int] = []
+    real_mm = torch.mm
+
+    def recording_mm(a: torch.Tensor, b: torch.Tensor, *args: object, **kw: object
+                     ) -> torch.Tensor:
+        out = real_mm(a, b, *args, **kw)  # type: ignore[arg-type]
+        products.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    got = load(path, "cpu", workspace_bytes=workspace)
+    monkeypatch.undo()
+    assert products and max(products) <= workspace
+    assert kernels.calls  # the other members went through the (torch) kernel
+    _assert_close(got, want)
+
+
+class _PoolEngine(SyncCopyEngine):
+    """Keeps every tensor it allocates (so addresses are unique) and where it came from."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.staging: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def device_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        self.staging.append(torch.empty(shape, dtype=dtype))
+        return self.staging[-1]
+
+    def output_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        self.outputs.append(torch.empty(shape, dtype=dtype))
+        return self.outputs[-1]
+
+
+def test_outputs_are_allocated_as_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """Handed-out tensors come from ``output_empty`` (the compute stream's pool on CUDA, so
+    the caller's stream can reuse them once freed); staging buffers from ``device_empty``."""
+    path = _mixed_file(tmp_path)
+    engine = _PoolEngine()
+    monkeypatch.setattr(PipelinedLoader, "_engine", lambda self: engine)
+    got = load(path, "cpu", workspace_bytes=900, staging_bytes=64)
+    outputs = {t.untyped_storage().data_ptr() for t in engine.outputs}
+    staging = {t.untyped_storage().data_ptr() for t in engine.staging}
+    assert staging and not outputs & staging
+    with mf.open(path) as f:
+        lora = {t.name for t in f.header.tensors if t.encoding == "lora"}
+    for name, tensor in got.items():
+        if name not in lora:  # adapters are merged by the reader
+            assert tensor.untyped_storage().data_ptr() in outputs, name
+
+
+def test_damaged_hub_base_is_read_again_after_its_fresh_download(
+        hub: HubServer, tmp_path: Path) -> None:
+    """The Hub deletes a damaged cached base and downloads it again to the same path: the
+    pipeline must read the new file, not a map it kept of the damaged one (which would fail
+    the check twice and get the good copy deleted)."""
+    g = torch.Generator().manual_seed(SEED)
+    base = {"layer.weight": torch.randn(8, 8, generator=g), "other": torch.randn(3, generator=g)}
+    hub.create_repo("alice/base", files={"model.safetensors": safetensors_bytes(base)})
+    theta0 = mhub.theta0_reference("alice/base/model.safetensors", "layer.weight")
+    seg = Segment(GeneratorSpec(k=4, d=16, hidden=(8, 8), seed=SEED % 2**31),
+                  torch.randn(4, 1, 4, generator=g), torch.randn(4, 1, generator=g))
+    path = mf.save(tmp_path / "model.mcnc", {"layer.weight": MCNC(seg, (8, 8), theta0=theta0),
+                                             "bias": torch.randn(8, generator=g)})
+    want = mf.load(path)  # the reader fetches the base into the cache
+    cached = mhub.resolve_reference(theta0.entry.uri or "")
+    cached.resolve().write_bytes(safetensors_bytes(dict(base, **{
+        "layer.weight": base["layer.weight"] + 1})))
+    _assert_close(load(path, "cpu"), want)
+    assert cached.read_bytes() == safetensors_bytes(base)  # the good copy is kept

@@ -127,6 +127,7 @@ def _cases(rng: np.random.Generator) -> list[dict]:
     zeros = {"kind": tk.THETA0_ZEROS, "kind_name": "zeros"}
     bf16_base = torch.from_numpy(rng.normal(0, 1, 10 * 200 - 90)).to(torch.bfloat16)
     f32_base = torch.from_numpy(rng.normal(0, 1, 6 * 150 - 7)).float()
+    f64_base = torch.from_numpy(rng.normal(0, 1, 5 * 96 - 10))
     return [
         _case(llama, 1, 10, 37, 10 * 200 - 37 - 50, torch.float32, uniform, rng),
         _case(llama, 1, 10, 0, 10 * 200 - 3, torch.bfloat16, uniform, rng),
@@ -140,6 +141,8 @@ def _cases(rng: np.random.Generator) -> list[dict]:
         _case(odd, 1, 6, 4, 6 * 150 - 4, torch.float32, uniform, rng),
         _case(odd, 2, 6, 1, 6 * 150 - 7, torch.bfloat16,
               {"kind": tk.THETA0_DENSE, "base": f32_base, "kind_name": "dense"}, rng),
+        _case(narrow, 1, 5, 3, 5 * 96 - 10, torch.float16,
+              {"kind": tk.THETA0_DENSE, "base": f64_base, "kind_name": "dense"}, rng),
         _case(vision, 1, 2, 0, 2 * 1600, torch.float32, uniform, rng),
     ]
 
@@ -202,7 +205,9 @@ def _check_against_eager(case: dict, buffer: torch.Tensor) -> None:
 
 
 def _mixed_file(directory: Path) -> Path:
-    """Segments whose members start mid-chunk, with Philox, blob and external theta0."""
+    """Segments whose members start mid-chunk, with Philox, blob and external theta0 (of the
+    tensor's dtype, of another, float64 included), and a float64 output on the eager path in
+    the same segment as kernel members."""
     from safetensors.torch import save_file
 
     from mcnc_format import MCNC, Segment, Theta0
@@ -210,12 +215,13 @@ def _mixed_file(directory: Path) -> Path:
 
     g = torch.Generator().manual_seed(SEED)
     gen = GeneratorSpec(k=5, d=120, hidden=(32, 32), seed=SEED)
-    shapes = [(9, 13), (3, 50), (41,), (6, 7)]
+    shapes = [(9, 13), (3, 50), (41,), (6, 7), (5, 30), (77,), (2, 40)]
     chunks = -(-sum(math.prod(s) for s in shapes) // 120)
     seg = Segment(gen, (torch.rand(chunks, 1, 5, generator=g) * 40 - 20).to(torch.bfloat16),
                   torch.randn(chunks, 1, generator=g) * 0.3)
     base = torch.randn(3, 50, generator=g).to(torch.bfloat16)
-    save_file({"w": base}, str(directory / "base.safetensors"))
+    base64 = torch.randn(2, 40, generator=g, dtype=torch.float64)
+    save_file({"w": base, "w64": base64}, str(directory / "base.safetensors"))
     mf.save(directory / "k.mcnc", {
         "a": MCNC(seg, shapes[0], torch.bfloat16, Theta0.fan_in_uniform(4, 1)),
         "b": MCNC(seg, shapes[1], torch.bfloat16,
@@ -223,6 +229,11 @@ def _mixed_file(directory: Path) -> Path:
         "c": MCNC(seg, shapes[2], torch.float32, Theta0.normal(4, 2, 0.0, 0.02)),
         "d": MCNC(seg, shapes[3], torch.float16,
                   Theta0.stored(torch.randn(6, 7, generator=g))),
+        "f": MCNC(seg, shapes[4], torch.float64, Theta0.uniform(0.05, 4, 3)),
+        "g": MCNC(seg, shapes[5], torch.float32,
+                  Theta0.stored(torch.randn(77, generator=g, dtype=torch.float64))),
+        "h": MCNC(seg, shapes[6], torch.bfloat16,
+                  Theta0.external("base.safetensors", "w64", tensor_sha256(base64))),
         "e": torch.randn(5, generator=g),
     })
     return directory / "k.mcnc"
@@ -278,6 +289,61 @@ def test_kernel_interpreted(tmp_path: Path) -> None:
         _check_against_eager(case, buffer)
     _compare_files(out["files"])
     _check_draws(draws, out["draws"])
+
+
+_REGEN_SIGNATURE = {
+    "left_ptr": "*fp32", "w_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16",
+    "base_ptr": "*fp64", "rows": "i32", "K": "i32", "stride_left": "i32", "d": "i32",
+    "first_local": "i64", "numel": "i32", "key": "i64", "bound": "fp32", "mean": "fp32",
+    "std": "fp32", **dict.fromkeys(("HAS_BIAS", "THETA", "ALIGNED", "BLOCK_C", "BLOCK_D",
+                                    "BLOCK_K", "PRECISION", "LIBDEVICE"), "constexpr"),
+}
+
+
+def _nvidia_backend() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from triton.backends import backends
+
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="triton has no NVIDIA backend")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ahead-of-time compilation to sm_90 PTX and cubin (no GPU needed): the interpreter
+    accepts what compiled Triton refuses (a jit function reading a non-constexpr global), and
+    only compiled code shows which math instructions the Box-Muller transform uses. Every
+    theta0 branch that calls a helper is compiled, so every jit function is covered."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mcnc_format.gpu import triton_kernels as tk
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))  # really compile
+    jit_functions = {name for name, value in vars(tk).items()
+                     if isinstance(value, triton.JITFunction)}
+    assert jit_functions == {"_uniform_units", "_box_muller", "_regen_kernel",
+                             "_uniform_kernel"}, "compile any new jit function here too"
+    target = GPUTarget("cuda", 90, 32)
+    ptx = []
+    for theta, aligned in ((tk.THETA0_UNIFORM, True), (tk.THETA0_NORMAL, False),
+                           (tk.THETA0_DENSE, False)):
+        constants = {"HAS_BIAS": True, "THETA": theta, "ALIGNED": aligned, "BLOCK_C": 16,
+                     "BLOCK_D": 16, "BLOCK_K": 16, "PRECISION": "tf32x3", "LIBDEVICE": True}
+        source = ASTSource(tk._regen_kernel, _REGEN_SIGNATURE, constexprs=constants)
+        ptx.append(triton.compile(source, target=target, options={"num_warps": 1}).asm["ptx"])
+    source = ASTSource(tk._uniform_kernel, {"out_ptr": "*fp32", "n": "i32", "key": "i64",
+                                            "bound": "fp32", "BLOCK": "constexpr"},
+                       constexprs={"BLOCK": 64})
+    ptx.append(triton.compile(source, target=target, options={"num_warps": 1}).asm["ptx"])
+    approximate = re.compile(r"\b(?:sqrt|rsqrt|lg2|ex2|sin|cos)\.approx")
+    assert not any(approximate.search(text) for text in ptx)
+    assert "sqrt.rn.f32" in ptx[1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

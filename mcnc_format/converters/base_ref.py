@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import constants as C
-from ..errors import MCNCError
+from ..errors import ExternalReferenceError, MCNCError
 from ..reader import tensor_sha256
 from ..writer import MCNC, LoRA, TensorSource, Theta0
 
@@ -33,10 +33,22 @@ def reference_base(
 ) -> tuple[dict[str, TensorSource], str]:
     """The writer inputs with theta0 referencing ``base_path`` and base-only tensors removed,
     and the reference's URI (``base_path`` relative to ``output_dir``)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError
 
     base = Path(base_path)
     uri = _relative_uri(base, Path(output_dir))
+    try:
+        return _reference(tensors, base, uri), uri
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        if isinstance(exc, MCNCError):
+            raise
+        raise ExternalReferenceError(f"{base}: not a readable safetensors file: {exc}") from exc
+
+
+def _reference(tensors: Mapping[str, TensorSource], base: Path, uri: str
+               ) -> dict[str, TensorSource]:
+    from safetensors import safe_open
+
     out: dict[str, TensorSource] = {}
     with safe_open(str(base), framework="pt") as f:
         names = set(f.keys())
@@ -50,7 +62,7 @@ def reference_base(
                                                              uri, base))
             else:
                 out[name] = source
-    return out, uri
+    return out
 
 
 def _relative_uri(base: Path, output_dir: Path) -> str:

@@ -15,18 +15,23 @@ the device while its tensor is regenerated); host = the staging ring + the large
 a dense theta0 of the tensor's own dtype is streamed into the tensor's storage and updated in
 place.
 
-Where Triton is missing, on the CPU, or for what the kernel does not take (float64 outputs,
-float64 bases), the same steps run the eager torch path: ``FusedGenerator.delta`` into the
-workspace, then theta0 added and cast while copying into the tensor.
+Where Triton is missing, on the CPU, or for what the kernel does not take (float64 outputs),
+the same steps run the eager torch path: the output layer's product into the workspace, then
+theta0 added and cast while copying into the tensor.
+
+Work for a CUDA device runs with that device current (``torch.cuda.device``), so Triton
+launches on it and on its current stream even when another device is the caller's current
+one; the device is switched per step, never while the caller holds a yielded tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -35,18 +40,11 @@ import torch
 
 from .. import constants as C
 from ..dtypes import to_torch
-from ..errors import (
-    DeviceMemoryError,
-    ExternalReferenceError,
-    FormatError,
-    MCNCError,
-    UnsupportedFeatureError,
-)
+from ..errors import DeviceMemoryError, ExternalReferenceError, FormatError, MCNCError
 from ..generator import GeneratorSpec, GeneratorWeights, ieee_fp32
-from ..header import TensorEntry, Theta0Entry
+from ..header import TensorEntry
 from ..reader import MCNCFile
 from ..regenerate import FusedGenerator
-from ..theta0 import Theta0Resolver
 from .plan import Member, SegmentWork, Step, largest_upload, plan_steps, release
 from .safetensors_source import SafetensorsFile
 from .staging import CopyEngine, CudaCopyEngine, StagingRing, SyncCopyEngine
@@ -63,6 +61,11 @@ __all__ = [
 DEFAULT_STAGING_BYTES = 64 << 20
 MIN_WORKSPACE_BYTES = 64 << 20
 WORKSPACE_FRACTION = 0.02
+DENSE_THETA0 = (C.THETA0_BLOB, C.THETA0_EXTERNAL)
+
+#: A tensor ready on the device, with the sha256 check of its external base (R75) that must
+#: pass before it is handed out.
+Ready = tuple[str, torch.Tensor, Future[None] | None]
 
 
 def triton_available() -> bool:
@@ -116,15 +119,11 @@ class PipelinedLoader:
         self.options = options or LoadOptions()
         self.wanted = [file.entry(n) for n in (file.keys() if names is None else names)]
         for t in self.wanted:
-            if not t.known:
-                raise UnsupportedFeatureError(f"{self.source}: tensor {t.name!r} uses encoding "
-                                f"{t.encoding!r}, unknown to this reader (R46). Upgrade "
-                                "mcnc-format; the other tensors can be read by name.")
+            file._check_supported(t)  # R46: the reader's own error
         self.total_bytes = sum(t.numel * self._out_dtype(t).itemsize for t in self.wanted)
         self.workspace_bytes = self.options.workspace_bytes or max(
             MIN_WORKSPACE_BYTES, int(self.total_bytes * WORKSPACE_FRACTION))
         self.kernels = self._kernels()
-        self._theta0 = Theta0Resolver(self._no_dense_theta0, self.source)
         self._generators: dict[tuple[int, int], FusedGenerator] = {}
         self._externals: dict[str, SafetensorsFile] = {}
         self.allocated_bytes = 0
@@ -152,15 +151,17 @@ class PipelinedLoader:
         out = to_torch(t.dtype)
         return self.dtype if self.dtype is not None and out.is_floating_point else out
 
-    def _no_dense_theta0(self, entry: Theta0Entry, shape: tuple[int, ...],
-                         device: torch.device) -> torch.Tensor:
-        raise AssertionError("dense theta0 is staged by the pipeline, not resolved lazily")
+    def _on_device(self) -> contextlib.AbstractContextManager[object]:
+        """Make the target CUDA device current for one step's work (never across a yield)."""
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
 
     # -- planning --------------------------------------------------------------------------
     def plan(self) -> list[Step]:
         """The steps of this load in file order (segments at their first member)."""
         return plan_steps(self.header, self.wanted, self._out_dtype, self.workspace_bytes,
-                          eager=self.kernels is None)
+                          eager=lambda member: not self._kernel_takes(member))
 
     # -- running ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -174,21 +175,30 @@ class PipelinedLoader:
         done_bytes = 0
         staged: object = None
         current: object = None
+        ready: list[Ready] = []
         try:
-            staged = self._stage(steps[0], engine, ring, pool) if steps else None
+            with self._on_device():
+                staged = self._stage(steps[0], engine, ring, pool) if steps else None
             for i, step in enumerate(steps):
                 current = staged
-                if i + 1 < len(steps):
-                    staged = self._stage(steps[i + 1], engine, ring, pool)
-                for name, tensor in self._compute(step, current, engine):
+                with self._on_device():
+                    if i + 1 < len(steps):
+                        staged = self._stage(steps[i + 1], engine, ring, pool)
+                    ready = self._compute(step, current, engine)
+                current = None
+                while ready:
+                    name, tensor, check = ready.pop(0)
+                    if check is not None:
+                        check.result()  # raises ExternalReferenceError on a sha256 mismatch
                     done += 1
                     done_bytes += tensor.numel() * tensor.element_size()
                     if self.options.progress is not None:
                         self.options.progress(Progress(name, done, len(self.wanted),
                                                        done_bytes, self.total_bytes))
                     yield name, tensor
+                    del tensor
         except torch.OutOfMemoryError as exc:
-            staged = current = None
+            staged = current = ready = None  # type: ignore[assignment]
             release(steps)
             raise self._oom() from exc
         finally:
@@ -221,8 +231,10 @@ class PipelinedLoader:
             "tensors (names=), a narrower dtype, or a smaller workspace_bytes."
         )
 
-    def _alloc(self, engine: CopyEngine, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        tensor = engine.device_empty((numel,), dtype)
+    def _alloc(self, engine: CopyEngine, numel: int, dtype: torch.dtype, output: bool = True
+               ) -> torch.Tensor:
+        """An output tensor (``output``), or a staging buffer the loader frees itself."""
+        tensor = (engine.output_empty if output else engine.device_empty)((numel,), dtype)
         self.allocated_bytes += numel * tensor.element_size()
         return tensor
 
@@ -234,16 +246,16 @@ class PipelinedLoader:
             return self._stage_batch(step, engine, ring, pool)
         return None
 
-    def _compute(self, step: Step, staged: object, engine: CopyEngine
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    def _compute(self, step: Step, staged: object, engine: CopyEngine) -> list[Ready]:
+        """Queue a step's device work; the tensors it completes, in hand-out order."""
         if step.kind == "dense":
-            yield self._finish_dense(step, staged, engine)
-        elif step.kind == "batch":
-            yield from self._compute_batch(step, staged, engine)
-        else:
-            assert step.tensor is not None
-            # Adapters are small: their factors and the merge go through the reader.
-            yield from self.file.iter_tensors([step.tensor.name], self.device, self.dtype)
+            return [(*self._finish_dense(step, staged, engine), None)]
+        if step.kind == "batch":
+            return self._compute_batch(step, staged, engine)
+        assert step.tensor is not None
+        # Adapters are small: their factors and the merge (IEEE float32) go through the reader.
+        return [(name, tensor, None) for name, tensor in
+                self.file.iter_tensors([step.tensor.name], self.device, self.dtype)]
 
     # -- dense tensors ---------------------------------------------------------------------
     def _stage_dense(self, step: Step, engine: CopyEngine, ring: StagingRing
@@ -326,7 +338,7 @@ class PipelinedLoader:
             data, dtype = self._external_base(member, pool)
         assert member.dest is not None
         base = member.dest if dtype == member.dtype else self._alloc(
-            engine, member.entry.numel, dtype)
+            engine, member.entry.numel, dtype, output=False)
         member.base = base
         member.base_marker = ring.upload(data, base.view(torch.uint8))
 
@@ -341,7 +353,10 @@ class PipelinedLoader:
             from ..hub import read_reference
 
             # The Hub path re-downloads a damaged copy, so it needs the check's verdict now.
+            # The fresh copy lands at the same path: the file is opened again on every call,
+            # or a map kept from the damaged copy would still show its bytes.
             def read(path: Path) -> memoryview:
+                self._close_external(entry.uri)
                 view = self._external_slice(entry.uri, path, entry.tensor, member)
                 _check_sha256(view, entry.sha256, label)
                 return view
@@ -353,6 +368,11 @@ class PipelinedLoader:
             member.base_check = pool.submit(_check_sha256, view, entry.sha256, label)
         dtype = self._externals[entry.uri].tensor(entry.tensor).dtype
         return view, dtype
+
+    def _close_external(self, uri: str) -> None:
+        external = self._externals.pop(uri, None)
+        if external is not None:
+            external.close()
 
     def _external_slice(self, uri: str, path: Path, tensor: str, member: Member
                         ) -> memoryview:
@@ -366,8 +386,7 @@ class PipelinedLoader:
                 f"{list(source.shape)}, the tensor needs {list(member.entry.shape)} (R75)")
         return source.view
 
-    def _compute_batch(self, step: Step, staged: object, engine: CopyEngine
-                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    def _compute_batch(self, step: Step, staged: object, engine: CopyEngine) -> list[Ready]:
         seg = step.segment
         assert seg is not None and seg.fused is not None and isinstance(staged, tuple)
         alpha, beta, marker = staged
@@ -383,7 +402,7 @@ class PipelinedLoader:
             left = seg.fused.coefficients(alpha, beta)
             eager = [m for m in members if not self._kernel_takes(m)]
             values = None
-            if eager:
+            if eager:  # the plan sized this segment's batches for these float32 rows
                 with ieee_fp32(left.device):
                     values = torch.mm(left, seg.fused.stacked).reshape(-1)
             for member in members:
@@ -392,18 +411,26 @@ class PipelinedLoader:
                     self._eager_member(member, values, lo, hi)
                 else:
                     self._kernel_member(member, seg.fused, left, step.c0, step.c1, d)
+        ready = []
         for member in seg.members:
             if not member.done and member.stop <= hi:
                 if member.dest is None:  # an empty member: no chunk covers it
                     member.dest = self._alloc(engine, 0, member.dtype)
-                yield self._finish_member(member)
+                ready.append(self._finish_member(member))
         if step.c1 * d >= max(m.stop for m in seg.members):
             seg.alpha = seg.beta = None  # the segment is done: drop decoded inputs
+        return ready
 
     def _kernel_takes(self, member: Member) -> bool:
-        if self.kernels is None or member.dtype not in self.kernels.KERNEL_DTYPES:
+        """Whether the fused kernel regenerates ``member``: an output dtype it stores and a
+        theta0 it evaluates (a dense one of any dtype, read as a staged base). Known before
+        anything is staged, so the plan can size batches by it."""
+        kernels = self.kernels
+        if kernels is None or member.dtype not in kernels.KERNEL_DTYPES:
             return False
-        return member.base is None or member.base.dtype in self.kernels.KERNEL_DTYPES
+        theta0 = member.entry.theta0
+        return theta0.kind in DENSE_THETA0 or kernels.kernel_theta0(
+            theta0, member.entry.shape, None) is not None
 
     def _kernel_member(self, member: Member, fused: FusedGenerator, left: torch.Tensor,
                        c0: int, c1: int, d: int) -> None:
@@ -420,10 +447,7 @@ class PipelinedLoader:
         assert self.kernels is not None
         theta0 = self.kernels.kernel_theta0(member.entry.theta0, member.entry.shape,
                                             member.base)
-        if theta0 is None:  # an unknown kind or scheme: the resolver raises the spec's error
-            self._theta0.values(member.entry.theta0, member.entry.shape, 0, 0, self.device,
-                                member.name)
-            raise AssertionError("unreachable: the resolver accepts only known theta0 kinds")
+        assert theta0 is not None, "_kernel_takes admits only theta0 the kernel evaluates"
         return theta0
 
     def _generator_weights(self, spec: GeneratorSpec) -> GeneratorWeights:
@@ -440,21 +464,19 @@ class PipelinedLoader:
         piece = values[start - lo : stop - lo]
         if member.base is not None:
             piece = piece + member.base[local : local + stop - start]
-        else:
-            base = self._theta0.values(member.entry.theta0, member.entry.shape, local,
-                                       stop - start, self.device, f"{member.name}.theta0")
+        else:  # zeros, Philox, or a kind this reader does not know: the reader's own error
+            base = self.file._theta0.values(member.entry.theta0, member.entry.shape, local,
+                                            stop - start, self.device, f"{member.name}.theta0")
             if base is not None:
                 piece = piece + base
         member.dest[local : local + stop - start].copy_(piece)
 
-    def _finish_member(self, member: Member) -> tuple[str, torch.Tensor]:
-        if member.base_check is not None:
-            member.base_check.result()  # raises ExternalReferenceError on a sha256 mismatch
+    def _finish_member(self, member: Member) -> Ready:
         assert member.dest is not None
         value = member.dest.view(member.entry.shape)
         member.dest = member.base = None
         member.done = True
-        return member.name, value
+        return member.name, value, member.base_check
 
 
 def _check_sha256(view: memoryview, expected: str, label: str) -> None:

@@ -2,8 +2,9 @@
 
 A load is a list of steps in file order: one per dense tensor, one per lora tensor, and one
 per batch of a segment's chunks, placed where the segment's first member appears. Batches
-are sized so that their device temporaries fit the workspace. The plan is pure bookkeeping
-over the header (no I/O), so tests can check it directly.
+are sized so that their device temporaries fit the workspace: a segment with any member on the
+eager path (float64 outputs, or no fused kernel) is sized for the eager path's float32 rows.
+The plan is pure bookkeeping over the header (no I/O), so tests can check it directly.
 """
 
 from __future__ import annotations
@@ -73,8 +74,12 @@ class Step:
 
 def plan_steps(header: Header, wanted: list[TensorEntry],
                out_dtype: Callable[[TensorEntry], torch.dtype], workspace_bytes: int,
-               eager: bool) -> list[Step]:
-    """The steps that load ``wanted`` (file order; a segment where its first member is)."""
+               eager: Callable[[Member], bool]) -> list[Step]:
+    """The steps that load ``wanted`` (file order; a segment where its first member is).
+
+    ``eager(member)``: whether the member takes the eager path. One such member (empty ones
+    compute nothing) makes each batch compute the whole ``[rows, d]`` float32 product, so its
+    segment's batches are sized for it."""
     steps: list[Step] = []
     segments: dict[int, SegmentWork] = {}
     for t in wanted:
@@ -98,7 +103,8 @@ def plan_steps(header: Header, wanted: list[TensorEntry],
         d = header.generators[header.segments[seg.index].generator].d
         first = seg.members[0].start // d
         last = -(-max(m.stop for m in seg.members) // d)
-        rows = batch_rows(header, seg.index, workspace_bytes, eager)
+        rows = batch_rows(header, seg.index, workspace_bytes,
+                          any(eager(m) for m in seg.members if m.entry.numel))
         out += [Step("batch", segment=seg, c0=c0, c1=min(c0 + rows, last))
                 for c0 in range(first, max(last, first + 1), rows)]
     return out
@@ -106,12 +112,13 @@ def plan_steps(header: Header, wanted: list[TensorEntry],
 
 def batch_rows(header: Header, seg_index: int, workspace_bytes: int, eager: bool) -> int:
     """Chunks per batch so that the batch's temporaries fit the workspace: the widened alpha,
-    hidden activations (about three live at once), the left factor, the alpha/beta rows, and
-    on the eager path the float32 delta and its sum with theta0."""
+    hidden activations (two float32 and three float64 copies live at once in
+    ``FusedGenerator.coefficients``, whose row norm runs in float64), the left factor, the
+    alpha/beta rows, and on the eager path the float32 delta and its sum with theta0."""
     seg = header.segments[seg_index]
     g = header.generators[seg.generator]
     width = max(g.hidden)
-    row = 4 * (seg.m * (g.k + 3 * width) + seg.m * g.hidden[-1] + 1)
+    row = seg.m * (4 * g.k + (4 * 2 + 8 * 3) * width) + 4 * (seg.m * g.hidden[-1] + 1)
     row += header.blobs[seg.alpha].decoded_length // max(seg.chunks, 1)
     row += header.blobs[seg.beta].decoded_length // max(seg.chunks, 1)
     if eager:

@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,19 +51,24 @@ class SafetensorsFile:
     def __init__(self, path: Path, label: str) -> None:
         self.path = path
         self.label = label
+        self._map: mmap.mmap | None = None
         try:
-            fd = os.open(path, os.O_RDONLY)
+            # Non-blocking, so that opening a FIFO does not wait for a writer; only regular
+            # files are mapped.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:
-            raise ExternalReferenceError(
-                f"{label} ({path}) cannot be opened: {exc.strerror} (R75). Put the base "
-                "checkpoint next to the .mcnc file."
-            ) from exc
+            raise self._unreadable(exc) from exc
         try:
-            size = os.fstat(fd).st_size
-            self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise self._error("is not a regular file")
+            if status.st_size:
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise self._unreadable(exc) from exc
         finally:
             os.close(fd)
-        self._entries, self._data_start = self._parse(size)
+        self._entries, self._data_start = self._parse(status.st_size)
 
     def _parse(self, size: int) -> tuple[dict[str, dict], int]:
         if self._map is None or size < 8:
@@ -72,7 +78,7 @@ class SafetensorsFile:
             raise self._error(f"declares a {length}-byte header, which does not fit the file")
         try:
             header = json.loads(bytes(self._map[8 : 8 + length]))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting
             raise self._error(f"has an unreadable header: {exc}") from exc
         if not isinstance(header, dict):
             raise self._error("has a header that is not a JSON object")
@@ -82,31 +88,48 @@ class SafetensorsFile:
     def _error(self, what: str) -> ExternalReferenceError:
         return ExternalReferenceError(f"{self.label}: {self.path} {what} (R75)")
 
+    def _unreadable(self, exc: OSError) -> ExternalReferenceError:
+        return ExternalReferenceError(
+            f"{self.label} ({self.path}) cannot be read: {exc.strerror or exc} (R75). Put the "
+            "base checkpoint next to the .mcnc file.")
+
     def keys(self) -> list[str]:
         """Tensor names in header order."""
         return list(self._entries)
 
     def tensor(self, name: str) -> TensorSlice:
-        """The dtype, shape and bytes of tensor ``name``."""
-        entry = self._entries.get(name)
-        if not isinstance(entry, dict):
+        """The dtype, shape and bytes of tensor ``name``; a malformed header entry raises
+        ``ExternalReferenceError`` like any other damage."""
+        if name not in self._entries:
             raise self._error(f"has no tensor named {name!r}")
-        dtype = _DTYPES.get(entry.get("dtype"))
+        entry = self._entries[name]
+        if not isinstance(entry, dict):
+            raise self._error(f"describes {name!r} with {entry!r}, not an object")
+        dtype_name = entry.get("dtype")
+        dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
-            raise self._error(f"stores {name!r} as {entry.get('dtype')!r}; base weights must be "
+            raise self._error(f"stores {name!r} as {dtype_name!r}; base weights must be "
                               f"one of {', '.join(_DTYPES)}")
-        shape = tuple(entry.get("shape", ()))
-        begin, end = entry.get("data_offsets", (0, -1))
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(_is_size(n) for n in shape):
+            raise self._error(f"gives {name!r} the shape {shape!r}, not a list of sizes")
+        offsets = entry.get("data_offsets")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_size(n) for n in offsets) or offsets[0] > offsets[1]):
+            raise self._error(f"gives {name!r} the data offsets {offsets!r}, not two "
+                              "increasing byte offsets")
+        begin, end = offsets
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        if end - begin != math.prod(shape) * itemsize or begin < 0:
+        if end - begin != math.prod(shape) * itemsize:
             raise self._error(f"gives {name!r} data offsets that do not match its shape")
-        assert self._map is not None
         start = self._data_start + begin
-        if start + (end - begin) > len(self._map):
+        if self._map is None or start + (end - begin) > len(self._map):
             raise self._error(f"is truncated inside tensor {name!r}")
-        return TensorSlice(dtype, shape, memoryview(self._map)[start : start + end - begin])
+        return TensorSlice(dtype, tuple(shape),
+                           memoryview(self._map)[start : start + end - begin])
 
     def close(self) -> None:
+        """Unmap the file (left to the garbage collector while a slice is still in use)."""
         if self._map is not None:
             try:
                 self._map.close()
@@ -114,3 +137,8 @@ class SafetensorsFile:
                 # A slice is still referenced by pending work; the map closes with it.
                 return
             self._map = None
+
+
+def _is_size(value: object) -> bool:
+    """A non-negative JSON integer (``true``/``false`` are not sizes)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

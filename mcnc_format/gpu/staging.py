@@ -31,7 +31,12 @@ class CopyEngine(Protocol):
         """A uint8 host buffer that the engine can copy from asynchronously."""
 
     def device_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A device tensor that copies may write while the compute stream is busy."""
+        """A staging tensor (freed by the loader) that copies may write while the compute
+        stream is busy."""
+
+    def output_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor handed to the caller, which copies may also write: it belongs to the
+        compute stream's pool, so the caller's stream can reuse its memory once it is freed."""
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> object:
         """Queue ``dst.copy_(src)`` (uint8, same size); return a marker of its completion."""
@@ -54,6 +59,9 @@ class SyncCopyEngine:
 
     def device_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def output_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.device_empty(shape, dtype)
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> object:
         dst.copy_(src)
@@ -87,6 +95,18 @@ class CudaCopyEngine:
         with torch.cuda.stream(self.stream):
             tensor = torch.empty(shape, dtype=dtype, device=self.device)
         tensor.record_stream(torch.cuda.current_stream(self.device))
+        return tensor
+
+    def output_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        # From the compute (caller's) stream's pool: outputs allocated on the copy stream
+        # would go back to that stream's pool when the caller frees them, out of the caller's
+        # reach. The block may have been freed by compute work that is still queued, so the
+        # copy stream first waits for the compute stream's queued work; ``record_stream``
+        # keeps the block from being reused while a copy into it is pending.
+        compute = torch.cuda.current_stream(self.device)
+        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        self.stream.wait_stream(compute)
+        tensor.record_stream(self.stream)
         return tensor
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> object:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .. import constants as C
 from ..constants import generator_bias_stream, generator_weight_stream
@@ -41,6 +42,7 @@ __all__ = [
     "THETA0_UNIFORM",
     "THETA0_ZEROS",
     "KernelTheta0",
+    "compiled",
     "draw_generator_weights",
     "fused_regenerate",
     "kernel_theta0",
@@ -52,20 +54,26 @@ THETA0_UNIFORM = 1
 THETA0_NORMAL = 2
 THETA0_DENSE = 3
 
-#: Output dtypes the kernel stores (float64 members take the eager path).
+#: Output dtypes the kernel stores (float64 members take the eager path). Dense bases may
+#: have any float dtype, float64 included.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: (chunks, values, warps) per program: a 64 x 128 float32 accumulator is 64 registers per
 #: thread at 4 warps. Not tuned on hardware yet; ``benchmarks/bench_gpu.py`` sweeps a few.
 DEFAULT_TILE = (64, 128, 4)
-_TWO_POW_M23 = 1.0 / 8388608.0
-_TWO_POW_M24 = 1.0 / 16777216.0
+# Globals read inside @triton.jit functions must be constexpr: compiled Triton rejects any
+# other global ("only constexpr"), while the interpreter would accept it. Write them to the
+# right of a tensor (``x * _TWO_PI``): the interpreter cannot multiply a constexpr by a tensor.
+_TWO_POW_M23 = tl.constexpr(1.0 / 8388608.0)
+_TWO_POW_M24 = tl.constexpr(1.0 / 16777216.0)
+_TWO_PI = tl.constexpr(6.283185307179586)  # rounded to float32 where it multiplies u2
 
 
 @dataclass(frozen=True)
 class KernelTheta0:
     """theta0 as the kernel evaluates it: a Philox scheme by its key and constants, or a dense
-    tensor (flat, float32/float16/bfloat16, indexed by the member's element index)."""
+    tensor (flat, any float dtype, indexed by the member's element index; read as float32,
+    as the reader reads a dense theta0)."""
 
     kind: int = THETA0_ZEROS
     seed: int = 0
@@ -88,11 +96,22 @@ def _uniform_units(x):
 
 
 @triton.jit
-def _box_muller(xa, xb):
-    """§8.3: ``sqrt(-2 ln u1) * cos(2 pi u2)`` from two words, in float32."""
+def _box_muller(xa, xb, LIBDEVICE: tl.constexpr):
+    """§8.3: ``sqrt(-2 ln u1) * cos(2 pi u2)`` from two words, in float32.
+
+    Precise math, so that NORMAL_ATOL * max(1, |z|) holds on every device: a correctly
+    rounded square root (``tl.sqrt`` compiles to ``sqrt.approx.ftz.f32`` for NVIDIA GPUs) and,
+    when compiled, libdevice's ``logf``/``cosf`` named explicitly. Triton 3.9 already lowers
+    ``tl.log``/``tl.cos`` to those on NVIDIA; naming them keeps the accuracy from hanging on a
+    backend's lowering (hardware ``lg2``/``cos`` approximations lose accuracy as the argument
+    of ``cos`` grows to 2 pi). The interpreter cannot call libdevice (extern functions are not
+    interpreted); its ``tl.log``/``tl.cos`` are NumPy's float32 functions, which are precise.
+    """
     u1 = ((xa >> 8).to(tl.int32) + 1).to(tl.float32) * _TWO_POW_M24
     u2 = (xb >> 8).to(tl.int32).to(tl.float32) * _TWO_POW_M24
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+    if LIBDEVICE:
+        return tl.sqrt_rn(-2.0 * libdevice.log(u1)) * libdevice.cos(u2 * _TWO_PI)
+    return tl.sqrt_rn(-2.0 * tl.log(u1)) * tl.cos(u2 * _TWO_PI)
 
 
 @triton.jit
@@ -102,7 +121,7 @@ def _regen_kernel(
     key, bound, mean, std,
     HAS_BIAS: tl.constexpr, THETA: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles_d = tl.cdiv(d, BLOCK_D)
@@ -148,12 +167,13 @@ def _regen_kernel(
         if ALIGNED:
             blk = row_start[:, None] // 2 + tl.arange(0, BLOCK_D // 2)[None, :]
             w0, w1, w2, w3 = tl.randint4x(key, blk)
-            z = tl.reshape(tl.join(_box_muller(w0, w1), _box_muller(w2, w3)), (BLOCK_C, BLOCK_D))
+            z = tl.reshape(tl.join(_box_muller(w0, w1, LIBDEVICE), _box_muller(w2, w3, LIBDEVICE)),
+                           (BLOCK_C, BLOCK_D))
         else:
             safe = tl.where(local >= 0, local, 0)
             w0, w1, w2, w3 = tl.randint4x(key, safe // 2)
             odd = (safe % 2) == 1
-            z = _box_muller(tl.where(odd, w2, w0), tl.where(odd, w3, w1))
+            z = _box_muller(tl.where(odd, w2, w0), tl.where(odd, w3, w1), LIBDEVICE)
         acc += z * std + mean
     elif THETA == 3:
         acc += tl.load(base_ptr + local, mask=mask, other=0.0).to(tl.float32)
@@ -168,6 +188,11 @@ def _uniform_kernel(out_ptr, n, key, bound, BLOCK: tl.constexpr):
     words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK,))
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + index, _uniform_units(words) * bound, mask=index < n)
+
+
+def compiled() -> bool:
+    """Whether the kernels are compiled (``TRITON_INTERPRET=1`` at import interprets them)."""
+    return isinstance(_regen_kernel, triton.JITFunction)
 
 
 def philox_uniform(seed: int, stream: int, count: int, bound: float, device: torch.device
@@ -263,5 +288,5 @@ def fused_regenerate(
         theta0.key, theta0.bound, theta0.mean, theta0.std,
         HAS_BIAS=has_bias, THETA=theta0.kind, ALIGNED=aligned,
         BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_K=block_k, PRECISION=precision,
-        num_warps=num_warps,
+        LIBDEVICE=compiled(), num_warps=num_warps,
     )

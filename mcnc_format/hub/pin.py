@@ -31,7 +31,7 @@ def theta0_reference(reference: str, tensor: str, *, token: str | None = None,
 def theta0_references(reference: str, tensors: Iterable[str], *, token: str | None = None,
                       endpoint: str | None = None) -> dict[str, Theta0]:
     """``theta0_reference`` for many tensors of one file: one commit lookup, one download."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         target = parse_uri(reference)
@@ -49,7 +49,7 @@ def theta0_references(reference: str, tensors: Iterable[str], *, token: str | No
                         f"{target}: no tensor named {name!r}; the file holds {len(names)} "
                         f"tensors, e.g. {sorted(names)[:3]}")
                 out[name] = Theta0.external(str(target), name, tensor_sha256(base.get_tensor(name)))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ExternalReferenceError(f"{target}: not a readable safetensors file ({local}): "
                                      f"{exc}") from exc
     return out
