@@ -32,7 +32,10 @@ def demo(ctx: click.Context, out_dir: Path | None, as_json: bool, quick: bool) -
     settings = DemoSettings().quick() if quick else DemoSettings()
     folder = out_dir if out_dir is not None else _temporary_folder(ctx)
     if as_json:
-        click.echo(json.dumps(run_demo(settings, folder).to_json(), indent=2))
+        summary = run_demo(settings, folder).to_json()
+        if out_dir is None:  # the temporary folder is gone when the command returns
+            summary = {k: v for k, v in summary.items() if k not in ("mcnc_file", "dense_file")}
+        click.echo(json.dumps(summary, indent=2))
         return
     console = Console()
     console.rule("mcnc demo")
