@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ChecksumError",
     "DeviceMemoryError",
+    "ExternalReferenceDamaged",
     "ExternalReferenceError",
     "FormatError",
     "HeaderError",
@@ -60,6 +61,11 @@ class UnsupportedFeatureError(MCNCError):
 class ExternalReferenceError(MCNCError):
     """Raised when a theta0 reference to another file cannot be resolved: the file or tensor
     is missing, or its bytes do not match the pinned sha256."""
+
+
+class ExternalReferenceDamaged(ExternalReferenceError):
+    """Raised when a referenced base file is unreadable or its bytes do not match the pinned
+    sha256 (damage, not a wrong reference): a fresh download may help."""
 
 
 class WriteError(MCNCError):

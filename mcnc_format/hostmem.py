@@ -9,6 +9,7 @@ advice is not available the mapping behaves like any other.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 
 import torch
@@ -26,5 +27,6 @@ def empty_float32(numel: int) -> torch.Tensor:
         return torch.empty(numel, dtype=torch.float32)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        region.madvise(mmap.MADV_HUGEPAGE)
+        with contextlib.suppress(OSError):  # kernels without transparent huge pages refuse
+            region.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(region, dtype=torch.float32, count=numel)

@@ -26,6 +26,7 @@ from .container import decode_blob, decode_header, read_preamble
 from .dtypes import to_torch
 from .errors import (
     DeviceMemoryError,
+    ExternalReferenceDamaged,
     ExternalReferenceError,
     FormatError,
     MCNCError,
@@ -81,17 +82,21 @@ class MCNCFile:
         self.path = Path(path)
         self.verify = verify
         self.workspace_bytes = workspace_bytes
+        self._map: mmap.mmap | None = None
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:
             raise MCNCError(f"{self.source}: cannot open: {exc.strerror}") from exc
         try:
-            status = os.fstat(self._fd)
-            if not stat.S_ISREG(status.st_mode):
-                raise MCNCError(f"{self.source}: not a regular file; give the path of an .mcnc "
-                                "file")
-            self.file_size = status.st_size
-            self._map = _map_file(self._fd, self.file_size, self.source)
+            try:  # the map holds its own reference to the file: no descriptor outlives this
+                status = os.fstat(fd)
+                if not stat.S_ISREG(status.st_mode):
+                    raise MCNCError(f"{self.source}: not a regular file; give the path of an "
+                                    ".mcnc file")
+                self.file_size = status.st_size
+                self._map = _map_file(fd, self.file_size, self.source)
+            finally:
+                os.close(fd)
             view = memoryview(self._map) if self._map is not None else memoryview(b"")
             preamble = read_preamble(view, self.file_size, self.source)
             raw_header = view[C.PREAMBLE_SIZE : C.PREAMBLE_SIZE + preamble.header_length]
@@ -117,9 +122,6 @@ class MCNCFile:
             with contextlib.suppress(BufferError):
                 self._map.close()  # type: ignore[union-attr]
             self._map = None
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None  # type: ignore[assignment]
 
     def __enter__(self) -> MCNCFile:
         return self
@@ -420,9 +422,12 @@ class MCNCFile:
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             if isinstance(exc, MCNCError):
                 raise
-            raise ExternalReferenceError(
+            remedy = ("It is fetched from the Hub; try again, or check the base repository."
+                      if entry.uri.startswith("hf://") or self.source.startswith("hf://")
+                      else "Put the base checkpoint next to the .mcnc file.")
+            raise ExternalReferenceDamaged(
                 f"{self.source}: theta0 reference {entry.uri} ({path}) cannot be read: {exc} "
-                "(R75). Put the base checkpoint next to the .mcnc file."
+                f"(R75). {remedy}"
             ) from exc
         if tuple(value.shape) != shape:
             raise ExternalReferenceError(
@@ -431,7 +436,7 @@ class MCNCFile:
             )
         digest = tensor_sha256(value)
         if digest != entry.sha256:
-            raise ExternalReferenceError(
+            raise ExternalReferenceDamaged(
                 f"{self.source}: theta0 reference {entry.uri}:{entry.tensor} has sha256 "
                 f"{digest}, the file pins {entry.sha256} (R75): the base checkpoint differs "
                 "from the one this file was made against."

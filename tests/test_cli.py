@@ -342,3 +342,12 @@ def test_benchmark_quick_run(tmp_path):
     assert all(r["file_bytes"] > r["ideal_bytes"] > 0 for r in results["sizes"])
     assert len(results["load"]) == 2 and len(results["regeneration"]) == 4
     assert all(r["within_bound"] and r["generator_weights_exact"] for r in results["accuracy"])
+
+
+def test_inspect_shows_names_and_metadata_that_look_like_markup(tmp_path: Path) -> None:
+    """Strings from the file are shown as they are, never read as rich markup."""
+    path = tmp_path / "markup.mcnc"
+    mcnc.save(path, {"x[bold]": torch.arange(3.0)}, metadata={"k": "[/x]"})
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "x[bold]" in result.output and "[/x]" in result.output

@@ -195,3 +195,32 @@ def test_targets_must_be_linear_layers():
             add_mcnc_lora(_pretrained(), CONFIG, target_modules=patterns)
     with pytest.raises(ReparametrizeError, match="rank"):
         add_mcnc_lora(_pretrained(), CONFIG, target_modules=TARGETS, rank=0)
+
+
+class _TiedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x))
+
+
+class _Reused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize(("make", "target"), [(_TiedHead, "head"), (_Reused, "a")])
+def test_shared_targets_are_refused(make: type[nn.Module], target: str) -> None:
+    """A tied or reused Linear adapted in one place would save another model than trained."""
+    with pytest.raises(ReparametrizeError, match="shared with"):
+        add_mcnc_lora(make(), MCNCConfig(k=4, d=64, hidden=(8,)), target_modules=[target],
+                      rank=2)

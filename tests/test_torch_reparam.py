@@ -331,3 +331,27 @@ def test_refusals_name_the_problem_and_the_fix():
         MCNCConfig(chunking="layer")
     with pytest.raises(ReparametrizeError, match="no 'mcnc_config'"):
         export_state_dict(mlp().state_dict())
+
+
+@pytest.mark.parametrize("damage", ["not-an-object", "segment-out-of-range", "bad-dtype",
+                                    "lora-out-of-range"])
+def test_damaged_manifest_is_reported(damage: str) -> None:
+    """A hand-edited or damaged manifest gives ReparametrizeError, never an IndexError."""
+    import json
+
+    model = reparametrize(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)),
+                          MCNCConfig(k=4, d=64, hidden=(8,)))
+    state = model.state_dict()
+    body = json.loads(bytes(state["mcnc_config"].tolist()).decode())
+    if damage == "not-an-object":
+        body = [1]
+    elif damage == "segment-out-of-range":
+        body["members"][0]["segment"] = 7
+    elif damage == "bad-dtype":
+        body["members"][0]["dtype"] = "zz"
+    else:
+        body["lora"] = [{"module": "0", "A": 5, "B": 6, "scale": 1.0}]
+    state["mcnc_config"] = torch.frombuffer(bytearray(json.dumps(body).encode()),
+                                            dtype=torch.uint8)
+    with pytest.raises(ReparametrizeError, match="manifest is damaged"):
+        export_state_dict(state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -214,3 +215,20 @@ def test_sigkill_while_writing(previous: tuple[Path, bytes], seed: int) -> None:
         proc.wait()
     _assert_intact(path, old)
     assert len(_temporaries(path.parent)) <= 1  # SIGKILL may leave the temporary file
+
+
+def test_replacement_keeps_the_old_mode_and_new_files_follow_the_umask(tmp_path: Path,
+                                                                        seed: int) -> None:
+    """A model saved over a 0600 file stays private; a new file gets 0666 minus the umask."""
+    private = tmp_path / "private.mcnc"
+    private.write_bytes(b"old")
+    private.chmod(0o600)
+    mf.save(private, _inputs(seed, 1))
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    old = os.umask(0o077)
+    try:
+        fresh = tmp_path / "fresh.mcnc"
+        mf.save(fresh, _inputs(seed, 1))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600

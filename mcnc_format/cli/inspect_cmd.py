@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -170,9 +171,9 @@ def _summary_panel(facts: dict[str, Any]) -> Panel:
             table.add_column(style="cyan")
             table.add_column(overflow="fold")
             for key, value in sorted(facts[title].items()):
-                table.add_row(key, _shorten(value))
+                table.add_row(escape(key), escape(_shorten(value)))
             parts += [f"[bold]{title}[/bold]", table]
-    return Panel(Group(*parts), title=facts["file"], title_align="left", expand=False)
+    return Panel(Group(*parts), title=escape(facts["file"]), title_align="left", expand=False)
 
 
 def _tensor_table(tensors: list[dict[str, Any]]) -> Table:
@@ -186,10 +187,11 @@ def _tensor_table(tensors: list[dict[str, Any]]) -> Table:
         segment = t["segment"]
         if "factors" in t:
             segment = f"A:{t['factors']['A']['segment']} B:{t['factors']['B']['segment']}"
-        table.add_row(t["name"], "x".join(map(str, t["shape"])) or "scalar", t["dtype"],
-                      t["encoding"], f"{t['stored_values']:,}", f"{t['stored_bytes']:,}",
-                      t["theta0_scheme"] or t["theta0"] or "-", _dash(segment),
-                      _dash(t["generator"]))
+        # Names and the other strings come from the file: never let rich read them as markup.
+        table.add_row(escape(t["name"]), "x".join(map(str, t["shape"])) or "scalar",
+                      escape(t["dtype"]), escape(t["encoding"]), f"{t['stored_values']:,}",
+                      f"{t['stored_bytes']:,}", escape(t["theta0_scheme"] or t["theta0"] or "-"),
+                      _dash(segment), _dash(t["generator"]))
     return table
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from .. import constants as C
@@ -49,7 +50,8 @@ def unpack(file: str, out: Path, dtype: str | None, force: bool) -> None:
         task = bar.add_task("regenerating", total=None)
 
         def report(p: LoadProgress) -> None:
-            bar.update(task, total=p.bytes_total, completed=p.bytes_done, description=p.name)
+            bar.update(task, total=p.bytes_total, completed=p.bytes_done,
+                       description=escape(p.name))
 
         written = export_safetensors(file, out, dtype=DTYPES[dtype] if dtype else None,
                                      overwrite=force, progress=report)

@@ -133,10 +133,25 @@ def _targets(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Li
     """The ``nn.Linear`` modules (exactly that type: subclasses such as MultiheadAttention's
     ``out_proj`` are read by their owner without calling their forward) whose names match."""
     found = []
+    module_names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(module), []).append(name)
+    weight_names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        weight_names.setdefault(id(param), []).append(name)
     for name, module in model.named_modules():
         matches = any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p)
                       for p in patterns)
         if name and matches and type(module) is nn.Linear:
+            # A Linear used under two names, or whose weight is tied to another parameter,
+            # would be adapted in one place only: what trains would not be what loads.
+            aliases = module_names[id(module)][1:] + [
+                n for n in weight_names[id(module.weight)] if n != f"{name}.weight"]
+            if aliases:
+                raise ReparametrizeError(
+                    f"add_mcnc_lora: {name!r} is shared with {aliases}; adapting it in one "
+                    "place would save a model different from the one trained. Untie the "
+                    "weights or leave this module out of target_modules.")
             found.append((name, module))
     if not found:
         linear = [n for n, m in model.named_modules() if type(m) is nn.Linear]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import constants as C
 from ..errors import ReparametrizeError
 from ..header import Theta0Entry
 from .config import MCNCConfig
@@ -138,6 +139,22 @@ class Manifest:
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
+    def check(self) -> None:
+        """Cross-field consistency, so that export never indexes out of range: raises
+        ``ValueError`` naming the first inconsistency (``from_tensor`` reports it)."""
+        for member in self.members:
+            if not 0 <= member.segment < len(self.chunks):
+                raise ValueError(f"member {member.name!r} names segment {member.segment}; "
+                                 f"there are {len(self.chunks)}")
+            if member.dtype not in C.FLOAT_DTYPES or any(d < 0 for d in member.shape):
+                raise ValueError(f"member {member.name!r} has dtype {member.dtype!r} and "
+                                 f"shape {list(member.shape)}")
+        for lora in self.loras:
+            for index in (lora.A, lora.B):
+                if not 0 <= index < len(self.members):
+                    raise ValueError(f"LoRA {lora.module!r} names member {index}; there are "
+                                     f"{len(self.members)}")
+
     def to_tensor(self) -> torch.Tensor:
         """The manifest as the ``uint8`` tensor stored under ``mcnc_config``."""
         return torch.frombuffer(bytearray(self.to_json().encode("utf-8")), dtype=torch.uint8)
@@ -150,18 +167,25 @@ class Manifest:
                                      f"manifest, got {tensor.dtype} {list(tensor.shape)}")
         try:
             body = json.loads(tensor.cpu().numpy().tobytes().decode("utf-8"))
+            if not isinstance(body, dict):
+                raise TypeError(f"expected a JSON object, got {type(body).__name__}")
             if body.get("format") != MANIFEST_FORMAT:
                 raise ReparametrizeError(
                     f"{source}: manifest format {body.get('format')!r} is not "
                     f"{MANIFEST_FORMAT!r}; upgrade mcnc-format to read it")
-            return cls(
+            manifest = cls(
                 MCNCConfig.from_dict(body["config"]),
                 tuple(MemberSpec.from_dict(m) for m in body["members"]),
                 tuple(int(c) for c in body["chunks"]),
                 tuple(LoRASpec.from_dict(x) for x in body["lora"]),
                 tuple(str(n) for n in body["order"]),
             )
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            manifest.check()
+            return manifest
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+                AttributeError, IndexError) as exc:
+            if isinstance(exc, ReparametrizeError):
+                raise
             raise ReparametrizeError(f"{source}: the MCNC manifest is damaged ({exc}); re-save "
                                      "the state dict of the reparametrized model") from exc
 

@@ -127,7 +127,8 @@ def _select(model: nn.Module, config: MCNCConfig
             if len(names[id(param)]) > 1:
                 raise ReparametrizeError(
                     f"parameter {name!r} is tied to {names[id(param)]}; MCNC would untie them. "
-                    f"Add one of the names to MCNCConfig.exclude, or untie the weights first.")
+                    "Add every one of these names to MCNCConfig.exclude (the parameter then "
+                    "stays dense), or untie the weights first.")
             out.append((name, module, attribute, param))
     if not out:
         raise ReparametrizeError(
