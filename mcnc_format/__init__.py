@@ -7,6 +7,7 @@ the file format and README.md for a tour.
 from .errors import (
     ChecksumError,
     DeviceMemoryError,
+    ExternalReferenceDamaged,
     ExternalReferenceError,
     FormatError,
     HeaderError,
@@ -36,6 +37,7 @@ __all__ = [
     "ChecksumError",
     "Dense",
     "DeviceMemoryError",
+    "ExternalReferenceDamaged",
     "ExternalReferenceError",
     "FormatError",
     "GeneratorSpec",
