@@ -9,10 +9,12 @@ code computes.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import pickle
+import random
 import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -24,10 +26,10 @@ from safetensors.torch import save_file
 import mcnc_format as mf
 from mcnc_format import UnsafeCheckpointError
 from mcnc_format.converters import registry
-from mcnc_format.converters.checkpoint import read_checkpoint
+from mcnc_format.converters.checkpoint import Checkpoint, read_checkpoint
 from mcnc_format.converters.mapping import MappingConverter, load_mapping
 from mcnc_format.converters.pack import pack
-from mcnc_format.errors import MCNCError
+from mcnc_format.errors import MappingError, MCNCError
 from mcnc_format.generator import GeneratorSpec, draw_philox_weights
 from mcnc_format.reader import tensor_sha256
 
@@ -51,15 +53,19 @@ class _WritesMarker:
         return (Path.touch, (self.marker,))
 
 
-@pytest.mark.parametrize("container", ["torch.save", "raw pickle"])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("container", ["torch.save", "legacy torch.save", "pickle protocol 2",
+                                       "pickle protocol 5"])
 def test_pickled_code_is_refused_and_never_runs(container: str, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     evil = tmp_path / "evil.pt"
     payload = {"weight": torch.ones(3), "trap": _WritesMarker(marker)}
     if container == "torch.save":
         torch.save(payload, evil)
-    else:
-        evil.write_bytes(pickle.dumps(payload))
+    elif container == "legacy torch.save":
+        torch.save(payload, evil, _use_new_zipfile_serialization=False)
+    else:  # protocol 5 starts with FRAME, which torch refuses before it sees any global
+        evil.write_bytes(pickle.dumps(payload, protocol=int(container[-1])))
     with pytest.raises(UnsafeCheckpointError, match=r"evil\.pt: refusing to load.*safetensors"):
         read_checkpoint(evil)
     with pytest.raises(UnsafeCheckpointError):
@@ -91,18 +97,64 @@ def test_safetensors_checkpoint(seed: int, tmp_path: Path) -> None:
     assert sorted(seen) == [("a", 20), ("b", 32)]
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"not a checkpoint at all", "refusing to load"),
-    (None, "expected a state dict"),
-])
-def test_unreadable_checkpoints(content: bytes | None, match: str, tmp_path: Path) -> None:
-    path = tmp_path / "bad.pt"
-    if content is None:
-        torch.save(torch.zeros(2), path)
-    else:
+def _zip_checkpoint(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"w": torch.randn(4, 4, generator=torch.Generator().manual_seed(seed))}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("damage", ["text", "random bytes", "empty", "truncated zip",
+                                    "plain-data pickle 5"])
+def test_damaged_checkpoints_are_unreadable_not_unsafe(damage: str, seed: int,
+                                                       tmp_path: Path) -> None:
+    rng = random.Random(seed)
+    content = {
+        "text": b"not a checkpoint at all",
+        # 0x9c is no pickle opcode: torch says "Unsupported operand 156", as for any noise
+        "random bytes": b"\x9c" + rng.randbytes(200),
+        "empty": b"",
+        "truncated zip": _zip_checkpoint(seed)[: rng.randrange(100, 400)],
+        "plain-data pickle 5": pickle.dumps({"step": 3}, protocol=5),
+    }[damage]
+    (tmp_path / "bad.pt").write_bytes(content)
+    with pytest.raises(MCNCError, match=r"bad\.pt is not a readable torch checkpoint") as caught:
+        read_checkpoint(tmp_path / "bad.pt")
+    assert not isinstance(caught.value, UnsafeCheckpointError)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Detected pickle protocol")
+def test_damaged_bytes_only_raise_mcnc_errors(seed: int, tmp_path: Path) -> None:
+    """Noise, truncations and flipped bytes of a legacy (plain pickle) torch file: torch's
+    unpickler raises IndexError, KeyError, UnicodeDecodeError... on them; the reader turns
+    every one into an MCNCError naming the file."""
+    rng = random.Random(seed)
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(3), "meta": {"step": 1}}, buffer,
+               _use_new_zipfile_serialization=False)
+    legacy = buffer.getvalue()
+    path = tmp_path / "fuzz.pt"
+    for i in range(300):
+        if i % 3 == 0:
+            content = rng.randbytes(rng.randrange(1, 300))
+        elif i % 3 == 1:
+            content = legacy[: rng.randrange(len(legacy))]
+        else:
+            flipped = bytearray(legacy)
+            for _ in range(3):
+                flipped[rng.randrange(len(flipped))] = rng.randrange(256)
+            content = bytes(flipped)
         path.write_bytes(content)
-    with pytest.raises(MCNCError, match=match):
-        read_checkpoint(path)
+        try:
+            read_checkpoint(path)
+        except MCNCError as exc:
+            assert "fuzz.pt" in str(exc)
+
+
+def test_checkpoint_that_is_not_a_state_dict(tmp_path: Path) -> None:
+    torch.save(torch.zeros(2), tmp_path / "bad.pt")
+    with pytest.raises(MCNCError, match="expected a state dict"):
+        read_checkpoint(tmp_path / "bad.pt")
 
 
 # -- registry ------------------------------------------------------------------------------
@@ -330,3 +382,87 @@ def test_mapping_errors_name_the_field(change: dict, match: str, seed: int,
         converter = load_mapping(tmp_path / "m.json")
         converter.convert(read_checkpoint(path))
     assert isinstance(MappingConverter(FOREIGN_MAPPING), MappingConverter)
+
+
+# -- malformed mapping documents -----------------------------------------------------------
+def _small_checkpoint(seed: int) -> Checkpoint:
+    """Alpha and beta for one 10x10 tensor (chunks of d=64) and for LoRA factors (5x5, r=2)."""
+    g = torch.Generator().manual_seed(seed)
+    return Checkpoint(Path("small.pt"), {
+        "l.alpha": torch.rand(2, 4, generator=g) * 2 - 1, "l.beta": torch.randn(2, generator=g),
+        "q.lora_alpha": torch.rand(1, 4, generator=g) * 2 - 1,
+        "q.lora_beta": torch.randn(1, generator=g),
+    })
+
+
+def _small_mapping() -> dict:
+    return {"mcnc_mapping": 1, "remaining": "drop",
+            "generators": {"g": {"k": 4, "d": 64, "hidden": [8], "seed": 0}},
+            "tensors": [{"name": "{x}.weight", "generator": "g", "alpha": "{x}.alpha",
+                         "beta": "{x}.beta", "shape": [10, 10]}]}
+
+
+def _lora_entry(shape: list[int]) -> dict:
+    factor = {"generator": "g", "alpha": "q.lora_alpha", "beta": "q.lora_beta"}
+    return {"name": "q.weight", "rank": 2, "scale": 1.0, "shape": shape, "A": factor,
+            "B": factor}
+
+
+def _set(path: str, value: object) -> dict:
+    """The small mapping with the field at ``path`` (dot-separated, list indices as digits)
+    replaced by ``value``."""
+    doc = _small_mapping()
+    *parents, last = path.split(".")
+    node = doc
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[int(last) if isinstance(node, list) else last] = value
+    return doc
+
+
+@pytest.mark.parametrize("doc, match", [
+    (_set("generators.g.seed", "abc"), r"generators\.g\.seed: expected an integer, got 'abc'"),
+    (_set("generators.g.seed", -1), r"generators\.g\.seed: expected an integer in \[0, "),
+    (_set("generators.g.seed", 2**32), r"generators\.g\.seed: expected an integer in"),
+    (_set("generators.g.k", 0), r"generators\.g\.k: expected an integer >= 1"),
+    (_set("generators.g.d", 6.5), r"generators\.g\.d: expected an integer, got 6\.5"),
+    (_set("generators.g.hidden", 8), r"generators\.g\.hidden: expected a list of integers"),
+    (_set("generators.g.hidden", [8, "x"]), r"generators\.g\.hidden\[1\]: expected an integer"),
+    (_set("generators.g.L", "big"), r"generators\.g\.L: expected a number"),
+    (_set("generators.g.bias", "yes"), r"generators\.g\.bias: expected true or false"),
+    (_set("tensors.0.shape", "ab"), r"tensors\[0\] \(l\.alpha\)\.shape: expected a list of "),
+    (_set("tensors.0.shape", 5), r"\.shape: expected a list of integers, got 5"),
+    (_set("tensors.0.shape", [10, -10]), r"\.shape\[1\]: expected an integer >= 0"),
+    (_set("tensors.0.generator", ["g"]), r"\.generator: names \['g'\]"),
+    (_set("tensors.0.alpha", "{x}.{x}"), r"tensors\[0\]: the template '\{x\}\.\{x\}' matches no"),
+    (_set("tensors.0.theta0", {"external": 5, "tensor": "t"}), r"\.theta0: expected a checkpoint"),
+    (_set("tensors.0", {"generator": "g", "alpha": "l.alpha", "beta": "l.beta", "members": 5}),
+     r"tensors\[0\]\.members: expected a non-empty list"),
+    (_set("tensors.0", _lora_entry([2, 5, 5])), r"tensors\[0\]\.shape: a lora tensor is a matrix"),
+    (_set("tensors.0", _lora_entry([5])), r"tensors\[0\]\.shape: a lora tensor is a matrix"),
+    (_set("tensors.0", {**_lora_entry([5, 5]), "rank": "two"}), r"tensors\[0\]\.rank: expected"),
+    (_set("tensors.0", {**_lora_entry([5, 5]), "scale": None}), r"tensors\[0\]\.scale"),
+    (_set("metadata", [1, 2]), r"metadata: expected a JSON object of names to strings"),
+    (_set("info", "me"), r"info: expected a JSON object of names to strings"),
+], ids=lambda v: None if isinstance(v, dict) else v[:40])
+def test_malformed_mapping_raises_mapping_error(doc: dict, match: str, seed: int) -> None:
+    """Every malformed field is a MappingError naming it, never a bare Python exception."""
+    with pytest.raises(MappingError, match=match):
+        MappingConverter(doc, "m.json").convert(_small_checkpoint(seed))
+
+
+def test_small_mapping_and_lora_entry_convert(seed: int) -> None:
+    """The documents the malformed cases start from are themselves valid."""
+    checkpoint = _small_checkpoint(seed)
+    assert set(MappingConverter(_small_mapping()).convert(checkpoint).tensors) == {"l.weight"}
+    lora = MappingConverter(_set("tensors.0", _lora_entry([5, 5]))).convert(checkpoint)
+    assert set(lora.tensors) == {"q.weight"}
+
+
+def test_repeated_placeholder_must_match_the_same_text(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {key: torch.rand(2, 4, generator=g) for key in ("a.alpha.a", "b.alpha.c")}
+    tensors |= {key: torch.randn(2, generator=g) for key in ("a.beta", "b.beta")}
+    doc = _set("tensors.0.alpha", "{x}.alpha.{x}")
+    conversion = MappingConverter(doc).convert(Checkpoint(Path("rep.pt"), tensors))
+    assert set(conversion.tensors) == {"a.weight"}  # "b.alpha.c": the two {x} differ

@@ -4,7 +4,8 @@ A tiny LLaMA (transformers config, random init, no download) gets MCNC-LoRA adap
 packed against its base checkpoint and exported; ``PeftModel.from_pretrained`` on a fresh copy
 of the base must give the logits of the base with the .mcnc file's merged weights loaded. A
 plain torch model with adapters of different ranks and scales checks ``rank_pattern`` and
-``alpha_pattern`` through PEFT's custom-model support.
+``alpha_pattern`` through PEFT's custom-model support, and one whose module names share a
+suffix (``q``, ``blk.q``) checks that each setting reaches its own module only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -77,7 +80,9 @@ def test_llama_adapter_loads_in_peft(seed: int, tmp_path: Path) -> None:
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
     assert config["base_model_name_or_path"] == "base.safetensors"
-    assert len(config["target_modules"]) == 4
+    assert len(config["target_modules"].split("|")) == 4  # one regex, full-matched by PEFT
+    assert all(re.fullmatch(config["target_modules"], f"model.layers.{i}.self_attn.{p}_proj")
+               for i in range(2) for p in "qv")
 
     merged = copy.deepcopy(base)
     merged.load_state_dict(mf.load(tmp_path / "adapter.mcnc"), strict=False)
@@ -145,7 +150,7 @@ def test_mixed_ranks_use_patterns(seed: int, tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x), merged(x), rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(MCNCError, match=r"already holds adapter_config\.json"):
+    with pytest.raises(MCNCError, match=r"adapter_config\.json, .*: already exist; pass --force"):
         export_peft(tmp_path / "a.mcnc", tmp_path / "peft", skip_non_lora=True)
     export_peft(tmp_path / "a.mcnc", tmp_path / "peft", skip_non_lora=True, force=True)
 
@@ -154,3 +159,46 @@ def test_file_without_lora_is_refused(tmp_path: Path) -> None:
     mf.save(tmp_path / "d.mcnc", {"w": torch.ones(2, 2)})
     with pytest.raises(MCNCError, match="no lora tensors"):
         export_peft(tmp_path / "d.mcnc", tmp_path / "out")
+
+
+class SharedSuffix(nn.Module):
+    """Three modules ending in ``q``: PEFT's suffix matching would confuse them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.blk = nn.ModuleDict({"q": nn.Linear(8, 8)})
+        self.blk2 = nn.ModuleDict({"q": nn.Linear(8, 8)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blk2["q"](torch.tanh(self.blk["q"](torch.tanh(self.q(x)))))
+
+
+def test_modules_sharing_a_suffix_keep_their_own_rank(seed: int, tmp_path: Path) -> None:
+    torch.manual_seed(seed)
+    base = SharedSuffix()
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    spec = GeneratorSpec(k=4, d=64, hidden=(8,), seed=seed % 2**32)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"{name}.weight": _lora(f"{name}.weight", rank, scale,
+                                       base.state_dict()[f"{name}.weight"], spec, g)
+               for name, rank, scale in (("q", 8, 2.0), ("blk.q", 4, 0.5), ("blk2.q", 4, 0.5))}
+    mf.save(tmp_path / "s.mcnc", tensors)
+    export_peft(tmp_path / "s.mcnc", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 2)
+    assert config["rank_pattern"] == {"^q": 8} and config["alpha_pattern"] == {"^q": 16}
+
+    merged = copy.deepcopy(base)
+    merged.load_state_dict(mf.load(tmp_path / "s.mcnc"), strict=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft"))
+    assert not [w for w in caught if "pattern" in str(w.message) or "target_modules" in
+                str(w.message)]
+    adapted = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {f"base_model.model.{m}" for m in ("q", "blk.q", "blk2.q")}
+    x = torch.randn(6, 8, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), merged(x), rtol=1e-5, atol=1e-5)
+        assert (peft_model(x) - base(x)).abs().max() > 1e-3

@@ -59,6 +59,7 @@ _GENERATOR_KEYS = {"k", "d", "hidden", "L", "omega0", "bias", "normalize", "weig
 _SEGMENT_KEYS = {"generator", "alpha", "beta", "alpha_transform"}
 _MEMBER_KEYS = {"name", "shape", "theta0", "dtype"}
 _LORA_KEYS = {"name", "lora", "shape", "theta0", "dtype", "scale", "rank", "A", "B"}
+SEED_MAX = 2**32 - 1  # SPEC R30: a philox seed is a uint32
 
 
 def load_mapping(path: str | os.PathLike[str]) -> MappingConverter:
@@ -143,10 +144,16 @@ class MappingConverter:
             for use in self._expand(raw, f"tensors[{i}]", tensors):
                 self._convert_entry(use, tensors, generators, used, out)
         self._remaining(tensors, used, out, checkpoint)
-        metadata = {str(k): str(v) for k, v in self.doc.get("metadata", {}).items()}
         info = {"producer": "mcnc pack --mapping", "source": checkpoint.path.name}
-        info.update({str(k): str(v) for k, v in self.doc.get("info", {}).items()})
-        return Conversion(out, metadata, info)
+        info.update(self._strings("info"))
+        return Conversion(out, self._strings("metadata"), info)
+
+    def _strings(self, field: str) -> dict[str, str]:
+        """``metadata`` / ``info``: a JSON object whose values are written as strings."""
+        value = self.doc.get(field, {})
+        if not isinstance(value, dict):
+            raise self.fail(field, f"expected a JSON object of names to strings, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
 
     def _renamed(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         prefix = self.doc.get("strip_prefix", "")
@@ -164,15 +171,19 @@ class MappingConverter:
     def _generator(self, name: str, g: dict[str, Any], tensors: dict[str, torch.Tensor],
                    used: set[str]) -> GeneratorSpec:
         where = f"generators.{name}"
-        try:
-            arch = dict(k=int(g["k"]), d=int(g["d"]), hidden=tuple(int(h) for h in g["hidden"]),
-                        L=float(g.get("L", 20.0)), omega0=float(g.get("omega0", 1.0)),
-                        bias=bool(g.get("bias", True)), normalize=bool(g.get("normalize", True)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise self.fail(where, f"needs integer k, d and a list 'hidden' ({exc})") from None
-        seed = g.get("seed")
+        arch = dict(k=self._integer(g.get("k"), f"{where}.k", 1),
+                    d=self._integer(g.get("d"), f"{where}.d", 1),
+                    hidden=self._integers(g.get("hidden"), f"{where}.hidden", 1),
+                    L=self._number(g.get("L", 20.0), f"{where}.L"),
+                    omega0=self._number(g.get("omega0", 1.0), f"{where}.omega0"),
+                    bias=self._boolean(g.get("bias", True), f"{where}.bias"),
+                    normalize=self._boolean(g.get("normalize", True), f"{where}.normalize"))
+        seed = None if g.get("seed") is None else self._integer(g["seed"], f"{where}.seed", 0,
+                                                                  SEED_MAX)
         if "weights" not in g:
-            return GeneratorSpec(**arch, seed=int(seed))
+            if seed is None:
+                raise self.fail(f"{where}.seed", "expected a uint32 (no 'weights' given)")
+            return GeneratorSpec(**arch, seed=seed)
         keys = g["weights"]
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise self.fail(f"{where}.weights", "expected a list of checkpoint keys")
@@ -191,9 +202,9 @@ class MappingConverter:
             weights.append(value.detach().to(torch.float32))
             used.add(key)
         if seed is not None:
-            drawn = draw_philox_weights(GeneratorSpec(**arch, seed=int(seed)), "cpu")
+            drawn = draw_philox_weights(GeneratorSpec(**arch, seed=seed), "cpu")
             if all(torch.equal(a, b) for a, b in zip(weights, drawn, strict=True)):
-                return GeneratorSpec(**arch, seed=int(seed))
+                return GeneratorSpec(**arch, seed=seed)
             raise self.fail(where, f"the weights are not the spec's Philox draw for seed "
                             f"{seed}; drop 'seed' to store them inline")
         return GeneratorSpec(**arch, seed=None, inline=tuple(weights))
@@ -203,13 +214,10 @@ class MappingConverter:
         if not isinstance(raw, dict):
             raise self.fail(where, "expected a JSON object")
         anchor = self._anchor(raw, where)
-        names = _PLACEHOLDER.findall(anchor)
-        if not names:
+        if not _PLACEHOLDER.search(anchor):
             yield _Use(raw, where)
             return
-        pattern = re.compile("".join(
-            f"(?P<{part}>.+?)" if i % 2 else re.escape(part)
-            for i, part in enumerate(_PLACEHOLDER.split(anchor))) + r"\Z")
+        pattern = _template_pattern(anchor)
         matched = False
         for key in tensors:
             m = pattern.match(key)
@@ -238,17 +246,21 @@ class MappingConverter:
         members = entry.get("members")
         if members is None:
             self._no_unknown(entry, _SEGMENT_KEYS | _MEMBER_KEYS, where)
-            members = [{k: v for k, v in entry.items() if k in _MEMBER_KEYS}]
+            located = [(where, {k: v for k, v in entry.items() if k in _MEMBER_KEYS})]
         else:
             self._no_unknown(entry, _SEGMENT_KEYS | {"members"}, where)
+            if not isinstance(members, list) or not members:
+                raise self.fail(f"{where}.members", "expected a non-empty list of tensors "
+                                "sharing the segment")
+            located = [(f"{where}.members[{j}]", m) for j, m in enumerate(members)]
         plans = []
-        for j, member in enumerate(members):
-            self._no_unknown(member, _MEMBER_KEYS, f"{where}.members[{j}]")
-            theta0, theta0_shape = self._theta0(member.get("theta0"), f"{where}.members[{j}]",
-                                                tensors, used)
-            shape = self._shape(member, theta0_shape, f"{where}.members[{j}]")
-            plans.append((self._name(member, f"{where}.members[{j}]", out), shape, theta0,
-                          self._dtype(member, where)))
+        for member_where, member in located:
+            self._no_unknown(member, _MEMBER_KEYS, member_where)
+            theta0, theta0_shape = self._theta0(member.get("theta0"), member_where, tensors,
+                                                used)
+            shape = self._shape(member, theta0_shape, member_where)
+            plans.append((self._name(member, member_where, out), shape, theta0,
+                          self._dtype(member, member_where)))
         segment = self._segment(entry, where, [math.prod(p[1]) for p in plans], tensors,
                                 generators, used)
         for name, shape, theta0, dtype in plans:
@@ -257,13 +269,13 @@ class MappingConverter:
     def _lora(self, entry: dict[str, Any], where: str, tensors: dict[str, torch.Tensor],
               generators: dict[str, GeneratorSpec], used: set[str]) -> LoRA:
         theta0, theta0_shape = self._theta0(entry.get("theta0"), where, tensors, used)
-        out_features, in_features = self._shape(entry, theta0_shape, where)
-        try:
-            rank = int(entry["rank"])
-            scale = float(entry["scale"])
-        except (KeyError, TypeError, ValueError):
-            raise self.fail(where, "a lora entry needs an integer 'rank' and a number 'scale' "
-                            "(PEFT: lora_alpha / r)") from None
+        shape = self._shape(entry, theta0_shape, where)
+        if len(shape) != 2:
+            raise self.fail(f"{where}.shape", f"a lora tensor is a matrix [out_features, "
+                            f"in_features], got shape {list(shape)}")
+        out_features, in_features = shape
+        rank = self._integer(entry.get("rank"), f"{where}.rank", 1)
+        scale = self._number(entry.get("scale"), f"{where}.scale (PEFT: lora_alpha / r)")
         factors = []
         for label, shape in (("A", (rank, in_features)), ("B", (out_features, rank))):
             spec = entry.get(label)
@@ -277,7 +289,7 @@ class MappingConverter:
                  tensors: dict[str, torch.Tensor], generators: dict[str, GeneratorSpec],
                  used: set[str]) -> Segment:
         gen_name = spec.get("generator")
-        if gen_name not in generators:
+        if not isinstance(gen_name, str) or gen_name not in generators:
             raise self.fail(f"{where}.generator", f"names {gen_name!r}; the mapping defines "
                             f"{sorted(generators)}")
         generator = generators[gen_name]
@@ -324,7 +336,8 @@ class MappingConverter:
             value = self._tensor(tensors, spec, f"{where}.theta0")
             used.add(spec)
             return Theta0.stored(value.detach()), tuple(value.shape)
-        if isinstance(spec, dict) and set(spec) == {"external", "tensor"}:
+        if (isinstance(spec, dict) and set(spec) == {"external", "tensor"}
+                and all(isinstance(v, str) for v in spec.values())):
             return self._external(spec["external"], spec["tensor"], f"{where}.theta0")
         raise self.fail(f"{where}.theta0", "expected a checkpoint key, null (zeros) or "
                         '{"external": "base.safetensors", "tensor": "name"}')
@@ -344,7 +357,7 @@ class MappingConverter:
     def _shape(self, entry: dict[str, Any], theta0_shape: tuple[int, ...] | None, where: str
                ) -> tuple[int, ...]:
         if "shape" in entry:
-            shape = tuple(int(s) for s in entry["shape"])
+            shape = self._integers(entry["shape"], f"{where}.shape", 0)
             if theta0_shape is not None and shape != theta0_shape:
                 raise self.fail(f"{where}.shape", f"{list(shape)} differs from theta0's shape "
                                 f"{list(theta0_shape)}")
@@ -374,6 +387,32 @@ class MappingConverter:
             raise self.fail(where, f"no checkpoint key {key!r}")
         return tensors[key]
 
+    # -- JSON values ---------------------------------------------------------------------------
+    def _integer(self, value: Any, where: str, minimum: int, maximum: int | None = None) -> int:
+        """A JSON integer in range (``4.0`` passes; ``"4"``, ``true`` and ``4.5`` do not)."""
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not float(value).is_integer()):
+            raise self.fail(where, f"expected an integer, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+            raise self.fail(where, f"expected an integer {bound}, got {value!r}")
+        return int(value)
+
+    def _integers(self, value: Any, where: str, minimum: int) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            raise self.fail(where, f"expected a list of integers, got {value!r}")
+        return tuple(self._integer(v, f"{where}[{i}]", minimum) for i, v in enumerate(value))
+
+    def _number(self, value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(where, f"expected a number, got {value!r}")
+        return float(value)
+
+    def _boolean(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(where, f"expected true or false, got {value!r}")
+        return value
+
     def _remaining(self, tensors: dict[str, torch.Tensor], used: set[str],
                    out: dict[str, TensorSource], checkpoint: Checkpoint) -> None:
         policy = self.doc.get("remaining", "dense")
@@ -388,6 +427,21 @@ class MappingConverter:
                     raise self.fail("remaining", f"checkpoint key {key!r} is also a mapped "
                                     "tensor's name; set remaining to 'drop'")
                 out[key] = tensors[key]
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """A regex matching keys of ``template``: the first ``{x}`` captures, repeats must match
+    the same text (a backreference)."""
+    parts, seen = [], set()
+    for i, part in enumerate(_PLACEHOLDER.split(template)):
+        if i % 2 == 0:
+            parts.append(re.escape(part))
+        elif part in seen:
+            parts.append(f"(?P={part})")
+        else:
+            seen.add(part)
+            parts.append(f"(?P<{part}>.+?)")
+    return re.compile("".join(parts) + r"\Z")
 
 
 def _fill(value: Any, groups: dict[str, str]) -> Any:

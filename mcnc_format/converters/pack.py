@@ -10,7 +10,7 @@ same checkpoint twice gives the same bytes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint, read_checkpoint
 from .mapping import load_mapping
 from .registry import Converter, find_converter, get_converter
 
-__all__ = ["PackResult", "pack"]
+__all__ = ["PackResult", "pack", "refuse_overwrite"]
 
 # stage name ("read", "convert", "write"), bytes done in this call, total bytes of the stage
 ProgressCallback = Callable[[str, int, int], None]
@@ -58,8 +58,7 @@ def pack(
     write itself is atomic.
     """
     output = Path(output_path)
-    if output.exists() and not force:
-        raise WriteError(f"{output}: already exists; pass --force (force=True) to overwrite it")
+    refuse_overwrite([output], force)
     if mapping is not None and converter is not None:
         raise WriteError("pass either a mapping file or a converter name, not both")
     total = Path(checkpoint_path).stat().st_size if Path(checkpoint_path).is_file() else 0
@@ -81,6 +80,15 @@ def pack(
     save(output, conversion.tensors, metadata=conversion.metadata, info=conversion.info)
     return PackResult(output, chosen.name, len(conversion.tensors), total,
                       output.stat().st_size)
+
+
+def refuse_overwrite(outputs: Sequence[Path], force: bool) -> None:
+    """Existing outputs are replaced only when asked: the rule of every converter command."""
+    existing = [str(path) for path in outputs if path.exists()]
+    if existing and not force:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise WriteError(f"{', '.join(existing)}: already {verb}; pass --force (force=True) to "
+                         "overwrite")
 
 
 def _choose(checkpoint: Checkpoint, mapping: str | os.PathLike[str] | None,

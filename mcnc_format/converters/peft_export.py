@@ -1,4 +1,4 @@
-"""``.mcnc`` LoRA adapters out to PEFT's folder layout, for tools that only speak PEFT.
+r"""``.mcnc`` LoRA adapters out to PEFT's folder layout, for tools that only speak PEFT.
 
 A ``lora`` tensor named ``<module>.weight`` becomes PEFT's ``lora_A`` / ``lora_B`` pair of
 ``<module>``: the factors are regenerated from alpha and beta, and ``scale`` becomes
@@ -9,12 +9,19 @@ model, named by ``base_model_name_or_path``.
 
 PEFT's LoRA on ``nn.Linear`` keeps weights as ``[out, in]``, like the format; layers that store
 ``[in, out]`` (GPT-2's ``Conv1D``) are not covered.
+
+Module names are written so that PEFT matches exactly the exported modules: PEFT matches a list
+entry of ``target_modules`` by suffix (``q`` would also adapt ``blk.q``) and a pattern key by
+``re.match(rf"(.*\.)?({key})$", name)``, so ``target_modules`` is one regex that PEFT
+full-matches (``q|blk\.q``) and each ``rank_pattern`` / ``alpha_pattern`` key is
+``^`` + the escaped name (the ``^`` fails after any ``prefix.``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +31,7 @@ from .. import constants as C
 from ..atomic import atomic_path
 from ..errors import MCNCError
 from ..reader import open_file
+from .pack import refuse_overwrite
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PeftExport", "export_peft"]
 
@@ -62,10 +70,7 @@ def export_peft(
     from safetensors.torch import save_file
 
     folder = Path(out_dir)
-    existing = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (folder / n).exists()]
-    if existing and not force:
-        raise MCNCError(f"{folder}: already holds {', '.join(existing)}; pass --force "
-                        "(force=True) to overwrite")
+    refuse_overwrite([folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS], force)
     with open_file(mcnc_path) as f:
         lora_names = [e.name for e in f.header.tensors if e.encoding == C.ENCODING_LORA]
         others = tuple(e.name for e in f.header.tensors if e.encoding != C.ENCODING_LORA)
@@ -95,9 +100,9 @@ def export_peft(
         "revision": None,
         "r": rank,
         "lora_alpha": lora_alpha,
-        "target_modules": sorted(ranks),
-        "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
-        "alpha_pattern": {m: a for m, a in alphas.items() if a != lora_alpha},
+        "target_modules": "|".join(re.escape(m) for m in sorted(ranks)),
+        "rank_pattern": {_exact_pattern(m): r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {_exact_pattern(m): a for m, a in alphas.items() if a != lora_alpha},
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -123,6 +128,11 @@ def _module_of(name: str, source: str) -> str:
         raise MCNCError(f"{source}: lora tensor {name!r} does not end in '.weight', so it names "
                         "no module PEFT could attach the adapter to")
     return name[: -len(WEIGHT_SUFFIX)]
+
+
+def _exact_pattern(module: str) -> str:
+    """A pattern key PEFT matches to ``module`` only, not to ``<prefix>.<module>``."""
+    return "^" + re.escape(module)
 
 
 def _plain_number(value: float) -> float:
