@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from . import constants as C
 from .errors import MCNCError
 from .header import Header
-from .hub.uri import SCHEME, parse_uri
+from .hub.uri import SCHEME, HubURI, parse_uri
 from .reader import MCNCFile
 
 __all__ = ["LIBRARY_NAME", "SECTION_BEGIN", "SECTION_END", "FileFacts", "render_card"]
@@ -29,6 +29,7 @@ _ROW = re.compile(r"^\| `(?P<path>[^`]+)` \|.*$", re.MULTILINE)
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _PIPE = "\\|"  # a "|" inside a table cell
+_DEFAULT_BRANCH = "main"
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,12 @@ class FileFacts:
 
 def render_card(existing: str | None, repo_id: str, facts: Sequence[FileFacts], *,
                 base_model: str | None = None, tags: Iterable[str] = (),
-                keep_rows_for: Collection[str] = ()) -> str:
-    """The card after a push of ``facts``' files to ``repo_id``.
+                keep_rows_for: Collection[str] = (), revision: str | None = None) -> str:
+    """The card after a push of ``facts``' files to branch ``revision`` of ``repo_id``.
 
     ``existing`` is the current README.md (None for a new repo). Table rows of files listed
-    in ``keep_rows_for`` (still in the repo) but not pushed now are kept. ``base_model``
+    in ``keep_rows_for`` (still in the repo) but not pushed now are kept. The loading example
+    names ``revision`` unless it is the default branch. ``base_model``
     given here wins over the card's value, which wins over one found in the files (an
     ``hf://`` theta0 reference, or ``info.base_model`` when it looks like a repo id).
     """
@@ -93,17 +95,17 @@ def render_card(existing: str | None, repo_id: str, facts: Sequence[FileFacts], 
     chosen = base_model or data.base_model or (inferred[0] if len(inferred) == 1 else inferred)
     if chosen:
         data.base_model = chosen
-    card.text = _with_section(card.text, _section(repo_id, card.text, facts, keep_rows_for))
+    section = _section(repo_id, revision, card.text, facts, keep_rows_for)
+    card.text = _with_section(card.text, section)
     return str(card)
 
 
-def _section(repo_id: str, text: str, facts: Sequence[FileFacts],
+def _section(repo_id: str, revision: str | None, text: str, facts: Sequence[FileFacts],
              keep_rows_for: Collection[str]) -> str:
     rows = {path: match.group(0) for match in _ROW.finditer(_old_section(text))
             if (path := match["path"].replace(_PIPE, "|")) in keep_rows_for}
     rows.update({f.path: f.row() for f in facts})
-    example = next((path for path in sorted(rows) if path.endswith(".mcnc")), sorted(rows)[0])
-    return "\n".join([
+    intro = [
         SECTION_BEGIN,
         "## MCNC files",
         "",
@@ -111,14 +113,22 @@ def _section(repo_id: str, text: str, facts: Sequence[FileFacts],
         "compressed tensor is rebuilt from a few coefficients by a small random generator "
         "network, so the files are much smaller than the dense weights.",
         "",
+    ]
+    if not rows:  # e.g. a push of a folder holding only config files
+        return "\n".join([*intro, "This repository holds no `.mcnc` files yet.", SECTION_END])
+    paths = sorted(rows)
+    example = HubURI(repo_id, None if revision in (None, _DEFAULT_BRANCH) else revision,
+                     paths[0])
+    return "\n".join([
+        *intro,
         "| File | Parameters | Compression | Generator | File size | Dense size |",
         "|---|---:|---:|---|---:|---:|",
-        *(rows[path] for path in sorted(rows)),
+        *(rows[path] for path in paths),
         "",
         "```python",
         "import mcnc_format",
         "",
-        f'state_dict = mcnc_format.load("{SCHEME}{repo_id}/{example}")',
+        f'state_dict = mcnc_format.load("{example}")',
         "```",
         SECTION_END,
     ])

@@ -8,6 +8,7 @@ errors a user sees, the model card, and the ``push``/``pull`` commands.
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 from pathlib import Path
@@ -24,11 +25,14 @@ from mcnc_format import hub as mhub
 from mcnc_format.cli.hub_cmd import pull_command, push_command
 from mcnc_format.errors import (
     ChecksumError,
+    ExternalReferenceDamaged,
     ExternalReferenceError,
+    FormatError,
     HubError,
     HubFileNotFoundError,
     HubOfflineError,
     HubPermissionError,
+    UnsupportedVersionError,
     WriteError,
 )
 from mcnc_format.model_card import SECTION_BEGIN, FileFacts, render_card
@@ -114,6 +118,8 @@ def test_parse_uri_forms_and_errors() -> None:
                 "hf://org/repo/a//b", "hf://o r/repo/a"):
         with pytest.raises(ValueError, match="not a Hub reference"):
             mhub.parse_uri(bad)
+        with pytest.raises(HubError, match="not a Hub reference"):
+            mhub.parse_uri(bad, error=HubError)
 
 
 def test_unpinned_hub_reference_is_refused(tmp_path: Path, seed: int) -> None:
@@ -205,6 +211,36 @@ def test_push_folder_with_relative_base_and_card_from_folder(
                      mcnc_format.load(folder / "model.mcnc"))
 
 
+def test_whole_repo_pull_into_a_folder_checks_only_the_repos_files(
+        hub: HubServer, tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = _make_mcnc(tmp_path / "src" / "model.mcnc", seed)
+    (tmp_path / "src" / "config.json").write_text("{}")
+    commit = mhub.push(tmp_path / "src", REPO, token=WRITE_TOKEN).commit
+    dest = tmp_path / "weights"
+    (dest / "sub").mkdir(parents=True)
+    users = {dest / "mine.mcnc": b"MCNC" + bytes(100), dest / "sub" / "old.mcnc": bytes(64)}
+    for path, data in users.items():
+        path.write_bytes(data)
+
+    assert mhub.pull(REPO, local_dir=dest) == dest
+    assert (dest / "model.mcnc").read_bytes() == local.read_bytes()
+    for path, data in users.items():  # damaged, but not the repo's: untouched
+        assert path.read_bytes() == data, path
+
+    # The repo's own file, damaged in the folder, is fetched again.
+    (dest / "model.mcnc").write_bytes(_flip_byte(local.read_bytes(), 40))
+    hub.clear_requests()
+    mhub.pull(REPO, local_dir=dest)
+    assert (dest / "model.mcnc").read_bytes() == local.read_bytes()
+    assert _gets(hub, "model.mcnc") == 1
+
+    _go_offline(monkeypatch)  # the cached listing and ref still tell the files apart
+    for revision in (commit, None):
+        assert mhub.pull(REPO, revision=revision, local_dir=dest) == dest
+    for path, data in users.items():
+        assert path.read_bytes() == data, path
+
+
 # --------------------------------------------------------------------------- base references
 
 
@@ -267,8 +303,8 @@ def test_damaged_cached_base_is_downloaded_again(
     path = _make_mcnc(tmp_path / "model.mcnc", seed, theta0)
     expected = mcnc_format.load(path)
     cached = mhub.resolve_reference(theta0.entry.uri or "")
-    cached.resolve().write_bytes(safetensors_bytes(dict(base, other=base["other"] + 1,
-                                                        **{"layer.weight": base["other"]})))
+    cached.resolve().write_bytes(safetensors_bytes(
+        dict(base, **{"layer.weight": base["layer.weight"] * 1.001})))
     hub.clear_requests()
     _assert_same(mcnc_format.load(path), expected)
     assert _gets(hub, f"{commit}/model.safetensors") == 1
@@ -317,6 +353,58 @@ def test_damaged_cached_mcnc_is_downloaded_again(
                                                       "offline"):
         mcnc_format.load(f"hf://{REPO}/model.mcnc")
     assert not cached.exists()
+
+
+def test_a_file_of_another_format_is_refused_without_eviction_or_refetch(
+        hub: HubServer, tmp_path: Path, seed: int) -> None:
+    base = safetensors_bytes(_base_tensors(seed))
+    hub.create_repo(REPO, files={"base.safetensors": base})
+    cached = mhub.pull(REPO, "base.safetensors")
+    hub.clear_requests()
+    for reader in (mcnc_format.open, mcnc_format.load):
+        with pytest.raises(FormatError, match=r"not an \.mcnc file") as excinfo:
+            reader(f"hf://{REPO}/base.safetensors")
+        assert f"hf://{REPO}/base.safetensors" in str(excinfo.value)
+        assert "downloaded twice" not in str(excinfo.value)
+    assert _gets(hub, "base.safetensors") == 0
+    assert cached.read_bytes() == base  # the shared cache keeps it for other libraries
+
+
+@pytest.mark.parametrize(("tensor", "message"), [("missing", "no tensor named 'missing'"),
+                                                 ("other", "has shape")])
+def test_a_wrong_reference_is_not_treated_as_damage(
+        hub: HubServer, tmp_path: Path, seed: int, tensor: str, message: str) -> None:
+    base = _base_tensors(seed)
+    commit = hub.create_repo(BASE_REPO, files={"model.safetensors": safetensors_bytes(base)})
+    uri = f"hf://{BASE_REPO}@{commit}/model.safetensors"
+    theta0 = mcnc_format.Theta0.external(uri, tensor, tensor_sha256(base["other"]))
+    path = _make_mcnc(tmp_path / "model.mcnc", seed, theta0)
+    hub.clear_requests()
+    with pytest.raises(ExternalReferenceError, match=message) as excinfo:
+        mcnc_format.load(path)
+    assert not isinstance(excinfo.value, ExternalReferenceDamaged)
+    assert _gets(hub, f"{commit}/model.safetensors") == 1
+    assert mhub.resolve_reference(uri).read_bytes() == safetensors_bytes(base)  # still cached
+
+
+def test_a_damaged_version_byte_is_refetched_and_a_newer_file_reported(
+        hub: HubServer, tmp_path: Path, seed: int) -> None:
+    local = _make_mcnc(tmp_path / "model.mcnc", seed)
+    uri = mhub.push(local, REPO, token=WRITE_TOKEN).uris[0]
+    newer = bytearray(local.read_bytes())
+    newer[8] += 1  # the preamble's major version byte
+    mhub.pull(REPO, "model.mcnc").resolve().write_bytes(bytes(newer))  # damaged in the cache
+    hub.clear_requests()
+    _assert_same(mcnc_format.load(uri), mcnc_format.load(local))
+    assert _gets(hub, "model.mcnc") == 1
+
+    hub.tamper(REPO, "model.mcnc", bytes(newer), revision=uri.split("@")[1].split("/")[0])
+    shutil.rmtree(constants.HF_HUB_CACHE)
+    hub.clear_requests()
+    with pytest.raises(UnsupportedVersionError, match="newer mcnc-format") as excinfo:
+        mcnc_format.load(uri)
+    assert uri in str(excinfo.value)
+    assert _gets(hub, "model.mcnc") == 2
 
 
 # --------------------------------------------------------------------------- offline & errors
@@ -382,6 +470,36 @@ def test_missing_and_forbidden_give_actionable_errors(
         mcnc_format.load("hf://just-a-name")
 
 
+def test_io_failures_and_endpoint_credentials_in_errors(
+        hub: HubServer, tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import file_download
+
+    local = _make_mcnc(tmp_path / "model.mcnc", seed)
+    hub.create_repo(REPO, files={"model.mcnc": local.read_bytes()})
+
+    def disk_full(src: Path, dst: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(file_download, "_chmod_and_move", disk_full)
+        with pytest.raises(HubError, match="No space left on device") as excinfo:
+            mhub.pull(REPO, "model.mcnc")
+    assert str(excinfo.value).startswith(f"hf://{REPO}/model.mcnc: ")
+
+    with_password = hub.endpoint.replace("://", "://alice:s3cret@")
+    hub.create_repo(BASE_REPO, files={"model.mcnc": local.read_bytes()})
+    hub.fail_next(503, path_contains="/api/models/")
+    with pytest.raises(HubError, match=f"the Hub at {hub.endpoint} cannot be reached"
+                       ) as excinfo:
+        mhub.pull(BASE_REPO, endpoint=with_password)
+    assert "s3cret" not in str(excinfo.value)
+    closed = "http://alice:s3cret@127.0.0.1:9"  # nothing listens on port 9
+    with pytest.raises(HubError, match=r"the Hub at http://127\.0\.0\.1:9 cannot be reached"
+                       ) as excinfo:
+        mhub.pull("alice/unseen", endpoint=closed)
+    assert "s3cret" not in str(excinfo.value)
+
+
 def test_push_refuses_a_damaged_file(hub: HubServer, tmp_path: Path, seed: int) -> None:
     local = _make_mcnc(tmp_path / "model.mcnc", seed)
     damaged = tmp_path / "damaged.mcnc"
@@ -421,6 +539,48 @@ def test_model_card_written_then_merged_keeping_user_text(
 
     mhub.push(second, REPO, token=WRITE_TOKEN, tags=["extra"])
     assert hub.file_bytes(REPO, "README.md").decode() == merged  # idempotent
+
+
+def test_card_for_a_push_without_mcnc_files_and_on_a_branch(
+        hub: HubServer, tmp_path: Path, seed: int) -> None:
+    folder = tmp_path / "config_only"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden": 8}')
+    mhub.push(folder, REPO, token=WRITE_TOKEN)
+    card = hub.file_bytes(REPO, "README.md").decode()
+    assert "library_name: mcnc-format" in card and "no `.mcnc` files yet" in card
+    assert "mcnc_format.load" not in card
+
+    local = _make_mcnc(tmp_path / "model.mcnc", seed)
+    mhub.push(local, REPO, revision="release/v1", token=WRITE_TOKEN)
+    on_branch = hub.file_bytes(REPO, "README.md", revision="release/v1").decode()
+    example = f'mcnc_format.load("hf://{REPO}@release%2Fv1/model.mcnc")'
+    assert example in on_branch
+    _assert_same(mcnc_format.load(f"hf://{REPO}@release%2Fv1/model.mcnc"),
+                 mcnc_format.load(local))
+    mhub.push(local, REPO, token=WRITE_TOKEN)
+    assert f'mcnc_format.load("hf://{REPO}/model.mcnc")' in hub.file_bytes(
+        REPO, "README.md").decode()
+
+
+def test_a_push_racing_another_commit_fails_instead_of_dropping_card_rows(
+        hub: HubServer, tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    mhub.push(_make_mcnc(tmp_path / "first.mcnc", seed), REPO, token=WRITE_TOKEN)
+    card_before = hub.file_bytes(REPO, "README.md")
+    racing = _make_mcnc(tmp_path / "racing.mcnc", seed + 1).read_bytes()
+    create_commit = HfApi.create_commit
+
+    def another_push_lands_first(self: HfApi, *args: object, **kwargs: object) -> object:
+        hub.commit(REPO, {"racing.mcnc": racing}, message="concurrent push")
+        return create_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", another_push_lands_first)
+    with pytest.raises(HubError, match="push again"):
+        mhub.push(_make_mcnc(tmp_path / "second.mcnc", seed + 2), REPO, token=WRITE_TOKEN)
+    assert hub.file_bytes(REPO, "README.md") == card_before
+    assert hub.file_bytes(REPO, "racing.mcnc") == racing
+    with pytest.raises(KeyError):
+        hub.file_bytes(REPO, "second.mcnc")
 
 
 def test_render_card_drops_rows_of_deleted_files_and_parses_plain_readme(seed: int,

@@ -54,10 +54,7 @@ def pull_command(repo_id: str, filename: str | None, revision: str | None,
     against its checksums, and downloaded again once if damaged.
     """
     if repo_id.startswith("hf://"):
-        try:
-            uri = parse_uri(repo_id, require_path=False)
-        except ValueError as exc:
-            raise HubError(str(exc)) from exc
+        uri = parse_uri(repo_id, require_path=False, error=HubError)
         repo_id, revision = uri.repo_id, revision or uri.revision
         filename = filename or uri.path or None
     click.echo(pull(repo_id, filename, revision, local_dir=local_dir))

@@ -4,9 +4,11 @@ before use.
 Why the checks: the client does not compare downloaded bytes with the ETag, so a damaged or
 tampered copy lands in the cache and is served again on every later call. Every file read from
 the Hub therefore passes a check first (``.mcnc`` checksums, or the sha256 pin of a theta0
-reference). A failure is retried once with ``force_download=True``; if the fresh copy fails
-too, it is deleted from the cache, so neither a later online call nor offline mode can use
-it, and the reader's error is raised with the URI and what to do.
+reference). A failure that damaged bytes can cause is retried once with
+``force_download=True``; if the fresh copy fails too, it is deleted from the cache, so neither
+a later online call nor offline mode can use it, and the reader's error is raised with the URI
+and what to do. Failures that a fresh copy cannot fix (a file that is not an ``.mcnc`` file, a
+reference to a tensor the base file does not hold) are raised at once and evict nothing.
 """
 
 from __future__ import annotations
@@ -17,18 +19,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_cached_repo_tree,
+    hf_hub_download,
+    snapshot_download,
+)
+from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
 from .. import __version__
-from ..errors import ExternalReferenceError, FormatError, HubError, MCNCError
+from ..constants import MAGIC
+from ..errors import (
+    ExternalReferenceDamaged,
+    FormatError,
+    HubError,
+    HubOfflineError,
+    MCNCError,
+    UnsupportedVersionError,
+)
 from .error_map import hub_errors
 from .integrity import check_mcnc_bytes
-from .uri import SCHEME, HubURI, is_commit_hash, parse_uri
+from .uri import SCHEME, HubURI, parse_uri
 
-__all__ = ["pull", "read_reference", "resolve_path", "resolve_reference"]
+__all__ = ["pinned", "pull", "read_reference", "resolve_path", "resolve_reference"]
 
 T = TypeVar("T")
 PathLike = str | os.PathLike[str]
+# What damaged bytes of an ``.mcnc`` file raise: a damaged major-version byte reads as a newer
+# format, so a real newer file is only reported after a fresh copy fails the same way.
+MCNC_DAMAGE = (FormatError, UnsupportedVersionError)
 
 
 def resolve_reference(uri: str) -> Path:
@@ -36,24 +56,26 @@ def resolve_reference(uri: str) -> Path:
 
     The caller checks the tensor's sha256; ``read_reference`` adds the re-download on failure.
     """
-    return download(_parse(uri))
+    return download(parse_uri(uri, error=HubError))
 
 
 def read_reference(uri: str, source: str, read: Callable[[Path], T]) -> T:
     """``read(local_path)`` for theta0 reference ``uri`` of the ``.mcnc`` file ``source``.
 
     ``uri`` is ``hf://...``, or a path relative to ``source`` when ``source`` itself came from
-    the Hub (the sibling file is fetched from the same repo and revision). ``read`` raises
-    ``ExternalReferenceError`` when the tensor is missing or its sha256 differs: the copy is
-    then downloaded again once, and deleted from the cache if it still fails.
+    the Hub (the sibling file is fetched from the same repo and revision). When ``read``
+    raises ``ExternalReferenceDamaged`` (the file is unreadable or the tensor's sha256
+    differs) the copy is downloaded again once, and deleted from the cache if it still fails;
+    other ``ExternalReferenceError``s (no such tensor, wrong shape) come from the referencing
+    file's header, so they propagate at once and the download stays cached.
     """
     if uri.startswith(SCHEME):
-        target = _parse(uri)
+        target = parse_uri(uri, error=HubError)
     else:
-        parent = _parse(source)
+        parent = parse_uri(source, error=HubError)
         target = parent.with_path(posixpath.join(posixpath.dirname(parent.path),
                                                  uri.replace("\\", "/")))
-    return _checked(target, download(target), read, (ExternalReferenceError,), {})
+    return _checked(target, download(target), read, (ExternalReferenceDamaged,), {})
 
 
 def resolve_path(path_or_uri: PathLike, *, token: str | None = None,
@@ -64,36 +86,54 @@ def resolve_path(path_or_uri: PathLike, *, token: str | None = None,
     text = os.fspath(path_or_uri)
     if not text.startswith(SCHEME):
         return Path(text)
-    target = _parse(text)
+    target = parse_uri(text, error=HubError)
     options = {"token": token, "endpoint": endpoint}
-    return _checked(target, download(target, **options), check_mcnc_bytes, (FormatError,),
-                    options)
+    local = download(target, **options)
+    _refuse_other_formats(target, local)
+    return _checked(target, local, check_mcnc_bytes, MCNC_DAMAGE, options)
 
 
 def pull(repo_id: str, filename: str | None = None, revision: str | None = None, *,
          local_dir: PathLike | None = None, token: str | None = None,
          endpoint: str | None = None) -> Path:
     """Download one file, or the whole repository when ``filename`` is None; return its local
-    path (a file, or the snapshot folder). Every ``.mcnc`` file is checksum-verified and
-    re-downloaded once if damaged."""
+    path (a file, or the snapshot folder). Every ``.mcnc`` file of the repository is
+    checksum-verified and re-downloaded once if damaged; other files already in ``local_dir``
+    are left alone."""
     options: dict[str, Any] = {"token": token, "endpoint": endpoint, "local_dir": local_dir}
     if filename is not None:
         target = HubURI(repo_id, revision, filename)
         local = download(target, **options)
         if not filename.endswith(".mcnc"):
             return local
-        return _checked(target, local, check_mcnc_bytes, (FormatError,), options)
-    target = HubURI(repo_id, _commit_of(repo_id, revision, token, endpoint), "")
+        return _checked(target, local, check_mcnc_bytes, MCNC_DAMAGE, options)
+    target = pinned(HubURI(repo_id, revision, ""), token, endpoint)
     with hub_errors(str(target), repo_id, target.revision, endpoint):
         folder = Path(snapshot_download(repo_id, revision=target.revision,
                                         library_name="mcnc-format",
                                         library_version=__version__, **options))
-    for local in sorted(folder.rglob("*.mcnc")):
-        relative = local.relative_to(folder).as_posix()
-        if not relative.startswith("."):
-            _checked(target.with_path(relative), local, check_mcnc_bytes, (FormatError,),
+    for path in _repo_files(target, folder, local_dir, token, endpoint):
+        if path.endswith(".mcnc"):
+            _checked(target.with_path(path), folder / path, check_mcnc_bytes, MCNC_DAMAGE,
                      options)
     return folder
+
+
+def pinned(target: HubURI, token: str | None, endpoint: str | None) -> HubURI:
+    """``target`` at the commit its branch or tag points to now (unchanged if it names a
+    commit): a whole-repo pull and any re-download of one of its files see one snapshot, and
+    a theta0 reference keeps naming the bytes it was made against.
+
+    ``HfApi.resolve_revision`` records the branch's commit in the cache's refs, and uses that
+    record when the Hub cannot be reached (offline mode included), so a repository pulled
+    once by branch can be pulled again offline.
+    """
+    if target.pinned:
+        return target
+    with hub_errors(str(target), target.repo_id, target.revision, endpoint):
+        resolved = HfApi(endpoint=endpoint, token=token).resolve_revision(
+            target.repo_id, revision=target.revision)
+    return target.with_revision(resolved.resolved)
 
 
 def download(target: HubURI, *, force: bool = False, **options: Any) -> Path:
@@ -129,6 +169,10 @@ def _checked(target: HubURI, local: Path, check: Callable[[Path], T],
         return check(fresh)
     except damage as second:
         evict(fresh)
+        if isinstance(second, UnsupportedVersionError):
+            raise UnsupportedVersionError(
+                f"{target}: a fresh download gives the same format version, so the file on "
+                f"the Hub was written by a newer mcnc-format: {second}") from second
         raise type(second)(
             f"{target}: downloaded twice and both copies fail their check, so the file on the "
             "Hub is not the one that was published (or the transfer is corrupted); the copy "
@@ -136,18 +180,44 @@ def _checked(target: HubURI, local: Path, check: Callable[[Path], T],
             f"revision: {second}") from second
 
 
-def _commit_of(repo_id: str, revision: str | None, token: str | None,
-               endpoint: str | None) -> str | None:
-    """Pin a branch to its current commit, so that a whole-repo pull and any re-download of
-    one of its files see the same snapshot. Offline, the cache's own refs are used."""
-    if constants.HF_HUB_OFFLINE or is_commit_hash(revision):
-        return revision
-    with hub_errors(f"{SCHEME}{repo_id}", repo_id, revision, endpoint):
-        return HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha
-
-
-def _parse(uri: str) -> HubURI:
+def _refuse_other_formats(target: HubURI, local: Path) -> None:
+    """A file that does not start with the ``.mcnc`` magic is another format, not damage:
+    re-downloading would not help, and evicting it would take it from other libraries that
+    share the cache. Only a file named ``.mcnc`` is given the benefit of the doubt (a
+    truncated or overwritten download), and goes on to the damage checks."""
+    if target.path.endswith(".mcnc"):
+        return
     try:
-        return parse_uri(uri)
-    except ValueError as exc:
-        raise HubError(str(exc)) from exc
+        with local.open("rb") as file:
+            start = file.read(len(MAGIC))
+    except OSError as exc:
+        raise HubError(f"{target}: the downloaded copy {local} cannot be read: {exc}") from exc
+    if start != MAGIC:
+        raise FormatError(
+            f"{target}: not an .mcnc file: it does not start with the .mcnc magic {MAGIC!r} "
+            "(R1). Give the hf:// path of an .mcnc file; other formats are read with their "
+            "own libraries.")
+
+
+def _repo_files(target: HubURI, folder: Path, local_dir: PathLike | None, token: str | None,
+                endpoint: str | None) -> list[str]:
+    """Paths of the repository's files at ``target.revision``, so that a check never touches
+    a file of the user's that only shares ``local_dir``. The listing ``snapshot_download``
+    cached is used (no request); online, the API's listing if none is cached. Offline without
+    a listing, a cache snapshot folder holds only the repo's files; a ``local_dir`` may not."""
+    try:
+        tree = get_cached_repo_tree(target.repo_id, revision=target.revision, local_dir=local_dir)
+        return sorted(entry.path for entry in tree)
+    except CachedRepoTreeNotFoundError:
+        pass
+    if not constants.HF_HUB_OFFLINE:
+        with hub_errors(str(target), target.repo_id, target.revision, endpoint):
+            return sorted(HfApi(endpoint=endpoint, token=token).list_repo_files(
+                target.repo_id, revision=target.revision))
+    if local_dir is None:
+        return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                      if path.is_file())
+    raise HubOfflineError(
+        f"{target}: offline (HF_HUB_OFFLINE=1) and the list of the repository's files at "
+        f"this revision is not cached, so the files in {folder} cannot be told from your own "
+        "and checked: give the commit hash as the revision, or unset HF_HUB_OFFLINE")

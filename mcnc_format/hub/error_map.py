@@ -3,10 +3,14 @@
 Why: the client's exceptions describe HTTP; a user needs to know whether to log in, fix a
 name, go online or retry. Order matters: ``GatedRepoError`` is a ``RepositoryNotFoundError``,
 and ``LocalEntryNotFoundError`` (offline, nothing cached) is also an ``EntryNotFoundError``.
+Anything else the client's I/O raises (a full disk, an HTTP-library error outside its
+``HTTPError``) still becomes a ``HubError`` naming the file, so the command-line policy of
+one-line ``MCNCError`` messages holds. Endpoints are printed without ``user:password@``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +25,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    RevisionResolutionError,
 )
 
 from ..errors import (
@@ -31,9 +36,19 @@ from ..errors import (
     MCNCError,
 )
 
-__all__ = ["LOGIN_HINT", "hub_errors"]
+__all__ = ["LOGIN_HINT", "hub_errors", "without_userinfo"]
 
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+# The client's HTTP library (``httpx``, or its fork ``httpx2``): some of its errors, such as
+# ``InvalidURL`` and ``StreamError``, are not subclasses of its ``HTTPError``.
+_HTTP_LIBRARIES = frozenset({"httpx", "httpx2"})
+
+
+def without_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it removed: an endpoint such as
+    ``https://user:secret@hub.example`` must not be printed in an error message."""
+    return _USERINFO.sub("", text)
 
 
 @contextmanager
@@ -49,7 +64,7 @@ def hub_errors(where: str, repo_id: str, revision: str | None = None,
         raise
     except Exception as exc:
         error = _translate(exc, where, repo_id, revision or "main",
-                           endpoint or constants.ENDPOINT)
+                           without_userinfo(endpoint or constants.ENDPOINT))
         if error is None:
             raise
         raise error from exc
@@ -57,6 +72,8 @@ def hub_errors(where: str, repo_id: str, revision: str | None = None,
 
 def _translate(exc: BaseException, where: str, repo_id: str, revision: str,
                endpoint: str) -> MCNCError | None:
+    """The ``MCNCError`` for ``exc``, or None for an exception that is a bug, not a Hub or
+    I/O failure (re-raised unchanged). ``endpoint`` is already free of userinfo."""
     if isinstance(exc, GatedRepoError):
         return HubPermissionError(
             f"{where}: {repo_id} is a gated repository: request access at "
@@ -73,7 +90,7 @@ def _translate(exc: BaseException, where: str, repo_id: str, revision: str,
         return HubFileNotFoundError(
             f"{where}: revision {revision!r} does not exist in {repo_id}: check the branch, "
             "tag or commit hash")
-    if isinstance(exc, LocalEntryNotFoundError):
+    if isinstance(exc, (LocalEntryNotFoundError, RevisionResolutionError)):
         return _not_cached(where, endpoint)
     if isinstance(exc, EntryNotFoundError):
         return HubFileNotFoundError(
@@ -86,14 +103,21 @@ def _translate(exc: BaseException, where: str, repo_id: str, revision: str,
     if isinstance(exc, HfHubHTTPError):
         return _http_error(exc, where, repo_id, endpoint)
     if isinstance(exc, HFValidationError):
-        return HubError(f"{where}: {exc}")
+        return HubError(f"{where}: {_text(exc)}")
     if isinstance(exc, HTTPError):
-        return HubError(f"{where}: cannot reach the Hub at {endpoint} ({exc}): check the "
-                        "network connection, proxy settings and HF_ENDPOINT")
+        return HubError(f"{where}: cannot reach the Hub at {endpoint} ({_text(exc)}): check "
+                        "the network connection, proxy settings and HF_ENDPOINT")
     if isinstance(exc, ValueError) and exc.__cause__ is not None:
         # hf_hub_download(force_download=True) wraps the failed metadata request this way.
         return _translate(exc.__cause__, where, repo_id, revision, endpoint)
+    if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _HTTP_LIBRARIES:
+        return HubError(f"{where}: {_text(exc)}")
     return None
+
+
+def _text(exc: BaseException) -> str:
+    """The exception's message, without credentials embedded in a URL."""
+    return without_userinfo(str(exc))
 
 
 def _not_cached(where: str, endpoint: str) -> MCNCError:
@@ -109,7 +133,7 @@ def _not_cached(where: str, endpoint: str) -> MCNCError:
 
 def _http_error(exc: HfHubHTTPError, where: str, repo_id: str, endpoint: str) -> MCNCError:
     status = _status(exc)
-    detail = exc.server_message or str(exc).splitlines()[0]
+    detail = without_userinfo(exc.server_message or str(exc).splitlines()[0])
     if status == 401:
         return HubPermissionError(
             f"{where}: the Hub rejected the token ({detail}): {LOGIN_HINT} with a valid token")
@@ -117,6 +141,10 @@ def _http_error(exc: HfHubHTTPError, where: str, repo_id: str, endpoint: str) ->
         return HubPermissionError(
             f"{where}: your token may not do this on {repo_id} ({detail}): use a token with "
             f"write access to its namespace; {LOGIN_HINT}")
+    if status == 412:
+        return HubError(
+            f"{where}: {repo_id} changed while this push was being prepared (another commit "
+            f"landed first), so nothing was committed: push again ({detail})")
     return HubError(f"{where}: the Hub at {endpoint} answered HTTP {status} ({detail}); retry "
                     "later")
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from huggingface_hub import HfApi
+from huggingface_hub import constants
 
-from ..errors import ExternalReferenceError
+from ..errors import ExternalReferenceError, HubOfflineError
 from ..reader import tensor_sha256
 from ..writer import Theta0
-from .download import download
-from .error_map import hub_errors
-from .uri import HubURI, parse_uri
+from .download import download, pinned
+from .uri import parse_uri
 
 __all__ = ["theta0_reference", "theta0_references"]
 
@@ -33,11 +32,13 @@ def theta0_references(reference: str, tensors: Iterable[str], *, token: str | No
     """``theta0_reference`` for many tensors of one file: one commit lookup, one download."""
     from safetensors import SafetensorError, safe_open
 
-    try:
-        target = parse_uri(reference)
-    except ValueError as exc:
-        raise ExternalReferenceError(str(exc)) from exc
-    target = _pinned(target, token, endpoint)
+    target = parse_uri(reference, error=ExternalReferenceError)
+    if constants.HF_HUB_OFFLINE and not target.pinned:  # a cached ref may be out of date
+        raise HubOfflineError(
+            f"{target}: pinning a theta0 reference reads the commit the branch points to now, "
+            "but offline mode is on (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE, or give the "
+            "commit hash (ORG/REPO@<commit>/FILE)")
+    target = pinned(target, token, endpoint)
     local = download(target, token=token, endpoint=endpoint)
     out: dict[str, Theta0] = {}
     try:
@@ -53,12 +54,3 @@ def theta0_references(reference: str, tensors: Iterable[str], *, token: str | No
         raise ExternalReferenceError(f"{target}: not a readable safetensors file ({local}): "
                                      f"{exc}") from exc
     return out
-
-
-def _pinned(target: HubURI, token: str | None, endpoint: str | None) -> HubURI:
-    if target.pinned:
-        return target
-    with hub_errors(str(target), target.repo_id, target.revision, endpoint):
-        info = HfApi(endpoint=endpoint, token=token).model_info(target.repo_id,
-                                                                revision=target.revision)
-    return target.with_revision(info.sha)

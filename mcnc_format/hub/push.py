@@ -2,7 +2,8 @@
 
 Why one commit: the files and the card that describes them appear together or not at all.
 Why check before upload: a damaged ``.mcnc`` file is refused here rather than found later by
-every user who downloads it.
+every user who downloads it. Why ``parent_commit``: the card is merged from the branch head
+read at the start; a push that landed in between would otherwise lose its card rows.
 """
 
 from __future__ import annotations
@@ -69,16 +70,17 @@ def push(path: str | os.PathLike[str], repo_id: str, revision: str | None = None
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        head = api.model_info(repo_id, revision=revision).sha
         operations = [CommitOperationAdd(repo_path, str(local))
                       for repo_path, local in files.items()]
         if model_card:
             existing = (local_card.read_text(encoding="utf-8") if local_card is not None
-                        else _remote_card(api, repo_id, revision))
-            remaining = set(api.list_repo_files(repo_id, revision=revision)) | set(files)
+                        else _remote_card(api, repo_id, head or revision))
+            remaining = set(api.list_repo_files(repo_id, revision=head or revision)) | set(files)
             card = render_card(existing, repo_id, facts, base_model=base_model, tags=tags,
-                               keep_rows_for=remaining)
+                               keep_rows_for=remaining, revision=revision)
             operations.append(CommitOperationAdd(CARD_NAME, card.encode("utf-8")))
-        info = api.create_commit(repo_id, operations, revision=revision,
+        info = api.create_commit(repo_id, operations, revision=revision, parent_commit=head,
                                  commit_message=commit_message or _message(files))
     paths = (*files, CARD_NAME) if model_card else tuple(files)
     return PushResult(repo_id, revision or "main", info.oid, paths)

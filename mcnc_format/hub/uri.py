@@ -49,8 +49,10 @@ class HubURI:
         return f"{SCHEME}{self.repo_id}{revision}{path}"
 
 
-def parse_uri(uri: str, *, require_path: bool = True) -> HubURI:
-    """Split ``hf://ORG/REPO[@REVISION]/PATH``; ``ValueError`` names what is malformed.
+def parse_uri(uri: str, *, require_path: bool = True,
+              error: type[Exception] = ValueError) -> HubURI:
+    """Split ``hf://ORG/REPO[@REVISION]/PATH``; ``error`` (``ValueError`` unless the caller
+    wants one of its own, e.g. ``HubError``) names what is malformed.
 
     The ``hf://`` prefix is optional so that ``org/repo@main/file`` is accepted where a user
     types a reference (``mcnc_format.hub.theta0_reference``).
@@ -61,8 +63,8 @@ def parse_uri(uri: str, *, require_path: bool = True) -> HubURI:
     name, at, revision = name_and_revision.partition("@")
     problem = _problem(org, slash, name, at, unquote(revision), path, require_path)
     if problem:
-        raise ValueError(f"{uri!r} is not a Hub reference hf://ORG/REPO[@REVISION]/PATH: "
-                         f"{problem}")
+        raise error(f"{uri!r} is not a Hub reference hf://ORG/REPO[@REVISION]/PATH: "
+                    f"{problem}")
     return HubURI(f"{org}/{name}", unquote(revision) if at else None, path)
 
 
