@@ -40,7 +40,13 @@ import torch
 
 from .. import constants as C
 from ..dtypes import to_torch
-from ..errors import DeviceMemoryError, ExternalReferenceError, FormatError, MCNCError
+from ..errors import (
+    DeviceMemoryError,
+    ExternalReferenceDamaged,
+    ExternalReferenceError,
+    FormatError,
+    MCNCError,
+)
 from ..generator import GeneratorSpec, GeneratorWeights, ieee_fp32
 from ..header import TensorEntry
 from ..reader import MCNCFile
@@ -483,7 +489,7 @@ def _check_sha256(view: memoryview, expected: str, label: str) -> None:
     """R75: the referenced tensor's bytes hash to the pinned sha256 (runs on a worker)."""
     digest = hashlib.sha256(view).hexdigest()
     if digest != expected:
-        raise ExternalReferenceError(
+        raise ExternalReferenceDamaged(
             f"{label} has sha256 {digest}, the file pins {expected} (R75): the base "
             "checkpoint differs from the one this file was made against.")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ExternalReferenceError
+from ..errors import ExternalReferenceDamaged, ExternalReferenceError
 
 __all__ = ["SafetensorsFile", "TensorSlice"]
 
@@ -85,11 +85,14 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         return header, 8 + length
 
-    def _error(self, what: str) -> ExternalReferenceError:
-        return ExternalReferenceError(f"{self.label}: {self.path} {what} (R75)")
+    def _error(self, what: str, damaged: bool = True) -> ExternalReferenceError:
+        """A malformed file is damage (a fresh copy may help); a missing tensor or a wrong
+        dtype is a wrong reference."""
+        kind = ExternalReferenceDamaged if damaged else ExternalReferenceError
+        return kind(f"{self.label}: {self.path} {what} (R75)")
 
     def _unreadable(self, exc: OSError) -> ExternalReferenceError:
-        return ExternalReferenceError(
+        return ExternalReferenceDamaged(
             f"{self.label} ({self.path}) cannot be read: {exc.strerror or exc} (R75). Put the "
             "base checkpoint next to the .mcnc file.")
 
@@ -101,7 +104,7 @@ class SafetensorsFile:
         """The dtype, shape and bytes of tensor ``name``; a malformed header entry raises
         ``ExternalReferenceError`` like any other damage."""
         if name not in self._entries:
-            raise self._error(f"has no tensor named {name!r}")
+            raise self._error(f"has no tensor named {name!r}", damaged=False)
         entry = self._entries[name]
         if not isinstance(entry, dict):
             raise self._error(f"describes {name!r} with {entry!r}, not an object")
