@@ -10,7 +10,6 @@ so what trains is what is written. docs/torch.md documents the layout field by f
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from .. import constants as C
 from ..errors import ReparametrizeError
-from ..header import Theta0Entry
+from ..header import FactorEntry, Theta0Entry
 from .config import MCNCConfig
 
 __all__ = [
@@ -46,25 +45,16 @@ def beta_key(segment: int) -> str:
 
 
 @dataclass(frozen=True)
-class MemberSpec:
+class MemberSpec(FactorEntry):
     """One compressed tensor: where it lives in the module, and in which segment.
 
-    ``name`` is its path in the reparametrized module (``"fc.weight"``,
-    ``"q.lora_A.weight"``); ``dtype`` the spec name of the values it produces; ``theta0`` a
-    spec theta0 entry: ``zeros``, ``prng`` (all fields given), or ``blob``, meaning "the
-    tensor in the state dict under ``theta0_key``".
+    The spec's member fields (``shape``, ``dtype``, ``segment``, ``offset``, ``theta0``) plus
+    ``name``, its path in the reparametrized module (``"fc.weight"``,
+    ``"q.lora_A.weight"``); ``theta0`` is ``zeros``, ``prng`` (all fields given), or ``blob``,
+    meaning "the tensor in the state dict under ``theta0_key``".
     """
 
     name: str
-    shape: tuple[int, ...]
-    dtype: str
-    segment: int
-    offset: int
-    theta0: Theta0Entry
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def module_path(self) -> str:
@@ -81,14 +71,12 @@ class MemberSpec:
         return f"{prefix}parametrizations.{self.attribute}.original"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
-                "segment": self.segment, "offset": self.offset,
-                "theta0": self.theta0.to_dict()}
+        return {"name": self.name, **super().to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MemberSpec:
-        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]),
-                   int(d["segment"]), int(d["offset"]), Theta0Entry(**d["theta0"]))
+        return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]), int(d["segment"]),
+                   int(d["offset"]), Theta0Entry(**d["theta0"]), str(d["name"]))
 
 
 @dataclass(frozen=True)

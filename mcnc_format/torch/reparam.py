@@ -223,8 +223,8 @@ def _layout(config: MCNCConfig, planned: Sequence[PlannedMember]
         if config.chunking == CHUNKING_TENSOR or not filled:
             filled.append(0)
         segment = len(filled) - 1
-        members.append(MemberSpec(plan.name, plan.shape, from_torch(plan.dtype), segment,
-                                  filled[segment], plan.theta0))
+        members.append(MemberSpec(plan.shape, from_torch(plan.dtype), segment,
+                                  filled[segment], plan.theta0, plan.name))
         filled[segment] += numel
     return members, [-(-n // config.d) for n in filled]
 
