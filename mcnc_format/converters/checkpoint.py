@@ -42,7 +42,8 @@ GLOBAL_REFUSALS = ("GLOBAL", "global", "Can only create new object", "Can only b
                    "Trying to call reduce", "must be imported to load")
 # What else torch.load raises on damaged bytes (its unpickler indexes and decodes unchecked).
 DAMAGED_PICKLE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError,
-                         AssertionError, struct.error)
+                         AssertionError, struct.error, TypeError, AttributeError, OverflowError,
+                         MemoryError, RecursionError)
 # Pickle opcodes that import or call something: a pickle holding one needs code to rebuild.
 CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX",
                           "REDUCE"})
