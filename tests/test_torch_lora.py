@@ -13,12 +13,12 @@ Inputs are fresh each run, seeded from ``MCNC_TEST_SEED`` or a random seed print
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch_helpers import SEED, assert_same_outputs, one_thread  # noqa: F401 (autouse fixture)
 
 import mcnc_format
 from mcnc_format.errors import ReparametrizeError
@@ -32,19 +32,8 @@ from mcnc_format.torch import (
     unmerge_mcnc_lora,
 )
 
-OUTPUT_RTOL = 1e-5
-SEED = int(os.environ.get("MCNC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 TARGETS = ("q_proj", "v_proj", "mlp.*")
 CONFIG = MCNCConfig(k=5, d=200, hidden=(32, 32), seed=SEED & 0xFFFF)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread avoids OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Block(nn.Module):
@@ -100,13 +89,6 @@ def _train(model: nn.Module, steps: int = 3) -> None:
         opt.step()
 
 
-def _assert_same_outputs(got: torch.Tensor, want: torch.Tensor) -> None:
-    scale = want.abs().max().item()
-    assert torch.allclose(got, want, rtol=OUTPUT_RTOL, atol=OUTPUT_RTOL * scale), (
-        f"seed {SEED}: max difference {(got - want).abs().max().item():.3g} at output scale "
-        f"{scale:.3g}")
-
-
 def _adapted(chunking: str = "tensor") -> TinyLM:
     config = MCNCConfig(**{**CONFIG.to_dict(), "chunking": chunking})
     return add_mcnc_lora(_pretrained(), config, target_modules=TARGETS, rank=4, lora_alpha=8)
@@ -148,7 +130,7 @@ def test_adapted_model_equals_plain_model_loaded_from_file(tmp_path, chunking):
     x = _tokens(2)
     with torch.no_grad():
         adapted = model(x)
-        _assert_same_outputs(plain(x), adapted)
+        assert_same_outputs(plain(x), adapted)
         assert not torch.allclose(adapted, _pretrained()(x))  # training moved the adapters
 
 
@@ -163,7 +145,7 @@ def test_merge_matches_the_file_and_unmerge_restores_the_base(tmp_path):
     with torch.no_grad():
         before = model(x)
         merge_mcnc_lora(model)
-        _assert_same_outputs(model(x), before)
+        assert_same_outputs(model(x), before)
     for key, base in bases.items():
         merged = model.get_parameter(key)
         assert torch.equal(merged, loaded[key.replace(".base_layer", "")]), key
@@ -174,7 +156,7 @@ def test_merge_matches_the_file_and_unmerge_restores_the_base(tmp_path):
     for key, base in bases.items():
         torch.testing.assert_close(model.get_parameter(key), base, rtol=0, atol=1e-6)
     with torch.no_grad():
-        _assert_same_outputs(model(x), before)
+        assert_same_outputs(model(x), before)
 
 
 def test_state_dict_alone_packs_the_same_bytes(tmp_path):

@@ -15,29 +15,17 @@ from __future__ import annotations
 
 import io
 import math
-import os
 
 import pytest
 import torch
 from torch import nn
+from torch_helpers import SEED, assert_same_outputs, one_thread  # noqa: F401 (autouse fixture)
 
 import mcnc_format
 from mcnc_format import Theta0
 from mcnc_format.errors import ReparametrizeError
 from mcnc_format.torch import MCNCConfig, export_state_dict, reparametrize, save_model
 from mcnc_format.torch.runtime import MCNCRuntime
-
-OUTPUT_RTOL = 1e-5
-SEED = int(os.environ.get("MCNC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread avoids OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _seeded(offset: int) -> torch.Generator:
@@ -107,13 +95,6 @@ def _train(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
     model.eval()
 
 
-def _assert_same_outputs(got: torch.Tensor, want: torch.Tensor) -> None:
-    scale = want.abs().max().item()
-    assert torch.allclose(got, want, rtol=OUTPUT_RTOL, atol=OUTPUT_RTOL * scale), (
-        f"seed {SEED}: max difference {(got - want).abs().max().item():.3g} at output scale "
-        f"{scale:.3g}")
-
-
 @pytest.mark.parametrize("chunking", ["tensor", "model"])
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_trained_model_equals_plain_model_loaded_from_file(tmp_path, name, chunking):
@@ -127,7 +108,7 @@ def test_trained_model_equals_plain_model_loaded_from_file(tmp_path, name, chunk
     plain.load_state_dict(mcnc_format.load(path), strict=True)
     plain.eval()
     with torch.no_grad():
-        _assert_same_outputs(plain(_inputs(name, 1)), model(_inputs(name, 1)))
+        assert_same_outputs(plain(_inputs(name, 1)), model(_inputs(name, 1)))
     with mcnc_format.open(path) as f:
         assert f.metadata == {"arch": name}
         encodings = [f.tensor_info(n).encoding for n in f.keys()]  # noqa: SIM118
@@ -229,7 +210,7 @@ def test_theta0_from_module_weights_keeps_the_pretrained_function(tmp_path):
     plain = TinyTransformer().eval()
     plain.load_state_dict(mcnc_format.load(path), strict=True)
     with torch.no_grad():
-        _assert_same_outputs(plain(x), model(x))
+        assert_same_outputs(plain(x), model(x))
 
 
 def test_theta0_override_replaces_the_stored_base(tmp_path):
@@ -258,7 +239,7 @@ def test_alpha_is_projected_onto_the_box_and_the_file_matches(tmp_path):
     plain = mlp()
     plain.load_state_dict(mcnc_format.load(path), strict=True)
     with torch.no_grad():
-        _assert_same_outputs(plain(x), out)
+        assert_same_outputs(plain(x), out)
     out.square().mean().backward()
     at_bound = model.mcnc_alpha_0.detach().abs() == config.L
     assert at_bound.any() and model.mcnc_alpha_0.grad[at_bound].abs().sum() > 0
@@ -279,7 +260,7 @@ def test_low_precision_alpha_beta_are_what_the_forward_uses(tmp_path):
     plain = mlp()
     plain.load_state_dict(mcnc_format.load(path), strict=True)
     with torch.no_grad():
-        _assert_same_outputs(plain(x), model(x))
+        assert_same_outputs(plain(x), model(x))
 
 
 def test_autocast_runs_the_generator_in_float32():

@@ -1,0 +1,28 @@
+"""What the MCNC training tests share: the seed, the output tolerance, one intra-op thread."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+OUTPUT_RTOL = 1e-5
+SEED = int(os.environ.get("MCNC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread avoids OpenMP spin-waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_same_outputs(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal within ``OUTPUT_RTOL`` of the output's scale; names the seed when not."""
+    scale = want.abs().max().item()
+    assert torch.allclose(got, want, rtol=OUTPUT_RTOL, atol=OUTPUT_RTOL * scale), (
+        f"seed {SEED}: max difference {(got - want).abs().max().item():.3g} at output scale "
+        f"{scale:.3g}")
