@@ -12,13 +12,16 @@ Inputs are fresh each run, seeded from ``MCNC_TEST_SEED`` or a random seed print
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_helpers import SEED, assert_same_outputs, one_thread  # noqa: F401 (autouse fixture)
+from torch_helpers import (  # noqa: F401 (one_thread: autouse fixture)
+    SEED,
+    assert_same_outputs,
+    assert_state_dict_packs_like_the_model,
+    one_thread,
+)
 
 import mcnc_format
 from mcnc_format.errors import ReparametrizeError
@@ -26,7 +29,6 @@ from mcnc_format.torch import (
     MCNCConfig,
     MCNCLoRALinear,
     add_mcnc_lora,
-    export_state_dict,
     merge_mcnc_lora,
     save_model,
     unmerge_mcnc_lora,
@@ -162,13 +164,7 @@ def test_merge_matches_the_file_and_unmerge_restores_the_base(tmp_path):
 def test_state_dict_alone_packs_the_same_bytes(tmp_path):
     model = _adapted()
     _train(model, steps=1)
-    first = save_model(model, tmp_path / "a.mcnc").read_bytes()
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
-    mcnc_format.save(tmp_path / "b.mcnc", export_state_dict(state))
-    assert (tmp_path / "b.mcnc").read_bytes() == first
+    assert_state_dict_packs_like_the_model(model, tmp_path)
 
 
 def test_targets_must_be_linear_layers():

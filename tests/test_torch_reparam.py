@@ -13,13 +13,17 @@ Inputs are fresh each run, seeded from ``MCNC_TEST_SEED`` or a random seed print
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
 from torch import nn
-from torch_helpers import SEED, assert_same_outputs, one_thread  # noqa: F401 (autouse fixture)
+from torch_helpers import (  # noqa: F401 (one_thread: autouse fixture)
+    SEED,
+    assert_same_outputs,
+    assert_state_dict_packs_like_the_model,
+    one_thread,
+)
 
 import mcnc_format
 from mcnc_format import Theta0
@@ -121,13 +125,7 @@ def test_packing_is_byte_identical_from_model_or_saved_state_dict(tmp_path):
     torch.manual_seed(SEED)
     model = reparametrize(TinyTransformer(), CONFIGS["transformer"])
     _train(model, _inputs("transformer"))
-    first = save_model(model, tmp_path / "a.mcnc").read_bytes()
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
-    mcnc_format.save(tmp_path / "b.mcnc", export_state_dict(state))
-    assert (tmp_path / "b.mcnc").read_bytes() == first
+    first = assert_state_dict_packs_like_the_model(model, tmp_path)
     assert save_model(model, tmp_path / "c.mcnc").read_bytes() == first
 
 
