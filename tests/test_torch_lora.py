@@ -202,3 +202,12 @@ def test_shared_targets_are_refused(make: type[nn.Module], target: str) -> None:
     with pytest.raises(ReparametrizeError, match="shared with"):
         add_mcnc_lora(make(), MCNCConfig(k=4, d=64, hidden=(8,)), target_modules=[target],
                       rank=2)
+
+
+def test_linears_read_by_a_transformer_fast_path_are_refused() -> None:
+    """nn.TransformerEncoderLayer's eval fast path reads linear1/linear2 weights directly:
+    an adapter there would train but be silently skipped at inference."""
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    with pytest.raises(ReparametrizeError, match="fast path"):
+        add_mcnc_lora(nn.Sequential(layer), MCNCConfig(k=4, d=64, hidden=(8,)),
+                      target_modules=["linear1"], rank=2)

@@ -129,6 +129,10 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
     return model
 
 
+# Owners whose forward may read a child Linear's ``weight`` without calling the child.
+_WEIGHT_READERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 def _targets(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` modules (exactly that type: subclasses such as MultiheadAttention's
     ``out_proj`` are read by their owner without calling their forward) whose names match."""
@@ -152,6 +156,13 @@ def _targets(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Li
                     f"add_mcnc_lora: {name!r} is shared with {aliases}; adapting it in one "
                     "place would save a model different from the one trained. Untie the "
                     "weights or leave this module out of target_modules.")
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if isinstance(parent, _WEIGHT_READERS):
+                raise ReparametrizeError(
+                    f"add_mcnc_lora: {name!r} belongs to a {type(parent).__name__}, whose "
+                    "inference fast path reads its Linear weights directly, bypassing an "
+                    "adapter: the evaluated model would not be the trained one. Leave it out "
+                    "of target_modules, or use mcnc_format.torch.reparametrize for it.")
             found.append((name, module))
     if not found:
         linear = [n for n, m in model.named_modules() if type(m) is nn.Linear]
