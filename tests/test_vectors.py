@@ -32,6 +32,7 @@ import mcnc_format as mf
 from mcnc_format import constants as C
 from mcnc_format import errors, philox, reference
 from mcnc_format.header import FactorEntry, Theta0Entry
+from mcnc_format.streaming import stream
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT / "spec" / "vectors"
@@ -45,8 +46,10 @@ U = 2.0**-24  # unit roundoff of float32
 _SEED = int.from_bytes(os.urandom(4), "little")
 print(f"test_vectors: workspace seed {_SEED}")
 WORKSPACES = [None, random.Random(_SEED).randrange(64, 4096)]
-# On a machine with a GPU the same vectors check the device path (kernels, on-device theta0).
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+# On a machine with a GPU the same vectors check the device paths: the reader's (on-device
+# theta0), and the pipelined loader's, eager and through the fused Triton kernel.
+DEVICES = ["cpu", *(["cuda", "cuda-stream-eager", "cuda-stream-fused"]
+                    if torch.cuda.is_available() else [])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,11 +57,17 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 # --------------------------------------------------------------------------------------------
 
 
+# float64 sin and matrix products differ in the last bit between math libraries (NumPy
+# builds, BLAS), so a float64 reference evaluation reproduces only to about this, relative.
+F64_REPRODUCIBILITY = 1e-12
+
+
 def half_ulp(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Half the spacing of ``dtype`` at ``|values|`` (zero for f64): one rounding's error."""
+    """Half the spacing of ``dtype`` at ``|values|``: one rounding's error. For f64, where
+    nothing is rounded, the float64 reference's own reproducibility."""
     x = np.abs(values)
     if dtype == "f64":
-        return np.zeros_like(x)
+        return F64_REPRODUCIBILITY * np.maximum(1.0, x)
     if dtype == "f16":
         return np.spacing(x.astype(np.float16)).astype(np.float64) / 2
     spacing = np.spacing(x.astype(np.float32)).astype(np.float64)
@@ -258,7 +267,15 @@ def test_valid_vector(vector: dict, workspace: int | None, device: str) -> None:
         for name, error in unsupported.items():
             with pytest.raises(getattr(errors, error)):
                 f.get_tensor(name)
-        got = f.tensors(list(expected), device=device)
+        if device.startswith("cuda-stream"):
+            fused = device.endswith("fused")
+            if fused and importlib.util.find_spec("triton") is None:
+                pytest.skip("triton is not installed")
+            got = dict(stream(f.path, "cuda", names=list(expected), workspace_bytes=workspace,
+                              use_triton=fused))
+            device = "cuda"
+        else:
+            got = f.tensors(list(expected), device=device)
         refs = members_ref(f)
         ledger = ChunkLedger()
         for name, want in expected.items():
@@ -345,7 +362,25 @@ def test_make_vectors_is_byte_identical(tmp_path: Path, monkeypatch: pytest.Monk
     committed = {str(p.relative_to(VECTORS)) for p in VECTORS.rglob("*") if p.is_file()}
     assert made == committed
     for name in sorted(made):
-        assert (tmp_path / name).read_bytes() == (VECTORS / name).read_bytes(), name
+        fresh, committed_bytes = (tmp_path / name).read_bytes(), (VECTORS / name).read_bytes()
+        if fresh != committed_bytes and name.endswith(".expected.safetensors"):
+            _assert_same_up_to_f64_reproducibility(tmp_path / name, VECTORS / name)
+            continue
+        assert fresh == committed_bytes, name
+
+
+def _assert_same_up_to_f64_reproducibility(fresh: Path, committed: Path) -> None:
+    """Expected files made with another math library: same tensors, bit for bit except f64
+    ones, which agree to ``F64_REPRODUCIBILITY``."""
+    a, b = load_file(fresh), load_file(committed)
+    assert sorted(a) == sorted(b), fresh.name
+    for key, value in b.items():
+        assert a[key].dtype == value.dtype and a[key].shape == value.shape, (fresh.name, key)
+        if value.dtype != torch.float64:
+            assert torch.equal(a[key], value), (fresh.name, key)
+        else:
+            slack = F64_REPRODUCIBILITY * value.abs().clamp_min(1.0)
+            assert bool(((a[key] - value).abs() <= slack).all()), (fresh.name, key)
 
 
 def test_philox_json_matches_implementation() -> None:
