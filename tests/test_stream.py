@@ -28,9 +28,10 @@ from hypothesis import HealthCheck, given, settings
 from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from strategies import file_plans, materialize
+from stream_helpers import SEED, assert_close, mixed_file
 
 import mcnc_format as mf
-from mcnc_format import MCNC, Dense, GeneratorSpec, LoRA, Segment, Theta0, philox
+from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0, philox
 from mcnc_format import hub as mhub
 from mcnc_format.errors import (
     DeviceMemoryError,
@@ -45,65 +46,6 @@ from mcnc_format.reader import tensor_sha256
 from mcnc_format.streaming import load, load_into, stream
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
-SEED = int.from_bytes(os.urandom(4), "little")
-print(f"test_stream seed: {SEED}")
-
-
-def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
-                  rtol: float = 1e-5) -> None:
-    """Same names, shapes, dtypes; values equal up to one ulp of the output dtype or ``rtol``
-    of the tensor's largest value (float32 sums round differently in other batch sizes)."""
-    assert list(got) == list(want) or sorted(got) == sorted(want)
-    for name, expected in want.items():
-        value = got[name]
-        assert value.dtype == expected.dtype and value.shape == expected.shape, name
-        assert value.device.type == "cpu"
-        if not expected.dtype.is_floating_point or expected.numel() == 0:
-            assert torch.equal(value, expected), name
-            continue
-        a, b = value.double(), expected.double()
-        ulp = torch.finfo(expected.dtype).eps * b.abs().clamp_min(torch.finfo(expected.dtype).tiny)
-        bound = torch.maximum(ulp, rtol * b.abs().max().clamp_min(1e-30).expand_as(b))
-        assert bool(((a - b).abs() <= bound).all()), (name, float((a - b).abs().max()))
-
-
-def _mixed_file(directory: Path, seed: int = SEED) -> Path:
-    """A file with every theta0 kind, output dtypes, members across chunk boundaries, an
-    empty member, dense raw and zstd tensors and a lora tensor, in interleaved order."""
-    g = torch.Generator().manual_seed(seed)
-    gen = GeneratorSpec(k=5, d=100, hidden=(32, 32), seed=seed % 2**32)
-    shapes = [(7, 13), (50,), (3, 4, 5), (0,), (33,), (4, 37)]
-    total = sum(torch.Size(s).numel() for s in shapes)
-    chunks = -(-total // 100)
-    alpha = ((torch.rand(chunks, 2, 5, generator=g) * 2 - 1) * 20).to(torch.bfloat16)
-    seg = Segment(gen, alpha, torch.randn(chunks, 2, generator=g), "zstd")
-    base = (torch.randn(3, 4, 5, generator=g)).to(torch.bfloat16)
-    base32 = torch.randn(4, 37, generator=g)
-    save_file({"w": base, "v": base32}, str(directory / "base.safetensors"))
-    thetas = [
-        Theta0.fan_in_uniform(1, 2),
-        Theta0.normal(3, 4, 0.5, 2.0),
-        Theta0.external("base.safetensors", "w", tensor_sha256(base)),
-        Theta0.zeros(),
-        Theta0.stored(torch.randn(33, generator=g).to(torch.float16)),
-        Theta0.external("base.safetensors", "v", tensor_sha256(base32)),
-    ]
-    dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.float16, torch.float64,
-              torch.bfloat16]
-    small = GeneratorSpec(k=4, d=16, hidden=(8,), seed=9, bias=False)
-    seg_a = Segment(small, torch.rand(1, 2, 4, generator=g), torch.randn(1, 2, generator=g))
-    seg_b = Segment(small, torch.rand(1, 2, 4, generator=g), torch.randn(1, 2, generator=g))
-    tensors: dict[str, object] = {"first_dense": torch.randn(4, 4, generator=g)}
-    for i, (shape, dtype, theta0) in enumerate(zip(shapes, dtypes, thetas, strict=True)):
-        tensors[f"m{i}"] = MCNC(seg, shape, dtype, theta0)
-        if i == 2:
-            tensors["ints"] = Dense(torch.arange(10) * 3 - 7, "zstd")
-            tensors["adapter"] = LoRA(MCNC(seg_a, (2, 8)), MCNC(seg_b, (8, 2)), 0.5,
-                                      torch.float32, Theta0.uniform(0.1, 5, 6))
-    tensors["flag"] = torch.tensor([True, False, True])
-    path = directory / "mixed.mcnc"
-    mf.save(path, tensors)  # type: ignore[arg-type]
-    return path
 
 
 @pytest.mark.parametrize(
@@ -112,14 +54,14 @@ def _mixed_file(directory: Path, seed: int = SEED) -> Path:
     ids=["defaults", "small-batches", "tiny-staging", "one-chunk-batches"],
 )
 def test_pipeline_matches_reader(tmp_path: Path, workspace: int | None, staging: int) -> None:
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     want = mf.load(path)
     got = dict(stream(path, "cpu", workspace_bytes=workspace, staging_bytes=staging))
-    _assert_close(got, want)
+    assert_close(got, want)
 
 
 def test_batches_cover_each_segment_once(tmp_path: Path) -> None:
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     with mf.open(path) as f:
         loader = PipelinedLoader(f, "cpu", options=LoadOptions(workspace_bytes=900))
         steps = loader.plan()
@@ -149,7 +91,7 @@ def test_spec_vectors_match_reader() -> None:
             with pytest.raises(type(exc)):
                 dict(stream(path, "cpu"))
             continue
-        _assert_close(dict(stream(path, "cpu", workspace_bytes=4096, staging_bytes=1000)),
+        assert_close(dict(stream(path, "cpu", workspace_bytes=4096, staging_bytes=1000)),
                       want)
 
 
@@ -163,12 +105,12 @@ def test_random_files_match_reader(tmp_path_factory: pytest.TempPathFactory, pla
     # Random generators include tiny ones (d = 1) where ||W h + b|| << ||W h|| + ||b||: the
     # Gram identity then cancels, and the different batch shapes' float32 rounding is
     # amplified by up to ~1e3. Agreement with float64 is tested for each path on its own.
-    _assert_close(dict(stream(path, "cpu", workspace_bytes=2000, staging_bytes=100)),
+    assert_close(dict(stream(path, "cpu", workspace_bytes=2000, staging_bytes=100)),
                   mf.load(path), rtol=1e-3)
 
 
 def test_progress_and_names(tmp_path: Path) -> None:
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     seen: list[Progress] = []
     names = ["m4", "first_dense", "adapter", "m0"]
     got = load(path, "cpu", names=names, progress=seen.append)
@@ -182,10 +124,10 @@ def test_progress_and_names(tmp_path: Path) -> None:
 
 
 def test_dtype_override(tmp_path: Path) -> None:
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     got = load(path, "cpu", torch.float16)
     want = mf.load(path, dtype=torch.float16)
-    _assert_close(got, want)
+    assert_close(got, want)
     assert got["ints"].dtype == torch.int64 and got["flag"].dtype == torch.bool
 
 
@@ -243,15 +185,15 @@ def test_staging_ring_never_refills_a_busy_buffer(slots: int) -> None:
 def test_pipeline_through_deferred_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                           ) -> None:
     """The whole pipeline with copies that complete only when waited on."""
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     monkeypatch.setattr(PipelinedLoader, "_engine", lambda self: _DeferredEngine())
     got = dict(stream(path, "cpu", workspace_bytes=900, staging_bytes=16))
-    _assert_close(got, mf.load(path))
+    assert_close(got, mf.load(path))
 
 
 def test_device_oom_is_reported_and_releases_everything(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     allocated: list[weakref.ref[torch.Tensor]] = []
     original = SyncCopyEngine.device_empty
 
@@ -270,7 +212,7 @@ def test_device_oom_is_reported_and_releases_everything(tmp_path: Path,
 
 
 def test_external_sha256_mismatch_stops_the_tensor(tmp_path: Path) -> None:
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     save_file({"w": torch.zeros(3, 4, 5, dtype=torch.bfloat16),
                "v": torch.zeros(4, 37)}, str(tmp_path / "base.safetensors"))
     handed_out = []
@@ -281,7 +223,7 @@ def test_external_sha256_mismatch_stops_the_tensor(tmp_path: Path) -> None:
 
 
 def test_external_missing_tensor_and_shape(tmp_path: Path) -> None:
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     save_file({"v": torch.zeros(4, 37)}, str(tmp_path / "base.safetensors"))
     with pytest.raises(ExternalReferenceError, match="no tensor named 'w'"):
         load(path, "cpu")
@@ -364,7 +306,7 @@ def test_forced_triton_without_triton(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 def test_damaged_base_file(tmp_path: Path) -> None:
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     base = tmp_path / "base.safetensors"
     data = base.read_bytes()
     base.write_bytes(data[: len(data) // 2])
@@ -380,7 +322,7 @@ def test_damaged_base_file(tmp_path: Path) -> None:
 
 
 def test_abandoned_stream_closes_cleanly(tmp_path: Path) -> None:
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     iterator = stream(path, "cpu", workspace_bytes=900)
     name, tensor = next(iterator)
     iterator.close()  # the file, the staging ring and the worker threads are released
@@ -539,7 +481,7 @@ def test_mixed_segment_batches_fit_the_workspace(tmp_path: Path,
     monkeypatch.undo()
     assert products and max(products) <= workspace
     assert kernels.calls  # the other members went through the (torch) kernel
-    _assert_close(got, want)
+    assert_close(got, want)
 
 
 class _PoolEngine(SyncCopyEngine):
@@ -563,7 +505,7 @@ def test_outputs_are_allocated_as_outputs(tmp_path: Path, monkeypatch: pytest.Mo
                                           ) -> None:
     """Handed-out tensors come from ``output_empty`` (the compute stream's pool on CUDA, so
     the caller's stream can reuse them once freed); staging buffers from ``device_empty``."""
-    path = _mixed_file(tmp_path)
+    path = mixed_file(tmp_path)
     engine = _PoolEngine()
     monkeypatch.setattr(PipelinedLoader, "_engine", lambda self: engine)
     got = load(path, "cpu", workspace_bytes=900, staging_bytes=64)
@@ -594,5 +536,5 @@ def test_damaged_hub_base_is_read_again_after_its_fresh_download(
     cached = mhub.resolve_reference(theta0.entry.uri or "")
     cached.resolve().write_bytes(safetensors_bytes(dict(base, **{
         "layer.weight": base["layer.weight"] + 1})))
-    _assert_close(load(path, "cpu"), want)
+    assert_close(load(path, "cpu"), want)
     assert cached.read_bytes() == safetensors_bytes(base)  # the good copy is kept

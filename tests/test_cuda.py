@@ -1,0 +1,127 @@
+"""The CUDA paths end to end: what the CPU tests cover with stand-ins, on a real GPU.
+
+Skipped without one (``benchmarks/gpu_check.sh`` runs them on a GPU machine). The pipelined
+loader's pinned staging ring, copy stream and events, the fused Triton kernel, training in
+the manifold on the device and ``load_into`` a meta-device module must give what the CPU
+reader gives, within the loader tolerance of ``stream_helpers.assert_close``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from stream_helpers import SEED, assert_close, mixed_file
+from torch import nn
+
+import mcnc_format as mf
+from mcnc_format.streaming import load_into, stream
+from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TRITON = [False, *([True] if importlib.util.find_spec("triton") else [])]
+
+
+@pytest.mark.parametrize("use_triton", TRITON, ids=lambda t: "fused" if t else "eager")
+@pytest.mark.parametrize(("workspace", "staging"), [(None, 64 << 20), (900, 64)],
+                         ids=["defaults", "small-batches-tiny-staging"])
+def test_stream_on_cuda_matches_cpu_reader(tmp_path: Path, use_triton: bool,
+                                           workspace: int | None, staging: int) -> None:
+    path = mixed_file(tmp_path)
+    got = {}
+    for name, value in stream(path, "cuda", workspace_bytes=workspace, staging_bytes=staging,
+                              use_triton=use_triton):
+        assert value.device.type == "cuda", name
+        got[name] = value
+    assert_close(got, mf.load(path))
+
+
+def test_load_dispatches_to_the_device_and_dtype(tmp_path: Path) -> None:
+    path = mixed_file(tmp_path)
+    got = mf.load(path, device="cuda", dtype=torch.float16)
+    want = mf.load(path)
+    for name, value in got.items():
+        assert value.device.type == "cuda", name
+        if want[name].dtype.is_floating_point and want[name].numel():
+            assert value.dtype == torch.float16, name
+            assert torch.allclose(value.float().cpu(), want[name].half().float(),
+                                  rtol=2e-3, atol=2e-3 * float(want[name].abs().max())), name
+
+
+class _Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 48)
+        self.block = nn.TransformerEncoderLayer(48, 4, dim_feedforward=96, dropout=0.0,
+                                                batch_first=True)
+        self.head = nn.Linear(48, 64)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(tokens)))
+
+
+def _tokens(offset: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(SEED + offset)
+    return torch.randint(0, 64, (4, 11), generator=g).cuda()
+
+
+def _same(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
+    scale = float(want.abs().max())
+    assert torch.allclose(got, want, rtol=rtol, atol=rtol * scale), (
+        f"seed {SEED}: max difference {float((got - want).abs().max()):.3g}, scale {scale:.3g}")
+
+
+def _train(model: nn.Module, x: torch.Tensor) -> None:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("chunking", ["tensor", "model"])
+def test_trained_on_cuda_loads_into_a_meta_module(tmp_path: Path, chunking: str) -> None:
+    """Train in the manifold on the GPU, pack, and fill a meta-device model from the file:
+    the same function, on the GPU, with nothing materialised on the CPU."""
+    torch.manual_seed(SEED)
+    config = MCNCConfig(k=4, d=256, hidden=(16, 16), seed=SEED & 0xFFFF, chunking=chunking,
+                        include=("*weight",), exclude=("*norm*",))
+    model = reparametrize(_Decoder(), config).cuda()
+    _train(model, _tokens(0))
+    assert all(p.grad is None for n, p in model.named_parameters()
+               if not p.requires_grad), "frozen parameters received gradients"
+    path = save_model(model, tmp_path / "decoder.mcnc")
+    with torch.device("meta"):
+        plain = _Decoder()
+    load_into(plain, path, device="cuda")
+    plain.eval()
+    assert all(t.device.type == "cuda" for t in plain.state_dict().values())
+    with torch.no_grad():
+        _same(plain(_tokens(1)), model(_tokens(1)))
+    on_cpu = _Decoder()
+    on_cpu.load_state_dict(mf.load(path), strict=True)
+    on_cpu.eval()
+    with torch.no_grad():  # CPU and GPU kernels differ in summation order, not in weights
+        _same(on_cpu(_tokens(1).cpu()), plain(_tokens(1)).cpu(), rtol=1e-4)
+
+
+def test_mcnc_lora_trained_on_cuda_loads_as_the_adapted_model(tmp_path: Path) -> None:
+    """MCNC-LoRA on the GPU: the file's merged ``theta0 + scale * B @ A`` tensors, streamed
+    back onto the GPU (lora encoding through the pipeline), compute what the adapted model
+    computed."""
+    torch.manual_seed(SEED)
+    model = add_mcnc_lora(_Decoder(), MCNCConfig(k=4, d=128, hidden=(16, 16), seed=7),
+                          target_modules=["head"], rank=4, lora_alpha=8).cuda()
+    _train(model, _tokens(2))
+    path = save_model(model, tmp_path / "adapted.mcnc")
+    with mf.open(path) as f:
+        assert f.tensor_info("head.weight").encoding == "lora"
+    with torch.device("meta"):
+        plain = _Decoder()
+    load_into(plain, path, device="cuda")
+    plain.eval()
+    with torch.no_grad():
+        _same(plain(_tokens(3)), model(_tokens(3)))
