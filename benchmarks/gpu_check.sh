@@ -7,7 +7,8 @@
 # Run from the repository root on a machine with an NVIDIA GPU, torch (CUDA) and triton
 # installed; nothing is downloaded. Steps, each allowed to fail without stopping the others:
 #   1. versions (python, torch, CUDA, triton, GPU, driver)      -> $OUT/versions.txt
-#   2. the GPU-relevant tests (kernel compiled and interpreted, Philox in Triton, pipeline)
+#   2. the GPU tests (CUDA loader and training, spec vectors on the device, compiled kernel,
+#      Philox on CUDA and in Triton, pipeline)
 #                                                               -> $OUT/pytest.log, pytest.xml
 #   3. benchmarks/bench_gpu.py: throughput, end-to-end loads, memory, error
 #                                                               -> $OUT/bench_gpu.{json,md}
@@ -22,7 +23,12 @@ SCRATCH=${SCRATCH:-$(mktemp -d /tmp/mcnc-gpu-check.XXXXXX)}
 mkdir -p "$SCRATCH"
 trap 'rm -rf "$SCRATCH"' EXIT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+# Packages the GPU machine's image lacks travel as wheels in .whl/ (see benchmarks/README.md).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/mcnc-site .whl/*.whl && export PYTHONPATH="/tmp/mcnc-site:$PYTHONPATH"
+fi
 START=$(date +%s)
 
 # 1. versions ------------------------------------------------------------------------------
@@ -51,9 +57,14 @@ EOF
 } | tee "$OUT/versions.txt"
 
 # 2. tests ---------------------------------------------------------------------------------
-timeout 150 $PY -m pytest tests/test_triton_kernel.py tests/test_philox_triton.py \
-  tests/test_stream.py -q -p no:cacheprovider --continue-on-collection-errors \
-  --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
+# The GPU runs the compiled kernels; the interpreted ones are the CPU's tests (and Triton
+# 3.6's interpreter fails on NumPy 2 scalars).
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # Triton compiles in parallel
+# shellcheck disable=SC2086  # XDIST is empty or two words
+timeout 150 $PY -m pytest $XDIST tests/test_cuda.py tests/test_vectors.py tests/test_philox.py \
+  tests/test_triton_kernel.py tests/test_philox_triton.py tests/test_stream.py \
+  -k "not interpreted" -q -p no:cacheprovider --continue-on-collection-errors \
+  --durations=10 -rf --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
 TEST_RC=$?
 TEST_LINE=$(tail -n 1 "$OUT/pytest.log")
 echo "tests (rc $TEST_RC): $TEST_LINE"

@@ -12,10 +12,12 @@ spec's block, §8.1) or read from a dense base tensor (which may be the output t
 a base streamed into the final storage is updated in place). Values land straight in the
 member's final storage with its dtype: there is no float32 intermediate of the output.
 
-The product runs on tensor cores as ``tf32x3`` by default (three TF32 products that together
-carry float32's precision, well inside REGEN_RTOL of §10.1); ``"ieee"`` is plain float32 FMA,
-about 3x slower on an H100/H200. The hidden layers never run here, so §10.1's IEEE rule for
-them is untouched.
+The product runs as plain IEEE float32 FMA by default (``"ieee"``). On an H200 with Triton
+3.6 (LLaMA generator, bfloat16 out) it was both the fastest and the most accurate: 0.26 T
+values/s, against 0.12 for ``"tf32x3"`` (Triton's three TF32 tensor-core products that carry
+float32's precision) and 0.16 for ``"split"`` (the same three products with the operands split
+once outside the kernel); the output layer's K is too small (32) for tensor cores to pay here.
+The hidden layers never run here, so §10.1's IEEE rule for them is untouched.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..philox import round_to_f32
 from ..theta0 import fan_in_bound
 
 __all__ = [
+    "DEFAULT_PRECISION",
     "DEFAULT_TILE",
     "KERNEL_DTYPES",
     "THETA0_DENSE",
@@ -58,9 +61,12 @@ THETA0_DENSE = 3
 #: have any float dtype, float64 included.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: (chunks, values, warps) per program: a 64 x 128 float32 accumulator is 64 registers per
-#: thread at 4 warps. Not tuned on hardware yet; ``benchmarks/bench_gpu.py`` sweeps a few.
-DEFAULT_TILE = (64, 128, 4)
+#: (chunks, values, warps) per program: the fastest of the tiles ``benchmarks/profile_gpu.py``
+#: swept on an H200 with the ieee product (0.259 T values/s; 128 x 128 x 8: 0.255, 64 x 128 x 4:
+#: 0.230, 128 x 256 x 8: 0.114).
+DEFAULT_TILE = (128, 64, 4)
+#: The output-layer product (see the module docstring for the measurements behind it).
+DEFAULT_PRECISION = "ieee"
 # Globals read inside @triton.jit functions must be constexpr: compiled Triton rejects any
 # other global ("only constexpr"), while the interpreter would accept it. Write them to the
 # right of a tensor (``x * _TWO_PI``): the interpreter cannot multiply a constexpr by a tensor.
@@ -245,6 +251,26 @@ def kernel_theta0(entry: Theta0Entry, shape: tuple[int, ...], base: torch.Tensor
     return None
 
 
+def _tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x = hi + lo`` exactly, ``hi`` holding TF32's 10 explicit mantissa bits (the low 13
+    bits cleared, as tensor cores read float32), ``lo`` the float32 remainder."""
+    hi = (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
+    return hi, x - hi
+
+
+def _split_operands(left: torch.Tensor, stacked: torch.Tensor, k: int, has_bias: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The operands of ``tf32x3`` split once outside the kernel: ``[a_hi a_lo a_hi] @
+    [w_hi; w_hi; w_lo]`` is ``a_hi w_hi + a_lo w_hi + a_hi w_lo`` in one single-pass TF32
+    product over ``3 K``, each partial product exact in the float32 accumulator; the dropped
+    ``a_lo w_lo`` is below 2**-20 of each term. The bias column and row stay as they are."""
+    a_hi, a_lo = _tf32_split(left[:, :k])
+    w_hi, w_lo = _tf32_split(stacked[:k])
+    lefts = [a_hi, a_lo, a_hi, *([left[:, k:]] if has_bias else [])]
+    rights = [w_hi, w_hi, w_lo, *([stacked[k:]] if has_bias else [])]
+    return torch.cat(lefts, dim=1), torch.cat(rights, dim=0)
+
+
 def fused_regenerate(
     left: torch.Tensor,
     stacked: torch.Tensor,
@@ -252,7 +278,7 @@ def fused_regenerate(
     dest: torch.Tensor,
     first_local: int,
     theta0: KernelTheta0,
-    precision: str = "tf32x3",
+    precision: str = DEFAULT_PRECISION,
     tile: tuple[int, int, int] = DEFAULT_TILE,
 ) -> None:
     """Write ``theta0 + delta`` of ``left.shape[0]`` consecutive chunks into ``dest``.
@@ -263,12 +289,19 @@ def fused_regenerate(
     ``first_local + r * d + j`` (negative or past ``dest.numel()`` for neighbouring members:
     masked). ``dest`` is flat and contiguous in one of ``KERNEL_DTYPES``. ``tile`` is
     ``(BLOCK_C, BLOCK_D, num_warps)``, powers of two with ``BLOCK_C, BLOCK_D >= 16``.
+    ``precision``: ``"ieee"`` (float32 FMA, the default), ``"tf32x3"`` (Triton splits the
+    operands in the kernel) or ``"split"`` (the same three TF32 products, operands split once
+    outside: one TF32 product of ``3 K``).
     """
     rows = left.shape[0]
     d = stacked.shape[1]
     if rows == 0 or dest.numel() == 0:
         return
     k_main = stacked.shape[0] - (1 if has_bias else 0)
+    if precision == "split":
+        left, stacked = _split_operands(left, stacked, k_main, has_bias)
+        k_main *= 3
+        precision = "tf32"
     if left.stride(1) != 1:
         left = left.contiguous()
     bias = stacked[k_main] if has_bias else stacked
