@@ -34,7 +34,7 @@ from .errors import (
 )
 from .generator import GeneratorSpec, ieee_fp32
 from .header import FactorEntry, GeneratorEntry, Header, TensorEntry, Theta0Entry
-from .hostmem import empty_float32
+from .hostmem import zeros_float32
 from .regenerate import (
     DEFAULT_CPU_WORKSPACE,
     DEFAULT_DEVICE_WORKSPACE,
@@ -332,7 +332,7 @@ class MCNCFile:
             beta = self.blob_tensor(seg.beta, f"segments[{seg_index}].beta")
             requests = []
             for member, label in group:
-                dest = _empty(member.numel, device, self.source, label)
+                dest = _zeros(member.numel, device, self.source, label)
                 out[label] = dest
                 requests.append(MemberRequest(member, dest, self._theta0_fn(member, label,
                                                                             device)))
@@ -489,11 +489,12 @@ def _out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
 
 
-def _empty(numel: int, device: torch.device, source: str, label: str) -> torch.Tensor:
+def _zeros(numel: int, device: torch.device, source: str, label: str) -> torch.Tensor:
+    """A zero-filled float32 output (``regenerate_segment`` accumulates into it)."""
     try:
         if device.type == "cpu":
-            return empty_float32(numel)
-        return torch.empty(numel, dtype=torch.float32, device=device)
+            return zeros_float32(numel)
+        return torch.zeros(numel, dtype=torch.float32, device=device)
     except (RuntimeError, MemoryError, OSError) as exc:
         if not _out_of_memory(exc):
             raise

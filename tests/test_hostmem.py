@@ -1,4 +1,5 @@
-"""Huge-page-backed CPU outputs behave like ordinary tensors, and big loads use them."""
+"""Huge-page-backed CPU outputs are zero-filled, behave like ordinary tensors, and big loads
+use them."""
 
 from __future__ import annotations
 
@@ -9,21 +10,22 @@ from pathlib import Path
 import torch
 
 import mcnc_format as mf
-from mcnc_format.hostmem import HUGE_PAGE_MIN_BYTES, empty_float32
+from mcnc_format.hostmem import HUGE_PAGE_MIN_BYTES, zeros_float32
 from mcnc_format.regenerate import FusedGenerator
 
 
 def test_large_buffer_is_writable_and_outlives_its_first_view() -> None:
     numel = HUGE_PAGE_MIN_BYTES // 4 + 123
     values = torch.randn(numel)
-    buffer = empty_float32(numel)
+    buffer = zeros_float32(numel)
     assert buffer.dtype == torch.float32 and buffer.shape == (numel,)
+    assert not buffer.any()
     buffer.copy_(values)
     view = buffer[7:].reshape(-1)
     del buffer
     gc.collect()
     assert torch.equal(view, values[7:])
-    assert torch.equal(empty_float32(5).fill_(2.0), torch.full((5,), 2.0))
+    assert torch.equal(zeros_float32(5), torch.zeros(5))
 
 
 def test_a_load_above_the_threshold_matches_the_fused_generator(tmp_path: Path) -> None:
