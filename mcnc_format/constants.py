@@ -13,7 +13,7 @@ HEADER_CODEC_ZSTD = 1
 HEADER_CODECS = (HEADER_CODEC_MSGPACK, HEADER_CODEC_ZSTD)
 HEADER_ZSTD_THRESHOLD = 4096
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 
 # §3 Alignment
 DEFAULT_ALIGNMENT = 64
@@ -74,6 +74,11 @@ WEIGHTS_INLINE = "inline"
 ENCODING_MCNC = "mcnc"
 ENCODING_DENSE = "dense"
 ENCODING_LORA = "lora"
+ENCODING_PACKED = "packed"  # since 1.1
+KNOWN_ENCODINGS = (ENCODING_MCNC, ENCODING_DENSE, ENCODING_LORA, ENCODING_PACKED)
+PACK_DTYPE = "u8"
+# Writer policy, not a rule: plain tensors below this many bytes share one packed blob (§6.4).
+PACK_MAX_TENSOR_BYTES = 64 << 10
 
 # §7 theta0 kinds and PRNG schemes
 THETA0_ZEROS = "zeros"

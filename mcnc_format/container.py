@@ -26,11 +26,13 @@ __all__ = [
     "encode_blob",
     "encode_header",
     "encode_preamble",
+    "header_levels",
     "read_preamble",
 ]
 
 _PREAMBLE = struct.Struct("<8sHHIQQ")
 ZSTD_LEVEL = 3
+HEADER_ZSTD_LEVEL = 19
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -92,15 +94,27 @@ def encode_header(header: Header) -> bytes:
     return msgpack.packb(header.to_dict(), use_bin_type=True, use_single_float=False)
 
 
-def compress_header(msgpack_bytes: bytes) -> tuple[int, bytes]:
-    """``(header_codec, stored bytes)``: zstd for headers of at least
-    ``HEADER_ZSTD_THRESHOLD`` bytes when that is smaller (§2; tensor names and repeated keys
-    compress about 9x, which is what keeps the header small beside alpha and beta), the plain
-    msgpack otherwise, so small files stay readable with any msgpack tool."""
-    if len(msgpack_bytes) >= C.HEADER_ZSTD_THRESHOLD:
-        packed = encode_blob(msgpack_bytes, C.CODEC_ZSTD)
-        if len(packed) < len(msgpack_bytes):
-            return C.HEADER_CODEC_ZSTD, packed
+def header_levels(msgpack_bytes: bytes) -> tuple[int, ...]:
+    """The zstd levels a writer tries for a header, in order (§11): the strongest first, as
+    headers are small (it costs milliseconds and saves ~5 % of them), then the next ones for
+    the rare header whose size keeps moving the data start (``_Layout._settle``); level 3 above
+    1 MiB of msgpack. Empty when the header stays plain msgpack (§2)."""
+    if len(msgpack_bytes) < C.HEADER_ZSTD_THRESHOLD:
+        return ()
+    if len(msgpack_bytes) > 1 << 20:
+        return (ZSTD_LEVEL,)
+    return tuple(range(HEADER_ZSTD_LEVEL, 0, -1))
+
+
+def compress_header(msgpack_bytes: bytes, level: int) -> tuple[int, bytes]:
+    """``(header_codec, stored bytes)``: zstd at ``level`` when that is smaller (tensor names
+    and repeated keys compress about 9x, which is what keeps the header small beside alpha and
+    beta), the plain msgpack otherwise."""
+    compressor = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                          write_checksum=False)
+    packed = compressor.compress(msgpack_bytes)
+    if len(packed) < len(msgpack_bytes):
+        return C.HEADER_CODEC_ZSTD, packed
     return C.HEADER_CODEC_MSGPACK, msgpack_bytes
 
 

@@ -9,7 +9,7 @@ version (R11). Per-field rules live here; rules that relate entries to each othe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import constants as C
@@ -68,6 +68,8 @@ class _Map:
 
     def uint(self, key: str, limit: int, default: Any = ..., rule: str = "R10") -> int:
         value = self.get(key, int, default)
+        if value is default:
+            return value
         if not 0 <= value <= limit:
             raise self.error(key, f"expected an integer in [0, {limit}], got {value} ({rule})")
         return value
@@ -419,7 +421,7 @@ class FactorEntry:
     shape: tuple[int, ...]
     dtype: str
     segment: int
-    offset: int
+    offset: int  # §6.1: stored, or implied by the members before it (Header.parse fills it)
     theta0: Theta0Entry
 
     @property
@@ -441,7 +443,7 @@ class FactorEntry:
             shape=m.shape("shape"),
             dtype=m.dtype("dtype", C.FLOAT_DTYPES),
             segment=m.uint("segment", _U64),
-            offset=m.uint("offset", _U64),
+            offset=m.uint("offset", _U64, default=None),  # type: ignore[arg-type]
             theta0=Theta0Entry.parse(m.child("theta0")),
         )
         m.done()
@@ -463,19 +465,32 @@ class TensorEntry:
     scale: float | None = None
     A: FactorEntry | None = None
     B: FactorEntry | None = None
+    start: int | None = None  # packed: byte offset in its pack blob, implied (§6.4), not stored
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
-    def known(self) -> bool:
-        return self.encoding in (C.ENCODING_MCNC, C.ENCODING_DENSE, C.ENCODING_LORA)
+    def nbytes(self) -> int:
+        return self.numel * C.DTYPE_SIZES[self.dtype]
 
-    def as_factor(self) -> FactorEntry:
-        """The mcnc fields of this entry, shaped like a LoRA factor (one code path for both)."""
-        assert self.segment is not None and self.offset is not None and self.theta0 is not None
-        return FactorEntry(self.shape, self.dtype, self.segment, self.offset, self.theta0)
+    @property
+    def known(self) -> bool:
+        return self.encoding in C.KNOWN_ENCODINGS
+
+    @property
+    def stored_dense(self) -> bool:
+        """Whether the values are stored as they are (``dense`` or ``packed``)."""
+        return self.encoding in (C.ENCODING_DENSE, C.ENCODING_PACKED)
+
+    def as_factor(self, unresolved: bool = False) -> FactorEntry:
+        """The mcnc fields of this entry, shaped like a LoRA factor (one code path for both);
+        ``unresolved`` lets a not yet implied offset through (``_resolve_layout``)."""
+        assert self.segment is not None and self.theta0 is not None
+        assert unresolved or self.offset is not None
+        return FactorEntry(self.shape, self.dtype, self.segment, self.offset,  # type: ignore[arg-type]
+                           self.theta0)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -487,7 +502,7 @@ class TensorEntry:
         if self.encoding == C.ENCODING_MCNC:
             assert self.theta0 is not None
             out.update(segment=self.segment, offset=self.offset, theta0=self.theta0.to_dict())
-        elif self.encoding == C.ENCODING_DENSE:
+        elif self.stored_dense:
             out["blob"] = self.blob
         elif self.encoding == C.ENCODING_LORA:
             assert self.theta0 is not None and self.A is not None and self.B is not None
@@ -504,13 +519,13 @@ class TensorEntry:
             raise m.error("name", f"longer than MAX_NAME_BYTES {C.MAX_NAME_BYTES} (R13)")
         encoding = m.get("encoding", str)
         shape = m.shape("shape")
-        if encoding == C.ENCODING_DENSE:
+        if encoding in (C.ENCODING_DENSE, C.ENCODING_PACKED):
             entry = cls(name, encoding, shape, m.dtype("dtype"), blob=m.uint("blob", _U64))
         elif encoding == C.ENCODING_MCNC:
             entry = cls(
                 name, encoding, shape, m.dtype("dtype", C.FLOAT_DTYPES),
                 segment=m.uint("segment", _U64),
-                offset=m.uint("offset", _U64),
+                offset=m.uint("offset", _U64, default=None),
                 theta0=Theta0Entry.parse(m.child("theta0")),
             )
         elif encoding == C.ENCODING_LORA:
@@ -545,17 +560,40 @@ class Header:
     minor: int = C.FORMAT_MINOR
 
     def to_dict(self) -> dict[str, Any]:
+        """The header map as a writer emits it (§3, §11): member offsets equal to the implied
+        ones (§6.1) are left out."""
+        tensors = [t.to_dict() for t in self.tensors]
+        implied: dict[int, int] = {}
+        for entry, out_entry in zip(self.tensors, tensors, strict=True):
+            if entry.encoding == C.ENCODING_MCNC:
+                _omit_implied_offset(entry.as_factor(), out_entry, implied)
+            elif entry.encoding == C.ENCODING_LORA:
+                assert entry.A is not None and entry.B is not None
+                _omit_implied_offset(entry.A, out_entry["A"], implied)
+                _omit_implied_offset(entry.B, out_entry["B"], implied)
         out: dict[str, Any] = {
             "alignment": self.alignment,
             "blobs": [b.to_dict() for b in self.blobs],
             "generators": [g.to_dict() for g in self.generators],
             "metadata": dict(sorted(self.metadata.items())),
             "segments": [s.to_dict() for s in self.segments],
-            "tensors": [t.to_dict() for t in self.tensors],
+            "tensors": tensors,
         }
         if self.info:
             out["info"] = dict(sorted(self.info.items()))
         return dict(sorted(out.items()))
+
+    def required_minor(self) -> int:
+        """The lowest minor version whose features this header uses (§13): 1 when it has a
+        packed tensor or leaves a member offset to be implied (which ``to_dict`` does)."""
+        encoded = self.to_dict()["tensors"]
+        uses_1_1 = any(
+            t["encoding"] == C.ENCODING_PACKED
+            or (t["encoding"] == C.ENCODING_MCNC and "offset" not in t)
+            or (t["encoding"] == C.ENCODING_LORA and ("offset" not in t["A"]
+                                                      or "offset" not in t["B"]))
+            for t in encoded)
+        return 1 if uses_1_1 else 0
 
     @classmethod
     def parse(cls, value: Any, source: str, minor: int) -> Header:
@@ -575,12 +613,48 @@ class Header:
             info=_string_map(m, "info", default={}),
             minor=minor,
         )
+        header.tensors = _resolve_layout(header.tensors)
         unknown_info = sorted(set(header.info) - set(C.INFO_KEYS))
         if unknown_info and not m.lenient:
             raise m.error("info", f"unknown key(s) {', '.join(unknown_info)}; version 1.0 defines "
                           f"{', '.join(C.INFO_KEYS)} (R11). Put free-form facts in metadata.")
         m.done()
         return header
+
+
+def _omit_implied_offset(member: FactorEntry, out: dict[str, Any], implied: dict[int, int]
+                         ) -> None:
+    if member.offset == implied.get(member.segment, 0):
+        del out["offset"]
+    implied[member.segment] = member.offset + member.numel
+
+
+def _resolve_layout(tensors: list[TensorEntry]) -> list[TensorEntry]:
+    """Fill in what §6.1 and §6.4 imply: a member without ``offset`` starts where the previous
+    member of its segment ends (tensor order, a lora tensor's A before its B); a packed tensor
+    starts where the previous one of its blob ends."""
+    segment_end: dict[int, int] = {}
+    pack_end: dict[int, int] = {}
+
+    def place(member: FactorEntry) -> FactorEntry:
+        if member.offset is None:
+            member = replace(member, offset=segment_end.get(member.segment, 0))
+        segment_end[member.segment] = member.offset + member.numel
+        return member
+
+    out = []
+    for t in tensors:
+        if t.encoding == C.ENCODING_MCNC:
+            t = replace(t, offset=place(t.as_factor(unresolved=True)).offset)
+        elif t.encoding == C.ENCODING_LORA:
+            assert t.A is not None and t.B is not None
+            t = replace(t, A=place(t.A), B=place(t.B))
+        elif t.encoding == C.ENCODING_PACKED:
+            assert t.blob is not None
+            t = replace(t, start=pack_end.get(t.blob, 0))
+            pack_end[t.blob] = t.start + t.nbytes  # type: ignore[operator]
+        out.append(t)
+    return out
 
 
 def _string_map(m: _Map, key: str, default: Any = ...) -> dict[str, str]:

@@ -111,11 +111,12 @@ class MCNCFile:
         self._verified: set[int] = set()
         self._generators: dict[tuple[int, int, str], FusedGenerator] = {}
         self._dense_theta0: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._packs: dict[int, memoryview] = {}
         self._theta0 = Theta0Resolver(self._dense_theta0_tensor, self.source)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        for cache in ("_generators", "_dense_theta0"):  # they hold zero-copy views of the map
+        for cache in ("_generators", "_dense_theta0", "_packs"):  # views of the map, copies
             getattr(self, cache, {}).clear()
         if getattr(self, "_map", None) is not None:
             # Tensors from blob_tensor may still view the map: it is unmapped when they go.
@@ -179,6 +180,9 @@ class MCNCFile:
         if t.encoding == C.ENCODING_DENSE:
             blob = self.header.blobs[t.blob or 0]
             return blob.numel, blob.length
+        if t.encoding == C.ENCODING_PACKED:  # its share of the (possibly zstd) pack blob
+            blob = self.header.blobs[t.blob or 0]
+            return t.numel, round(t.nbytes * blob.length / max(blob.decoded_length, 1))
         members = [t.as_factor()] if t.encoding == C.ENCODING_MCNC else (
             [t.A, t.B] if t.A is not None and t.B is not None else [])
         values = 0.0
@@ -196,7 +200,7 @@ class MCNCFile:
     def summary(self) -> dict[str, Any]:
         """Sizes and ratios for ``mcnc inspect`` and for users deciding what to ship."""
         dense_bytes = sum(t.numel * C.DTYPE_SIZES.get(t.dtype, 4) for t in self.header.tensors)
-        compressed = [t for t in self.header.tensors if t.encoding != C.ENCODING_DENSE]
+        compressed = [t for t in self.header.tensors if not t.stored_dense]
         compressed_params = sum(t.numel for t in compressed)
         trainable = sum(
             self.header.blobs[s.alpha].numel + self.header.blobs[s.beta].numel
@@ -233,15 +237,40 @@ class MCNCFile:
         """Blob ``index`` as a CPU tensor of its dtype and shape (zero-copy for raw blobs)."""
         blob = self.header.blobs[index]
         data = self.blob_bytes(index, path)
-        if blob.numel == 0:
-            return torch.empty(blob.shape, dtype=to_torch(blob.dtype))
+        return self._as_tensor(data, blob.dtype, blob.shape, path or f"blobs[{index}]")
+
+    def stored_tensor(self, t: TensorEntry) -> torch.Tensor:
+        """A dense or packed tensor's stored values as a CPU tensor (§6.2, §6.4). A packed
+        tensor is copied out of its blob: its bytes need not be aligned for its dtype."""
+        assert t.blob is not None
+        path = f"tensors[{t.name!r}].blob"
+        if t.encoding == C.ENCODING_DENSE:
+            return self.blob_tensor(t.blob, path)
+        return self._as_tensor(bytearray(self.packed_bytes(t)), t.dtype, t.shape, path)
+
+    def packed_bytes(self, t: TensorEntry) -> memoryview:
+        """A packed tensor's bytes in its pack blob (§6.4). Decoded zstd packs are kept until
+        the file is closed: decoding one for each of its tensors would make a load quadratic
+        (raw packs are zero-copy views of the map and need no keeping)."""
+        assert t.blob is not None and t.start is not None
+        data = self._packs.get(t.blob)
+        if data is None:
+            data = memoryview(self.blob_bytes(t.blob, f"tensors[{t.name!r}].blob"))
+            if self.header.blobs[t.blob].codec != C.CODEC_RAW:
+                self._packs[t.blob] = data
+        return data[t.start : t.start + t.nbytes]
+
+    def _as_tensor(self, data: memoryview | bytes | bytearray, dtype: str,
+                   shape: tuple[int, ...], path: str) -> torch.Tensor:
+        numel = math.prod(shape)
+        if numel == 0:
+            return torch.empty(shape, dtype=to_torch(dtype))
         if isinstance(data, bytes):
             data = bytearray(data)
-        tensor = torch.frombuffer(data, dtype=to_torch(blob.dtype), count=blob.numel)
-        if blob.dtype == "bool" and bool((tensor.view(torch.uint8) > 1).any()):
-            raise FormatError(f"{self.source}: {path or f'blobs[{index}]'}: bool bytes must be 0"
-                              " or 1 (§1)")
-        return tensor.reshape(blob.shape)
+        tensor = torch.frombuffer(data, dtype=to_torch(dtype), count=numel)
+        if dtype == "bool" and bool((tensor.view(torch.uint8) > 1).any()):
+            raise FormatError(f"{self.source}: {path}: bool bytes must be 0 or 1 (§1)")
+        return tensor.reshape(shape)
 
     # -- tensors ---------------------------------------------------------------------------
     def get_tensor(self, name: str, device: torch.device | str = "cpu",
@@ -299,10 +328,8 @@ class MCNCFile:
         out_dtype = to_torch(t.dtype)
         if dtype is not None and out_dtype.is_floating_point:
             out_dtype = dtype
-        if t.encoding == C.ENCODING_DENSE:
-            assert t.blob is not None
-            value = self.blob_tensor(t.blob, f"tensors[{t.name!r}].blob")
-            return _to_device(value, device, out_dtype, self.source)
+        if t.stored_dense:
+            return _to_device(self.stored_tensor(t), device, out_dtype, self.source)
         if t.encoding == C.ENCODING_MCNC:
             return generated.pop(t.name).to(out_dtype)
         assert t.A is not None and t.B is not None and t.theta0 is not None

@@ -85,6 +85,7 @@ class _Checker:
         self.source = source
         self.blob_users: dict[int, str] = {}
         self.members: dict[int, list[tuple[int, int, str]]] = {}
+        self.packs: dict[int, int] = {}  # pack blob -> bytes its packed tensors take
 
     def error(self, path: str, message: str) -> HeaderError:
         return HeaderError(f"{self.source}: {path}: {message}")
@@ -95,9 +96,32 @@ class _Checker:
                              f"{len(self.header.blobs)} blobs (R45)")
         if index in self.blob_users:
             raise self.error(path, f"blob {index} is already used by {self.blob_users[index]}; "
-                             "every blob is used exactly once (R45)")
+                             "every blob but a pack is used exactly once (R45)")
         self.blob_users[index] = path
         return self.header.blobs[index]
+
+    def use_pack(self, tensor: TensorEntry, path: str) -> None:
+        """R52: a pack blob is u8 of rank 1; it is shared by packed tensors only, since any
+        other use of it goes through ``use_blob`` and finds it taken (R45)."""
+        assert tensor.blob is not None
+        if tensor.blob not in self.packs:
+            blob = self.use_blob(tensor.blob, f"{path}.blob")
+            if blob.dtype != C.PACK_DTYPE or len(blob.shape) != 1:
+                raise self.error(f"{path}.blob", f"a pack blob is {C.PACK_DTYPE} of rank 1, got "
+                                 f"{blob.dtype} {list(blob.shape)} (R52)")
+            self.packs[tensor.blob] = 0
+        self.packs[tensor.blob] += tensor.nbytes
+        size = self.header.blobs[tensor.blob].numel
+        if self.packs[tensor.blob] > size:  # checked as we go: also when check_packs cannot run
+            raise self.error(f"{path}.blob", f"packed tensor {tensor.name!r} ends at byte "
+                             f"{self.packs[tensor.blob]} of a {size}-byte pack blob (R52)")
+
+    def check_packs(self) -> None:
+        for index, used in self.packs.items():
+            size = self.header.blobs[index].numel
+            if used != size:
+                raise self.error(f"blobs[{index}]", f"its packed tensors take {used} bytes of "
+                                 f"its {size}; packed tensors tile their blob exactly (R52)")
 
     def run(self) -> None:
         for i, gen in enumerate(self.header.generators):
@@ -117,6 +141,7 @@ class _Checker:
             # A tensor of an unknown encoding may be a member too: tiling is checkable only
             # when every member is visible (§13: the other tensors stay readable).
             self.check_members()
+            self.check_packs()
         if all_known and len(self.blob_users) != len(self.header.blobs):
             unused = sorted(set(range(len(self.header.blobs))) - set(self.blob_users))
             raise self.error("blobs", f"blob(s) {unused[:8]} are not used by any entry; every "
@@ -165,6 +190,9 @@ class _Checker:
             if blob.dtype != tensor.dtype or blob.shape != tensor.shape:
                 raise self.error(f"{path}.blob", f"expected a {tensor.dtype} blob of shape "
                                  f"{list(tensor.shape)}, got {blob.dtype} {list(blob.shape)} (R51)")
+            return True
+        if tensor.encoding == C.ENCODING_PACKED:
+            self.use_pack(tensor, path)
             return True
         if tensor.encoding == C.ENCODING_MCNC:
             return self.check_member(tensor.as_factor(), path, tensor.name)

@@ -249,7 +249,7 @@ class _Verifier:
         if not nonfinite:
             return
         where = f"tensor {t.name!r} ({t.encoding}, {t.dtype})"
-        if t.encoding == C.ENCODING_DENSE:
+        if t.stored_dense:
             self.report.counts["nonfinite_dense_values"] += nonfinite
             self.report.notes.append(f"{where} holds {nonfinite} NaN/inf values (stored so)")
             return
@@ -310,11 +310,17 @@ def _blob_labels(header: Header) -> dict[int, str]:
     for i, s in enumerate(header.segments):
         labels[s.alpha] = f"segments[{i}].alpha"
         labels[s.beta] = f"segments[{i}].beta"
+    packed: dict[int, list[str]] = {}
     for t in header.tensors:
-        if t.blob is not None:
+        if t.encoding == C.ENCODING_PACKED and t.blob is not None:
+            packed.setdefault(t.blob, []).append(repr(t.name))
+        elif t.blob is not None:
             labels[t.blob] = f"tensor {t.name!r} data"
         for part, theta0 in (("", t.theta0), (":A", t.A and t.A.theta0),
                              (":B", t.B and t.B.theta0)):
             if theta0 is not None and theta0.blob is not None:
                 labels[theta0.blob] = f"tensor {t.name + part!r} theta0"
+    for blob, names in packed.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        labels[blob] = f"the pack blob blobs[{blob}] of tensors {shown}"
     return labels

@@ -29,6 +29,7 @@ from .container import (
     encode_blob,
     encode_header,
     encode_preamble,
+    header_levels,
 )
 from .dtypes import from_torch
 from .errors import MCNCError, UnsupportedFeatureError, WriteError
@@ -138,7 +139,10 @@ def save(
     info: Mapping[str, str] | None = None,
     alignment: int = C.DEFAULT_ALIGNMENT,
 ) -> Path:
-    """Write ``tensors`` to ``path`` atomically. Plain tensors are stored dense and raw."""
+    """Write ``tensors`` to ``path`` atomically. Plain tensors are stored dense and raw; those
+    under ``PACK_MAX_TENSOR_BYTES`` (64 KiB: norms, biases) share one packed blob (SPEC.md
+    §6.4), which saves a blob entry, a checksum and alignment padding each. ``Dense(t)`` gives
+    a tensor its own blob."""
     if sys.byteorder != "little":
         raise WriteError("mcnc-format writes little-endian data and needs a little-endian host")
     target = Path(path)
@@ -155,6 +159,7 @@ def save(
         raise WriteError(f"{target}: info accepts {', '.join(C.INFO_KEYS)}; got "
                          f"{', '.join(unknown_info)}. Put free-form facts in metadata.")
     layout.finish_segments()
+    layout.finish_pack()
     header_codec, header_bytes = layout.place_blobs()
     _atomic_write(target, layout, header_codec, header_bytes)
     return target
@@ -184,6 +189,8 @@ class _Layout:
         self.segments: dict[int, int] = {}
         self.segment_inputs: list[Segment] = []
         self.segment_fill: list[int] = []
+        self.pack_blob: int | None = None
+        self.pack_bytes = bytearray()
 
     def fail(self, where: str, message: str) -> WriteError:
         return WriteError(f"{self.source}: {where}: {message}")
@@ -193,6 +200,9 @@ class _Layout:
         if codec not in C.CODECS:
             raise self.fail(where, f"codec must be one of {C.CODECS}, got {codec!r}")
         tensor = tensor.detach()
+        if tensor.is_meta:
+            raise self.fail(where, "the tensor is on the meta device and has no data; "
+                            "materialise it (e.g. load_state_dict) before saving")
         if tensor.is_sparse or tensor.layout != torch.strided:
             raise self.fail(where, "sparse tensors cannot be stored; call .to_dense() first")
         dtype = from_torch(tensor.dtype)
@@ -253,6 +263,13 @@ class _Layout:
         self.segments[id(segment)] = len(self.header.segments) - 1
         return self.segments[id(segment)]
 
+    def finish_pack(self) -> None:
+        if self.pack_blob is not None:
+            stored = bytes(self.pack_bytes)
+            self.payloads[self.pack_blob] = stored
+            self.blob_meta[self.pack_blob] = (C.CODEC_RAW, C.PACK_DTYPE, (len(stored),),
+                                              checksum(stored))
+
     def finish_segments(self) -> None:
         for index, (segment, filled) in enumerate(zip(self.segment_inputs, self.segment_fill,
                                                       strict=True)):
@@ -289,7 +306,9 @@ class _Layout:
         if not isinstance(name, str) or not name:
             raise self.fail(repr(name), "tensor names must be non-empty strings")
         where = f"tensor {name!r}"
-        if isinstance(source, torch.Tensor):
+        if isinstance(source, torch.Tensor) and self.packable(source):
+            entry = self.pack(name, source)
+        elif isinstance(source, torch.Tensor):
             source = Dense(source)
         if isinstance(source, Dense):
             blob = self.add_blob(source.tensor, source.codec, where)
@@ -301,10 +320,30 @@ class _Layout:
                                 offset=f.offset, theta0=f.theta0)
         elif isinstance(source, LoRA):
             entry = self.lora(name, source, where)
-        else:
+        elif not isinstance(source, torch.Tensor):
             raise self.fail(where, f"expected a torch.Tensor, Dense, MCNC or LoRA, got "
                             f"{type(source).__name__}")
         self.header.tensors.append(entry)
+
+    @staticmethod
+    def packable(tensor: torch.Tensor) -> bool:
+        """Small strided tensors with data (``add_blob`` reports the others' problems)."""
+        return (tensor.layout == torch.strided and not tensor.is_sparse and not tensor.is_meta
+                and tensor.numel() * tensor.element_size() < C.PACK_MAX_TENSOR_BYTES)
+
+    def pack(self, name: str, tensor: torch.Tensor) -> TensorEntry:
+        """§6.4: the tensor's bytes go at the end of the file's one pack blob, created at the
+        first packed tensor (so it sits there in blob order) and filled in by ``finish``."""
+        dtype = from_torch(tensor.dtype)
+        if self.pack_blob is None:
+            self.payloads.append(b"")
+            self.blob_meta.append((C.CODEC_RAW, C.PACK_DTYPE, (0,), 0))
+            self.pack_blob = len(self.payloads) - 1
+        host = tensor.detach().to("cpu").contiguous()
+        if host.numel():
+            self.pack_bytes += host.reshape(-1).view(torch.uint8).numpy().tobytes()
+        return TensorEntry(name, C.ENCODING_PACKED, tuple(host.shape), dtype,
+                           blob=self.pack_blob)
 
     def lora(self, name: str, source: LoRA, where: str) -> TensorEntry:
         if len(source.A.shape) != 2 or len(source.B.shape) != 2 or \
@@ -324,11 +363,14 @@ class _Layout:
     # -- layout ----------------------------------------------------------------------------
     def place_blobs(self) -> tuple[int, bytes]:
         """Fix blob offsets and the stored header, ``(header_codec, bytes)``. The header's
-        length depends on the offsets, so iterate to a fixpoint; a compressed header whose size
-        keeps moving the data start falls back to plain msgpack, whose size only grows."""
+        length depends on the offsets, so iterate to a fixpoint. A compressed header's size can
+        keep moving the data start back and forth across an alignment boundary: then the next
+        zstd level is tried (§11), and plain msgpack, whose size only grows, last."""
         lengths = [len(p) for p in self.payloads]
-        for compress in (True, False):
-            stored = self._settle(lengths, compress)
+        self.header.minor = self.header.required_minor()  # §13: the lowest that fits
+        self._settle(lengths, None)  # offsets of a first layout, to size the header
+        for level in (*header_levels(encode_header(self.header)), None):
+            stored = self._settle(lengths, level)
             if stored is not None:
                 break
         else:  # pragma: no cover - plain msgpack grows monotonically and settles fast
@@ -338,15 +380,17 @@ class _Layout:
             len(header_bytes), self.header.alignment)
         try:
             # Parse the bytes as the reader will: field rules (R10-R13, R30-R34, R71-R74).
-            preamble = Preamble(C.FORMAT_MINOR, len(header_bytes), checksum(header_bytes), codec)
+            preamble = Preamble(self.header.minor, len(header_bytes), checksum(header_bytes),
+                                codec)
             decode_header(header_bytes, preamble, self.source)
             validate_header(self.header, len(header_bytes), end, self.source)
         except MCNCError as exc:
             raise WriteError(f"refusing to write an invalid file: {exc}") from exc
         return codec, header_bytes
 
-    def _settle(self, lengths: list[int], compress: bool) -> tuple[int, bytes] | None:
-        """Iterate offsets and header to a fixpoint; ``None`` if it does not settle."""
+    def _settle(self, lengths: list[int], level: int | None) -> tuple[int, bytes] | None:
+        """Iterate offsets and header (zstd at ``level``, or plain msgpack for ``None``) to a
+        fixpoint; ``None`` if it does not settle."""
         codec, header_bytes = C.HEADER_CODEC_MSGPACK, b""
         for _ in range(16):
             start = data_start(len(header_bytes), self.header.alignment)
@@ -360,8 +404,9 @@ class _Layout:
             if len(encoded) > C.MAX_HEADER_BYTES:
                 raise WriteError(f"{self.source}: the header is {len(encoded)} bytes, over "
                                  f"MAX_HEADER_BYTES {C.MAX_HEADER_BYTES}; split the model")
-            new_codec, new_bytes = compress_header(encoded) if compress else (
-                C.HEADER_CODEC_MSGPACK, encoded)
+            new_codec, new_bytes = (C.HEADER_CODEC_MSGPACK, encoded)
+            if level is not None and len(encoded) >= C.HEADER_ZSTD_THRESHOLD:
+                new_codec, new_bytes = compress_header(encoded, level)
             if (new_codec, new_bytes) == (codec, header_bytes):
                 return codec, header_bytes
             codec, header_bytes = new_codec, new_bytes
@@ -371,7 +416,7 @@ class _Layout:
 def _atomic_write(target: Path, layout: _Layout, header_codec: int, header_bytes: bytes) -> None:
     with atomic_path(target) as tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC),
                                                "wb") as out:
-        out.write(encode_preamble(header_bytes, header_codec=header_codec))
+        out.write(encode_preamble(header_bytes, layout.header.minor, header_codec))
         out.write(header_bytes)
         position = C.PREAMBLE_SIZE + len(header_bytes)
         for blob, payload in zip(layout.header.blobs, layout.payloads, strict=True):

@@ -170,6 +170,7 @@ class _Valid:
     edit: Callable[[RawFile], None] | None = None
     minor: int = C.FORMAT_MINOR
     unsupported: dict[str, str] = field(default_factory=dict)
+    header_codec: int = C.HEADER_CODEC_MSGPACK
 
 
 def expected_tensors(vector: _Valid) -> dict[str, torch.Tensor]:
@@ -276,6 +277,8 @@ class RawFile:
             if encoded == header_bytes:
                 break
             header_bytes = encoded
+        else:
+            raise AssertionError("the header's size and the blob offsets did not settle")
         out = bytearray(_PREAMBLE.pack(C.MAGIC, major, self.minor, header_codec,
                                        len(header_bytes), checksum(header_bytes)))
         out += header_bytes
@@ -313,8 +316,8 @@ def _basic() -> _Valid:
     gen = mf.GeneratorSpec(k=4, d=16, hidden=(32,), L=20.0, seed=1)
     seg = data.segment(gen, [(6, 8)], m=1)
     return _Valid("basic", "philox generator, one hidden layer, bias, normalize, m = 1, f32 "
-                  "alpha/beta, raw, one tensor per segment (3 whole chunks), theta0 zeros, "
-                  "f32 output, a dense f32 tensor", {
+                  "alpha/beta, raw, one tensor per segment (3 whole chunks, implied offset), "
+                  "theta0 zeros, f32 output, a small f32 tensor packed (§6.4)", {
                       "layer.weight": mf.MCNC(seg, (6, 8)),
                       "layer.bias": data.signed((8,), 0.1),
                   })
@@ -409,25 +412,107 @@ def _dense() -> _Valid:
     data = _Data("dense")
     words = torch.from_numpy(reference.stream_words_ref(data.seed, 99, 0, 64).astype(np.int64))
     pattern = torch.arange(256, dtype=torch.float32).remainder(7) * 0.25
-    return _Valid("dense", "dense tensors of every dtype, a rank-0 and an empty tensor, zstd "
-                  "dense tensors, metadata and info", {
-                      "f64": data.signed((2, 3), 1e3).to(torch.float64) / 3,
-                      "f32": data.signed((3, 4), 2.0),
-                      "f16": data.signed((5,), 4.0).to(torch.float16),
-                      "bf16": data.signed((5,), 4.0).to(torch.bfloat16),
-                      "i64": (words[:4] << 31) - (1 << 62),
-                      "i32": (words[4:10] - (1 << 31)).to(torch.int32),
-                      "i16": (words[10:13] & 0xFFFF).to(torch.int16),
-                      "i8": ((words[13:17] & 0xFF) - 128).to(torch.int8),
-                      "u8": (words[17:24] & 0xFF).to(torch.uint8),
-                      "bool": (words[24:30] & 1).to(torch.bool).reshape(2, 3),
-                      "scalar": torch.tensor(-1.5),
-                      "empty": torch.zeros(0, 3),
+    return _Valid("dense", "dense tensors (each in its own blob, §6.2) of every dtype, a "
+                  "rank-0 and an empty tensor, zstd dense tensors, metadata and info; no 1.1 "
+                  "feature, so minor 0", {
+                      "f64": mf.Dense(data.signed((2, 3), 1e3).to(torch.float64) / 3),
+                      "f32": mf.Dense(data.signed((3, 4), 2.0)),
+                      "f16": mf.Dense(data.signed((5,), 4.0).to(torch.float16)),
+                      "bf16": mf.Dense(data.signed((5,), 4.0).to(torch.bfloat16)),
+                      "i64": mf.Dense((words[:4] << 31) - (1 << 62)),
+                      "i32": mf.Dense((words[4:10] - (1 << 31)).to(torch.int32)),
+                      "i16": mf.Dense((words[10:13] & 0xFFFF).to(torch.int16)),
+                      "i8": mf.Dense(((words[13:17] & 0xFF) - 128).to(torch.int8)),
+                      "u8": mf.Dense((words[17:24] & 0xFF).to(torch.uint8)),
+                      "bool": mf.Dense((words[24:30] & 1).to(torch.bool).reshape(2, 3)),
+                      "scalar": mf.Dense(torch.tensor(-1.5)),
+                      "empty": mf.Dense(torch.zeros(0, 3)),
                       "zstd.f32": mf.Dense(pattern, C.CODEC_ZSTD),
                       "zstd.i64": mf.Dense(words[:64] & 3, C.CODEC_ZSTD),
                   }, metadata={"description": "dense tensors of every dtype", "format": "pt"},
                   info={"base_model": "none", "license": "CC0-1.0",
-                        "producer": "spec/make_vectors.py", "source": "synthetic"})
+                        "producer": "spec/make_vectors.py", "source": "synthetic"}, minor=0)
+
+
+def _packed_values(data: _Data) -> dict[str, torch.Tensor]:
+    """Small tensors of every dtype of §1, sized so that most start unaligned in a pack."""
+    words = torch.from_numpy(reference.stream_words_ref(data.seed, 99, 0, 32).astype(np.int64))
+    return {
+        "bool": (words[:6] & 1).to(torch.bool).reshape(2, 3),
+        "f64": data.signed((3,), 1e3).to(torch.float64) / 3,
+        "i8": ((words[6:11] & 0xFF) - 128).to(torch.int8),
+        "f32": data.signed((2, 3), 2.0),
+        "scalar": torch.tensor(-1.5),
+        "f16": data.signed((3,), 4.0).to(torch.float16),
+        "empty": torch.zeros(0, 3),
+        "bf16": data.signed((5,), 4.0).to(torch.bfloat16),
+        "i64": (words[11:14] << 31) - (1 << 62),
+        "u8": (words[14:20] & 0xFF).to(torch.uint8),
+        "i32": (words[20:23] - (1 << 31)).to(torch.int32),
+        "i16": (words[23:26] & 0xFFFF).to(torch.int16),
+    }
+
+
+def _packed() -> _Valid:
+    data = _Data("packed")
+    gen = mf.GeneratorSpec(k=3, d=8, hidden=(8,), L=10.0, seed=21)
+    seg = data.segment(gen, [(2, 5), (7,)], m=1)
+    small = _packed_values(data)
+    tensors: dict[str, Any] = {}
+    for name, value in small.items():
+        tensors[f"p.{name}"] = value
+        if name == "bool":
+            tensors["w1"] = mf.MCNC(seg, (2, 5))
+        elif name == "f16":
+            tensors["own.f32"] = mf.Dense(data.signed((4,), 1.0))
+        elif name == "bf16":
+            tensors["w2"] = mf.MCNC(seg, (7,))
+    starts, position = [], 0
+    for value in small.values():
+        starts.append(f"{position}")
+        position += value.numel() * value.element_size()
+    return _Valid("packed", "packed tensors (§6.4) of every dtype sharing one raw u8 pack blob "
+                  f"({position} bytes: bool, f64, i8, f32, a rank-0 f32, f16, an empty f32, "
+                  f"bf16, i64, u8, i32, i16 at byte offsets {', '.join(starts)}, most unaligned "
+                  "for their dtype), interleaved with two mcnc members of one segment (implied "
+                  "offsets) and a dense tensor with its own blob", tensors)
+
+
+def _split_pack(f: RawFile) -> None:
+    """Move every second packed tensor's bytes into a new zstd pack blob (§6.4 allows any
+    number of packs, raw or zstd): the tensors of the two packs alternate in tensor order."""
+    packed = [t for t in f.header["tensors"] if t["encoding"] == C.ENCODING_PACKED]
+    index = packed[0]["blob"]
+    data = f.payloads[index]
+    kept, moved, position = b"", b"", 0
+    for i, t in enumerate(packed):
+        size = math.prod(t["shape"]) * C.DTYPE_SIZES[t["dtype"]]
+        if i % 2:
+            moved += data[position:position + size]
+        else:
+            kept += data[position:position + size]
+        position += size
+    assert position == len(data)
+    f.payloads[index] = kept
+    f.header["blobs"][index]["shape"] = [len(kept)]
+    zstd = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=False)
+    second = f.add_blob(zstd.compress(moved), C.PACK_DTYPE, [len(moved)], C.CODEC_ZSTD)
+    for t in packed[1::2]:
+        t["blob"] = second
+
+
+def _packed_two_blobs() -> _Valid:
+    data = _Data("packed-two-blobs")
+    gen = mf.GeneratorSpec(k=2, d=8, hidden=(8,), L=10.0, seed=22)
+    seg = data.segment(gen, [(3, 3)], m=1)
+    small = _packed_values(data)
+    tensors: dict[str, Any] = {f"p.{name}": small[name]
+                               for name in ("f32", "i16", "bf16", "u8", "f64", "bool", "i64")}
+    tensors["w"] = mf.MCNC(seg, (3, 3))
+    return _Valid("packed-two-blobs", "two pack blobs, one raw and one zstd, whose packed "
+                  "tensors alternate in tensor order (f32, bf16, f64, i64 in the raw one; i16, "
+                  "u8, bool in the zstd one): each pack's tensors are consecutive in its own "
+                  "bytes", tensors, edit=_split_pack)
 
 
 def _lora() -> _Valid:
@@ -438,7 +523,8 @@ def _lora() -> _Valid:
     shared = data.segment(gen, [(3, 6), (5, 3)], m=2)
     return _Valid("lora", "lora tensors: factors in their own segments with a fan_in_uniform "
                   "theta0 (f32 output), and both factors in one segment with zeros theta0 "
-                  "(bf16 output); the expected file holds the merged tensors", {
+                  "(bf16 output; B's implied offset follows A); the expected file holds the "
+                  "merged tensors", {
                       "fc.weight": mf.LoRA(mf.MCNC(seg_a, (2, 12)), mf.MCNC(seg_b, (10, 2)),
                                            scale=2.0,
                                            theta0=mf.Theta0.fan_in_uniform(seed=4, stream=0)),
@@ -459,23 +545,72 @@ def _aligned() -> _Valid:
 def _compressed_header() -> _Valid:
     data = _Data("compressed-header")
     gen = mf.GeneratorSpec(k=3, d=16, hidden=(8,), L=20.0, seed=11)
-    shapes = [(2, 3)] * 48
+    shapes = [(2, 3)] * 51
     seg = data.segment(gen, shapes, m=1)
     tensors = {f"model.layers.{i // 3}.mlp.{('up', 'down', 'gate')[i % 3]}_proj.weight":
                mf.MCNC(seg, shape) for i, shape in enumerate(shapes)}
-    return _Valid("compressed-header", "a header of over 4 KiB of msgpack (48 tensors with "
-                  "long names in one segment), stored zstd-compressed (header_codec 1)", tensors)
+    return _Valid("compressed-header", "a header of over 4 KiB of msgpack (51 tensors with "
+                  "long names in one segment, offsets implied), stored zstd-compressed "
+                  "(header_codec 1)", tensors, header_codec=C.HEADER_CODEC_ZSTD)
 
 
 def _no_tensors() -> _Valid:
-    return _Valid("no-tensors", "no tensors and no blobs: the file ends at data_start", {},
-                  metadata={"note": "an empty model"})
+    return _Valid("no-tensors", "no tensors and no blobs: the file ends at data_start; "
+                  "minor 0", {}, metadata={"note": "an empty model"}, minor=0)
+
+
+def _explicit_offsets(f: RawFile) -> None:
+    """Write out every member offset that the writer left implied (§6.1): walking the tensors
+    in order, a member without one starts where the previous member of its segment ends."""
+    end: dict[int, int] = {}
+
+    def place(member: dict[str, Any]) -> None:
+        member.setdefault("offset", end.get(member["segment"], 0))
+        end[member["segment"]] = member["offset"] + math.prod(member["shape"])
+
+    for t in f.header["tensors"]:
+        if t["encoding"] == C.ENCODING_MCNC:
+            place(t)
+        elif t["encoding"] == C.ENCODING_LORA:
+            place(t["A"])
+            place(t["B"])
+
+
+def _reorder_with_explicit_offsets(f: RawFile) -> None:
+    """A 1.0 file: every offset explicit, the tensors reordered so that the members of the
+    segment appear in the opposite order of their offsets."""
+    _explicit_offsets(f)
+    f.minor = 0
+    order = ["l", "bias", "b", "a"]
+    f.header["tensors"] = [_tensor(f, name) for name in order]
+    assert [t["offset"] for t in (_tensor(f, "l")["A"], _tensor(f, "l")["B"],
+                                  _tensor(f, "b"), _tensor(f, "a"))] == [17, 23, 12, 0]
+
+
+def _explicit_offsets_vector() -> _Valid:
+    data = _Data("explicit-offsets")
+    gen = mf.GeneratorSpec(k=4, d=8, hidden=(16,), L=20.0, seed=31)
+    seg = data.segment(gen, [(3, 4), (5,), (2, 3), (4, 2)], m=2)
+    return _Valid("explicit-offsets", "a minor-0 file (1.0 features only): every member offset "
+                  "explicit, and the members of one segment listed against their offsets' "
+                  "order (lora \"l\" with A at 17 and B at 23, then \"b\" at 12, then \"a\" at "
+                  "0), so implying offsets from tensor order would be wrong; a dense tensor", {
+                      "a": mf.MCNC(seg, (3, 4), theta0=mf.Theta0.uniform(0.1, seed=3, stream=1)),
+                      "b": mf.MCNC(seg, (5,)),
+                      "l": mf.LoRA(mf.MCNC(seg, (2, 3)), mf.MCNC(seg, (4, 2)), scale=1.5),
+                      "bias": mf.Dense(data.signed((4,), 1.0)),
+                  }, minor=0, edit=_reorder_with_explicit_offsets)
+
+
+NEWER_MINOR = C.FORMAT_MINOR + 1
 
 
 def _add_unknown_keys(f: RawFile) -> None:
-    """Keys a minor-1 writer might add, at every level; a 1.0 reader ignores them (R11)."""
-    f.minor = 1
+    """Keys a newer minor's writer might add, at every level; this reader ignores them
+    (R11)."""
+    f.minor = NEWER_MINOR
     h = f.header
+    assert _tensor(f, "layer.bias")["encoding"] == C.ENCODING_PACKED
     h["compression_report"] = {"ratio": 12.5, "by": ["layer"]}
     h["blobs"][0]["filters"] = ["shuffle"]
     h["generators"][0]["init"] = "siren"
@@ -483,48 +618,62 @@ def _add_unknown_keys(f: RawFile) -> None:
     h["segments"][0]["trained_steps"] = 1000
     h["tensors"][0]["quantization"] = None
     h["tensors"][0]["theta0"]["note"] = "from the base model"
+    _tensor(f, "layer.bias")["byte_order"] = "little"
 
 
 def _minor_newer() -> _Valid:
     vector = _basic()
     vector.name = "minor-newer"
-    vector.covers = ("minor version 1 with unknown keys at every level (top, blob, generator, "
-                     "weights, segment, tensor, theta0): a 1.0 reader ignores them (R11)")
-    vector.minor = 1
+    vector.covers = (f"minor version {NEWER_MINOR} with unknown keys at every level (top, "
+                     "blob, generator, weights, segment, mcnc and packed tensor, theta0): a "
+                     f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR} reader ignores them (R11)")
+    vector.minor = NEWER_MINOR
     vector.edit = _add_unknown_keys
     return vector
 
 
 def _add_unknown_encoding(f: RawFile) -> None:
-    """A minor-1 encoding and theta0 kind; the tensors that use them are unsupported."""
-    f.minor = 1
+    """A newer minor's encodings and theta0 kind; the tensors that use them are unsupported.
+    "future-member" keeps its place in the segment, so the member after it needs an explicit
+    offset (§6.1: implied offsets count only the members a reader knows)."""
+    f.minor = NEWER_MINOR
     h = f.header
     indices = f.add_blob(struct.pack("<4q", 0, 3, 5, 7), "i64", [4])
     values = f.add_blob(struct.pack("<4f", 0.5, -1.0, 2.0, 0.25), "f32", [4])
     h["tensors"].append({"dtype": "f32", "encoding": "sparse-coo", "indices": indices,
                          "name": "sparse", "shape": [2, 4], "values": values})
-    h["tensors"][1]["theta0"] = {"kind": "lowrank", "rank": 2, "seed": 5}
+    future = _tensor(f, "future-member")
+    assert "offset" not in future and "offset" not in _tensor(f, "after")
+    future.update(encoding="mcnc-q8", offset=16, codebook_bits=8)
+    _tensor(f, "after")["offset"] = 19
+    _tensor(f, "future-theta0")["theta0"] = {"kind": "lowrank", "rank": 2, "seed": 5}
 
 
 def _minor_unknown_encoding() -> _Valid:
     data = _Data("minor-newer-unknown-encoding")
     gen = mf.GeneratorSpec(k=4, d=16, hidden=(32,), L=20.0, seed=8)
-    seg = data.segment(gen, [(4, 4), (3, 3)], m=1)
-    return _Valid("minor-newer-unknown-encoding", "minor version 1: a tensor with an unknown "
-                  "encoding (its own blobs) and a member with an unknown theta0 kind sharing a "
-                  "segment with a known one; reading either raises UnsupportedFeatureError "
-                  "(R46, R70), the other tensors load", {
+    seg = data.segment(gen, [(4, 4), (3,), (2, 2), (3, 3)], m=1)
+    return _Valid("minor-newer-unknown-encoding", f"minor version {NEWER_MINOR}: a tensor with "
+                  "an unknown encoding and its own blobs; a segment member with an unknown "
+                  "encoding at offset 16, followed by \"after\" at an explicit offset 19 and a "
+                  "member with an unknown theta0 kind at an implied one (23); reading any of "
+                  "the three raises UnsupportedFeatureError (R46, R70), the other tensors load",
+                  {
                       "known": mf.MCNC(seg, (4, 4)),
+                      "future-member": mf.MCNC(seg, (3,)),
+                      "after": mf.MCNC(seg, (2, 2)),
                       "future-theta0": mf.MCNC(seg, (3, 3)),
                       "bias": data.signed((4,), 1.0),
-                  }, minor=1, edit=_add_unknown_encoding,
-                  unsupported={"future-theta0": "UnsupportedFeatureError",
+                  }, minor=NEWER_MINOR, edit=_add_unknown_encoding,
+                  unsupported={"future-member": "UnsupportedFeatureError",
+                               "future-theta0": "UnsupportedFeatureError",
                                "sparse": "UnsupportedFeatureError"})
 
 
 VALID: list[Callable[[], _Valid]] = [
-    _basic, _deep, _high_frequency, _shared, _several, _theta0_sources, _dense, _lora,
-    _aligned, _compressed_header, _no_tensors, _minor_newer, _minor_unknown_encoding,
+    _basic, _deep, _high_frequency, _shared, _several, _theta0_sources, _dense, _packed,
+    _packed_two_blobs, _lora, _explicit_offsets_vector, _aligned, _compressed_header,
+    _no_tensors, _minor_newer, _minor_unknown_encoding,
 ]
 
 
@@ -537,6 +686,9 @@ def _write_valid(out: Path, vector: _Valid) -> None:
         raw = RawFile.parse(data)
         vector.edit(raw)
         data = bytes(raw.encode())
+    minor, header_codec = _PREAMBLE.unpack_from(data)[2:4]
+    assert minor == vector.minor, (vector.name, minor)
+    assert header_codec == vector.header_codec, (vector.name, header_codec)
     (out / f"{vector.name}.mcnc").write_bytes(data)
     (out / f"{vector.name}.expected.safetensors").write_bytes(
         _safetensors(expected_tensors(vector)))
@@ -552,7 +704,7 @@ def _base_simple() -> bytes:
     gen = mf.GeneratorSpec(k=2, d=8, hidden=(8,), L=4.0, seed=1)
     seg = data.segment(gen, [(3, 4)], m=1)
     return _save_bytes({"w": mf.MCNC(seg, (3, 4), theta0=mf.Theta0.uniform(0.1, 7, 0)),
-                        "b": data.signed((4,), 1.0)}, metadata={"note": "base"})
+                        "b": mf.Dense(data.signed((4,), 1.0))}, metadata={"note": "base"})
 
 
 def _base_shared() -> bytes:
@@ -590,6 +742,17 @@ def _base_theta0_blob() -> bytes:
     return _save_bytes({"w": mf.MCNC(seg, (3, 4), theta0=theta0)})
 
 
+def _base_packed() -> bytes:
+    data = _Data("invalid-packed")
+    gen = mf.GeneratorSpec(k=2, d=8, hidden=(8,), L=4.0, seed=1)
+    seg = data.segment(gen, [(3, 4)], m=1)
+    return _save_bytes({"p": data.signed((3,), 1.0),
+                        "w": mf.MCNC(seg, (3, 4)),
+                        "q": torch.arange(3, dtype=torch.int16),
+                        "r": torch.arange(6, dtype=torch.uint8),
+                        "d": mf.Dense(torch.arange(24, dtype=torch.uint8))})
+
+
 def _external_tensors() -> dict[str, torch.Tensor]:
     data = _Data("invalid-external")
     return {"base": data.signed((3, 4), 0.5), "other": data.signed((2, 2), 0.5)}
@@ -607,7 +770,7 @@ def _base_external() -> bytes:
 BASES: dict[str, Callable[[], bytes]] = {
     "simple": _base_simple, "shared": _base_shared, "inline": _base_inline,
     "lora": _base_lora, "zstd": _base_zstd, "theta0-blob": _base_theta0_blob,
-    "external": _base_external,
+    "external": _base_external, "packed": _base_packed,
 }
 
 
@@ -671,10 +834,14 @@ def _assign(header: dict[str, Any], path: str, value: Any) -> None:
 
 
 def _field(name: str, path: str, value: Any, description: str, error: str = "HeaderError",
-           base: str = "simple", stage: str = "open", tensor: str | None = None) -> None:
-    """Register a vector that differs from its base in one header field."""
+           base: str = "simple", stage: str = "open", tensor: str | None = None,
+           minor: int | None = None) -> None:
+    """Register a vector that differs from its base in one header field (and, when
+    ``minor`` is given, has that minor version)."""
     def edit(f: RawFile) -> bytes:
         _assign(f.header, path, value)
+        if minor is not None:
+            f.minor = minor
         return bytes(f.encode())
 
     edit.__doc__ = description
@@ -687,11 +854,18 @@ _READ_W = {"stage": "read", "tensor": "w"}
 
 # Vectors that change one header field of their base (descriptions name the broken field).
 _field("R10-bool-for-int", "generators/0/k", True, 'Generator "k" is true (a bool).')
-_field("R11-unknown-key", "extra", 1, 'A minor-0 file with an unknown top-level key "extra".')
+_field("R11-unknown-key", "extra", 1, f'A minor-{C.FORMAT_MINOR} file (the reader\'s own minor) '
+       'with an unknown top-level key "extra".', minor=C.FORMAT_MINOR)
 _field("R11-unknown-nested-key", "tensors/w/theta0/note", "x",
-       'A minor-0 file with an unknown key "note" in a theta0 map.')
+       f'A minor-{C.FORMAT_MINOR} file with an unknown key "note" in a theta0 map.',
+       minor=C.FORMAT_MINOR)
+_field("R11-unknown-packed-key", "tensors/p/start", 0,
+       f'A minor-{C.FORMAT_MINOR} file with an unknown key "start" in a packed tensor.',
+       base="packed", minor=C.FORMAT_MINOR)
 _field("R11-unknown-info-key", "info", {"producer": "x", "trained_on": "synthetic"},
-       'A minor-0 file whose info map has a key 1.0 does not define ("trained_on").')
+       f'A minor-{C.FORMAT_MINOR} file whose info map has a key '
+       f'{C.FORMAT_MAJOR}.{C.FORMAT_MINOR} does not define ("trained_on").',
+       minor=C.FORMAT_MINOR)
 _field("R12-alignment-not-power-of-two", "alignment", 96,
        "alignment 96; the blobs are laid out at multiples of 96.")
 _field("R12-alignment-below-64", "alignment", 32,
@@ -806,7 +980,8 @@ def _(f: RawFile) -> bytes:
 
 @_invalid("R02-major-2", "UnsupportedVersionError")
 def _(f: RawFile) -> bytes:
-    """Major version 2 (a format this reader does not implement); otherwise a 1.0 file."""
+    """Major version 2 (a format this reader does not implement); otherwise a valid 1.1
+    file."""
     return bytes(f.encode(major=2))
 
 
@@ -1128,6 +1303,16 @@ def _(f: RawFile) -> bytes:
     return bytes(f.encode())
 
 
+@_invalid("R41-explicit-offset-moves-implied", "HeaderError", base="shared")
+def _(f: RawFile) -> bytes:
+    """Member "w" (12 values) has an explicit offset 5 and "v" (5 values) none, so "v" is
+    implied to start where "w" ends, at 17: elements 0-4 of the segment belong to no member
+    (the segment's 3 chunks of 8 still hold the 22 values)."""
+    assert "offset" not in _tensor(f, "w") and "offset" not in _tensor(f, "v")
+    _tensor(f, "w")["offset"] = 5
+    return bytes(f.encode())
+
+
 @_invalid("R41-chunk-count", "HeaderError")
 def _(f: RawFile) -> bytes:
     """The segment has 3 chunks (alpha and beta sized to match) for 12 values of d = 8,
@@ -1201,11 +1386,68 @@ def _(f: RawFile) -> bytes:
 
 @_invalid("R46-unknown-encoding", "UnsupportedFeatureError", stage="read", tensor="sparse")
 def _(f: RawFile) -> bytes:
-    """A minor-0 file with a tensor "sparse" of encoding "sparse-coo" that references a blob
-    of its own; opening works and the other tensors load, reading "sparse" fails."""
+    """A minor-1 file (the reader's own minor) with a tensor "sparse" of encoding
+    "sparse-coo" that references a blob of its own; opening works and the other tensors load,
+    reading "sparse" fails."""
+    assert f.minor == C.FORMAT_MINOR
     index = f.add_blob(struct.pack("<2f", 1.0, 2.0), "f32", [2])
     f.header["tensors"].append({"dtype": "f32", "encoding": "sparse-coo", "name": "sparse",
                                 "shape": [2, 2], "values": index})
+    return bytes(f.encode())
+
+
+# Packed tensors (§6.4): who may use a pack blob (R45), its dtype, rank and size (R52)
+
+
+def _pack_index(f: RawFile) -> int:
+    index = _tensor(f, "p")["blob"]
+    assert f.header["blobs"][index]["dtype"] == C.PACK_DTYPE
+    return index
+
+
+@_invalid("R45-pack-blob-used-by-dense", "HeaderError", base="packed")
+def _(f: RawFile) -> bytes:
+    """Dense tensor "d" (u8 [24]) uses the pack blob of the packed tensors "p", "q" and "r"
+    (u8 [24] too, so "d" matches it as §6.2 asks); its own blob is gone."""
+    d = _tensor(f, "d")
+    index = d["blob"]
+    assert index == len(f.payloads) - 1 and f.header["blobs"][_pack_index(f)]["shape"] == [24]
+    d["blob"] = _pack_index(f)
+    del f.header["blobs"][index]
+    del f.payloads[index]
+    return bytes(f.encode())
+
+
+@_invalid("R52-pack-blob-f32", "HeaderError", base="packed")
+def _(f: RawFile) -> bytes:
+    """The pack blob of "p", "q" and "r" (24 bytes) has dtype f32 and shape [6]."""
+    f.header["blobs"][_pack_index(f)].update(dtype="f32", shape=[6])
+    return bytes(f.encode())
+
+
+@_invalid("R52-pack-blob-rank-2", "HeaderError", base="packed")
+def _(f: RawFile) -> bytes:
+    """The pack blob of "p", "q" and "r" (24 bytes) has shape [2, 12]."""
+    f.header["blobs"][_pack_index(f)]["shape"] = [2, 12]
+    return bytes(f.encode())
+
+
+@_invalid("R52-pack-longer-than-tensors", "HeaderError", base="packed")
+def _(f: RawFile) -> bytes:
+    """The pack blob holds 28 bytes (u8 [28]); its packed tensors "p", "q" and "r" take 24."""
+    index = _pack_index(f)
+    f.payloads[index] += bytes(4)
+    f.header["blobs"][index]["shape"] = [28]
+    return bytes(f.encode())
+
+
+@_invalid("R52-pack-shorter-than-tensors", "HeaderError", base="packed")
+def _(f: RawFile) -> bytes:
+    """The pack blob holds 20 bytes (u8 [20]); its packed tensors "p", "q" and "r" take 24,
+    so "r" would run 4 bytes past its end."""
+    index = _pack_index(f)
+    f.payloads[index] = f.payloads[index][:20]
+    f.header["blobs"][index]["shape"] = [20]
     return bytes(f.encode())
 
 
@@ -1344,7 +1586,7 @@ def index_json(valid: list[_Valid]) -> str:
 
 
 README_HEAD = """\
-# Test vectors for the `.mcnc` format 1.0
+# Test vectors for the `.mcnc` format 1.1
 
 Generated by `python spec/make_vectors.py [OUT_DIR]` (byte-identical on every run with the
 same zstd library, except f64 expected values: float64 `sin` and matrix products differ in
@@ -1360,9 +1602,16 @@ nearest even, to the tensor's dtype. lora tensors are stored merged
 (`theta0 + scale * B @ A`, all in float64; every lora factor here is f32, so whether a reader
 rounds factors to their dtype before the product does not matter).
 
+Each file declares the lowest minor version whose features it uses (SPEC.md §13): minor 1 when
+it has a packed tensor (§6.4) or leaves a member offset implied (§6.1), as the reference writer
+does wherever it can, else minor 0. `packed.mcnc` and `packed-two-blobs.mcnc` cover the packed
+encoding, `dense.mcnc` dense tensors in their own blobs, `explicit-offsets.mcnc` a 1.0 file
+whose members carry explicit offsets out of tensor order, and the `minor-newer` vectors a file
+of minor 2, newer than the reader's.
+
 How a reader is checked against them (`tests/test_vectors.py` does exactly this):
 
-- dense tensors: bit for bit;
+- dense and packed tensors: bit for bit;
 - mcnc tensors and lora factors: SPEC.md §10.1 per segment chunk `c`,
   `||v_c - e_c|| <= REGEN_RTOL * max(1, P / 20) * (||theta0_c|| + sum_j |beta_cj|
   ||phi64(alpha_cj)||) + ||normal_c|| + ||r_c||`, where `e` is the expected tensor, `P` the

@@ -41,7 +41,8 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
 
 def mixed_file(directory: Path, seed: int = SEED) -> Path:
     """A file with every theta0 kind, output dtypes, members across chunk boundaries, an
-    empty member, dense raw and zstd tensors and a lora tensor, in interleaved order."""
+    empty member, packed tensors (f32 and bool, sharing one pack blob), dense raw and zstd
+    tensors and a lora tensor, in interleaved order."""
     g = torch.Generator().manual_seed(seed)
     gen = GeneratorSpec(k=5, d=100, hidden=(32, 32), seed=seed % 2**32)
     shapes = [(7, 13), (50,), (3, 4, 5), (0,), (33,), (4, 37)]
@@ -73,6 +74,7 @@ def mixed_file(directory: Path, seed: int = SEED) -> Path:
             tensors["adapter"] = LoRA(MCNC(seg_a, (2, 8)), MCNC(seg_b, (8, 2)), 0.5,
                                       torch.float32, Theta0.uniform(0.1, 5, 6))
     tensors["flag"] = torch.tensor([True, False, True])
+    tensors["last_dense"] = Dense(torch.randn(3, 5, generator=g))
     path = directory / "mixed.mcnc"
     mf.save(path, tensors)  # type: ignore[arg-type]
     return path

@@ -44,8 +44,9 @@ def _segment(spec: mcnc.GeneratorSpec, values: int, m: int, gen: torch.Generator
 
 
 def _write_model(path: Path, seed: int, *, beta_nan: bool = False) -> Path:
-    """A small file with every encoding: mcnc (two theta0 kinds, f16 output), dense float and
-    int tensors, and a lora tensor whose factors live in a zstd segment and a raw one."""
+    """A small file with every encoding: mcnc (two theta0 kinds, f16 output), a dense tensor
+    (zstd), packed float and int tensors sharing one blob, and a lora tensor whose factors live
+    in a zstd segment and a raw one."""
     print(f"test file {path.name}: seed {seed}")
     gen = torch.Generator().manual_seed(seed)
     main_gen = mcnc.GeneratorSpec(k=5, d=300, hidden=(16, 16), seed=seed % 2**32)
@@ -57,8 +58,9 @@ def _write_model(path: Path, seed: int, *, beta_nan: bool = False) -> Path:
     b_seg = _segment(lora_gen, 16 * 4, 2, gen)
     mcnc.save(path, {
         "encoder.weight": mcnc.MCNC(shared, (48, 24), theta0=mcnc.Theta0.fan_in_uniform(3, 0)),
-        "encoder.bias": torch.randn(48, generator=gen),
+        "encoder.bias": mcnc.Dense(torch.randn(48, generator=gen), C.CODEC_ZSTD),
         "head.weight": mcnc.MCNC(shared, (10, 48), dtype=torch.float16),
+        "head.bias": torch.randn(10, generator=gen).half(),
         "adapter.weight": mcnc.LoRA(A=mcnc.MCNC(a_seg, (4, 24)), B=mcnc.MCNC(b_seg, (16, 4)),
                                     scale=0.5, theta0=mcnc.Theta0.stored(
                                         torch.randn(16, 24, generator=gen))),
@@ -94,10 +96,12 @@ def test_inspect_table_lists_tensors_summary_generators_and_segments(runner, mod
     result = runner.invoke(cli, ["inspect", str(model_file)])
     assert result.exit_code == 0, result.output
     out = result.output
-    for name in ("encoder.weight", "encoder.bias", "head.weight", "adapter.weight", "steps"):
+    for name in ("encoder.weight", "encoder.bias", "head.weight", "head.bias", "adapter.weight",
+                 "steps"):
         assert name in out
     for text in ("compression ratio", "dense equivalent", "format version", "fan_in_uniform",
-                 "philox seed", "segments", "generators", "tests/test_cli.py", "lora", "zstd"):
+                 "philox seed", "segments", "generators", "tests/test_cli.py", "lora", "zstd",
+                 "dense", "packed"):
         assert text in out, text
 
 
@@ -117,12 +121,19 @@ def test_inspect_json_has_the_documented_keys_and_the_file_facts(runner, model_f
                                                                info.stored_bytes)
     assert set(facts["summary"]) >= {"file_bytes", "dense_bytes", "compression_ratio",
                                      "compressed_part_ratio", "parameters", "format_version"}
-    assert facts["format_version"] == "1.0"
+    assert facts["format_version"] == "1.1"
     assert facts["metadata"] == {"task": "tests", "seed": str(SEED)}
     by_name = {t["name"]: t for t in facts["tensors"]}
     assert by_name["encoder.weight"]["theta0_scheme"] == "fan_in_uniform"
     assert by_name["head.weight"]["dtype"] == "f16"
     assert by_name["encoder.bias"]["segment"] is None
+    encodings = {name: t["encoding"] for name, t in by_name.items()}
+    assert encodings == {"encoder.weight": "mcnc", "encoder.bias": "dense", "head.weight": "mcnc",
+                         "head.bias": "packed", "adapter.weight": "lora", "steps": "packed"}
+    # A packed tensor's storage is its own bytes within the shared pack blob (§6.4).
+    assert (by_name["steps"]["stored_values"], by_name["steps"]["stored_bytes"]) == (2, 16)
+    assert (by_name["head.bias"]["stored_values"], by_name["head.bias"]["stored_bytes"]) == (10,
+                                                                                            20)
     assert set(by_name["adapter.weight"]["factors"]) == {"A", "B"}
     gen = facts["generators"][0]
     assert (gen["k"], gen["d"], gen["hidden"], gen["weights"]["kind"]) == (5, 300, [16, 16],
@@ -181,7 +192,7 @@ def test_verify_fails_on_nonzero_padding(runner, model_file, tmp_path):
     report = json.loads(result.stdout)
     assert not report["ok"] and report["status"] == "invalid"
     assert [(p["check"], p["rule"]) for p in report["problems"]] == [("padding", "R22")]
-    assert report["counts"]["tensors"] == 5  # everything else was still checked
+    assert report["counts"]["tensors"] == 6  # everything else was still checked
 
 
 def test_verify_fails_on_a_truncated_file(model_file, tmp_path):
@@ -220,13 +231,14 @@ def test_verify_checks_external_references(runner, tmp_path):
 
 
 def test_verify_exit_2_for_features_this_reader_does_not_know(runner, model_file, tmp_path):
-    """A newer minor version with an unknown encoding cannot be judged: exit 2, not 1."""
+    """A newer minor version with an unknown encoding cannot be judged: exit 2, not 1. Here
+    the two packed tensors' encoding is renamed, which also leaves their pack blob unclaimed."""
     path = _copy(model_file, tmp_path / "future.mcnc")
     data = bytearray(path.read_bytes())
     header_length = struct.unpack_from("<Q", data, 16)[0]
     header = bytes(data[32 : 32 + header_length])
-    assert header.count(b"\xa5dense") == 2
-    header = header.replace(b"\xa5dense", b"\xa5dens2")  # same length: offsets unchanged
+    assert header.count(b"\xa6packed") == 2
+    header = header.replace(b"\xa6packed", b"\xa6packe2")  # same length: offsets unchanged
     data[32 : 32 + header_length] = header
     struct.pack_into("<H", data, 10, C.FORMAT_MINOR + 1)  # preamble: minor version
     struct.pack_into("<Q", data, 24, checksum(header))  # preamble: header XXH3-64
@@ -252,7 +264,7 @@ def test_unpack_writes_safetensors_equal_to_load(runner, model_file, tmp_path):
     with safe_open(str(out), framework="pt") as f:
         metadata = f.metadata()
     assert metadata["task"] == "tests" and metadata["seed"] == str(SEED)
-    assert metadata["mcnc.format_version"] == "1.0"
+    assert metadata["mcnc.format_version"] == "1.1"
     assert metadata["mcnc.source"] == "model.mcnc"
     assert metadata["mcnc.info.producer"] == "tests/test_cli.py"
     assert metadata["format"] == "pt"

@@ -63,7 +63,7 @@ def _segment(gen: torch.Generator, k: int = 4, d: int = 16, chunks: int = 4,
 
 def _make_mcnc(path: Path, seed: int, theta0: mcnc_format.Theta0 | None = None,
                info: dict[str, str] | None = None) -> Path:
-    """A small file: one mcnc tensor (8x8, given theta0) and one dense bias."""
+    """A small file: one mcnc tensor (8x8, given theta0) and one bias (packed, §6.4)."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {
         "layer.weight": mcnc_format.MCNC(_segment(gen), (8, 8),

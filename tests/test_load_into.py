@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import mcnc_format as mf
-from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0
+from mcnc_format import MCNC, Dense, GeneratorSpec, Segment, Theta0
 
 
 def mlp() -> nn.Module:
@@ -43,7 +43,8 @@ def seed() -> int:
 def save_model(model: nn.Module, path: Path, seed: int, skip: tuple[str, ...] = (),
                extra: dict[str, torch.Tensor] | None = None) -> None:
     """Weights of rank >= 2 as members of one segment over PyTorch's default init (theta0 =
-    fan_in_uniform), everything else (biases, BatchNorm buffers) dense."""
+    fan_in_uniform), float biases and buffers plain (so packed, §6.4), integer buffers
+    (BatchNorm's ``num_batches_tracked``) ``Dense``: every stored encoding reaches the module."""
     rng = torch.Generator().manual_seed(seed)
     state = {k: v for k, v in model.state_dict().items() if k not in skip}
     weights = [k for k, v in state.items() if v.dim() >= 2]
@@ -60,7 +61,7 @@ def save_model(model: nn.Module, path: Path, seed: int, skip: tuple[str, ...] = 
         elif value.is_floating_point():
             tensors[name] = torch.randn(value.shape, generator=rng)
         else:
-            tensors[name] = torch.tensor(17, dtype=value.dtype)
+            tensors[name] = Dense(torch.tensor(17, dtype=value.dtype))
     tensors.update(extra or {})
     mf.save(path, tensors)
 
@@ -75,6 +76,9 @@ def test_load_into_matches_load(name: str, meta: bool, seed: int, tmp_path: Path
     path = tmp_path / f"{name}.mcnc"
     save_model(MODELS[name](), path, seed)
     expected = mf.load(path)
+    with mf.open(path) as f:
+        encodings = {f.tensor_info(n).encoding for n in f.keys()}  # noqa: SIM118
+    assert encodings == ({"mcnc", "packed", "dense"} if name == "cnn" else {"mcnc", "packed"})
     if meta:
         with torch.device("meta"):
             model = MODELS[name]()

@@ -80,7 +80,8 @@ def write_small(path: Path, seed: int) -> None:
 
 
 def write_rich(path: Path, seed: int) -> None:
-    """An inline generator, a lora tensor with a stored theta0, a zstd bf16 dense tensor."""
+    """An inline generator, a lora tensor with a stored theta0, a zstd bf16 dense tensor and
+    two packed tensors (f16 and bool, 9 bytes in one raw pack blob)."""
     rng = torch.Generator().manual_seed(seed)
     base = GeneratorSpec(k=2, d=6, hidden=(3,), L=2.0, bias=False, seed=0)
     inline = tuple(torch.randn(s, generator=rng) * 0.5 for s in base.parameter_shapes())
@@ -93,6 +94,8 @@ def write_rich(path: Path, seed: int) -> None:
         "q": lora,
         "v": MCNC(seg, (3,), theta0=Theta0.normal(7, 3, 0.0, 0.1)),
         "scale": Dense(torch.randn(2, generator=rng).bfloat16(), "zstd"),
+        "norm": torch.randn(3, generator=rng).half(),
+        "mask": torch.randint(0, 2, (3,), generator=rng).bool(),
     }, metadata={"k": "v"})
 
 
@@ -427,7 +430,7 @@ def craft(header: Any, payloads: list[bytes], *, place: bool = True,
 
 def _base(tmp_path: Path) -> tuple[dict[str, Any], list[bytes]]:
     """A valid file's header and blob payloads to mutate: one segment with two members (one
-    with a stored theta0), a lora tensor, a dense tensor."""
+    with a stored theta0), a lora tensor, a dense tensor and two packed tensors (f16, bool)."""
     rng = torch.Generator().manual_seed(5)
     gen = GeneratorSpec(k=2, d=4, hidden=(3,), seed=9)
     seg = Segment(gen, torch.rand(3, 1, 2, generator=rng), torch.randn(3, 1, generator=rng))
@@ -437,6 +440,8 @@ def _base(tmp_path: Path) -> tuple[dict[str, Any], list[bytes]]:
         "b": MCNC(seg, (3,)),
         "l": LoRA(A=MCNC(seg, (1, 2)), B=MCNC(seg, (3, 1)), scale=2.0),
         "d": Dense(torch.arange(6, dtype=torch.int32), "zstd"),
+        "p": torch.randn(3, generator=rng).half(),
+        "q": torch.tensor([True, False, True, True, False]),
     })
     data = path.read_bytes()
     header = _header(data)
@@ -461,8 +466,18 @@ def _zstd(data: bytes, content_size: bool = True) -> bytes:
     return zstandard.ZstdCompressor(write_content_size=content_size).compress(data)
 
 
-DENSE_TENSOR = 3  # "d" in _base's file; its blob is the last one
+DENSE_TENSOR = 3  # "d" in _base's file
 DENSE_BLOB = 3
+PACKED_TENSORS = (4, 5)  # "p" (3 f16) and "q" (5 bool), in the last blob, the pack
+PACK_BLOB = 4
+PACK_BYTES = 3 * 2 + 5
+
+
+def _pack_payload(header: dict[str, Any], payloads: list[bytes], stored: bytes) -> None:
+    """Replace the pack blob's bytes (the same length: the packed tensors still tile it)."""
+    assert len(stored) == PACK_BYTES
+    payloads[PACK_BLOB] = stored
+    header["blobs"][PACK_BLOB]["xxh3"] = xxhash.xxh3_64_intdigest(stored)
 Mutation = Callable[[dict[str, Any], list[bytes]], bytes | None]
 
 
@@ -636,6 +651,20 @@ CRAFTED: dict[str, tuple[Mutation, str]] = {
     "lora_rank_mismatch": (_set("tensors.2.A.shape", [2, 1]), "HeaderError"),
     "lora_rank_3": (_set("tensors.2.shape", [3, 2, 1]), "HeaderError"),
     "unknown_encoding": (_set("tensors.3.encoding", "vq"), "UnsupportedFeatureError"),
+    # packed (§6.4, R52)
+    "packed_bool_byte_2": (lambda h, p: _pack_payload(h, p, bytes(6) + bytes([1, 0, 2, 1, 0])),
+                           "FormatError"),
+    "packed_shape_huge": (_set("tensors.4.shape", [1 << 40, 1 << 40]), "HeaderError"),
+    "packed_overruns_pack": (_set("tensors.5.shape", [6]), "HeaderError"),
+    "packed_short_of_pack": (_set("tensors.5.shape", [2, 2]), "HeaderError"),
+    "packed_dtype_wider": (_set("tensors.5.dtype", "f64"), "HeaderError"),
+    "packed_blob_out_of_range": (_set("tensors.5.blob", (1 << 64) - 1), "HeaderError"),
+    "packed_blob_is_dense": (_set("tensors.5.blob", DENSE_BLOB), "HeaderError"),
+    "pack_blob_used_by_dense": (_set("tensors.3.blob", PACK_BLOB), "HeaderError"),
+    "pack_blob_i8": (_set("blobs.4.dtype", "i8"), "HeaderError"),
+    "pack_blob_rank_2": (_set("blobs.4.shape", [1, PACK_BYTES]), "HeaderError"),
+    "packed_unknown_key": (_set("tensors.4.offset", 0), "HeaderError"),
+    "packed_without_blob": (lambda h, p: (h["tensors"][4].pop("blob"), None)[1], "HeaderError"),
 }
 
 
@@ -658,8 +687,11 @@ def _lying_frame() -> tuple[bytes, int]:
 def write_crafted(directory: Path) -> dict[str, str]:
     """Write every CRAFTED file; returns path -> the MCNCError class name it must raise."""
     header, payloads = _base(directory)
-    assert _tensor(header, "d") is header["tensors"][DENSE_TENSOR] and len(payloads) == 4
+    assert _tensor(header, "d") is header["tensors"][DENSE_TENSOR] and len(payloads) == 5
     assert header["tensors"][DENSE_TENSOR]["blob"] == DENSE_BLOB
+    assert [header["tensors"][i]["encoding"] for i in PACKED_TENSORS] == ["packed"] * 2
+    assert {header["tensors"][i]["blob"] for i in PACKED_TENSORS} == {PACK_BLOB}
+    assert header["blobs"][PACK_BLOB]["shape"] == [PACK_BYTES]
     expected: dict[str, str] = {}
     for name, (mutate, error) in CRAFTED.items():
         h, p = copy.deepcopy(header), list(payloads)
@@ -682,7 +714,7 @@ def test_unknown_encoding_leaves_other_tensors_readable(tmp_path: Path) -> None:
     path = tmp_path / "vq.mcnc"
     path.write_bytes(craft(header, payloads))
     with mf.open(path) as f:
-        assert set(f.tensors(["a", "b", "l"])) == {"a", "b", "l"}
+        assert set(f.tensors(["a", "b", "l", "p", "q"])) == {"a", "b", "l", "p", "q"}
         with pytest.raises(mf.UnsupportedFeatureError, match="'vq'"):
             f.get_tensor("d")
 

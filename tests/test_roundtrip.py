@@ -328,7 +328,8 @@ def test_alignment(alignment: int, seed: int, tmp_path: Path) -> None:
 
 
 def test_dense_dtypes_bit_exact(seed: int, tmp_path: Path) -> None:
-    """Every dtype of §1, rank 0 and empty, raw and zstd, incl. NaN/inf payloads."""
+    """Every dtype of §1, rank 0 and empty, raw and zstd, incl. NaN/inf payloads; plain
+    tensors are packed (§6.4), ``Dense`` ones get their own blob (§6.2)."""
     rng = torch.Generator().manual_seed(seed)
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40])
     tensors: dict[str, object] = {
@@ -355,6 +356,137 @@ def test_dense_dtypes_bit_exact(seed: int, tmp_path: Path) -> None:
         assert_bit_exact(loaded[name], source.tensor if isinstance(source, Dense) else source,
                          name)
     assert loaded["strided"].is_contiguous()
+    with mf.open(path) as f:
+        for name, source in tensors.items():
+            want = "dense" if isinstance(source, Dense) else "packed"
+            assert f.tensor_info(name).encoding == want, name
+
+
+def _random_tensor(shape: tuple[int, ...], dtype: torch.dtype, rng: torch.Generator
+                   ) -> torch.Tensor:
+    """Random bytes viewed as ``dtype`` (every bit pattern: NaN payloads, subnormals, -0);
+    bool as 0/1."""
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=rng).bool()
+    numel = math.prod(shape)
+    size = torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (numel * size,), generator=rng, dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+def _stored_header(raw: bytes) -> dict:
+    """The header map as stored, decoded independently of the reader (§2, §3)."""
+    import msgpack
+    import zstandard
+
+    _, _, minor, codec, length, _ = struct.unpack_from("<8sHHIQQ", raw, 0)
+    stored = raw[32 : 32 + length]
+    if codec == C.HEADER_CODEC_ZSTD:
+        stored = zstandard.ZstdDecompressor().decompress(stored)
+    return {"minor": minor, **msgpack.unpackb(stored, raw=False)}
+
+
+def test_packed_tensors_bit_exact_and_sharing_one_blob(seed: int, tmp_path: Path) -> None:
+    """§6.4: ``save`` packs every plain tensor under PACK_MAX_TENSOR_BYTES, of any dtype,
+    into one raw u8 pack blob at consecutive, unaligned byte ranges in tensor order; they come
+    back bit for bit through ``load`` and ``get_tensor``, beside mcnc members whose offsets the
+    header leaves implied (§6.1), a ``Dense`` tensor and a plain tensor too big to pack, each
+    of those in its own dense blob. The file is version 1.1 (§13)."""
+    rng = torch.Generator().manual_seed(seed)
+    gen = GeneratorSpec(k=3, d=16, hidden=(8,), seed=seed % 2**32)
+    segment = Segment(gen, torch.rand(4, 2, 3, generator=rng) * 8 - 4,
+                      torch.randn(4, 2, generator=rng) * 0.1)  # 64 values >= 5*7 + 20
+    limit = C.PACK_MAX_TENSOR_BYTES
+    packed: dict[str, torch.Tensor] = {  # odd byte sizes first: the rest start unaligned
+        "u8": _random_tensor((5,), torch.uint8, rng),
+        "f64": _random_tensor((3,), torch.float64, rng),
+        "f16": _random_tensor((7,), torch.float16, rng),
+        "bool": _random_tensor((3, 4), torch.bool, rng),
+        "f32": _random_tensor((2, 3), torch.float32, rng),
+        "bf16": _random_tensor((1, 5), torch.bfloat16, rng),
+        "i64": _random_tensor((2,), torch.int64, rng),
+        "i8": _random_tensor((2,), torch.int8, rng),
+        "i32": _random_tensor((3, 1), torch.int32, rng),
+        "i16": _random_tensor((2, 2, 1), torch.int16, rng),
+        "scalar_f32": _random_tensor((), torch.float32, rng),
+        "empty_bf16": _random_tensor((0, 3), torch.bfloat16, rng),
+        "scalar_i64": _random_tensor((), torch.int64, rng),
+        "largest_packable": _random_tensor((limit - 1,), torch.uint8, rng),
+    }
+    dense = {
+        "big": _random_tensor((limit // 4,), torch.float32, rng),  # exactly the limit: own blob
+        "own_blob": Dense(_random_tensor((3,), torch.float16, rng)),
+        "own_zstd": Dense(_random_tensor((2, 3), torch.int16, rng), "zstd"),
+    }
+    tensors: dict[str, object] = {
+        "w": MCNC(segment, (5, 7), theta0=Theta0.uniform(0.5, seed % 2**32, 1)),
+        **{k: packed[k] for k in list(packed)[:7]},
+        "big": dense["big"],
+        "v": MCNC(segment, (20,), dtype=torch.float16),
+        "own_blob": dense["own_blob"],
+        **{k: packed[k] for k in list(packed)[7:]},
+        "own_zstd": dense["own_zstd"],
+    }
+    path = tmp_path / "packed.mcnc"
+    mf.save(path, tensors)
+
+    loaded = check_file(path, tensors, tmp_path)  # bit for bit, mcnc within §10
+    assert list(loaded) == list(tensors)
+    with mf.open(path) as f:
+        for name, value in packed.items():
+            assert f.tensor_info(name).encoding == "packed", name
+            got = f.get_tensor(name)
+            assert_bit_exact(got, value, name)
+            assert got.is_contiguous()
+            if value.numel():  # a copy: writing it leaves the file's next read unchanged
+                got.reshape(-1).view(torch.uint8)[0] ^= 1
+                assert_bit_exact(f.get_tensor(name), value, name)
+        for name in dense:
+            assert f.tensor_info(name).encoding == "dense", name
+            assert_bit_exact(f.get_tensor(name), loaded[name], name)
+        assert [f.tensor_info(n).encoding for n in ("w", "v")] == ["mcnc", "mcnc"]
+        s = f.summary()
+        assert s["format_version"] == "1.1" and s["compressed_parameters"] == 35 + 20
+        assert (f.tensor_info("f64").stored_values, f.tensor_info("f64").stored_bytes) == (3, 24)
+    # The pipelined loader (``stream``) reads the same bytes out of the pack (small staging:
+    # the pack does not fit at once).
+    streamed = dict(mf.stream(path, "cpu", staging_bytes=4096, workspace_bytes=2048))
+    for name in [*packed, *dense]:
+        assert_bit_exact(streamed[name], loaded[name], name)
+
+    raw = path.read_bytes()
+    header = _stored_header(raw)
+    assert header["minor"] == 1
+    entries = {t["name"]: t for t in header["tensors"]}
+    packs = {entries[name]["blob"] for name in packed}
+    assert len(packs) == 1, packs
+    pack_index = packs.pop()
+    pack = header["blobs"][pack_index]
+    assert (pack["codec"], pack["dtype"]) == ("raw", "u8")
+    # The pack sits where its first tensor is, in blob order: after w's alpha and beta.
+    assert pack_index == 2
+    # Consecutive, unpadded, in tensor order (not insertion order of the dict above).
+    expected = b"".join(packed[name].reshape(-1).view(torch.uint8).numpy().tobytes()
+                        for name in tensors if name in packed)
+    assert pack["shape"] == [len(expected)] and pack["length"] == len(expected)
+    assert raw[pack["offset"] : pack["offset"] + pack["length"]] == expected
+    starts, position = {}, 0
+    for name in (n for n in tensors if n in packed):
+        starts[name] = position
+        position += packed[name].numel() * packed[name].element_size()
+    misaligned = [n for n in packed if starts[n] % packed[n].element_size()]
+    assert {"f64", "f16", "f32", "bf16", "i64", "i32", "i16", "scalar_f32", "scalar_i64"
+            } <= set(misaligned), starts
+    for name in dense:
+        blob = entries[name]["blob"]
+        assert entries[name]["encoding"] == "dense" and blob != pack_index
+        assert (header["blobs"][blob]["dtype"], header["blobs"][blob]["shape"]) == (
+            entries[name]["dtype"], entries[name]["shape"])
+    assert header["blobs"][entries["own_zstd"]["blob"]]["codec"] == "zstd"
+    # §6.1: members in tensor order leave every offset implied; "v" starts where "w" ends.
+    assert all("offset" not in entries[name] for name in ("w", "v"))
+    assert entries["w"]["segment"] == entries["v"]["segment"]
+    assert all("start" not in entry and "offset" not in entry for entry in entries.values())
 
 
 def test_lora_factors_and_merge(seed: int, tmp_path: Path) -> None:
@@ -440,7 +572,7 @@ def test_summary_numbers(seed: int, tmp_path: Path) -> None:
     assert s["compression_ratio"] == pytest.approx(dense_bytes / len(raw))
     assert s["compressed_part_ratio"] == pytest.approx(120 / stored)
     assert (s["tensors"], s["segments"], s["generators"]) == (3, 1, 1)
-    assert s["format_version"] == "1.0"
+    assert s["format_version"] == "1.1"
     # Each member's share of the segment's storage is proportional to its values.
     assert info_w.stored_values == round(stored * 100 / 128)
     assert info_v.stored_values == round(stored * 20 / 128)
@@ -513,3 +645,49 @@ def test_random_files_roundtrip(plan: FilePlan, tmp_path_factory: pytest.TempPat
     assert again.read_bytes() == path.read_bytes()
     with mf.open(path) as f:
         assert f.metadata == dict(plan.metadata) and f.info == dict(plan.info)
+
+
+def test_a_zstd_pack_is_decoded_once_for_all_its_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the tensors of a zstd pack one by one must not decode the pack for each."""
+    import mcnc_format.reader as reader_module
+
+    path = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "packed-two-blobs.mcnc"
+    real = reader_module.decode_blob
+    decoded: list[str] = []
+
+    def counting(stored, blob, *args, **kwargs):  # type: ignore[no-untyped-def]
+        decoded.append(blob.codec)
+        return real(stored, blob, *args, **kwargs)
+
+    monkeypatch.setattr(reader_module, "decode_blob", counting)
+    with mf.open(path) as f:
+        packed = [n for n in f.keys() if f.tensor_info(n).encoding == "packed"]  # noqa: SIM118
+        zstd_packs = {f.entry(n).blob for n in packed
+                      if f.header.blobs[f.entry(n).blob or 0].codec == C.CODEC_ZSTD}
+        assert len(zstd_packs) == 1 and len(packed) > 3
+        for name in packed:
+            f.get_tensor(name)
+    assert decoded.count(C.CODEC_ZSTD) == 1
+
+
+def test_saving_a_meta_tensor_is_a_write_error(tmp_path: Path) -> None:
+    for value in (torch.empty(3, device="meta"), Dense(torch.empty(3, device="meta"))):
+        with pytest.raises(mf.WriteError, match="meta device"):
+            mf.save(tmp_path / "meta.mcnc", {"w": value})
+    assert not (tmp_path / "meta.mcnc").exists()
+
+
+def test_verify_names_every_tensor_of_a_damaged_pack(tmp_path: Path) -> None:
+    from mcnc_format.verify import verify_file
+
+    path = mf.save(tmp_path / "packs.mcnc", {"norm.weight": torch.ones(8),
+                                             "norm.bias": torch.zeros(8)})
+    with mf.open(path) as f:
+        blob = f.header.blobs[f.entry("norm.bias").blob or 0]
+    raw = bytearray(path.read_bytes())
+    raw[blob.offset + 3] ^= 0x10
+    path.write_bytes(bytes(raw))
+    report = verify_file(path)
+    (problem,) = [p for p in report.problems if p.check == "checksum"]
+    assert "pack blob" in problem.message
+    assert "'norm.weight'" in problem.message and "'norm.bias'" in problem.message

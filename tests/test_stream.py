@@ -76,8 +76,11 @@ def test_batches_cover_each_segment_once(tmp_path: Path) -> None:
             assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
         assert len(batches[0]) > 1  # the workspace forced several batches
         kinds = [s.kind for s in steps]
-        # File order: the dense tensor first, the segment where its first member appears.
+        # File order: the packed tensor first, the segment where its first member appears.
         assert kinds[0] == "dense" and kinds[1] == "batch"
+        # "dense" steps serve both stored encodings (§6.2, §6.4).
+        assert [f.tensor_info(n).encoding for n in ("first_dense", "flag", "ints", "last_dense")
+                ] == ["packed", "packed", "dense", "dense"]
 
 
 def test_spec_vectors_match_reader() -> None:

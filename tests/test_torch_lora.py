@@ -123,7 +123,9 @@ def test_adapted_model_equals_plain_model_loaded_from_file(tmp_path, chunking):
     path = save_model(model, tmp_path / "lora.mcnc")
     with mcnc_format.open(path) as f:
         assert f.tensor_info("blocks.1.v_proj.weight").encoding == "lora"
-        assert f.tensor_info("blocks.1.k_proj.weight").encoding == "dense"
+        # The frozen weights, biases and norms are small: plain tensors packed in one blob.
+        assert f.tensor_info("blocks.1.k_proj.weight").encoding == "packed"
+        assert len({t.blob for t in f.header.tensors if t.encoding == "packed"}) == 1
         assert len(f.header.segments) == (1 if chunking == "model" else 16)
         _, _, scale = f.get_lora_factors("blocks.0.mlp.0.weight")
         assert scale == 2.0

@@ -1,11 +1,11 @@
 """The reader against the spec's test vectors (``spec/vectors``, SPEC.md §14).
 
-Valid vectors: every tensor must match its ``NAME.expected.safetensors``: dense tensors bit for
-bit, mcnc tensors and lora factors chunk by chunk within §10.1, merged lora tensors element by
-element within the error propagated from the factors (see ``_check_lora``). The bounds'
-ingredients (theta0 norms, ``||phi64||``, normal ``z64``) come from a float64 evaluation of
-the file itself with ``mcnc_format.reference``, which also checks that the expected files are
-the correctly rounded reference values.
+Valid vectors: every tensor must match its ``NAME.expected.safetensors``: dense and packed
+tensors bit for bit, mcnc tensors and lora factors chunk by chunk within §10.1, merged lora
+tensors element by element within the error propagated from the factors (see
+``_check_lora``). The bounds' ingredients (theta0 norms, ``||phi64||``, normal ``z64``) come
+from a float64 evaluation of the file itself with ``mcnc_format.reference``, which also checks
+that the expected files are the correctly rounded reference values.
 
 Invalid vectors: each raises its documented ``MCNCError`` subclass at the documented stage.
 And ``spec/make_vectors.py`` regenerates every file byte for byte.
@@ -19,9 +19,11 @@ import math
 import os
 import random
 import re
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -283,7 +285,7 @@ def test_valid_vector(vector: dict, workspace: int | None, device: str) -> None:
             value = got[name]
             assert value.dtype == want.dtype and value.shape == want.shape, name
             assert value.device.type == device, name
-            if t.encoding == C.ENCODING_DENSE:
+            if t.stored_dense:  # dense and packed: the stored values, bit for bit
                 assert torch.equal(value.cpu(), want), name
             elif t.encoding == C.ENCODING_MCNC:
                 ledger.add(name, _np(value), _np(want), refs[name], t.dtype)
@@ -347,16 +349,41 @@ def test_valid_vectors_are_small() -> None:
     assert total < 512 * 1024
 
 
-def test_make_vectors_is_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                        ) -> None:
-    """``python spec/make_vectors.py OUT`` reproduces every committed file (run in-process:
-    the same ``generate`` the script's ``main`` calls)."""
+def _make_vectors_module(monkeypatch: pytest.MonkeyPatch) -> Any:
     script = ROOT / "spec" / "make_vectors.py"
     spec = importlib.util.spec_from_file_location("make_vectors", script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+def test_a_header_that_oscillates_at_one_level_is_compressed_at_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With these 48 tensors (the compressed-header vector's inputs, cut to 48) the level-19
+    header moves the data start between 512 and 576 forever (481 and 480 bytes): the writer
+    must settle at a lower level (§11) rather than fall back to an 11x larger plain header."""
+    module = _make_vectors_module(monkeypatch)
+    data = module._Data("compressed-header")
+    gen = mf.GeneratorSpec(k=3, d=16, hidden=(8,), L=20.0, seed=11)
+    shapes = [(2, 3)] * 48
+    seg = data.segment(gen, shapes, m=1)
+    tensors = {f"model.layers.{i // 3}.mlp.{('up', 'down', 'gate')[i % 3]}_proj.weight":
+               mf.MCNC(seg, shape) for i, shape in enumerate(shapes)}
+    path = mf.save(tmp_path / "oscillating.mcnc", tensors)
+    raw = path.read_bytes()
+    header_codec, header_length = struct.unpack_from("<IQ", raw, 12)
+    assert header_codec == C.HEADER_CODEC_ZSTD and header_length < 600
+    with mf.open(path) as f:
+        assert f.keys() == list(tensors)
+
+
+def test_make_vectors_is_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    """``python spec/make_vectors.py OUT`` reproduces every committed file (run in-process:
+    the same ``generate`` the script's ``main`` calls)."""
+    module = _make_vectors_module(monkeypatch)
     module.main(["make_vectors.py", str(tmp_path)])
     made = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
     committed = {str(p.relative_to(VECTORS)) for p in VECTORS.rglob("*") if p.is_file()}

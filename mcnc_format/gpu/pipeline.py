@@ -269,10 +269,10 @@ class PipelinedLoader:
                      ) -> tuple[torch.Tensor, object]:
         t = step.tensor
         assert t is not None and t.blob is not None
-        blob = self.header.blobs[t.blob]
-        data = self.file.blob_bytes(t.blob, f"tensors[{t.name!r}].blob")
-        dest = self._alloc(engine, blob.numel, to_torch(blob.dtype))
-        marker = ring.upload(data, dest.view(torch.uint8)) if blob.numel else None
+        data = (self.file.packed_bytes(t) if t.encoding == C.ENCODING_PACKED
+                else self.file.blob_bytes(t.blob, f"tensors[{t.name!r}].blob"))
+        dest = self._alloc(engine, t.numel, to_torch(t.dtype))
+        marker = ring.upload(data, dest.view(torch.uint8)) if t.numel else None
         return dest, marker
 
     def _finish_dense(self, step: Step, staged: object, engine: CopyEngine

@@ -62,8 +62,8 @@ class SegmentWork:
 
 @dataclass(eq=False)
 class Step:
-    """``kind``: ``"dense"`` or ``"lora"`` (``tensor``), or ``"batch"`` (chunks ``[c0, c1)``
-    of ``segment``)."""
+    """``kind``: ``"dense"`` (a dense or packed tensor) or ``"lora"`` (``tensor``), or
+    ``"batch"`` (chunks ``[c0, c1)`` of ``segment``)."""
 
     kind: str
     tensor: TensorEntry | None = None
@@ -83,7 +83,7 @@ def plan_steps(header: Header, wanted: list[TensorEntry],
     steps: list[Step] = []
     segments: dict[int, SegmentWork] = {}
     for t in wanted:
-        if t.encoding == C.ENCODING_DENSE:
+        if t.stored_dense:
             steps.append(Step("dense", tensor=t))
         elif t.encoding == C.ENCODING_LORA:
             steps.append(Step("lora", tensor=t))
@@ -131,8 +131,8 @@ def largest_upload(header: Header, steps: list[Step]) -> int:
     only cost allocation time (pinning memory is slow)."""
     largest = 1
     for step in steps:
-        if step.kind == "dense" and step.tensor is not None and step.tensor.blob is not None:
-            largest = max(largest, header.blobs[step.tensor.blob].decoded_length)
+        if step.kind == "dense" and step.tensor is not None:
+            largest = max(largest, step.tensor.nbytes)
         elif step.segment is not None:
             seg = header.segments[step.segment.index]
             per_chunk = sum(header.blobs[b].decoded_length // max(seg.chunks, 1)
