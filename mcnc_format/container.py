@@ -26,7 +26,7 @@ __all__ = [
     "encode_blob",
     "encode_header",
     "encode_preamble",
-    "header_levels",
+    "header_level",
     "read_preamble",
 ]
 
@@ -94,16 +94,19 @@ def encode_header(header: Header) -> bytes:
     return msgpack.packb(header.to_dict(), use_bin_type=True, use_single_float=False)
 
 
-def header_levels(msgpack_bytes: bytes) -> tuple[int, ...]:
-    """The zstd levels a writer tries for a header, in order (§11): the strongest first, as
-    headers are small (it costs milliseconds and saves ~5 % of them), then the next ones for
-    the rare header whose size keeps moving the data start (``_Layout._settle``); level 3 above
-    1 MiB of msgpack. Empty when the header stays plain msgpack (§2)."""
-    if len(msgpack_bytes) < C.HEADER_ZSTD_THRESHOLD:
-        return ()
-    if len(msgpack_bytes) > 1 << 20:
-        return (ZSTD_LEVEL,)
-    return tuple(range(HEADER_ZSTD_LEVEL, 0, -1))
+#: A writer's attempts at compressing the header (§11): one zstd level each.
+HEADER_LEVEL_ATTEMPTS = 19
+
+
+def header_level(msgpack_length: int, attempt: int) -> int:
+    """The zstd level of a writer's ``attempt``-th try (0-based) at a header of
+    ``msgpack_length`` bytes (§11): 19, 18, ..., 1 (headers are small, and the strongest level
+    costs milliseconds and saves ~5 % of them); above 1 MiB 3, 2, 1, 4, 5, ..., 19 (level 19
+    runs at a few MB/s). A later attempt is made only when a compressed header's size keeps
+    moving the data start across an alignment boundary (``_Layout._settle``)."""
+    if msgpack_length <= 1 << 20:
+        return HEADER_ZSTD_LEVEL - attempt
+    return (ZSTD_LEVEL, 2, 1, *range(4, HEADER_ZSTD_LEVEL + 1))[attempt]
 
 
 def compress_header(msgpack_bytes: bytes, level: int) -> tuple[int, bytes]:

@@ -141,7 +141,7 @@ class _Checker:
             # A tensor of an unknown encoding may be a member too: tiling is checkable only
             # when every member is visible (§13: the other tensors stay readable).
             self.check_members()
-            self.check_packs()
+        self.check_packs()  # packs are used by packed tensors only, which this reader knows
         if all_known and len(self.blob_users) != len(self.header.blobs):
             unused = sorted(set(range(len(self.header.blobs))) - set(self.blob_users))
             raise self.error("blobs", f"blob(s) {unused[:8]} are not used by any entry; every "

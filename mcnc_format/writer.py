@@ -22,6 +22,7 @@ import torch
 from . import constants as C
 from .atomic import atomic_path
 from .container import (
+    HEADER_LEVEL_ATTEMPTS,
     Preamble,
     checksum,
     compress_header,
@@ -29,7 +30,7 @@ from .container import (
     encode_blob,
     encode_header,
     encode_preamble,
-    header_levels,
+    header_level,
 )
 from .dtypes import from_torch
 from .errors import MCNCError, UnsupportedFeatureError, WriteError
@@ -368,9 +369,8 @@ class _Layout:
         zstd level is tried (§11), and plain msgpack, whose size only grows, last."""
         lengths = [len(p) for p in self.payloads]
         self.header.minor = self.header.required_minor()  # §13: the lowest that fits
-        self._settle(lengths, None)  # offsets of a first layout, to size the header
-        for level in (*header_levels(encode_header(self.header)), None):
-            stored = self._settle(lengths, level)
+        for attempt in (*range(HEADER_LEVEL_ATTEMPTS), None):
+            stored = self._settle(lengths, attempt)
             if stored is not None:
                 break
         else:  # pragma: no cover - plain msgpack grows monotonically and settles fast
@@ -388,9 +388,10 @@ class _Layout:
             raise WriteError(f"refusing to write an invalid file: {exc}") from exc
         return codec, header_bytes
 
-    def _settle(self, lengths: list[int], level: int | None) -> tuple[int, bytes] | None:
-        """Iterate offsets and header (zstd at ``level``, or plain msgpack for ``None``) to a
-        fixpoint; ``None`` if it does not settle."""
+    def _settle(self, lengths: list[int], attempt: int | None) -> tuple[int, bytes] | None:
+        """Iterate offsets and header to a fixpoint; ``None`` if it does not settle. The header
+        is zstd-compressed at ``header_level(msgpack length, attempt)`` (§2, §11), or stays
+        plain msgpack for ``attempt=None`` (or below the compression threshold)."""
         codec, header_bytes = C.HEADER_CODEC_MSGPACK, b""
         for _ in range(16):
             start = data_start(len(header_bytes), self.header.alignment)
@@ -405,8 +406,9 @@ class _Layout:
                 raise WriteError(f"{self.source}: the header is {len(encoded)} bytes, over "
                                  f"MAX_HEADER_BYTES {C.MAX_HEADER_BYTES}; split the model")
             new_codec, new_bytes = (C.HEADER_CODEC_MSGPACK, encoded)
-            if level is not None and len(encoded) >= C.HEADER_ZSTD_THRESHOLD:
-                new_codec, new_bytes = compress_header(encoded, level)
+            if attempt is not None and len(encoded) >= C.HEADER_ZSTD_THRESHOLD:
+                new_codec, new_bytes = compress_header(encoded, header_level(len(encoded),
+                                                                             attempt))
             if (new_codec, new_bytes) == (codec, header_bytes):
                 return codec, header_bytes
             codec, header_bytes = new_codec, new_bytes

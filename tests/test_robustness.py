@@ -826,6 +826,23 @@ def test_writer_rejects_bad_input(case: str, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [], "nothing is left behind"
 
 
+# R52 holds at open even when another tensor uses a feature this reader does not know
+# (SPEC.md §12 lets only R41 and R45's "unused" check be skipped).
+
+@pytest.mark.parametrize("unknown", ["theta0_kind", "encoding"])
+def test_r52_is_checked_beside_unknown_features(unknown: str, tmp_path: Path) -> None:
+    header, payloads = _base(tmp_path)
+    header["tensors"][PACKED_TENSORS[1]]["shape"] = [4]  # "q" covers 4 of the pack's last 5 bytes
+    if unknown == "theta0_kind":
+        header["tensors"][1]["theta0"] = {"kind": "future"}  # "b": R70, reported when read
+    else:
+        header["tensors"][DENSE_TENSOR]["encoding"] = "vq"  # "d": R46, reported when read
+    path = tmp_path / "short-pack.mcnc"
+    path.write_bytes(craft(header, payloads, preamble={"minor": 1}))
+    with pytest.raises(mf.HeaderError, match="R52"):
+        mf.open(path).close()
+
+
 if __name__ == "__main__":
     started = time.monotonic()
     worker(sys.argv[1])

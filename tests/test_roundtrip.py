@@ -691,3 +691,45 @@ def test_verify_names_every_tensor_of_a_damaged_pack(tmp_path: Path) -> None:
     (problem,) = [p for p in report.problems if p.check == "checksum"]
     assert "pack blob" in problem.message
     assert "'norm.weight'" in problem.message and "'norm.bias'" in problem.message
+
+
+# -- header zstd level (SPEC.md §2, §11) ---------------------------------------------------
+
+
+def _header_codec_and_bytes(path: Path) -> tuple[int, bytes]:
+    data = path.read_bytes()
+    _, _, _, codec, length, _ = struct.unpack("<8sHHIQQ", data[:32])
+    return codec, data[32 : 32 + length]
+
+
+def test_header_level_follows_the_written_msgpack_size(tmp_path: Path) -> None:
+    """§11: level 19 up to 1 MiB of msgpack. The writer picks the level from the msgpack of
+    a provisional plain-header layout, whose blob offsets (past a 1 MiB header) take 5 bytes
+    each where the final ones take 3."""
+    import zstandard
+
+    tensors = {f"t{i:03d}": Dense(torch.full((4,), float(i))) for i in range(150)}
+    path = tmp_path / "h.mcnc"
+    pad = 1 << 20
+    for _ in range(2):  # aim the final msgpack just under 1 MiB
+        mf.save(path, tensors, metadata={"pad": "a" * pad})
+        codec, stored = _header_codec_and_bytes(path)
+        msg = zstandard.ZstdDecompressor().decompress(stored)
+        pad -= len(msg) - ((1 << 20) - 100)
+    assert codec == 1 and len(msg) <= 1 << 20
+    level19 = zstandard.ZstdCompressor(level=19, write_content_size=True,
+                                       write_checksum=False).compress(msg)
+    assert stored == level19, "a header of at most 1 MiB of msgpack is compressed at level 19"
+
+
+def test_big_header_stays_compressed_when_level_3_does_not_settle(tmp_path: Path
+                                                                        ) -> None:
+    """§2: headers of >= 4096 bytes SHOULD be compressed when that is smaller. Above 1 MiB
+    ``header_levels`` offers only level 3; when its size keeps moving the data start the
+    writer falls back to plain msgpack (here 1.1 MB instead of a few KB)."""
+    tensors = {f"layer{i}.weight": Dense(torch.arange(i % 7 + 1, dtype=torch.float32))
+               for i in range(79)}
+    path = tmp_path / "big.mcnc"
+    mf.save(path, tensors, metadata={"pad": "x" * 600001, "pad2": "y" * 500000})
+    codec, stored = _header_codec_and_bytes(path)
+    assert codec == C.HEADER_CODEC_ZSTD, f"a {len(stored)}-byte header was left uncompressed"
