@@ -379,11 +379,16 @@ class _Layout:
         end = self.header.blobs[-1].offset + lengths[-1] if lengths else data_start(
             len(header_bytes), self.header.alignment)
         try:
-            # Parse the bytes as the reader will: field rules (R10-R13, R30-R34, R71-R74).
+            # Parse the bytes as the reader will (R10-R13, R30-R34, R71-R74), then check
+            # what it reads (R20-R75) and that it is what was laid out.
             preamble = Preamble(self.header.minor, len(header_bytes), checksum(header_bytes),
                                 codec)
-            decode_header(header_bytes, preamble, self.source)
-            validate_header(self.header, len(header_bytes), end, self.source)
+            parsed = decode_header(header_bytes, preamble, self.source)
+            validate_header(parsed, len(header_bytes), end, self.source)
+            if [t.to_dict() for t in parsed.tensors] != [t.to_dict() for t in self.header.tensors]:
+                # Offsets the writer left out (§6.1) must resolve to the ones it laid out.
+                raise WriteError(f"{self.source}: internal error: the header does not read "
+                                 "back as written; please report this")
         except MCNCError as exc:
             raise WriteError(f"refusing to write an invalid file: {exc}") from exc
         return codec, header_bytes

@@ -124,7 +124,8 @@ class PipelinedLoader:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
         self.options = options or LoadOptions()
-        self.wanted = [file.entry(n) for n in (file.keys() if names is None else names)]
+        wanted = file.keys() if names is None else list(dict.fromkeys(names))  # as the reader
+        self.wanted = [file.entry(n) for n in wanted]
         for t in self.wanted:
             file._check_supported(t)  # R46: the reader's own error
         self.total_bytes = sum(t.numel * self._out_dtype(t).itemsize for t in self.wanted)
