@@ -484,13 +484,10 @@ class TensorEntry:
         """Whether the values are stored as they are (``dense`` or ``packed``)."""
         return self.encoding in (C.ENCODING_DENSE, C.ENCODING_PACKED)
 
-    def as_factor(self, unresolved: bool = False) -> FactorEntry:
-        """The mcnc fields of this entry, shaped like a LoRA factor (one code path for both);
-        ``unresolved`` lets a not yet implied offset through (``_resolve_layout``)."""
-        assert self.segment is not None and self.theta0 is not None
-        assert unresolved or self.offset is not None
-        return FactorEntry(self.shape, self.dtype, self.segment, self.offset,  # type: ignore[arg-type]
-                           self.theta0)
+    def as_factor(self) -> FactorEntry:
+        """The mcnc fields of this entry, shaped like a LoRA factor (one code path for both)."""
+        assert self.segment is not None and self.offset is not None and self.theta0 is not None
+        return FactorEntry(self.shape, self.dtype, self.segment, self.offset, self.theta0)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -636,19 +633,23 @@ def _resolve_layout(tensors: list[TensorEntry]) -> list[TensorEntry]:
     segment_end: dict[int, int] = {}
     pack_end: dict[int, int] = {}
 
-    def place(member: FactorEntry) -> FactorEntry:
-        if member.offset is None:
-            member = replace(member, offset=segment_end.get(member.segment, 0))
-        segment_end[member.segment] = member.offset + member.numel
-        return member
+    def place(segment: int, offset: int | None, numel: int) -> int:
+        if offset is None:
+            offset = segment_end.get(segment, 0)
+        segment_end[segment] = offset + numel
+        return offset
+
+    def place_factor(factor: FactorEntry) -> FactorEntry:
+        return replace(factor, offset=place(factor.segment, factor.offset, factor.numel))
 
     out = []
     for t in tensors:
         if t.encoding == C.ENCODING_MCNC:
-            t = replace(t, offset=place(t.as_factor(unresolved=True)).offset)
+            assert t.segment is not None
+            t = replace(t, offset=place(t.segment, t.offset, t.numel))
         elif t.encoding == C.ENCODING_LORA:
             assert t.A is not None and t.B is not None
-            t = replace(t, A=place(t.A), B=place(t.B))
+            t = replace(t, A=place_factor(t.A), B=place_factor(t.B))
         elif t.encoding == C.ENCODING_PACKED:
             assert t.blob is not None
             t = replace(t, start=pack_end.get(t.blob, 0))
