@@ -334,7 +334,7 @@ class _Layout:
 
     def pack(self, name: str, tensor: torch.Tensor) -> TensorEntry:
         """§6.4: the tensor's bytes go at the end of the file's one pack blob, created at the
-        first packed tensor (so it sits there in blob order) and filled in by ``finish``."""
+        first packed tensor (so it sits there in blob order) and filled in by ``finish_pack``."""
         dtype = from_torch(tensor.dtype)
         if self.pack_blob is None:
             self.payloads.append(b"")
