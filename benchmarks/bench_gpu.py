@@ -28,7 +28,6 @@ import contextlib
 import ctypes
 import datetime
 import gc
-import hashlib
 import json
 import math
 import os
@@ -47,11 +46,11 @@ import torch
 
 import mcnc_format as mf
 from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0, reference
-from mcnc_format.gpu.pipeline import triton_available
-from mcnc_format.gpu.safetensors_source import SafetensorsFile
-from mcnc_format.regenerate import FusedGenerator
-from mcnc_format.streaming import load
-from mcnc_format.theta0 import fan_in_bound
+from mcnc_format.api import load
+from mcnc_format.engine.execute import triton_available
+from mcnc_format.engine.fused import FusedGenerator
+from mcnc_format.engine.safetensors_source import SafetensorsFile
+from mcnc_format.engine.theta0 import fan_in_bound
 
 LLAMA = GeneratorSpec(k=5, d=5000, hidden=(32, 32), seed=20240628)
 VISION = GeneratorSpec(k=16, d=1600, hidden=(256, 256), seed=20240628)
@@ -210,7 +209,7 @@ def regeneration(spec: GeneratorSpec, chunks: int, device: torch.device, fused: 
     out["eager_params_per_s"] = n / min(timed(eager, device, 2))
     if not fused:
         return out
-    from mcnc_format.gpu import triton_kernels as tk
+    from mcnc_format.engine import triton_kernels as tk
 
     has_bias = gen.weights.out_bias is not None
     rows = max(1, workspace // (4 * (spec.k + 4 * max(spec.hidden) + 1)))
@@ -322,7 +321,7 @@ def sha256_of(path: Path) -> dict[str, str]:
     src = SafetensorsFile(path, str(path))
     names = src.keys()
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 4) as pool:
-        digests = pool.map(lambda n: hashlib.sha256(src.tensor(n).view).hexdigest(), names)
+        digests = pool.map(lambda n: src.sha256(src.tensor(n)), names)
         out = dict(zip(names, digests, strict=True))
     src.close()
     return out

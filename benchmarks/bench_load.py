@@ -44,7 +44,7 @@ from rich.table import Table
 import mcnc_format as mcnc
 from mcnc_format import constants as C
 from mcnc_format import philox, reference
-from mcnc_format.theta0 import fan_in_bound
+from mcnc_format.engine.theta0 import fan_in_bound
 
 GENERATORS = {
     # The paper's LLaMA-2 adapter generator: 5 -> 32 -> 32 -> 5000.

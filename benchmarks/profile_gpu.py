@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import LLAMA, decoder_shapes, scratch_model, timed
 
 from mcnc_format import reference
+from mcnc_format.api import load
 from mcnc_format.constants import REGEN_RTOL
-from mcnc_format.gpu import triton_kernels as tk
-from mcnc_format.regenerate import FusedGenerator
-from mcnc_format.streaming import load
+from mcnc_format.engine import triton_kernels as tk
+from mcnc_format.engine.fused import FusedGenerator
 
 PRECISIONS = ("ieee", "tf32x3", "split")
 TILES = [(64, 128, 4), (128, 128, 8), (128, 64, 4), (128, 256, 8)]

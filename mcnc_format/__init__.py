@@ -4,6 +4,8 @@ The public API is what ``__all__`` lists; everything else is internal. See ``spe
 the file format and README.md for a tour.
 """
 
+from .api import load, load_into, open, stream
+from .engine.options import LoadOptions, Precision, Progress
 from .errors import (
     ChecksumError,
     DeviceMemoryError,
@@ -21,12 +23,11 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
+    UsageError,
     WriteError,
 )
 from .generator import GeneratorSpec
-from .reader import MCNCFile, TensorInfo, load
-from .reader import open_file as open
-from .streaming import load_into, stream
+from .reader import MCNCFile, TensorInfo, TensorSlice
 from .torch import save_model
 from .writer import MCNC, Dense, LoRA, Segment, Theta0, save
 
@@ -47,16 +48,21 @@ __all__ = [
     "HubOfflineError",
     "HubPermissionError",
     "LoRA",
+    "LoadOptions",
     "MCNCError",
     "MCNCFile",
     "MappingError",
+    "Precision",
+    "Progress",
     "ReparametrizeError",
     "Segment",
     "TensorInfo",
+    "TensorSlice",
     "Theta0",
     "UnsafeCheckpointError",
     "UnsupportedFeatureError",
     "UnsupportedVersionError",
+    "UsageError",
     "WriteError",
     "__version__",
     "load",

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .api import load_into
+from .api import open as open_file
 from .atomic import atomic_path
 from .converters.pack import pack
 from .examples.digits import N_CLASSES, N_FEATURES, DigitsSplit, split_digits
-from .reader import open_file
-from .streaming import load_into
 
 __all__ = ["DemoResult", "DemoSettings", "run_demo"]
 

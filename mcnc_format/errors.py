@@ -25,6 +25,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsupportedFeatureError",
     "UnsupportedVersionError",
+    "UsageError",
     "WriteError",
 ]
 
@@ -107,3 +108,8 @@ class HubPermissionError(HubError, PermissionError):
 
 class HubOfflineError(HubError):
     """Raised when offline mode is on (``HF_HUB_OFFLINE=1``) and the file is not cached."""
+
+
+class UsageError(MCNCError, ValueError):
+    """Raised when an argument cannot be honoured: a device that does not exist here, an
+    output dtype that is not floating point, a box outside its tensor."""

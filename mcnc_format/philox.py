@@ -33,10 +33,12 @@ from .constants import (
 
 __all__ = [
     "normal",
+    "normal_at",
     "philox4x32",
     "round_to_f32",
     "stream_words",
     "uniform_signed",
+    "uniform_signed_at",
     "words_to_signed_unit",
 ]
 
@@ -285,4 +287,37 @@ def normal(
     pairs = words[skip : skip + count]
     u1 = ((pairs[:, 0] >> 8) + 1).to(torch.float32) * (2.0**-24)
     u2 = (pairs[:, 1] >> 8).to(torch.float32) * (2.0**-24)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * torch.pi) * u2)
+
+
+def _words_at(seed: int, stream: int, blocks_index: torch.Tensor) -> torch.Tensor:
+    """Blocks ``blocks_index`` (int64, any order) of a stream, as int64 ``[n, 4]``."""
+    _check_key(seed, stream)
+    if blocks_index.numel() and (int(blocks_index.min()) < 0
+                                 or int(blocks_index.max()) >= 1 << 63):
+        raise ValueError("blocks outside 0 .. 2**63")
+    zero = torch.zeros_like(blocks_index)
+    words = philox4x32(blocks_index & _MASK32, blocks_index >> 32, zero, zero, seed, stream)
+    return torch.stack(words, dim=-1)
+
+
+def uniform_signed_at(seed: int, stream: int, index: torch.Tensor, bound: float
+                      ) -> torch.Tensor:
+    """``uniform_signed`` at the element indices ``index`` (int64, any order, on the device
+    where the values are wanted): the same values, element by element, for boxes of a
+    tensor whose elements are not one range."""
+    words = _words_at(seed, stream, index // 4)
+    word = words.gather(1, (index % 4)[:, None]).reshape(-1)
+    return words_to_signed_unit(word) * torch.tensor(bound, dtype=torch.float32,
+                                                     device=index.device)
+
+
+def normal_at(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
+    """``normal`` at the element indices ``index`` (int64, any order)."""
+    words = _words_at(seed, stream, index // 2)
+    lane = 2 * (index % 2)[:, None]
+    w_a = words.gather(1, lane).reshape(-1)
+    w_b = words.gather(1, lane + 1).reshape(-1)
+    u1 = ((w_a >> 8) + 1).to(torch.float32) * (2.0**-24)
+    u2 = (w_b >> 8).to(torch.float32) * (2.0**-24)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * torch.pi) * u2)

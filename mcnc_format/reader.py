@@ -1,53 +1,45 @@
-"""Reading ``.mcnc`` files: header first, tensors on demand, on any torch device.
+"""Reading ``.mcnc`` files: header first, tensors (or boxes of them) on demand, on any device.
 
-``open`` reads and validates the preamble and header only (R1-R75 but the blob bytes); blobs
-are read through a private copy-on-write memory map when a tensor needs them, and each blob's
-checksum is checked on first use. Regeneration runs in bounded batches (``regenerate.py``).
+``open_file`` reads and validates the preamble and header only (R1-R75 but the blob bytes).
+Every tensor is then produced by the one engine (``mcnc_format.engine``): a request (names,
+boxes, device, dtype) becomes a plan, and the executor reads the byte ranges the plan needs
+(``pread``, each blob's checksum checked on first use) and regenerates into the outputs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import math
-import mmap
 import os
-import stat
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from . import constants as C
-from .container import decode_blob, decode_header, read_preamble
+from .container import decode_header, read_preamble
+from .devices import check_device, check_dtype
 from .dtypes import to_torch
-from .errors import (
-    DeviceMemoryError,
-    ExternalReferenceDamaged,
-    ExternalReferenceError,
-    FormatError,
-    MCNCError,
-    UnsupportedFeatureError,
-)
-from .generator import GeneratorSpec, ieee_fp32
-from .header import FactorEntry, GeneratorEntry, Header, TensorEntry, Theta0Entry
-from .hostmem import zeros_float32
-from .regenerate import (
-    DEFAULT_CPU_WORKSPACE,
-    DEFAULT_DEVICE_WORKSPACE,
-    FusedGenerator,
-    MemberRequest,
-    regenerate_segment,
-)
-from .theta0 import Theta0Resolver
+from .engine.box import Box
+from .engine.execute import Executor
+from .engine.fused import FusedGenerator
+from .engine.options import LoadOptions
+from .engine.plan import Plan, TensorRequest, plan_load
+from .engine.resolve import LocalResolver, Resolver
+from .engine.source import BlobStore, FileSource
+from .engine.theta0 import Theta0Source
+from .errors import DeviceMemoryError, FormatError, MCNCError, UnsupportedFeatureError
+from .generator import GeneratorSpec
+from .header import GeneratorEntry, Header, TensorEntry
 from .validate import data_start, validate_header
 
-__all__ = ["MCNCFile", "TensorInfo", "load", "open_file", "tensor_sha256"]
+__all__ = ["Boxes", "MCNCFile", "TensorInfo", "TensorSlice", "open_file", "tensor_sha256"]
 
 PathLike = str | os.PathLike[str]
+#: A box per tensor name: a tuple of slices (``(slice(0, 128), slice(None))``), or a ``Box``.
+Boxes = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -70,59 +62,49 @@ class TensorInfo:
 
 
 class MCNCFile:
-    """An open ``.mcnc`` file. Use as a context manager, or call ``close()``."""
+    """An open ``.mcnc`` file. Use as a context manager, or call ``close()``.
+
+    ``resolver`` turns the name into a local file and resolves theta0 references; the default
+    reads local files only (``mcnc_format.open`` passes one that also reads ``hf://`` names).
+    ``options`` are the load options of ``get_tensor``, ``tensors``, ``get_slice`` and
+    ``stream`` without options of their own (``verify`` overrides theirs).
+    """
 
     def __init__(self, path: PathLike, *, verify: bool = True,
-                 workspace_bytes: int | None = None) -> None:
-        self.source = str(path)
-        if self.source.startswith("hf://"):
-            from .hub import resolve_path
-
-            path = resolve_path(self.source)
-        self.path = Path(path)
+                 resolver: Resolver | None = None, options: LoadOptions | None = None) -> None:
+        self.label = os.fspath(path)
+        self.options = replace(options or LoadOptions(), verify=verify)
+        self.resolver: Resolver = resolver or LocalResolver()
+        self.path = self.resolver.local_path(path)
         self.verify = verify
-        self.workspace_bytes = workspace_bytes
-        self._map: mmap.mmap | None = None
+        source = FileSource(self.path, self.label)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise MCNCError(f"{self.source}: cannot open: {exc.strerror}") from exc
-        try:
-            try:  # the map holds its own reference to the file: no descriptor outlives this
-                status = os.fstat(fd)
-                if not stat.S_ISREG(status.st_mode):
-                    raise MCNCError(f"{self.source}: not a regular file; give the path of an "
-                                    ".mcnc file")
-                self.file_size = status.st_size
-                self._map = _map_file(fd, self.file_size, self.source)
-            finally:
-                os.close(fd)
-            view = memoryview(self._map) if self._map is not None else memoryview(b"")
-            preamble = read_preamble(view, self.file_size, self.source)
-            raw_header = view[C.PREAMBLE_SIZE : C.PREAMBLE_SIZE + preamble.header_length]
-            self.header: Header = decode_header(raw_header, preamble, self.source)
+            self.file_size = source.size
+            head = source.read(0, min(C.PREAMBLE_SIZE, source.size))
+            preamble = read_preamble(head, source.size, self.label)
+            raw_header = source.read(C.PREAMBLE_SIZE, preamble.header_length)
+            self.header: Header = decode_header(raw_header, preamble, self.label)
             self.minor = preamble.minor
             self.header_length = preamble.header_length
-            validate_header(self.header, preamble.header_length, self.file_size, self.source)
+            validate_header(self.header, preamble.header_length, source.size, self.label)
         except BaseException:
-            self.close()
+            source.close()
             raise
+        self.blobs = BlobStore(source, self.header, verify)
+        self.theta0 = Theta0Source(self.blobs, self.resolver, self.label)
         self._by_name = {t.name: t for t in self.header.tensors}
-        self._verified: set[int] = set()
-        self._generators: dict[tuple[int, int, str], FusedGenerator] = {}
-        self._dense_theta0: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._packs: dict[int, memoryview] = {}
-        self._theta0 = Theta0Resolver(self._dense_theta0_tensor, self.source)
+        self._generators: dict[tuple[int, int, str, bool], FusedGenerator] = {}
+
+    @property
+    def source(self) -> str:
+        """The name the file was opened by (a path or an ``hf://`` URI)."""
+        return self.label
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        for cache in ("_generators", "_dense_theta0", "_packs"):  # views of the map, copies
-            getattr(self, cache, {}).clear()
-        if getattr(self, "_map", None) is not None:
-            # Tensors from blob_tensor may still view the map: it is unmapped when they go.
-            with contextlib.suppress(BufferError):
-                self._map.close()  # type: ignore[union-attr]
-            self._map = None
+        self._generators.clear()
+        self.theta0.close()
+        self.blobs.close()
 
     def __enter__(self) -> MCNCFile:
         return self
@@ -153,11 +135,11 @@ class MCNCFile:
             return self._by_name[name]
         except KeyError:
             raise MCNCError(
-                f"{self.source}: no tensor named {name!r}; `mcnc inspect {self.source}` lists "
+                f"{self.label}: no tensor named {name!r}; `mcnc inspect {self.label}` lists "
                 f"the {len(self._by_name)} tensors"
             ) from None
 
-    def generator_spec(self, index: int, device: torch.device | str = "cpu") -> GeneratorSpec:
+    def generator_spec(self, index: int) -> GeneratorSpec:
         """The generator ``index`` as a ``GeneratorSpec`` (inline weights read from blobs)."""
         g = self.header.generators[index]
         inline = None
@@ -165,6 +147,29 @@ class MCNCFile:
             inline = tuple(self.blob_tensor(b, f"generators[{index}].weights.blobs[{j}]")
                            for j, b in enumerate(g.blobs))
         return _spec_of(g, inline)
+
+    def fused_generator(self, index: int, m: int, device: torch.device,
+                        kernels: ModuleType | None = None) -> FusedGenerator:
+        """Generator ``index`` prepared for ``m`` components on ``device``, kept while the file
+        is open. ``kernels``: draw Philox weights with the Triton kernel (the same bits)."""
+        key = (index, m, str(device), kernels is not None)
+        if key not in self._generators:
+            spec = self.generator_spec(index)
+            try:
+                weights = (kernels.draw_generator_weights(spec, device)
+                           if kernels is not None and spec.seed is not None
+                           else spec.weights(device))
+                self._generators[key] = FusedGenerator(weights, m)
+            except (RuntimeError, MemoryError) as exc:
+                if not isinstance(exc, torch.OutOfMemoryError | MemoryError):
+                    raise
+                g = self.header.generators[index]
+                params = sum(math.prod(s) for s in g.parameter_shapes())
+                raise DeviceMemoryError(
+                    f"{self.label}: generators[{index}]: out of memory on {device} drawing "
+                    f"{params} weights ({4 * params} bytes) for widths {list(g.widths)}"
+                ) from exc
+        return self._generators[key]
 
     def tensor_info(self, name: str) -> TensorInfo:
         t = self.entry(name)
@@ -222,259 +227,132 @@ class MCNCFile:
         }
 
     # -- blobs -----------------------------------------------------------------------------
-    def blob_bytes(self, index: int, path: str | None = None) -> memoryview | bytes:
+    def blob_bytes(self, index: int, path: str | None = None) -> memoryview:
         """Decoded bytes of blob ``index``, checksum-checked on first use."""
-        blob = self.header.blobs[index]
-        assert self._map is not None, "blob access on a closed file"
-        stored = memoryview(self._map)[blob.offset : blob.offset + blob.length]
-        verify = self.verify and index not in self._verified
-        decoded = decode_blob(stored, blob, path or f"blobs[{index}]", self.source, verify)
-        if verify:
-            self._verified.add(index)
-        return decoded
+        return self.blobs.blob(index, path or f"blobs[{index}]")
 
     def blob_tensor(self, index: int, path: str | None = None) -> torch.Tensor:
-        """Blob ``index`` as a CPU tensor of its dtype and shape (zero-copy for raw blobs)."""
+        """Blob ``index`` as a CPU tensor of its dtype and shape."""
         blob = self.header.blobs[index]
         data = self.blob_bytes(index, path)
-        return self._as_tensor(data, blob.dtype, blob.shape, path or f"blobs[{index}]")
-
-    def stored_tensor(self, t: TensorEntry) -> torch.Tensor:
-        """A dense or packed tensor's stored values as a CPU tensor (§6.2, §6.4). A packed
-        tensor is copied out of its blob: its bytes need not be aligned for its dtype."""
-        assert t.blob is not None
-        path = f"tensors[{t.name!r}].blob"
-        if t.encoding == C.ENCODING_DENSE:
-            return self.blob_tensor(t.blob, path)
-        return self._as_tensor(bytearray(self.packed_bytes(t)), t.dtype, t.shape, path)
-
-    def packed_bytes(self, t: TensorEntry) -> memoryview:
-        """A packed tensor's bytes in its pack blob (§6.4). Decoded zstd packs are kept until
-        the file is closed: decoding one for each of its tensors would make a load quadratic
-        (raw packs are zero-copy views of the map and need no keeping)."""
-        assert t.blob is not None and t.start is not None
-        data = self._packs.get(t.blob)
-        if data is None:
-            data = memoryview(self.blob_bytes(t.blob, f"tensors[{t.name!r}].blob"))
-            if self.header.blobs[t.blob].codec != C.CODEC_RAW:
-                self._packs[t.blob] = data
-        return data[t.start : t.start + t.nbytes]
-
-    def _as_tensor(self, data: memoryview | bytes | bytearray, dtype: str,
-                   shape: tuple[int, ...], path: str) -> torch.Tensor:
-        numel = math.prod(shape)
-        if numel == 0:
-            return torch.empty(shape, dtype=to_torch(dtype))
-        if isinstance(data, bytes):
-            data = bytearray(data)
-        tensor = torch.frombuffer(data, dtype=to_torch(dtype), count=numel)
-        if dtype == "bool" and bool((tensor.view(torch.uint8) > 1).any()):
-            raise FormatError(f"{self.source}: {path}: bool bytes must be 0 or 1 (§1)")
-        return tensor.reshape(shape)
+        dtype = to_torch(blob.dtype)
+        if blob.numel == 0:
+            return torch.empty(blob.shape, dtype=dtype)
+        tensor = torch.frombuffer(bytearray(data), dtype=dtype, count=blob.numel)
+        if blob.dtype == "bool" and bool((tensor.view(torch.uint8) > 1).any()):
+            raise FormatError(f"{self.label}: {path or f'blobs[{index}]'}: bool bytes must be "
+                              "0 or 1 (§1)")
+        return tensor.reshape(blob.shape)
 
     # -- tensors ---------------------------------------------------------------------------
     def get_tensor(self, name: str, device: torch.device | str = "cpu",
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+                   dtype: torch.dtype | str | None = None) -> torch.Tensor:
         """One tensor, regenerated (or decoded) on ``device``; ``dtype`` overrides floats."""
         return self.tensors([name], device=device, dtype=dtype)[name]
 
+    def get_slice(self, name: str) -> TensorSlice:
+        """A handle on one tensor whose ``[...]`` rebuilds only the indexed box, as
+        ``safe_open(...).get_slice(name)`` does for safetensors."""
+        return TensorSlice(self, self.entry(name))
+
     def get_lora_factors(self, name: str, device: torch.device | str = "cpu",
-                         dtype: torch.dtype | None = None
+                         dtype: torch.dtype | str | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(A, B, scale)`` of a lora tensor, without merging them into theta0."""
+        """``(A, B, scale)`` of a lora tensor, without merging them into theta0; each factor
+        is rounded to its own dtype (§6.3), then given ``dtype`` if asked."""
         t = self.entry(name)
         if t.encoding != C.ENCODING_LORA or t.A is None or t.B is None:
-            raise MCNCError(f"{self.source}: {name!r} is a {t.encoding} tensor, not lora")
-        dev = torch.device(device)
-        factors = self._members([(t.A, f"{name}:A"), (t.B, f"{name}:B")], dev)
-        out = [factors[f"{name}:A"], factors[f"{name}:B"]]
-        # Rounded to the factor's own dtype first (§6.3), whatever dtype is asked for.
-        out = [x.to(to_torch(f.dtype)).to(dtype or to_torch(f.dtype))
-               for x, f in zip(out, (t.A, t.B), strict=True)]
-        return out[0], out[1], float(t.scale or 0.0)
+            raise MCNCError(f"{self.label}: {name!r} is a {t.encoding} tensor, not lora")
+        want = check_dtype(dtype)
+        factors = []
+        for member, label in ((t.A, "A"), (t.B, "B")):
+            member_tensor = TensorEntry(f"{name}:{label}", C.ENCODING_MCNC, member.shape,
+                                        member.dtype, segment=member.segment,
+                                        offset=member.offset, theta0=member.theta0)
+            request = TensorRequest(member_tensor, Box.full(member.shape),
+                                    to_torch(member.dtype))
+            (_, value), = self._run([request], check_device(device), self.options)
+            factors.append(value if want is None else value.to(want))
+        return factors[0], factors[1], float(t.scale or 0.0)
 
     def tensors(self, names: Iterable[str] | None = None, device: torch.device | str = "cpu",
-                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Many tensors at once; each segment is regenerated once for all requested members."""
-        return dict(self.iter_tensors(names, device, dtype))
+                dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
+        """Many tensors at once, in request order; each chunk is regenerated once."""
+        names = list(dict.fromkeys(self.keys() if names is None else names))
+        found = dict(self.iter_tensors(names, device, dtype))
+        return {name: found[name] for name in names}
 
     def iter_tensors(self, names: Iterable[str] | None = None,
-                     device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                     device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None
                      ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` in file order; segments are regenerated as needed."""
-        dev = torch.device(device)
-        # A name asked for twice is produced once (its segment values are consumed).
-        wanted = [self.entry(n) for n in dict.fromkeys(self.keys() if names is None else names)]
-        members: list[tuple[FactorEntry, str]] = []
-        for t in wanted:
-            self._check_supported(t)
-            if t.encoding == C.ENCODING_MCNC:
-                members.append((t.as_factor(), t.name))
-            elif t.encoding == C.ENCODING_LORA and t.A is not None and t.B is not None:
-                members += [(t.A, f"{t.name}:A"), (t.B, f"{t.name}:B")]
-        generated = self._members(members, dev)
-        for t in wanted:
-            yield t.name, self._finish(t, generated, dev, dtype)
+        """Yield ``(name, tensor)`` as each is complete (a segment's tensors complete in the
+        order of their values in the segment)."""
+        return self.stream(names, device, dtype)
 
-    def _check_supported(self, t: TensorEntry) -> None:
-        if not t.known:
-            raise UnsupportedFeatureError(
-                f"{self.source}: tensor {t.name!r} uses encoding {t.encoding!r}, unknown to this "
-                "reader (R46). Upgrade mcnc-format; the other tensors can be read by name."
-            )
+    def stream(self, names: Iterable[str] | None = None, device: torch.device | str = "cpu",
+               dtype: torch.dtype | str | None = None, *, boxes: Boxes | None = None,
+               options: LoadOptions | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` for ``names`` (all when ``None``; a name asked for twice
+        is produced once), each the box ``boxes[name]`` when given, as each is complete."""
+        dev = check_device(device)
+        requests = self.requests(names, dtype, boxes)
+        if dev.type == "meta":  # shapes and dtypes only, for planning
+            for request in requests:
+                yield request.entry.name, torch.empty(request.box.result_shape,
+                                                      dtype=request.dtype, device=dev)
+            return
+        for target, value in self._run(requests, dev, options or self.options):
+            yield target.name, value
 
-    def _finish(self, t: TensorEntry, generated: dict[str, torch.Tensor], device: torch.device,
-                dtype: torch.dtype | None) -> torch.Tensor:
-        out_dtype = to_torch(t.dtype)
-        if dtype is not None and out_dtype.is_floating_point:
-            out_dtype = dtype
-        if t.stored_dense:
-            return _to_device(self.stored_tensor(t), device, out_dtype, self.source)
-        if t.encoding == C.ENCODING_MCNC:
-            return generated.pop(t.name).to(out_dtype)
-        assert t.A is not None and t.B is not None and t.theta0 is not None
-        # Each factor is an mcnc member: rounded to its own dtype before the product (§6.3),
-        # so the merge equals B @ A of what get_lora_factors returns.
-        a = generated.pop(f"{t.name}:A").to(to_torch(t.A.dtype)).to(torch.float32)
-        b = generated.pop(f"{t.name}:B").to(to_torch(t.B.dtype)).to(torch.float32)
-        with ieee_fp32(device):
-            base = self._theta0.values(t.theta0, t.shape, 0, t.numel, device, f"{t.name}.theta0")
-            merged = torch.mm(b, a) * float(t.scale or 0.0)
-            if base is not None:
-                merged = merged + base.reshape(t.shape)
-        self._release_theta0(t.theta0, device)
-        return merged.to(out_dtype)
-
-    def _members(self, members: list[tuple[FactorEntry, str]], device: torch.device
-                 ) -> dict[str, torch.Tensor]:
-        """Float32 values of segment members on ``device``, one pass per segment."""
-        by_segment: dict[int, list[tuple[FactorEntry, str]]] = {}
-        for member, label in members:
-            by_segment.setdefault(member.segment, []).append((member, label))
-        out: dict[str, torch.Tensor] = {}
-        for seg_index, group in by_segment.items():
-            seg = self.header.segments[seg_index]
-            fused = self._fused(seg.generator, seg.m, device)
-            alpha = self.blob_tensor(seg.alpha, f"segments[{seg_index}].alpha")
-            beta = self.blob_tensor(seg.beta, f"segments[{seg_index}].beta")
-            requests = []
-            for member, label in group:
-                dest = _zeros(member.numel, device, self.source, label)
-                out[label] = dest
-                requests.append(MemberRequest(member, dest, self._theta0_fn(member, label,
-                                                                            device)))
-            try:
-                regenerate_segment(fused, alpha, beta, requests, self._workspace(device))
-            except (RuntimeError, MemoryError) as exc:
-                if not _out_of_memory(exc):
-                    raise
-                raise DeviceMemoryError(
-                    f"{self.source}: out of memory on {device} regenerating segment {seg_index} "
-                    f"({seg.chunks} chunks) with a {self._workspace(device)}-byte workspace"
-                ) from exc
-            for member, label in group:
-                out[label] = out[label].reshape(member.shape)
-                self._release_theta0(member.theta0, device)
+    def requests(self, names: Iterable[str] | None = None, dtype: torch.dtype | str | None = None,
+                 boxes: Boxes | None = None) -> list[TensorRequest]:
+        """The typed request for ``names`` (R46 checked up front)."""
+        want = check_dtype(dtype)
+        boxes = dict(boxes or {})
+        unknown = sorted(set(boxes) - set(self._by_name))
+        if unknown:
+            raise MCNCError(f"{self.label}: boxes name tensors the file does not hold: "
+                            f"{unknown[:5]}")
+        out = []
+        for name in dict.fromkeys(self.keys() if names is None else names):
+            t = self.entry(name)
+            if not t.known:
+                raise UnsupportedFeatureError(
+                    f"{self.label}: tensor {t.name!r} uses encoding {t.encoding!r}, unknown to "
+                    "this reader (R46). Upgrade mcnc-format; the other tensors can be read by "
+                    "name.")
+            out_dtype = to_torch(t.dtype)
+            if want is not None and out_dtype.is_floating_point:
+                out_dtype = want
+            box = boxes.get(name)
+            if not isinstance(box, Box):
+                box = (Box.full(t.shape) if box is None
+                       else Box.from_index(t.shape, box, f"{self.label}: {name}"))
+            out.append(TensorRequest(t, box, out_dtype))
         return out
 
-    def _release_theta0(self, entry: Theta0Entry, device: torch.device) -> None:
-        """Forget a blob or external theta0 once its tensor is built, so a load holds one
-        base tensor at a time, not all of them."""
-        self._dense_theta0.pop((entry, str(device)), None)
+    def plan(self, requests: list[TensorRequest], device: torch.device | str = "cpu",
+             options: LoadOptions | None = None) -> Plan:
+        """The plan the engine would run for ``requests`` (no I/O): its steps and the number
+        of chunks it regenerates."""
+        executor = Executor(self, check_device(device), options or self.options)
+        return self._plan(executor, requests)
 
-    def _theta0_fn(self, member: FactorEntry, label: str, device: torch.device):
-        def values(start: int, count: int) -> torch.Tensor | None:
-            return self._theta0.values(member.theta0, member.shape, start, count, device,
-                                       f"{label}.theta0")
-        return values
+    def _plan(self, executor: Executor, requests: list[TensorRequest]) -> Plan:
+        output_bytes = sum(r.box.numel * r.dtype.itemsize for r in requests)
+        workspace = executor.options.workspace_for(output_bytes,
+                                                   executor.device.type == "cpu")
+        return plan_load(self.header, requests, workspace,
+                         eager=lambda target: not executor.kernel_takes(target))
 
-    def _workspace(self, device: torch.device) -> int:
-        if self.workspace_bytes is not None:
-            return self.workspace_bytes
-        return DEFAULT_CPU_WORKSPACE if device.type == "cpu" else DEFAULT_DEVICE_WORKSPACE
-
-    def _fused(self, index: int, m: int, device: torch.device) -> FusedGenerator:
-        key = (index, m, str(device))
-        if key not in self._generators:
-            try:
-                weights = self.generator_spec(index).weights(device)
-                self._generators[key] = FusedGenerator(weights, m)
-            except (RuntimeError, MemoryError) as exc:
-                if not _out_of_memory(exc):
-                    raise
-                g = self.header.generators[index]
-                params = sum(math.prod(s) for s in g.parameter_shapes())
-                raise DeviceMemoryError(
-                    f"{self.source}: generators[{index}]: out of memory on {device} drawing "
-                    f"{params} weights ({4 * params} bytes) for widths {list(g.widths)}"
-                ) from exc
-        return self._generators[key]
-
-    def _dense_theta0_tensor(self, entry: Theta0Entry, shape: tuple[int, ...],
-                             device: torch.device) -> torch.Tensor:
-        key = (entry, str(device))
-        if key not in self._dense_theta0:
-            if entry.kind == C.THETA0_BLOB:
-                assert entry.blob is not None
-                value = self.blob_tensor(entry.blob, "theta0 blob")
-            else:
-                value = self._external(entry, shape)
-            self._dense_theta0[key] = value.to(device=device, dtype=torch.float32)
-        return self._dense_theta0[key]
-
-    def _external(self, entry: Theta0Entry, shape: tuple[int, ...]) -> torch.Tensor:
-        """An external theta0 tensor, shape- and sha256-checked (R75); references on the Hub
-        (or relative to a file from the Hub) are downloaded and re-downloaded if damaged."""
-        assert entry.uri is not None
-        if entry.uri.startswith("hf://") or self.source.startswith("hf://"):
-            from .hub import read_reference
-
-            return read_reference(entry.uri, self.source,
-                                  lambda path: self._read_external(entry, shape, path))
-        return self._read_external(entry, shape, self.path.parent / entry.uri)
-
-    def _read_external(self, entry: Theta0Entry, shape: tuple[int, ...], path: Path
-                       ) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
-        assert entry.uri is not None and entry.tensor is not None
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if entry.tensor not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                    raise ExternalReferenceError(
-                        f"{self.source}: theta0 reference {entry.uri}: no tensor named "
-                        f"{entry.tensor!r} there (R75)"
-                    )
-                value = f.get_tensor(entry.tensor)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            if isinstance(exc, MCNCError):
-                raise
-            remedy = ("It is fetched from the Hub; try again, or check the base repository."
-                      if entry.uri.startswith("hf://") or self.source.startswith("hf://")
-                      else "Put the base checkpoint next to the .mcnc file.")
-            raise ExternalReferenceDamaged(
-                f"{self.source}: theta0 reference {entry.uri} ({path}) cannot be read: {exc} "
-                f"(R75). {remedy}"
-            ) from exc
-        if tuple(value.shape) != shape:
-            raise ExternalReferenceError(
-                f"{self.source}: theta0 reference {entry.uri}:{entry.tensor} has shape "
-                f"{list(value.shape)}, the tensor needs {list(shape)} (R75)"
-            )
-        digest = tensor_sha256(value)
-        if digest != entry.sha256:
-            raise ExternalReferenceDamaged(
-                f"{self.source}: theta0 reference {entry.uri}:{entry.tensor} has sha256 "
-                f"{digest}, the file pins {entry.sha256} (R75): the base checkpoint differs "
-                "from the one this file was made against."
-            )
-        return value
+    def _run(self, requests: list[TensorRequest], device: torch.device,
+             options: LoadOptions):  # -> Iterator[tuple[Target, torch.Tensor]]
+        executor = Executor(self, device, options)
+        yield from executor.run(self._plan(executor, requests))
 
     # -- verification ----------------------------------------------------------------------
     def check_padding(self) -> None:
         """R22: the bytes between header and blobs, and between blobs, are zero."""
-        assert self._map is not None
-        view = memoryview(self._map)
         position = C.PREAMBLE_SIZE + self.header_length
         gaps = []
         for blob in self.header.blobs:
@@ -483,19 +361,39 @@ class MCNCFile:
         gaps.append((position, data_start(self.header_length, self.header.alignment)
                      if not self.header.blobs else position))
         for start, stop in gaps:
-            if any(view[start:stop]):
-                raise FormatError(f"{self.source}: non-zero padding bytes in [{start}, {stop}) "
+            if stop > start and any(self.blobs.source.read(start, stop - start)):
+                raise FormatError(f"{self.label}: non-zero padding bytes in [{start}, {stop}) "
                                   "(R22)")
 
 
-def _map_file(fd: int, size: int, source: str) -> mmap.mmap | None:
-    """A private copy-on-write map: blobs become writable tensors without a copy."""
-    if not size:
-        return None
-    try:
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-    except OSError as exc:
-        raise MCNCError(f"{source}: cannot map the file into memory: {exc.strerror}") from exc
+class TensorSlice:
+    """One tensor of an open file, indexed to rebuild a box of it:
+    ``f.get_slice("w")[0:128, :]`` (steps of one, negative bounds, integers, ``...``)."""
+
+    def __init__(self, file: MCNCFile, entry: TensorEntry, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | str | None = None) -> None:
+        self.file = file
+        self.entry = entry
+        self.device = device
+        self.dtype = dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self.entry.shape)
+
+    def get_dtype(self) -> str:
+        """The stored dtype's name in the spec's spelling (``"f32"``, ``"bf16"``, ...)."""
+        return self.entry.dtype
+
+    def to(self, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None
+           ) -> TensorSlice:
+        """The same handle producing its boxes on ``device`` (and as ``dtype``)."""
+        return TensorSlice(self.file, self.entry, device, dtype)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        box = Box.from_index(self.entry.shape, index, f"{self.file.label}: {self.entry.name}")
+        (_, value), = self.file.stream([self.entry.name], self.device, self.dtype,
+                                       boxes={self.entry.name: box})
+        return value
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -509,56 +407,8 @@ def _spec_of(g: GeneratorEntry, inline: tuple[torch.Tensor, ...] | None) -> Gene
                          normalize=g.normalize, seed=g.seed, inline=inline)
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """torch reports a failed CPU allocation as a plain RuntimeError, CUDA's as its own."""
-    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)) or (
-        isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
-
-
-def _zeros(numel: int, device: torch.device, source: str, label: str) -> torch.Tensor:
-    """A zero-filled float32 output (``regenerate_segment`` accumulates into it)."""
-    try:
-        if device.type == "cpu":
-            return zeros_float32(numel)
-        return torch.zeros(numel, dtype=torch.float32, device=device)
-    except (RuntimeError, MemoryError, OSError) as exc:
-        if not _out_of_memory(exc):
-            raise
-        raise DeviceMemoryError(
-            f"{source}: out of memory on {device} allocating {numel * 4} bytes for {label}"
-        ) from exc
-
-
-def _to_device(value: torch.Tensor, device: torch.device, dtype: torch.dtype, source: str
-               ) -> torch.Tensor:
-    try:
-        if device.type == "cpu":
-            return value.to(dtype=dtype, copy=True)
-        return value.to(device=device, dtype=dtype)
-    except torch.OutOfMemoryError as exc:
-        raise DeviceMemoryError(
-            f"{source}: out of memory on {device} for a {value.numel() * value.element_size()}"
-            "-byte tensor"
-        ) from exc
-
-
-def open_file(path: PathLike, *, verify: bool = True) -> MCNCFile:
+def open_file(path: PathLike, *, verify: bool = True, resolver: Resolver | None = None
+              ) -> MCNCFile:
     """Open an ``.mcnc`` file (header only). ``verify`` checks each blob's checksum on first
     use; turn it off only for files you produced yourself in this process."""
-    return MCNCFile(path, verify=verify)
-
-
-def load(path: PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-         ) -> dict[str, torch.Tensor]:
-    """Every tensor of a file, regenerated on ``device``; ``dtype`` overrides float dtypes.
-
-    On CUDA this goes through the pipelined loader (``mcnc_format.streaming``: pinned staging,
-    overlapped copies, the fused kernel when Triton is installed); elsewhere through the
-    reader's batched path, which needs no staging buffers."""
-    if torch.device(device).type == "cuda":
-        from .streaming import load as load_pipelined
-
-        return load_pipelined(path, device, dtype)
-    with open_file(path) as f:
-        return f.tensors(device=device, dtype=dtype)
+    return MCNCFile(path, verify=verify, resolver=resolver)

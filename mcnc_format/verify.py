@@ -18,9 +18,12 @@ whatever the model's size.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from typing import Any
 import torch
 
 from . import constants as C
+from .engine.box import Box
+from .engine.resolve import Resolver
 from .errors import (
     ChecksumError,
     ExternalReferenceError,
@@ -109,8 +114,8 @@ class VerifyReport:
         }
 
 
-def verify_file(path: str | os.PathLike[str], *, batch_values: int = DEFAULT_BATCH_VALUES
-                ) -> VerifyReport:
+def verify_file(path: str | os.PathLike[str], *, batch_values: int = DEFAULT_BATCH_VALUES,
+                resolver: Resolver | None = None) -> VerifyReport:
     """Check everything about the ``.mcnc`` file at ``path`` and report what is wrong.
 
     A damaged or non-conforming file gives a report with problems; this raises
@@ -122,7 +127,7 @@ def verify_file(path: str | os.PathLike[str], *, batch_values: int = DEFAULT_BAT
     report.counts = dict.fromkeys(
         ("blobs", "blob_bytes", "tensors", "values", "segments", "external_references",
          "skipped_tensors", "nonfinite_dense_values"), 0)
-    mcnc_file = _open(path, report)
+    mcnc_file = _open(path, report, resolver)
     if mcnc_file is not None:
         with mcnc_file:
             _Verifier(mcnc_file, report, batch_values).run()
@@ -130,11 +135,12 @@ def verify_file(path: str | os.PathLike[str], *, batch_values: int = DEFAULT_BAT
     return report
 
 
-def _open(path: str | os.PathLike[str], report: VerifyReport) -> MCNCFile | None:
+def _open(path: str | os.PathLike[str], report: VerifyReport, resolver: Resolver | None
+          ) -> MCNCFile | None:
     if Path(path).is_dir():
         raise MCNCError(f"{path}: is a directory, not an .mcnc file")
     try:
-        return MCNCFile(path, verify=True)
+        return MCNCFile(path, verify=True, resolver=resolver)
     except (UnsupportedVersionError, UnsupportedFeatureError) as exc:
         report.add("unsupported", exc)
     except FormatError as exc:
@@ -221,8 +227,11 @@ class _Verifier:
 
     def regenerate(self, batch: list[TensorEntry]) -> None:
         try:
-            for name, value in self.f.iter_tensors([t.name for t in batch], device="cpu"):
-                self.check_values(self.f.entry(name), value)
+            if len(batch) == 1 and batch[0].numel > self.batch_values:
+                self.regenerate_in_boxes(batch[0])
+            else:
+                for name, value in self.f.iter_tensors([t.name for t in batch], device="cpu"):
+                    self.check_values(self.f.entry(name), value)
         except MemoryError as exc:  # DeviceMemoryError too: the check cannot run
             raise MCNCError(f"{self.f.source}: verification ran out of memory: {exc}") from exc
         except (MCNCError, RuntimeError, ValueError) as exc:
@@ -237,6 +246,19 @@ class _Verifier:
         for t in batch:
             self.report.counts["external_references"] += _external_count(t)
 
+    def regenerate_in_boxes(self, t: TensorEntry) -> None:
+        """A tensor larger than a batch, rebuilt box by box (each at most ``batch_values``
+        values) and checked as it goes: memory stays bounded whatever its declared size."""
+        nonfinite = 0
+        for box in _boxes_within(t.shape, self.batch_values):
+            for _, value in self.f.stream([t.name], "cpu", boxes={t.name: box}):
+                if value.is_floating_point():
+                    nonfinite += int((~torch.isfinite(value)).sum())
+        self.checked.add(t.name)
+        self.report.counts["tensors"] += 1
+        self.report.counts["values"] += t.numel
+        self.report_nonfinite(t, nonfinite)
+
     def check_values(self, t: TensorEntry, value: torch.Tensor) -> None:
         if t.name in self.checked:  # already checked before a retry of its batch
             return
@@ -245,7 +267,9 @@ class _Verifier:
         self.report.counts["values"] += value.numel()
         if not value.is_floating_point():
             return
-        nonfinite = int((~torch.isfinite(value)).sum())
+        self.report_nonfinite(t, int((~torch.isfinite(value)).sum()))
+
+    def report_nonfinite(self, t: TensorEntry, nonfinite: int) -> None:
         if not nonfinite:
             return
         where = f"tensor {t.name!r} ({t.encoding}, {t.dtype})"
@@ -254,8 +278,22 @@ class _Verifier:
             self.report.notes.append(f"{where} holds {nonfinite} NaN/inf values (stored so)")
             return
         self.report.add("finite", f"{self.f.source}: {where} regenerates to {nonfinite} "
-                        f"non-finite values out of {value.numel()}: alpha, beta or theta0 hold "
+                        f"non-finite values out of {t.numel}: alpha, beta or theta0 hold "
                         "NaN/inf, or the values overflow the output dtype")
+
+
+def _boxes_within(shape: tuple[int, ...], limit: int) -> Iterator[Box]:
+    """Row-major boxes of at most ``limit`` values that tile a tensor of ``shape``: ranges of
+    the first dimension whose trailing block fits, for every index of the ones before it."""
+    dim = 0
+    while dim < len(shape) and math.prod(shape[dim + 1 :]) > limit:
+        dim += 1
+    step = max(1, limit // math.prod(shape[dim + 1 :]))
+    for outer in itertools.product(*(range(n) for n in shape[:dim])):
+        for start in range(0, shape[dim], step):
+            stop = min(start + step, shape[dim])
+            yield Box(shape, (*outer, start, *(0 for _ in shape[dim + 1 :])),
+                      (*(i + 1 for i in outer), stop, *shape[dim + 1 :]))
 
 
 def _check_of(exc: BaseException) -> str:

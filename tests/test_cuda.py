@@ -17,7 +17,7 @@ from stream_helpers import SEED, assert_close, mixed_file
 from torch import nn
 
 import mcnc_format as mf
-from mcnc_format.streaming import load_into, stream
+from mcnc_format.api import load_into, stream
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 import mcnc_format as mf
+from mcnc_format.engine.fused import FusedGenerator
 from mcnc_format.hostmem import HUGE_PAGE_MIN_BYTES, zeros_float32
-from mcnc_format.regenerate import FusedGenerator
 
 
 def test_large_buffer_is_writable_and_outlives_its_first_view() -> None:

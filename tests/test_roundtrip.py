@@ -649,7 +649,7 @@ def test_random_files_roundtrip(plan: FilePlan, tmp_path_factory: pytest.TempPat
 
 def test_a_zstd_pack_is_decoded_once_for_all_its_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading the tensors of a zstd pack one by one must not decode the pack for each."""
-    import mcnc_format.reader as reader_module
+    import mcnc_format.engine.source as reader_module
 
     path = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "packed-two-blobs.mcnc"
     real = reader_module.decode_blob

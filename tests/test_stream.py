@@ -1,4 +1,4 @@
-"""The pipelined loader (``mcnc_format.streaming``) gives what the simple reader gives.
+"""The pipelined loader (``mcnc_format.api``) gives what the simple reader gives.
 
 On the CPU the pipeline runs its eager path with a synchronous copy engine, so these tests
 cover the planning (batches sized by the workspace, members spread over batches, segments
@@ -33,17 +33,18 @@ from stream_helpers import SEED, assert_close, mixed_file
 import mcnc_format as mf
 from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0, philox
 from mcnc_format import hub as mhub
+from mcnc_format.api import load, load_into, stream
+from mcnc_format.engine.execute import Executor
+from mcnc_format.engine.options import LoadOptions, Progress
+from mcnc_format.engine.plan import BatchStep, DenseStep, batch_rows
+from mcnc_format.engine.safetensors_source import SafetensorsFile
+from mcnc_format.engine.staging import StagingRing, SyncCopyEngine
 from mcnc_format.errors import (
     DeviceMemoryError,
     ExternalReferenceError,
     MCNCError,
 )
-from mcnc_format.gpu.pipeline import LoadOptions, PipelinedLoader, Progress
-from mcnc_format.gpu.plan import batch_rows
-from mcnc_format.gpu.safetensors_source import SafetensorsFile
-from mcnc_format.gpu.staging import StagingRing, SyncCopyEngine
 from mcnc_format.reader import tensor_sha256
-from mcnc_format.streaming import load, load_into, stream
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 
@@ -63,22 +64,20 @@ def test_pipeline_matches_reader(tmp_path: Path, workspace: int | None, staging:
 def test_batches_cover_each_segment_once(tmp_path: Path) -> None:
     path = mixed_file(tmp_path)
     with mf.open(path) as f:
-        loader = PipelinedLoader(f, "cpu", options=LoadOptions(workspace_bytes=900))
-        steps = loader.plan()
+        plan = f.plan(f.requests(), "cpu", LoadOptions(workspace_bytes=900))
         batches: dict[int, list[tuple[int, int]]] = {}
-        for step in steps:
-            if step.kind == "batch":
-                assert step.segment is not None
-                batches.setdefault(step.segment.index, []).append((step.c0, step.c1))
+        for step in plan.steps:
+            if isinstance(step, BatchStep):
+                batches.setdefault(step.segment, []).append((step.first, step.stop))
         for index, spans in batches.items():
             chunks = f.header.segments[index].chunks
             assert spans[0][0] == 0 and spans[-1][1] == chunks
             assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
         assert len(batches[0]) > 1  # the workspace forced several batches
-        kinds = [s.kind for s in steps]
+        assert plan.chunks == sum(s.chunks for s in f.header.segments)
         # File order: the packed tensor first, the segment where its first member appears.
-        assert kinds[0] == "dense" and kinds[1] == "batch"
-        # "dense" steps serve both stored encodings (§6.2, §6.4).
+        assert isinstance(plan.steps[0], DenseStep) and isinstance(plan.steps[1], BatchStep)
+        # Dense steps serve both stored encodings (§6.2, §6.4).
         assert [f.tensor_info(n).encoding for n in ("first_dense", "flag", "ints", "last_dense")
                 ] == ["packed", "packed", "dense", "dense"]
 
@@ -189,28 +188,30 @@ def test_pipeline_through_deferred_copies(tmp_path: Path, monkeypatch: pytest.Mo
                                           ) -> None:
     """The whole pipeline with copies that complete only when waited on."""
     path = mixed_file(tmp_path)
-    monkeypatch.setattr(PipelinedLoader, "_engine", lambda self: _DeferredEngine())
+    monkeypatch.setattr(Executor, "_copy_engine", lambda self: _DeferredEngine())
     got = dict(stream(path, "cpu", workspace_bytes=900, staging_bytes=16))
     assert_close(got, mf.load(path))
 
 
 def test_device_oom_is_reported_and_releases_everything(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import mcnc_format.engine.execute as execute
+
     path = mixed_file(tmp_path)
     allocated: list[weakref.ref[torch.Tensor]] = []
-    original = SyncCopyEngine.device_empty
+    original = execute.zeros_float32
 
-    def failing(self: SyncCopyEngine, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if len(allocated) == 4:
+    def failing(numel: int) -> torch.Tensor:
+        if len(allocated) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        tensor = original(self, shape, dtype)
+        tensor = original(numel)
         allocated.append(weakref.ref(tensor))
         return tensor
 
-    monkeypatch.setattr(SyncCopyEngine, "device_empty", failing)
+    monkeypatch.setattr(execute, "zeros_float32", failing)
     with pytest.raises(DeviceMemoryError, match=r"after allocating \d+ bytes.*needs \d+ bytes"):
         load(path, "cpu", workspace_bytes=900)
-    assert len(allocated) == 4
+    assert len(allocated) == 2
     assert all(ref() is None for ref in allocated)
 
 
@@ -301,7 +302,7 @@ def test_load_into_mismatch(tmp_path: Path) -> None:
 
 
 def test_forced_triton_without_triton(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import mcnc_format.gpu.pipeline as pipeline
+    import mcnc_format.engine.execute as pipeline
 
     monkeypatch.setattr(pipeline, "triton_available", lambda: False)
     with pytest.raises(MCNCError, match=r"mcnc-format\[gpu\]"):
@@ -366,7 +367,7 @@ def test_malformed_safetensors_entries_are_reference_errors(tmp_path: Path,
     source = SafetensorsFile(path, "label")
     with pytest.raises(ExternalReferenceError, match=r"base\.safetensors .*'w'.*\(R75\)"):
         source.tensor("w")
-    assert source.tensor("ok").shape == (3,) and len(source.tensor("ok").view) == 12
+    assert source.tensor("ok").shape == (3,) and source.tensor("ok").nbytes == 12
     source.close()
 
 
@@ -418,14 +419,15 @@ def _mixed_segment_file(directory: Path) -> Path:
 def _torch_kernels() -> SimpleNamespace:
     """``triton_kernels`` with the fused kernel replaced by torch, so the kernel path of the
     pipeline runs on the CPU in this process (the real kernel: test_triton_kernel.py)."""
+    from mcnc_format.engine import triton_kernels as tk
     from mcnc_format.generator import ieee_fp32
-    from mcnc_format.gpu import triton_kernels as tk
 
     calls = []
 
     def fused_regenerate(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
                          dest: torch.Tensor, first_local: int, theta0: tk.KernelTheta0,
-                         precision: str = "ieee", tile: object = None) -> None:
+                         precision: str = "ieee", tile: object = None, theta_first: int = 0
+                         ) -> None:
         calls.append(left.shape[0])
         with ieee_fp32(left.device):
             values = (left @ stacked).reshape(-1)
@@ -459,27 +461,26 @@ def test_mixed_segment_batches_fit_the_workspace(tmp_path: Path,
     want = mf.load(path)
     workspace = 5000
     kernels = _torch_kernels()
-    monkeypatch.setattr(PipelinedLoader, "_kernels", lambda self: kernels)
+    monkeypatch.setattr(Executor, "_kernels", lambda self: kernels)
     with mf.open(path) as f:
-        loader = PipelinedLoader(f, "cpu", options=LoadOptions(workspace_bytes=workspace))
+        plan = f.plan(f.requests(), "cpu", LoadOptions(workspace_bytes=workspace))
         spans: dict[int, list[int]] = {}
-        for step in loader.plan():
-            assert step.segment is not None
-            spans.setdefault(step.segment.index, []).append(step.c1 - step.c0)
+        for step in plan.steps:
+            assert isinstance(step, BatchStep)
+            spans.setdefault(step.segment, []).append(step.chunks)
         header = f.header
     eager_rows = batch_rows(header, 0, workspace, eager=True)
     assert max(spans[0]) == eager_rows < batch_rows(header, 0, workspace, eager=False)
     assert spans[1] == [min(3, batch_rows(header, 1, workspace, eager=False))]
     products: list[int] = []
-    real_mm = torch.mm
+    real_addmm = torch.addmm
 
-    def recording_mm(a: torch.Tensor, b: torch.Tensor, *args: object, **kw: object
-                     ) -> torch.Tensor:
-        out = real_mm(a, b, *args, **kw)  # type: ignore[arg-type]
+    def recording_addmm(*args: object, **kw: object) -> torch.Tensor:
+        out = real_addmm(*args, **kw)  # type: ignore[arg-type]
         products.append(out.numel() * out.element_size())
         return out
 
-    monkeypatch.setattr(torch, "mm", recording_mm)
+    monkeypatch.setattr(torch, "addmm", recording_addmm)
     got = load(path, "cpu", workspace_bytes=workspace)
     monkeypatch.undo()
     assert products and max(products) <= workspace
@@ -510,16 +511,13 @@ def test_outputs_are_allocated_as_outputs(tmp_path: Path, monkeypatch: pytest.Mo
     the caller's stream can reuse them once freed); staging buffers from ``device_empty``."""
     path = mixed_file(tmp_path)
     engine = _PoolEngine()
-    monkeypatch.setattr(PipelinedLoader, "_engine", lambda self: engine)
+    monkeypatch.setattr(Executor, "_copy_engine", lambda self: engine)
     got = load(path, "cpu", workspace_bytes=900, staging_bytes=64)
     outputs = {t.untyped_storage().data_ptr() for t in engine.outputs}
     staging = {t.untyped_storage().data_ptr() for t in engine.staging}
-    assert staging and not outputs & staging
-    with mf.open(path) as f:
-        lora = {t.name for t in f.header.tensors if t.encoding == "lora"}
-    for name, tensor in got.items():
-        if name not in lora:  # adapters are merged by the reader
-            assert tensor.untyped_storage().data_ptr() in outputs, name
+    assert not outputs & staging
+    for name, tensor in got.items():  # never a staging buffer (the copy stream's pool on CUDA)
+        assert tensor.untyped_storage().data_ptr() not in staging, name
 
 
 def test_damaged_hub_base_is_read_again_after_its_fresh_download(

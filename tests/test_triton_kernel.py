@@ -29,9 +29,9 @@ import torch
 import mcnc_format as mf
 from mcnc_format import GeneratorSpec, philox, reference
 from mcnc_format.constants import NORMAL_ATOL, REGEN_RTOL
+from mcnc_format.engine.fused import FusedGenerator
 from mcnc_format.generator import ieee_fp32
 from mcnc_format.philox import round_to_f32
-from mcnc_format.regenerate import FusedGenerator
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed"
@@ -44,8 +44,8 @@ GUARD = 5  # sentinel elements on each side of the member's storage
 _CHILD = """
 import sys
 import torch
-from mcnc_format.gpu import triton_kernels as tk
-from mcnc_format.streaming import load
+from mcnc_format.engine import triton_kernels as tk
+from mcnc_format.api import load
 
 cases = torch.load(sys.argv[1])
 outputs = []
@@ -115,7 +115,7 @@ def _theta0_truth(theta0: dict, local: np.ndarray, numel: int) -> tuple[np.ndarr
 
 
 def _cases(rng: np.random.Generator) -> list[dict]:
-    from mcnc_format.gpu import triton_kernels as tk
+    from mcnc_format.engine import triton_kernels as tk
 
     llama = GeneratorSpec(k=5, d=200, hidden=(32, 32), seed=int(rng.integers(2**32)))
     narrow = GeneratorSpec(k=16, d=96, hidden=(64,), seed=int(rng.integers(2**32)), bias=False)
@@ -297,7 +297,8 @@ def test_kernel_interpreted(tmp_path: Path) -> None:
 _REGEN_SIGNATURE = {
     "left_ptr": "*fp32", "w_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16",
     "base_ptr": "*fp64", "rows": "i32", "K": "i32", "stride_left": "i32", "d": "i32",
-    "first_local": "i64", "numel": "i32", "key": "i64", "bound": "fp32", "mean": "fp32",
+    "first_local": "i64", "numel": "i32", "theta_first": "i64", "key": "i64", "bound": "fp32",
+    "mean": "fp32",
     "std": "fp32", **dict.fromkeys(("HAS_BIAS", "THETA", "ALIGNED", "BLOCK_C", "BLOCK_D",
                                     "BLOCK_K", "PRECISION", "LIBDEVICE"), "constexpr"),
 }
@@ -325,7 +326,7 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mcnc_format.gpu import triton_kernels as tk
+    from mcnc_format.engine import triton_kernels as tk
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))  # really compile
     jit_functions = {name for name, value in vars(tk).items()
@@ -351,8 +352,8 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kernel_compiled(tmp_path: Path) -> None:
-    from mcnc_format.gpu import triton_kernels as tk
-    from mcnc_format.streaming import load
+    from mcnc_format.api import load
+    from mcnc_format.engine import triton_kernels as tk
 
     rng = np.random.default_rng(SEED)
     for case in _cases(rng):

@@ -33,8 +33,8 @@ from safetensors.torch import load_file, safe_open
 import mcnc_format as mf
 from mcnc_format import constants as C
 from mcnc_format import errors, philox, reference
+from mcnc_format.api import stream
 from mcnc_format.header import FactorEntry, Theta0Entry
-from mcnc_format.streaming import stream
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT / "spec" / "vectors"
@@ -263,7 +263,8 @@ def _check_lora(f: mf.MCNCFile, name: str, got: torch.Tensor, expected: torch.Te
 def test_valid_vector(vector: dict, workspace: int | None, device: str) -> None:
     expected = load_file(VECTORS / vector["expected"])
     unsupported = vector["unsupported"]
-    with mf.MCNCFile(VECTORS / vector["file"], workspace_bytes=workspace) as f:
+    options = mf.LoadOptions(workspace_bytes=workspace)
+    with mf.MCNCFile(VECTORS / vector["file"], options=options) as f:
         assert f.minor == vector["minor"]
         assert sorted(f.keys()) == sorted([*expected, *unsupported])
         for name, error in unsupported.items():

@@ -16,8 +16,9 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .. import constants as C
+from ..api import open as open_file
 from ..header import GeneratorEntry, Header, TensorEntry
-from ..reader import MCNCFile, open_file
+from ..reader import MCNCFile
 
 __all__ = ["describe", "inspect"]
 

@@ -19,11 +19,12 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from .. import constants as C
+from ..api import open as open_file
+from ..api import stream
 from ..atomic import atomic_path
+from ..engine.options import Progress as LoadProgress
 from ..errors import WriteError
-from ..reader import MCNCFile, open_file
-from ..streaming import Progress as LoadProgress
-from ..streaming import stream
+from ..reader import MCNCFile
 
 __all__ = ["export_safetensors", "provenance_metadata", "unpack"]
 

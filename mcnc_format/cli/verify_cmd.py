@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from ..api import DefaultResolver
 from ..verify import VerifyReport, verify_file
 
 __all__ = ["verify"]
@@ -31,7 +32,7 @@ def verify(ctx: click.Context, file: str, as_json: bool) -> None:
 
     Exits 0 when the file is valid, 1 when it is not, 2 when it could not be checked.
     """
-    report = verify_file(file)
+    report = verify_file(file, resolver=DefaultResolver())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from .. import constants as C
+from ..api import open as open_file
 from ..atomic import atomic_path
 from ..errors import MCNCError
-from ..reader import open_file
 from .pack import refuse_overwrite
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PeftExport", "export_peft"]

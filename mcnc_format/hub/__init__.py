@@ -8,9 +8,11 @@ downloaded file safe to use, the model card, and errors that say what to do. See
 from .download import pull, read_reference, resolve_path, resolve_reference
 from .pin import theta0_reference, theta0_references
 from .push import PushResult, push
+from .resolver import HubResolver
 from .uri import HubURI, parse_uri
 
 __all__ = [
+    "HubResolver",
     "HubURI",
     "PushResult",
     "parse_uri",

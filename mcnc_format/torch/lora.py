@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import constants as C
+from ..engine.fused import lora_product
 from ..errors import ReparametrizeError
-from ..generator import ieee_fp32
 from ..header import Theta0Entry
 from ..writer import Theta0
 from .config import THETA0_STREAM_BASE, MCNCConfig
@@ -70,9 +70,7 @@ class MCNCLoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A`` in IEEE float32, the reader's arithmetic for ``lora`` tensors."""
-        a, b = self.lora_A.weight, self.lora_B.weight
-        with ieee_fp32(a.device):
-            return torch.mm(b, a) * self.scale
+        return lora_product(self.lora_B.weight, self.lora_A.weight) * self.scale
 
     def set_merged(self, merged: bool) -> None:
         self.merged = merged

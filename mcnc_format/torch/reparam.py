@@ -27,9 +27,9 @@ from torch.nn.utils import parametrize
 from .. import constants as C
 from .. import philox
 from ..dtypes import from_torch
+from ..engine.theta0 import fan_in_bound, prng_values
 from ..errors import ReparametrizeError
 from ..header import Theta0Entry
-from ..theta0 import Theta0Resolver, fan_in_bound
 from ..writer import Theta0
 from .config import (
     ALPHA_INIT_STREAM_BASE,
@@ -192,9 +192,8 @@ def install(model: nn.Module, config: MCNCConfig, planned: Sequence[PlannedMembe
         beta = torch.full((n_chunks, config.m), config.beta_init, device=devices[s])
         model.register_parameter(beta_key(s), nn.Parameter(beta))
     runtime = MCNCRuntime(model, manifest)
-    resolver = Theta0Resolver(_no_dense_theta0, "reparametrize")
     for index, (member, plan) in enumerate(zip(members, planned, strict=True)):
-        theta0 = _theta0_tensor(member, plan, resolver)
+        theta0 = _theta0_tensor(member, plan)
         del plan.module._parameters[plan.attribute]
         plan.module.register_buffer(plan.attribute, theta0)
         parametrize.register_parametrization(plan.module, plan.attribute,
@@ -229,20 +228,13 @@ def _layout(config: MCNCConfig, planned: Sequence[PlannedMember]
     return members, [-(-n // config.d) for n in filled]
 
 
-def _theta0_tensor(member: MemberSpec, plan: PlannedMember, resolver: Theta0Resolver
-                   ) -> torch.Tensor:
+def _theta0_tensor(member: MemberSpec, plan: PlannedMember) -> torch.Tensor:
     if member.theta0.kind == C.THETA0_BLOB:
         assert plan.stored is not None
         return plan.stored
     if member.theta0.kind == C.THETA0_ZEROS:
         return torch.empty(0, device=plan.device)
-    values = resolver.values(member.theta0, member.shape, 0, member.numel, plan.device,
-                             member.name)
+    values = prng_values(member.theta0, member.shape, 0, member.numel, plan.device,
+                         member.name)
     assert values is not None
     return values.view(member.shape)
-
-
-def _no_dense_theta0(entry: Theta0Entry, shape: tuple[int, ...], device: torch.device
-                     ) -> torch.Tensor:
-    raise ReparametrizeError(f"theta0 of kind {entry.kind!r} is kept in the state dict, not "
-                             "drawn; this is a bug in mcnc_format.torch")

@@ -28,9 +28,9 @@ from torch import nn
 
 from .. import constants as C
 from ..dtypes import to_torch
+from ..engine.fused import FusedGenerator
 from ..errors import ReparametrizeError
 from ..generator import ieee_fp32
-from ..regenerate import FusedGenerator
 from .manifest import CONFIG_KEY, Manifest, alpha_key, beta_key
 
 __all__ = ["MCNCMember", "MCNCRuntime", "stored_values"]

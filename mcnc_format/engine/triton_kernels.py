@@ -34,7 +34,7 @@ from ..constants import generator_bias_stream, generator_weight_stream
 from ..generator import GeneratorSpec, GeneratorWeights, layer_bounds
 from ..header import Theta0Entry
 from ..philox import round_to_f32
-from ..theta0 import fan_in_bound
+from .theta0 import fan_in_bound
 
 __all__ = [
     "DEFAULT_PRECISION",
@@ -123,7 +123,7 @@ def _box_muller(xa, xb, LIBDEVICE: tl.constexpr):
 @triton.jit
 def _regen_kernel(
     left_ptr, w_ptr, bias_ptr, out_ptr, base_ptr,
-    rows, K, stride_left, d, first_local, numel,
+    rows, K, stride_left, d, first_local, numel, theta_first,
     key, bound, mean, std,
     HAS_BIAS: tl.constexpr, THETA: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -154,29 +154,32 @@ def _regen_kernel(
         b_out = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         acc += csum[:, None] * b_out[None, :]
 
-    row_start = first_local + r64 * d + pid_d * BLOCK_D  # member index of each row's col 0
+    row_start = first_local + r64 * d + pid_d * BLOCK_D  # output index of each row's col 0
     local = row_start[:, None] + tl.arange(0, BLOCK_D)[None, :]
     mask = row_ok[:, None] & col_ok[None, :] & (local >= 0) & (local < numel)
+    # The tensor's element index of each value, which keys its Philox draw (§8): the output
+    # may be a box starting at element ``theta_first`` of the tensor.
+    element = local + theta_first
     if THETA == 1:
         if ALIGNED:
             # Rows start on a block boundary: one Philox block gives 4 consecutive values.
-            blk = row_start[:, None] // 4 + tl.arange(0, BLOCK_D // 4)[None, :]
+            blk = (row_start[:, None] + theta_first) // 4 + tl.arange(0, BLOCK_D // 4)[None, :]
             w0, w1, w2, w3 = tl.randint4x(key, blk)
             words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_C, BLOCK_D))
         else:
-            safe = tl.where(local >= 0, local, 0)
+            safe = tl.where(element >= 0, element, 0)
             w0, w1, w2, w3 = tl.randint4x(key, safe // 4)
             lane = safe % 4
             words = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
         acc += _uniform_units(words) * bound
     elif THETA == 2:
         if ALIGNED:
-            blk = row_start[:, None] // 2 + tl.arange(0, BLOCK_D // 2)[None, :]
+            blk = (row_start[:, None] + theta_first) // 2 + tl.arange(0, BLOCK_D // 2)[None, :]
             w0, w1, w2, w3 = tl.randint4x(key, blk)
             z = tl.reshape(tl.join(_box_muller(w0, w1, LIBDEVICE), _box_muller(w2, w3, LIBDEVICE)),
                            (BLOCK_C, BLOCK_D))
         else:
-            safe = tl.where(local >= 0, local, 0)
+            safe = tl.where(element >= 0, element, 0)
             w0, w1, w2, w3 = tl.randint4x(key, safe // 2)
             odd = (safe % 2) == 1
             z = _box_muller(tl.where(odd, w2, w0), tl.where(odd, w3, w1), LIBDEVICE)
@@ -280,15 +283,18 @@ def fused_regenerate(
     theta0: KernelTheta0,
     precision: str = DEFAULT_PRECISION,
     tile: tuple[int, int, int] = DEFAULT_TILE,
+    theta_first: int = 0,
 ) -> None:
     """Write ``theta0 + delta`` of ``left.shape[0]`` consecutive chunks into ``dest``.
 
     ``left`` is ``FusedGenerator.coefficients`` (``[rows, K (+1)]``, the last column the
     component sum when the generator has an output bias) and ``stacked`` the matching
-    ``[K (+1), d]`` weights. Chunk ``r``, value ``j`` is the member's element
-    ``first_local + r * d + j`` (negative or past ``dest.numel()`` for neighbouring members:
-    masked). ``dest`` is flat and contiguous in one of ``KERNEL_DTYPES``. ``tile`` is
-    ``(BLOCK_C, BLOCK_D, num_warps)``, powers of two with ``BLOCK_C, BLOCK_D >= 16``.
+    ``[K (+1), d]`` weights. Chunk ``r``, value ``j`` goes to ``dest[first_local + r * d + j]``
+    (negative or past ``dest.numel()`` for neighbouring members or outside a box: masked);
+    ``dest[0]`` is the member's element ``theta_first``, which keys Philox theta0 draws, and a
+    dense ``theta0.base`` is indexed like ``dest``. ``dest`` is flat and contiguous in one of
+    ``KERNEL_DTYPES``. ``tile`` is ``(BLOCK_C, BLOCK_D, num_warps)``, powers of two with
+    ``BLOCK_C, BLOCK_D >= 16``.
     ``precision``: ``"ieee"`` (float32 FMA, the default), ``"tf32x3"`` (Triton splits the
     operands in the kernel) or ``"split"`` (the same three TF32 products, operands split once
     outside: one TF32 product of ``3 K``).
@@ -307,9 +313,9 @@ def fused_regenerate(
     bias = stacked[k_main] if has_bias else stacked
     block_k = min(64, max(16, triton.next_power_of_2(k_main)))
     if theta0.kind == THETA0_UNIFORM:
-        aligned = first_local % 4 == 0 and d % 4 == 0
+        aligned = (first_local + theta_first) % 4 == 0 and d % 4 == 0
     elif theta0.kind == THETA0_NORMAL:
-        aligned = first_local % 2 == 0 and d % 2 == 0
+        aligned = (first_local + theta_first) % 2 == 0 and d % 2 == 0
     else:
         aligned = False
     base = theta0.base if theta0.base is not None else dest
@@ -317,7 +323,7 @@ def fused_regenerate(
     grid = (triton.cdiv(rows, block_c) * triton.cdiv(d, block_d),)
     _regen_kernel[grid](
         left, stacked, bias, dest, base,
-        rows, k_main, left.stride(0), d, first_local, dest.numel(),
+        rows, k_main, left.stride(0), d, first_local, dest.numel(), theta_first,
         theta0.key, theta0.bound, theta0.mean, theta0.std,
         HAS_BIAS=has_bias, THETA=theta0.kind, ALIGNED=aligned,
         BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_K=block_k, PRECISION=precision,

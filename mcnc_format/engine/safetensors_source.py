@@ -1,35 +1,34 @@
 """Byte ranges of tensors in a safetensors file, so base weights stream like our own blobs.
 
-safetensors' ``load_file(device="cuda")`` copies from its memory map through pageable memory;
-the loader instead needs each tensor's raw bytes to push through its pinned staging ring. The
-layout is simple (an 8-byte little-endian header length, a JSON header, the data), so it is
-read here directly; the sha256 pin of §7.4 is taken over exactly these bytes.
+The executor needs a base tensor's raw bytes, or just the range a box covers, to push through
+its staging buffers. The layout is simple (an 8-byte little-endian header length, a JSON
+header, the data), so it is read here directly, with ``pread`` as our own files are (a base
+truncated while open is an error, not SIGBUS); the sha256 pin of §7.4 is taken over exactly a
+tensor's bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import mmap
-import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import ExternalReferenceDamaged, ExternalReferenceError
+from .. import constants as C
+from ..dtypes import to_torch
+from ..errors import ExternalReferenceDamaged, ExternalReferenceError, FormatError
+from .source import FileSource
 
 __all__ = ["SafetensorsFile", "TensorSlice"]
 
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
+#: Base weights are floating point; safetensors spells the spec's names in capitals.
+_DTYPES = {name.upper(): to_torch(name) for name in C.FLOAT_DTYPES}
 _MAX_HEADER = 100_000_000  # safetensors' own cap
+_HASH_PIECE = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,8 @@ class TensorSlice:
 
     dtype: torch.dtype
     shape: tuple[int, ...]
-    view: memoryview
+    offset: int
+    nbytes: int
 
     @property
     def numel(self) -> int:
@@ -46,38 +46,51 @@ class TensorSlice:
 
 
 class SafetensorsFile:
-    """A memory-mapped safetensors file with its header parsed; ``close()`` when done."""
+    """A safetensors file with its header parsed; ``close()`` when done."""
 
     def __init__(self, path: Path, label: str) -> None:
         self.path = path
         self.label = label
-        self._map: mmap.mmap | None = None
         try:
-            # Non-blocking, so that opening a FIFO does not wait for a writer; only regular
-            # files are mapped.
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        except OSError as exc:
-            raise self._unreadable(exc) from exc
+            self._file = FileSource(path, f"{label}: {path}")
+        except ExternalReferenceError:
+            raise
+        except FormatError as exc:
+            raise self._error(str(exc)) from exc
+        except Exception as exc:  # cannot open: missing, a directory, a FIFO
+            raise ExternalReferenceDamaged(
+                f"{label} ({path}) cannot be read: {exc} (R75). Put the base checkpoint next "
+                "to the .mcnc file.") from exc
         try:
-            status = os.fstat(fd)
-            if not stat.S_ISREG(status.st_mode):
-                raise self._error("is not a regular file")
-            if status.st_size:
-                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        except OSError as exc:
-            raise self._unreadable(exc) from exc
-        finally:
-            os.close(fd)
-        self._entries, self._data_start = self._parse(status.st_size)
+            self._entries, self._data_start = self._parse(self._file.size)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def read(self, offset: int, length: int, into: memoryview | None = None) -> memoryview:
+        """File bytes ``[offset, offset + length)`` (damage raises ``ExternalReferenceDamaged``)."""
+        try:
+            return self._file.read(offset, length, into)
+        except FormatError as exc:
+            raise ExternalReferenceDamaged(f"{exc} (R75)") from exc
+
+    def sha256(self, entry: TensorSlice) -> str:
+        """SHA-256 of a tensor's bytes, read piece by piece."""
+        digest = hashlib.sha256()
+        buffer = memoryview(bytearray(min(_HASH_PIECE, entry.nbytes)))
+        for start in range(0, entry.nbytes, _HASH_PIECE):
+            n = min(_HASH_PIECE, entry.nbytes - start)
+            digest.update(self.read(entry.offset + start, n, buffer))
+        return digest.hexdigest()
 
     def _parse(self, size: int) -> tuple[dict[str, dict], int]:
-        if self._map is None or size < 8:
+        if size < 8:
             raise self._error("is too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", self._map[:8])
+        (length,) = struct.unpack("<Q", self.read(0, 8))
         if length > _MAX_HEADER or 8 + length > size:
             raise self._error(f"declares a {length}-byte header, which does not fit the file")
         try:
-            header = json.loads(bytes(self._map[8 : 8 + length]))
+            header = json.loads(bytes(self.read(8, length)))
         except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting
             raise self._error(f"has an unreadable header: {exc}") from exc
         if not isinstance(header, dict):
@@ -90,11 +103,6 @@ class SafetensorsFile:
         dtype is a wrong reference."""
         kind = ExternalReferenceDamaged if damaged else ExternalReferenceError
         return kind(f"{self.label}: {self.path} {what} (R75)")
-
-    def _unreadable(self, exc: OSError) -> ExternalReferenceError:
-        return ExternalReferenceDamaged(
-            f"{self.label} ({self.path}) cannot be read: {exc.strerror or exc} (R75). Put the "
-            "base checkpoint next to the .mcnc file.")
 
     def keys(self) -> list[str]:
         """Tensor names in header order."""
@@ -126,20 +134,12 @@ class SafetensorsFile:
         if end - begin != math.prod(shape) * itemsize:
             raise self._error(f"gives {name!r} data offsets that do not match its shape")
         start = self._data_start + begin
-        if self._map is None or start + (end - begin) > len(self._map):
+        if start + (end - begin) > self._file.size:
             raise self._error(f"is truncated inside tensor {name!r}")
-        return TensorSlice(dtype, tuple(shape),
-                           memoryview(self._map)[start : start + end - begin])
+        return TensorSlice(dtype, tuple(shape), start, end - begin)
 
     def close(self) -> None:
-        """Unmap the file (left to the garbage collector while a slice is still in use)."""
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                # A slice is still referenced by pending work; the map closes with it.
-                return
-            self._map = None
+        self._file.close()
 
 
 def _is_size(value: object) -> bool:

@@ -1,0 +1,66 @@
+"""The devices and output dtypes a load accepts, checked before anything is read.
+
+Why up front: torch reports a missing device deep inside a kernel (an ``AssertionError`` for
+CUDA on a machine without it, a ``RuntimeError`` for ``"cuda:7"``), and an integer dtype would
+silently truncate regenerated weights to zeros. ``"meta"`` is accepted: a load onto it returns
+tensors of the right shapes and dtypes without reading any data (for planning).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import constants as C
+from .dtypes import to_torch
+from .errors import UsageError
+
+__all__ = ["DTYPE_NAMES", "check_device", "check_dtype"]
+
+#: The spec's names of the floating dtypes, accepted wherever a torch dtype is.
+DTYPE_NAMES = {name: to_torch(name) for name in C.FLOAT_DTYPES}
+
+
+def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating torch dtype (or ``None``: keep each tensor's own), from a torch dtype or a
+    name in ``DTYPE_NAMES``."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise UsageError(f"unknown dtype name {dtype!r}; use one of "
+                             f"{', '.join(DTYPE_NAMES)} or a floating torch dtype")
+        return DTYPE_NAMES[dtype]
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPE_NAMES.values():
+        raise UsageError(f"dtype {dtype} is not one weights can be rebuilt in; use "
+                         "torch.float32, torch.bfloat16, torch.float16 or torch.float64 (or "
+                         "their names f32, bf16, f16, f64)")
+    return dtype
+
+
+def check_device(device: torch.device | str | int) -> torch.device:
+    """A device that exists on this machine, with its index resolved for CUDA."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"{device!r} is not a device name; {_available()}") from exc
+    if dev.type in ("cpu", "meta"):
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{device!r}: this machine has no CUDA device; {_available()}")
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"{device!r}: there is no CUDA device {index}; {_available()}")
+        return torch.device("cuda", index)
+    backend = getattr(torch, dev.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if callable(is_available) and is_available():
+        return dev
+    raise UsageError(f"{device!r}: no such device on this machine; {_available()}")
+
+
+def _available() -> str:
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return f"available here: {', '.join(names)} (and meta, for shapes only)"

@@ -1,0 +1,170 @@
+"""Boxes: the part of a tensor a caller asks for, and the element runs that part covers.
+
+A box is a start and a stop per dimension (steps of one), as ``safe_open(...).get_slice`` and
+distributed checkpointing (``storage_offsets`` and ``lengths``) describe shards. Rebuilding a
+box needs the tensor's elements in row-major order, so a box is seen as *runs*: the dimensions
+after the last partial one are whole, so each run is one contiguous range of elements, and the
+runs are indexed by the box's outer dimensions. A row block is one run; a column block of a
+matrix is one run per row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+
+__all__ = ["Box"]
+
+
+@dataclass(frozen=True)
+class Box:
+    """Elements ``[starts[i], stops[i])`` of each dimension ``i`` of a tensor of ``shape``;
+    ``drop`` lists the dimensions indexed by an integer (removed from the result's shape)."""
+
+    shape: tuple[int, ...]
+    starts: tuple[int, ...]
+    stops: tuple[int, ...]
+    drop: tuple[int, ...] = ()
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def full(cls, shape: tuple[int, ...]) -> Box:
+        return cls(tuple(shape), (0,) * len(shape), tuple(shape))
+
+    @classmethod
+    def from_index(cls, shape: tuple[int, ...], index: Any, label: str = "tensor") -> Box:
+        """The box of a basic index: slices with steps of one (bounds clipped and negative
+        bounds counted from the end, as Python does), integers and one ``...``."""
+        items = list(index) if isinstance(index, tuple) else [index]
+        if sum(item is Ellipsis for item in items) > 1:
+            raise UsageError(f"{label}: an index may hold one '...' only")
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            fill = len(shape) - (len(items) - 1)
+            items[at : at + 1] = [slice(None)] * max(fill, 0)
+        if len(items) > len(shape):
+            raise UsageError(f"{label}: {len(items)} indices for a tensor of rank {len(shape)}")
+        items += [slice(None)] * (len(shape) - len(items))
+        starts, stops, drop = [], [], []
+        for dim, (item, size) in enumerate(zip(items, shape, strict=True)):
+            if isinstance(item, slice):
+                if item.step not in (None, 1):
+                    raise UsageError(f"{label}: dimension {dim}: only steps of 1 are supported, "
+                                    f"got {item.step}; slice with step 1 and index the result")
+                start, stop, _ = item.indices(size)
+                starts.append(start)
+                stops.append(max(start, stop))
+            elif isinstance(item, int) and not isinstance(item, bool):
+                position = item + size if item < 0 else item
+                if not 0 <= position < size:
+                    raise UsageError(f"{label}: index {item} is out of range for dimension "
+                                    f"{dim} of size {size}")
+                starts.append(position)
+                stops.append(position + 1)
+                drop.append(dim)
+            else:
+                raise UsageError(f"{label}: dimension {dim}: expected a slice, an integer or "
+                                f"'...', got {type(item).__name__}")
+        return cls(tuple(shape), tuple(starts), tuple(stops), tuple(drop))
+
+    @classmethod
+    def from_offsets(cls, shape: tuple[int, ...], offsets: tuple[int, ...],
+                     lengths: tuple[int, ...], label: str = "tensor") -> Box:
+        """The box ``offsets[i] .. offsets[i] + lengths[i]`` (distributed checkpointing's
+        ``storage_offsets`` and ``lengths``)."""
+        if not len(offsets) == len(lengths) == len(shape):
+            raise UsageError(f"{label}: a box of rank {len(offsets)} for a tensor of rank "
+                            f"{len(shape)}")
+        for dim, (offset, length, size) in enumerate(zip(offsets, lengths, shape, strict=True)):
+            if offset < 0 or length < 0 or offset + length > size:
+                raise UsageError(f"{label}: dimension {dim}: elements {offset} .. "
+                                f"{offset + length} lie outside its size {size}")
+        return cls(tuple(shape), tuple(offsets),
+                   tuple(o + n for o, n in zip(offsets, lengths, strict=True)))
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.starts, self.stops, strict=True))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.lengths)
+
+    @property
+    def result_shape(self) -> tuple[int, ...]:
+        """The shape of the tensor handed out (integer-indexed dimensions dropped)."""
+        return tuple(n for dim, n in enumerate(self.lengths) if dim not in self.drop)
+
+    @property
+    def is_full(self) -> bool:
+        return self.starts == (0,) * len(self.shape) and self.stops == self.shape
+
+    @property
+    def run_dim(self) -> int:
+        """The dimension whose range each run spans: every later dimension is whole."""
+        dim = len(self.shape) - 1
+        while dim > 0 and self.starts[dim] == 0 and self.stops[dim] == self.shape[dim]:
+            dim -= 1
+        return max(dim, 0)
+
+    @property
+    def run_length(self) -> int:
+        """Elements in one run (0 for an empty box)."""
+        if not self.shape:
+            return 1
+        dim = self.run_dim
+        return self.lengths[dim] * math.prod(self.shape[dim + 1 :])
+
+    @property
+    def runs(self) -> int:
+        """How many runs the box has (0 for an empty box)."""
+        if self.numel == 0:
+            return 0
+        return math.prod(self.lengths[: self.run_dim]) if self.shape else 1
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether the box is one contiguous range of the tensor's elements."""
+        return self.runs <= 1
+
+    @property
+    def first_element(self) -> int:
+        """The row-major index of the box's first element in the tensor."""
+        return sum(s * st for s, st in zip(self.starts, _strides(self.shape), strict=True))
+
+    def run_starts(self, first: int, stop: int, device: torch.device | str = "cpu"
+                   ) -> torch.Tensor:
+        """Element index (in the tensor) of the first element of runs ``first .. stop - 1``,
+        as int64."""
+        run = torch.arange(first, stop, dtype=torch.int64, device=device)
+        dim = self.run_dim
+        strides = _strides(self.shape)
+        offset = torch.full_like(run, self.starts[dim] * strides[dim] if self.shape else 0)
+        for outer in reversed(range(dim)):
+            length = self.lengths[outer]
+            offset += (run % length + self.starts[outer]) * strides[outer]
+            run = run // length
+        return offset
+
+    def elements(self, first_run: int, stop_run: int, device: torch.device | str = "cpu"
+                 ) -> torch.Tensor:
+        """Element indices (in the tensor) of runs ``first_run .. stop_run - 1``, in the
+        box's row-major order, as int64."""
+        starts = self.run_starts(first_run, stop_run, device)
+        within = torch.arange(self.run_length, dtype=torch.int64, device=device)
+        return (starts[:, None] + within[None, :]).reshape(-1)
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))

@@ -1,0 +1,473 @@
+"""The executor: runs a plan on one device, inputs staged while the previous step computes.
+
+Each step has a *stage* (bytes read from the file, through the pinned staging ring onto the
+device on a copy stream; on the CPU they are used where they were read) and a *compute*
+(regeneration on the compute stream, straight into the output storage). Step ``i + 1`` is
+staged before step ``i`` is computed, so reads and copies overlap regeneration, and a target
+is handed out as soon as the step that completes it has been queued (stream order makes it
+safe on the caller's stream).
+
+Regeneration of a batch: the left factor of ``FusedGenerator`` for the batch's chunks, then
+
+- the fused Triton kernel for contiguous targets on CUDA (theta0 drawn or read in registers,
+  each value written once in its final dtype);
+- otherwise the torch path: theta0 written first (into the output itself when the batch lies
+  inside one float32 target, else into a workspace) and the product accumulated onto it by one
+  ``addmm``, then each piece copied (and cast) into its target.
+
+Every element is computed by the same operations whichever box or batch it lands in; the
+BLAS library may still pick another kernel for another batch shape, so a box equals the same
+elements of the whole tensor within SPEC.md §10 (bit for bit where the kernels agree).
+
+Memory: device = the outputs + a workspace (``LoadOptions.workspace_for``) + the dense theta0
+of the target being rebuilt when its dtype differs from the output's; host = the staging ring +
+the largest decoded (zstd) blob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import math
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..dtypes import to_torch
+from ..errors import DeviceMemoryError, FormatError, MCNCError
+from ..header import Header, Theta0Entry
+from ..hostmem import zeros_float32
+from .fused import FusedGenerator, lora_product
+from .options import LoadOptions, Progress
+from .plan import BatchStep, DenseStep, EmptyStep, MergeStep, Piece, Plan, Step, Target
+from .source import BlobStore
+from .staging import CopyEngine, CudaCopyEngine, StagingRing, SyncCopyEngine
+from .theta0 import DENSE_KINDS, Theta0Source
+
+__all__ = ["Executor", "OpenFile", "triton_available"]
+
+
+def triton_available() -> bool:
+    """Whether the optional ``mcnc-format[gpu]`` extra (Triton) is importable."""
+    return importlib.util.find_spec("triton") is not None
+
+
+class OpenFile(Protocol):
+    """What the executor needs of an open file (``MCNCFile`` provides it)."""
+
+    label: str
+    header: Header
+    blobs: BlobStore
+    theta0: Theta0Source
+
+    def fused_generator(self, index: int, m: int, device: torch.device,
+                        kernels: ModuleType | None = None) -> FusedGenerator: ...
+
+
+@dataclass(eq=False)
+class _Output:
+    """A target's storage while it is being rebuilt."""
+
+    tensor: torch.Tensor
+    zero: bool  # known to hold zeros (a fresh zero-filled allocation)
+    base: torch.Tensor | None = None  # a staged dense theta0 (may be ``tensor`` itself)
+    base_marker: object = None
+    check: Future[None] | None = None
+
+
+class Executor:
+    """Runs plans of one file on ``device``."""
+
+    def __init__(self, file: OpenFile, device: torch.device, options: LoadOptions) -> None:
+        self.file = file
+        self.header = file.header
+        self.label = file.label
+        self.device = device
+        self.options = options
+        self.kernels = self._kernels()
+        self.chunks_regenerated = 0
+        self.allocated_bytes = 0
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _kernels(self) -> ModuleType | None:
+        use = self.options.use_triton
+        if use is None:
+            use = self.device.type == "cuda" and triton_available()
+        if not use:
+            return None
+        if not triton_available():
+            raise MCNCError("the fused kernel needs Triton: pip install 'mcnc-format[gpu]', or "
+                            "pass use_triton=False for the torch path")
+        from . import triton_kernels
+
+        return triton_kernels
+
+    def kernel_takes(self, target: Target) -> bool:
+        """Whether the fused kernel rebuilds ``target``: a contiguous box, an output dtype it
+        stores and a theta0 it evaluates (a dense one of any dtype, read as a staged base)."""
+        kernels = self.kernels
+        if kernels is None or target.member is None or target.dtype not in kernels.KERNEL_DTYPES:
+            return False
+        if not target.box.contiguous:
+            return False
+        theta0 = target.member.theta0
+        return theta0.kind in DENSE_KINDS or kernels.kernel_theta0(
+            theta0, target.member.shape, None) is not None
+
+    def _copy_engine(self) -> CopyEngine:
+        if self.device.type == "cuda":
+            return CudaCopyEngine(self.device)
+        return SyncCopyEngine(self.device)
+
+    def _on_device(self) -> contextlib.AbstractContextManager[object]:
+        """Make the target CUDA device current for one step's work (never across a yield)."""
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self, plan: Plan) -> Iterator[tuple[Target, torch.Tensor]]:
+        """Yield ``(target, tensor)`` for the plan's outputs as each is complete."""
+        self._check_fits(plan)
+        engine = self._copy_engine()
+        ring = StagingRing(engine, max(1, self.options.staging_bytes // 2), 2)
+        outputs: dict[int, _Output] = {}
+        workspace: list[torch.Tensor] = []
+        total = len(plan.outputs)
+        total_bytes = plan.output_bytes
+        done = done_bytes = 0
+        try:
+            staged = self._stage(plan.steps[0], engine, ring, outputs) if plan.steps else None
+            for i, step in enumerate(plan.steps):
+                current = staged
+                with self._on_device():
+                    if i + 1 < len(plan.steps):
+                        staged = self._stage(plan.steps[i + 1], engine, ring, outputs)
+                    self._compute(step, current, engine, outputs, workspace)
+                current = None
+                for target in step.completes:
+                    if not target.output:
+                        continue
+                    state = outputs.pop(id(target))
+                    if state.check is not None:
+                        state.check.result()  # R75: the base's sha256 pin held
+                    value = state.tensor.view(target.box.result_shape)
+                    done += 1
+                    done_bytes += target.nbytes
+                    if self.options.progress is not None:
+                        self.options.progress(Progress(target.name, done, total, done_bytes,
+                                                       total_bytes, self.chunks_regenerated))
+                    yield target, value
+        except (RuntimeError, MemoryError, OSError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            outputs.clear()
+            raise self._oom(plan) from exc
+        finally:
+            ring.drain()
+
+    def _check_fits(self, plan: Plan) -> None:
+        """Refuse up front a load that cannot fit the device's free memory (counting what
+        torch's allocator holds in reserve), before anything is read or allocated."""
+        if self.device.type != "cuda":
+            return
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(
+            self.device)
+        if plan.output_bytes + self._workspace_bytes(plan) > free:
+            raise self._oom(plan)
+
+    def _workspace_bytes(self, plan: Plan) -> int:
+        return self.options.workspace_for(plan.output_bytes, self.device.type == "cpu")
+
+    def _oom(self, plan: Plan) -> DeviceMemoryError:
+        where = "device memory exhausted"
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            where = f"{free} of {total} bytes free"
+        return DeviceMemoryError(
+            f"{self.label}: out of memory on {self.device} after allocating "
+            f"{self.allocated_bytes} bytes: the load needs {plan.output_bytes} bytes of "
+            f"outputs plus a workspace of up to {self._workspace_bytes(plan)} bytes ({where}). "
+            "Load fewer tensors (names=), a box of them, a narrower dtype, or a smaller "
+            "workspace_bytes.")
+
+    # -- allocation ------------------------------------------------------------------------
+    def _output(self, target: Target, engine: CopyEngine, outputs: dict[int, _Output]
+                ) -> _Output:
+        """The target's storage, allocated at its first use."""
+        state = outputs.get(id(target))
+        if state is None:
+            numel = target.numel
+            if self.device.type == "cpu" and target.dtype == torch.float32:
+                tensor, zero = zeros_float32(numel), True
+            else:
+                tensor, zero = engine.output_empty((numel,), target.dtype), False
+            self.allocated_bytes += target.nbytes
+            state = outputs[id(target)] = _Output(tensor, zero)
+        return state
+
+    def _upload(self, data: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+                engine: CopyEngine, ring: StagingRing, into: torch.Tensor | None = None,
+                copy: bool = False) -> tuple[torch.Tensor, object]:
+        """Host bytes as a device tensor of ``dtype`` and ``shape`` (``into`` when given) and
+        the marker of the copy. On the CPU the bytes are used where they were read, unless
+        ``copy`` (the result is handed out, and the bytes may be a kept blob)."""
+        if into is None and self.device.type == "cpu":
+            if not len(data):
+                return torch.empty(shape, dtype=dtype), None
+            buffer = bytearray(data) if data.readonly or copy else data
+            return torch.frombuffer(buffer, dtype=dtype).reshape(shape), None
+        tensor = into if into is not None else engine.device_empty(shape, dtype)
+        marker = ring.upload(data, tensor.view(torch.uint8).reshape(-1)) if len(data) else None
+        return tensor, marker
+
+    # -- staging ---------------------------------------------------------------------------
+    def _stage(self, step: Step, engine: CopyEngine, ring: StagingRing,
+               outputs: dict[int, _Output]) -> object:
+        if isinstance(step, DenseStep):
+            return self._stage_dense(step, engine, ring)
+        if isinstance(step, BatchStep):
+            return self._stage_batch(step, engine, ring, outputs)
+        return None
+
+    def _stage_dense(self, step: DenseStep, engine: CopyEngine, ring: StagingRing
+                     ) -> tuple[torch.Tensor, object]:
+        """The stored bytes covering the box: its element range when contiguous, else the
+        rows of its first dimension."""
+        t, box = step.tensor, step.target.box
+        dtype = to_torch(t.dtype)
+        if box.contiguous:
+            first, count = box.first_element, box.numel
+            shape: tuple[int, ...] = (count,)
+        else:
+            row = math.prod(t.shape[1:])
+            first, count = box.starts[0] * row, box.lengths[0] * row
+            shape = (box.lengths[0], *t.shape[1:])
+        data = self.file.blobs.tensor_bytes(t, first * dtype.itemsize,
+                                            (first + count) * dtype.itemsize)
+        into = None if self.device.type == "cpu" else engine.output_empty(shape, dtype)
+        tensor, marker = self._upload(data, shape, dtype, engine, ring, into, copy=True)
+        self.allocated_bytes += count * dtype.itemsize
+        return tensor, marker
+
+    def _stage_batch(self, step: BatchStep, engine: CopyEngine, ring: StagingRing,
+                     outputs: dict[int, _Output]) -> tuple[torch.Tensor, torch.Tensor]:
+        seg = self.header.segments[step.segment]
+        inputs = []
+        marker: object = None
+        for blob_index, what in ((seg.alpha, "alpha"), (seg.beta, "beta")):
+            blob = self.header.blobs[blob_index]
+            data = self.file.blobs.blob(blob_index, f"segments[{step.segment}].{what}")
+            row = blob.decoded_length // max(seg.chunks, 1)
+            if step.ids is None:
+                window = data[step.first * row : step.stop * row]
+            else:
+                rows = np.frombuffer(data, dtype=np.uint8).reshape(seg.chunks, row)
+                window = memoryview(rows[step.ids.numpy()].reshape(-1))
+            tensor, marker = self._upload(window, (step.chunks, *blob.shape[1:]),
+                                          to_torch(blob.dtype), engine, ring)
+            inputs.append(tensor)
+        engine.wait_compute(marker)
+        for piece in step.pieces:
+            if id(piece.target) not in outputs:
+                self._stage_base(piece.target, engine, ring, outputs)
+        return inputs[0], inputs[1]
+
+    def _stage_base(self, target: Target, engine: CopyEngine, ring: StagingRing,
+                    outputs: dict[int, _Output]) -> None:
+        """Allocate a target; a contiguous target's blob or external theta0 is read for its
+        box and staged into its storage when the dtypes agree (updated in place), else into
+        a buffer of its own dtype."""
+        state = self._output(target, engine, outputs)
+        assert target.member is not None
+        entry = target.member.theta0
+        if entry.kind not in DENSE_KINDS or not target.box.contiguous:
+            return
+        theta0 = self.file.theta0
+        shape = target.member.shape
+        first = target.box.first_element
+        label = f"{target.name}.theta0"
+        dtype = theta0.dense_dtype(entry, shape)
+        data = theta0.dense_bytes(entry, shape, first, first + target.numel, label)
+        state.check = theta0.pending_check(entry)
+        into = state.tensor if dtype == target.dtype else None
+        state.base, state.base_marker = self._upload(data, (target.numel,), dtype, engine,
+                                                     ring, into)
+        state.zero = False
+        if into is None:
+            self.allocated_bytes += target.numel * dtype.itemsize
+
+    # -- compute ---------------------------------------------------------------------------
+    def _compute(self, step: Step, staged: object, engine: CopyEngine,
+                 outputs: dict[int, _Output], workspace: list[torch.Tensor]) -> None:
+        if isinstance(step, EmptyStep):
+            outputs[id(step.target)] = _Output(
+                engine.output_empty((0,), step.target.dtype), False)
+        elif isinstance(step, DenseStep):
+            assert isinstance(staged, tuple)
+            self._finish_dense(step, staged, engine, outputs)
+        elif isinstance(step, BatchStep):
+            assert isinstance(staged, tuple)
+            self._compute_batch(step, staged, engine, outputs, workspace)
+        else:
+            self._merge(step, engine, outputs)
+
+    def _finish_dense(self, step: DenseStep, staged: tuple[torch.Tensor, object],
+                      engine: CopyEngine, outputs: dict[int, _Output]) -> None:
+        t, target = step.tensor, step.target
+        value, marker = staged
+        engine.wait_compute(marker)
+        if t.dtype == "bool" and bool((value.view(torch.uint8) > 1).any()):
+            raise FormatError(f"{self.label}: tensors[{t.name!r}].blob: bool bytes must be 0 "
+                              "or 1 (§1)")
+        box = target.box
+        if not box.contiguous:
+            index = tuple(slice(a, b) for a, b in zip(box.starts[1:], box.stops[1:],
+                                                      strict=True))
+            value = value[(slice(None), *index)]
+        value = value.to(target.dtype).contiguous()
+        outputs[id(target)] = _Output(value.reshape(-1), False)
+
+    def _compute_batch(self, step: BatchStep, staged: tuple[torch.Tensor, torch.Tensor],
+                       engine: CopyEngine, outputs: dict[int, _Output],
+                       workspace: list[torch.Tensor]) -> None:
+        alpha, beta = staged
+        seg = self.header.segments[step.segment]
+        fused = self.file.fused_generator(seg.generator, seg.m, self.device, self.kernels)
+        d = fused.weights.spec.d
+        self.chunks_regenerated += step.chunks
+        for piece in step.pieces:
+            state = outputs[id(piece.target)]
+            if state.base_marker is not None:
+                engine.wait_compute(state.base_marker)
+                state.base_marker = None
+        left = fused.coefficients(alpha, beta)
+        eager = []
+        for piece in step.pieces:
+            if self.kernel_takes(piece.target):
+                self._kernel_piece(piece, step, fused, left, outputs[id(piece.target)], d)
+            else:
+                eager.append(piece)
+        if not eager:
+            return
+        if len(eager) == 1 and self._in_place(eager[0], step, fused, left, outputs[
+                id(eager[0].target)], d):
+            return
+        rows = step.chunks
+        work = self._workspace(workspace, rows, d)
+        work.zero_()
+        flat = work.reshape(-1)
+        placed = [self._place_theta0(piece, step, outputs, flat, d) for piece in eager]
+        fused.accumulate(left, work)
+        for piece, where in zip(eager, placed, strict=True):
+            dest = outputs[id(piece.target)].tensor[piece.lo : piece.hi]
+            dest.copy_(flat[where] if isinstance(where, torch.Tensor) else flat[where[0]:where[1]])
+
+    def _in_place(self, piece: Piece, step: BatchStep, fused: FusedGenerator,
+                  left: torch.Tensor, state: _Output, d: int) -> bool:
+        """Accumulate straight into the output when the batch lies inside one float32 target
+        (theta0 written into it first): no workspace, no copy."""
+        target = piece.target
+        rows = step.chunks
+        if (step.ids is not None or target.dtype != torch.float32
+                or piece.hi - piece.lo != rows * d or target.element_range(piece.lo, piece.hi)
+                is None):
+            return False
+        view = state.tensor[piece.lo : piece.hi].view(rows, d)
+        if state.base is not state.tensor:  # else the staged theta0 is there already
+            assert target.member is not None
+            base = self._theta0(target.member.theta0, target.member.shape, piece, state.base)
+            if base is not None:
+                view.copy_(base.view(rows, d))
+            elif not state.zero:
+                view.zero_()
+        fused.accumulate(left, view)
+        return True
+
+    def _theta0(self, entry: Theta0Entry, shape: tuple[int, ...], piece: Piece,
+                staged: torch.Tensor | None) -> torch.Tensor | None:
+        """Float32 theta0 (``entry`` of a tensor of ``shape``) of a piece's output elements,
+        from ``staged`` (the box's staged dense theta0) when given; ``None`` for zeros."""
+        if staged is not None:
+            return staged[piece.lo : piece.hi].to(torch.float32)
+        target = piece.target
+        label = f"{target.name}.theta0"
+        span = target.element_range(piece.lo, piece.hi)
+        if span is not None:
+            return self.file.theta0.values(entry, shape, span[0], span[1] - span[0],
+                                           self.device, label)
+        elements = target.elements(piece.lo, piece.hi, self.device)
+        return self.file.theta0.values_at(entry, shape, elements, label)
+
+    def _place_theta0(self, piece: Piece, step: BatchStep, outputs: dict[int, _Output],
+                      flat: torch.Tensor, d: int) -> torch.Tensor | tuple[int, int]:
+        """Write a piece's theta0 where its values lie in the batch's rows; return where:
+        a range of ``flat`` or, for a gathered piece, its positions."""
+        target = piece.target
+        assert target.member is not None
+        base = self._theta0(target.member.theta0, target.member.shape, piece,
+                            outputs[id(target)].base)
+        span = target.element_range(piece.lo, piece.hi)
+        if span is not None and step.ids is None:
+            lo = target.member.offset + span[0] - step.first * d
+            where: torch.Tensor | tuple[int, int] = (lo, lo + piece.hi - piece.lo)
+            if base is not None:
+                flat[lo : lo + piece.hi - piece.lo] = base
+            return where
+        values = target.member.offset + target.elements(piece.lo, piece.hi, self.device)
+        chunk = values // d
+        rank = (chunk - step.first if step.ids is None
+                else torch.searchsorted(step.ids.to(self.device), chunk))
+        positions = rank * d + values % d
+        if base is not None:
+            flat[positions] = base
+        return positions
+
+    def _workspace(self, workspace: list[torch.Tensor], rows: int, d: int) -> torch.Tensor:
+        """A float32 ``[rows, d]`` scratch tensor, reused across batches."""
+        if not workspace or workspace[0].numel() < rows * d:
+            workspace[:] = [torch.empty(rows * d, dtype=torch.float32, device=self.device)]
+        return workspace[0][: rows * d].view(rows, d)
+
+    def _kernel_piece(self, piece: Piece, step: BatchStep, fused: FusedGenerator,
+                      left: torch.Tensor, state: _Output, d: int) -> None:
+        kernels = self.kernels
+        target = piece.target
+        assert kernels is not None and target.member is not None
+        start = target.member.offset + target.box.first_element  # segment value of output 0
+        m0 = (start + piece.lo) // d
+        m1 = -(-(start + piece.hi) // d)
+        theta0 = kernels.kernel_theta0(target.member.theta0, target.member.shape, state.base)
+        assert theta0 is not None, "kernel_takes admits only theta0 the kernel evaluates"
+        kernels.fused_regenerate(
+            left[m0 - step.first : m1 - step.first], fused.stacked,
+            fused.weights.out_bias is not None, state.tensor, m0 * d - start, theta0,
+            self.options.precision.value, theta_first=target.box.first_element)
+
+    def _merge(self, step: MergeStep, engine: CopyEngine, outputs: dict[int, _Output]) -> None:
+        """``theta0 + scale * (B @ A)`` of a lora box (§6.3)."""
+        t, target = step.tensor, step.target
+        a_state, b_state = outputs.pop(id(step.a)), outputs.pop(id(step.b))
+        merged = lora_product(b_state.tensor.view(step.b.box.result_shape),
+                              a_state.tensor.view(step.a.box.result_shape))
+        merged *= float(t.scale or 0.0)
+        assert t.theta0 is not None
+        base = self._theta0(t.theta0, t.shape, Piece(target, 0, target.numel), None)
+        if base is not None:
+            merged += base.view(merged.shape)
+        check = self.file.theta0.pending_check(t.theta0)
+        outputs[id(target)] = _Output(merged.reshape(-1).to(target.dtype), False, check=check)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch reports a failed CPU allocation as a plain RuntimeError, CUDA's as its own."""
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)) or (
+        isinstance(exc, OSError) and exc.errno == errno.ENOMEM)

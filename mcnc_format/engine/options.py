@@ -1,0 +1,77 @@
+"""What a caller can ask of a load, and what it is told while the load runs."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_STAGING_BYTES",
+    "MIN_WORKSPACE_BYTES",
+    "LoadOptions",
+    "Precision",
+    "Progress",
+]
+
+DEFAULT_STAGING_BYTES = 64 << 20
+MIN_WORKSPACE_BYTES = 32 << 20
+#: On accelerators, whose batches are launched rather than run: fewer, larger ones.
+MIN_DEVICE_WORKSPACE_BYTES = 64 << 20
+#: Device memory beyond the outputs, as a fraction of the outputs, when that is more than
+#: ``MIN_WORKSPACE_BYTES``: larger batches for larger loads.
+WORKSPACE_FRACTION = 0.02
+
+
+class Precision(str, enum.Enum):
+    """How the fused kernel computes the output layer's product (SPEC.md §10.1)."""
+
+    #: float32 FMA: the most accurate, and the fastest where the product is short (K = 32).
+    IEEE = "ieee"
+    #: Triton's three TF32 tensor-core products, which carry float32's precision.
+    TF32X3 = "tf32x3"
+    #: The same three TF32 products with the operands split once outside the kernel.
+    SPLIT = "split"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after each tensor is handed out. ``chunks_regenerated`` counts the chunks the
+    load has rebuilt so far: a box rebuilds only the chunks that cover it."""
+
+    name: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+    chunks_regenerated: int
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Knobs of a load; the defaults suit a CPU, or a GPU with a few GB to spare.
+
+    ``staging_bytes``: pinned host memory for the staging buffers together (CUDA).
+    ``workspace_bytes``: memory beyond the outputs that sizes the regeneration batches
+    (default ``max(32 MiB, 2 % of the outputs)`` on the CPU, ``max(64 MiB, 2 %)`` elsewhere).
+    ``use_triton``: ``None`` picks the fused kernel on CUDA when Triton is installed; ``True``
+    forces it (on the CPU only under ``TRITON_INTERPRET=1``); ``False`` keeps the torch path.
+    ``precision``: the kernel's output-layer product.
+    ``verify``: check each blob's XXH3-64 on first use and external bases' SHA-256 (R24, R75);
+    turn it off only for files this process wrote.
+    ``progress``: called with a ``Progress`` after each tensor.
+    """
+
+    staging_bytes: int = DEFAULT_STAGING_BYTES
+    workspace_bytes: int | None = None
+    use_triton: bool | None = None
+    precision: Precision = Precision.IEEE
+    verify: bool = True
+    progress: Callable[[Progress], None] | None = None
+
+    def workspace_for(self, output_bytes: int, on_cpu: bool) -> int:
+        """The workspace of a load whose outputs take ``output_bytes``."""
+        if self.workspace_bytes is not None:
+            return self.workspace_bytes
+        floor = MIN_WORKSPACE_BYTES if on_cpu else MIN_DEVICE_WORKSPACE_BYTES
+        return max(floor, int(output_bytes * WORKSPACE_FRACTION))

@@ -1,0 +1,129 @@
+"""Bytes of an open ``.mcnc`` file, read with ``pread`` into the buffers that need them.
+
+Why not a memory map: a file truncated by another process while mapped kills the reader with
+SIGBUS the moment a vanished page is touched. ``pread`` reports the short read instead, which
+becomes a ``FormatError``, and it lets the executor read exactly the byte range a box needs.
+
+``BlobStore`` adds the checks of SPEC.md §4: a blob's XXH3-64 is checked the first time any of
+its bytes are used (R24), which reads the whole blob once; later reads of a checked raw blob,
+or any read with verification off, fetch only the requested range. zstd blobs are decoded whole
+(R25). Small blobs (alpha, beta, inline generator weights, packs) are kept decoded for the life
+of the file; large ones (dense tensors, stored theta0) are read per use.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .. import constants as C
+from ..container import decode_blob
+from ..errors import FormatError, MCNCError
+from ..header import Header, TensorEntry
+
+__all__ = ["BlobStore", "FileSource", "open_regular"]
+
+#: Decoded blobs up to this size stay in memory once read.
+KEEP_BYTES = 16 << 20
+
+
+def open_regular(path: Path, label: str, error: type[MCNCError] = MCNCError) -> tuple[int, int]:
+    """``(descriptor, size)`` of a regular file opened for reading. Opened non-blocking, so a
+    FIFO or a device is refused instead of waiting for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise error(f"{label}: cannot open: {exc.strerror or exc}") from exc
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise error(f"{label}: not a regular file; give the path of a file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, status.st_size
+
+
+class FileSource:
+    """A file read by byte range. ``close()`` releases the descriptor."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.path = path
+        self.label = label
+        self.fd, self.size = open_regular(path, label)
+
+    def read(self, offset: int, length: int, into: memoryview | None = None) -> memoryview:
+        """Bytes ``[offset, offset + length)``, into ``into`` when given (its first
+        ``length`` bytes). A file that ends early (it shrank while open) is damage."""
+        if self.fd < 0:
+            raise MCNCError(f"{self.label}: read from a closed file")
+        buffer = into if into is not None else memoryview(bytearray(length))
+        done = 0
+        while done < length:
+            try:
+                n = os.preadv(self.fd, [buffer[done:length]], offset + done)
+            except OSError as exc:
+                raise FormatError(f"{self.label}: cannot read bytes {offset + done} .. "
+                                  f"{offset + length}: {exc.strerror or exc}") from exc
+            if n == 0:
+                raise FormatError(
+                    f"{self.label}: the file ended at byte {offset + done}, inside data that "
+                    f"runs to byte {offset + length}: it was truncated or replaced while open. "
+                    "Open it again, or re-download it.")
+            done += n
+        return buffer[:length]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class BlobStore:
+    """Checked, decoded blobs of one file (SPEC.md §4)."""
+
+    def __init__(self, source: FileSource, header: Header, verify: bool) -> None:
+        self.source = source
+        self.header = header
+        self.verify = verify
+        self._verified: set[int] = set()
+        self._kept: dict[int, memoryview] = {}
+
+    def blob(self, index: int, path: str) -> memoryview:
+        """The decoded bytes of blob ``index``, checksum-checked on first use."""
+        kept = self._kept.get(index)
+        if kept is not None:
+            return kept
+        entry = self.header.blobs[index]
+        stored = self.source.read(entry.offset, entry.length)
+        check = self.verify and index not in self._verified
+        decoded = memoryview(decode_blob(stored, entry, path, self.source.label, check))
+        self._verified.add(index)
+        if entry.decoded_length <= KEEP_BYTES:
+            self._kept[index] = decoded
+        return decoded
+
+    def blob_range(self, index: int, start: int, stop: int, path: str) -> memoryview:
+        """Decoded bytes ``[start, stop)`` of blob ``index``: only those bytes are read once the
+        blob is checked (or when verification is off) and the blob is raw."""
+        entry = self.header.blobs[index]
+        if (entry.codec == C.CODEC_RAW and index not in self._kept
+                and (index in self._verified or not self.verify)):
+            return self.source.read(entry.offset + start, stop - start)
+        return self.blob(index, path)[start:stop]
+
+    def tensor_bytes(self, t: TensorEntry, start: int, stop: int) -> memoryview:
+        """Bytes ``[start, stop)`` of a dense or packed tensor's stored values (§6.2, §6.4)."""
+        assert t.blob is not None
+        path = f"tensors[{t.name!r}].blob"
+        first = t.start if t.encoding == C.ENCODING_PACKED and t.start is not None else 0
+        return self.blob_range(t.blob, first + start, first + stop, path)
+
+    def checked(self) -> list[int]:
+        """Blobs whose checksum has been checked."""
+        return sorted(self._verified)
+
+    def close(self) -> None:
+        self._kept.clear()
+        self.source.close()

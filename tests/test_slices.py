@@ -1,0 +1,209 @@
+"""Boxes of tensors through the one engine: ``get_slice`` and ``load(boxes=...)``.
+
+A box must equal the same elements of the whole tensor bit for bit (same device and dtype),
+for every encoding and theta0 kind, and must rebuild only the chunks that cover it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import file_plans, materialize
+from stream_helpers import mixed_file
+
+import mcnc_format as mf
+from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0
+from mcnc_format.engine.box import Box
+from mcnc_format.errors import UnsupportedFeatureError, UsageError
+
+VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
+VALID = json.loads((VECTORS / "index.json").read_text())["valid"]
+
+
+def _boxes(shape: tuple[int, ...]) -> list[tuple]:
+    """Row blocks, column blocks, negative bounds, integers and ``...`` for a shape."""
+    if not shape:
+        return [(), (...,)]
+    first = shape[0]
+    boxes: list[tuple] = [(slice(None),), (slice(first // 3, first - first // 4),),
+                          (slice(-max(first // 2, 1), None),), (...,)]
+    if first:
+        boxes.append((first - 1,))
+    if len(shape) >= 2:
+        cols = shape[1]
+        boxes += [(slice(None), slice(cols // 4, cols - cols // 3)),
+                  (slice(1, max(first - 1, 1)), slice(-max(cols // 2, 1), None)),
+                  (..., slice(0, max(cols // 5, 1)))]
+    if len(shape) >= 3:
+        boxes.append((slice(0, 1), slice(None), slice(1, shape[2])))
+    return boxes
+
+
+def _assert_bits(got: torch.Tensor, want: torch.Tensor, label: str) -> None:
+    """The same dtype and shape, and values equal up to float32 rounding (amplified by a high
+    frequency generator): a batch of another shape may take another BLAS kernel."""
+    assert got.dtype == want.dtype and got.shape == want.shape, label
+    if not got.is_floating_point():
+        assert torch.equal(got, want), label
+        return
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=0, atol=max(scale, 1e-30) * 1e-4,
+                               equal_nan=True, msg=label)
+
+
+def _check_all_boxes(f: mf.MCNCFile, names: list[str]) -> None:
+    for name in names:
+        whole = f.get_tensor(name)
+        handle = f.get_slice(name)
+        assert handle.get_shape() == list(whole.shape)
+        assert handle.get_dtype() == f.entry(name).dtype
+        for index in _boxes(tuple(whole.shape)):
+            _assert_bits(handle[index], whole[index], f"{name}{index}")
+
+
+@pytest.mark.parametrize("vector", VALID, ids=[v["file"] for v in VALID])
+def test_every_box_of_every_vector_equals_the_whole_tensor(vector: dict) -> None:
+    with mf.open(VECTORS / vector["file"]) as f:
+        names = [n for n in f.keys() if n not in vector["unsupported"]]  # noqa: SIM118
+        _check_all_boxes(f, names)
+        for name in vector["unsupported"]:
+            with pytest.raises(UnsupportedFeatureError):
+                f.get_slice(name)[...]
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(plan=file_plans(max_tensors=4), data=st.data())
+def test_random_files_and_boxes(tmp_path_factory: pytest.TempPathFactory, plan, data) -> None:
+    directory = tmp_path_factory.mktemp("slices")
+    path = directory / "plan.mcnc"
+    mf.save(path, materialize(plan, directory))  # type: ignore[arg-type]
+    workspace = data.draw(st.sampled_from([None, 3000, 50_000]))
+    with mf.MCNCFile(path, options=mf.LoadOptions(workspace_bytes=workspace)) as f:
+        whole = f.tensors()
+        for name, tensor in whole.items():
+            index = tuple(_drawn_slice(data, n) for n in tensor.shape)
+            _assert_bits(f.get_slice(name)[index], tensor[index], f"{name}{index}")
+        boxes = {name: tuple(_drawn_slice(data, n) for n in t.shape) for name, t in whole.items()}
+        for name, value in mf.load(path, boxes=boxes, workspace_bytes=workspace).items():
+            _assert_bits(value, whole[name][boxes[name]], name)
+
+
+def _drawn_slice(data: st.DataObject, size: int) -> slice:
+    start = data.draw(st.integers(0, size))
+    stop = data.draw(st.integers(start, size))
+    return slice(start, stop)
+
+
+def _big_file(path: Path, theta0: Theta0) -> Path:
+    spec = GeneratorSpec(k=4, d=100, hidden=(8,), seed=3)
+    g = torch.Generator().manual_seed(0)
+    segment = Segment(spec, alpha=torch.rand(1600, 1, 4, generator=g),
+                      beta=torch.randn(1600, 1, generator=g))
+    mf.save(path, {"w": MCNC(segment, (400, 400), theta0=theta0)})
+    return path
+
+
+@pytest.mark.parametrize("theta0", [Theta0.zeros(), Theta0.fan_in_uniform(5, 1),
+                                    Theta0.normal(5, 2, std=0.1)],
+                         ids=["zeros", "fan_in_uniform", "normal"])
+def test_a_row_block_rebuilds_its_share_of_chunks(tmp_path: Path, theta0: Theta0) -> None:
+    """A 1/16 row block of a 1600-chunk tensor rebuilds at most 100 + 2 boundary chunks;
+    a column block only the chunks its rows' columns touch."""
+    path = _big_file(tmp_path / "big.mcnc", theta0)
+    seen: list[mf.Progress] = []
+    with mf.MCNCFile(path, options=mf.LoadOptions(workspace_bytes=4096,
+                                                  progress=seen.append)) as f:
+        whole = f.get_tensor("w")
+        for rank in range(16):
+            box = (slice(25 * rank + 3, 25 * rank + 28), slice(None))
+            _assert_bits(f.get_slice("w")[box], whole[box], str(box))
+            assert seen[-1].chunks_regenerated <= 1600 // 16 + 2
+        plan = f.plan(f.requests(boxes={"w": (slice(None), slice(0, 50))}))
+        # 400 rows of 400 values in chunks of 100: columns 0..49 touch one chunk per row.
+        assert plan.chunks == 400
+        _assert_bits(f.get_slice("w")[:, 0:50], whole[:, 0:50], "columns")
+
+
+def test_boxes_through_load_and_stream(tmp_path: Path) -> None:
+    path = mixed_file(tmp_path)
+    whole = mf.load(path)
+    boxes = {name: (slice(1, None),) for name, t in whole.items() if t.dim() and t.shape[0] > 1}
+    got = mf.load(path, boxes=boxes)
+    assert set(got) == set(whole)
+    for name, value in got.items():
+        _assert_bits(value, whole[name][boxes[name]] if name in boxes else whole[name], name)
+    with pytest.raises(UsageError, match="steps of 1"):
+        mf.load(path, boxes={"m0": (slice(None, None, 2),)})
+    with pytest.raises(mf.MCNCError, match="does not hold"):
+        mf.load(path, boxes={"nope": (slice(0, 1),)})
+    with mf.open(path) as f:
+        with pytest.raises(UsageError, match="out of range"):
+            f.get_slice("m0")[10**6]
+        with pytest.raises(UsageError, match="indices for a tensor of rank"):
+            f.get_slice("m0")[(0,) * 9]
+
+
+def test_box_arithmetic() -> None:
+    box = Box.from_index((4, 6, 5), (slice(1, 3), slice(2, 4)))
+    assert box.lengths == (2, 2, 5) and box.run_dim == 1 and box.run_length == 10
+    assert box.runs == 2 and not box.contiguous
+    assert box.elements(0, 2).tolist() == [*range(40, 50), *range(70, 80)]
+    row = Box.from_index((4, 6, 5), (slice(1, 3),))
+    assert row.contiguous and row.first_element == 30 and row.numel == 60
+    assert Box.from_offsets((8, 8), (2, 0), (3, 8)).contiguous
+    assert Box.from_index((3, 4), (-1, ...)).result_shape == (4,)
+    assert Box.full(()).numel == 1 and Box.full(()).runs == 1
+    assert math.prod(Box.from_index((5, 0), (slice(None),)).lengths) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64, torch.complex64,
+                                   "int8", "float8"])
+def test_non_float_dtypes_are_refused(tmp_path: Path, dtype: object) -> None:
+    path = mixed_file(tmp_path)
+    with pytest.raises(UsageError, match="dtype"):
+        mf.load(path, dtype=dtype)  # type: ignore[arg-type]
+
+
+def test_dtype_names(tmp_path: Path) -> None:
+    path = mixed_file(tmp_path)
+    got = mf.load(path, dtype="bf16", names=["m0"])
+    assert got["m0"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", ["banana", "", "xpu", "cuda:7"] + (
+    ["cuda"] if not torch.cuda.is_available() else []))
+def test_missing_devices_are_refused_up_front(tmp_path: Path, device: str) -> None:
+    path = mixed_file(tmp_path)
+    with pytest.raises(UsageError, match="available here: cpu"):
+        mf.load(path, device)
+
+
+def test_meta_device_gives_shapes_and_dtypes(tmp_path: Path) -> None:
+    path = mixed_file(tmp_path)
+    whole = mf.load(path)
+    meta = mf.load(path, "meta", boxes={"m0": (slice(0, 1),)})
+    for name, tensor in meta.items():
+        assert tensor.is_meta and tensor.dtype == whole[name].dtype
+        expected = whole[name][0:1] if name == "m0" else whole[name]
+        assert tensor.shape == expected.shape
+
+
+def test_reading_a_local_file_does_not_import_the_hub(tmp_path: Path) -> None:
+    path = _big_file(tmp_path / "local.mcnc", Theta0.zeros())
+    code = ("import sys, mcnc_format\n"
+            f"f = mcnc_format.open({str(path)!r})\n"
+            "f.get_tensor('w'); f.get_slice('w')[0:2]; mcnc_format.load(f.path)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('huggingface_hub', 'mcnc_format') and 'hub' in m))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
