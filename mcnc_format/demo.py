@@ -25,6 +25,7 @@ from .atomic import atomic_path
 from .converters.pack import pack
 from .examples.digits import N_CLASSES, N_FEATURES, DigitsSplit, split_digits
 from .reader import open_file
+from .safetensors_out import save_safetensors
 from .streaming import load_into
 
 __all__ = ["DemoResult", "DemoSettings", "run_demo"]
@@ -118,8 +119,6 @@ def _one_thread() -> Iterator[None]:
 
 
 def _run(settings: DemoSettings, folder: Path, log: Callable[[str], None]) -> DemoResult:
-    from safetensors.torch import save_file
-
     from .torch import MCNCConfig, reparametrize
 
     data = split_digits(seed=settings.seed)
@@ -128,9 +127,8 @@ def _run(settings: DemoSettings, folder: Path, log: Callable[[str], None]) -> De
     dense = make_mlp(settings.hidden, settings.seed)
     dense_seconds = _train(dense, data, settings, settings.dense_lr)
     dense_accuracy = _accuracy(dense, data)
-    with atomic_path(folder / DENSE_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, tmp)
-    dense_bytes = (folder / DENSE_FILE).stat().st_size
+    dense_bytes = save_safetensors(folder / DENSE_FILE, dense.state_dict(), None,
+                                   overwrite=True)
     log(f"dense MLP:  test accuracy {dense_accuracy:.2%} ({dense_seconds:.1f} s)")
 
     config = MCNCConfig(k=settings.k, d=settings.d, hidden=settings.generator_hidden,
@@ -141,7 +139,7 @@ def _run(settings: DemoSettings, folder: Path, log: Callable[[str], None]) -> De
     mcnc_accuracy = _accuracy(model, data)
     log(f"MCNC MLP:   test accuracy {mcnc_accuracy:.2%} ({mcnc_seconds:.1f} s)")
 
-    with atomic_path(folder / CHECKPOINT_FILE) as tmp:
+    with atomic_path(folder / CHECKPOINT_FILE, overwrite=True) as tmp:
         torch.save(model.state_dict(), tmp)
     pack(folder / CHECKPOINT_FILE, folder / MCNC_FILE, force=True)
     with open_file(folder / MCNC_FILE) as f:

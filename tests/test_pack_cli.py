@@ -24,6 +24,7 @@ from mcnc_format.cli import pack_cmd
 from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
+from mcnc_format.verify import verify_file
 
 
 @pytest.fixture
@@ -172,3 +173,65 @@ def test_lora_adapter_against_base_checkpoint(seed: int, tmp_path: Path) -> None
     save_file(other.state_dict(), tmp_path / "other.safetensors")
     with pytest.raises(MCNCError, match="trained on another base"):
         pack(tmp_path / "adapter.pt", tmp_path / "x.mcnc", base=tmp_path / "other.safetensors")
+
+
+def test_two_packs_racing_to_the_same_new_output(seed: int, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both runs pass the early "already exists" check and write their file; they meet at the
+    final step (a barrier in fsync), where exactly one may create OUT."""
+    import threading
+
+    from mcnc_format import atomic
+
+    torch.save(_trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict(),
+               tmp_path / "m.pt")
+    out = tmp_path / "m.mcnc"
+    barrier, real_fsync, met = threading.Barrier(2, timeout=60), os.fsync, threading.local()
+
+    def meet(fd: int) -> None:  # the file's fsync, not the folder's that follows success
+        if not getattr(met, "done", False):
+            met.done = True
+            barrier.wait()
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", meet)
+    outcomes: list[object] = []
+
+    def run() -> None:
+        try:
+            outcomes.append(pack(tmp_path / "m.pt", out))
+        except MCNCError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [o for o in outcomes if isinstance(o, MCNCError)]
+    assert len(outcomes) == 2 and len(errors) == 1, outcomes
+    assert "already exists" in str(errors[0]) and "pass --force" in str(errors[0])
+    monkeypatch.undo()
+    assert verify_file(out).ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mcnc", "m.pt"]
+
+
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink"])
+def test_pack_refuses_to_write_over_its_own_checkpoint(link: str, seed: int, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """``mcnc-pack --force m.pt m.pt`` (or OUT a link to m.pt) would destroy the checkpoint."""
+    checkpoint = tmp_path / "m.pt"
+    torch.save(_trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict(), checkpoint)
+    before = checkpoint.read_bytes()
+    out = {"same": checkpoint, "symlink": tmp_path / "link.mcnc",
+           "hardlink": tmp_path / "hard.mcnc"}[link]
+    if link == "symlink":
+        out.symlink_to(checkpoint)
+    elif link == "hardlink":
+        os.link(checkpoint, out)
+    assert _run_pack(["--force", str(checkpoint), str(out)], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is the input file" in err[0] and "choose another output" in err[0]
+    assert checkpoint.read_bytes() == before
