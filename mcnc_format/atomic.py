@@ -35,7 +35,7 @@ _NAME_CHARS = 120
 _FIXES = {
     errno.ENOSPC: "free some space or write to another disk",
     errno.EDQUOT: "free some space or write to another disk",
-    errno.EROFS: "the file system is read-only; write somewhere else",
+    errno.EROFS: "write somewhere else, or remount the file system read-write",
     errno.ENAMETOOLONG: "choose a shorter file name",
     errno.EACCES: "check the permissions of the folder, or write somewhere else",
     errno.EPERM: "check the permissions of the folder, or write somewhere else",

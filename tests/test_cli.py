@@ -7,6 +7,7 @@ pytest reports it on failure through the fixture's name in the traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -363,3 +364,79 @@ def test_inspect_shows_names_and_metadata_that_look_like_markup(tmp_path: Path) 
     result = CliRunner().invoke(cli, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
     assert "x[bold]" in result.output and "[/x]" in result.output
+
+
+# -- OS errors: one line, exit 2 ---------------------------------------------------------------
+def test_os_errors_of_every_command_are_one_line(runner, model_file, tmp_path):
+    """A name too long, a path through a regular file (ENOTDIR: root ignores permissions, so
+    this is how a test makes a folder that cannot be written) and a demo folder inside a
+    file: each is one ``error:`` line naming the path and the fix, never a traceback."""
+    long_name = tmp_path / ("n" * 300 + ".safetensors")
+    result = runner.invoke(cli, ["unpack", str(model_file), str(long_name)])
+    _assert_one_line_error(result, "File name too long; choose a shorter file name")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a file, not a folder")
+    result = runner.invoke(cli, ["unpack", str(model_file), str(plain / "out.safetensors")])
+    _assert_one_line_error(result, "Not a directory; a part of the path is a file")
+    result = runner.invoke(cli, ["export-peft", "--skip-non-lora", str(model_file),
+                                 str(plain / "adapter")])
+    _assert_one_line_error(result, "plain.txt/adapter: Not a directory")
+    result = runner.invoke(cli, ["demo", "--quick", "--out", str(plain / "demo")])
+    _assert_one_line_error(result, "plain.txt/demo: Not a directory")
+    assert plain.read_text() == "a file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt"]
+
+
+@pytest.mark.parametrize(("code", "needle"), [
+    (errno.ENOSPC, "No space left on device; free some space"),
+    (errno.EROFS, "Read-only file system; write somewhere else"),
+])
+def test_full_or_read_only_disk_is_one_line(runner, model_file, tmp_path, monkeypatch, code,
+                                            needle):
+    """The disk fails at the last write primitive (fsync of the finished file) for unpack and
+    export-peft: one line, the previous output kept, nothing temporary left."""
+    from mcnc_format import atomic
+
+    def fail(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"previous")
+    monkeypatch.setattr(atomic.os, "fsync", fail)
+    result = runner.invoke(cli, ["unpack", "--force", str(model_file), str(out)])
+    _assert_one_line_error(result, needle)
+    result = runner.invoke(cli, ["export-peft", "--skip-non-lora", str(model_file),
+                                 str(tmp_path / "adapter")])
+    _assert_one_line_error(result, needle)
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adapter", "out.safetensors"]
+
+
+# -- terminal safety ---------------------------------------------------------------------------
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u009b31m[bold]x[/bold]"
+HOSTILE_SHOWN = "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m[bold]x[/bold]"
+
+
+def _assert_terminal_safe(text: str) -> None:
+    assert not any(ch in text for ch in "\x1b\x07\u009b"), repr(text)
+
+
+def test_strings_from_files_cannot_drive_the_terminal(runner, tmp_path):
+    """Escape sequences and rich markup in a tensor name, metadata and the file's own name are
+    shown escaped and literal by inspect, verify, unpack and in errors; --json is exact."""
+    path = tmp_path / f"m{HOSTILE.replace('/', '')}.mcnc"
+    mcnc.save(path, {f"w{HOSTILE}": torch.arange(3.0)}, metadata={f"k{HOSTILE}": HOSTILE},
+              info={"producer": HOSTILE})
+    result = runner.invoke(cli, ["inspect", str(path)], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    _assert_terminal_safe(result.output)
+    assert f"w{HOSTILE_SHOWN}" in result.output and f"k{HOSTILE_SHOWN}" in result.output
+    facts = json.loads(runner.invoke(cli, ["inspect", "--json", str(path)]).output)
+    assert facts["tensors"][0]["name"] == f"w{HOSTILE}"
+    assert facts["metadata"] == {f"k{HOSTILE}": HOSTILE}
+    for args in (["verify", str(path)],
+                 ["unpack", str(path), str(tmp_path / f"o{HOSTILE.replace('/', '')}")],
+                 ["inspect", str(tmp_path / f"missing{HOSTILE.replace('/', '')}")]):
+        result = runner.invoke(cli, args, terminal_width=400)
+        _assert_terminal_safe(result.output)
+        assert "\\x1b]0;pwned\\x07" in result.output, result.output

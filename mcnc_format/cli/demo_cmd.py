@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ..demo import DemoResult, DemoSettings, run_demo
 from .inspect_cmd import inspect
+from .safe_text import markup_safe
 
 __all__ = ["demo"]
 
@@ -40,7 +41,7 @@ def demo(ctx: click.Context, out_dir: Path | None, as_json: bool, quick: bool) -
     console = Console()
     console.rule("mcnc demo")
     result = run_demo(settings, folder, log=console.print)
-    console.rule(f"mcnc inspect {Path(result.mcnc_file).name}")
+    console.rule(f"mcnc inspect {markup_safe(Path(result.mcnc_file).name)}")
     ctx.invoke(inspect, file=Path(result.mcnc_file), as_json=False)
     console.print(_summary_table(result))
     if out_dir is None:

@@ -11,13 +11,13 @@ from typing import Any
 
 import click
 from rich.console import Console, Group
-from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
 from .. import constants as C
 from ..header import GeneratorEntry, Header, TensorEntry
 from ..reader import MCNCFile, open_file
+from .safe_text import markup_safe
 
 __all__ = ["describe", "inspect"]
 
@@ -171,9 +171,9 @@ def _summary_panel(facts: dict[str, Any]) -> Panel:
             table.add_column(style="cyan")
             table.add_column(overflow="fold")
             for key, value in sorted(facts[title].items()):
-                table.add_row(escape(key), escape(_shorten(value)))
+                table.add_row(markup_safe(key), markup_safe(_shorten(value)))
             parts += [f"[bold]{title}[/bold]", table]
-    return Panel(Group(*parts), title=escape(facts["file"]), title_align="left", expand=False)
+    return Panel(Group(*parts), title=markup_safe(facts["file"]), title_align="left", expand=False)
 
 
 def _tensor_table(tensors: list[dict[str, Any]]) -> Table:
@@ -187,11 +187,12 @@ def _tensor_table(tensors: list[dict[str, Any]]) -> Table:
         segment = t["segment"]
         if "factors" in t:
             segment = f"A:{t['factors']['A']['segment']} B:{t['factors']['B']['segment']}"
-        # Names and the other strings come from the file: never let rich read them as markup.
-        table.add_row(escape(t["name"]), "x".join(map(str, t["shape"])) or "scalar",
-                      escape(t["dtype"]), escape(t["encoding"]), f"{t['stored_values']:,}",
-                      f"{t['stored_bytes']:,}", escape(t["theta0_scheme"] or t["theta0"] or "-"),
-                      _dash(segment), _dash(t["generator"]))
+        # Names and the other strings come from the file: no markup, no terminal controls.
+        table.add_row(markup_safe(t["name"]), "x".join(map(str, t["shape"])) or "scalar",
+                      markup_safe(t["dtype"]), markup_safe(t["encoding"]),
+                      f"{t['stored_values']:,}", f"{t['stored_bytes']:,}",
+                      markup_safe(t["theta0_scheme"] or t["theta0"] or "-"),
+                      markup_safe(_dash(segment)), _dash(t["generator"]))
     return table
 
 

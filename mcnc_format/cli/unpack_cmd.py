@@ -15,7 +15,6 @@ from pathlib import Path
 import click
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import Progress
 
 from .. import constants as C
@@ -24,6 +23,7 @@ from ..reader import MCNCFile, open_file
 from ..safetensors_out import save_safetensors
 from ..streaming import Progress as LoadProgress
 from ..streaming import stream
+from .safe_text import markup_safe, printable
 
 __all__ = ["export_safetensors", "provenance_metadata", "unpack"]
 
@@ -51,11 +51,11 @@ def unpack(file: str, out: Path, dtype: str | None, force: bool) -> None:
 
         def report(p: LoadProgress) -> None:
             bar.update(task, total=p.bytes_total, completed=p.bytes_done,
-                       description=escape(p.name))
+                       description=markup_safe(p.name))
 
         written = export_safetensors(file, out, dtype=DTYPES[dtype] if dtype else None,
                                      overwrite=force, progress=report)
-    click.echo(f"wrote {out} ({written:,} bytes)")
+    click.echo(f"wrote {printable(out)} ({written:,} bytes)")
 
 
 def provenance_metadata(f: MCNCFile) -> dict[str, str]:
