@@ -235,3 +235,21 @@ def test_pack_refuses_to_write_over_its_own_checkpoint(link: str, seed: int, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is the input file" in err[0] and "choose another output" in err[0]
     assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", ["binary", "deep"])
+def test_mapping_that_is_no_json_text_is_a_one_line_mapping_error(
+        content: str, seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--mapping`` given the checkpoint itself (binary) or absurdly nested JSON."""
+    checkpoint = tmp_path / "m.pt"
+    torch.save(_trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict(), checkpoint)
+    mapping = checkpoint if content == "binary" else tmp_path / "deep.json"
+    if content == "deep":
+        mapping.write_text("[" * 100_000 + "]" * 100_000)
+    assert _run_pack([str(checkpoint), str(tmp_path / "m.mcnc"), "--mapping", str(mapping)],
+                     monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = "is not UTF-8 text" if content == "binary" else "nested too deeply"
+    assert len(err) == 1 and expected in err[0] and "docs/converters.md" in err[0], err
+    assert not (tmp_path / "m.mcnc").exists()
