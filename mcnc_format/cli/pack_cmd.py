@@ -50,6 +50,8 @@ def pack_command(checkpoint: Path, out: Path, mapping: Path | None, converter: s
         result = pack(checkpoint, out, mapping=mapping, converter=converter, base=base,
                       force=force,
                       progress=report)
+    for note in result.notes:
+        click.echo(f"note: {printable(note)}", err=True)
     ratio = result.input_bytes / result.output_bytes if result.output_bytes else 0.0
     click.echo(f"wrote {printable(result.output)} ({result.output_bytes:,} bytes, "
                f"{result.tensors} tensors, converter {printable(result.converter)}; "

@@ -37,6 +37,7 @@ class PackResult:
     tensors: int
     input_bytes: int
     output_bytes: int
+    notes: tuple[str, ...] = ()  # how the checkpoint was unwrapped (checkpoint.py)
 
 
 def pack(
@@ -69,7 +70,7 @@ def pack(
         if progress is not None:
             progress("read", nbytes, total)
 
-    checkpoint = read_checkpoint(checkpoint_path, on_tensor)
+    checkpoint = read_checkpoint(checkpoint_path, on_tensor, unwrap=mapping is None)
     chosen = _choose(checkpoint, mapping, converter, output)
     if progress is not None:
         progress("convert", 0, 0)
@@ -82,7 +83,7 @@ def pack(
     save(output, conversion.tensors, metadata=conversion.metadata, info=conversion.info,
          overwrite=force)
     return PackResult(output, chosen.name, len(conversion.tensors), total,
-                      output.stat().st_size)
+                      output.stat().st_size, tuple(checkpoint.notes))
 
 
 def _choose(checkpoint: Checkpoint, mapping: str | os.PathLike[str] | None,
