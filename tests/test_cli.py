@@ -100,9 +100,9 @@ def test_inspect_table_lists_tensors_summary_generators_and_segments(runner, mod
     for name in ("encoder.weight", "encoder.bias", "head.weight", "head.bias", "adapter.weight",
                  "steps"):
         assert name in out
-    for text in ("compression ratio", "dense equivalent", "format version", "fan_in_uniform",
-                 "philox seed", "segments", "generators", "tests/test_cli.py", "lora", "zstd",
-                 "dense", "packed"):
+    for text in ("file ratio", "weights ratio", "dense equivalent", "format version",
+                 "fan_in_uniform", "philox seed", "segments", "generators", "tests/test_cli.py",
+                 "lora", "zstd", "dense", "packed"):
         assert text in out, text
 
 
@@ -120,8 +120,8 @@ def test_inspect_json_has_the_documented_keys_and_the_file_facts(runner, model_f
             info = f.tensor_info(t["name"])
             assert (t["stored_values"], t["stored_bytes"]) == (info.stored_values,
                                                                info.stored_bytes)
-    assert set(facts["summary"]) >= {"file_bytes", "dense_bytes", "compression_ratio",
-                                     "compressed_part_ratio", "parameters", "format_version"}
+    assert set(facts["summary"]) >= {"file_bytes", "dense_bytes", "file_ratio",
+                                     "weights_ratio", "parameters", "format_version"}
     assert facts["format_version"] == "1.1"
     assert facts["metadata"] == {"task": "tests", "seed": str(SEED)}
     by_name = {t["name"]: t for t in facts["tensors"]}
@@ -339,6 +339,20 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the example's mkdtemp lands here
     exec(compile(match.group(1), "README.md", "exec"), {"__name__": "readme_example"})
     assert "smaller than dense" in capsys.readouterr().out
+
+
+def test_ci_runs_the_readme_test_command_and_setup_needs_no_test_extras():
+    """The newcomer's set-up installs the package alone; the test command installs the test
+    extras itself, and CI runs that command exactly as README.md writes it."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    setup = next(b for b in blocks if "mcnc demo" in b)
+    tests = next(b for b in blocks if "pytest" in b)
+    assert "[test]" not in setup and "pip install -e . " in setup
+    assert tests == "pip install -e '.[test]' && python -m pytest -q"
+    assert tests in (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    ignored = (REPO / ".gitignore").read_text(encoding="utf-8").split()
+    assert "venv/" in ignored and ".venv/" in ignored
 
 
 def test_benchmark_quick_run(tmp_path):

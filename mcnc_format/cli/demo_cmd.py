@@ -60,12 +60,12 @@ def _summary_table(result: DemoResult) -> Table:
     rows = [
         ("test accuracy, MCNC", f"{result.mcnc_test_accuracy:.2%}"),
         ("test accuracy, dense", f"{result.dense_test_accuracy:.2%}"),
-        ("compression of the weight matrices",
-         f"{result.compression_ratio:.1f}x ({result.compressed_parameters:,} weights from "
+        ("weights ratio",
+         f"{result.weights_ratio:.1f}x ({result.compressed_parameters:,} weights from "
          f"{result.stored_values:,} stored values)"),
-        (".mcnc file", f"{result.file_bytes:,} bytes"),
-        ("dense safetensors", f"{result.dense_bytes:,} bytes "
-         f"({result.file_compression_ratio:.1f}x the .mcnc file)"),
+        ("file ratio", f"{result.file_ratio:.1f}x ({result.dense_bytes:,} dense bytes / "
+         f"{result.file_bytes:,} bytes of .mcnc file)"),
+        ("dense safetensors file", f"{result.dense_file_bytes:,} bytes"),
         ("load time", f"{result.load_seconds * 1000:.1f} ms"),
         ("reloaded predictions", "match" if result.predictions_match else "DIFFER"),
         ("training time, MCNC / dense",

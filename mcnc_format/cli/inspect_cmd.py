@@ -25,8 +25,8 @@ SUMMARY_KEYS = (
     "file_bytes",
     "header_bytes",
     "dense_bytes",
-    "compression_ratio",
-    "compressed_part_ratio",
+    "file_ratio",
+    "weights_ratio",
     "parameters",
     "compressed_parameters",
     "stored_alpha_beta_values",
@@ -157,9 +157,9 @@ def _summary_panel(facts: dict[str, Any]) -> Panel:
     grid.add_row("format version", f"{s['format_version']} (alignment {facts['alignment']})")
     grid.add_row("file size", f"{_bytes(s['file_bytes'])}, header {s['header_bytes']:,} bytes")
     grid.add_row("dense equivalent", _bytes(s["dense_bytes"]))
-    grid.add_row("compression ratio", f"{s['compression_ratio']:,.1f}x  (dense bytes / file bytes)")
-    grid.add_row("compressed part", f"{s['compressed_part_ratio']:,.1f}x  "
-                 f"({s['compressed_parameters']:,} parameters from "
+    grid.add_row("file ratio", f"{s['file_ratio']:,.1f}x  (dense bytes / file bytes)")
+    grid.add_row("weights ratio", f"{s['weights_ratio']:,.1f}x  "
+                 f"({s['compressed_parameters']:,} compressed parameters from "
                  f"{s['stored_alpha_beta_values']:,} stored alpha/beta values)")
     grid.add_row("parameters", f"{s['parameters']:,}")
     grid.add_row("entries", f"{s['tensors']:,} tensors, {s['segments']:,} segments, "
