@@ -7,8 +7,9 @@ adapters, the demo's files). Three promises:
   file and only appear under the target's name once complete and fsynced.
 * A writer killed at any moment (even SIGKILL) leaves nothing behind: on Linux the file is
   created with ``O_TMPFILE`` (no name until it is linked into place). Where the file system
-  lacks ``O_TMPFILE`` a named temporary ``.NAME.<pid>.<random>.tmp`` is used, and temporaries
-  of writers that no longer run on this machine are removed by the next write to that target.
+  lacks ``O_TMPFILE`` a named temporary ``.NAME.<pid>.<random>.tmp`` is used (replacing a file
+  also names the finished file so for a moment before the rename), and temporaries of writers
+  that no longer run on this machine are removed by the next write to that target.
 * Without ``overwrite`` the target is created only if it still does not exist at the moment the
   finished file is linked into place (``link`` fails with ``EEXIST``): of two writers racing to
   the same new path exactly one succeeds. With ``overwrite`` the target is replaced by a
@@ -85,6 +86,7 @@ def atomic_path(target: Path, *, overwrite: bool) -> Iterator[Path]:
     while writing) is a ``WriteError``.
     """
     directory = target.parent if str(target.parent) else Path(".")
+    _remove_stale_temporaries(target, directory)
     fd, named = _create(target, directory)
     try:
         yield Path(f"/proc/self/fd/{fd}") if named is None else named
@@ -113,7 +115,6 @@ def _create(target: Path, directory: Path) -> tuple[int, Path | None]:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise WriteError(f"{target}: cannot create the file: "
                              f"{describe_os_error(exc, directory)}") from exc
-    _remove_stale_temporaries(target, directory)
     try:
         fd, name = tempfile.mkstemp(prefix=_temporary_prefix(target) + f"{os.getpid()}.",
                                     suffix=".tmp", dir=directory)

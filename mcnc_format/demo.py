@@ -23,6 +23,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .converters.pack import pack
+from .errors import WriteError
 from .examples.digits import N_CLASSES, N_FEATURES, DigitsSplit, split_digits
 from .reader import open_file
 from .safetensors_out import save_safetensors
@@ -141,7 +142,11 @@ def _run(settings: DemoSettings, folder: Path, log: Callable[[str], None]) -> De
     log(f"MCNC MLP:   test accuracy {mcnc_accuracy:.2%} ({mcnc_seconds:.1f} s)")
 
     with atomic_path(folder / CHECKPOINT_FILE, overwrite=True) as tmp:
-        torch.save(model.state_dict(), tmp)
+        try:
+            torch.save(model.state_dict(), tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk this way
+            raise WriteError(f"{folder / CHECKPOINT_FILE}: writing the checkpoint failed: "
+                             f"{exc}") from exc
     pack(folder / CHECKPOINT_FILE, folder / MCNC_FILE, force=True)
     with open_file(folder / MCNC_FILE) as f:
         summary = f.summary()

@@ -407,8 +407,8 @@ def test_os_errors_of_every_command_are_one_line(runner, model_file, tmp_path):
 ])
 def test_full_or_read_only_disk_is_one_line(runner, model_file, tmp_path, monkeypatch, code,
                                             needle):
-    """The disk fails at the last write primitive (fsync of the finished file) for unpack and
-    export-peft: one line, the previous output kept, nothing temporary left."""
+    """The disk fails at the last write primitive (fsync of the finished file) for unpack,
+    export-peft and demo --out: one line, the previous output kept, nothing temporary left."""
     from mcnc_format import atomic
 
     def fail(fd: int) -> None:
@@ -422,8 +422,10 @@ def test_full_or_read_only_disk_is_one_line(runner, model_file, tmp_path, monkey
     result = runner.invoke(cli, ["export-peft", "--skip-non-lora", str(model_file),
                                  str(tmp_path / "adapter")])
     _assert_one_line_error(result, needle)
+    result = runner.invoke(cli, ["demo", "--quick", "--out", str(tmp_path / "demo")])
+    _assert_one_line_error(result, needle)
     assert out.read_bytes() == b"previous"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adapter", "out.safetensors"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adapter", "demo", "out.safetensors"]
 
 
 # -- terminal safety ---------------------------------------------------------------------------
