@@ -46,13 +46,13 @@ _FIXES = {
 }
 
 
-def describe_os_error(exc: OSError, path: object = None) -> str:
-    """``PATH: what failed; what to do`` for an ``OSError``, as one line for a user."""
-    where = exc.filename if exc.filename is not None else path
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: what failed; what to do`` for an ``OSError``, as one line for a user (without
+    ``PATH:`` when the error names no path)."""
     what = exc.strerror or str(exc) or type(exc).__name__
     fix = _FIXES.get(exc.errno or 0)
-    return f"{where}: {what}" + (f"; {fix}" if fix else "") if where is not None else (
-        what + (f"; {fix}" if fix else ""))
+    line = what + (f"; {fix}" if fix else "")
+    return line if exc.filename is None else f"{exc.filename}: {line}"
 
 
 def refuse_overwrite(outputs: list[Path], overwrite: bool) -> None:
@@ -97,7 +97,7 @@ def atomic_path(target: Path, *, overwrite: bool) -> Iterator[Path]:
         if named is not None:
             named.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise WriteError(f"{target}: write failed: {describe_os_error(exc, target)}; the "
+            raise WriteError(f"{target}: write failed: {describe_os_error(exc)}; the "
                              "previous file, if any, is unchanged") from exc
         raise
     finally:
@@ -114,13 +114,13 @@ def _create(target: Path, directory: Path) -> tuple[int, Path | None]:
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise WriteError(f"{target}: cannot create the file: "
-                             f"{describe_os_error(exc, directory)}") from exc
+                             f"{describe_os_error(exc)}") from exc
     try:
         fd, name = tempfile.mkstemp(prefix=_temporary_prefix(target) + f"{os.getpid()}.",
                                     suffix=".tmp", dir=directory)
     except OSError as exc:
         raise WriteError(f"{target}: cannot create a temporary file: "
-                         f"{describe_os_error(exc, directory)}") from exc
+                         f"{describe_os_error(exc)}") from exc
     return fd, Path(name)
 
 
