@@ -1,15 +1,27 @@
-"""Atomic replacement of output files: the old file survives any failure of the new one.
+"""Atomic, race-free creation and replacement of output files.
 
-Used for every file the library writes (``.mcnc`` files, dense safetensors exports): the new
-bytes go to a temporary file in the target's directory, which is fsynced and renamed over the
-target only once it is complete. A crash, a full disk or Ctrl-C mid-write leaves the previous
-file exactly as it was.
+Used for every file the library writes (``.mcnc`` files, dense safetensors exports, PEFT
+adapters, the demo's files). Three promises:
+
+* The old file survives any failure of the new one: the new bytes are written to an unnamed
+  file and only appear under the target's name once complete and fsynced.
+* A writer killed at any moment (even SIGKILL) leaves nothing behind: on Linux the file is
+  created with ``O_TMPFILE`` (no name until it is linked into place). Where the file system
+  lacks ``O_TMPFILE`` a named temporary ``.NAME.<pid>.<random>.tmp`` is used (replacing a file
+  also names the finished file so for a moment before the rename), and temporaries of writers
+  that no longer run on this machine are removed by the next write to that target.
+* Without ``overwrite`` the target is created only if it still does not exist at the moment the
+  finished file is linked into place (``link`` fails with ``EEXIST``): of two writers racing to
+  the same new path exactly one succeeds. With ``overwrite`` the target is replaced by a
+  rename, atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -17,41 +29,167 @@ from pathlib import Path
 
 from .errors import WriteError
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "describe_os_error", "refuse_overwrite", "refuse_same_file"]
+
+# Room left in a 255-byte file name for the temporary name's dot, pid, random part and suffix.
+_NAME_CHARS = 120
+_FIXES = {
+    errno.ENOSPC: "free some space or write to another disk",
+    errno.EDQUOT: "free some space or write to another disk",
+    errno.EROFS: "write somewhere else, or remount the file system read-write",
+    errno.ENAMETOOLONG: "choose a shorter file name",
+    errno.EACCES: "check the permissions of the folder, or write somewhere else",
+    errno.EPERM: "check the permissions of the folder, or write somewhere else",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.ENOENT: "check that the folder exists",
+    errno.EISDIR: "the path is a folder; name a file",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: what failed; what to do`` for an ``OSError``, as one line for a user (without
+    ``PATH:`` when the error names no path)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    fix = _FIXES.get(exc.errno or 0)
+    line = what + (f"; {fix}" if fix else "")
+    return line if exc.filename is None else f"{exc.filename}: {line}"
+
+
+def refuse_overwrite(outputs: list[Path], overwrite: bool) -> None:
+    """Fail early (before any expensive work) when an output exists and may not be replaced;
+    ``atomic_path`` checks again at the final link, where it counts."""
+    existing = [str(path) for path in outputs if path.exists()]
+    if existing and not overwrite:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise WriteError(f"{', '.join(existing)}: already {verb}; pass --force (force=True) to "
+                         "overwrite")
+
+
+def refuse_same_file(source: str | os.PathLike[str], target: Path) -> None:
+    """Refuse to write over the input being read (also through symlinks and hard links):
+    the input would be destroyed, and with it the only copy of what is being converted."""
+    with contextlib.suppress(OSError):
+        if os.path.samefile(source, target):
+            raise WriteError(f"{target}: is the input file {source} itself (or a link to it); "
+                             "choose another output path")
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is fsynced and renamed to ``target``.
+def atomic_path(target: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a path to write the new file to; on success it becomes ``target``.
 
-    On any exception the temporary file is removed and ``target`` is untouched; an ``OSError``
-    becomes a ``WriteError`` naming the target.
+    The path names an unnamed ``O_TMPFILE`` file (``/proc/self/fd/N``) where the OS has it,
+    else a named temporary in the target's folder. Open it for writing as often as needed
+    (``O_TRUNC`` works), but do not rename or delete it. On any exception the new bytes are
+    discarded and ``target`` is untouched; an ``OSError`` becomes a ``WriteError`` naming the
+    target and the fix. Without ``overwrite`` an existing ``target`` (even one that appeared
+    while writing) is a ``WriteError``.
     """
     directory = target.parent if str(target.parent) else Path(".")
+    _remove_stale_temporaries(target, directory)
+    fd, named = _create(target, directory)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise WriteError(f"{target}: cannot create a temporary file in {directory}: "
-                         f"{exc.strerror}") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        _fsync(tmp)
-        os.chmod(tmp, _mode_for(target))
-        os.replace(tmp, target)
+        yield Path(f"/proc/self/fd/{fd}") if named is None else named
+        os.fsync(fd)
+        os.fchmod(fd, _mode_for(target))
+        _publish(fd, named, target, directory, overwrite)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        if named is not None:
+            named.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise WriteError(f"{target}: write failed: {exc}; the previous file, if any, is "
-                             "unchanged") from exc
+            raise WriteError(f"{target}: write failed: {describe_os_error(exc)}; the "
+                             "previous file, if any, is unchanged") from exc
         raise
+    finally:
+        os.close(fd)
     _fsync_directory(directory)
+
+
+def _create(target: Path, directory: Path) -> tuple[int, Path | None]:
+    """An open descriptor of the new file, and its name (``None`` for an ``O_TMPFILE``)."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), None
+    except AttributeError:  # no O_TMPFILE on this OS
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise WriteError(f"{target}: cannot create the file: "
+                             f"{describe_os_error(exc)}") from exc
+    try:
+        fd, name = tempfile.mkstemp(prefix=_temporary_prefix(target) + f"{os.getpid()}.",
+                                    suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise WriteError(f"{target}: cannot create a temporary file: "
+                         f"{describe_os_error(exc)}") from exc
+    return fd, Path(name)
+
+
+def _publish(fd: int, named: Path | None, target: Path, directory: Path,
+             overwrite: bool) -> None:
+    """Give the finished file the target's name: link (fails if it exists) or rename over."""
+    source = named if named is not None else Path(f"/proc/self/fd/{fd}")
+    if overwrite:
+        if named is None:  # an unnamed file cannot be renamed: name it first, then rename
+            named = directory / f"{_temporary_prefix(target)}{os.getpid()}." \
+                                f"{secrets.token_hex(4)}.tmp"
+            _link(source, named)
+        try:
+            os.replace(named, target)
+        except BaseException:
+            named.unlink(missing_ok=True)
+            raise
+        return
+    try:
+        _link(source, target)
+    except FileExistsError:
+        raise WriteError(f"{target}: already exists (it appeared while this file was being "
+                         "written); pass --force (force=True) to overwrite") from None
+    if named is not None:
+        named.unlink()
+
+
+def _link(source: Path, dest: Path) -> None:
+    """Hard-link ``source`` (following a ``/proc/self/fd/N`` link to the file itself) as
+    ``dest``; fails with ``EEXIST`` if ``dest`` exists. ``os.link`` calls ``linkat`` with
+    ``AT_SYMLINK_FOLLOW`` only when given a folder descriptor: plain ``link`` would try to link
+    the ``/proc`` symlink itself (``EXDEV``)."""
+    folder = os.open(dest.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.link(source, dest.name, dst_dir_fd=folder, follow_symlinks=True)
+    finally:
+        os.close(folder)
+
+
+def _temporary_prefix(target: Path) -> str:
+    return f".{target.name[:_NAME_CHARS]}."
+
+
+def _remove_stale_temporaries(target: Path, directory: Path) -> None:
+    """Remove ``.NAME.<pid>.*.tmp`` files whose writer process no longer exists: what a
+    writer killed before it could clean up left behind (only named temporaries can be left)."""
+    prefix = _temporary_prefix(target)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            parts = entry.name[len(prefix):].split(".")
+            if (entry.name.startswith(prefix) and len(parts) == 3 and parts[2] == "tmp"
+                    and parts[0].isdigit() and not _alive(int(parts[0]))):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _mode_for(target: Path) -> int:
     """The replaced file's permissions, or what a plain ``open`` would give under the umask
-    (mkstemp creates 0600 files)."""
+    (temporary files are created 0600)."""
     try:
         return stat.S_IMODE(os.stat(target).st_mode)
     except OSError:
@@ -73,16 +211,8 @@ def _umask() -> int:
     return umask
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (POSIX); harmless where directories cannot be opened."""
+    """Make the new name durable (POSIX); harmless where directories cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

@@ -25,7 +25,9 @@ from .api import load_into
 from .api import open as open_file
 from .atomic import atomic_path
 from .converters.pack import pack
+from .errors import WriteError
 from .examples.digits import N_CLASSES, N_FEATURES, DigitsSplit, split_digits
+from .safetensors_out import save_safetensors
 
 __all__ = ["DemoResult", "DemoSettings", "run_demo"]
 
@@ -60,12 +62,13 @@ class DemoSettings:
 class DemoResult:
     """The demo's figures; ``to_json`` is what ``mcnc demo --json`` prints."""
 
-    compression_ratio: float
-    file_compression_ratio: float
+    weights_ratio: float  # compressed parameters / stored alpha-beta values (README)
+    file_ratio: float  # dense bytes / .mcnc file bytes (README)
     mcnc_test_accuracy: float
     dense_test_accuracy: float
     file_bytes: int
-    dense_bytes: int
+    dense_bytes: int  # the weights' dense size, as mcnc inspect counts it
+    dense_file_bytes: int  # the dense model's safetensors file
     compressed_parameters: int
     stored_values: int
     parameters: int
@@ -118,8 +121,6 @@ def _one_thread() -> Iterator[None]:
 
 
 def _run(settings: DemoSettings, folder: Path, log: Callable[[str], None]) -> DemoResult:
-    from safetensors.torch import save_file
-
     from .torch import MCNCConfig, reparametrize
 
     data = split_digits(seed=settings.seed)
@@ -128,9 +129,8 @@ def _run(settings: DemoSettings, folder: Path, log: Callable[[str], None]) -> De
     dense = make_mlp(settings.hidden, settings.seed)
     dense_seconds = _train(dense, data, settings, settings.dense_lr)
     dense_accuracy = _accuracy(dense, data)
-    with atomic_path(folder / DENSE_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, tmp)
-    dense_bytes = (folder / DENSE_FILE).stat().st_size
+    dense_file_bytes = save_safetensors(folder / DENSE_FILE, dense.state_dict(), None,
+                                        overwrite=True)
     log(f"dense MLP:  test accuracy {dense_accuracy:.2%} ({dense_seconds:.1f} s)")
 
     config = MCNCConfig(k=settings.k, d=settings.d, hidden=settings.generator_hidden,
@@ -141,8 +141,12 @@ def _run(settings: DemoSettings, folder: Path, log: Callable[[str], None]) -> De
     mcnc_accuracy = _accuracy(model, data)
     log(f"MCNC MLP:   test accuracy {mcnc_accuracy:.2%} ({mcnc_seconds:.1f} s)")
 
-    with atomic_path(folder / CHECKPOINT_FILE) as tmp:
-        torch.save(model.state_dict(), tmp)
+    with atomic_path(folder / CHECKPOINT_FILE, overwrite=True) as tmp:
+        try:
+            torch.save(model.state_dict(), tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk this way
+            raise WriteError(f"{folder / CHECKPOINT_FILE}: writing the checkpoint failed: "
+                             f"{exc}") from exc
     pack(folder / CHECKPOINT_FILE, folder / MCNC_FILE, force=True)
     with open_file(folder / MCNC_FILE) as f:
         summary = f.summary()
@@ -159,17 +163,16 @@ def _run(settings: DemoSettings, folder: Path, log: Callable[[str], None]) -> De
     log(f"reloaded:   predictions {'match' if same else 'DIFFER'} (max logit difference "
         f"{max_difference:.2e}), loaded in {load_seconds * 1000:.1f} ms")
 
-    compressed = summary["compressed_parameters"]
-    stored = summary["stored_alpha_beta_values"]
     return DemoResult(
-        compression_ratio=compressed / stored,
-        file_compression_ratio=dense_bytes / summary["file_bytes"],
+        weights_ratio=summary["weights_ratio"],
+        file_ratio=summary["file_ratio"],
         mcnc_test_accuracy=mcnc_accuracy,
         dense_test_accuracy=dense_accuracy,
         file_bytes=summary["file_bytes"],
-        dense_bytes=dense_bytes,
-        compressed_parameters=compressed,
-        stored_values=stored,
+        dense_bytes=summary["dense_bytes"],
+        dense_file_bytes=dense_file_bytes,
+        compressed_parameters=summary["compressed_parameters"],
+        stored_values=summary["stored_alpha_beta_values"],
         parameters=summary["parameters"],
         load_seconds=load_seconds,
         train_seconds_mcnc=mcnc_seconds,

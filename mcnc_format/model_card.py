@@ -38,7 +38,7 @@ class FileFacts:
 
     path: str
     parameters: int
-    compression_ratio: float
+    file_ratio: float
     generators: str
     file_bytes: int
     dense_bytes: int
@@ -52,7 +52,7 @@ class FileFacts:
         return cls(
             path=path_in_repo,
             parameters=summary["parameters"],
-            compression_ratio=summary["compression_ratio"],
+            file_ratio=summary["file_ratio"],
             generators=_describe_generators(header),
             file_bytes=summary["file_bytes"],
             dense_bytes=summary["dense_bytes"],
@@ -62,7 +62,7 @@ class FileFacts:
 
     def row(self) -> str:
         cells = [f"`{self.path.replace('|', _PIPE)}`", f"{self.parameters:,}",
-                 f"{self.compression_ratio:.1f}x", self.generators, _size(self.file_bytes),
+                 f"{self.file_ratio:.1f}x", self.generators, _size(self.file_bytes),
                  _size(self.dense_bytes)]
         return "| " + " | ".join(cells) + " |"
 

@@ -3,8 +3,9 @@
 A caller describes what to store with small value types (``Segment``, ``MCNC``, ``LoRA``,
 ``Dense``, ``Theta0``) and calls ``save``. The writer checks every input up front, lays the
 file out exactly as SPEC.md §2-§4 prescribe, validates its own header with the reader's rules,
-and writes to a temporary file in the target directory that is fsynced and renamed into place:
-an interrupted write (crash, Ctrl-C) leaves any previous file untouched.
+and writes through ``atomic.atomic_path``: the file appears under its name only once complete
+and fsynced, so an interrupted write (crash, Ctrl-C, SIGKILL) leaves any previous file
+untouched and no temporary behind.
 """
 
 from __future__ import annotations
@@ -139,11 +140,14 @@ def save(
     metadata: Mapping[str, str] | None = None,
     info: Mapping[str, str] | None = None,
     alignment: int = C.DEFAULT_ALIGNMENT,
+    overwrite: bool = True,
 ) -> Path:
-    """Write ``tensors`` to ``path`` atomically. Plain tensors are stored dense and raw; those
-    under ``PACK_MAX_TENSOR_BYTES`` (64 KiB: norms, biases) share one packed blob (SPEC.md
-    §6.4), which saves a blob entry, a checksum and alignment padding each. ``Dense(t)`` gives
-    a tensor its own blob."""
+    """Write ``tensors`` to ``path`` atomically; with ``overwrite=False`` an existing ``path``
+    (also one created by someone else while this file was written) is a ``WriteError``.
+
+    Plain tensors are stored dense and raw; those under ``PACK_MAX_TENSOR_BYTES`` (64 KiB:
+    norms, biases) share one packed blob (SPEC.md §6.4), which saves a blob entry, a checksum
+    and alignment padding each. ``Dense(t)`` gives a tensor its own blob."""
     if sys.byteorder != "little":
         raise WriteError("mcnc-format writes little-endian data and needs a little-endian host")
     target = Path(path)
@@ -162,7 +166,7 @@ def save(
     layout.finish_segments()
     layout.finish_pack()
     header_codec, header_bytes = layout.place_blobs()
-    _atomic_write(target, layout, header_codec, header_bytes)
+    _atomic_write(target, layout, header_codec, header_bytes, overwrite)
     return target
 
 
@@ -420,9 +424,10 @@ class _Layout:
         return None
 
 
-def _atomic_write(target: Path, layout: _Layout, header_codec: int, header_bytes: bytes) -> None:
-    with atomic_path(target) as tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC),
-                                               "wb") as out:
+def _atomic_write(target: Path, layout: _Layout, header_codec: int, header_bytes: bytes,
+                  overwrite: bool) -> None:
+    with atomic_path(target, overwrite=overwrite) as tmp, \
+            os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as out:
         out.write(encode_preamble(header_bytes, layout.header.minor, header_codec))
         out.write(header_bytes)
         position = C.PREAMBLE_SIZE + len(header_bytes)

@@ -7,6 +7,7 @@ pytest reports it on failure through the fixture's name in the traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -99,9 +100,9 @@ def test_inspect_table_lists_tensors_summary_generators_and_segments(runner, mod
     for name in ("encoder.weight", "encoder.bias", "head.weight", "head.bias", "adapter.weight",
                  "steps"):
         assert name in out
-    for text in ("compression ratio", "dense equivalent", "format version", "fan_in_uniform",
-                 "philox seed", "segments", "generators", "tests/test_cli.py", "lora", "zstd",
-                 "dense", "packed"):
+    for text in ("file ratio", "weights ratio", "dense equivalent", "format version",
+                 "fan_in_uniform", "philox seed", "segments", "generators", "tests/test_cli.py",
+                 "lora", "zstd", "dense", "packed"):
         assert text in out, text
 
 
@@ -119,8 +120,8 @@ def test_inspect_json_has_the_documented_keys_and_the_file_facts(runner, model_f
             info = f.tensor_info(t["name"])
             assert (t["stored_values"], t["stored_bytes"]) == (info.stored_values,
                                                                info.stored_bytes)
-    assert set(facts["summary"]) >= {"file_bytes", "dense_bytes", "compression_ratio",
-                                     "compressed_part_ratio", "parameters", "format_version"}
+    assert set(facts["summary"]) >= {"file_bytes", "dense_bytes", "file_ratio",
+                                     "weights_ratio", "parameters", "format_version"}
     assert facts["format_version"] == "1.1"
     assert facts["metadata"] == {"task": "tests", "seed": str(SEED)}
     by_name = {t["name"]: t for t in facts["tensors"]}
@@ -340,6 +341,20 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert "smaller than dense" in capsys.readouterr().out
 
 
+def test_ci_runs_the_readme_test_command_and_setup_needs_no_test_extras():
+    """The newcomer's set-up installs the package alone; the test command installs the test
+    extras itself, and CI runs that command exactly as README.md writes it."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    setup = next(b for b in blocks if "mcnc demo" in b)
+    tests = next(b for b in blocks if "pytest" in b)
+    assert "[test]" not in setup and "pip install -e . " in setup
+    assert tests == "pip install -e '.[test]' && python -m pytest -q"
+    assert tests in (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    ignored = (REPO / ".gitignore").read_text(encoding="utf-8").split()
+    assert "venv/" in ignored and ".venv/" in ignored
+
+
 def test_benchmark_quick_run(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -363,3 +378,81 @@ def test_inspect_shows_names_and_metadata_that_look_like_markup(tmp_path: Path) 
     result = CliRunner().invoke(cli, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
     assert "x[bold]" in result.output and "[/x]" in result.output
+
+
+# -- OS errors: one line, exit 2 ---------------------------------------------------------------
+def test_os_errors_of_every_command_are_one_line(runner, model_file, tmp_path):
+    """A name too long, a path through a regular file (ENOTDIR: root ignores permissions, so
+    this is how a test makes a folder that cannot be written) and a demo folder inside a
+    file: each is one ``error:`` line naming the path and the fix, never a traceback."""
+    long_name = tmp_path / ("n" * 300 + ".safetensors")
+    result = runner.invoke(cli, ["unpack", str(model_file), str(long_name)])
+    _assert_one_line_error(result, "File name too long; choose a shorter file name")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a file, not a folder")
+    result = runner.invoke(cli, ["unpack", str(model_file), str(plain / "out.safetensors")])
+    _assert_one_line_error(result, "Not a directory; a part of the path is a file")
+    result = runner.invoke(cli, ["export-peft", "--skip-non-lora", str(model_file),
+                                 str(plain / "adapter")])
+    _assert_one_line_error(result, "plain.txt/adapter: Not a directory")
+    result = runner.invoke(cli, ["demo", "--quick", "--out", str(plain / "demo")])
+    _assert_one_line_error(result, "plain.txt/demo: Not a directory")
+    assert plain.read_text() == "a file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt"]
+
+
+@pytest.mark.parametrize(("code", "needle"), [
+    (errno.ENOSPC, "No space left on device; free some space"),
+    (errno.EROFS, "Read-only file system; write somewhere else"),
+])
+def test_full_or_read_only_disk_is_one_line(runner, model_file, tmp_path, monkeypatch, code,
+                                            needle):
+    """The disk fails at the last write primitive (fsync of the finished file) for unpack,
+    export-peft and demo --out: one line, the previous output kept, nothing temporary left."""
+    from mcnc_format import atomic
+
+    def fail(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"previous")
+    monkeypatch.setattr(atomic.os, "fsync", fail)
+    result = runner.invoke(cli, ["unpack", "--force", str(model_file), str(out)])
+    _assert_one_line_error(result, needle)
+    result = runner.invoke(cli, ["export-peft", "--skip-non-lora", str(model_file),
+                                 str(tmp_path / "adapter")])
+    _assert_one_line_error(result, needle)
+    result = runner.invoke(cli, ["demo", "--quick", "--out", str(tmp_path / "demo")])
+    _assert_one_line_error(result, needle)
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adapter", "demo", "out.safetensors"]
+
+
+# -- terminal safety ---------------------------------------------------------------------------
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u009b31m[bold]x[/bold]"
+HOSTILE_SHOWN = "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m[bold]x[/bold]"
+
+
+def _assert_terminal_safe(text: str) -> None:
+    assert not any(ch in text for ch in "\x1b\x07\u009b"), repr(text)
+
+
+def test_strings_from_files_cannot_drive_the_terminal(runner, tmp_path):
+    """Escape sequences and rich markup in a tensor name, metadata and the file's own name are
+    shown escaped and literal by inspect, verify, unpack and in errors; --json is exact."""
+    path = tmp_path / f"m{HOSTILE.replace('/', '')}.mcnc"
+    mcnc.save(path, {f"w{HOSTILE}": torch.arange(3.0)}, metadata={f"k{HOSTILE}": HOSTILE},
+              info={"producer": HOSTILE})
+    result = runner.invoke(cli, ["inspect", str(path)], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    _assert_terminal_safe(result.output)
+    assert f"w{HOSTILE_SHOWN}" in result.output and f"k{HOSTILE_SHOWN}" in result.output
+    facts = json.loads(runner.invoke(cli, ["inspect", "--json", str(path)]).output)
+    assert facts["tensors"][0]["name"] == f"w{HOSTILE}"
+    assert facts["metadata"] == {f"k{HOSTILE}": HOSTILE}
+    for args in (["verify", str(path)],
+                 ["unpack", str(path), str(tmp_path / f"o{HOSTILE.replace('/', '')}")],
+                 ["inspect", str(tmp_path / f"missing{HOSTILE.replace('/', '')}")]):
+        result = runner.invoke(cli, args, terminal_width=400)
+        _assert_terminal_safe(result.output)
+        assert "\\x1b]0;pwned\\x07" in result.output, result.output

@@ -77,11 +77,12 @@ def test_pickled_code_is_refused_and_never_runs(container: str, tmp_path: Path) 
 def test_nested_checkpoint_is_flattened(seed: int, tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(seed)
     w, b = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
-    torch.save({"state_dict": {"fc": {"weight": w, "bias": b}}, "epoch": 7, "tags": ("a", 1)},
+    torch.save({"encoder": {"fc": {"weight": w, "bias": b}}, "epoch": 7, "tags": ("a", 1)},
                tmp_path / "ckpt.pt")
     ckpt = read_checkpoint(tmp_path / "ckpt.pt")
-    assert list(ckpt.tensors) == ["state_dict.fc.weight", "state_dict.fc.bias"]
-    assert torch.equal(ckpt.tensors["state_dict.fc.weight"], w)
+    assert list(ckpt.tensors) == ["encoder.fc.weight", "encoder.fc.bias"]
+    assert torch.equal(ckpt.tensors["encoder.fc.weight"], w)
+    assert ckpt.notes == []  # "encoder" is no wrapper: nothing unwrapped
     assert ckpt.extras == {"epoch": 7, "tags": ["a", 1]}
     assert ckpt.nbytes == (12 + 4) * 4
 
@@ -380,7 +381,7 @@ def test_mapping_errors_name_the_field(change: dict, match: str, seed: int,
     (tmp_path / "m.json").write_text(json.dumps(FOREIGN_MAPPING | change))
     with pytest.raises(MCNCError, match=match):
         converter = load_mapping(tmp_path / "m.json")
-        converter.convert(read_checkpoint(path))
+        converter.convert(read_checkpoint(path, unwrap=False))
     assert isinstance(MappingConverter(FOREIGN_MAPPING), MappingConverter)
 
 

@@ -19,8 +19,8 @@ import mcnc_format as mf
 from mcnc_format.cli.demo_cmd import demo
 from mcnc_format.examples.digits import load_digits, split_digits
 
-REQUIRED_KEYS = {"compression_ratio", "mcnc_test_accuracy", "dense_test_accuracy",
-                 "file_bytes", "dense_bytes"}
+REQUIRED_KEYS = {"weights_ratio", "file_ratio", "mcnc_test_accuracy", "dense_test_accuracy",
+                 "file_bytes", "dense_bytes", "dense_file_bytes"}
 
 
 def test_digits_ship_with_the_package() -> None:
@@ -37,7 +37,13 @@ def test_demo_json_quick(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert set(summary) >= REQUIRED_KEYS
-    assert summary["compression_ratio"] >= 40
+    assert summary["weights_ratio"] >= 40
+    assert "compression_ratio" not in summary  # one name per ratio (README)
+    with mf.open(tmp_path / "digits.mcnc") as f:  # the same figures as mcnc inspect
+        facts = f.summary()
+    assert summary["file_ratio"] == facts["file_ratio"]
+    assert summary["weights_ratio"] == facts["weights_ratio"]
+    assert summary["file_ratio"] == pytest.approx(summary["dense_bytes"] / summary["file_bytes"])
     assert summary["predictions_match"] is True
     assert 0.5 < summary["mcnc_test_accuracy"] <= 1.0
     assert summary["file_bytes"] == (tmp_path / "digits.mcnc").stat().st_size
@@ -47,8 +53,8 @@ def test_demo_json_quick(tmp_path: Path) -> None:
 def test_demo_walkthrough_shows_inspect() -> None:
     result = CliRunner().invoke(demo, ["--quick"])
     assert result.exit_code == 0, result.output
-    for text in ("test accuracy", "compression ratio", "tensors", "generators", "load time",
-                 "files removed"):
+    for text in ("test accuracy", "file ratio", "weights ratio", "tensors", "generators",
+                 "load time", "files removed"):
         assert text in result.output
 
 

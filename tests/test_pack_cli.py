@@ -24,6 +24,7 @@ from mcnc_format.cli import pack_cmd
 from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
+from mcnc_format.verify import verify_file
 
 
 @pytest.fixture
@@ -172,3 +173,151 @@ def test_lora_adapter_against_base_checkpoint(seed: int, tmp_path: Path) -> None
     save_file(other.state_dict(), tmp_path / "other.safetensors")
     with pytest.raises(MCNCError, match="trained on another base"):
         pack(tmp_path / "adapter.pt", tmp_path / "x.mcnc", base=tmp_path / "other.safetensors")
+
+
+def test_two_packs_racing_to_the_same_new_output(seed: int, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both runs pass the early "already exists" check and write their file; they meet at the
+    final step (a barrier in fsync), where exactly one may create OUT."""
+    import threading
+
+    from mcnc_format import atomic
+
+    torch.save(_trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict(),
+               tmp_path / "m.pt")
+    out = tmp_path / "m.mcnc"
+    barrier, real_fsync, met = threading.Barrier(2, timeout=60), os.fsync, threading.local()
+
+    def meet(fd: int) -> None:  # the file's fsync, not the folder's that follows success
+        if not getattr(met, "done", False):
+            met.done = True
+            barrier.wait()
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", meet)
+    outcomes: list[object] = []
+
+    def run() -> None:
+        try:
+            outcomes.append(pack(tmp_path / "m.pt", out))
+        except MCNCError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [o for o in outcomes if isinstance(o, MCNCError)]
+    assert len(outcomes) == 2 and len(errors) == 1, outcomes
+    assert "already exists" in str(errors[0]) and "pass --force" in str(errors[0])
+    monkeypatch.undo()
+    assert verify_file(out).ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mcnc", "m.pt"]
+
+
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink"])
+def test_pack_refuses_to_write_over_its_own_checkpoint(link: str, seed: int, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """``mcnc-pack --force m.pt m.pt`` (or OUT a link to m.pt) would destroy the checkpoint."""
+    checkpoint = tmp_path / "m.pt"
+    torch.save(_trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict(), checkpoint)
+    before = checkpoint.read_bytes()
+    out = {"same": checkpoint, "symlink": tmp_path / "link.mcnc",
+           "hardlink": tmp_path / "hard.mcnc"}[link]
+    if link == "symlink":
+        out.symlink_to(checkpoint)
+    elif link == "hardlink":
+        os.link(checkpoint, out)
+    assert _run_pack(["--force", str(checkpoint), str(out)], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is the input file" in err[0] and "choose another output" in err[0]
+    assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", ["binary", "deep"])
+def test_mapping_that_is_no_json_text_is_a_one_line_mapping_error(
+        content: str, seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--mapping`` given the checkpoint itself (binary) or absurdly nested JSON."""
+    checkpoint = tmp_path / "m.pt"
+    torch.save(_trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict(), checkpoint)
+    mapping = checkpoint if content == "binary" else tmp_path / "deep.json"
+    if content == "deep":
+        mapping.write_text("[" * 100_000 + "]" * 100_000)
+    assert _run_pack([str(checkpoint), str(tmp_path / "m.mcnc"), "--mapping", str(mapping)],
+                     monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = "is not UTF-8 text" if content == "binary" else "nested too deeply"
+    assert len(err) == 1 and expected in err[0] and "docs/converters.md" in err[0], err
+    assert not (tmp_path / "m.mcnc").exists()
+
+
+def test_plain_dense_checkpoint_says_it_holds_no_mcnc_parameters(
+        seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(_mlp(seed).state_dict(), tmp_path / "dense.pt")
+    assert _run_pack([str(tmp_path / "dense.pt"), str(tmp_path / "d.mcnc")], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no MCNC parameters" in err[0], err
+    assert "mcnc_format.torch.reparametrize (docs/torch.md)" in err[0]
+    assert "mapping file (docs/converters.md)" in err[0]
+
+
+def _wrapped(kind: str, state: dict[str, torch.Tensor], model: nn.Module) -> object:
+    """The checkpoint layouts of common training code around ``state``."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    optimizer.step()  # Adam's state: tensors under integer keys
+    if kind == "state_dict+epoch":
+        return {"state_dict": state, "epoch": 3}
+    if kind == "lightning":
+        return {"epoch": 3, "global_step": 30, "pytorch-lightning_version": "2.4.0",
+                "state_dict": state, "optimizer_states": [optimizer.state_dict()],
+                "lr_schedulers": [], "callbacks": {}}
+    if kind == "ddp":
+        return {f"module.{k}": v for k, v in state.items()}
+    if kind == "model+optimizer":
+        return {"model": state, "optimizer": optimizer.state_dict(), "epoch": 3}
+    return {"state_dict": {f"module._orig_mod.{k}": v for k, v in state.items()}}
+
+
+@pytest.mark.parametrize(("kind", "notes"), [
+    ("state_dict+epoch", ["packed the state dict under 'state_dict'; dropped the other "
+                          "entries: epoch"]),
+    ("lightning", ["packed the state dict under 'state_dict'; dropped the other entries: "
+                   "epoch, global_step, pytorch-lightning_version, optimizer_states, "
+                   "lr_schedulers, callbacks"]),
+    ("ddp", ["removed the prefix 'module.' that every name had"]),
+    ("model+optimizer", ["packed the state dict under 'model'; dropped the other entries: "
+                         "optimizer, epoch"]),
+    ("ddp+compile", ["packed the state dict under 'state_dict'",
+                     "removed the prefix 'module.' that every name had",
+                     "removed the prefix '_orig_mod.' that every name had"]),
+])
+def test_wrapped_checkpoints_pack_as_the_bare_state_dict(
+        kind: str, notes: list[str], seed: int, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Names come out as the model's own (the same bytes as ``save_model``) and stderr says
+    what was unwrapped and dropped."""
+    model = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8)))
+    save_model(model, tmp_path / "direct.mcnc")
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # before Adam steps
+    torch.save(_wrapped(kind, state, model), tmp_path / "ckpt.pt")
+    assert _run_pack([str(tmp_path / "ckpt.pt"), str(tmp_path / "packed.mcnc")],
+                     monkeypatch) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"note: {note}" for note in notes]
+    assert (tmp_path / "packed.mcnc").read_bytes() == (tmp_path / "direct.mcnc").read_bytes()
+
+
+def test_checkpoint_with_two_candidate_state_dicts_is_refused(
+        seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    state = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict()
+    torch.save({"model": state, "ema": state, "epoch": 3}, tmp_path / "ckpt.pt")
+    assert _run_pack([str(tmp_path / "ckpt.pt"), str(tmp_path / "p.mcnc")], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds tensors under model, ema" in err[0], err
+    assert "torch.save(ckpt['model'], path)" in err[0]

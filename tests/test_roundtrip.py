@@ -569,8 +569,8 @@ def test_summary_numbers(seed: int, tmp_path: Path) -> None:
     assert s["dense_bytes"] == dense_bytes
     assert s["parameters"] == 127 and s["compressed_parameters"] == 120
     assert s["stored_alpha_beta_values"] == stored
-    assert s["compression_ratio"] == pytest.approx(dense_bytes / len(raw))
-    assert s["compressed_part_ratio"] == pytest.approx(120 / stored)
+    assert s["file_ratio"] == pytest.approx(dense_bytes / len(raw))
+    assert s["weights_ratio"] == pytest.approx(120 / stored)
     assert (s["tensors"], s["segments"], s["generators"]) == (3, 1, 1)
     assert s["format_version"] == "1.1"
     # Each member's share of the segment's storage is proportional to its values.

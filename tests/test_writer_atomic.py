@@ -1,9 +1,9 @@
 """An interrupted save never damages the file already at the target path.
 
-``save`` writes a temporary file in the target's directory, fsyncs it and renames it into
-place. Whatever stops it before the rename (an I/O error, Ctrl-C, the process being killed)
-leaves the previous file byte-identical; after an exception no temporary file remains
-(after SIGKILL one may: nothing runs to remove it, and that is acceptable).
+``save`` writes an unnamed (``O_TMPFILE``) file in the target's directory, fsyncs it and links
+it into place. Whatever stops it before that (an I/O error, Ctrl-C, the process being killed,
+even by SIGKILL) leaves the previous file byte-identical and no temporary file. Where the file
+system has no ``O_TMPFILE``, named temporaries of dead writers are removed by the next write.
 """
 
 from __future__ import annotations
@@ -199,22 +199,64 @@ def _wait_for(condition: Any, proc: subprocess.Popen) -> bool:
     return False
 
 
-def test_sigkill_while_writing(previous: tuple[Path, bytes], seed: int) -> None:
-    """A child saving 16 MiB is killed as soon as its temporary file appears: mid-write,
-    or at the latest in fsync, which is patched to block so the rename can never win."""
+def test_sigkill_while_writing_leaves_no_temporary(previous: tuple[Path, bytes],
+                                                   seed: int) -> None:
+    """A child saving 16 MiB is killed once every byte is written (its fsync, patched to
+    block, has begun, so the link into place can never win): nothing but the old file and the
+    test's flags remain in the folder."""
     path, old = previous
     proc, marker, ready = _run_child(path, seed + 1, 4096)
     try:
         assert _wait_for(ready.exists, proc), "the child failed to start"
-        assert _wait_for(lambda: bool(_temporaries(path.parent)), proc), "no temporary file"
+        assert _wait_for(marker.exists, proc), "the child never reached fsync"
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=KILL_WAIT_S) == -signal.SIGKILL
-        print(f"killed {'in fsync' if marker.exists() else 'mid-write'}")
     finally:
         proc.kill()
         proc.wait()
     _assert_intact(path, old)
-    assert len(_temporaries(path.parent)) <= 1  # SIGKILL may leave the temporary file
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "blocked.flag", "model.mcnc", "ready.flag"]
+
+
+def test_without_o_tmpfile_stale_temporaries_of_dead_writers_are_removed(
+        previous: tuple[Path, bytes], seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The named-temporary fallback: a temporary of a process that no longer exists is
+    removed by the next write to the same target; one of a running process (pid 1) is not."""
+    path, _old = previous
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead = path.parent / f".model.mcnc.{int(finished.stdout)}.k2x9q0ab.tmp"
+    alive = path.parent / ".model.mcnc.1.r8t7y6u5.tmp"
+    dead.write_bytes(b"left by a killed writer")
+    alive.write_bytes(b"being written")
+    monkeypatch.delattr(os, "O_TMPFILE")
+    mf.save(path, _inputs(seed + 1), metadata={"version": "new"})
+    assert not dead.exists() and alive.exists()
+    assert mf.open(path).metadata == {"version": "new"}
+    alive.unlink()
+    assert _temporaries(path.parent) == []
+
+
+@pytest.mark.parametrize("o_tmpfile", [True, False], ids=["O_TMPFILE", "named-temporary"])
+def test_no_overwrite_fails_at_the_final_link_when_the_target_appeared(
+        tmp_path: Path, seed: int, o_tmpfile: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target appears while the new file is being written: without overwrite the save
+    fails and leaves the newcomer alone; nothing temporary remains."""
+    if not o_tmpfile:
+        monkeypatch.delattr(os, "O_TMPFILE")
+    path = tmp_path / "model.mcnc"
+    real_fsync = os.fsync
+
+    def someone_else_writes(fd: int) -> None:
+        path.write_bytes(b"the other writer's file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(writer_module.os, "fsync", someone_else_writes)
+    with pytest.raises(mf.WriteError, match=r"already exists .*appeared while"):
+        mf.save(path, _inputs(seed), overwrite=False)
+    assert path.read_bytes() == b"the other writer's file"
+    assert sorted(tmp_path.iterdir()) == [path]
 
 
 def test_replacement_keeps_the_old_mode_and_new_files_follow_the_umask(tmp_path: Path,

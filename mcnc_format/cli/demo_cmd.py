@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ..demo import DemoResult, DemoSettings, run_demo
 from .inspect_cmd import inspect
+from .safe_text import markup_safe
 
 __all__ = ["demo"]
 
@@ -40,7 +41,7 @@ def demo(ctx: click.Context, out_dir: Path | None, as_json: bool, quick: bool) -
     console = Console()
     console.rule("mcnc demo")
     result = run_demo(settings, folder, log=console.print)
-    console.rule(f"mcnc inspect {Path(result.mcnc_file).name}")
+    console.rule(f"mcnc inspect {markup_safe(Path(result.mcnc_file).name)}")
     ctx.invoke(inspect, file=Path(result.mcnc_file), as_json=False)
     console.print(_summary_table(result))
     if out_dir is None:
@@ -59,12 +60,12 @@ def _summary_table(result: DemoResult) -> Table:
     rows = [
         ("test accuracy, MCNC", f"{result.mcnc_test_accuracy:.2%}"),
         ("test accuracy, dense", f"{result.dense_test_accuracy:.2%}"),
-        ("compression of the weight matrices",
-         f"{result.compression_ratio:.1f}x ({result.compressed_parameters:,} weights from "
+        ("weights ratio",
+         f"{result.weights_ratio:.1f}x ({result.compressed_parameters:,} weights from "
          f"{result.stored_values:,} stored values)"),
-        (".mcnc file", f"{result.file_bytes:,} bytes"),
-        ("dense safetensors", f"{result.dense_bytes:,} bytes "
-         f"({result.file_compression_ratio:.1f}x the .mcnc file)"),
+        ("file ratio", f"{result.file_ratio:.1f}x ({result.dense_bytes:,} dense bytes / "
+         f"{result.file_bytes:,} bytes of .mcnc file)"),
+        ("dense safetensors file", f"{result.dense_file_bytes:,} bytes"),
         ("load time", f"{result.load_seconds * 1000:.1f} ms"),
         ("reloaded predictions", "match" if result.predictions_match else "DIFFER"),
         ("training time, MCNC / dense",

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ..converters.peft_export import export_peft
+from .safe_text import printable
 
 __all__ = ["export_peft_command"]
 
@@ -31,9 +32,9 @@ def export_peft_command(file: str, out_dir: Path, base_model: str | None,
     """Export the lora tensors of FILE as a PEFT LoRA adapter folder OUT_DIR."""
     result = export_peft(file, out_dir, base_model=base_model, task_type=task_type,
                          skip_non_lora=skip_non_lora, force=force)
-    click.echo(f"wrote {result.folder} ({len(result.modules)} modules, r={result.rank}, "
+    click.echo(f"wrote {printable(result.folder)} ({len(result.modules)} modules, r={result.rank}, "
                f"lora_alpha={result.lora_alpha})")
     if result.skipped:
+        more = " ..." if len(result.skipped) > 5 else ""
         click.echo(f"skipped {len(result.skipped)} non-lora tensors: "
-                   f"{', '.join(result.skipped[:5])}{' ...' if len(result.skipped) > 5 else ''}",
-                   err=True)
+                   f"{printable(', '.join(result.skipped[:5]))}{more}", err=True)

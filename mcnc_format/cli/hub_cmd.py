@@ -12,6 +12,7 @@ import click
 
 from ..errors import HubError
 from ..hub import parse_uri, pull, push
+from .safe_text import printable
 
 __all__ = ["pull_command", "push_command"]
 
@@ -34,10 +35,11 @@ def push_command(path: Path, repo_id: str, revision: str | None, private: bool,
     result = push(path, repo_id, revision, private, path_in_repo=path_in_repo,
                   commit_message=message, base_model=base_model, tags=tags,
                   model_card=not no_card)
-    click.echo(f"pushed {len(result.paths)} file(s) to {result.repo_id}@{result.revision} "
-               f"(commit {result.commit})", err=True)
+    click.echo(f"pushed {len(result.paths)} file(s) to "
+               f"{printable(result.repo_id)}@{printable(result.revision)} "
+               f"(commit {printable(result.commit)})", err=True)
     for uri in result.uris:
-        click.echo(uri)
+        click.echo(printable(uri))
 
 
 @click.command("pull", context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,4 +59,4 @@ def pull_command(repo_id: str, filename: str | None, revision: str | None,
         uri = parse_uri(repo_id, require_path=False, error=HubError)
         repo_id, revision = uri.repo_id, revision or uri.revision
         filename = filename or uri.path or None
-    click.echo(pull(repo_id, filename, revision, local_dir=local_dir))
+    click.echo(printable(pull(repo_id, filename, revision, local_dir=local_dir)))

@@ -11,7 +11,6 @@ from typing import Any
 
 import click
 from rich.console import Console, Group
-from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -19,6 +18,7 @@ from .. import constants as C
 from ..api import open as open_file
 from ..header import GeneratorEntry, Header, TensorEntry
 from ..reader import MCNCFile
+from .safe_text import markup_safe
 
 __all__ = ["describe", "inspect"]
 
@@ -26,8 +26,8 @@ SUMMARY_KEYS = (
     "file_bytes",
     "header_bytes",
     "dense_bytes",
-    "compression_ratio",
-    "compressed_part_ratio",
+    "file_ratio",
+    "weights_ratio",
     "parameters",
     "compressed_parameters",
     "stored_alpha_beta_values",
@@ -158,9 +158,9 @@ def _summary_panel(facts: dict[str, Any]) -> Panel:
     grid.add_row("format version", f"{s['format_version']} (alignment {facts['alignment']})")
     grid.add_row("file size", f"{_bytes(s['file_bytes'])}, header {s['header_bytes']:,} bytes")
     grid.add_row("dense equivalent", _bytes(s["dense_bytes"]))
-    grid.add_row("compression ratio", f"{s['compression_ratio']:,.1f}x  (dense bytes / file bytes)")
-    grid.add_row("compressed part", f"{s['compressed_part_ratio']:,.1f}x  "
-                 f"({s['compressed_parameters']:,} parameters from "
+    grid.add_row("file ratio", f"{s['file_ratio']:,.1f}x  (dense bytes / file bytes)")
+    grid.add_row("weights ratio", f"{s['weights_ratio']:,.1f}x  "
+                 f"({s['compressed_parameters']:,} compressed parameters from "
                  f"{s['stored_alpha_beta_values']:,} stored alpha/beta values)")
     grid.add_row("parameters", f"{s['parameters']:,}")
     grid.add_row("entries", f"{s['tensors']:,} tensors, {s['segments']:,} segments, "
@@ -172,9 +172,9 @@ def _summary_panel(facts: dict[str, Any]) -> Panel:
             table.add_column(style="cyan")
             table.add_column(overflow="fold")
             for key, value in sorted(facts[title].items()):
-                table.add_row(escape(key), escape(_shorten(value)))
+                table.add_row(markup_safe(key), markup_safe(_shorten(value)))
             parts += [f"[bold]{title}[/bold]", table]
-    return Panel(Group(*parts), title=escape(facts["file"]), title_align="left", expand=False)
+    return Panel(Group(*parts), title=markup_safe(facts["file"]), title_align="left", expand=False)
 
 
 def _tensor_table(tensors: list[dict[str, Any]]) -> Table:
@@ -188,11 +188,12 @@ def _tensor_table(tensors: list[dict[str, Any]]) -> Table:
         segment = t["segment"]
         if "factors" in t:
             segment = f"A:{t['factors']['A']['segment']} B:{t['factors']['B']['segment']}"
-        # Names and the other strings come from the file: never let rich read them as markup.
-        table.add_row(escape(t["name"]), "x".join(map(str, t["shape"])) or "scalar",
-                      escape(t["dtype"]), escape(t["encoding"]), f"{t['stored_values']:,}",
-                      f"{t['stored_bytes']:,}", escape(t["theta0_scheme"] or t["theta0"] or "-"),
-                      _dash(segment), _dash(t["generator"]))
+        # Names and the other strings come from the file: no markup, no terminal controls.
+        table.add_row(markup_safe(t["name"]), "x".join(map(str, t["shape"])) or "scalar",
+                      markup_safe(t["dtype"]), markup_safe(t["encoding"]),
+                      f"{t['stored_values']:,}", f"{t['stored_bytes']:,}",
+                      markup_safe(t["theta0_scheme"] or t["theta0"] or "-"),
+                      markup_safe(_dash(segment)), _dash(t["generator"]))
     return table
 
 

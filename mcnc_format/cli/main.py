@@ -1,19 +1,35 @@
 """The ``mcnc`` command: wires the subcommands and turns library errors into one clear line.
 
 Each subcommand lives in its own module and calls library functions; this module only
-registers them and owns the error-to-exit-code policy: an ``MCNCError`` (or a missing file)
-prints ``error: <message>`` on stderr and exits with status 2, no traceback unless ``--debug``.
+registers them and owns the error-to-exit-code policy: an ``MCNCError`` or an ``OSError`` (a
+missing file, a full or read-only disk, a name too long, a path through a file) prints
+``error: <message>`` as one line on stderr and exits with status 2, no traceback unless
+``--debug``.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import click
 
+from ..atomic import describe_os_error
 from ..errors import MCNCError
+from .safe_text import printable
 
 EXIT_ERROR = 2
+# What a command reports as one line: the library's errors, and the OS's (an OSError that is
+# not an MCNCError has no message for users yet: describe_os_error adds path and fix).
+REPORTED = (MCNCError, OSError)
+
+
+def exit_with_error(exc: BaseException) -> NoReturn:
+    """Print ``exc`` as the one ``error:`` line on stderr and exit with status 2."""
+    message = describe_os_error(exc) if isinstance(exc, OSError) and not isinstance(
+        exc, MCNCError) else str(exc)
+    click.echo(f"error: {printable(message)}", err=True)
+    sys.exit(EXIT_ERROR)
 
 
 class _Group(click.Group):
@@ -22,11 +38,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except (MCNCError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        except REPORTED as exc:
             if ctx.meta.get("mcnc.debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_ERROR)
+            exit_with_error(exc)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
 
 from ..converters.pack import ProgressCallback, pack
+from .safe_text import printable
 
 __all__ = ["PROGRESS_MIN_BYTES", "main", "pack_command"]
 
@@ -49,9 +50,12 @@ def pack_command(checkpoint: Path, out: Path, mapping: Path | None, converter: s
         result = pack(checkpoint, out, mapping=mapping, converter=converter, base=base,
                       force=force,
                       progress=report)
+    for note in result.notes:
+        click.echo(f"note: {printable(note)}", err=True)
     ratio = result.input_bytes / result.output_bytes if result.output_bytes else 0.0
-    click.echo(f"wrote {result.output} ({result.output_bytes:,} bytes, {result.tensors} tensors, "
-               f"converter {result.converter}; {ratio:,.1f}x smaller than the checkpoint)")
+    click.echo(f"wrote {printable(result.output)} ({result.output_bytes:,} bytes, "
+               f"{result.tensors} tensors, converter {printable(result.converter)}; "
+               f"{ratio:,.1f}x smaller than the checkpoint)")
 
 
 @contextmanager
@@ -77,8 +81,7 @@ def _progress(show: bool) -> Iterator[ProgressCallback | None]:
 def main() -> None:
     """Entry point of the ``mcnc-pack`` console script: ``mcnc pack`` with the same error
     policy as ``mcnc`` (one line on stderr, exit status 2)."""
-    from ..errors import MCNCError
-    from .main import EXIT_ERROR
+    from .main import REPORTED, exit_with_error
 
     try:
         pack_command(standalone_mode=False)
@@ -88,6 +91,5 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (MCNCError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
+    except REPORTED as exc:
+        exit_with_error(exc)

@@ -1,8 +1,8 @@
 """``mcnc unpack FILE OUT.safetensors``: a dense copy that any safetensors reader loads.
 
 Every tensor is regenerated on the CPU (lora tensors merged: ``theta0 + scale * B @ A``) and
-written with ``safetensors.torch.save_file`` to a temporary file that is renamed into place,
-so an interrupted export never leaves a half-written OUT. The file's metadata goes into the
+written through ``atomic_path`` (``safetensors_out.py``), so an interrupted export never leaves
+a half-written OUT nor a temporary file. The file's metadata goes into the
 safetensors ``__metadata__``, with the keys of ``provenance_metadata`` added.
 """
 
@@ -15,16 +15,16 @@ from pathlib import Path
 import click
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import Progress
 
 from .. import constants as C
 from ..api import open as open_file
 from ..api import stream
-from ..atomic import atomic_path
+from ..atomic import refuse_overwrite, refuse_same_file
 from ..engine.options import Progress as LoadProgress
-from ..errors import WriteError
 from ..reader import MCNCFile
+from ..safetensors_out import save_safetensors
+from .safe_text import markup_safe, printable
 
 __all__ = ["export_safetensors", "provenance_metadata", "unpack"]
 
@@ -52,11 +52,11 @@ def unpack(file: str, out: Path, dtype: str | None, force: bool) -> None:
 
         def report(p: LoadProgress) -> None:
             bar.update(task, total=p.bytes_total, completed=p.bytes_done,
-                       description=escape(p.name))
+                       description=markup_safe(p.name))
 
         written = export_safetensors(file, out, dtype=DTYPES[dtype] if dtype else None,
                                      overwrite=force, progress=report)
-    click.echo(f"wrote {out} ({written:,} bytes)")
+    click.echo(f"wrote {printable(out)} ({written:,} bytes)")
 
 
 def provenance_metadata(f: MCNCFile) -> dict[str, str]:
@@ -77,21 +77,11 @@ def export_safetensors(source: str | os.PathLike[str], out: str | os.PathLike[st
     """Write the dense tensors of the ``.mcnc`` file ``source`` to the safetensors file
     ``out`` atomically; ``dtype`` casts floating-point tensors; ``progress`` is called after
     each tensor is regenerated. Returns the bytes written."""
-    from safetensors.torch import save_file
-
     target = Path(out)
-    if target.exists() and not overwrite:
-        raise WriteError(f"{target}: already exists; pass --force to overwrite it")
-    if target.exists() and target.resolve() == Path(source).resolve():
-        raise WriteError(f"{target}: is the source file itself; choose another output path")
+    refuse_same_file(source, target)
+    refuse_overwrite([target], overwrite)
     with open_file(source) as f:
         metadata = provenance_metadata(f)
     tensors = {name: value.contiguous()
                for name, value in stream(source, "cpu", dtype, progress=progress)}
-    with atomic_path(target) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except (ValueError, RuntimeError) as exc:
-            raise WriteError(f"{target}: writing the safetensors file failed: {exc}; the "
-                             "previous file, if any, is unchanged") from exc
-    return target.stat().st_size
+    return save_safetensors(target, tensors, metadata, overwrite=overwrite)

@@ -11,10 +11,10 @@ import json
 
 import click
 from rich.console import Console
-from rich.markup import escape
 
 from ..api import DefaultResolver
 from ..verify import VerifyReport, verify_file
+from .safe_text import markup_safe
 
 __all__ = ["verify"]
 
@@ -51,17 +51,18 @@ def _print(report: VerifyReport) -> None:
                f"{c['external_references']:,} external references checked, "
                f"in {report.seconds:.2f} s")
     if report.ok:
-        console.print(f"[green]valid[/green]: {escape(report.path)}: header, blobs, padding "
+        console.print(f"[green]valid[/green]: {markup_safe(report.path)}: header, blobs, padding "
                       f"and regeneration OK; {checked}", soft_wrap=True)
     else:
         status = "invalid" if report.status == "invalid" else "could not be verified"
-        console.print(f"[red]{status}[/red]: {escape(report.path)}: "
+        console.print(f"[red]{status}[/red]: {markup_safe(report.path)}: "
                       f"{len(report.problems)} problem(s); {checked}", soft_wrap=True)
         for p in report.problems:
             rule = f"{p.rule} " if p.rule else ""
-            console.print(f"  [red]x[/red] {rule}{p.check}: {escape(p.message)}", soft_wrap=True)
+            console.print(f"  [red]x[/red] {rule}{markup_safe(p.check)}: "
+                          f"{markup_safe(p.message)}", soft_wrap=True)
     if c["skipped_tensors"]:
         console.print(f"  {c['skipped_tensors']:,} tensor(s) not rebuilt: a blob they need is "
                       "damaged", soft_wrap=True)
     for note in report.notes:
-        console.print(f"  note: {escape(note)}", soft_wrap=True)
+        console.print(f"  note: {markup_safe(note)}", soft_wrap=True)

@@ -8,9 +8,16 @@ way out (re-save as a plain state dict or as safetensors); bytes that are no tor
 (random, truncated) are a plain ``MCNCError``. ``.safetensors`` files are read with the
 safetensors library (no code at all).
 
-What comes back is flat: nested dicts (``{"state_dict": {...}, "epoch": 3}``) are joined with
-``.``; tensors go to ``tensors``, plain values (str, int, float, bool, None and lists of them)
-to ``extras``, so a converter can read a config stored beside the weights.
+Common wrappers are taken off first, and each is reported in ``notes``: a state dict saved
+inside a training checkpoint (``{"state_dict": sd, "epoch": 3}``, Lightning's ``{"state_dict":
+..., "optimizer_states": ..., ...}``, ``{"model": sd, "optimizer": ...}``) is unwrapped and
+the other entries dropped; a prefix every name shares (``module.`` of DDP, ``_orig_mod.`` of
+``torch.compile``) is removed. Without that, every name would be packed with the wrapper's
+prefix and the rest silently ignored.
+
+What comes back is flat: nested dicts are joined with ``.``; tensors go to ``tensors``, plain
+values (str, int, float, bool, None and lists of them) to ``extras``, so a converter can read a
+config stored beside the weights.
 """
 
 from __future__ import annotations
@@ -47,6 +54,12 @@ DAMAGED_PICKLE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, IndexError
 # Pickle opcodes that import or call something: a pickle holding one needs code to rebuild.
 CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX",
                           "REDUCE"})
+# Keys under which training code stores the model's state dict beside other things.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+# Entries of a training checkpoint that hold tensors but no model: dropped beside a wrapper.
+TRAINING_STATE_MARKS = ("optim", "sched", "scaler")
+# Prefixes that wrapping modules add to every name: DDP / DataParallel, torch.compile.
+SHARED_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass
@@ -57,6 +70,8 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     extras: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    # What reading changed so the names fit (a wrapper taken off, entries dropped), for users.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -66,8 +81,13 @@ class Checkpoint:
 def read_checkpoint(
     path: str | os.PathLike[str],
     on_tensor: Callable[[str, int], None] | None = None,
+    *,
+    unwrap: bool = True,
 ) -> Checkpoint:
     """Read a ``.pt`` / ``.pth`` / ``.bin`` (torch) or ``.safetensors`` checkpoint safely.
+
+    ``unwrap=False`` keeps wrappers and shared prefixes in the names: mapping files name the
+    checkpoint's keys as stored (and take prefixes off with their own ``strip_prefix``).
 
     ``on_tensor(name, nbytes)`` is called after each tensor is read (progress reporting).
     Raises ``UnsafeCheckpointError`` when a torch file holds anything but tensors and plain
@@ -77,11 +97,12 @@ def read_checkpoint(
     if not source.is_file():
         raise MCNCError(f"{source}: no such checkpoint file")
     if source.suffix.lower() in SAFETENSORS_SUFFIXES:
-        return _read_safetensors(source, on_tensor)
-    return _read_torch(source, on_tensor)
+        return _read_safetensors(source, on_tensor, unwrap)
+    return _read_torch(source, on_tensor, unwrap)
 
 
-def _read_safetensors(source: Path, on_tensor: Callable[[str, int], None] | None) -> Checkpoint:
+def _read_safetensors(source: Path, on_tensor: Callable[[str, int], None] | None,
+                      unwrap: bool) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, torch.Tensor] = {}
@@ -95,10 +116,14 @@ def _read_safetensors(source: Path, on_tensor: Callable[[str, int], None] | None
                     on_tensor(name, tensor.numel() * tensor.element_size())
     except (SafetensorError, OSError) as exc:
         raise MCNCError(f"{source}: not a readable safetensors file: {exc}") from exc
-    return Checkpoint(source, tensors, {}, metadata)
+    if not unwrap:
+        return Checkpoint(source, tensors, {}, metadata)
+    tensors, extras, notes = _strip_shared_prefix(tensors, {})
+    return Checkpoint(source, tensors, extras, metadata, notes)
 
 
-def _read_torch(source: Path, on_tensor: Callable[[str, int], None] | None) -> Checkpoint:
+def _read_torch(source: Path, on_tensor: Callable[[str, int], None] | None,
+                unwrap: bool) -> Checkpoint:
     try:
         obj = torch.load(source, map_location="cpu", weights_only=True, mmap=_is_zip(source))
     except pickle.UnpicklingError as exc:
@@ -119,13 +144,63 @@ def _read_torch(source: Path, on_tensor: Callable[[str, int], None] | None) -> C
             f"{source}: expected a state dict (a mapping of names to tensors), got "
             f"{type(obj).__name__}; save model.state_dict() rather than the model"
         )
+    obj, notes = _unwrap(obj, source) if unwrap else (obj, [])
     tensors: dict[str, torch.Tensor] = {}
     extras: dict[str, Any] = {}
     _flatten(obj, "", tensors, extras, source)
+    stripped: list[str] = []
+    if unwrap:
+        tensors, extras, stripped = _strip_shared_prefix(tensors, extras)
     if on_tensor is not None:
         for name, tensor in tensors.items():
             on_tensor(name, tensor.numel() * tensor.element_size())
-    return Checkpoint(source, tensors, extras, {})
+    return Checkpoint(source, tensors, extras, {}, notes + stripped)
+
+
+def _unwrap(obj: Mapping[Any, Any], source: Path) -> tuple[Mapping[Any, Any], list[str]]:
+    """Take off wrappers: while the top level holds no tensor itself and exactly one
+    ``WRAPPER_KEYS`` entry holds tensors, keep that entry only. Other entries holding tensors
+    that are not training state (optimizer, scheduler, scaler) make it ambiguous: refused,
+    naming them."""
+    notes: list[str] = []
+    while not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)
+                 and _holds_tensors(obj[k])]
+        if not found:
+            break
+        others = [str(k) for k in obj if k != found[0] and _holds_tensors(obj[k])
+                  and not any(mark in str(k).lower() for mark in TRAINING_STATE_MARKS)]
+        if len(found) > 1 or others:
+            raise MCNCError(f"{source}: holds tensors under {', '.join([*found, *others])}, so "
+                            f"it is unclear which is the model's state dict; save the one to "
+                            f"pack on its own, e.g. torch.save(ckpt[{found[0]!r}], path)")
+        dropped = [str(k) for k in obj if k != found[0]]
+        notes.append(f"packed the state dict under {found[0]!r}"
+                     + (f"; dropped the other entries: {', '.join(dropped)}" if dropped else ""))
+        obj = obj[found[0]]
+    return obj, notes
+
+
+def _holds_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, Mapping) and any(_holds_tensors(v) for v in value.values())
+
+
+def _strip_shared_prefix(tensors: dict[str, torch.Tensor], extras: dict[str, Any]
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """Remove a ``SHARED_PREFIXES`` prefix that every tensor name has (repeatedly: DDP around
+    a compiled model gives ``module._orig_mod.``)."""
+    notes: list[str] = []
+    while tensors:
+        prefix = next((p for p in SHARED_PREFIXES if all(n.startswith(p) for n in tensors)),
+                      None)
+        if prefix is None:
+            break
+        tensors = {n[len(prefix):]: t for n, t in tensors.items()}
+        extras = {n.removeprefix(prefix): v for n, v in extras.items()}
+        notes.append(f"removed the prefix {prefix!r} that every name had")
+    return tensors, extras, notes
 
 
 def _unreadable(source: Path, reason: str) -> MCNCError:

@@ -70,8 +70,15 @@ def load_mapping(path: str | os.PathLike[str]) -> MappingConverter:
         document = json.loads(source.read_text(encoding="utf-8"))
     except OSError as exc:
         raise MappingError(f"{source}: cannot read the mapping file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise MappingError(f"{source}: not a mapping file: byte {exc.start} is not UTF-8 text "
+                           "(a binary file, such as the checkpoint itself?); pass the JSON "
+                           "mapping file (docs/converters.md)") from None
     except json.JSONDecodeError as exc:
         raise MappingError(f"{source}: not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise MappingError(f"{source}: nested too deeply to be a mapping file "
+                           "(docs/converters.md)") from None
     return MappingConverter(document, str(source))
 
 

@@ -10,10 +10,11 @@ same checkpoint twice gives the same bytes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import refuse_overwrite, refuse_same_file
 from ..errors import WriteError
 from ..writer import save
 from .base_ref import reference_base
@@ -21,7 +22,7 @@ from .checkpoint import Checkpoint, read_checkpoint
 from .mapping import load_mapping
 from .registry import Converter, find_converter, get_converter
 
-__all__ = ["PackResult", "pack", "refuse_overwrite"]
+__all__ = ["PackResult", "pack"]
 
 # stage name ("read", "convert", "write"), bytes done in this call, total bytes of the stage
 ProgressCallback = Callable[[str, int, int], None]
@@ -36,6 +37,7 @@ class PackResult:
     tensors: int
     input_bytes: int
     output_bytes: int
+    notes: tuple[str, ...] = ()  # how the checkpoint was unwrapped (checkpoint.py)
 
 
 def pack(
@@ -54,10 +56,11 @@ def pack(
     converter by name; with neither, the registered converters are asked in turn. ``base``
     names the base checkpoint (a safetensors file in or below the output's folder) of an
     adapter: theta0 then references it, sha256-pinned, and tensors it holds unchanged are left
-    out (``base_ref.py``). An existing ``output_path`` is replaced only with ``force``; the
-    write itself is atomic.
+    out (``base_ref.py``). An existing ``output_path`` is replaced only with ``force`` (and
+    never when it is the checkpoint itself); the write itself is atomic.
     """
     output = Path(output_path)
+    refuse_same_file(checkpoint_path, output)
     refuse_overwrite([output], force)
     if mapping is not None and converter is not None:
         raise WriteError("pass either a mapping file or a converter name, not both")
@@ -67,7 +70,7 @@ def pack(
         if progress is not None:
             progress("read", nbytes, total)
 
-    checkpoint = read_checkpoint(checkpoint_path, on_tensor)
+    checkpoint = read_checkpoint(checkpoint_path, on_tensor, unwrap=mapping is None)
     chosen = _choose(checkpoint, mapping, converter, output)
     if progress is not None:
         progress("convert", 0, 0)
@@ -77,18 +80,10 @@ def pack(
         conversion.info.setdefault("base_model", uri)
     if progress is not None:
         progress("write", 0, 0)
-    save(output, conversion.tensors, metadata=conversion.metadata, info=conversion.info)
+    save(output, conversion.tensors, metadata=conversion.metadata, info=conversion.info,
+         overwrite=force)
     return PackResult(output, chosen.name, len(conversion.tensors), total,
-                      output.stat().st_size)
-
-
-def refuse_overwrite(outputs: Sequence[Path], force: bool) -> None:
-    """Existing outputs are replaced only when asked: the rule of every converter command."""
-    existing = [str(path) for path in outputs if path.exists()]
-    if existing and not force:
-        verb = "exists" if len(existing) == 1 else "exist"
-        raise WriteError(f"{', '.join(existing)}: already {verb}; pass --force (force=True) to "
-                         "overwrite")
+                      output.stat().st_size, tuple(checkpoint.notes))
 
 
 def _choose(checkpoint: Checkpoint, mapping: str | os.PathLike[str] | None,

@@ -29,9 +29,9 @@ import torch
 
 from .. import constants as C
 from ..api import open as open_file
-from ..atomic import atomic_path
+from ..atomic import atomic_path, refuse_overwrite, refuse_same_file
 from ..errors import MCNCError
-from .pack import refuse_overwrite
+from ..safetensors_out import save_safetensors
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PeftExport", "export_peft"]
 
@@ -67,10 +67,11 @@ def export_peft(
     cannot be expressed as LoRA: they are an error unless ``skip_non_lora``. An existing
     adapter in ``out_dir`` is replaced only with ``force``.
     """
-    from safetensors.torch import save_file
-
     folder = Path(out_dir)
-    refuse_overwrite([folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS], force)
+    outputs = [folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS]
+    for output in outputs:
+        refuse_same_file(mcnc_path, output)
+    refuse_overwrite(outputs, force)
     with open_file(mcnc_path) as f:
         lora_names = [e.name for e in f.header.tensors if e.encoding == C.ENCODING_LORA]
         others = tuple(e.name for e in f.header.tensors if e.encoding != C.ENCODING_LORA)
@@ -115,9 +116,8 @@ def export_peft(
     folder.mkdir(parents=True, exist_ok=True)
     # Each file replaces its predecessor atomically: an interrupted export never leaves a
     # half-written file (the two files are replaced one after the other, not together).
-    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
-        save_file(weights, str(tmp), metadata={"format": "pt"})
-    with atomic_path(folder / ADAPTER_CONFIG) as tmp:
+    save_safetensors(folder / ADAPTER_WEIGHTS, weights, {"format": "pt"}, overwrite=force)
+    with atomic_path(folder / ADAPTER_CONFIG, overwrite=force) as tmp:
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return PeftExport(folder, tuple(sorted(ranks)), rank, lora_alpha,
                       others if skip_non_lora else ())

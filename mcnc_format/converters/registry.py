@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "mcnc_format.converters"
+# What the names of mcnc_format.torch's parameters and manifest start with (torch/manifest.py).
+MCNC_NAME_MARK = "mcnc_"
 
 
 @dataclass
@@ -112,6 +114,15 @@ def find_converter(checkpoint: Checkpoint,
         converter = make()
         if converter.detect(checkpoint):
             return converter
+    if not any(MCNC_NAME_MARK in name for name in checkpoint.tensors):
+        raise MCNCError(
+            f"{checkpoint.path}: holds no MCNC parameters (no {MCNC_NAME_MARK}* tensors): it "
+            "looks like a plain dense checkpoint, and mcnc pack stores models trained with "
+            "MCNC, it does not compress dense weights. Train the model reparametrized with "
+            "mcnc_format.torch.reparametrize (docs/torch.md) and pack that checkpoint; for MCNC "
+            "checkpoints of other training code, write a mapping file (docs/converters.md) and "
+            "pass --mapping FILE"
+        )
     raise MCNCError(
         f"{checkpoint.path}: no converter recognises this checkpoint's layout (tried "
         f"{', '.join(known)}). For MCNC checkpoints trained by other code, write a mapping "
