@@ -14,6 +14,7 @@ from typing import Any
 
 from . import constants as C
 from .errors import HeaderError, UnsupportedFeatureError
+from .uri import SCHEME, parse_uri
 
 __all__ = [
     "BlobEntry",
@@ -402,9 +403,7 @@ class Theta0Entry:
 
 
 def _valid_uri(uri: str) -> bool:
-    if uri.startswith("hf://"):
-        from .hub.uri import parse_uri
-
+    if uri.startswith(SCHEME):
         try:
             return parse_uri(uri).pinned
         except ValueError:

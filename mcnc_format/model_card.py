@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from . import constants as C
 from .errors import MCNCError
 from .header import Header
-from .hub.uri import SCHEME, HubURI, parse_uri
 from .reader import MCNCFile
+from .uri import SCHEME, HubURI, parse_uri
 
 __all__ = ["LIBRARY_NAME", "SECTION_BEGIN", "SECTION_END", "FileFacts", "render_card"]
 

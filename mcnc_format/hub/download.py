@@ -38,9 +38,9 @@ from ..errors import (
     MCNCError,
     UnsupportedVersionError,
 )
+from ..uri import SCHEME, HubURI, parse_uri
 from .error_map import hub_errors
 from .integrity import check_mcnc_bytes
-from .uri import SCHEME, HubURI, parse_uri
 
 __all__ = ["pinned", "pull", "read_reference", "resolve_path", "resolve_reference"]
 
