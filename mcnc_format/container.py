@@ -159,7 +159,7 @@ def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> H
 
 def encode_blob(raw: bytes | memoryview, codec: str) -> bytes:
     """Stored bytes for ``codec`` (§4). zstd at a fixed level with content size, no checksum."""
-    if codec == C.CODEC_RAW:
+    if codec == C.Codec.RAW:
         return bytes(raw)
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True,
                                           write_checksum=False)
@@ -175,7 +175,7 @@ def decode_blob(
             f"{source}: {path} does not match its XXH3-64 checksum (R24): the file was damaged "
             "after writing. Re-download or re-write it."
         )
-    if blob.codec == C.CODEC_RAW:
+    if blob.codec == C.Codec.RAW:
         return stored
     expected = blob.decoded_length
     try:

@@ -33,7 +33,18 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .generator import GeneratorSpec, ieee_fp32
-from .header import FactorEntry, GeneratorEntry, Header, TensorEntry, Theta0Entry
+from .header import (
+    BlobTheta0,
+    DenseTensor,
+    GeneratorEntry,
+    Header,
+    LoRATensor,
+    MCNCTensor,
+    MemberEntry,
+    PackedTensor,
+    TensorEntry,
+    Theta0Entry,
+)
 from .hostmem import zeros_float32
 from .regenerate import (
     DEFAULT_CPU_WORKSPACE,
@@ -169,22 +180,22 @@ class MCNCFile:
     def tensor_info(self, name: str) -> TensorInfo:
         t = self.entry(name)
         stored_values, stored_bytes = self._stored(t)
-        segment = t.segment if t.encoding == C.ENCODING_MCNC else (
-            t.A.segment if t.A is not None else None)
+        members = t.members()
+        segment = members[0].segment if members else None
         generator = self.header.segments[segment].generator if segment is not None else None
-        return TensorInfo(t.name, t.encoding, t.shape, t.dtype, stored_values, stored_bytes,
-                          t.theta0.kind if t.theta0 is not None else None, segment, generator)
+        theta0 = str(t.theta0.kind) if isinstance(t, MCNCTensor | LoRATensor) else None
+        return TensorInfo(t.name, str(t.encoding), t.shape, t.dtype, stored_values,
+                          stored_bytes, theta0, segment, generator)
 
     def _stored(self, t: TensorEntry) -> tuple[int, int]:
         """Values and bytes this tensor's own storage takes (its share of segment blobs)."""
-        if t.encoding == C.ENCODING_DENSE:
-            blob = self.header.blobs[t.blob or 0]
+        if isinstance(t, DenseTensor):
+            blob = self.header.blobs[t.blob]
             return blob.numel, blob.length
-        if t.encoding == C.ENCODING_PACKED:  # its share of the (possibly zstd) pack blob
-            blob = self.header.blobs[t.blob or 0]
+        if isinstance(t, PackedTensor):  # its share of the (possibly zstd) pack blob
+            blob = self.header.blobs[t.blob]
             return t.numel, round(t.nbytes * blob.length / max(blob.decoded_length, 1))
-        members = [t.as_factor()] if t.encoding == C.ENCODING_MCNC else (
-            [t.A, t.B] if t.A is not None and t.B is not None else [])
+        members = t.members()
         values = 0.0
         nbytes = 0.0
         for member in members:
@@ -200,7 +211,7 @@ class MCNCFile:
     def summary(self) -> dict[str, Any]:
         """Sizes and ratios for ``mcnc inspect`` and for users deciding what to ship."""
         dense_bytes = sum(t.numel * C.DTYPE_SIZES.get(t.dtype, 4) for t in self.header.tensors)
-        compressed = [t for t in self.header.tensors if not t.stored_dense]
+        compressed = [t for t in self.header.tensors if not t.stores_values]
         compressed_params = sum(t.numel for t in compressed)
         trainable = sum(
             self.header.blobs[s.alpha].numel + self.header.blobs[s.beta].numel
@@ -242,21 +253,20 @@ class MCNCFile:
     def stored_tensor(self, t: TensorEntry) -> torch.Tensor:
         """A dense or packed tensor's stored values as a CPU tensor (§6.2, §6.4). A packed
         tensor is copied out of its blob: its bytes need not be aligned for its dtype."""
-        assert t.blob is not None
+        assert isinstance(t, DenseTensor | PackedTensor)
         path = f"tensors[{t.name!r}].blob"
-        if t.encoding == C.ENCODING_DENSE:
+        if isinstance(t, DenseTensor):
             return self.blob_tensor(t.blob, path)
         return self._as_tensor(bytearray(self.packed_bytes(t)), t.dtype, t.shape, path)
 
-    def packed_bytes(self, t: TensorEntry) -> memoryview:
+    def packed_bytes(self, t: PackedTensor) -> memoryview:
         """A packed tensor's bytes in its pack blob (§6.4). Decoded zstd packs are kept until
         the file is closed: decoding one for each of its tensors would make a load quadratic
         (raw packs are zero-copy views of the map and need no keeping)."""
-        assert t.blob is not None and t.start is not None
         data = self._packs.get(t.blob)
         if data is None:
             data = memoryview(self.blob_bytes(t.blob, f"tensors[{t.name!r}].blob"))
-            if self.header.blobs[t.blob].codec != C.CODEC_RAW:
+            if self.header.blobs[t.blob].codec != C.Codec.RAW:
                 self._packs[t.blob] = data
         return data[t.start : t.start + t.nbytes]
 
@@ -283,10 +293,10 @@ class MCNCFile:
                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(A, B, scale)`` of a lora tensor, without merging them into theta0."""
         t = self.entry(name)
-        if t.encoding != C.ENCODING_LORA or t.A is None or t.B is None:
+        if not isinstance(t, LoRATensor):
             raise MCNCError(f"{self.source}: {name!r} is a {t.encoding} tensor, not lora")
         dev = torch.device(device)
-        factors = self._members([(t.A, f"{name}:A"), (t.B, f"{name}:B")], dev)
+        factors = self._members([(m, label) for label, m in t.labelled_members()], dev)
         out = [factors[f"{name}:A"], factors[f"{name}:B"]]
         # Rounded to the factor's own dtype first (§6.3), whatever dtype is asked for.
         out = [x.to(to_torch(f.dtype)).to(dtype or to_torch(f.dtype))
@@ -305,13 +315,10 @@ class MCNCFile:
         dev = torch.device(device)
         # A name asked for twice is produced once (its segment values are consumed).
         wanted = [self.entry(n) for n in dict.fromkeys(self.keys() if names is None else names)]
-        members: list[tuple[FactorEntry, str]] = []
+        members: list[tuple[MemberEntry, str]] = []
         for t in wanted:
             self._check_supported(t)
-            if t.encoding == C.ENCODING_MCNC:
-                members.append((t.as_factor(), t.name))
-            elif t.encoding == C.ENCODING_LORA and t.A is not None and t.B is not None:
-                members += [(t.A, f"{t.name}:A"), (t.B, f"{t.name}:B")]
+            members += [(member, label) for label, member in t.labelled_members()]
         generated = self._members(members, dev)
         for t in wanted:
             yield t.name, self._finish(t, generated, dev, dtype)
@@ -328,11 +335,11 @@ class MCNCFile:
         out_dtype = to_torch(t.dtype)
         if dtype is not None and out_dtype.is_floating_point:
             out_dtype = dtype
-        if t.stored_dense:
+        if t.stores_values:
             return _to_device(self.stored_tensor(t), device, out_dtype, self.source)
-        if t.encoding == C.ENCODING_MCNC:
+        if isinstance(t, MCNCTensor):
             return generated.pop(t.name).to(out_dtype)
-        assert t.A is not None and t.B is not None and t.theta0 is not None
+        assert isinstance(t, LoRATensor)
         # Each factor is an mcnc member: rounded to its own dtype before the product (§6.3),
         # so the merge equals B @ A of what get_lora_factors returns.
         a = generated.pop(f"{t.name}:A").to(to_torch(t.A.dtype)).to(torch.float32)
@@ -345,10 +352,10 @@ class MCNCFile:
         self._release_theta0(t.theta0, device)
         return merged.to(out_dtype)
 
-    def _members(self, members: list[tuple[FactorEntry, str]], device: torch.device
+    def _members(self, members: list[tuple[MemberEntry, str]], device: torch.device
                  ) -> dict[str, torch.Tensor]:
         """Float32 values of segment members on ``device``, one pass per segment."""
-        by_segment: dict[int, list[tuple[FactorEntry, str]]] = {}
+        by_segment: dict[int, list[tuple[MemberEntry, str]]] = {}
         for member, label in members:
             by_segment.setdefault(member.segment, []).append((member, label))
         out: dict[str, torch.Tensor] = {}
@@ -382,7 +389,7 @@ class MCNCFile:
         base tensor at a time, not all of them."""
         self._dense_theta0.pop((entry, str(device)), None)
 
-    def _theta0_fn(self, member: FactorEntry, label: str, device: torch.device):
+    def _theta0_fn(self, member: MemberEntry, label: str, device: torch.device):
         def values(start: int, count: int) -> torch.Tensor | None:
             return self._theta0.values(member.theta0, member.shape, start, count, device,
                                        f"{label}.theta0")
@@ -414,7 +421,7 @@ class MCNCFile:
                              device: torch.device) -> torch.Tensor:
         key = (entry, str(device))
         if key not in self._dense_theta0:
-            if entry.kind == C.THETA0_BLOB:
+            if isinstance(entry, BlobTheta0):
                 assert entry.blob is not None
                 value = self.blob_tensor(entry.blob, "theta0 blob")
             else:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .generator import GeneratorWeights, ieee_fp32
-from .header import FactorEntry
+from .header import MemberEntry
 
 __all__ = ["FusedGenerator", "MemberRequest", "regenerate_segment"]
 
@@ -96,7 +96,7 @@ class MemberRequest:
     or ``None`` for zeros.
     """
 
-    member: FactorEntry
+    member: MemberEntry
     dest: torch.Tensor
     theta0: Callable[[int, int], torch.Tensor | None]
 

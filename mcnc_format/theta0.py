@@ -11,10 +11,18 @@ from collections.abc import Callable
 
 import torch
 
-from . import constants as C
 from . import philox
 from .errors import UnsupportedFeatureError
-from .header import Theta0Entry
+from .header import (
+    BlobTheta0,
+    ExternalTheta0,
+    FanInUniformTheta0,
+    NormalTheta0,
+    Theta0Entry,
+    UniformTheta0,
+    UnknownSchemeTheta0,
+    ZerosTheta0,
+)
 
 __all__ = ["Theta0Resolver", "fan_in_bound"]
 
@@ -47,26 +55,23 @@ class Theta0Resolver:
         label: str,
     ) -> torch.Tensor | None:
         """Float32 values of elements ``start .. start + count - 1``; ``None`` for zeros."""
-        if entry.kind == C.THETA0_ZEROS:
+        if isinstance(entry, ZerosTheta0):
             return None
-        if entry.kind == C.THETA0_PRNG:
-            assert entry.seed is not None and entry.stream is not None
-            if entry.scheme == C.SCHEME_UNIFORM:
-                assert entry.bound is not None
-                return philox.uniform_signed(entry.seed, entry.stream, start, count, entry.bound,
-                                             device)
-            if entry.scheme == C.SCHEME_FAN_IN_UNIFORM:
-                return philox.uniform_signed(entry.seed, entry.stream, start, count,
-                                             fan_in_bound(shape), device)
-            if entry.scheme == C.SCHEME_NORMAL:
-                assert entry.mean is not None and entry.std is not None
-                z = philox.normal(entry.seed, entry.stream, start, count, device)
-                mean = philox.round_to_f32(entry.mean)
-                std = philox.round_to_f32(entry.std)
-                return z * std + mean if (mean, std) != (0.0, 1.0) else z
-        if entry.kind in (C.THETA0_BLOB, C.THETA0_EXTERNAL):
+        if isinstance(entry, UniformTheta0):
+            return philox.uniform_signed(entry.seed, entry.stream, start, count, entry.bound,
+                                         device)
+        if isinstance(entry, FanInUniformTheta0):
+            return philox.uniform_signed(entry.seed, entry.stream, start, count,
+                                         fan_in_bound(shape), device)
+        if isinstance(entry, NormalTheta0):
+            z = philox.normal(entry.seed, entry.stream, start, count, device)
+            mean = philox.round_to_f32(entry.mean)
+            std = philox.round_to_f32(entry.std)
+            return z * std + mean if (mean, std) != (0.0, 1.0) else z
+        if isinstance(entry, BlobTheta0 | ExternalTheta0):
             return self.dense(entry, shape, device).reshape(-1)[start : start + count]
-        what = f"scheme {entry.scheme!r}" if entry.kind == C.THETA0_PRNG else f"kind {entry.kind!r}"
+        what = (f"scheme {entry.scheme!r}" if isinstance(entry, UnknownSchemeTheta0)
+                else f"kind {entry.kind!r}")
         raise UnsupportedFeatureError(
             f"{self.source}: {label}: unknown theta0 {what} (R70/R71); this reader knows "
             "zeros, prng (uniform, fan_in_uniform, normal), blob and external. Upgrade mcnc-format."

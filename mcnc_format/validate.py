@@ -11,7 +11,18 @@ import math
 
 from . import constants as C
 from .errors import FormatError, HeaderError
-from .header import BlobEntry, FactorEntry, Header, TensorEntry, Theta0Entry
+from .header import (
+    BlobEntry,
+    BlobTheta0,
+    DenseTensor,
+    FanInUniformTheta0,
+    Header,
+    LoRATensor,
+    MemberEntry,
+    PackedTensor,
+    TensorEntry,
+    Theta0Entry,
+)
 
 __all__ = ["align_up", "blob_layout", "data_start", "validate_header"]
 
@@ -63,12 +74,12 @@ def _check_blob_placement(header: Header, header_length: int, file_size: int, so
 
 def _check_blob_size(blob: BlobEntry, path: str, source: str) -> None:
     decoded = blob.decoded_length
-    if blob.codec == C.CODEC_RAW and blob.length != decoded:
+    if blob.codec == C.Codec.RAW and blob.length != decoded:
         raise HeaderError(
             f"{source}: {path}.length: a raw {blob.dtype} blob of shape {list(blob.shape)} is "
             f"{decoded} bytes, got {blob.length} (R23)"
         )
-    if blob.codec == C.CODEC_ZSTD:
+    if blob.codec == C.Codec.ZSTD:
         allowance = max(C.MAX_ZSTD_RATIO * blob.length, C.ZSTD_MIN_DECODED_ALLOWANCE)
         if decoded > allowance:
             raise HeaderError(
@@ -100,10 +111,9 @@ class _Checker:
         self.blob_users[index] = path
         return self.header.blobs[index]
 
-    def use_pack(self, tensor: TensorEntry, path: str) -> None:
+    def use_pack(self, tensor: PackedTensor, path: str) -> None:
         """R52: a pack blob is u8 of rank 1; it is shared by packed tensors only, since any
         other use of it goes through ``use_blob`` and finds it taken (R45)."""
-        assert tensor.blob is not None
         if tensor.blob not in self.packs:
             blob = self.use_blob(tensor.blob, f"{path}.blob")
             if blob.dtype != C.PACK_DTYPE or len(blob.shape) != 1:
@@ -184,19 +194,18 @@ class _Checker:
         """Checks one tensor; returns False when it uses features this reader does not know."""
         if not tensor.known:
             return False
-        if tensor.encoding == C.ENCODING_DENSE:
-            assert tensor.blob is not None
+        if isinstance(tensor, DenseTensor):
             blob = self.use_blob(tensor.blob, f"{path}.blob")
             if blob.dtype != tensor.dtype or blob.shape != tensor.shape:
                 raise self.error(f"{path}.blob", f"expected a {tensor.dtype} blob of shape "
                                  f"{list(tensor.shape)}, got {blob.dtype} {list(blob.shape)} (R51)")
             return True
-        if tensor.encoding == C.ENCODING_PACKED:
+        if isinstance(tensor, PackedTensor):
             self.use_pack(tensor, path)
             return True
-        if tensor.encoding == C.ENCODING_MCNC:
-            return self.check_member(tensor.as_factor(), path, tensor.name)
-        assert tensor.A is not None and tensor.B is not None and tensor.theta0 is not None
+        if not isinstance(tensor, LoRATensor):  # mcnc: the tensor is its one member
+            (member,) = tensor.members()
+            return self.check_member(member, path, tensor.name)
         if len(tensor.shape) != 2:
             raise self.error(f"{path}.shape", f"a lora tensor has rank 2, got {len(tensor.shape)}"
                              " (R60)")
@@ -210,7 +219,7 @@ class _Checker:
         known &= self.check_member(tensor.A, f"{path}.A", f"{tensor.name}:A")
         return known & self.check_member(tensor.B, f"{path}.B", f"{tensor.name}:B")
 
-    def check_member(self, member: FactorEntry, path: str, label: str) -> bool:
+    def check_member(self, member: MemberEntry, path: str, label: str) -> bool:
         if member.segment >= len(self.header.segments):
             raise self.error(f"{path}.segment", f"segment {member.segment} does not exist; the "
                              f"file has {len(self.header.segments)} (R45)")
@@ -226,14 +235,14 @@ class _Checker:
     def check_theta0(self, theta0: Theta0Entry, shape: tuple[int, ...], path: str) -> bool:
         if not theta0.known:
             return False
-        if theta0.kind == C.THETA0_BLOB:
+        if isinstance(theta0, BlobTheta0):
             assert theta0.blob is not None
             blob = self.use_blob(theta0.blob, f"{path}.blob")
             if blob.dtype not in C.FLOAT_DTYPES or blob.shape != shape:
                 raise self.error(f"{path}.blob", f"expected a float blob of shape {list(shape)}, "
                                  f"got {blob.dtype} {list(blob.shape)} (R73)")
-        if theta0.scheme == C.SCHEME_FAN_IN_UNIFORM and (len(shape) < 2 or
-                                                         math.prod(shape[1:]) < 1):
+        if isinstance(theta0, FanInUniformTheta0) and (len(shape) < 2 or
+                                                       math.prod(shape[1:]) < 1):
             raise self.error(f"{path}.scheme", f"fan_in_uniform needs a tensor of rank >= 2 with"
                              f" fan_in >= 1, got shape {list(shape)} (R72)")
         return True

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from . import constants as C
 from .errors import (
     ChecksumError,
     ExternalReferenceError,
@@ -36,7 +35,15 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
-from .header import Header, TensorEntry
+from .header import (
+    BlobTheta0,
+    DenseTensor,
+    ExternalTheta0,
+    Header,
+    PackedTensor,
+    TensorEntry,
+    Theta0Entry,
+)
 from .reader import MCNCFile
 
 __all__ = ["Problem", "VerifyReport", "verify_file"]
@@ -249,7 +256,7 @@ class _Verifier:
         if not nonfinite:
             return
         where = f"tensor {t.name!r} ({t.encoding}, {t.dtype})"
-        if t.stored_dense:
+        if t.stores_values:
             self.report.counts["nonfinite_dense_values"] += nonfinite
             self.report.notes.append(f"{where} holds {nonfinite} NaN/inf values (stored so)")
             return
@@ -271,34 +278,29 @@ def _check_of(exc: BaseException) -> str:
 
 
 def _segment_key(t: TensorEntry) -> int | None:
-    if t.encoding == C.ENCODING_MCNC:
-        return t.segment
-    if t.encoding == C.ENCODING_LORA and t.A is not None:
-        return t.A.segment
-    return None
+    members = t.members()
+    return members[0].segment if members else None
+
+
+def _theta0s(t: TensorEntry) -> list[tuple[str, Theta0Entry]]:
+    """Every theta0 that rebuilding ``t`` reads, labelled as in messages (``name:A``)."""
+    return list(zip(("", ":A", ":B"), t.theta0s(), strict=False))
 
 
 def _blobs_of(header: Header, t: TensorEntry) -> list[int]:
     """Every blob that rebuilding ``t`` reads."""
-    blobs: list[int] = []
-    if t.blob is not None:
-        blobs.append(t.blob)
-    members = [t.as_factor()] if t.encoding == C.ENCODING_MCNC else [
-        f for f in (t.A, t.B) if f is not None]
-    theta0s = [t.theta0] if t.theta0 is not None else []
-    for member in members:
+    blobs: list[int] = [t.blob] if isinstance(t, DenseTensor | PackedTensor) else []
+    for member in t.members():
         seg = header.segments[member.segment]
         blobs += [seg.alpha, seg.beta]
         blobs += header.generators[seg.generator].blobs or ()
-        theta0s.append(member.theta0)
-    blobs += [th.blob for th in theta0s if th.blob is not None]
+    blobs += [th.blob for _, th in _theta0s(t)
+              if isinstance(th, BlobTheta0) and th.blob is not None]
     return blobs
 
 
 def _external_count(t: TensorEntry) -> int:
-    entries = [t.theta0] + ([t.A.theta0, t.B.theta0] if t.A is not None and t.B is not None
-                            else [])
-    return sum(1 for e in entries if e is not None and e.kind == C.THETA0_EXTERNAL)
+    return sum(1 for _, th in _theta0s(t) if isinstance(th, ExternalTheta0))
 
 
 def _blob_labels(header: Header) -> dict[int, str]:
@@ -312,13 +314,12 @@ def _blob_labels(header: Header) -> dict[int, str]:
         labels[s.beta] = f"segments[{i}].beta"
     packed: dict[int, list[str]] = {}
     for t in header.tensors:
-        if t.encoding == C.ENCODING_PACKED and t.blob is not None:
+        if isinstance(t, PackedTensor):
             packed.setdefault(t.blob, []).append(repr(t.name))
-        elif t.blob is not None:
+        elif isinstance(t, DenseTensor):
             labels[t.blob] = f"tensor {t.name!r} data"
-        for part, theta0 in (("", t.theta0), (":A", t.A and t.A.theta0),
-                             (":B", t.B and t.B.theta0)):
-            if theta0 is not None and theta0.blob is not None:
+        for part, theta0 in _theta0s(t):
+            if isinstance(theta0, BlobTheta0) and theta0.blob is not None:
                 labels[theta0.blob] = f"tensor {t.name + part!r} theta0"
     for blob, names in packed.items():
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

@@ -36,7 +36,7 @@ SEED = random.SystemRandom().randrange(2**31)
 
 
 def _segment(spec: mcnc.GeneratorSpec, values: int, m: int, gen: torch.Generator,
-             codec: str = C.CODEC_RAW) -> mcnc.Segment:
+             codec: str = C.Codec.RAW) -> mcnc.Segment:
     chunks = math.ceil(values / spec.d)
     alpha = torch.rand(chunks, m, spec.k, generator=gen) * 40 - 20
     beta = torch.randn(chunks, m, generator=gen) * 0.05
@@ -54,11 +54,11 @@ def _write_model(path: Path, seed: int, *, beta_nan: bool = False) -> Path:
     shared = _segment(main_gen, 48 * 24 + 10 * 48, 1, gen)
     if beta_nan:
         shared.beta[0, 0] = float("nan")
-    a_seg = _segment(lora_gen, 4 * 24, 2, gen, C.CODEC_ZSTD)
+    a_seg = _segment(lora_gen, 4 * 24, 2, gen, C.Codec.ZSTD)
     b_seg = _segment(lora_gen, 16 * 4, 2, gen)
     mcnc.save(path, {
         "encoder.weight": mcnc.MCNC(shared, (48, 24), theta0=mcnc.Theta0.fan_in_uniform(3, 0)),
-        "encoder.bias": mcnc.Dense(torch.randn(48, generator=gen), C.CODEC_ZSTD),
+        "encoder.bias": mcnc.Dense(torch.randn(48, generator=gen), C.Codec.ZSTD),
         "head.weight": mcnc.MCNC(shared, (10, 48), dtype=torch.float16),
         "head.bias": torch.randn(10, generator=gen).half(),
         "adapter.weight": mcnc.LoRA(A=mcnc.MCNC(a_seg, (4, 24)), B=mcnc.MCNC(b_seg, (16, 4)),

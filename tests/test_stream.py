@@ -42,6 +42,7 @@ from mcnc_format.gpu.pipeline import LoadOptions, PipelinedLoader, Progress
 from mcnc_format.gpu.plan import batch_rows
 from mcnc_format.gpu.safetensors_source import SafetensorsFile
 from mcnc_format.gpu.staging import StagingRing, SyncCopyEngine
+from mcnc_format.header import LoRATensor
 from mcnc_format.reader import tensor_sha256
 from mcnc_format.streaming import load, load_into, stream
 
@@ -516,7 +517,7 @@ def test_outputs_are_allocated_as_outputs(tmp_path: Path, monkeypatch: pytest.Mo
     staging = {t.untyped_storage().data_ptr() for t in engine.staging}
     assert staging and not outputs & staging
     with mf.open(path) as f:
-        lora = {t.name for t in f.header.tensors if t.encoding == "lora"}
+        lora = {t.name for t in f.header.tensors if isinstance(t, LoRATensor)}
     for name, tensor in got.items():
         if name not in lora:  # adapters are merged by the reader
             assert tensor.untyped_storage().data_ptr() in outputs, name

@@ -16,7 +16,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .. import constants as C
-from ..header import GeneratorEntry, Header, TensorEntry
+from ..header import GeneratorEntry, Header, LoRATensor, PRNGTheta0, TensorEntry
 from ..reader import MCNCFile, open_file
 
 __all__ = ["describe", "inspect"]
@@ -72,23 +72,24 @@ def describe(f: MCNCFile) -> dict[str, Any]:
 
 def _tensor_facts(f: MCNCFile, t: TensorEntry) -> dict[str, Any]:
     info = f.tensor_info(t.name)
+    theta0 = t.theta0s()[0] if t.theta0s() else None
     facts: dict[str, Any] = {
         "name": t.name,
         "shape": list(t.shape),
         "dtype": t.dtype,
-        "encoding": t.encoding,
+        "encoding": info.encoding,
         "stored_values": info.stored_values,
         "stored_bytes": info.stored_bytes,
         "theta0": info.theta0,
-        "theta0_scheme": t.theta0.scheme if t.theta0 is not None else None,
+        "theta0_scheme": str(theta0.scheme) if isinstance(theta0, PRNGTheta0) else None,
         "segment": info.segment,
         "generator": info.generator,
     }
-    if t.encoding == C.ENCODING_LORA and t.A is not None and t.B is not None:
+    if isinstance(t, LoRATensor):
         facts["scale"] = t.scale
         facts["factors"] = {
             part: {"shape": list(x.shape), "dtype": x.dtype, "segment": x.segment,
-                   "offset": x.offset, "theta0": x.theta0.kind}
+                   "offset": x.offset, "theta0": str(x.theta0.kind)}
             for part, x in (("A", t.A), ("B", t.B))
         }
     return facts
@@ -116,11 +117,8 @@ def _generator_facts(index: int, g: GeneratorEntry) -> dict[str, Any]:
 def _segment_facts(header: Header) -> list[dict[str, Any]]:
     members = [0] * len(header.segments)
     for t in header.tensors:
-        if t.encoding == C.ENCODING_MCNC and t.segment is not None:
-            members[t.segment] += 1
-        for factor in (t.A, t.B):
-            if factor is not None:
-                members[factor.segment] += 1
+        for member in t.members():
+            members[member.segment] += 1
     out = []
     for i, s in enumerate(header.segments):
         alpha, beta = header.blobs[s.alpha], header.blobs[s.beta]

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .. import constants as C
 from ..atomic import atomic_path
 from ..errors import MCNCError
+from ..header import LoRATensor
 from ..reader import open_file
 from .pack import refuse_overwrite
 
@@ -72,8 +72,8 @@ def export_peft(
     folder = Path(out_dir)
     refuse_overwrite([folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS], force)
     with open_file(mcnc_path) as f:
-        lora_names = [e.name for e in f.header.tensors if e.encoding == C.ENCODING_LORA]
-        others = tuple(e.name for e in f.header.tensors if e.encoding != C.ENCODING_LORA)
+        lora_names = [e.name for e in f.header.tensors if isinstance(e, LoRATensor)]
+        others = tuple(e.name for e in f.header.tensors if not isinstance(e, LoRATensor))
         if not lora_names:
             raise MCNCError(f"{mcnc_path}: holds no lora tensors, so there is no LoRA adapter "
                             "to export; use `mcnc unpack` for dense weights")

@@ -67,7 +67,7 @@ __all__ = [
 DEFAULT_STAGING_BYTES = 64 << 20
 MIN_WORKSPACE_BYTES = 64 << 20
 WORKSPACE_FRACTION = 0.02
-DENSE_THETA0 = (C.THETA0_BLOB, C.THETA0_EXTERNAL)
+DENSE_THETA0 = (C.Theta0Kind.BLOB, C.Theta0Kind.EXTERNAL)
 
 #: A tensor ready on the device, with the sha256 check of its external base (R75) that must
 #: pass before it is handed out.
@@ -270,7 +270,7 @@ class PipelinedLoader:
                      ) -> tuple[torch.Tensor, object]:
         t = step.tensor
         assert t is not None and t.blob is not None
-        data = (self.file.packed_bytes(t) if t.encoding == C.ENCODING_PACKED
+        data = (self.file.packed_bytes(t) if t.encoding == C.Encoding.PACKED
                 else self.file.blob_bytes(t.blob, f"tensors[{t.name!r}].blob"))
         dest = self._alloc(engine, t.numel, to_torch(t.dtype))
         marker = ring.upload(data, dest.view(torch.uint8)) if t.numel else None
@@ -334,10 +334,10 @@ class PipelinedLoader:
         """Stream a blob or external theta0 onto the device: into the tensor's own storage
         when the dtypes agree (updated in place), else into a buffer of its own dtype."""
         entry = member.entry.theta0
-        if entry.kind not in (C.THETA0_BLOB, C.THETA0_EXTERNAL) or member.entry.numel == 0:
+        if entry.kind not in (C.Theta0Kind.BLOB, C.Theta0Kind.EXTERNAL) or member.entry.numel == 0:
             return
         label = f"{member.name}.theta0"
-        if entry.kind == C.THETA0_BLOB:
+        if entry.kind == C.Theta0Kind.BLOB:
             assert entry.blob is not None
             blob = self.header.blobs[entry.blob]
             data: memoryview | bytes = self.file.blob_bytes(entry.blob, label)

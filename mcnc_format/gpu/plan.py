@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import constants as C
-from ..header import FactorEntry, Header, TensorEntry
+from ..header import Header, MemberEntry, TensorEntry
 from ..regenerate import FusedGenerator
 
 __all__ = ["Member", "SegmentWork", "Step", "batch_rows", "largest_upload", "plan_steps",
@@ -28,7 +28,7 @@ class Member:
     """One mcnc tensor of a segment on its way to the device."""
 
     name: str
-    entry: FactorEntry
+    entry: MemberEntry
     dtype: torch.dtype
     dest: torch.Tensor | None = None
     base: torch.Tensor | None = None
@@ -83,12 +83,12 @@ def plan_steps(header: Header, wanted: list[TensorEntry],
     steps: list[Step] = []
     segments: dict[int, SegmentWork] = {}
     for t in wanted:
-        if t.stored_dense:
+        if t.stores_values:
             steps.append(Step("dense", tensor=t))
-        elif t.encoding == C.ENCODING_LORA:
+        elif t.encoding == C.Encoding.LORA:
             steps.append(Step("lora", tensor=t))
         else:
-            entry = t.as_factor()
+            (entry,) = t.members()
             if entry.segment not in segments:
                 segments[entry.segment] = SegmentWork(entry.segment, [])
                 steps.append(Step("batch", segment=segments[entry.segment]))
@@ -139,7 +139,7 @@ def largest_upload(header: Header, steps: list[Step]) -> int:
                             for b in (seg.alpha, seg.beta))
             largest = max(largest, (step.c1 - step.c0) * per_chunk)
             for member in step.segment.members:
-                if member.entry.theta0.kind in (C.THETA0_BLOB, C.THETA0_EXTERNAL):
+                if member.entry.theta0.kind in (C.Theta0Kind.BLOB, C.Theta0Kind.EXTERNAL):
                     largest = max(largest, member.entry.numel * 8)
     return largest
 

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import constants as C
 from ..dtypes import to_torch
 from ..errors import ReparametrizeError
 from ..generator import ieee_fp32
+from ..header import ZerosTheta0
 from ..regenerate import FusedGenerator
 from .manifest import CONFIG_KEY, Manifest, alpha_key, beta_key
 
@@ -132,7 +132,7 @@ class MCNCRuntime:
             return self._values[index]
         member = self.manifest.members[index]
         delta = self._piece(index) if caching else self._member_delta(index)
-        if member.theta0.kind != C.THETA0_ZEROS:
+        if not isinstance(member.theta0, ZerosTheta0):
             delta = delta + theta0.reshape(-1).to(torch.float32)
         value = delta.view(member.shape).to(to_torch(member.dtype))
         if caching:
