@@ -58,8 +58,8 @@ class _Map:
     def __init__(self, value: Any, path: str, source: str, lenient: bool) -> None:
         if not isinstance(value, dict):
             rule = "R10" if path else "R6"
-            raise HeaderError(f"{source}: {path or 'header'}: expected a map, got {_kind(value)} "
-                              f"({rule})")
+            raise HeaderError(f"expected a map, got {_kind(value)}", rule=rule, path=source,
+                              field=path or "header")
         self.value = value
         self.path = path
         self.source = source
@@ -69,24 +69,31 @@ class _Map:
     def _where(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def error(self, key: str, message: str) -> HeaderError:
-        return HeaderError(f"{self.source}: {self._where(key)}: {message}")
+    def error(self, key: str, message: str, rule: str | None = None) -> HeaderError:
+        return HeaderError(message, rule=rule, path=self.source, field=self._where(key))
+
+    def unsupported(self, key: str, what: str, value: str, known: str, rule: str
+                    ) -> UnsupportedFeatureError:
+        """A value this reader does not implement (typically from a newer minor version)."""
+        return UnsupportedFeatureError(
+            f"unknown {what} {value!r}; this reader knows {known}. Upgrade mcnc-format",
+            rule=rule, path=self.source, field=self._where(key))
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
         self.seen.add(key)
         if key not in self.value:
             if default is ...:
-                raise self.error(key, "required field is missing (R10); re-write the file "
-                                 "with a conforming writer")
+                raise self.error(key, "required field is missing; re-write the file with a "
+                                 "conforming writer", rule="R10")
             return default
         value = self.value[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if bool not in kinds and isinstance(value, bool):
-            raise self.error(key, f"expected {_names(kinds)}, got bool (R10)")
+            raise self.error(key, f"expected {_names(kinds)}, got bool", rule="R10")
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kinds):
-            raise self.error(key, f"expected {_names(kinds)}, got {_kind(value)} (R10)")
+            raise self.error(key, f"expected {_names(kinds)}, got {_kind(value)}", rule="R10")
         return value
 
     def uint(self, key: str, limit: int, default: Any = ..., rule: str = "R10") -> int:
@@ -94,40 +101,37 @@ class _Map:
         if value is default:
             return value
         if not 0 <= value <= limit:
-            raise self.error(key, f"expected an integer in [0, {limit}], got {value} ({rule})")
+            raise self.error(key, f"expected an integer in [0, {limit}], got {value}", rule=rule)
         return value
 
     def finite(self, key: str, default: Any = ..., rule: str = "R71") -> float:
         value = self.get(key, float, default)
         if not math.isfinite(value):
-            raise self.error(key, f"expected a finite number, got {value} ({rule})")
+            raise self.error(key, f"expected a finite number, got {value}", rule=rule)
         return value
 
     def shape(self, key: str) -> tuple[int, ...]:
         value = self.get(key, list)
         if len(value) > C.MAX_RANK:
-            raise self.error(key, f"rank {len(value)} exceeds MAX_RANK {C.MAX_RANK} (R43)")
+            raise self.error(key, f"rank {len(value)} exceeds MAX_RANK {C.MAX_RANK}", rule="R43")
         dims = []
         for i, dim in enumerate(value):
             if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= C.MAX_NUMEL:
                 raise self.error(f"{key}[{i}]", f"expected an integer in [0, MAX_NUMEL], got "
-                                 f"{dim!r} (R43)")
+                                 f"{dim!r}", rule="R43")
             dims.append(dim)
         if math.prod(dims) > C.MAX_NUMEL:
-            raise self.error(key, f"{math.prod(dims)} elements exceed MAX_NUMEL {C.MAX_NUMEL} "
-                             "(R43)")
+            raise self.error(key, f"{math.prod(dims)} elements exceed MAX_NUMEL {C.MAX_NUMEL}",
+                             rule="R43")
         return tuple(dims)
 
     def dtype(self, key: str, allowed: tuple[str, ...] | None = None) -> str:
         value = self.get(key, str)
         if value not in C.DTYPE_SIZES:
-            raise UnsupportedFeatureError(
-                f"{self.source}: {self._where(key)}: unknown dtype {value!r}; this reader knows "
-                f"{', '.join(C.DTYPE_SIZES)} (R26). Upgrade mcnc-format."
-            )
+            raise self.unsupported(key, "dtype", value, ", ".join(C.DTYPE_SIZES), "R26")
         if allowed is not None and value not in allowed:
-            raise self.error(key, f"dtype must be one of {', '.join(allowed)}, got {value!r} "
-                             "(R44)")
+            raise self.error(key, f"dtype must be one of {', '.join(allowed)}, got {value!r}",
+                             rule="R44")
         return value
 
     def child(self, key: str) -> _Map:
@@ -136,7 +140,7 @@ class _Map:
     def items(self, key: str, limit: int) -> list[_Map]:
         values = self.get(key, list)
         if len(values) > limit:
-            raise self.error(key, f"{len(values)} entries exceed the limit {limit} (R13)")
+            raise self.error(key, f"{len(values)} entries exceed the limit {limit}", rule="R13")
         return [
             _Map(v, f"{self._where(key)}[{i}]", self.source, self.lenient)
             for i, v in enumerate(values)
@@ -147,9 +151,8 @@ class _Map:
         unknown = sorted(str(k) for k in self.value if k not in self.seen)
         if unknown and not self.lenient:
             raise HeaderError(
-                f"{self.source}: {self.path or 'header'}: unknown field(s) {', '.join(unknown)} "
-                "in a file of this reader's minor version (R11)"
-            )
+                f"unknown field(s) {', '.join(unknown)} in a file of this reader's minor version",
+                rule="R11", path=self.source, field=self.path or "header")
 
 
 def _kind(value: Any) -> str:
@@ -193,10 +196,7 @@ class BlobEntry:
     def parse(cls, m: _Map) -> BlobEntry:
         codec = m.get("codec", str)
         if codec not in C.CODECS:
-            raise UnsupportedFeatureError(
-                f"{m.source}: {m.path}.codec: unknown codec {codec!r}; this reader knows "
-                f"{', '.join(C.CODECS)} (R26). Upgrade mcnc-format."
-            )
+            raise m.unsupported("codec", "codec", codec, ", ".join(C.CODECS), "R26")
         entry = cls(
             offset=m.uint("offset", _U64),
             length=m.uint("length", _U64),
@@ -247,36 +247,34 @@ class GeneratorEntry:
         k = m.get("k", int)
         d = m.get("d", int)
         if not 1 <= k <= C.MAX_K:
-            raise m.error("k", f"expected 1 <= k <= {C.MAX_K}, got {k} (R30)")
+            raise m.error("k", f"expected 1 <= k <= {C.MAX_K}, got {k}", rule="R30")
         if not 1 <= d <= C.MAX_D:
-            raise m.error("d", f"expected 1 <= d <= {C.MAX_D}, got {d} (R30)")
+            raise m.error("d", f"expected 1 <= d <= {C.MAX_D}, got {d}", rule="R30")
         hidden = m.get("hidden", list)
         if not 1 <= len(hidden) <= C.MAX_HIDDEN_LAYERS:
             raise m.error("hidden", f"expected 1 to {C.MAX_HIDDEN_LAYERS} widths, got "
-                          f"{len(hidden)} (R30)")
+                          f"{len(hidden)}", rule="R30")
         for i, width in enumerate(hidden):
             if isinstance(width, bool) or not isinstance(width, int):
-                raise m.error(f"hidden[{i}]", f"expected an integer, got {_kind(width)} (R30)")
+                raise m.error(f"hidden[{i}]", f"expected an integer, got {_kind(width)}",
+                              rule="R30")
             if not 1 <= width <= C.MAX_HIDDEN_WIDTH:
                 raise m.error(f"hidden[{i}]", f"expected 1 <= width <= {C.MAX_HIDDEN_WIDTH}, "
-                              f"got {width} (R30)")
+                              f"got {width}", rule="R30")
         widths = (k, *hidden, d)
         weights = sum(widths[t] * widths[t + 1] + widths[t + 1] for t in range(len(hidden) + 1))
         if weights > C.MAX_GENERATOR_WEIGHTS:
             raise m.error("d", f"widths {list(widths)} need {weights} generator weights, over "
-                          f"MAX_GENERATOR_WEIGHTS {C.MAX_GENERATOR_WEIGHTS} (R30)")
+                          f"MAX_GENERATOR_WEIGHTS {C.MAX_GENERATOR_WEIGHTS}", rule="R30")
         activation = m.get("activation", str)
         if activation != C.ACTIVATION_SINE:
-            raise UnsupportedFeatureError(
-                f"{m.source}: {m.path}.activation: unknown activation {activation!r}; "
-                f"this reader knows 'sin' (R31). Upgrade mcnc-format."
-            )
+            raise m.unsupported("activation", "activation", activation, "'sin'", "R31")
         L = m.finite("L", rule="R34")
         omega0 = m.finite("omega0", rule="R34")
         if L <= 0:
-            raise m.error("L", f"expected L > 0, got {L} (R34)")
+            raise m.error("L", f"expected L > 0, got {L}", rule="R34")
         if omega0 == 0:
-            raise m.error("omega0", "expected a non-zero frequency scale (R34)")
+            raise m.error("omega0", "expected a non-zero frequency scale", rule="R34")
         bias = m.get("bias", bool)
         normalize = m.get("normalize", bool)
         w = m.child("weights")
@@ -289,13 +287,12 @@ class GeneratorEntry:
             raw = w.get("blobs", list)
             for i, b in enumerate(raw):
                 if isinstance(b, bool) or not isinstance(b, int):
-                    raise w.error(f"blobs[{i}]", f"expected a blob index, got {_kind(b)} (R33)")
+                    raise w.error(f"blobs[{i}]", f"expected a blob index, got {_kind(b)}",
+                                  rule="R33")
             blobs = tuple(raw)
         else:
-            raise UnsupportedFeatureError(
-                f"{m.source}: {m.path}.weights.kind: unknown generator weights kind {kind!r}; "
-                "this reader knows 'philox' and 'inline' (R32). Upgrade mcnc-format."
-            )
+            raise m.unsupported("weights.kind", "generator weights kind", kind,
+                                "'philox' and 'inline'", "R32")
         w.done()
         m.done()
         return cls(k, d, tuple(hidden), L, omega0, bias, normalize, seed, blobs, activation)
@@ -342,7 +339,7 @@ class SegmentEntry:
             beta=m.uint("beta", _U64),
         )
         if not 1 <= entry.m <= C.MAX_M:
-            raise m.error("m", f"expected 1 <= m <= {C.MAX_M}, got {entry.m} (R40)")
+            raise m.error("m", f"expected 1 <= m <= {C.MAX_M}, got {entry.m}", rule="R40")
         m.done()
         return entry
 
@@ -504,10 +501,10 @@ class ExternalTheta0(Theta0Entry):
         tensor = m.get("tensor", str)
         sha = m.get("sha256", str)
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise m.error("sha256", "expected 64 lowercase hex digits (R74)")
+            raise m.error("sha256", "expected 64 lowercase hex digits", rule="R74")
         if not _valid_uri(uri):
             raise m.error("uri", f"{uri!r} is neither a relative path without '..' nor "
-                          "hf://ORG/REPO@<40-hex commit>/PATH (R74)")
+                          "hf://ORG/REPO@<40-hex commit>/PATH", rule="R74")
         return cls(uri, tensor, sha)
 
 
@@ -657,9 +654,9 @@ class TensorEntry(ABC):
     def parse(cls, m: _Map) -> TensorEntry:
         name = m.get("name", str)
         if not name:
-            raise m.error("name", "tensor names must be non-empty (R42)")
+            raise m.error("name", "tensor names must be non-empty", rule="R42")
         if len(name.encode("utf-8", "surrogatepass")) > C.MAX_NAME_BYTES:
-            raise m.error("name", f"longer than MAX_NAME_BYTES {C.MAX_NAME_BYTES} (R13)")
+            raise m.error("name", f"longer than MAX_NAME_BYTES {C.MAX_NAME_BYTES}", rule="R13")
         encoding = m.get("encoding", str)
         entry = _ENCODINGS.get(encoding, UnknownTensor).parse_fields(m, name, m.shape("shape"))
         m.done()
@@ -850,7 +847,7 @@ class Header:
         alignment = m.get("alignment", int)
         if not (C.MIN_ALIGNMENT <= alignment <= C.MAX_ALIGNMENT) or alignment & (alignment - 1):
             raise m.error("alignment", f"expected a power of two in [{C.MIN_ALIGNMENT}, "
-                          f"{C.MAX_ALIGNMENT}], got {alignment} (R12)")
+                          f"{C.MAX_ALIGNMENT}], got {alignment}", rule="R12")
         header = cls(
             alignment=alignment,
             blobs=[BlobEntry.parse(b) for b in m.items("blobs", C.MAX_BLOBS)],
@@ -866,7 +863,8 @@ class Header:
         unknown_info = sorted(set(header.info) - set(C.INFO_KEYS))
         if unknown_info and not m.lenient:
             raise m.error("info", f"unknown key(s) {', '.join(unknown_info)}; version 1.0 defines "
-                          f"{', '.join(C.INFO_KEYS)} (R11). Put free-form facts in metadata.")
+                          f"{', '.join(C.INFO_KEYS)}. Put free-form facts in metadata",
+                          rule="R11")
         m.done()
         return header
 
@@ -896,11 +894,11 @@ def _resolve_layout(tensors: list[TensorEntry]) -> list[TensorEntry]:
 def _string_map(m: _Map, key: str, default: Any = ...) -> dict[str, str]:
     value = m.get(key, dict, default)
     if len(value) > C.MAX_METADATA_ENTRIES:
-        raise m.error(key, f"{len(value)} entries exceed MAX_METADATA_ENTRIES (R13)")
+        raise m.error(key, f"{len(value)} entries exceed MAX_METADATA_ENTRIES", rule="R13")
     for k, v in value.items():
         if not isinstance(k, str) or not isinstance(v, str):
-            raise m.error(key, f"keys and values must be strings, got {_kind(k)} -> {_kind(v)} "
-                          "(R13)")
+            raise m.error(key, f"keys and values must be strings, got {_kind(k)} -> {_kind(v)}",
+                          rule="R13")
         if len(v.encode("utf-8", "surrogatepass")) > C.MAX_METADATA_VALUE_BYTES:
-            raise m.error(f"{key}.{k}", "value longer than MAX_METADATA_VALUE_BYTES (R13)")
+            raise m.error(f"{key}.{k}", "value longer than MAX_METADATA_VALUE_BYTES", rule="R13")
     return dict(value)

@@ -326,9 +326,9 @@ class MCNCFile:
     def _check_supported(self, t: TensorEntry) -> None:
         if not t.known:
             raise UnsupportedFeatureError(
-                f"{self.source}: tensor {t.name!r} uses encoding {t.encoding!r}, unknown to this "
-                "reader (R46). Upgrade mcnc-format; the other tensors can be read by name."
-            )
+                f"tensor {t.name!r} uses encoding {t.encoding!r}, unknown to this reader. Upgrade "
+                "mcnc-format; the other tensors can be read by name", rule="R46",
+                path=self.source, tensor=t.name)
 
     def _finish(self, t: TensorEntry, generated: dict[str, torch.Tensor], device: torch.device,
                 dtype: torch.dtype | None) -> torch.Tensor:
@@ -449,32 +449,28 @@ class MCNCFile:
             with safe_open(str(path), framework="pt") as f:
                 if entry.tensor not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
                     raise ExternalReferenceError(
-                        f"{self.source}: theta0 reference {entry.uri}: no tensor named "
-                        f"{entry.tensor!r} there (R75)"
-                    )
+                        f"theta0 reference {entry.uri}: no tensor named {entry.tensor!r} there",
+                        rule="R75", path=self.source)
                 value = f.get_tensor(entry.tensor)
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             if isinstance(exc, MCNCError):
                 raise
-            remedy = ("It is fetched from the Hub; try again, or check the base repository."
+            remedy = ("It is fetched from the Hub; try again, or check the base repository"
                       if entry.uri.startswith("hf://") or self.source.startswith("hf://")
-                      else "Put the base checkpoint next to the .mcnc file.")
+                      else "Put the base checkpoint next to the .mcnc file")
             raise ExternalReferenceDamaged(
-                f"{self.source}: theta0 reference {entry.uri} ({path}) cannot be read: {exc} "
-                f"(R75). {remedy}"
-            ) from exc
+                f"theta0 reference {entry.uri} ({path}) cannot be read: {exc}. {remedy}",
+                rule="R75", path=self.source) from exc
         if tuple(value.shape) != shape:
             raise ExternalReferenceError(
-                f"{self.source}: theta0 reference {entry.uri}:{entry.tensor} has shape "
-                f"{list(value.shape)}, the tensor needs {list(shape)} (R75)"
-            )
+                f"theta0 reference {entry.uri}:{entry.tensor} has shape {list(value.shape)}, "
+                f"the tensor needs {list(shape)}", rule="R75", path=self.source)
         digest = tensor_sha256(value)
         if digest != entry.sha256:
             raise ExternalReferenceDamaged(
-                f"{self.source}: theta0 reference {entry.uri}:{entry.tensor} has sha256 "
-                f"{digest}, the file pins {entry.sha256} (R75): the base checkpoint differs "
-                "from the one this file was made against."
-            )
+                f"theta0 reference {entry.uri}:{entry.tensor} has sha256 {digest}, the file "
+                f"pins {entry.sha256}: the base checkpoint differs from the one this file was "
+                "made against", rule="R75", path=self.source)
         return value
 
     # -- verification ----------------------------------------------------------------------
@@ -491,8 +487,8 @@ class MCNCFile:
                      if not self.header.blobs else position))
         for start, stop in gaps:
             if any(view[start:stop]):
-                raise FormatError(f"{self.source}: non-zero padding bytes in [{start}, {stop}) "
-                                  "(R22)")
+                raise FormatError(f"non-zero padding bytes in [{start}, {stop})", rule="R22",
+                                  path=self.source)
 
 
 def _map_file(fd: int, size: int, source: str) -> mmap.mmap | None:

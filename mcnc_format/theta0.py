@@ -70,9 +70,9 @@ class Theta0Resolver:
             return z * std + mean if (mean, std) != (0.0, 1.0) else z
         if isinstance(entry, BlobTheta0 | ExternalTheta0):
             return self.dense(entry, shape, device).reshape(-1)[start : start + count]
-        what = (f"scheme {entry.scheme!r}" if isinstance(entry, UnknownSchemeTheta0)
-                else f"kind {entry.kind!r}")
+        scheme = isinstance(entry, UnknownSchemeTheta0)
+        what = f"scheme {entry.scheme!r}" if scheme else f"kind {entry.kind!r}"
         raise UnsupportedFeatureError(
-            f"{self.source}: {label}: unknown theta0 {what} (R70/R71); this reader knows "
-            "zeros, prng (uniform, fan_in_uniform, normal), blob and external. Upgrade mcnc-format."
-        )
+            f"{label}: unknown theta0 {what}; this reader knows zeros, prng (uniform, "
+            "fan_in_uniform, normal), blob and external. Upgrade mcnc-format",
+            rule="R71" if scheme else "R70", path=self.source)

@@ -19,7 +19,6 @@ whatever the model's size.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,22 +49,24 @@ __all__ = ["Problem", "VerifyReport", "verify_file"]
 
 DEFAULT_BATCH_VALUES = 1 << 25  # 128 MiB of float32 output per regeneration batch
 
-_RULE = re.compile(r"\((R\d+)[)/]")
-
 
 @dataclass(frozen=True)
 class Problem:
     """One broken rule. ``check`` names the stage that found it: ``structure`` (preamble,
     header, blob placement), ``checksum``, ``padding``, ``regeneration``, ``finite``,
     ``external`` or ``unsupported`` (a feature this reader does not implement, so the file
-    could not be judged). ``rule`` is the SPEC.md rule number when the message names one."""
+    could not be judged). ``rule`` (the SPEC.md rule number), ``field`` (the header field path)
+    and ``tensor`` are the error's own fields (``MCNCError``), ``None`` where it has none."""
 
     check: str
     message: str
     rule: str | None = None
+    field: str | None = None
+    tensor: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"check": self.check, "message": self.message, "rule": self.rule}
+        return {"check": self.check, "message": self.message, "rule": self.rule,
+                "field": self.field, "tensor": self.tensor}
 
 
 @dataclass
@@ -99,10 +100,15 @@ class VerifyReport:
             return "unverifiable"
         return "invalid"
 
-    def add(self, check: str, exc_or_message: BaseException | str) -> None:
-        message = str(exc_or_message)
-        match = _RULE.search(message)
-        self.problems.append(Problem(check, message, match.group(1) if match else None))
+    def add(self, check: str, exc_or_message: BaseException | str, tensor: str | None = None
+            ) -> None:
+        """A problem from an ``MCNCError`` (its fields), or from a message about ``tensor``."""
+        if isinstance(exc_or_message, MCNCError):
+            exc = exc_or_message
+            self.problems.append(Problem(check, str(exc), exc.rule, exc.field,
+                                         exc.tensor or tensor))
+        else:
+            self.problems.append(Problem(check, str(exc_or_message), tensor=tensor))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -203,8 +209,9 @@ class _Verifier:
         for t in self.header.tensors:
             if not t.known:
                 self.report.add("unsupported", UnsupportedFeatureError(
-                    f"{self.f.source}: tensor {t.name!r} uses encoding {t.encoding!r}, unknown "
-                    "to this reader (R46); upgrade mcnc-format to verify it"))
+                    f"tensor {t.name!r} uses encoding {t.encoding!r}, unknown to this reader; "
+                    "upgrade mcnc-format to verify it", rule="R46", path=self.f.source,
+                    tensor=t.name))
                 continue
             if self.bad_blobs & set(_blobs_of(self.header, t)):
                 self.report.counts["skipped_tensors"] += 1
@@ -239,7 +246,7 @@ class _Verifier:
                 return
             self.report.add(_check_of(exc), exc if isinstance(exc, MCNCError) else
                             f"{self.f.source}: tensor {batch[0].name!r} cannot be rebuilt: "
-                            f"{type(exc).__name__}: {exc}")
+                            f"{type(exc).__name__}: {exc}", batch[0].name)
             return
         for t in batch:
             self.report.counts["external_references"] += _external_count(t)
@@ -262,7 +269,7 @@ class _Verifier:
             return
         self.report.add("finite", f"{self.f.source}: {where} regenerates to {nonfinite} "
                         f"non-finite values out of {value.numel()}: alpha, beta or theta0 hold "
-                        "NaN/inf, or the values overflow the output dtype")
+                        "NaN/inf, or the values overflow the output dtype", t.name)
 
 
 def _check_of(exc: BaseException) -> str:

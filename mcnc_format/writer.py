@@ -394,10 +394,12 @@ class _Layout:
             if parsed.tensors != self.header.tensors:
                 # Offsets the writer left out (§6.1) and packed tensors' starts (§6.4) must
                 # resolve to the ones it laid out.
-                raise WriteError(f"{self.source}: internal error: the header does not read "
-                                 "back as written; please report this")
+                raise WriteError("internal error: the header does not read back as written; "
+                                 "please report this", path=self.source)
         except MCNCError as exc:
-            raise WriteError(f"refusing to write an invalid file: {exc}") from exc
+            raise WriteError(f"refusing to write an invalid file: {exc.message}",
+                             rule=exc.rule, path=exc.path or self.source, field=exc.field,
+                             tensor=exc.tensor) from exc
         return codec, header_bytes
 
     def _settle(self, lengths: list[int], attempt: int | None) -> tuple[int, bytes] | None:

@@ -173,6 +173,8 @@ def test_verify_fails_on_a_flipped_blob_byte(runner, model_file, tmp_path):
         result.output
     report = verify_file(bad)
     assert report.status == "invalid" and report.counts["skipped_tensors"] == 2
+    problem = report.problems[0].to_dict()
+    assert (problem["rule"], problem["field"]) == ("R24", "segments[0].alpha")
 
 
 def test_verify_fails_on_nonzero_padding(runner, model_file, tmp_path):
@@ -302,6 +304,19 @@ def test_not_an_mcnc_file(runner, tmp_path):
     _assert_one_line_error(runner.invoke(cli, ["inspect", str(text)]), "R1")
     result = runner.invoke(cli, ["verify", str(text)])
     assert result.exit_code == 1 and "R1 structure" in result.output, result.output
+
+
+def test_inspect_json_gives_the_error_fields(runner, model_file, tmp_path):
+    """A file that breaks a rule: stdout has the error's fields, stderr the one line."""
+    path = _copy(model_file, tmp_path / "bad-codec.mcnc")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 12, 7)  # preamble: header_codec 7 (R3)
+    path.write_bytes(data)
+    result = runner.invoke(cli, ["inspect", "--json", str(path)])
+    _assert_one_line_error(result, "R3")
+    error = json.loads(result.stdout)["error"]
+    assert error == {"error": "FormatError", "message": error["message"], "rule": "R3",
+                     "path": str(path), "field": None, "tensor": None}
 
 
 @pytest.mark.parametrize(("command", "option"), [("inspect", "--json"), ("verify", "--json"),

@@ -16,6 +16,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .. import constants as C
+from ..errors import MCNCError
 from ..header import GeneratorEntry, Header, LoRATensor, PRNGTheta0, TensorEntry
 from ..reader import MCNCFile, open_file
 
@@ -45,8 +46,14 @@ _PIPED_WIDTH = 160
               help="Print one JSON object (stable keys, see README) instead of tables.")
 def inspect(file: str, as_json: bool) -> None:
     """Show the tensors, sizes, generators and segments of an .mcnc FILE (header only)."""
-    with open_file(file) as f:
-        facts = describe(f)
+    try:
+        with open_file(file) as f:
+            facts = describe(f)
+    except MCNCError as exc:
+        if as_json:  # the fields on stdout; the one-line error and exit 2 as for every command
+            click.echo(json.dumps({"file": file, "error": exc.to_dict()}, indent=2,
+                                  ensure_ascii=False))
+        raise
     if as_json:
         click.echo(json.dumps(facts, indent=2, ensure_ascii=False))
         return

@@ -390,8 +390,8 @@ class PipelinedLoader:
         source = self._externals[uri].tensor(tensor)
         if source.shape != member.entry.shape:
             raise ExternalReferenceError(
-                f"{self.source}: theta0 reference {uri}:{tensor} has shape "
-                f"{list(source.shape)}, the tensor needs {list(member.entry.shape)} (R75)")
+                f"theta0 reference {uri}:{tensor} has shape {list(source.shape)}, the tensor "
+                f"needs {list(member.entry.shape)}", rule="R75", path=self.source)
         return source.view
 
     def _compute_batch(self, step: Step, staged: object, engine: CopyEngine) -> list[Ready]:
@@ -492,7 +492,7 @@ def _check_sha256(view: memoryview, expected: str, label: str) -> None:
     digest = hashlib.sha256(view).hexdigest()
     if digest != expected:
         raise ExternalReferenceDamaged(
-            f"{label} has sha256 {digest}, the file pins {expected} (R75): the base "
-            "checkpoint differs from the one this file was made against.")
+            f"{label} has sha256 {digest}, the file pins {expected}: the base checkpoint "
+            "differs from the one this file was made against", rule="R75")
 
 

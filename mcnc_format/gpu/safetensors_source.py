@@ -89,12 +89,12 @@ class SafetensorsFile:
         """A malformed file is damage (a fresh copy may help); a missing tensor or a wrong
         dtype is a wrong reference."""
         kind = ExternalReferenceDamaged if damaged else ExternalReferenceError
-        return kind(f"{self.label}: {self.path} {what} (R75)")
+        return kind(f"{self.label}: {self.path} {what}", rule="R75")
 
     def _unreadable(self, exc: OSError) -> ExternalReferenceError:
         return ExternalReferenceDamaged(
-            f"{self.label} ({self.path}) cannot be read: {exc.strerror or exc} (R75). Put the "
-            "base checkpoint next to the .mcnc file.")
+            f"{self.label} ({self.path}) cannot be read: {exc.strerror or exc}. Put the base "
+            "checkpoint next to the .mcnc file", rule="R75")
 
     def keys(self) -> list[str]:
         """Tensor names in header order."""
