@@ -32,12 +32,14 @@ __all__ = [
     "FanInUniformTheta0",
     "GeneratorEntry",
     "Header",
+    "InlineWeights",
     "LoRATensor",
     "MCNCTensor",
     "MemberEntry",
     "NormalTheta0",
     "PRNGTheta0",
     "PackedTensor",
+    "PhiloxWeights",
     "SegmentEntry",
     "TensorEntry",
     "Theta0Entry",
@@ -210,26 +212,52 @@ class BlobEntry:
 
 
 @dataclass(frozen=True)
+class PhiloxWeights:
+    """Generator weights drawn from the PRNG under ``seed`` (§5.2)."""
+
+    seed: int
+    kind: ClassVar[str] = C.WEIGHTS_PHILOX
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class InlineWeights:
+    """Generator weights stored in the f32 blobs ``blobs``, one per parameter (§5.3)."""
+
+    blobs: tuple[int, ...]
+    kind: ClassVar[str] = C.WEIGHTS_INLINE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blobs": list(self.blobs), "kind": self.kind}
+
+
+@dataclass(frozen=True)
 class GeneratorEntry:
-    """A generator: §5. Exactly one of ``seed`` (philox weights) and ``blobs`` (inline)."""
+    """A generator: §5. ``weights`` is ``PhiloxWeights`` or ``InlineWeights``."""
 
     k: int
     d: int
     hidden: tuple[int, ...]
     L: float
+    weights: PhiloxWeights | InlineWeights
     omega0: float = 1.0
     bias: bool = True
     normalize: bool = True
-    seed: int | None = None
-    blobs: tuple[int, ...] | None = None
     activation: str = C.ACTIVATION_SINE
 
+    @property
+    def seed(self) -> int | None:
+        """The philox weights' seed; ``None`` for inline weights."""
+        return self.weights.seed if isinstance(self.weights, PhiloxWeights) else None
+
+    @property
+    def blobs(self) -> tuple[int, ...] | None:
+        """The inline weights' blobs; ``None`` for philox weights."""
+        return self.weights.blobs if isinstance(self.weights, InlineWeights) else None
+
     def to_dict(self) -> dict[str, Any]:
-        weights: dict[str, Any]
-        if self.seed is not None:
-            weights = {"kind": C.WEIGHTS_PHILOX, "seed": self.seed}
-        else:
-            weights = {"blobs": list(self.blobs or ()), "kind": C.WEIGHTS_INLINE}
         return {
             "L": float(self.L),
             "activation": self.activation,
@@ -239,7 +267,7 @@ class GeneratorEntry:
             "k": self.k,
             "normalize": self.normalize,
             "omega0": float(self.omega0),
-            "weights": weights,
+            "weights": self.weights.to_dict(),
         }
 
     @classmethod
@@ -279,23 +307,22 @@ class GeneratorEntry:
         normalize = m.get("normalize", bool)
         w = m.child("weights")
         kind = w.get("kind", str)
-        seed: int | None = None
-        blobs: tuple[int, ...] | None = None
+        weights: PhiloxWeights | InlineWeights
         if kind == C.WEIGHTS_PHILOX:
-            seed = w.uint("seed", _U32, rule="R30")
+            weights = PhiloxWeights(w.uint("seed", _U32, rule="R30"))
         elif kind == C.WEIGHTS_INLINE:
             raw = w.get("blobs", list)
             for i, b in enumerate(raw):
                 if isinstance(b, bool) or not isinstance(b, int):
                     raise w.error(f"blobs[{i}]", f"expected a blob index, got {_kind(b)}",
                                   rule="R33")
-            blobs = tuple(raw)
+            weights = InlineWeights(tuple(raw))
         else:
             raise m.unsupported("weights.kind", "generator weights kind", kind,
                                 "'philox' and 'inline'", "R32")
         w.done()
         m.done()
-        return cls(k, d, tuple(hidden), L, omega0, bias, normalize, seed, blobs, activation)
+        return cls(k, d, tuple(hidden), L, weights, omega0, bias, normalize, activation)
 
     @property
     def widths(self) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from .errors import MCNCError
-from .header import ExternalTheta0, Header, LoRATensor
+from .header import ExternalTheta0, Header, InlineWeights, LoRATensor
 from .reader import MCNCFile
 from .uri import SCHEME, HubURI, parse_uri
 
@@ -153,7 +153,7 @@ def _describe_generators(header: Header) -> str:
     kinds = []
     for g in header.generators:
         layers = "x".join(str(h) for h in g.hidden)
-        source = "stored" if g.blobs is not None else "seeded"
+        source = "stored" if isinstance(g.weights, InlineWeights) else "seeded"
         kinds.append(f"k={g.k}, d={g.d}, {layers} sine MLP ({source})")
     return "; ".join(dict.fromkeys(kinds)) or "none"
 

@@ -17,6 +17,7 @@ from .header import (
     DenseTensor,
     FanInUniformTheta0,
     Header,
+    InlineWeights,
     LoRATensor,
     MemberEntry,
     PackedTensor,
@@ -132,7 +133,7 @@ class _Checker:
 
     def run(self) -> None:
         for i, gen in enumerate(self.header.generators):
-            if gen.blobs is not None:
+            if isinstance(gen.weights, InlineWeights):
                 self.check_inline_generator(i)
         for i in range(len(self.header.segments)):
             self.check_segment(i)
@@ -159,11 +160,12 @@ class _Checker:
         gen = self.header.generators[index]
         path = f"generators[{index}].weights.blobs"
         shapes = gen.parameter_shapes()
-        assert gen.blobs is not None
-        if len(gen.blobs) != len(shapes):
+        assert isinstance(gen.weights, InlineWeights)
+        blobs = gen.weights.blobs
+        if len(blobs) != len(shapes):
             raise self.error(path, f"expected {len(shapes)} blobs for widths {list(gen.widths)}"
-                             f" (bias={gen.bias}), got {len(gen.blobs)}", rule="R33")
-        for j, (blob_index, shape) in enumerate(zip(gen.blobs, shapes, strict=True)):
+                             f" (bias={gen.bias}), got {len(blobs)}", rule="R33")
+        for j, (blob_index, shape) in enumerate(zip(blobs, shapes, strict=True)):
             blob = self.use_blob(blob_index, f"{path}[{j}]")
             if blob.dtype != "f32" or blob.shape != shape:
                 raise self.error(f"{path}[{j}]", f"expected an f32 blob of shape {list(shape)}, "

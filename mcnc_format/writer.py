@@ -43,11 +43,13 @@ from .header import (
     FanInUniformTheta0,
     GeneratorEntry,
     Header,
+    InlineWeights,
     LoRATensor,
     MCNCTensor,
     MemberEntry,
     NormalTheta0,
     PackedTensor,
+    PhiloxWeights,
     SegmentEntry,
     Theta0Entry,
     UniformTheta0,
@@ -231,17 +233,20 @@ class _Layout:
         key: Any = id(spec) if spec.inline is not None else spec
         if key in self.generators:
             return self.generators[key]
-        blobs = None
+        weights: PhiloxWeights | InlineWeights
         if spec.inline is not None:
             shapes = spec.parameter_shapes()
             if len(spec.inline) != len(shapes):
                 raise self.fail(where, f"inline generator needs {len(shapes)} tensors")
-            blobs = tuple(self.add_blob(t.to(torch.float32), C.Codec.RAW, f"{where}.inline[{i}]")
-                          for i, t in enumerate(spec.inline))
+            weights = InlineWeights(tuple(
+                self.add_blob(t.to(torch.float32), C.Codec.RAW, f"{where}.inline[{i}]")
+                for i, t in enumerate(spec.inline)))
         elif spec.seed is None or not 0 <= spec.seed <= 0xFFFFFFFF:
             raise self.fail(where, f"generator seed must be a uint32, got {spec.seed}")
-        entry = GeneratorEntry(spec.k, spec.d, spec.hidden, float(spec.L), float(spec.omega0),
-                               spec.bias, spec.normalize, spec.seed, blobs)
+        else:
+            weights = PhiloxWeights(spec.seed)
+        entry = GeneratorEntry(spec.k, spec.d, spec.hidden, float(spec.L), weights,
+                               float(spec.omega0), spec.bias, spec.normalize)
         self.header.generators.append(entry)
         self.generators[key] = len(self.header.generators) - 1
         return self.generators[key]

@@ -103,10 +103,6 @@ def _tensor_facts(f: MCNCFile, t: TensorEntry) -> dict[str, Any]:
 
 
 def _generator_facts(index: int, g: GeneratorEntry) -> dict[str, Any]:
-    weights: dict[str, Any] = (
-        {"kind": C.WEIGHTS_PHILOX, "seed": g.seed} if g.seed is not None
-        else {"kind": C.WEIGHTS_INLINE, "blobs": list(g.blobs or ())}
-    )
     return {
         "index": index,
         "k": g.k,
@@ -117,7 +113,7 @@ def _generator_facts(index: int, g: GeneratorEntry) -> dict[str, Any]:
         "omega0": g.omega0,
         "bias": g.bias,
         "normalize": g.normalize,
-        "weights": weights,
+        "weights": g.weights.to_dict(),
     }
 
 
