@@ -5,6 +5,19 @@
 
 from __future__ import annotations
 
+import enum
+
+
+class SpecLiteral(str, enum.Enum):
+    """A string the spec defines; compares and hashes equal to it, formats as it. Emit
+    ``.value`` when writing (a ``StrEnum`` for Python 3.10)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
 # §2 Preamble
 MAGIC = b"\x89MCNC\r\n\x1a"
 PREAMBLE_SIZE = 32
@@ -45,9 +58,12 @@ MAX_STREAM_ELEMENTS = 1 << 66  # 2**64 Philox blocks of 4 words
 INFO_KEYS = ("base_model", "license", "producer", "source")
 
 # §4 Blob codecs
-CODEC_RAW = "raw"
-CODEC_ZSTD = "zstd"
-CODECS = (CODEC_RAW, CODEC_ZSTD)
+class Codec(SpecLiteral):
+    RAW = "raw"
+    ZSTD = "zstd"
+
+
+CODECS = tuple(c.value for c in Codec)
 
 # §4 Dtypes: name -> item size in bytes
 DTYPE_SIZES = {
@@ -71,23 +87,32 @@ WEIGHTS_PHILOX = "philox"
 WEIGHTS_INLINE = "inline"
 
 # §6 Tensor encodings
-ENCODING_MCNC = "mcnc"
-ENCODING_DENSE = "dense"
-ENCODING_LORA = "lora"
-ENCODING_PACKED = "packed"  # since 1.1
-KNOWN_ENCODINGS = (ENCODING_MCNC, ENCODING_DENSE, ENCODING_LORA, ENCODING_PACKED)
+class Encoding(SpecLiteral):
+    MCNC = "mcnc"
+    DENSE = "dense"
+    PACKED = "packed"  # since 1.1
+    LORA = "lora"
+
+
 PACK_DTYPE = "u8"
 # Writer policy, not a rule: plain tensors below this many bytes share one packed blob (§6.4).
 PACK_MAX_TENSOR_BYTES = 64 << 10
 
 # §7 theta0 kinds and PRNG schemes
-THETA0_ZEROS = "zeros"
-THETA0_PRNG = "prng"
-THETA0_BLOB = "blob"
-THETA0_EXTERNAL = "external"
-SCHEME_UNIFORM = "uniform"
-SCHEME_FAN_IN_UNIFORM = "fan_in_uniform"
-SCHEME_NORMAL = "normal"
+class Theta0Kind(SpecLiteral):
+    ZEROS = "zeros"
+    PRNG = "prng"
+    BLOB = "blob"
+    EXTERNAL = "external"
+
+
+class Scheme(SpecLiteral):
+    """Schemes of ``prng`` theta0 (§7.2)."""
+
+    UNIFORM = "uniform"
+    FAN_IN_UNIFORM = "fan_in_uniform"
+    NORMAL = "normal"
+
 
 # §8 Philox4x32-10 constants (Salmon et al., SC'11)
 PHILOX_M0 = 0xD2511F53

@@ -62,30 +62,26 @@ def read_preamble(data: bytes | memoryview, file_size: int, source: str) -> Prea
     """Parse and check the preamble: R1-R4."""
     if file_size < C.PREAMBLE_SIZE or bytes(data[:8]) != C.MAGIC:
         raise FormatError(
-            f"{source}: not an .mcnc file: it does not start with the 8-byte magic "
-            f"{C.MAGIC!r} (R1). Check the path, or re-download the file if it was damaged."
-        )
+            f"not an .mcnc file: it does not start with the 8-byte magic {C.MAGIC!r}. Check the "
+            "path, or re-download the file if it was damaged", rule="R1", path=source)
     _, major, minor, header_codec, header_length, header_xxh3 = _PREAMBLE.unpack(
         bytes(data[: C.PREAMBLE_SIZE])
     )
     if major != C.FORMAT_MAJOR:
         raise UnsupportedVersionError(
-            f"{source}: format version {major}.{minor}; this reader implements major version "
-            f"{C.FORMAT_MAJOR} (R2). Use an mcnc-format release that reads version {major}."
-        )
+            f"format version {major}.{minor}; this reader implements major version "
+            f"{C.FORMAT_MAJOR}. Use an mcnc-format release that reads version {major}",
+            rule="R2", path=source)
     if header_codec not in C.HEADER_CODECS:
-        raise FormatError(f"{source}: header_codec is {header_codec:#x}, expected 0 (msgpack) or 1 "
-                          "(zstd-compressed msgpack) (R3)")
+        raise FormatError(f"header_codec is {header_codec:#x}, expected 0 (msgpack) or 1 "
+                          "(zstd-compressed msgpack)", rule="R3", path=source)
     if header_length > C.MAX_HEADER_BYTES:
-        raise FormatError(
-            f"{source}: header_length {header_length} exceeds MAX_HEADER_BYTES "
-            f"{C.MAX_HEADER_BYTES} (R4)"
-        )
+        raise FormatError(f"header_length {header_length} exceeds MAX_HEADER_BYTES "
+                          f"{C.MAX_HEADER_BYTES}", rule="R4", path=source)
     if C.PREAMBLE_SIZE + header_length > file_size:
         raise FormatError(
-            f"{source}: header_length {header_length} runs past the end of the {file_size}-byte "
-            "file: the file is truncated (R4). Re-download or re-write it."
-        )
+            f"header_length {header_length} runs past the end of the {file_size}-byte file: "
+            "the file is truncated. Re-download or re-write it", rule="R4", path=source)
     return Preamble(minor, header_length, header_xxh3, header_codec)
 
 
@@ -126,15 +122,16 @@ def _decompress_header(stored: bytes | memoryview, source: str) -> bytes:
     try:
         size = zstandard.get_frame_parameters(stored).content_size
         if not 0 <= size <= C.MAX_HEADER_BYTES:
-            raise HeaderError(f"{source}: the zstd header frame declares {size} bytes; it must "
-                              "declare a size of at most MAX_HEADER_BYTES "
-                              f"{C.MAX_HEADER_BYTES} (R6)")
+            raise HeaderError(f"the zstd header frame declares {size} bytes; it must declare a "
+                              f"size of at most MAX_HEADER_BYTES {C.MAX_HEADER_BYTES}",
+                              rule="R6", path=source)
         decoded = zstandard.ZstdDecompressor().decompress(stored, max_output_size=size)
     except zstandard.ZstdError as exc:
-        raise HeaderError(f"{source}: the zstd-compressed header is invalid (R6): {exc}") from exc
+        raise HeaderError(f"the zstd-compressed header is invalid: {exc}", rule="R6",
+                          path=source) from exc
     if len(decoded) != size:
-        raise HeaderError(f"{source}: the zstd header decoded to {len(decoded)} bytes, its frame "
-                          f"declares {size} (R6)")
+        raise HeaderError(f"the zstd header decoded to {len(decoded)} bytes, its frame "
+                          f"declares {size}", rule="R6", path=source)
     return decoded
 
 
@@ -143,9 +140,8 @@ def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> H
     (R10-R13)."""
     if checksum(raw) != preamble.header_xxh3:
         raise ChecksumError(
-            f"{source}: the header does not match its XXH3-64 checksum (R5): the file was "
-            "damaged after writing. Re-download or re-write it."
-        )
+            "the header does not match its XXH3-64 checksum: the file was damaged after "
+            "writing. Re-download or re-write it", rule="R5", path=source)
     if preamble.header_codec == C.HEADER_CODEC_ZSTD:
         raw = _decompress_header(raw, source)
     try:
@@ -153,13 +149,14 @@ def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> H
             raw, raw=False, strict_map_key=True, use_list=True, max_ext_len=0
         )
     except Exception as exc:  # msgpack raises several unrelated classes for bad input
-        raise HeaderError(f"{source}: the header is not one valid msgpack map (R6): {exc}") from exc
+        raise HeaderError(f"the header is not one valid msgpack map: {exc}", rule="R6",
+                          path=source) from exc
     return Header.parse(value, source, preamble.minor)
 
 
 def encode_blob(raw: bytes | memoryview, codec: str) -> bytes:
     """Stored bytes for ``codec`` (§4). zstd at a fixed level with content size, no checksum."""
-    if codec == C.CODEC_RAW:
+    if codec == C.Codec.RAW:
         return bytes(raw)
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True,
                                           write_checksum=False)
@@ -172,25 +169,23 @@ def decode_blob(
     """Decoded bytes of a blob: checksum (R24), then zstd with its declared size (R25)."""
     if verify and checksum(stored) != blob.xxh3:
         raise ChecksumError(
-            f"{source}: {path} does not match its XXH3-64 checksum (R24): the file was damaged "
-            "after writing. Re-download or re-write it."
-        )
-    if blob.codec == C.CODEC_RAW:
+            "the bytes do not match their XXH3-64 checksum: the file was damaged after "
+            "writing. Re-download or re-write it", rule="R24", path=source, field=path)
+    if blob.codec == C.Codec.RAW:
         return stored
     expected = blob.decoded_length
     try:
         params = zstandard.get_frame_parameters(stored)
         if params.content_size != expected:
             raise FormatError(
-                f"{source}: {path}: the zstd frame declares {params.content_size} bytes, the "
-                f"header {expected} (R25)"
-            )
+                f"the zstd frame declares {params.content_size} bytes, the header {expected}",
+                rule="R25", path=source, field=path)
         decoded = zstandard.ZstdDecompressor().decompress(stored, max_output_size=expected)
     except zstandard.ZstdError as exc:
-        raise FormatError(f"{source}: {path}: invalid zstd data (R25): {exc}") from exc
+        raise FormatError(f"invalid zstd data: {exc}", rule="R25", path=source,
+                          field=path) from exc
     if len(decoded) != expected:
         raise FormatError(
-            f"{source}: {path}: zstd data decoded to {len(decoded)} bytes, expected "
-            f"{expected} (R25)"
-        )
+            f"zstd data decoded to {len(decoded)} bytes, expected {expected}", rule="R25",
+            path=source, field=path)
     return decoded

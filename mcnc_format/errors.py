@@ -4,9 +4,16 @@ Every failure the library reports is an ``MCNCError``: callers catch that one cl
 subclass when they want to tell failures apart. Messages name the file, the header field
 (as a path such as ``tensors[3].theta0.seed``), what was expected and what was found, and
 what to do about it. Rule numbers (``R12``) point into ``spec/SPEC.md``.
+
+The file, the field, the tensor and the rule are also attributes of the error (``path``,
+``field``, ``tensor``, ``rule``; ``None`` when they do not apply or the raise site does not
+know them), so tools read them rather than parse the text: ``str(exc)`` is
+``"{path}: {field}: {message} ({rule})"`` with the absent parts left out.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "ChecksumError",
@@ -31,7 +38,36 @@ __all__ = [
 
 
 class MCNCError(Exception):
-    """Base class of every error raised by mcnc-format."""
+    """Base class of every error raised by mcnc-format.
+
+    ``message`` says what is wrong; ``rule`` is the SPEC.md rule it breaks (``"R12"``),
+    ``path`` the file or URI, ``field`` the header field path (``"tensors[3].theta0.seed"``)
+    and ``tensor`` the tensor's name where no field path says which tensor it is.
+    """
+
+    def __init__(self, message: str = "", *, rule: str | None = None, path: str | None = None,
+                 field: str | None = None, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.rule = rule
+        self.path = path
+        self.field = field
+        self.tensor = tensor
+
+    def __str__(self) -> str:
+        text = ": ".join(part for part in (self.path, self.field, self.message) if part)
+        return f"{text} ({self.rule})" if self.rule else text
+
+    def to_dict(self) -> dict[str, str | None]:
+        """JSON-ready: ``error`` (the class name), ``message``, ``rule``, ``path``, ``field``,
+        ``tensor``."""
+        return {"error": type(self).__name__, "message": self.message, "rule": self.rule,
+                "path": self.path, "field": self.field, "tensor": self.tensor}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        fields = {"rule": self.rule, "path": self.path, "field": self.field,
+                  "tensor": self.tensor}
+        return (_rebuild, (type(self), self.message, fields), self.__dict__)
 
 
 class FormatError(MCNCError, ValueError):
@@ -108,6 +144,11 @@ class HubPermissionError(HubError, PermissionError):
 
 class HubOfflineError(HubError):
     """Raised when offline mode is on (``HF_HUB_OFFLINE=1``) and the file is not cached."""
+
+
+def _rebuild(cls: type[MCNCError], message: str, fields: dict[str, str | None]) -> MCNCError:
+    """Unpickle an ``MCNCError`` (the fields are keyword-only, which ``args`` cannot carry)."""
+    return cls(message, **fields)
 
 
 class UsageError(MCNCError, ValueError):

@@ -4,25 +4,50 @@ Parsing goes through ``_Map``, which knows the field path (``tensors[3].theta0.s
 error names the field, and which rejects unknown keys unless the file is from a newer minor
 version (R11). Per-field rules live here; rules that relate entries to each other live in
 ``validate.py``.
+
+A tensor entry is one frozen dataclass per encoding (``MCNCTensor``, ``LoRATensor``,
+``DenseTensor``, ``PackedTensor``, ``UnknownTensor``) and a theta0 one per kind and scheme;
+parsing dispatches on ``encoding``, ``kind`` and ``scheme`` through one registry per family.
+``TensorEntry.members()`` says which segment members (``MemberEntry``) a tensor is built from.
 """
 
 from __future__ import annotations
 
+import enum
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from . import constants as C
+from .constants import Codec, Encoding, Scheme, Theta0Kind
 from .errors import HeaderError, UnsupportedFeatureError
+from .uri import SCHEME, parse_uri
 
 __all__ = [
     "BlobEntry",
-    "FactorEntry",
+    "BlobTheta0",
+    "DenseTensor",
+    "ExternalTheta0",
+    "FanInUniformTheta0",
     "GeneratorEntry",
     "Header",
+    "InlineWeights",
+    "LoRATensor",
+    "MCNCTensor",
+    "MemberEntry",
+    "NormalTheta0",
+    "PRNGTheta0",
+    "PackedTensor",
+    "PhiloxWeights",
     "SegmentEntry",
     "TensorEntry",
     "Theta0Entry",
+    "UniformTheta0",
+    "UnknownSchemeTheta0",
+    "UnknownTensor",
+    "UnknownTheta0",
+    "ZerosTheta0",
 ]
 
 _U32 = 0xFFFFFFFF
@@ -35,8 +60,8 @@ class _Map:
     def __init__(self, value: Any, path: str, source: str, lenient: bool) -> None:
         if not isinstance(value, dict):
             rule = "R10" if path else "R6"
-            raise HeaderError(f"{source}: {path or 'header'}: expected a map, got {_kind(value)} "
-                              f"({rule})")
+            raise HeaderError(f"expected a map, got {_kind(value)}", rule=rule, path=source,
+                              field=path or "header")
         self.value = value
         self.path = path
         self.source = source
@@ -46,24 +71,31 @@ class _Map:
     def _where(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def error(self, key: str, message: str) -> HeaderError:
-        return HeaderError(f"{self.source}: {self._where(key)}: {message}")
+    def error(self, key: str, message: str, rule: str | None = None) -> HeaderError:
+        return HeaderError(message, rule=rule, path=self.source, field=self._where(key))
+
+    def unsupported(self, key: str, what: str, value: str, known: str, rule: str
+                    ) -> UnsupportedFeatureError:
+        """A value this reader does not implement (typically from a newer minor version)."""
+        return UnsupportedFeatureError(
+            f"unknown {what} {value!r}; this reader knows {known}. Upgrade mcnc-format",
+            rule=rule, path=self.source, field=self._where(key))
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
         self.seen.add(key)
         if key not in self.value:
             if default is ...:
-                raise self.error(key, "required field is missing (R10); re-write the file "
-                                 "with a conforming writer")
+                raise self.error(key, "required field is missing; re-write the file with a "
+                                 "conforming writer", rule="R10")
             return default
         value = self.value[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if bool not in kinds and isinstance(value, bool):
-            raise self.error(key, f"expected {_names(kinds)}, got bool (R10)")
+            raise self.error(key, f"expected {_names(kinds)}, got bool", rule="R10")
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kinds):
-            raise self.error(key, f"expected {_names(kinds)}, got {_kind(value)} (R10)")
+            raise self.error(key, f"expected {_names(kinds)}, got {_kind(value)}", rule="R10")
         return value
 
     def uint(self, key: str, limit: int, default: Any = ..., rule: str = "R10") -> int:
@@ -71,40 +103,37 @@ class _Map:
         if value is default:
             return value
         if not 0 <= value <= limit:
-            raise self.error(key, f"expected an integer in [0, {limit}], got {value} ({rule})")
+            raise self.error(key, f"expected an integer in [0, {limit}], got {value}", rule=rule)
         return value
 
     def finite(self, key: str, default: Any = ..., rule: str = "R71") -> float:
         value = self.get(key, float, default)
         if not math.isfinite(value):
-            raise self.error(key, f"expected a finite number, got {value} ({rule})")
+            raise self.error(key, f"expected a finite number, got {value}", rule=rule)
         return value
 
     def shape(self, key: str) -> tuple[int, ...]:
         value = self.get(key, list)
         if len(value) > C.MAX_RANK:
-            raise self.error(key, f"rank {len(value)} exceeds MAX_RANK {C.MAX_RANK} (R43)")
+            raise self.error(key, f"rank {len(value)} exceeds MAX_RANK {C.MAX_RANK}", rule="R43")
         dims = []
         for i, dim in enumerate(value):
             if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= C.MAX_NUMEL:
                 raise self.error(f"{key}[{i}]", f"expected an integer in [0, MAX_NUMEL], got "
-                                 f"{dim!r} (R43)")
+                                 f"{dim!r}", rule="R43")
             dims.append(dim)
         if math.prod(dims) > C.MAX_NUMEL:
-            raise self.error(key, f"{math.prod(dims)} elements exceed MAX_NUMEL {C.MAX_NUMEL} "
-                             "(R43)")
+            raise self.error(key, f"{math.prod(dims)} elements exceed MAX_NUMEL {C.MAX_NUMEL}",
+                             rule="R43")
         return tuple(dims)
 
     def dtype(self, key: str, allowed: tuple[str, ...] | None = None) -> str:
         value = self.get(key, str)
         if value not in C.DTYPE_SIZES:
-            raise UnsupportedFeatureError(
-                f"{self.source}: {self._where(key)}: unknown dtype {value!r}; this reader knows "
-                f"{', '.join(C.DTYPE_SIZES)} (R26). Upgrade mcnc-format."
-            )
+            raise self.unsupported(key, "dtype", value, ", ".join(C.DTYPE_SIZES), "R26")
         if allowed is not None and value not in allowed:
-            raise self.error(key, f"dtype must be one of {', '.join(allowed)}, got {value!r} "
-                             "(R44)")
+            raise self.error(key, f"dtype must be one of {', '.join(allowed)}, got {value!r}",
+                             rule="R44")
         return value
 
     def child(self, key: str) -> _Map:
@@ -113,7 +142,7 @@ class _Map:
     def items(self, key: str, limit: int) -> list[_Map]:
         values = self.get(key, list)
         if len(values) > limit:
-            raise self.error(key, f"{len(values)} entries exceed the limit {limit} (R13)")
+            raise self.error(key, f"{len(values)} entries exceed the limit {limit}", rule="R13")
         return [
             _Map(v, f"{self._where(key)}[{i}]", self.source, self.lenient)
             for i, v in enumerate(values)
@@ -124,9 +153,8 @@ class _Map:
         unknown = sorted(str(k) for k in self.value if k not in self.seen)
         if unknown and not self.lenient:
             raise HeaderError(
-                f"{self.source}: {self.path or 'header'}: unknown field(s) {', '.join(unknown)} "
-                "in a file of this reader's minor version (R11)"
-            )
+                f"unknown field(s) {', '.join(unknown)} in a file of this reader's minor version",
+                rule="R11", path=self.source, field=self.path or "header")
 
 
 def _kind(value: Any) -> str:
@@ -143,7 +171,7 @@ class BlobEntry:
 
     offset: int
     length: int
-    codec: str
+    codec: Codec
     dtype: str
     shape: tuple[int, ...]
     xxh3: int
@@ -158,7 +186,7 @@ class BlobEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "codec": self.codec,
+            "codec": Codec(self.codec).value,
             "dtype": self.dtype,
             "length": self.length,
             "offset": self.offset,
@@ -170,14 +198,11 @@ class BlobEntry:
     def parse(cls, m: _Map) -> BlobEntry:
         codec = m.get("codec", str)
         if codec not in C.CODECS:
-            raise UnsupportedFeatureError(
-                f"{m.source}: {m.path}.codec: unknown codec {codec!r}; this reader knows "
-                f"{', '.join(C.CODECS)} (R26). Upgrade mcnc-format."
-            )
+            raise m.unsupported("codec", "codec", codec, ", ".join(C.CODECS), "R26")
         entry = cls(
             offset=m.uint("offset", _U64),
             length=m.uint("length", _U64),
-            codec=codec,
+            codec=Codec(codec),
             dtype=m.dtype("dtype"),
             shape=m.shape("shape"),
             xxh3=m.uint("xxh3", _U64),
@@ -187,26 +212,52 @@ class BlobEntry:
 
 
 @dataclass(frozen=True)
+class PhiloxWeights:
+    """Generator weights drawn from the PRNG under ``seed`` (§5.2)."""
+
+    seed: int
+    kind: ClassVar[str] = C.WEIGHTS_PHILOX
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class InlineWeights:
+    """Generator weights stored in the f32 blobs ``blobs``, one per parameter (§5.3)."""
+
+    blobs: tuple[int, ...]
+    kind: ClassVar[str] = C.WEIGHTS_INLINE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blobs": list(self.blobs), "kind": self.kind}
+
+
+@dataclass(frozen=True)
 class GeneratorEntry:
-    """A generator: §5. Exactly one of ``seed`` (philox weights) and ``blobs`` (inline)."""
+    """A generator: §5. ``weights`` is ``PhiloxWeights`` or ``InlineWeights``."""
 
     k: int
     d: int
     hidden: tuple[int, ...]
     L: float
+    weights: PhiloxWeights | InlineWeights
     omega0: float = 1.0
     bias: bool = True
     normalize: bool = True
-    seed: int | None = None
-    blobs: tuple[int, ...] | None = None
     activation: str = C.ACTIVATION_SINE
 
+    @property
+    def seed(self) -> int | None:
+        """The philox weights' seed; ``None`` for inline weights."""
+        return self.weights.seed if isinstance(self.weights, PhiloxWeights) else None
+
+    @property
+    def blobs(self) -> tuple[int, ...] | None:
+        """The inline weights' blobs; ``None`` for philox weights."""
+        return self.weights.blobs if isinstance(self.weights, InlineWeights) else None
+
     def to_dict(self) -> dict[str, Any]:
-        weights: dict[str, Any]
-        if self.seed is not None:
-            weights = {"kind": C.WEIGHTS_PHILOX, "seed": self.seed}
-        else:
-            weights = {"blobs": list(self.blobs or ()), "kind": C.WEIGHTS_INLINE}
         return {
             "L": float(self.L),
             "activation": self.activation,
@@ -216,7 +267,7 @@ class GeneratorEntry:
             "k": self.k,
             "normalize": self.normalize,
             "omega0": float(self.omega0),
-            "weights": weights,
+            "weights": self.weights.to_dict(),
         }
 
     @classmethod
@@ -224,58 +275,54 @@ class GeneratorEntry:
         k = m.get("k", int)
         d = m.get("d", int)
         if not 1 <= k <= C.MAX_K:
-            raise m.error("k", f"expected 1 <= k <= {C.MAX_K}, got {k} (R30)")
+            raise m.error("k", f"expected 1 <= k <= {C.MAX_K}, got {k}", rule="R30")
         if not 1 <= d <= C.MAX_D:
-            raise m.error("d", f"expected 1 <= d <= {C.MAX_D}, got {d} (R30)")
+            raise m.error("d", f"expected 1 <= d <= {C.MAX_D}, got {d}", rule="R30")
         hidden = m.get("hidden", list)
         if not 1 <= len(hidden) <= C.MAX_HIDDEN_LAYERS:
             raise m.error("hidden", f"expected 1 to {C.MAX_HIDDEN_LAYERS} widths, got "
-                          f"{len(hidden)} (R30)")
+                          f"{len(hidden)}", rule="R30")
         for i, width in enumerate(hidden):
             if isinstance(width, bool) or not isinstance(width, int):
-                raise m.error(f"hidden[{i}]", f"expected an integer, got {_kind(width)} (R30)")
+                raise m.error(f"hidden[{i}]", f"expected an integer, got {_kind(width)}",
+                              rule="R30")
             if not 1 <= width <= C.MAX_HIDDEN_WIDTH:
                 raise m.error(f"hidden[{i}]", f"expected 1 <= width <= {C.MAX_HIDDEN_WIDTH}, "
-                              f"got {width} (R30)")
+                              f"got {width}", rule="R30")
         widths = (k, *hidden, d)
         weights = sum(widths[t] * widths[t + 1] + widths[t + 1] for t in range(len(hidden) + 1))
         if weights > C.MAX_GENERATOR_WEIGHTS:
             raise m.error("d", f"widths {list(widths)} need {weights} generator weights, over "
-                          f"MAX_GENERATOR_WEIGHTS {C.MAX_GENERATOR_WEIGHTS} (R30)")
+                          f"MAX_GENERATOR_WEIGHTS {C.MAX_GENERATOR_WEIGHTS}", rule="R30")
         activation = m.get("activation", str)
         if activation != C.ACTIVATION_SINE:
-            raise UnsupportedFeatureError(
-                f"{m.source}: {m.path}.activation: unknown activation {activation!r}; "
-                f"this reader knows 'sin' (R31). Upgrade mcnc-format."
-            )
+            raise m.unsupported("activation", "activation", activation, "'sin'", "R31")
         L = m.finite("L", rule="R34")
         omega0 = m.finite("omega0", rule="R34")
         if L <= 0:
-            raise m.error("L", f"expected L > 0, got {L} (R34)")
+            raise m.error("L", f"expected L > 0, got {L}", rule="R34")
         if omega0 == 0:
-            raise m.error("omega0", "expected a non-zero frequency scale (R34)")
+            raise m.error("omega0", "expected a non-zero frequency scale", rule="R34")
         bias = m.get("bias", bool)
         normalize = m.get("normalize", bool)
         w = m.child("weights")
         kind = w.get("kind", str)
-        seed: int | None = None
-        blobs: tuple[int, ...] | None = None
+        weights: PhiloxWeights | InlineWeights
         if kind == C.WEIGHTS_PHILOX:
-            seed = w.uint("seed", _U32, rule="R30")
+            weights = PhiloxWeights(w.uint("seed", _U32, rule="R30"))
         elif kind == C.WEIGHTS_INLINE:
             raw = w.get("blobs", list)
             for i, b in enumerate(raw):
                 if isinstance(b, bool) or not isinstance(b, int):
-                    raise w.error(f"blobs[{i}]", f"expected a blob index, got {_kind(b)} (R33)")
-            blobs = tuple(raw)
+                    raise w.error(f"blobs[{i}]", f"expected a blob index, got {_kind(b)}",
+                                  rule="R33")
+            weights = InlineWeights(tuple(raw))
         else:
-            raise UnsupportedFeatureError(
-                f"{m.source}: {m.path}.weights.kind: unknown generator weights kind {kind!r}; "
-                "this reader knows 'philox' and 'inline' (R32). Upgrade mcnc-format."
-            )
+            raise m.unsupported("weights.kind", "generator weights kind", kind,
+                                "'philox' and 'inline'", "R32")
         w.done()
         m.done()
-        return cls(k, d, tuple(hidden), L, omega0, bias, normalize, seed, blobs, activation)
+        return cls(k, d, tuple(hidden), L, weights, omega0, bias, normalize, activation)
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -319,92 +366,207 @@ class SegmentEntry:
             beta=m.uint("beta", _U64),
         )
         if not 1 <= entry.m <= C.MAX_M:
-            raise m.error("m", f"expected 1 <= m <= {C.MAX_M}, got {entry.m} (R40)")
+            raise m.error("m", f"expected 1 <= m <= {C.MAX_M}, got {entry.m}", rule="R40")
         m.done()
         return entry
 
 
-@dataclass(frozen=True)
-class Theta0Entry:
-    """The base values of a tensor: §7. Fields beyond ``kind`` depend on the kind."""
+# -- theta0 (§7) -------------------------------------------------------------------------------
 
-    kind: str
-    scheme: str | None = None
-    seed: int | None = None
-    stream: int | None = None
-    bound: float | None = None
-    mean: float | None = None
-    std: float | None = None
-    blob: int | None = None
-    uri: str | None = None
-    tensor: str | None = None
-    sha256: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind}
-        for key in ("scheme", "seed", "stream", "bound", "mean", "std", "blob", "uri", "tensor",
-                    "sha256"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = float(value) if key in ("bound", "mean", "std") else value
-        return dict(sorted(out.items()))
+def _spec_text(value: str) -> str:
+    """The literal written to a file: an enum's ``value``, a raw string (unknown) as it is."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+class Theta0Entry(ABC):
+    """The base values of a tensor: §7. One frozen dataclass per kind (``ZerosTheta0``,
+    ``UniformTheta0``/``FanInUniformTheta0``/``NormalTheta0`` under ``PRNGTheta0``,
+    ``BlobTheta0``, ``ExternalTheta0``); kinds and schemes this reader does not know parse to
+    ``UnknownTheta0``/``UnknownSchemeTheta0`` (``known`` False, R70/R71: reported when read)."""
+
+    kind: ClassVar[Theta0Kind | str]
+    known: ClassVar[bool] = True
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]: ...
 
     @classmethod
     def parse(cls, m: _Map) -> Theta0Entry:
         kind = m.get("kind", str)
-        if kind == C.THETA0_ZEROS:
-            entry = cls(kind)
-        elif kind == C.THETA0_PRNG:
-            entry = cls._parse_prng(m)
-        elif kind == C.THETA0_BLOB:
-            entry = cls(kind, blob=m.uint("blob", _U64))
-        elif kind == C.THETA0_EXTERNAL:
-            entry = cls._parse_external(m)
-        else:
-            # R70: reported when the tensor is read; other tensors stay readable.
-            entry = cls(kind)
-            m.seen.update(m.value)
+        entry = _THETA0_KINDS.get(kind, UnknownTheta0).parse(m)
         m.done()
         return entry
 
     @classmethod
-    def _parse_prng(cls, m: _Map) -> Theta0Entry:
+    def from_dict(cls, value: Any, source: str = "theta0") -> Theta0Entry:
+        """A theta0 map outside a header (e.g. a manifest), checked as a header's is."""
+        return Theta0Entry.parse(_Map(value, "theta0", source, lenient=False))
+
+
+@dataclass(frozen=True)
+class ZerosTheta0(Theta0Entry):
+    kind: ClassVar[Theta0Kind] = Theta0Kind.ZEROS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value}
+
+    @classmethod
+    def parse(cls, m: _Map) -> ZerosTheta0:
+        return cls()
+
+
+@dataclass(frozen=True)
+class PRNGTheta0(Theta0Entry):
+    """``prng`` theta0 (§7.2): Philox stream ``(seed, stream)``; one subclass per scheme."""
+
+    kind: ClassVar[Theta0Kind] = Theta0Kind.PRNG
+    scheme: ClassVar[Scheme | str]
+    seed: int
+    stream: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind.value, "scheme": _spec_text(self.scheme),
+                               "seed": self.seed, "stream": self.stream}
+        out.update({k: float(v) for k, v in self._extra().items()})
+        return dict(sorted(out.items()))
+
+    def _extra(self) -> dict[str, float]:
+        return {}
+
+    @classmethod
+    def parse(cls, m: _Map) -> PRNGTheta0:
         scheme = m.get("scheme", str)
         seed = m.uint("seed", _U32, rule="R71")
         stream = m.uint("stream", _U32, rule="R71")
-        if scheme == C.SCHEME_UNIFORM:
-            return cls(C.THETA0_PRNG, scheme, seed, stream, bound=m.finite("bound"))
-        if scheme == C.SCHEME_FAN_IN_UNIFORM:
-            return cls(C.THETA0_PRNG, scheme, seed, stream)
-        if scheme == C.SCHEME_NORMAL:
-            return cls(C.THETA0_PRNG, scheme, seed, stream, mean=m.finite("mean"),
-                       std=m.finite("std"))
-        m.seen.update(m.value)
-        return cls(C.THETA0_PRNG, scheme, seed, stream)
+        if scheme not in _SCHEMES:
+            m.seen.update(m.value)
+            return UnknownSchemeTheta0(seed, stream, scheme)
+        return _SCHEMES[scheme].parse_fields(m, seed, stream)
 
     @classmethod
-    def _parse_external(cls, m: _Map) -> Theta0Entry:
+    def parse_fields(cls, m: _Map, seed: int, stream: int) -> PRNGTheta0:
+        return cls(seed, stream)
+
+
+@dataclass(frozen=True)
+class UniformTheta0(PRNGTheta0):
+    scheme: ClassVar[Scheme] = Scheme.UNIFORM
+    bound: float
+
+    def _extra(self) -> dict[str, float]:
+        return {"bound": self.bound}
+
+    @classmethod
+    def parse_fields(cls, m: _Map, seed: int, stream: int) -> UniformTheta0:
+        return cls(seed, stream, m.finite("bound"))
+
+
+@dataclass(frozen=True)
+class FanInUniformTheta0(PRNGTheta0):
+    scheme: ClassVar[Scheme] = Scheme.FAN_IN_UNIFORM
+
+
+@dataclass(frozen=True)
+class NormalTheta0(PRNGTheta0):
+    scheme: ClassVar[Scheme] = Scheme.NORMAL
+    mean: float
+    std: float
+
+    def _extra(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std}
+
+    @classmethod
+    def parse_fields(cls, m: _Map, seed: int, stream: int) -> NormalTheta0:
+        return cls(seed, stream, m.finite("mean"), m.finite("std"))
+
+
+@dataclass(frozen=True)
+class UnknownSchemeTheta0(PRNGTheta0):
+    """A scheme this reader does not know (R71: reported when read); its fields are kept
+    only as far as every prng theta0 has them."""
+
+    scheme: str  # type: ignore[misc]
+    known: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class BlobTheta0(Theta0Entry):
+    """``blob`` theta0 (§7.3). ``blob`` is None only in a writer's input (``Theta0.stored``),
+    before the tensor is given a blob."""
+
+    kind: ClassVar[Theta0Kind] = Theta0Kind.BLOB
+    blob: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind.value}
+        if self.blob is not None:
+            out["blob"] = self.blob
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def parse(cls, m: _Map) -> BlobTheta0:
+        return cls(m.uint("blob", _U64))
+
+
+@dataclass(frozen=True)
+class ExternalTheta0(Theta0Entry):
+    """``external`` theta0 (§7.4): tensor ``tensor`` of the safetensors file at ``uri``."""
+
+    kind: ClassVar[Theta0Kind] = Theta0Kind.EXTERNAL
+    uri: str
+    tensor: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "sha256": self.sha256, "tensor": self.tensor,
+                "uri": self.uri}
+
+    @classmethod
+    def parse(cls, m: _Map) -> ExternalTheta0:
         uri = m.get("uri", str)
         tensor = m.get("tensor", str)
         sha = m.get("sha256", str)
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise m.error("sha256", "expected 64 lowercase hex digits (R74)")
+            raise m.error("sha256", "expected 64 lowercase hex digits", rule="R74")
         if not _valid_uri(uri):
             raise m.error("uri", f"{uri!r} is neither a relative path without '..' nor "
-                          "hf://ORG/REPO@<40-hex commit>/PATH (R74)")
-        return cls(C.THETA0_EXTERNAL, uri=uri, tensor=tensor, sha256=sha)
+                          "hf://ORG/REPO@<40-hex commit>/PATH", rule="R74")
+        return cls(uri, tensor, sha)
 
-    @property
-    def known(self) -> bool:
-        if self.kind == C.THETA0_PRNG:
-            return self.scheme in (C.SCHEME_UNIFORM, C.SCHEME_FAN_IN_UNIFORM, C.SCHEME_NORMAL)
-        return self.kind in (C.THETA0_ZEROS, C.THETA0_BLOB, C.THETA0_EXTERNAL)
+
+@dataclass(frozen=True)
+class UnknownTheta0(Theta0Entry):
+    """A kind this reader does not know (R70: reported when the tensor is read; the other
+    tensors stay readable)."""
+
+    kind: str  # type: ignore[misc]
+    known: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    @classmethod
+    def parse(cls, m: _Map) -> UnknownTheta0:
+        m.seen.update(m.value)
+        return cls(m.value["kind"])
+
+
+_THETA0_KINDS: dict[str, type[Theta0Entry]] = {
+    Theta0Kind.ZEROS.value: ZerosTheta0,
+    Theta0Kind.PRNG.value: PRNGTheta0,
+    Theta0Kind.BLOB.value: BlobTheta0,
+    Theta0Kind.EXTERNAL.value: ExternalTheta0,
+}
+_SCHEMES: dict[str, type[PRNGTheta0]] = {
+    Scheme.UNIFORM.value: UniformTheta0,
+    Scheme.FAN_IN_UNIFORM.value: FanInUniformTheta0,
+    Scheme.NORMAL.value: NormalTheta0,
+}
 
 
 def _valid_uri(uri: str) -> bool:
-    if uri.startswith("hf://"):
-        from .hub.uri import parse_uri
-
+    if uri.startswith(SCHEME):
         try:
             return parse_uri(uri).pinned
         except ValueError:
@@ -414,14 +576,19 @@ def _valid_uri(uri: str) -> bool:
     return ".." not in uri.replace("\\", "/").split("/")
 
 
+# -- tensors (§6) ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class FactorEntry:
-    """An mcnc-encoded LoRA factor (A or B): §6.3."""
+class MemberEntry:
+    """A run of a segment's values with its theta0 (§6.1): an mcnc tensor, or a LoRA factor
+    (A or B, §6.3). ``offset`` is stored or implied by the members before it; a parsed header
+    has it resolved (``Header.parse``)."""
 
     shape: tuple[int, ...]
     dtype: str
     segment: int
-    offset: int  # §6.1: stored, or implied by the members before it (Header.parse fills it)
+    offset: int
     theta0: Theta0Entry
 
     @property
@@ -429,43 +596,45 @@ class FactorEntry:
         return math.prod(self.shape)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The member's map; ``offset`` is left out when it is ``None`` (implied, §6.1)."""
+        out = {
             "dtype": self.dtype,
             "offset": self.offset,
             "segment": self.segment,
             "shape": list(self.shape),
             "theta0": self.theta0.to_dict(),
         }
+        if self.offset is None:
+            del out["offset"]
+        return out
 
     @classmethod
-    def parse(cls, m: _Map) -> FactorEntry:
-        entry = cls(
-            shape=m.shape("shape"),
-            dtype=m.dtype("dtype", C.FLOAT_DTYPES),
-            segment=m.uint("segment", _U64),
-            offset=m.uint("offset", _U64, default=None),  # type: ignore[arg-type]
-            theta0=Theta0Entry.parse(m.child("theta0")),
-        )
+    def parse(cls, m: _Map) -> MemberEntry:
+        entry = cls(m.shape("shape"), *_member_fields(m))
         m.done()
         return entry
 
 
+def _member_fields(m: _Map) -> tuple[str, int, int, Theta0Entry]:
+    """dtype, segment, offset (None when implied: ``Header.parse`` resolves it) and theta0 of
+    a member's map (§6.1)."""
+    return (m.dtype("dtype", C.FLOAT_DTYPES), m.uint("segment", _U64),
+            m.uint("offset", _U64, default=None), Theta0Entry.parse(m.child("theta0")))
+
+
 @dataclass(frozen=True)
-class TensorEntry:
-    """One named tensor: §6. Which optional fields are set depends on ``encoding``."""
+class TensorEntry(ABC):
+    """One named tensor: §6. One frozen dataclass per encoding: ``DenseTensor``,
+    ``PackedTensor``, ``MCNCTensor``, ``LoRATensor``, and ``UnknownTensor`` for an encoding
+    this reader does not know (``known`` False; R46: reported when the tensor is read)."""
 
     name: str
-    encoding: str
     shape: tuple[int, ...]
     dtype: str
-    segment: int | None = None
-    offset: int | None = None
-    theta0: Theta0Entry | None = None
-    blob: int | None = None
-    scale: float | None = None
-    A: FactorEntry | None = None
-    B: FactorEntry | None = None
-    start: int | None = None  # packed: byte offset in its pack blob, implied (§6.4), not stored
+    encoding: ClassVar[Encoding | str]
+    known: ClassVar[bool] = True
+    #: The values are stored as they are (``dense``, ``packed``), not regenerated.
+    stores_values: ClassVar[bool] = False
 
     @property
     def numel(self) -> int:
@@ -475,72 +644,178 @@ class TensorEntry:
     def nbytes(self) -> int:
         return self.numel * C.DTYPE_SIZES[self.dtype]
 
-    @property
-    def known(self) -> bool:
-        return self.encoding in C.KNOWN_ENCODINGS
+    def members(self) -> tuple[MemberEntry, ...]:
+        """The segment members this tensor is built from, in the order they are laid out:
+        its own for ``mcnc``, ``(A, B)`` for ``lora``, none otherwise."""
+        return ()
 
-    @property
-    def stored_dense(self) -> bool:
-        """Whether the values are stored as they are (``dense`` or ``packed``)."""
-        return self.encoding in (C.ENCODING_DENSE, C.ENCODING_PACKED)
+    def labelled_members(self) -> tuple[tuple[str, MemberEntry], ...]:
+        """``members()`` with the names messages give them: the tensor's name for an mcnc
+        tensor, ``NAME:A`` and ``NAME:B`` for a lora tensor's factors."""
+        return tuple((self.name, member) for member in self.members())
 
-    def as_factor(self) -> FactorEntry:
-        """The mcnc fields of this entry, shaped like a LoRA factor (one code path for both)."""
-        assert self.segment is not None and self.offset is not None and self.theta0 is not None
-        return FactorEntry(self.shape, self.dtype, self.segment, self.offset, self.theta0)
+    def theta0s(self) -> tuple[Theta0Entry, ...]:
+        """Every theta0 the tensor is built from: a lora tensor's own, then its members'."""
+        return tuple(member.theta0 for member in self.members())
+
+    def with_members(self, members: tuple[MemberEntry, ...]) -> TensorEntry:
+        """This entry with ``members()`` replaced (same count and order)."""
+        assert not members
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "dtype": self.dtype,
-            "encoding": self.encoding,
+            "encoding": _spec_text(self.encoding),
             "name": self.name,
             "shape": list(self.shape),
+            **self._fields(),
         }
-        if self.encoding == C.ENCODING_MCNC:
-            assert self.theta0 is not None
-            out.update(segment=self.segment, offset=self.offset, theta0=self.theta0.to_dict())
-        elif self.stored_dense:
-            out["blob"] = self.blob
-        elif self.encoding == C.ENCODING_LORA:
-            assert self.theta0 is not None and self.A is not None and self.B is not None
-            out.update(A=self.A.to_dict(), B=self.B.to_dict(), scale=float(self.scale or 0.0),
-                       theta0=self.theta0.to_dict())
         return dict(sorted(out.items()))
+
+    @abstractmethod
+    def _fields(self) -> dict[str, Any]:
+        """The encoding's own fields, as written."""
 
     @classmethod
     def parse(cls, m: _Map) -> TensorEntry:
         name = m.get("name", str)
         if not name:
-            raise m.error("name", "tensor names must be non-empty (R42)")
+            raise m.error("name", "tensor names must be non-empty", rule="R42")
         if len(name.encode("utf-8", "surrogatepass")) > C.MAX_NAME_BYTES:
-            raise m.error("name", f"longer than MAX_NAME_BYTES {C.MAX_NAME_BYTES} (R13)")
+            raise m.error("name", f"longer than MAX_NAME_BYTES {C.MAX_NAME_BYTES}", rule="R13")
         encoding = m.get("encoding", str)
-        shape = m.shape("shape")
-        if encoding in (C.ENCODING_DENSE, C.ENCODING_PACKED):
-            entry = cls(name, encoding, shape, m.dtype("dtype"), blob=m.uint("blob", _U64))
-        elif encoding == C.ENCODING_MCNC:
-            entry = cls(
-                name, encoding, shape, m.dtype("dtype", C.FLOAT_DTYPES),
-                segment=m.uint("segment", _U64),
-                offset=m.uint("offset", _U64, default=None),
-                theta0=Theta0Entry.parse(m.child("theta0")),
-            )
-        elif encoding == C.ENCODING_LORA:
-            scale = m.finite("scale", rule="R60")
-            entry = cls(
-                name, encoding, shape, m.dtype("dtype", C.FLOAT_DTYPES),
-                theta0=Theta0Entry.parse(m.child("theta0")),
-                scale=scale,
-                A=FactorEntry.parse(m.child("A")),
-                B=FactorEntry.parse(m.child("B")),
-            )
-        else:
-            # R46: unknown encodings are reported when read; keep what every tensor has.
-            dtype = m.get("dtype", str)
-            m.seen.update(m.value)
-            entry = cls(name, encoding, shape, dtype)
+        entry = _ENCODINGS.get(encoding, UnknownTensor).parse_fields(m, name, m.shape("shape"))
         m.done()
         return entry
+
+    @classmethod
+    @abstractmethod
+    def parse_fields(cls, m: _Map, name: str, shape: tuple[int, ...]) -> TensorEntry:
+        """The entry from its map, given the fields every tensor has."""
+
+
+@dataclass(frozen=True)
+class DenseTensor(TensorEntry):
+    """``dense`` (§6.2): the values in blob ``blob``."""
+
+    encoding: ClassVar[Encoding] = Encoding.DENSE
+    stores_values: ClassVar[bool] = True
+    blob: int
+
+    def _fields(self) -> dict[str, Any]:
+        return {"blob": self.blob}
+
+    @classmethod
+    def parse_fields(cls, m: _Map, name: str, shape: tuple[int, ...]) -> DenseTensor:
+        return cls(name, shape, m.dtype("dtype"), m.uint("blob", _U64))
+
+
+@dataclass(frozen=True)
+class PackedTensor(TensorEntry):
+    """``packed`` (§6.4): ``nbytes`` bytes at byte ``start`` of the pack blob ``blob``.
+    ``start`` is not stored: it is implied by the packed tensors before it (``Header.parse``
+    resolves it; the writer sets it)."""
+
+    encoding: ClassVar[Encoding] = Encoding.PACKED
+    stores_values: ClassVar[bool] = True
+    blob: int
+    start: int
+
+    def _fields(self) -> dict[str, Any]:
+        return {"blob": self.blob}
+
+    @classmethod
+    def parse_fields(cls, m: _Map, name: str, shape: tuple[int, ...]) -> PackedTensor:
+        return cls(name, shape, m.dtype("dtype"), m.uint("blob", _U64),
+                   start=None)  # type: ignore[arg-type]  # resolved by Header.parse
+
+
+@dataclass(frozen=True)
+class MCNCTensor(TensorEntry):
+    """``mcnc`` (§6.1): a member of segment ``segment`` at element ``offset``."""
+
+    encoding: ClassVar[Encoding] = Encoding.MCNC
+    segment: int
+    offset: int
+    theta0: Theta0Entry
+
+    def members(self) -> tuple[MemberEntry, ...]:
+        return (MemberEntry(self.shape, self.dtype, self.segment, self.offset, self.theta0),)
+
+    def with_members(self, members: tuple[MemberEntry, ...]) -> MCNCTensor:
+        (m,) = members
+        return replace(self, segment=m.segment, offset=m.offset, theta0=m.theta0)
+
+    def _fields(self) -> dict[str, Any]:
+        member = self.members()[0].to_dict()
+        return {k: v for k, v in member.items() if k in ("offset", "segment", "theta0")}
+
+    @classmethod
+    def parse_fields(cls, m: _Map, name: str, shape: tuple[int, ...]) -> MCNCTensor:
+        return cls(name, shape, *_member_fields(m))
+
+
+@dataclass(frozen=True)
+class LoRATensor(TensorEntry):
+    """``lora`` (§6.3): ``theta0 + scale * B @ A`` with mcnc-encoded factors ``A [r, in]`` and
+    ``B [out, r]``."""
+
+    encoding: ClassVar[Encoding] = Encoding.LORA
+    theta0: Theta0Entry
+    scale: float
+    A: MemberEntry
+    B: MemberEntry
+
+    def members(self) -> tuple[MemberEntry, ...]:
+        return (self.A, self.B)
+
+    def labelled_members(self) -> tuple[tuple[str, MemberEntry], ...]:
+        return ((f"{self.name}:A", self.A), (f"{self.name}:B", self.B))
+
+    def theta0s(self) -> tuple[Theta0Entry, ...]:
+        return (self.theta0, self.A.theta0, self.B.theta0)
+
+    def with_members(self, members: tuple[MemberEntry, ...]) -> LoRATensor:
+        a, b = members
+        return replace(self, A=a, B=b)
+
+    def _fields(self) -> dict[str, Any]:
+        return {"A": self.A.to_dict(), "B": self.B.to_dict(), "scale": float(self.scale),
+                "theta0": self.theta0.to_dict()}
+
+    @classmethod
+    def parse_fields(cls, m: _Map, name: str, shape: tuple[int, ...]) -> LoRATensor:
+        scale = m.finite("scale", rule="R60")
+        return cls(name, shape, m.dtype("dtype", C.FLOAT_DTYPES),
+                   Theta0Entry.parse(m.child("theta0")), scale,
+                   MemberEntry.parse(m.child("A")), MemberEntry.parse(m.child("B")))
+
+
+@dataclass(frozen=True)
+class UnknownTensor(TensorEntry):
+    """An encoding this reader does not know (R46: reported when the tensor is read); only
+    what every tensor has is kept, ``dtype`` unchecked."""
+
+    encoding: str  # type: ignore[misc]
+    known: ClassVar[bool] = False
+
+    def _fields(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def parse_fields(cls, m: _Map, name: str, shape: tuple[int, ...]) -> UnknownTensor:
+        dtype = m.get("dtype", str)
+        m.seen.update(m.value)
+        return cls(name, shape, dtype, m.value["encoding"])
+
+
+_ENCODINGS: dict[str, type[TensorEntry]] = {
+    Encoding.MCNC.value: MCNCTensor,
+    Encoding.DENSE.value: DenseTensor,
+    Encoding.PACKED.value: PackedTensor,
+    Encoding.LORA.value: LoRATensor,
+}
 
 
 @dataclass
@@ -559,15 +834,7 @@ class Header:
     def to_dict(self) -> dict[str, Any]:
         """The header map as a writer emits it (§3, §11): member offsets equal to the implied
         ones (§6.1) are left out."""
-        tensors = [t.to_dict() for t in self.tensors]
-        implied: dict[int, int] = {}
-        for entry, out_entry in zip(self.tensors, tensors, strict=True):
-            if entry.encoding == C.ENCODING_MCNC:
-                _omit_implied_offset(entry.as_factor(), out_entry, implied)
-            elif entry.encoding == C.ENCODING_LORA:
-                assert entry.A is not None and entry.B is not None
-                _omit_implied_offset(entry.A, out_entry["A"], implied)
-                _omit_implied_offset(entry.B, out_entry["B"], implied)
+        tensors = [t.to_dict() for t in self._as_written()]
         out: dict[str, Any] = {
             "alignment": self.alignment,
             "blobs": [b.to_dict() for b in self.blobs],
@@ -583,14 +850,23 @@ class Header:
     def required_minor(self) -> int:
         """The lowest minor version whose features this header uses (§13): 1 when it has a
         packed tensor or leaves a member offset to be implied (which ``to_dict`` does)."""
-        encoded = self.to_dict()["tensors"]
-        uses_1_1 = any(
-            t["encoding"] == C.ENCODING_PACKED
-            or (t["encoding"] == C.ENCODING_MCNC and "offset" not in t)
-            or (t["encoding"] == C.ENCODING_LORA and ("offset" not in t["A"]
-                                                      or "offset" not in t["B"]))
-            for t in encoded)
+        uses_1_1 = any(isinstance(t, PackedTensor) or any(m.offset is None for m in t.members())
+                       for t in self._as_written())
         return 1 if uses_1_1 else 0
+
+    def _as_written(self) -> list[TensorEntry]:
+        """The tensors with each member offset that equals the implied one (§6.1) left out
+        (``None``)."""
+        end: dict[int, int] = {}
+        out = []
+        for t in self.tensors:
+            members = []
+            for member in t.members():
+                implied = member.offset == end.get(member.segment, 0)
+                end[member.segment] = member.offset + member.numel
+                members.append(replace(member, offset=None) if implied else member)
+            out.append(t.with_members(tuple(members)))
+        return out
 
     @classmethod
     def parse(cls, value: Any, source: str, minor: int) -> Header:
@@ -598,7 +874,7 @@ class Header:
         alignment = m.get("alignment", int)
         if not (C.MIN_ALIGNMENT <= alignment <= C.MAX_ALIGNMENT) or alignment & (alignment - 1):
             raise m.error("alignment", f"expected a power of two in [{C.MIN_ALIGNMENT}, "
-                          f"{C.MAX_ALIGNMENT}], got {alignment} (R12)")
+                          f"{C.MAX_ALIGNMENT}], got {alignment}", rule="R12")
         header = cls(
             alignment=alignment,
             blobs=[BlobEntry.parse(b) for b in m.items("blobs", C.MAX_BLOBS)],
@@ -614,16 +890,10 @@ class Header:
         unknown_info = sorted(set(header.info) - set(C.INFO_KEYS))
         if unknown_info and not m.lenient:
             raise m.error("info", f"unknown key(s) {', '.join(unknown_info)}; version 1.0 defines "
-                          f"{', '.join(C.INFO_KEYS)} (R11). Put free-form facts in metadata.")
+                          f"{', '.join(C.INFO_KEYS)}. Put free-form facts in metadata",
+                          rule="R11")
         m.done()
         return header
-
-
-def _omit_implied_offset(member: FactorEntry, out: dict[str, Any], implied: dict[int, int]
-                         ) -> None:
-    if member.offset == implied.get(member.segment, 0):
-        del out["offset"]
-    implied[member.segment] = member.offset + member.numel
 
 
 def _resolve_layout(tensors: list[TensorEntry]) -> list[TensorEntry]:
@@ -633,27 +903,17 @@ def _resolve_layout(tensors: list[TensorEntry]) -> list[TensorEntry]:
     segment_end: dict[int, int] = {}
     pack_end: dict[int, int] = {}
 
-    def place(segment: int, offset: int | None, numel: int) -> int:
-        if offset is None:
-            offset = segment_end.get(segment, 0)
-        segment_end[segment] = offset + numel
-        return offset
-
-    def place_factor(factor: FactorEntry) -> FactorEntry:
-        return replace(factor, offset=place(factor.segment, factor.offset, factor.numel))
+    def place(member: MemberEntry) -> MemberEntry:
+        offset = segment_end.get(member.segment, 0) if member.offset is None else member.offset
+        segment_end[member.segment] = offset + member.numel
+        return replace(member, offset=offset)
 
     out = []
     for t in tensors:
-        if t.encoding == C.ENCODING_MCNC:
-            assert t.segment is not None
-            t = replace(t, offset=place(t.segment, t.offset, t.numel))
-        elif t.encoding == C.ENCODING_LORA:
-            assert t.A is not None and t.B is not None
-            t = replace(t, A=place_factor(t.A), B=place_factor(t.B))
-        elif t.encoding == C.ENCODING_PACKED:
-            assert t.blob is not None
+        t = t.with_members(tuple(place(member) for member in t.members()))
+        if isinstance(t, PackedTensor):
             t = replace(t, start=pack_end.get(t.blob, 0))
-            pack_end[t.blob] = t.start + t.nbytes  # type: ignore[operator]
+            pack_end[t.blob] = t.start + t.nbytes
         out.append(t)
     return out
 
@@ -661,11 +921,11 @@ def _resolve_layout(tensors: list[TensorEntry]) -> list[TensorEntry]:
 def _string_map(m: _Map, key: str, default: Any = ...) -> dict[str, str]:
     value = m.get(key, dict, default)
     if len(value) > C.MAX_METADATA_ENTRIES:
-        raise m.error(key, f"{len(value)} entries exceed MAX_METADATA_ENTRIES (R13)")
+        raise m.error(key, f"{len(value)} entries exceed MAX_METADATA_ENTRIES", rule="R13")
     for k, v in value.items():
         if not isinstance(k, str) or not isinstance(v, str):
-            raise m.error(key, f"keys and values must be strings, got {_kind(k)} -> {_kind(v)} "
-                          "(R13)")
+            raise m.error(key, f"keys and values must be strings, got {_kind(k)} -> {_kind(v)}",
+                          rule="R13")
         if len(v.encode("utf-8", "surrogatepass")) > C.MAX_METADATA_VALUE_BYTES:
-            raise m.error(f"{key}.{k}", "value longer than MAX_METADATA_VALUE_BYTES (R13)")
+            raise m.error(f"{key}.{k}", "value longer than MAX_METADATA_VALUE_BYTES", rule="R13")
     return dict(value)

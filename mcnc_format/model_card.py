@@ -13,11 +13,10 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from . import constants as C
 from .errors import MCNCError
-from .header import Header
-from .hub.uri import SCHEME, HubURI, parse_uri
+from .header import ExternalTheta0, Header, InlineWeights, LoRATensor
 from .reader import MCNCFile
+from .uri import SCHEME, HubURI, parse_uri
 
 __all__ = ["LIBRARY_NAME", "SECTION_BEGIN", "SECTION_END", "FileFacts", "render_card"]
 
@@ -56,7 +55,7 @@ class FileFacts:
             generators=_describe_generators(header),
             file_bytes=summary["file_bytes"],
             dense_bytes=summary["dense_bytes"],
-            has_lora=any(t.encoding == C.ENCODING_LORA for t in header.tensors),
+            has_lora=any(isinstance(t, LoRATensor) for t in header.tensors),
             base_models=_base_models(header),
         )
 
@@ -154,7 +153,7 @@ def _describe_generators(header: Header) -> str:
     kinds = []
     for g in header.generators:
         layers = "x".join(str(h) for h in g.hidden)
-        source = "stored" if g.blobs is not None else "seeded"
+        source = "stored" if isinstance(g.weights, InlineWeights) else "seeded"
         kinds.append(f"k={g.k}, d={g.d}, {layers} sine MLP ({source})")
     return "; ".join(dict.fromkeys(kinds)) or "none"
 
@@ -163,8 +162,8 @@ def _base_models(header: Header) -> tuple[str, ...]:
     """Repos referenced by ``hf://`` theta0 entries, then ``info.base_model`` if a repo id."""
     found: list[str] = []
     for t in header.tensors:
-        for entry in (t.theta0, t.A and t.A.theta0, t.B and t.B.theta0):
-            if entry is not None and entry.uri is not None and entry.uri.startswith(SCHEME):
+        for entry in t.theta0s():
+            if isinstance(entry, ExternalTheta0) and entry.uri.startswith(SCHEME):
                 found.append(parse_uri(entry.uri).repo_id)
     declared = header.info.get("base_model", "")
     if _REPO_ID.match(declared):

@@ -32,7 +32,15 @@ from .engine.source import BlobStore, FileSource
 from .engine.theta0 import Theta0Source
 from .errors import DeviceMemoryError, FormatError, MCNCError, UnsupportedFeatureError
 from .generator import GeneratorSpec
-from .header import GeneratorEntry, Header, TensorEntry
+from .header import (
+    DenseTensor,
+    GeneratorEntry,
+    Header,
+    LoRATensor,
+    MCNCTensor,
+    PackedTensor,
+    TensorEntry,
+)
 from .validate import data_start, validate_header
 
 __all__ = ["Boxes", "MCNCFile", "TensorInfo", "TensorSlice", "open_file", "tensor_sha256"]
@@ -174,25 +182,24 @@ class MCNCFile:
     def tensor_info(self, name: str) -> TensorInfo:
         t = self.entry(name)
         stored_values, stored_bytes = self._stored(t)
-        segment = t.segment if t.encoding == C.ENCODING_MCNC else (
-            t.A.segment if t.A is not None else None)
+        members = t.members()
+        segment = members[0].segment if members else None
         generator = self.header.segments[segment].generator if segment is not None else None
-        return TensorInfo(t.name, t.encoding, t.shape, t.dtype, stored_values, stored_bytes,
-                          t.theta0.kind if t.theta0 is not None else None, segment, generator)
+        theta0 = str(t.theta0.kind) if isinstance(t, MCNCTensor | LoRATensor) else None
+        return TensorInfo(t.name, str(t.encoding), t.shape, t.dtype, stored_values,
+                          stored_bytes, theta0, segment, generator)
 
     def _stored(self, t: TensorEntry) -> tuple[int, int]:
         """Values and bytes this tensor's own storage takes (its share of segment blobs)."""
-        if t.encoding == C.ENCODING_DENSE:
-            blob = self.header.blobs[t.blob or 0]
+        if isinstance(t, DenseTensor):
+            blob = self.header.blobs[t.blob]
             return blob.numel, blob.length
-        if t.encoding == C.ENCODING_PACKED:  # its share of the (possibly zstd) pack blob
-            blob = self.header.blobs[t.blob or 0]
+        if isinstance(t, PackedTensor):  # its share of the (possibly zstd) pack blob
+            blob = self.header.blobs[t.blob]
             return t.numel, round(t.nbytes * blob.length / max(blob.decoded_length, 1))
-        members = [t.as_factor()] if t.encoding == C.ENCODING_MCNC else (
-            [t.A, t.B] if t.A is not None and t.B is not None else [])
         values = 0.0
         nbytes = 0.0
-        for member in members:
+        for member in t.members():
             seg = self.header.segments[member.segment]
             d = self.header.generators[seg.generator].d
             share = member.numel / max(seg.chunks * d, 1)
@@ -205,7 +212,7 @@ class MCNCFile:
     def summary(self) -> dict[str, Any]:
         """Sizes and ratios for ``mcnc inspect`` and for users deciding what to ship."""
         dense_bytes = sum(t.numel * C.DTYPE_SIZES.get(t.dtype, 4) for t in self.header.tensors)
-        compressed = [t for t in self.header.tensors if not t.stored_dense]
+        compressed = [t for t in self.header.tensors if not t.stores_values]
         compressed_params = sum(t.numel for t in compressed)
         trainable = sum(
             self.header.blobs[s.alpha].numel + self.header.blobs[s.beta].numel
@@ -261,16 +268,15 @@ class MCNCFile:
         """``(A, B, scale)`` of a lora tensor, without merging them into theta0; each factor
         is rounded to its own dtype (§6.3), then given ``dtype`` if asked."""
         t = self.entry(name)
-        if t.encoding != C.ENCODING_LORA or t.A is None or t.B is None:
-            raise MCNCError(f"{self.label}: {name!r} is a {t.encoding} tensor, not lora")
+        if not isinstance(t, LoRATensor):
+            raise MCNCError(f"{name!r} is a {t.encoding} tensor, not lora", path=self.label,
+                            tensor=name)
         want = check_dtype(dtype)
         factors = []
-        for member, label in ((t.A, "A"), (t.B, "B")):
-            member_tensor = TensorEntry(f"{name}:{label}", C.ENCODING_MCNC, member.shape,
-                                        member.dtype, segment=member.segment,
-                                        offset=member.offset, theta0=member.theta0)
-            request = TensorRequest(member_tensor, Box.full(member.shape),
-                                    to_torch(member.dtype))
+        for label, member in t.labelled_members():
+            as_tensor = MCNCTensor(label, member.shape, member.dtype, member.segment,
+                                   member.offset, member.theta0)
+            request = TensorRequest(as_tensor, Box.full(member.shape), to_torch(member.dtype))
             (_, value), = self._run([request], check_device(device), self.options)
             factors.append(value if want is None else value.to(want))
         return factors[0], factors[1], float(t.scale or 0.0)
@@ -318,9 +324,9 @@ class MCNCFile:
             t = self.entry(name)
             if not t.known:
                 raise UnsupportedFeatureError(
-                    f"{self.label}: tensor {t.name!r} uses encoding {t.encoding!r}, unknown to "
-                    "this reader (R46). Upgrade mcnc-format; the other tensors can be read by "
-                    "name.")
+                    f"tensor {t.name!r} uses encoding {t.encoding!r}, unknown to this reader. "
+                    "Upgrade mcnc-format; the other tensors can be read by name", rule="R46",
+                    path=self.label, tensor=t.name)
             out_dtype = to_torch(t.dtype)
             if want is not None and out_dtype.is_floating_point:
                 out_dtype = want
@@ -362,8 +368,8 @@ class MCNCFile:
                      if not self.header.blobs else position))
         for start, stop in gaps:
             if stop > start and any(self.blobs.source.read(start, stop - start)):
-                raise FormatError(f"{self.label}: non-zero padding bytes in [{start}, {stop}) "
-                                  "(R22)")
+                raise FormatError(f"non-zero padding bytes in [{start}, {stop})", rule="R22",
+                                  path=self.label)
 
 
 class TensorSlice:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ from typing import Any
 
 import torch
 
-from . import constants as C
 from .engine.box import Box
 from .engine.resolve import Resolver
 from .errors import (
@@ -41,14 +39,20 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
-from .header import Header, TensorEntry
+from .header import (
+    BlobTheta0,
+    DenseTensor,
+    ExternalTheta0,
+    Header,
+    PackedTensor,
+    TensorEntry,
+    Theta0Entry,
+)
 from .reader import MCNCFile
 
 __all__ = ["Problem", "VerifyReport", "verify_file"]
 
 DEFAULT_BATCH_VALUES = 1 << 25  # 128 MiB of float32 output per regeneration batch
-
-_RULE = re.compile(r"\((R\d+)[)/]")
 
 
 @dataclass(frozen=True)
@@ -56,14 +60,18 @@ class Problem:
     """One broken rule. ``check`` names the stage that found it: ``structure`` (preamble,
     header, blob placement), ``checksum``, ``padding``, ``regeneration``, ``finite``,
     ``external`` or ``unsupported`` (a feature this reader does not implement, so the file
-    could not be judged). ``rule`` is the SPEC.md rule number when the message names one."""
+    could not be judged). ``rule`` (the SPEC.md rule number), ``field`` (the header field path)
+    and ``tensor`` are the error's own fields (``MCNCError``), ``None`` where it has none."""
 
     check: str
     message: str
     rule: str | None = None
+    field: str | None = None
+    tensor: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"check": self.check, "message": self.message, "rule": self.rule}
+        return {"check": self.check, "message": self.message, "rule": self.rule,
+                "field": self.field, "tensor": self.tensor}
 
 
 @dataclass
@@ -97,10 +105,15 @@ class VerifyReport:
             return "unverifiable"
         return "invalid"
 
-    def add(self, check: str, exc_or_message: BaseException | str) -> None:
-        message = str(exc_or_message)
-        match = _RULE.search(message)
-        self.problems.append(Problem(check, message, match.group(1) if match else None))
+    def add(self, check: str, exc_or_message: BaseException | str, tensor: str | None = None
+            ) -> None:
+        """A problem from an ``MCNCError`` (its fields), or from a message about ``tensor``."""
+        if isinstance(exc_or_message, MCNCError):
+            exc = exc_or_message
+            self.problems.append(Problem(check, str(exc), exc.rule, exc.field,
+                                         exc.tensor or tensor))
+        else:
+            self.problems.append(Problem(check, str(exc_or_message), tensor=tensor))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -202,8 +215,9 @@ class _Verifier:
         for t in self.header.tensors:
             if not t.known:
                 self.report.add("unsupported", UnsupportedFeatureError(
-                    f"{self.f.source}: tensor {t.name!r} uses encoding {t.encoding!r}, unknown "
-                    "to this reader (R46); upgrade mcnc-format to verify it"))
+                    f"tensor {t.name!r} uses encoding {t.encoding!r}, unknown to this reader; "
+                    "upgrade mcnc-format to verify it", rule="R46", path=self.f.source,
+                    tensor=t.name))
                 continue
             if self.bad_blobs & set(_blobs_of(self.header, t)):
                 self.report.counts["skipped_tensors"] += 1
@@ -241,7 +255,7 @@ class _Verifier:
                 return
             self.report.add(_check_of(exc), exc if isinstance(exc, MCNCError) else
                             f"{self.f.source}: tensor {batch[0].name!r} cannot be rebuilt: "
-                            f"{type(exc).__name__}: {exc}")
+                            f"{type(exc).__name__}: {exc}", batch[0].name)
             return
         for t in batch:
             self.report.counts["external_references"] += _external_count(t)
@@ -273,13 +287,13 @@ class _Verifier:
         if not nonfinite:
             return
         where = f"tensor {t.name!r} ({t.encoding}, {t.dtype})"
-        if t.stored_dense:
+        if t.stores_values:
             self.report.counts["nonfinite_dense_values"] += nonfinite
             self.report.notes.append(f"{where} holds {nonfinite} NaN/inf values (stored so)")
             return
         self.report.add("finite", f"{self.f.source}: {where} regenerates to {nonfinite} "
                         f"non-finite values out of {t.numel}: alpha, beta or theta0 hold "
-                        "NaN/inf, or the values overflow the output dtype")
+                        "NaN/inf, or the values overflow the output dtype", t.name)
 
 
 def _boxes_within(shape: tuple[int, ...], limit: int) -> Iterator[Box]:
@@ -309,34 +323,29 @@ def _check_of(exc: BaseException) -> str:
 
 
 def _segment_key(t: TensorEntry) -> int | None:
-    if t.encoding == C.ENCODING_MCNC:
-        return t.segment
-    if t.encoding == C.ENCODING_LORA and t.A is not None:
-        return t.A.segment
-    return None
+    members = t.members()
+    return members[0].segment if members else None
+
+
+def _theta0s(t: TensorEntry) -> list[tuple[str, Theta0Entry]]:
+    """Every theta0 that rebuilding ``t`` reads, labelled as in messages (``name:A``)."""
+    return list(zip(("", ":A", ":B"), t.theta0s(), strict=False))
 
 
 def _blobs_of(header: Header, t: TensorEntry) -> list[int]:
     """Every blob that rebuilding ``t`` reads."""
-    blobs: list[int] = []
-    if t.blob is not None:
-        blobs.append(t.blob)
-    members = [t.as_factor()] if t.encoding == C.ENCODING_MCNC else [
-        f for f in (t.A, t.B) if f is not None]
-    theta0s = [t.theta0] if t.theta0 is not None else []
-    for member in members:
+    blobs: list[int] = [t.blob] if isinstance(t, DenseTensor | PackedTensor) else []
+    for member in t.members():
         seg = header.segments[member.segment]
         blobs += [seg.alpha, seg.beta]
         blobs += header.generators[seg.generator].blobs or ()
-        theta0s.append(member.theta0)
-    blobs += [th.blob for th in theta0s if th.blob is not None]
+    blobs += [th.blob for _, th in _theta0s(t)
+              if isinstance(th, BlobTheta0) and th.blob is not None]
     return blobs
 
 
 def _external_count(t: TensorEntry) -> int:
-    entries = [t.theta0] + ([t.A.theta0, t.B.theta0] if t.A is not None and t.B is not None
-                            else [])
-    return sum(1 for e in entries if e is not None and e.kind == C.THETA0_EXTERNAL)
+    return sum(1 for _, th in _theta0s(t) if isinstance(th, ExternalTheta0))
 
 
 def _blob_labels(header: Header) -> dict[int, str]:
@@ -350,13 +359,12 @@ def _blob_labels(header: Header) -> dict[int, str]:
         labels[s.beta] = f"segments[{i}].beta"
     packed: dict[int, list[str]] = {}
     for t in header.tensors:
-        if t.encoding == C.ENCODING_PACKED and t.blob is not None:
+        if isinstance(t, PackedTensor):
             packed.setdefault(t.blob, []).append(repr(t.name))
-        elif t.blob is not None:
+        elif isinstance(t, DenseTensor):
             labels[t.blob] = f"tensor {t.name!r} data"
-        for part, theta0 in (("", t.theta0), (":A", t.A and t.A.theta0),
-                             (":B", t.B and t.B.theta0)):
-            if theta0 is not None and theta0.blob is not None:
+        for part, theta0 in _theta0s(t):
+            if isinstance(theta0, BlobTheta0) and theta0.blob is not None:
                 labels[theta0.blob] = f"tensor {t.name + part!r} theta0"
     for blob, names in packed.items():
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

@@ -38,12 +38,23 @@ from .errors import MCNCError, UnsupportedFeatureError, WriteError
 from .generator import GeneratorSpec
 from .header import (
     BlobEntry,
-    FactorEntry,
+    BlobTheta0,
+    DenseTensor,
+    ExternalTheta0,
+    FanInUniformTheta0,
     GeneratorEntry,
     Header,
+    InlineWeights,
+    LoRATensor,
+    MCNCTensor,
+    MemberEntry,
+    NormalTheta0,
+    PackedTensor,
+    PhiloxWeights,
     SegmentEntry,
-    TensorEntry,
     Theta0Entry,
+    UniformTheta0,
+    ZerosTheta0,
 )
 from .validate import blob_layout, data_start, validate_header
 
@@ -59,32 +70,31 @@ class Theta0:
 
     @classmethod
     def zeros(cls) -> Theta0:
-        return cls(Theta0Entry(C.THETA0_ZEROS))
+        return cls(ZerosTheta0())
 
     @classmethod
     def uniform(cls, bound: float, seed: int, stream: int) -> Theta0:
-        return cls(Theta0Entry(C.THETA0_PRNG, C.SCHEME_UNIFORM, seed, stream, bound=float(bound)))
+        return cls(UniformTheta0(seed, stream, float(bound)))
 
     @classmethod
     def fan_in_uniform(cls, seed: int, stream: int) -> Theta0:
         """PyTorch's default init of Linear and Conv weights, drawn from the spec's PRNG."""
-        return cls(Theta0Entry(C.THETA0_PRNG, C.SCHEME_FAN_IN_UNIFORM, seed, stream))
+        return cls(FanInUniformTheta0(seed, stream))
 
     @classmethod
     def normal(cls, seed: int, stream: int, mean: float = 0.0, std: float = 1.0) -> Theta0:
         """PyTorch's default init of Embedding weights (mean 0, std 1) from the spec's PRNG."""
-        return cls(Theta0Entry(C.THETA0_PRNG, C.SCHEME_NORMAL, seed, stream, mean=float(mean),
-                               std=float(std)))
+        return cls(NormalTheta0(seed, stream, float(mean), float(std)))
 
     @classmethod
     def stored(cls, tensor: torch.Tensor) -> Theta0:
         """theta0 stored inline as a blob (any float dtype)."""
-        return cls(Theta0Entry(C.THETA0_BLOB), tensor)
+        return cls(BlobTheta0(), tensor)
 
     @classmethod
     def external(cls, uri: str, tensor: str, sha256: str) -> Theta0:
         """A tensor in a safetensors file next to the .mcnc file or on the Hub, sha256-pinned."""
-        return cls(Theta0Entry(C.THETA0_EXTERNAL, uri=uri, tensor=tensor, sha256=sha256))
+        return cls(ExternalTheta0(uri, tensor, sha256))
 
 
 @dataclass(eq=False)
@@ -98,7 +108,7 @@ class Segment:
     generator: GeneratorSpec
     alpha: torch.Tensor
     beta: torch.Tensor
-    codec: str = C.CODEC_RAW
+    codec: str = C.Codec.RAW
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,7 +137,7 @@ class Dense:
     """A tensor stored as it is, raw or zstd-compressed."""
 
     tensor: torch.Tensor
-    codec: str = C.CODEC_RAW
+    codec: str = C.Codec.RAW
 
 
 TensorSource = torch.Tensor | Dense | MCNC | LoRA
@@ -215,9 +225,9 @@ class _Layout:
         raw = host.reshape(-1).view(torch.uint8).numpy() if host.numel() else b""
         stored = encode_blob(memoryview(raw), codec)
         decoded = host.numel() * C.DTYPE_SIZES[dtype]
-        if codec == C.CODEC_ZSTD and decoded > max(C.MAX_ZSTD_RATIO * len(stored),
+        if codec == C.Codec.ZSTD and decoded > max(C.MAX_ZSTD_RATIO * len(stored),
                                                    C.ZSTD_MIN_DECODED_ALLOWANCE):
-            codec, stored = C.CODEC_RAW, encode_blob(memoryview(raw), C.CODEC_RAW)
+            codec, stored = C.Codec.RAW, encode_blob(memoryview(raw), C.Codec.RAW)
         self.payloads.append(stored)
         self.blob_meta.append((codec, dtype, tuple(host.shape), checksum(stored)))
         return len(self.payloads) - 1
@@ -227,17 +237,20 @@ class _Layout:
         key: Any = id(spec) if spec.inline is not None else spec
         if key in self.generators:
             return self.generators[key]
-        blobs = None
+        weights: PhiloxWeights | InlineWeights
         if spec.inline is not None:
             shapes = spec.parameter_shapes()
             if len(spec.inline) != len(shapes):
                 raise self.fail(where, f"inline generator needs {len(shapes)} tensors")
-            blobs = tuple(self.add_blob(t.to(torch.float32), C.CODEC_RAW, f"{where}.inline[{i}]")
-                          for i, t in enumerate(spec.inline))
+            weights = InlineWeights(tuple(
+                self.add_blob(t.to(torch.float32), C.Codec.RAW, f"{where}.inline[{i}]")
+                for i, t in enumerate(spec.inline)))
         elif spec.seed is None or not 0 <= spec.seed <= 0xFFFFFFFF:
             raise self.fail(where, f"generator seed must be a uint32, got {spec.seed}")
-        entry = GeneratorEntry(spec.k, spec.d, spec.hidden, float(spec.L), float(spec.omega0),
-                               spec.bias, spec.normalize, spec.seed, blobs)
+        else:
+            weights = PhiloxWeights(spec.seed)
+        entry = GeneratorEntry(spec.k, spec.d, spec.hidden, float(spec.L), weights,
+                               float(spec.omega0), spec.bias, spec.normalize)
         self.header.generators.append(entry)
         self.generators[key] = len(self.header.generators) - 1
         return self.generators[key]
@@ -272,7 +285,7 @@ class _Layout:
         if self.pack_blob is not None:
             stored = bytes(self.pack_bytes)
             self.payloads[self.pack_blob] = stored
-            self.blob_meta[self.pack_blob] = (C.CODEC_RAW, C.PACK_DTYPE, (len(stored),),
+            self.blob_meta[self.pack_blob] = (C.Codec.RAW, C.PACK_DTYPE, (len(stored),),
                                               checksum(stored))
 
     def finish_segments(self) -> None:
@@ -287,15 +300,15 @@ class _Layout:
 
     # -- tensors ---------------------------------------------------------------------------
     def theta0(self, theta0: Theta0, shape: tuple[int, ...], where: str) -> Theta0Entry:
-        if theta0.entry.kind != C.THETA0_BLOB:
+        if not isinstance(theta0.entry, BlobTheta0):
             return theta0.entry
         assert theta0.tensor is not None
         if tuple(theta0.tensor.shape) != shape or not theta0.tensor.is_floating_point():
             raise self.fail(where, f"a stored theta0 must be a float tensor of shape "
                             f"{list(shape)}, got {theta0.tensor.dtype} {list(theta0.tensor.shape)}")
-        return Theta0Entry(C.THETA0_BLOB, blob=self.add_blob(theta0.tensor, C.CODEC_RAW, where))
+        return BlobTheta0(self.add_blob(theta0.tensor, C.Codec.RAW, where))
 
-    def member(self, value: MCNC, where: str) -> FactorEntry:
+    def member(self, value: MCNC, where: str) -> MemberEntry:
         shape = tuple(int(s) for s in value.shape)
         dtype = from_torch(value.dtype)
         if dtype not in C.FLOAT_DTYPES:
@@ -304,7 +317,7 @@ class _Layout:
         segment = self.add_segment(value.segment, f"{where}.segment")
         offset = self.segment_fill[segment]
         self.segment_fill[segment] += math.prod(shape)
-        return FactorEntry(shape, dtype, segment, offset,
+        return MemberEntry(shape, dtype, segment, offset,
                            self.theta0(value.theta0, shape, f"{where}.theta0"))
 
     def add_tensor(self, name: str, source: TensorSource) -> None:
@@ -318,11 +331,10 @@ class _Layout:
         if isinstance(source, Dense):
             blob = self.add_blob(source.tensor, source.codec, where)
             meta = self.blob_meta[blob]
-            entry = TensorEntry(name, C.ENCODING_DENSE, meta[2], meta[1], blob=blob)
+            entry = DenseTensor(name, meta[2], meta[1], blob)
         elif isinstance(source, MCNC):
             f = self.member(source, where)
-            entry = TensorEntry(name, C.ENCODING_MCNC, f.shape, f.dtype, segment=f.segment,
-                                offset=f.offset, theta0=f.theta0)
+            entry = MCNCTensor(name, f.shape, f.dtype, f.segment, f.offset, f.theta0)
         elif isinstance(source, LoRA):
             entry = self.lora(name, source, where)
         elif not isinstance(source, torch.Tensor):
@@ -336,21 +348,21 @@ class _Layout:
         return (tensor.layout == torch.strided and not tensor.is_sparse and not tensor.is_meta
                 and tensor.numel() * tensor.element_size() < C.PACK_MAX_TENSOR_BYTES)
 
-    def pack(self, name: str, tensor: torch.Tensor) -> TensorEntry:
+    def pack(self, name: str, tensor: torch.Tensor) -> PackedTensor:
         """§6.4: the tensor's bytes go at the end of the file's one pack blob, created at the
         first packed tensor (so it sits there in blob order) and filled in by ``finish_pack``."""
         dtype = from_torch(tensor.dtype)
         if self.pack_blob is None:
             self.payloads.append(b"")
-            self.blob_meta.append((C.CODEC_RAW, C.PACK_DTYPE, (0,), 0))
+            self.blob_meta.append((C.Codec.RAW, C.PACK_DTYPE, (0,), 0))
             self.pack_blob = len(self.payloads) - 1
         host = tensor.detach().to("cpu").contiguous()
+        start = len(self.pack_bytes)
         if host.numel():
             self.pack_bytes += host.reshape(-1).view(torch.uint8).numpy().tobytes()
-        return TensorEntry(name, C.ENCODING_PACKED, tuple(host.shape), dtype,
-                           blob=self.pack_blob)
+        return PackedTensor(name, tuple(host.shape), dtype, self.pack_blob, start)
 
-    def lora(self, name: str, source: LoRA, where: str) -> TensorEntry:
+    def lora(self, name: str, source: LoRA, where: str) -> LoRATensor:
         if len(source.A.shape) != 2 or len(source.B.shape) != 2 or \
                 source.A.shape[0] != source.B.shape[1]:
             raise self.fail(where, f"LoRA factors must be A [r, in] and B [out, r], got "
@@ -362,8 +374,7 @@ class _Layout:
         theta0 = self.theta0(source.theta0, shape, f"{where}.theta0")
         a = self.member(source.A, f"{where}.A")
         b = self.member(source.B, f"{where}.B")
-        return TensorEntry(name, C.ENCODING_LORA, shape, dtype, theta0=theta0,
-                           scale=float(source.scale), A=a, B=b)
+        return LoRATensor(name, shape, dtype, theta0, float(source.scale), a, b)
 
     # -- layout ----------------------------------------------------------------------------
     def place_blobs(self) -> tuple[int, bytes]:
@@ -389,12 +400,15 @@ class _Layout:
                                 codec)
             parsed = decode_header(header_bytes, preamble, self.source)
             validate_header(parsed, len(header_bytes), end, self.source)
-            if [t.to_dict() for t in parsed.tensors] != [t.to_dict() for t in self.header.tensors]:
-                # Offsets the writer left out (§6.1) must resolve to the ones it laid out.
-                raise WriteError(f"{self.source}: internal error: the header does not read "
-                                 "back as written; please report this")
+            if parsed.tensors != self.header.tensors:
+                # Offsets the writer left out (§6.1) and packed tensors' starts (§6.4) must
+                # resolve to the ones it laid out.
+                raise WriteError("internal error: the header does not read back as written; "
+                                 "please report this", path=self.source)
         except MCNCError as exc:
-            raise WriteError(f"refusing to write an invalid file: {exc}") from exc
+            raise WriteError(f"refusing to write an invalid file: {exc.message}",
+                             rule=exc.rule, path=exc.path or self.source, field=exc.field,
+                             tensor=exc.tensor) from exc
         return codec, header_bytes
 
     def _settle(self, lengths: list[int], attempt: int | None) -> tuple[int, bytes] | None:
@@ -406,7 +420,7 @@ class _Layout:
             start = data_start(len(header_bytes), self.header.alignment)
             offsets = blob_layout(start, lengths, self.header.alignment)
             self.header.blobs = [
-                BlobEntry(off, length, codec, dtype, shape, xxh)
+                BlobEntry(off, length, C.Codec(codec), dtype, shape, xxh)
                 for off, length, (codec, dtype, shape, xxh) in zip(offsets, lengths,
                                                                    self.blob_meta, strict=True)
             ]

@@ -42,6 +42,15 @@ import mcnc_format as mf
 from mcnc_format import constants as C
 from mcnc_format import reference
 from mcnc_format.container import checksum
+from mcnc_format.header import (
+    BlobTheta0,
+    ExternalTheta0,
+    FanInUniformTheta0,
+    Header,
+    NormalTheta0,
+    UniformTheta0,
+    ZerosTheta0,
+)
 from mcnc_format.validate import align_up
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "vectors"
@@ -70,7 +79,7 @@ class _Data:
         return torch.from_numpy(values).reshape(shape)
 
     def segment(self, spec: mf.GeneratorSpec, shapes: list[tuple[int, ...]], m: int,
-                dtype: torch.dtype = torch.float32, codec: str = C.CODEC_RAW) -> mf.Segment:
+                dtype: torch.dtype = torch.float32, codec: str = C.Codec.RAW) -> mf.Segment:
         """A segment sized for members of ``shapes``: alpha in [-L, L), beta in [-0.5, 0.5)."""
         chunks = -(-sum(math.prod(s) for s in shapes) // spec.d)
         alpha = self.signed((chunks, m, spec.k), spec.L).to(dtype)
@@ -114,23 +123,18 @@ def _theta0_64(theta0: mf.Theta0, shape: tuple[int, ...],
     """theta0 of §7 in float64: exact PRNG maps, ``z64`` for normals, widened blobs."""
     e = theta0.entry
     n = math.prod(shape)
-    if e.kind == C.THETA0_ZEROS:
+    if isinstance(e, ZerosTheta0):
         return np.zeros(n)
-    if e.kind == C.THETA0_PRNG:
-        assert e.seed is not None and e.stream is not None
-        if e.scheme == C.SCHEME_UNIFORM:
-            assert e.bound is not None
-            return reference.uniform_signed_ref(e.seed, e.stream, 0, n, e.bound).astype(float)
-        if e.scheme == C.SCHEME_FAN_IN_UNIFORM:
-            bound = 1.0 / math.sqrt(math.prod(shape[1:]))
-            return reference.uniform_signed_ref(e.seed, e.stream, 0, n, bound).astype(float)
-        assert e.scheme == C.SCHEME_NORMAL and e.mean is not None and e.std is not None
+    if isinstance(e, UniformTheta0 | FanInUniformTheta0):
+        bound = e.bound if isinstance(e, UniformTheta0) else 1.0 / math.sqrt(math.prod(shape[1:]))
+        return reference.uniform_signed_ref(e.seed, e.stream, 0, n, bound).astype(float)
+    if isinstance(e, NormalTheta0):
         z64 = reference.normal_ref(e.seed, e.stream, 0, n)
         return float(np.float32(e.mean)) + float(np.float32(e.std)) * z64
-    if e.kind == C.THETA0_BLOB:
+    if isinstance(e, BlobTheta0):
         assert theta0.tensor is not None
         return theta0.tensor.to(torch.float64).reshape(-1).numpy()
-    assert e.uri is not None and e.tensor is not None
+    assert isinstance(e, ExternalTheta0)
     return externals[(e.uri, e.tensor)].to(torch.float64).reshape(-1).numpy()
 
 
@@ -244,7 +248,7 @@ class RawFile:
         payloads = [data[b["offset"]:b["offset"] + b["length"]] for b in header["blobs"]]
         return cls(header, payloads, minor)
 
-    def add_blob(self, payload: bytes, dtype: str, shape: list[int], codec: str = C.CODEC_RAW
+    def add_blob(self, payload: bytes, dtype: str, shape: list[int], codec: str = C.Codec.RAW
                  ) -> int:
         self.header["blobs"].append({"codec": codec, "dtype": dtype, "length": 0, "offset": 0,
                                      "shape": shape, "xxh3": 0})
@@ -340,7 +344,7 @@ def _shared() -> _Valid:
     data = _Data("shared-segment")
     gen = mf.GeneratorSpec(k=8, d=32, hidden=(64, 64), L=20.0, seed=12345)
     shapes = [(4, 8, 3), (4,), (7, 5), (7,)]
-    seg = data.segment(gen, shapes, m=2, dtype=torch.float16, codec=C.CODEC_ZSTD)
+    seg = data.segment(gen, shapes, m=2, dtype=torch.float16, codec=C.Codec.ZSTD)
     return _Valid("shared-segment", "two hidden layers, four members in one segment with a "
                   "partial last chunk, f16 alpha/beta in zstd, f32/f16/bf16 outputs, theta0 "
                   "fan_in_uniform (rank 3), uniform, normal (mean 0.1, std 0.02) and zeros", {
@@ -363,7 +367,7 @@ def _several() -> _Valid:
     s1 = data.segment(g1, [(3, 8)], m=1, dtype=torch.bfloat16)
     s2 = data.segment(g2, [(20,)], m=2)
     s3 = data.segment(g3, [(2, 2, 5)], m=1)
-    s4 = data.segment(g1, [(9,)], m=3, dtype=torch.bfloat16, codec=C.CODEC_ZSTD)
+    s4 = data.segment(g1, [(9,)], m=3, dtype=torch.bfloat16, codec=C.Codec.ZSTD)
     return _Valid("several-generators", "two philox generators and one inline generator; two "
                   "segments sharing one generator; bf16 alpha/beta (raw and zstd); m = 1, 2, "
                   "3; bf16 output", {
@@ -427,8 +431,8 @@ def _dense() -> _Valid:
                       "bool": mf.Dense((words[24:30] & 1).to(torch.bool).reshape(2, 3)),
                       "scalar": mf.Dense(torch.tensor(-1.5)),
                       "empty": mf.Dense(torch.zeros(0, 3)),
-                      "zstd.f32": mf.Dense(pattern, C.CODEC_ZSTD),
-                      "zstd.i64": mf.Dense(words[:64] & 3, C.CODEC_ZSTD),
+                      "zstd.f32": mf.Dense(pattern, C.Codec.ZSTD),
+                      "zstd.i64": mf.Dense(words[:64] & 3, C.Codec.ZSTD),
                   }, metadata={"description": "dense tensors of every dtype", "format": "pt"},
                   info={"base_model": "none", "license": "CC0-1.0",
                         "producer": "spec/make_vectors.py", "source": "synthetic"}, minor=0)
@@ -481,7 +485,7 @@ def _packed() -> _Valid:
 def _split_pack(f: RawFile) -> None:
     """Move every second packed tensor's bytes into a new zstd pack blob (§6.4 allows any
     number of packs, raw or zstd): the tensors of the two packs alternate in tensor order."""
-    packed = [t for t in f.header["tensors"] if t["encoding"] == C.ENCODING_PACKED]
+    packed = [t for t in f.header["tensors"] if t["encoding"] == C.Encoding.PACKED]
     index = packed[0]["blob"]
     data = f.payloads[index]
     kept, moved, position = b"", b"", 0
@@ -496,7 +500,7 @@ def _split_pack(f: RawFile) -> None:
     f.payloads[index] = kept
     f.header["blobs"][index]["shape"] = [len(kept)]
     zstd = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=False)
-    second = f.add_blob(zstd.compress(moved), C.PACK_DTYPE, [len(moved)], C.CODEC_ZSTD)
+    second = f.add_blob(zstd.compress(moved), C.PACK_DTYPE, [len(moved)], C.Codec.ZSTD)
     for t in packed[1::2]:
         t["blob"] = second
 
@@ -561,19 +565,10 @@ def _no_tensors() -> _Valid:
 
 def _explicit_offsets(f: RawFile) -> None:
     """Write out every member offset that the writer left implied (§6.1): walking the tensors
-    in order, a member without one starts where the previous member of its segment ends."""
-    end: dict[int, int] = {}
-
-    def place(member: dict[str, Any]) -> None:
-        member.setdefault("offset", end.get(member["segment"], 0))
-        end[member["segment"]] = member["offset"] + math.prod(member["shape"])
-
-    for t in f.header["tensors"]:
-        if t["encoding"] == C.ENCODING_MCNC:
-            place(t)
-        elif t["encoding"] == C.ENCODING_LORA:
-            place(t["A"])
-            place(t["B"])
+    in order, a member without one starts where the previous member of its segment ends (the
+    reader's resolution: a parsed header's entries hold every offset)."""
+    parsed = Header.parse(f.header, "vector", f.minor)
+    f.header["tensors"] = [t.to_dict() for t in parsed.tensors]
 
 
 def _reorder_with_explicit_offsets(f: RawFile) -> None:
@@ -610,7 +605,7 @@ def _add_unknown_keys(f: RawFile) -> None:
     (R11)."""
     f.minor = NEWER_MINOR
     h = f.header
-    assert _tensor(f, "layer.bias")["encoding"] == C.ENCODING_PACKED
+    assert _tensor(f, "layer.bias")["encoding"] == C.Encoding.PACKED
     h["compression_report"] = {"ratio": 12.5, "by": ["layer"]}
     h["blobs"][0]["filters"] = ["shuffle"]
     h["generators"][0]["init"] = "siren"
@@ -731,7 +726,7 @@ def _base_lora() -> bytes:
 
 def _base_zstd() -> bytes:
     pattern = torch.arange(16, dtype=torch.float32).remainder(3)
-    return _save_bytes({"z": mf.Dense(pattern, C.CODEC_ZSTD), "b": torch.ones(4)})
+    return _save_bytes({"z": mf.Dense(pattern, C.Codec.ZSTD), "b": torch.ones(4)})
 
 
 def _base_theta0_blob() -> bytes:

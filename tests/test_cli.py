@@ -37,7 +37,7 @@ SEED = random.SystemRandom().randrange(2**31)
 
 
 def _segment(spec: mcnc.GeneratorSpec, values: int, m: int, gen: torch.Generator,
-             codec: str = C.CODEC_RAW) -> mcnc.Segment:
+             codec: str = C.Codec.RAW) -> mcnc.Segment:
     chunks = math.ceil(values / spec.d)
     alpha = torch.rand(chunks, m, spec.k, generator=gen) * 40 - 20
     beta = torch.randn(chunks, m, generator=gen) * 0.05
@@ -55,11 +55,11 @@ def _write_model(path: Path, seed: int, *, beta_nan: bool = False) -> Path:
     shared = _segment(main_gen, 48 * 24 + 10 * 48, 1, gen)
     if beta_nan:
         shared.beta[0, 0] = float("nan")
-    a_seg = _segment(lora_gen, 4 * 24, 2, gen, C.CODEC_ZSTD)
+    a_seg = _segment(lora_gen, 4 * 24, 2, gen, C.Codec.ZSTD)
     b_seg = _segment(lora_gen, 16 * 4, 2, gen)
     mcnc.save(path, {
         "encoder.weight": mcnc.MCNC(shared, (48, 24), theta0=mcnc.Theta0.fan_in_uniform(3, 0)),
-        "encoder.bias": mcnc.Dense(torch.randn(48, generator=gen), C.CODEC_ZSTD),
+        "encoder.bias": mcnc.Dense(torch.randn(48, generator=gen), C.Codec.ZSTD),
         "head.weight": mcnc.MCNC(shared, (10, 48), dtype=torch.float16),
         "head.bias": torch.randn(10, generator=gen).half(),
         "adapter.weight": mcnc.LoRA(A=mcnc.MCNC(a_seg, (4, 24)), B=mcnc.MCNC(b_seg, (16, 4)),
@@ -174,6 +174,8 @@ def test_verify_fails_on_a_flipped_blob_byte(runner, model_file, tmp_path):
         result.output
     report = verify_file(bad)
     assert report.status == "invalid" and report.counts["skipped_tensors"] == 2
+    problem = report.problems[0].to_dict()
+    assert (problem["rule"], problem["field"]) == ("R24", "segments[0].alpha")
 
 
 def test_verify_fails_on_nonzero_padding(runner, model_file, tmp_path):
@@ -303,6 +305,19 @@ def test_not_an_mcnc_file(runner, tmp_path):
     _assert_one_line_error(runner.invoke(cli, ["inspect", str(text)]), "R1")
     result = runner.invoke(cli, ["verify", str(text)])
     assert result.exit_code == 1 and "R1 structure" in result.output, result.output
+
+
+def test_inspect_json_gives_the_error_fields(runner, model_file, tmp_path):
+    """A file that breaks a rule: stdout has the error's fields, stderr the one line."""
+    path = _copy(model_file, tmp_path / "bad-codec.mcnc")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 12, 7)  # preamble: header_codec 7 (R3)
+    path.write_bytes(data)
+    result = runner.invoke(cli, ["inspect", "--json", str(path)])
+    _assert_one_line_error(result, "R3")
+    error = json.loads(result.stdout)["error"]
+    assert error == {"error": "FormatError", "message": error["message"], "rule": "R3",
+                     "path": str(path), "field": None, "tensor": None}
 
 
 @pytest.mark.parametrize(("command", "option"), [("inspect", "--json"), ("verify", "--json"),

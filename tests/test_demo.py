@@ -18,6 +18,7 @@ from click.testing import CliRunner
 import mcnc_format as mf
 from mcnc_format.cli.demo_cmd import demo
 from mcnc_format.examples.digits import load_digits, split_digits
+from mcnc_format.header import LoRATensor
 
 REQUIRED_KEYS = {"weights_ratio", "file_ratio", "mcnc_test_accuracy", "dense_test_accuracy",
                  "file_bytes", "dense_bytes", "dense_file_bytes"}
@@ -72,5 +73,5 @@ def test_finetune_example_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert set(result["validation_loss"]) == {"base", "mcnc_lora", "lora"}
     with mf.open(tmp_path / "adapter.mcnc") as f:
         names = f.keys()
-        assert names and all(f.entry(n).encoding == "lora" for n in names)
+        assert names and all(isinstance(f.entry(n), LoRATensor) for n in names)
         assert {f.entry(n).theta0.uri for n in names} == {"base.safetensors"}

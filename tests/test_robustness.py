@@ -42,6 +42,7 @@ import zstandard
 
 import mcnc_format as mf
 from mcnc_format import MCNC, Dense, GeneratorSpec, LoRA, Segment, Theta0
+from mcnc_format.header import LoRATensor
 from mcnc_format.reader import tensor_sha256
 
 ADDRESS_SPACE_MARGIN = 1 << 30  # what the worker may allocate beyond its start-up footprint
@@ -118,7 +119,7 @@ def _load_everything(path: Path) -> dict[str, torch.Tensor]:
             f.tensor_info(name)
         out = f.tensors()
         for name in f.keys():  # noqa: SIM118 (MCNCFile is not a dict)
-            if f.entry(name).encoding == "lora":
+            if isinstance(f.entry(name), LoRATensor):
                 a, b, _ = f.get_lora_factors(name)
                 out[f"{name}:A"], out[f"{name}:B"] = a, b
         return out

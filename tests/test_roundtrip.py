@@ -37,6 +37,14 @@ from strategies import (
 import mcnc_format as mf
 from mcnc_format import MCNC, Dense, GeneratorSpec, LoRA, Segment, Theta0, philox
 from mcnc_format import constants as C
+from mcnc_format.header import (
+    BlobTheta0,
+    ExternalTheta0,
+    FanInUniformTheta0,
+    NormalTheta0,
+    UniformTheta0,
+    ZerosTheta0,
+)
 
 # -- the independent computation ------------------------------------------------------------
 
@@ -54,17 +62,18 @@ def theta0_64(theta0: Theta0, shape: tuple[int, ...], directory: Path) -> torch.
     """A member's theta0 (§7) as flat float64, from the Philox functions or stored tensors."""
     entry = theta0.entry
     numel = math.prod(shape)
-    if entry.kind == C.THETA0_ZEROS:
+    if isinstance(entry, ZerosTheta0):
         return torch.zeros(numel, dtype=torch.float64)
-    if entry.kind == C.THETA0_BLOB:
+    if isinstance(entry, BlobTheta0):
         assert theta0.tensor is not None
         return theta0.tensor.reshape(-1).float().double()
-    if entry.kind == C.THETA0_EXTERNAL:
+    if isinstance(entry, ExternalTheta0):
         return load_file(str(directory / entry.uri))[entry.tensor].reshape(-1).float().double()
-    if entry.scheme == C.SCHEME_NORMAL:
+    if isinstance(entry, NormalTheta0):
         z = philox.normal(entry.seed, entry.stream, 0, numel).double()
         return philox.round_to_f32(entry.mean) + philox.round_to_f32(entry.std) * z
-    bound = entry.bound if entry.scheme == C.SCHEME_UNIFORM else 1.0 / math.sqrt(
+    assert isinstance(entry, UniformTheta0 | FanInUniformTheta0)
+    bound = entry.bound if isinstance(entry, UniformTheta0) else 1.0 / math.sqrt(
         math.prod(shape[1:]))
     units = philox.words_to_signed_unit(philox.stream_words(entry.seed, entry.stream, 0, numel))
     return (units.double() * philox.round_to_f32(bound)).float().double()
@@ -663,11 +672,11 @@ def test_a_zstd_pack_is_decoded_once_for_all_its_tensors(monkeypatch: pytest.Mon
     with mf.open(path) as f:
         packed = [n for n in f.keys() if f.tensor_info(n).encoding == "packed"]  # noqa: SIM118
         zstd_packs = {f.entry(n).blob for n in packed
-                      if f.header.blobs[f.entry(n).blob or 0].codec == C.CODEC_ZSTD}
+                      if f.header.blobs[f.entry(n).blob or 0].codec == C.Codec.ZSTD}
         assert len(zstd_packs) == 1 and len(packed) > 3
         for name in packed:
             f.get_tensor(name)
-    assert decoded.count(C.CODEC_ZSTD) == 1
+    assert decoded.count(C.Codec.ZSTD) == 1
 
 
 def test_saving_a_meta_tensor_is_a_write_error(tmp_path: Path) -> None:

@@ -127,6 +127,12 @@ def test_codecs() -> None:
     assert match and match.groups() == C.CODECS
 
 
+def test_encodings_theta0_kinds_and_schemes() -> None:
+    assert {e.value for e in C.Encoding} == set(re.findall(r'encoding: "(\w+)"', section(6)))
+    assert {k.value for k in C.Theta0Kind} == set(re.findall(r'\{kind: "(\w+)"', section(7)))
+    assert {s.value for s in C.Scheme} == set(re.findall(r"^\| `(\w+)` \|", section(7), re.M))
+
+
 def test_rule_error_classes_exist() -> None:
     for rule, cell in rules().items():
         names = re.findall(r"\b[A-Z]\w*Error\b", cell)

@@ -34,7 +34,18 @@ import mcnc_format as mf
 from mcnc_format import constants as C
 from mcnc_format import errors, philox, reference
 from mcnc_format.api import stream
-from mcnc_format.header import FactorEntry, Theta0Entry
+from mcnc_format.header import (
+    BlobTheta0,
+    ExternalTheta0,
+    FanInUniformTheta0,
+    LoRATensor,
+    MCNCTensor,
+    MemberEntry,
+    NormalTheta0,
+    Theta0Entry,
+    UniformTheta0,
+    ZerosTheta0,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT / "spec" / "vectors"
@@ -81,23 +92,22 @@ def theta0_ref(f: mf.MCNCFile, entry: Theta0Entry, shape: tuple[int, ...]
     """(float64 theta0, per-element allowance): the allowance is §8.3's normal tolerance."""
     n = math.prod(shape)
     zeros = np.zeros(n)
-    if entry.kind == C.THETA0_ZEROS:
+    if isinstance(entry, ZerosTheta0):
         return zeros, zeros
-    if entry.kind == C.THETA0_PRNG:
-        assert entry.seed is not None and entry.stream is not None
-        if entry.scheme == C.SCHEME_NORMAL:
-            z64 = reference.normal_ref(entry.seed, entry.stream, 0, n)
-            std = float(np.float32(entry.std))
-            return (float(np.float32(entry.mean)) + std * z64,
-                    abs(std) * C.NORMAL_ATOL * np.maximum(1.0, np.abs(z64)))
-        bound = entry.bound if entry.scheme == C.SCHEME_UNIFORM else \
+    if isinstance(entry, NormalTheta0):
+        z64 = reference.normal_ref(entry.seed, entry.stream, 0, n)
+        std = float(np.float32(entry.std))
+        return (float(np.float32(entry.mean)) + std * z64,
+                abs(std) * C.NORMAL_ATOL * np.maximum(1.0, np.abs(z64)))
+    if isinstance(entry, UniformTheta0 | FanInUniformTheta0):
+        bound = entry.bound if isinstance(entry, UniformTheta0) else \
             1.0 / math.sqrt(math.prod(shape[1:]))
         values = reference.uniform_signed_ref(entry.seed, entry.stream, 0, n, bound)
         return values.astype(np.float64), zeros
-    if entry.kind == C.THETA0_BLOB:
+    if isinstance(entry, BlobTheta0):
         assert entry.blob is not None
         return f.blob_tensor(entry.blob).to(torch.float64).reshape(-1).numpy(), zeros
-    assert entry.uri is not None and entry.tensor is not None
+    assert isinstance(entry, ExternalTheta0)
     with safe_open(str(f.path.parent / entry.uri), framework="pt") as base:
         value = base.get_tensor(entry.tensor)
     return value.to(torch.float64).reshape(-1).numpy(), zeros
@@ -122,7 +132,7 @@ class MemberRef:
     chunk_bound: np.ndarray
 
 
-def segment_ref(f: mf.MCNCFile, index: int, members: list[FactorEntry]) -> list[MemberRef]:
+def segment_ref(f: mf.MCNCFile, index: int, members: list[MemberEntry]) -> list[MemberRef]:
     """v64 of §10.1 for every member of segment ``index``, with each chunk's bound
     ``rtol * (||theta0_c|| + sum_j |beta_cj| ||phi64(alpha_cj)||) + ||normal_c||``."""
     seg = f.header.segments[index]
@@ -156,13 +166,12 @@ def segment_ref(f: mf.MCNCFile, index: int, members: list[FactorEntry]) -> list[
 
 def members_ref(f: mf.MCNCFile) -> dict[str, MemberRef]:
     """Every segment member of the file (mcnc tensors by name, lora factors as NAME:A/B)."""
-    by_segment: dict[int, list[tuple[str, FactorEntry]]] = {}
+    by_segment: dict[int, list[tuple[str, MemberEntry]]] = {}
     for t in f.header.tensors:
-        if t.encoding == C.ENCODING_MCNC and t.theta0 is not None and t.theta0.known:
-            by_segment.setdefault(t.segment or 0, []).append((t.name, t.as_factor()))
-        elif t.encoding == C.ENCODING_LORA and t.A is not None and t.B is not None:
-            for label, factor in ((f"{t.name}:A", t.A), (f"{t.name}:B", t.B)):
-                by_segment.setdefault(factor.segment, []).append((label, factor))
+        if isinstance(t, MCNCTensor) and not t.theta0.known:
+            continue
+        for label, member in t.labelled_members():
+            by_segment.setdefault(member.segment, []).append((label, member))
     out: dict[str, MemberRef] = {}
     for index, group in by_segment.items():
         refs = segment_ref(f, index, [factor for _, factor in group])
@@ -233,7 +242,7 @@ def _check_lora(f: mf.MCNCFile, name: str, got: torch.Tensor, expected: torch.Te
     (§6.3 as the reader implements it): its half ulp joins eA or eB.
     """
     t = f.entry(name)
-    assert t.A is not None and t.B is not None and t.theta0 is not None
+    assert isinstance(t, LoRATensor)
     ra, rb = refs[f"{name}:A"], refs[f"{name}:B"]
     a, b = ra.values.reshape(t.A.shape), rb.values.reshape(t.B.shape)
     ea, eb = (ref.chunk_bound.reshape(factor.shape) + (
@@ -286,15 +295,14 @@ def test_valid_vector(vector: dict, workspace: int | None, device: str) -> None:
             value = got[name]
             assert value.dtype == want.dtype and value.shape == want.shape, name
             assert value.device.type == device, name
-            if t.stored_dense:  # dense and packed: the stored values, bit for bit
+            if t.stores_values:  # dense and packed: the stored values, bit for bit
                 assert torch.equal(value.cpu(), want), name
-            elif t.encoding == C.ENCODING_MCNC:
+            elif isinstance(t, MCNCTensor):
                 ledger.add(name, _np(value), _np(want), refs[name], t.dtype)
             else:
                 _check_lora(f, name, value, want, refs)
                 a, b, _ = f.get_lora_factors(name, device=device)
-                for label, factor, entry in ((f"{name}:A", a, t.A), (f"{name}:B", b, t.B)):
-                    assert entry is not None
+                for (label, entry), factor in zip(t.labelled_members(), (a, b), strict=True):
                     ledger.add(label, _np(factor), None, refs[label], entry.dtype)
         ledger.check()
 

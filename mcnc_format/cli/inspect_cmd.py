@@ -16,7 +16,8 @@ from rich.table import Table
 
 from .. import constants as C
 from ..api import open as open_file
-from ..header import GeneratorEntry, Header, TensorEntry
+from ..errors import MCNCError
+from ..header import GeneratorEntry, Header, LoRATensor, PRNGTheta0, TensorEntry
 from ..reader import MCNCFile
 from .safe_text import markup_safe
 
@@ -46,8 +47,14 @@ _PIPED_WIDTH = 160
               help="Print one JSON object (stable keys, see README) instead of tables.")
 def inspect(file: str, as_json: bool) -> None:
     """Show the tensors, sizes, generators and segments of an .mcnc FILE (header only)."""
-    with open_file(file) as f:
-        facts = describe(f)
+    try:
+        with open_file(file) as f:
+            facts = describe(f)
+    except MCNCError as exc:
+        if as_json:  # the fields on stdout; the one-line error and exit 2 as for every command
+            click.echo(json.dumps({"file": file, "error": exc.to_dict()}, indent=2,
+                                  ensure_ascii=False))
+        raise
     if as_json:
         click.echo(json.dumps(facts, indent=2, ensure_ascii=False))
         return
@@ -73,33 +80,30 @@ def describe(f: MCNCFile) -> dict[str, Any]:
 
 def _tensor_facts(f: MCNCFile, t: TensorEntry) -> dict[str, Any]:
     info = f.tensor_info(t.name)
+    theta0 = t.theta0s()[0] if t.theta0s() else None
     facts: dict[str, Any] = {
         "name": t.name,
         "shape": list(t.shape),
         "dtype": t.dtype,
-        "encoding": t.encoding,
+        "encoding": info.encoding,
         "stored_values": info.stored_values,
         "stored_bytes": info.stored_bytes,
         "theta0": info.theta0,
-        "theta0_scheme": t.theta0.scheme if t.theta0 is not None else None,
+        "theta0_scheme": str(theta0.scheme) if isinstance(theta0, PRNGTheta0) else None,
         "segment": info.segment,
         "generator": info.generator,
     }
-    if t.encoding == C.ENCODING_LORA and t.A is not None and t.B is not None:
+    if isinstance(t, LoRATensor):
         facts["scale"] = t.scale
         facts["factors"] = {
             part: {"shape": list(x.shape), "dtype": x.dtype, "segment": x.segment,
-                   "offset": x.offset, "theta0": x.theta0.kind}
+                   "offset": x.offset, "theta0": str(x.theta0.kind)}
             for part, x in (("A", t.A), ("B", t.B))
         }
     return facts
 
 
 def _generator_facts(index: int, g: GeneratorEntry) -> dict[str, Any]:
-    weights: dict[str, Any] = (
-        {"kind": C.WEIGHTS_PHILOX, "seed": g.seed} if g.seed is not None
-        else {"kind": C.WEIGHTS_INLINE, "blobs": list(g.blobs or ())}
-    )
     return {
         "index": index,
         "k": g.k,
@@ -110,18 +114,15 @@ def _generator_facts(index: int, g: GeneratorEntry) -> dict[str, Any]:
         "omega0": g.omega0,
         "bias": g.bias,
         "normalize": g.normalize,
-        "weights": weights,
+        "weights": g.weights.to_dict(),
     }
 
 
 def _segment_facts(header: Header) -> list[dict[str, Any]]:
     members = [0] * len(header.segments)
     for t in header.tensors:
-        if t.encoding == C.ENCODING_MCNC and t.segment is not None:
-            members[t.segment] += 1
-        for factor in (t.A, t.B):
-            if factor is not None:
-                members[factor.segment] += 1
+        for member in t.members():
+            members[member.segment] += 1
     out = []
     for i, s in enumerate(header.segments):
         alpha, beta = header.blobs[s.alpha], header.blobs[s.beta]

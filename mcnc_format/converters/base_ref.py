@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .. import constants as C
 from ..errors import ExternalReferenceError, MCNCError
+from ..header import BlobTheta0
 from ..reader import tensor_sha256
 from ..writer import MCNC, LoRA, TensorSource, Theta0
 
@@ -57,7 +57,7 @@ def _reference(tensors: Mapping[str, TensorSource], base: Path, uri: str
                 if name in names and _same(source, f.get_tensor(name)):
                     continue
                 out[name] = source
-            elif isinstance(source, MCNC | LoRA) and source.theta0.entry.kind == C.THETA0_BLOB:
+            elif isinstance(source, MCNC | LoRA) and isinstance(source.theta0.entry, BlobTheta0):
                 out[name] = replace(source, theta0=_external(name, source.theta0, names, f,
                                                              uri, base))
             else:

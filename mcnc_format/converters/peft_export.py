@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .. import constants as C
 from ..api import open as open_file
 from ..atomic import atomic_path, refuse_overwrite, refuse_same_file
 from ..errors import MCNCError
+from ..header import LoRATensor
 from ..safetensors_out import save_safetensors
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PeftExport", "export_peft"]
@@ -73,8 +73,8 @@ def export_peft(
         refuse_same_file(mcnc_path, output)
     refuse_overwrite(outputs, force)
     with open_file(mcnc_path) as f:
-        lora_names = [e.name for e in f.header.tensors if e.encoding == C.ENCODING_LORA]
-        others = tuple(e.name for e in f.header.tensors if e.encoding != C.ENCODING_LORA)
+        lora_names = [e.name for e in f.header.tensors if isinstance(e, LoRATensor)]
+        others = tuple(e.name for e in f.header.tensors if not isinstance(e, LoRATensor))
         if not lora_names:
             raise MCNCError(f"{mcnc_path}: holds no lora tensors, so there is no LoRA adapter "
                             "to export; use `mcnc unpack` for dense weights")

@@ -48,7 +48,7 @@ from .options import LoadOptions, Progress
 from .plan import BatchStep, DenseStep, EmptyStep, MergeStep, Piece, Plan, Step, Target
 from .source import BlobStore
 from .staging import CopyEngine, CudaCopyEngine, StagingRing, SyncCopyEngine
-from .theta0 import DENSE_KINDS, Theta0Source
+from .theta0 import DENSE_THETA0, Theta0Source
 
 __all__ = ["Executor", "OpenFile", "triton_available"]
 
@@ -117,7 +117,7 @@ class Executor:
         if not target.box.contiguous:
             return False
         theta0 = target.member.theta0
-        return theta0.kind in DENSE_KINDS or kernels.kernel_theta0(
+        return isinstance(theta0, DENSE_THETA0) or kernels.kernel_theta0(
             theta0, target.member.shape, None) is not None
 
     def _copy_engine(self) -> CopyEngine:
@@ -288,7 +288,7 @@ class Executor:
         state = self._output(target, engine, outputs)
         assert target.member is not None
         entry = target.member.theta0
-        if entry.kind not in DENSE_KINDS or not target.box.contiguous:
+        if not isinstance(entry, DENSE_THETA0) or not target.box.contiguous:
             return
         theta0 = self.file.theta0
         shape = target.member.shape
@@ -325,8 +325,8 @@ class Executor:
         value, marker = staged
         engine.wait_compute(marker)
         if t.dtype == "bool" and bool((value.view(torch.uint8) > 1).any()):
-            raise FormatError(f"{self.label}: tensors[{t.name!r}].blob: bool bytes must be 0 "
-                              "or 1 (§1)")
+            raise FormatError("bool bytes must be 0 or 1 (§1)", path=self.label,
+                              field=f"tensors[{t.name!r}].blob")
         box = target.box
         if not box.contiguous:
             index = tuple(slice(a, b) for a, b in zip(box.starts[1:], box.stops[1:],

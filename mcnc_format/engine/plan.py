@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import constants as C
 from ..dtypes import to_torch
-from ..header import FactorEntry, Header, TensorEntry
+from ..header import Header, LoRATensor, MemberEntry, TensorEntry
 from .box import Box
 
 __all__ = [
@@ -65,7 +64,7 @@ class Target:
     name: str
     box: Box
     dtype: torch.dtype
-    member: FactorEntry | None = None
+    member: MemberEntry | None = None
     output: bool = True
 
     @property
@@ -189,15 +188,15 @@ def plan_load(header: Header, requests: list[TensorRequest], workspace_bytes: in
         outputs.append(target)
         if target.numel == 0:
             order.append(EmptyStep(target))
-        elif t.stored_dense:
+        elif t.stores_values:
             order.append(DenseStep(t, target))
-        elif t.encoding == C.ENCODING_LORA:
+        elif isinstance(t, LoRATensor):
             a, b = _factor_targets(t, request.box)
             regenerated(a)
             regenerated(b)
             order.append(MergeStep(t, target, a, b))
         else:
-            target.member = t.as_factor()
+            (target.member,) = t.members()
             regenerated(target)
     steps: list[Step] = []
     for item in order:
@@ -209,10 +208,9 @@ def plan_load(header: Header, requests: list[TensorRequest], workspace_bytes: in
     return Plan(steps, outputs)
 
 
-def _factor_targets(t: TensorEntry, box: Box) -> tuple[Target, Target]:
+def _factor_targets(t: LoRATensor, box: Box) -> tuple[Target, Target]:
     """The factor boxes a lora tensor's box needs: the columns of ``A [r, in]`` and the rows
     of ``B [out, r]``."""
-    assert t.A is not None and t.B is not None
     rank = t.A.shape[0]
     a_box = Box(t.A.shape, (0, box.starts[1]), (rank, box.stops[1]))
     b_box = Box(t.B.shape, (box.starts[0], 0), (box.stops[0], rank))

@@ -59,8 +59,8 @@ class SafetensorsFile:
             raise self._error(str(exc)) from exc
         except Exception as exc:  # cannot open: missing, a directory, a FIFO
             raise ExternalReferenceDamaged(
-                f"{label} ({path}) cannot be read: {exc} (R75). Put the base checkpoint next "
-                "to the .mcnc file.") from exc
+                f"{label} ({path}) cannot be read: {exc}. Put the base checkpoint next to the "
+                ".mcnc file", rule="R75") from exc
         try:
             self._entries, self._data_start = self._parse(self._file.size)
         except BaseException:
@@ -72,7 +72,7 @@ class SafetensorsFile:
         try:
             return self._file.read(offset, length, into)
         except FormatError as exc:
-            raise ExternalReferenceDamaged(f"{exc} (R75)") from exc
+            raise ExternalReferenceDamaged(str(exc), rule="R75") from exc
 
     def sha256(self, entry: TensorSlice) -> str:
         """SHA-256 of a tensor's bytes, read piece by piece."""
@@ -102,7 +102,7 @@ class SafetensorsFile:
         """A malformed file is damage (a fresh copy may help); a missing tensor or a wrong
         dtype is a wrong reference."""
         kind = ExternalReferenceDamaged if damaged else ExternalReferenceError
-        return kind(f"{self.label}: {self.path} {what} (R75)")
+        return kind(f"{self.label}: {self.path} {what}", rule="R75")
 
     def keys(self) -> list[str]:
         """Tensor names in header order."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import constants as C
 from ..container import decode_blob
 from ..errors import FormatError, MCNCError
-from ..header import Header, TensorEntry
+from ..header import DenseTensor, Header, PackedTensor, TensorEntry
 
 __all__ = ["BlobStore", "FileSource", "open_regular"]
 
@@ -108,16 +108,16 @@ class BlobStore:
         """Decoded bytes ``[start, stop)`` of blob ``index``: only those bytes are read once the
         blob is checked (or when verification is off) and the blob is raw."""
         entry = self.header.blobs[index]
-        if (entry.codec == C.CODEC_RAW and index not in self._kept
+        if (entry.codec == C.Codec.RAW and index not in self._kept
                 and (index in self._verified or not self.verify)):
             return self.source.read(entry.offset + start, stop - start)
         return self.blob(index, path)[start:stop]
 
     def tensor_bytes(self, t: TensorEntry, start: int, stop: int) -> memoryview:
         """Bytes ``[start, stop)`` of a dense or packed tensor's stored values (§6.2, §6.4)."""
-        assert t.blob is not None
+        assert isinstance(t, DenseTensor | PackedTensor)
         path = f"tensors[{t.name!r}].blob"
-        first = t.start if t.encoding == C.ENCODING_PACKED and t.start is not None else 0
+        first = t.start if isinstance(t, PackedTensor) else 0
         return self.blob_range(t.blob, first + start, first + stop, path)
 
     def checked(self) -> list[int]:

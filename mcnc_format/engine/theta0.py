@@ -16,18 +16,27 @@ from pathlib import Path
 
 import torch
 
-from .. import constants as C
 from .. import philox
 from ..dtypes import to_torch
 from ..errors import ExternalReferenceDamaged, ExternalReferenceError, UnsupportedFeatureError
-from ..header import Theta0Entry
+from ..header import (
+    BlobTheta0,
+    ExternalTheta0,
+    FanInUniformTheta0,
+    NormalTheta0,
+    PRNGTheta0,
+    Theta0Entry,
+    UniformTheta0,
+    ZerosTheta0,
+)
 from .resolve import HUB_SCHEME, Resolver
 from .safetensors_source import SafetensorsFile, TensorSlice
 from .source import BlobStore
 
 __all__ = ["Theta0Source", "fan_in_bound", "prng_values", "prng_values_at"]
 
-DENSE_KINDS = (C.THETA0_BLOB, C.THETA0_EXTERNAL)
+#: theta0 kinds whose values are stored (in a blob, or in a base checkpoint).
+DENSE_THETA0 = (BlobTheta0, ExternalTheta0)
 
 
 def fan_in_bound(shape: tuple[int, ...]) -> float:
@@ -57,25 +66,26 @@ class Theta0Source:
         self._pool: ThreadPoolExecutor | None = None
 
     # -- dense kinds ---------------------------------------------------------------------
-    def dense_dtype(self, entry: Theta0Entry, shape: tuple[int, ...]) -> torch.dtype:
+    def dense_dtype(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...]
+                    ) -> torch.dtype:
         """The stored dtype of a blob or external theta0."""
-        if entry.kind == C.THETA0_BLOB:
+        if isinstance(entry, BlobTheta0):
             assert entry.blob is not None
             return to_torch(self.blobs.header.blobs[entry.blob].dtype)
         return self.reference(entry, shape).entry.dtype
 
-    def dense_bytes(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, stop: int,
-                    label: str) -> memoryview:
+    def dense_bytes(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...],
+                    start: int, stop: int, label: str) -> memoryview:
         """The stored bytes of elements ``[start, stop)`` of a blob or external theta0."""
         size = self.dense_dtype(entry, shape).itemsize
-        if entry.kind == C.THETA0_BLOB:
+        if isinstance(entry, BlobTheta0):
             assert entry.blob is not None
             return self.blobs.blob_range(entry.blob, start * size, stop * size, label)
         reference = self.reference(entry, shape)
         return reference.file.read(reference.entry.offset + start * size, (stop - start) * size)
 
-    def dense(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, stop: int,
-              label: str) -> torch.Tensor:
+    def dense(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...], start: int,
+              stop: int, label: str) -> torch.Tensor:
         """Elements ``[start, stop)`` of a blob or external theta0 as a CPU tensor of their
         stored dtype."""
         data = self.dense_bytes(entry, shape, start, stop, label)
@@ -86,15 +96,13 @@ class Theta0Source:
 
     def pending_check(self, entry: Theta0Entry) -> Future[None] | None:
         """The SHA-256 verdict of an external base still being checked, if any."""
-        if entry.kind != C.THETA0_EXTERNAL:
+        if not isinstance(entry, ExternalTheta0):
             return None
-        assert entry.uri is not None and entry.tensor is not None
         reference = self._references.get((entry.uri, entry.tensor))
         return reference.check if reference is not None else None
 
-    def reference(self, entry: Theta0Entry, shape: tuple[int, ...]) -> _Reference:
+    def reference(self, entry: ExternalTheta0, shape: tuple[int, ...]) -> _Reference:
         """The external base of ``entry``, opened and shape-checked once (R75)."""
-        assert entry.uri is not None and entry.tensor is not None and entry.sha256 is not None
         key = (entry.uri, entry.tensor)
         if key in self._references:
             return self._references[key]
@@ -104,11 +112,11 @@ class Theta0Source:
         def read(path: Path) -> _Reference:
             file = SafetensorsFile(path, label)
             try:
-                found = file.tensor(entry.tensor)  # type: ignore[arg-type]
+                found = file.tensor(entry.tensor)
                 if found.shape != shape:
                     raise ExternalReferenceError(
                         f"{label}:{entry.tensor} has shape {list(found.shape)}, the tensor needs "
-                        f"{list(shape)} (R75)")
+                        f"{list(shape)}", rule="R75")
                 check = None
                 if fetched:  # a fetched copy is fetched again if damaged: decide now
                     _check_sha256(file, found, entry.sha256, f"{label}:{entry.tensor}")
@@ -132,7 +140,7 @@ class Theta0Source:
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
                device: torch.device, label: str) -> torch.Tensor | None:
         """Float32 theta0 of elements ``start .. start + count - 1``; ``None`` for zeros."""
-        if entry.kind in DENSE_KINDS:
+        if isinstance(entry, DENSE_THETA0):
             value = self.dense(entry, shape, start, start + count, label)
             return value.to(device=device, dtype=torch.float32)
         return prng_values(entry, shape, start, count, device, f"{self.label}: {label}")
@@ -141,7 +149,7 @@ class Theta0Source:
                   label: str) -> torch.Tensor | None:
         """Float32 theta0 of the element indices ``elements`` (int64, on the target device);
         ``None`` for zeros."""
-        if elements.numel() and entry.kind in DENSE_KINDS:
+        if elements.numel() and isinstance(entry, DENSE_THETA0):
             first, last = int(elements.min()), int(elements.max())
             value = self.dense(entry, shape, first, last + 1, label)
             value = value.to(device=elements.device, dtype=torch.float32)
@@ -161,50 +169,43 @@ def prng_values(entry: Theta0Entry, shape: tuple[int, ...], start: int, count: i
                 device: torch.device | str, label: str) -> torch.Tensor | None:
     """Float32 values of a zeros or PRNG theta0 (§7.1, §7.2, §8) for elements ``start ..
     start + count - 1``; ``None`` for zeros."""
-    if entry.kind == C.THETA0_ZEROS:
+    if isinstance(entry, ZerosTheta0):
         return None
-    if entry.kind == C.THETA0_PRNG:
-        assert entry.seed is not None and entry.stream is not None
-        if entry.scheme == C.SCHEME_NORMAL:
-            return _scale_normal(philox.normal(entry.seed, entry.stream, start, count, device),
-                                 entry)
-        return philox.uniform_signed(entry.seed, entry.stream, start, count,
-                                     _bound(entry, shape, label), device)
-    raise _unknown(entry, label)
+    if isinstance(entry, NormalTheta0):
+        return _scale_normal(philox.normal(entry.seed, entry.stream, start, count, device),
+                             entry)
+    bound = _bound(entry, shape, label)  # a kind this reader does not know raises here
+    assert isinstance(entry, PRNGTheta0)
+    return philox.uniform_signed(entry.seed, entry.stream, start, count, bound, device)
 
 
 def prng_values_at(entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
                    label: str) -> torch.Tensor | None:
     """``prng_values`` at the element indices ``elements`` (int64, any order)."""
-    if entry.kind == C.THETA0_ZEROS or elements.numel() == 0:
+    if isinstance(entry, ZerosTheta0) or elements.numel() == 0:
         return None
-    if entry.kind == C.THETA0_PRNG:
-        assert entry.seed is not None and entry.stream is not None
-        if entry.scheme == C.SCHEME_NORMAL:
-            return _scale_normal(philox.normal_at(entry.seed, entry.stream, elements), entry)
-        return philox.uniform_signed_at(entry.seed, entry.stream, elements,
-                                        _bound(entry, shape, label))
-    raise _unknown(entry, label)
+    if isinstance(entry, NormalTheta0):
+        return _scale_normal(philox.normal_at(entry.seed, entry.stream, elements), entry)
+    bound = _bound(entry, shape, label)
+    assert isinstance(entry, PRNGTheta0)
+    return philox.uniform_signed_at(entry.seed, entry.stream, elements, bound)
 
 
 def _bound(entry: Theta0Entry, shape: tuple[int, ...], label: str) -> float:
-    if entry.scheme == C.SCHEME_UNIFORM:
-        assert entry.bound is not None
+    """The bound of a uniform theta0; any other kind here is one this reader does not know."""
+    if isinstance(entry, UniformTheta0):
         return entry.bound
-    if entry.scheme == C.SCHEME_FAN_IN_UNIFORM:
+    if isinstance(entry, FanInUniformTheta0):
         return fan_in_bound(shape)
-    raise _unknown(entry, label)
+    what = (f"scheme {entry.scheme!r}" if isinstance(entry, PRNGTheta0)
+            else f"kind {entry.kind!r}")
+    raise UnsupportedFeatureError(
+        f"{label}: unknown theta0 {what}; this reader knows zeros, prng (uniform, "
+        "fan_in_uniform, normal), blob and external. Upgrade mcnc-format",
+        rule="R71" if isinstance(entry, PRNGTheta0) else "R70")
 
 
-def _unknown(entry: Theta0Entry, label: str) -> UnsupportedFeatureError:
-    what = f"scheme {entry.scheme!r}" if entry.kind == C.THETA0_PRNG else f"kind {entry.kind!r}"
-    return UnsupportedFeatureError(
-        f"{label}: unknown theta0 {what} (R70/R71); this reader knows zeros, prng (uniform, "
-        "fan_in_uniform, normal), blob and external. Upgrade mcnc-format.")
-
-
-def _scale_normal(z: torch.Tensor, entry: Theta0Entry) -> torch.Tensor:
-    assert entry.mean is not None and entry.std is not None
+def _scale_normal(z: torch.Tensor, entry: NormalTheta0) -> torch.Tensor:
     mean = philox.round_to_f32(entry.mean)
     std = philox.round_to_f32(entry.std)
     return z * std + mean if (mean, std) != (0.0, 1.0) else z
@@ -215,5 +216,5 @@ def _check_sha256(file: SafetensorsFile, entry: TensorSlice, expected: str, labe
     digest = file.sha256(entry)
     if digest != expected:
         raise ExternalReferenceDamaged(
-            f"{label} has sha256 {digest}, the file pins {expected} (R75): the base checkpoint "
-            "differs from the one this file was made against.")
+            f"{label} has sha256 {digest}, the file pins {expected}: the base checkpoint "
+            "differs from the one this file was made against", rule="R75")

@@ -29,10 +29,15 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .. import constants as C
 from ..constants import generator_bias_stream, generator_weight_stream
 from ..generator import GeneratorSpec, GeneratorWeights, layer_bounds
-from ..header import Theta0Entry
+from ..header import (
+    FanInUniformTheta0,
+    NormalTheta0,
+    Theta0Entry,
+    UniformTheta0,
+    ZerosTheta0,
+)
 from ..philox import round_to_f32
 from .theta0 import fan_in_bound
 
@@ -239,16 +244,14 @@ def kernel_theta0(entry: Theta0Entry, shape: tuple[int, ...], base: torch.Tensor
     device) or the entry's Philox scheme; ``None`` for kinds and schemes it does not know."""
     if base is not None:
         return KernelTheta0(THETA0_DENSE, base=base)
-    if entry.kind == C.THETA0_ZEROS:
+    if isinstance(entry, ZerosTheta0):
         return KernelTheta0()
-    if entry.kind != C.THETA0_PRNG or entry.seed is None or entry.stream is None:
-        return None
-    if entry.scheme == C.SCHEME_UNIFORM and entry.bound is not None:
+    if isinstance(entry, UniformTheta0):
         return KernelTheta0(THETA0_UNIFORM, entry.seed, entry.stream,
                             bound=round_to_f32(entry.bound))
-    if entry.scheme == C.SCHEME_FAN_IN_UNIFORM:
+    if isinstance(entry, FanInUniformTheta0):
         return KernelTheta0(THETA0_UNIFORM, entry.seed, entry.stream, bound=fan_in_bound(shape))
-    if entry.scheme == C.SCHEME_NORMAL and entry.mean is not None and entry.std is not None:
+    if isinstance(entry, NormalTheta0):
         return KernelTheta0(THETA0_NORMAL, entry.seed, entry.stream,
                             mean=round_to_f32(entry.mean), std=round_to_f32(entry.std))
     return None

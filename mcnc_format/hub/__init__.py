@@ -5,11 +5,11 @@ handling, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``); this package adds the checks 
 downloaded file safe to use, the model card, and errors that say what to do. See docs/hub.md.
 """
 
+from ..uri import HubURI, parse_uri
 from .download import pull, read_reference, resolve_path, resolve_reference
 from .pin import theta0_reference, theta0_references
 from .push import PushResult, push
 from .resolver import HubResolver
-from .uri import HubURI, parse_uri
 
 __all__ = [
     "HubResolver",

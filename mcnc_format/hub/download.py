@@ -38,9 +38,9 @@ from ..errors import (
     MCNCError,
     UnsupportedVersionError,
 )
+from ..uri import SCHEME, HubURI, parse_uri
 from .error_map import hub_errors
 from .integrity import check_mcnc_bytes
-from .uri import SCHEME, HubURI, parse_uri
 
 __all__ = ["pinned", "pull", "read_reference", "resolve_path", "resolve_reference"]
 
@@ -194,9 +194,9 @@ def _refuse_other_formats(target: HubURI, local: Path) -> None:
         raise HubError(f"{target}: the downloaded copy {local} cannot be read: {exc}") from exc
     if start != MAGIC:
         raise FormatError(
-            f"{target}: not an .mcnc file: it does not start with the .mcnc magic {MAGIC!r} "
-            "(R1). Give the hf:// path of an .mcnc file; other formats are read with their "
-            "own libraries.")
+            f"not an .mcnc file: it does not start with the .mcnc magic {MAGIC!r}. Give the "
+            "hf:// path of an .mcnc file; other formats are read with their own libraries",
+            rule="R1", path=str(target))
 
 
 def _repo_files(target: HubURI, folder: Path, local_dir: PathLike | None, token: str | None,

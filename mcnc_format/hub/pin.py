@@ -13,9 +13,9 @@ from huggingface_hub import constants
 
 from ..errors import ExternalReferenceError, HubOfflineError
 from ..reader import tensor_sha256
+from ..uri import parse_uri
 from ..writer import Theta0
 from .download import download, pinned
-from .uri import parse_uri
 
 __all__ = ["theta0_reference", "theta0_references"]
 

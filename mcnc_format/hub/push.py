@@ -23,9 +23,9 @@ from ..reader import MCNCFile
 
 if TYPE_CHECKING:
     from ..model_card import FileFacts
+from ..uri import HubURI
 from .error_map import hub_errors
 from .integrity import check_mcnc_bytes
-from .uri import HubURI
 
 __all__ = ["CARD_NAME", "PushResult", "push"]
 

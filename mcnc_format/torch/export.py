@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import constants as C
 from ..dtypes import to_torch
 from ..errors import ReparametrizeError
+from ..header import BlobTheta0
 from ..writer import MCNC, LoRA, Segment, TensorSource, Theta0, save
 from .manifest import CONFIG_KEY, LoRASpec, Manifest, MemberSpec, alpha_key, beta_key
 from .runtime import stored_values
@@ -135,7 +135,7 @@ class _Section:
         self.next_offset[member.segment] += member.numel
         if override is not None:
             theta0 = override
-        elif member.theta0.kind == C.THETA0_BLOB:
+        elif isinstance(member.theta0, BlobTheta0):
             theta0 = Theta0.stored(self.get(member.theta0_key))
         else:
             theta0 = Theta0(member.theta0)

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import constants as C
 from ..engine.fused import lora_product
 from ..errors import ReparametrizeError
-from ..header import Theta0Entry
+from ..header import ZerosTheta0
 from ..writer import Theta0
 from .config import THETA0_STREAM_BASE, MCNCConfig
 from .manifest import LoRASpec
@@ -122,7 +121,7 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
                                      Theta0.fan_in_uniform(config.seed, stream).entry))
         planned.append(PlannedMember(f"{name}.lora_B.weight", wrapper.lora_B, "weight",
                                      (linear.out_features, rank), torch.float32, device,
-                                     Theta0Entry(C.THETA0_ZEROS)))
+                                     ZerosTheta0()))
     install(model, config, planned, loras, order)
     return model
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from .. import constants as C
+from ..constants import Theta0Kind
 from ..errors import ReparametrizeError
-from ..header import FactorEntry, Theta0Entry
+from ..header import BlobTheta0, MemberEntry, Theta0Entry
 from .config import MCNCConfig
 
 __all__ = [
@@ -45,7 +46,7 @@ def beta_key(segment: int) -> str:
 
 
 @dataclass(frozen=True)
-class MemberSpec(FactorEntry):
+class MemberSpec(MemberEntry):
     """One compressed tensor: where it lives in the module, and in which segment.
 
     The spec's member fields (``shape``, ``dtype``, ``segment``, ``offset``, ``theta0``) plus
@@ -76,7 +77,14 @@ class MemberSpec(FactorEntry):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MemberSpec:
         return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]), int(d["segment"]),
-                   int(d["offset"]), Theta0Entry(**d["theta0"]), str(d["name"]))
+                   int(d["offset"]), _theta0(d["theta0"]), str(d["name"]))
+
+
+def _theta0(value: dict[str, Any]) -> Theta0Entry:
+    """A member's theta0; ``{kind: "blob"}`` without an index means "in the state dict"."""
+    if value.get("kind") == Theta0Kind.BLOB and "blob" not in value:
+        return BlobTheta0()
+    return Theta0Entry.from_dict(value, "MCNC manifest")
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,11 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from .. import constants as C
 from .. import philox
 from ..dtypes import from_torch
 from ..engine.theta0 import fan_in_bound, prng_values
 from ..errors import ReparametrizeError
-from ..header import Theta0Entry
+from ..header import BlobTheta0, Theta0Entry, ZerosTheta0
 from ..writer import Theta0
 from .config import (
     ALPHA_INIT_STREAM_BASE,
@@ -153,7 +152,7 @@ def _plan(name: str, module: nn.Module, attribute: str, param: nn.Parameter,
     for their biases, normal for Embedding); anything else, or ``theta0="module"``: the
     current values, stored."""
     shape = tuple(param.shape)
-    theta0 = Theta0Entry(C.THETA0_BLOB)
+    theta0: Theta0Entry = BlobTheta0()
     weight = getattr(module, "weight", None)
     if config.theta0 != THETA0_MODULE:
         if isinstance(module, _FAN_IN_MODULES) and attribute == "weight" and len(shape) >= 2:
@@ -163,7 +162,7 @@ def _plan(name: str, module: nn.Module, attribute: str, param: nn.Parameter,
         elif (isinstance(module, _FAN_IN_MODULES) and attribute == "bias"
               and isinstance(weight, torch.Tensor) and weight.dim() >= 2):
             theta0 = Theta0.uniform(fan_in_bound(tuple(weight.shape)), config.seed, stream).entry
-    stored = param.detach() if theta0.kind == C.THETA0_BLOB else None
+    stored = param.detach() if isinstance(theta0, BlobTheta0) else None
     return PlannedMember(name, module, attribute, shape, param.dtype, param.device, theta0,
                          stored)
 
@@ -200,7 +199,7 @@ def install(model: nn.Module, config: MCNCConfig, planned: Sequence[PlannedMembe
                                              MCNCMember(runtime, index), unsafe=True)
         holder = plan.module.parametrizations[plan.attribute]
         holder.register_buffer("original", holder.original,
-                               persistent=member.theta0.kind == C.THETA0_BLOB)
+                               persistent=isinstance(member.theta0, BlobTheta0))
     object.__setattr__(model, RUNTIME_ATTRIBUTE, runtime)
     model.register_forward_pre_hook(runtime.enter)
     model.register_forward_hook(runtime.leave, always_call=True)
@@ -229,10 +228,10 @@ def _layout(config: MCNCConfig, planned: Sequence[PlannedMember]
 
 
 def _theta0_tensor(member: MemberSpec, plan: PlannedMember) -> torch.Tensor:
-    if member.theta0.kind == C.THETA0_BLOB:
+    if isinstance(member.theta0, BlobTheta0):
         assert plan.stored is not None
         return plan.stored
-    if member.theta0.kind == C.THETA0_ZEROS:
+    if isinstance(member.theta0, ZerosTheta0):
         return torch.empty(0, device=plan.device)
     values = prng_values(member.theta0, member.shape, 0, member.numel, plan.device,
                          member.name)

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import constants as C
 from ..dtypes import to_torch
 from ..engine.fused import FusedGenerator
 from ..errors import ReparametrizeError
 from ..generator import ieee_fp32
+from ..header import ZerosTheta0
 from .manifest import CONFIG_KEY, Manifest, alpha_key, beta_key
 
 __all__ = ["MCNCMember", "MCNCRuntime", "stored_values"]
@@ -132,7 +132,7 @@ class MCNCRuntime:
             return self._values[index]
         member = self.manifest.members[index]
         delta = self._piece(index) if caching else self._member_delta(index)
-        if member.theta0.kind != C.THETA0_ZEROS:
+        if not isinstance(member.theta0, ZerosTheta0):
             delta = delta + theta0.reshape(-1).to(torch.float32)
         value = delta.view(member.shape).to(to_torch(member.dtype))
         if caching:

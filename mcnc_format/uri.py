@@ -1,7 +1,8 @@
 """The one parser of ``hf://ORG/REPO[@REVISION]/PATH`` references.
 
-Why its own module without imports: ``header.py`` checks theta0 URIs (R74) with it while
-parsing a header, and that must not pull in the Hub client.
+It lives in the core, not in ``mcnc_format.hub``, and imports nothing heavy: ``header.py``
+checks theta0 URIs (R74) with it while parsing a header, and that must not pull in the Hub
+client. ``mcnc_format.hub`` re-exports ``HubURI`` and ``parse_uri``.
 
 ``REVISION`` is a branch, a tag or a 40-hex commit hash; a revision containing ``/`` is
 written percent-encoded (``@refs%2Fpr%2F3``). ``PATH`` may be empty only where a whole
