@@ -12,7 +12,9 @@ One run measures, and prints with the machine's description:
 (c) regeneration throughput (values per second) of one large tensor, with theta0 zeros (the
     generator alone) and ``fan_in_uniform`` (generator plus PRNG draw), and the PRNG draw alone;
 (d) the error of regenerated chunks against the float64 reference of ``mcnc_format.reference``,
-    in units of SPEC.md §10's bound (pass: at most ``REGEN_RTOL``).
+    in units of SPEC.md §10's bound (pass: at most ``REGEN_RTOL``);
+(e) a box: a 1/16 row block of a 100M-value tensor (``get_slice``) against the whole tensor
+    (``get_tensor``), LLaMA generator, theta0 zeros (target: at most 1/8 of the time).
 
 Usage: ``python benchmarks/bench_load.py [--quick] [--json out.json]``. ``--quick`` is a small
 smoke run (seconds), used by the test suite; its figures mean little. Take real figures on a
@@ -71,12 +73,13 @@ class Settings:
     regen_values: int
     regen_repeats: int
     accuracy_chunks: int
+    slice_values: int
 
     @classmethod
     def for_run(cls, quick: bool) -> Settings:
         if quick:
-            return cls(tuple(QUICK_MODELS), 1, 1 << 18, 1, 4)
-        return cls(tuple(MODELS), 3, 20_000_000, 3, 32)
+            return cls(tuple(QUICK_MODELS), 1, 1 << 18, 1, 4, 1 << 20)
+        return cls(tuple(MODELS), 3, 20_000_000, 3, 32, 100_000_000)
 
 
 # -- the machine -------------------------------------------------------------------------------
@@ -257,6 +260,24 @@ def regeneration(directory: Path, generator: str, theta0: str, values: int, repe
     return row, path
 
 
+def slice_time(directory: Path, values: int, repeats: int) -> dict[str, Any]:
+    """A 1/16 row block of a tensor (one rank's shard of FSDP) against the whole tensor."""
+    spec = GENERATORS["llama"]
+    rows = max(16, values // 1000)
+    segment = _segment(spec, rows * 1000, torch.Generator().manual_seed(7))
+    path = directory / "slice.mcnc"
+    mcnc.save(path, {"w": mcnc.MCNC(segment, (rows, 1000))})
+    block = slice(7 * rows // 16, 8 * rows // 16)
+    with mcnc.open(path) as f:
+        whole = _best(lambda: f.get_tensor("w"), repeats)
+        part = _best(lambda: f.get_slice("w")[block], 2 * repeats)
+        chunks = f.plan(f.requests(boxes={"w": (block,)})).chunks
+    path.unlink()
+    return {"values": rows * 1000, "whole_seconds": whole, "slice_seconds": part,
+            "ratio": part / whole, "target_ratio": 1 / 8, "slice_chunks": chunks,
+            "total_chunks": -(-rows * 1000 // spec.d)}
+
+
 def prng_draw(values: int, repeats: int) -> dict[str, Any]:
     """The PRNG alone: ``fan_in_uniform`` theta0 values for ``values`` elements."""
     seconds = _best(lambda: philox.uniform_signed(11, 0, 0, values, 0.03125), repeats)
@@ -300,7 +321,7 @@ def accuracy(path: Path, generator: str, theta0: str, chunks: int) -> dict[str, 
 # -- the run -----------------------------------------------------------------------------------
 def run(settings: Settings, directory: Path, console: Console) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine_info(), "sizes": [], "load": [],
-                               "regeneration": [], "prng": None, "accuracy": []}
+                               "regeneration": [], "prng": None, "accuracy": [], "slice": None}
     _print_machine(console, results["machine"])
     model_files: dict[tuple[str, str], Path] = {}
     cases = [(m, g, lay) for m in settings.models for g in GENERATORS
@@ -330,6 +351,8 @@ def run(settings: Settings, directory: Path, console: Console) -> dict[str, Any]
         results["accuracy"].append(accuracy(path, generator, theta0, settings.accuracy_chunks))
         path.unlink()
     _print_accuracy(console, results["accuracy"])
+    results["slice"] = slice_time(directory, settings.slice_values, settings.regen_repeats)
+    _print_slice(console, results["slice"])
     return results
 
 
@@ -393,6 +416,16 @@ def _print_regeneration(console: Console, rows: list[dict[str, Any]], prng: dict
                       f"{r['values_per_s'] / 1e9:.3f}", f"{r['output_layer_gflops']:.1f}")
     table.add_row("(PRNG alone)", "fan_in_uniform", f"{prng['values']:,}", _ms(prng["seconds"]),
                   f"{prng['values_per_s'] / 1e9:.3f}", "-")
+    console.print(table)
+
+
+def _print_slice(console: Console, r: dict[str, Any]) -> None:
+    table = Table(title="(e) a 1/16 row block against the whole tensor (llama, theta0 zeros; "
+                  "target: ratio <= 1/8)", title_justify="left")
+    for column in ("values", "whole", "1/16 block", "ratio", "chunks rebuilt"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{r['values']:,}", _ms(r["whole_seconds"]), _ms(r["slice_seconds"]),
+                  f"{r['ratio']:.3f}", f"{r['slice_chunks']:,} of {r['total_chunks']:,}")
     console.print(table)
 
 

@@ -22,7 +22,7 @@ import torch
 from . import philox
 from .constants import generator_bias_stream, generator_weight_stream
 
-__all__ = ["GeneratorSpec", "GeneratorWeights", "ieee_fp32", "layer_bounds"]
+__all__ = ["GeneratorSpec", "GeneratorWeights", "ieee_fp32", "layer_bounds", "ordered_matmul"]
 
 
 @dataclass(frozen=True)
@@ -199,11 +199,12 @@ class GeneratorWeights:
         return self.out_weight.device
 
     def hidden(self, alpha: torch.Tensor) -> torch.Tensor:
-        """Last hidden activation ``[..., width]`` for ``alpha [..., k]``, in IEEE float32."""
+        """Last hidden activation ``[..., width]`` for ``alpha [..., k]``, in IEEE float32,
+        each row computed alike whatever the other rows (``ordered_matmul``)."""
         x = alpha.to(torch.float32)
         with ieee_fp32(x.device):
             for t, (w, b) in enumerate(zip(self.hidden_weights, self.hidden_biases, strict=True)):
-                x = x @ w.T
+                x = ordered_matmul(x, w.T)
                 if b is not None:
                     x = x + b
                 if t == 0 and self.spec.omega0 != 1.0:
@@ -237,3 +238,16 @@ class GeneratorWeights:
             return gram, None, None
         b = self.out_bias.to(wide)
         return gram, (w.T @ b).to(dtype), (b @ b).to(dtype)
+
+
+def ordered_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` (``x [..., n]``, ``w [n, p]``) summed over ``n`` in index order, each product
+    and each sum rounded to ``x``'s dtype: IEEE arithmetic whose result for a row does not
+    depend on the other rows. A BLAS product picks its kernel (and tile, and thread split)
+    from the shapes, which changes the last bits of a row with the batch it is computed in;
+    the generator's small inner products (``k``, the hidden widths) cost little this way, and
+    a box of a tensor then equals the same elements of the whole tensor bit for bit."""
+    out = x[..., 0:1] * w[0]
+    for j in range(1, w.shape[0]):
+        out = out + x[..., j : j + 1] * w[j]
+    return out

@@ -73,7 +73,7 @@ def _case(spec: GeneratorSpec, m: int, rows: int, offset: int, numel: int, out: 
     alpha = torch.from_numpy(rng.uniform(-spec.L, spec.L, (rows, m, spec.k))).float()
     beta = torch.from_numpy(rng.normal(0, 0.5, (rows, m))).float()
     fused = FusedGenerator(spec.weights(), m)
-    left = fused.coefficients(alpha, beta)
+    left = fused.coefficients(alpha, beta)[:rows]
     weights = [w.numpy() for w in spec.weights().flat()]
     phi = reference.phi_ref(weights, spec, alpha.double().numpy())  # [rows, m, d]
     delta64 = np.einsum("rm,rmd->rd", beta.double().numpy(), phi).reshape(-1)

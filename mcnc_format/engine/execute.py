@@ -15,9 +15,9 @@ Regeneration of a batch: the left factor of ``FusedGenerator`` for the batch's c
   inside one float32 target, else into a workspace) and the product accumulated onto it by one
   ``addmm``, then each piece copied (and cast) into its target.
 
-Every element is computed by the same operations whichever box or batch it lands in; the
-BLAS library may still pick another kernel for another batch shape, so a box equals the same
-elements of the whole tensor within SPEC.md §10 (bit for bit where the kernels agree).
+Every element is computed by the same operations whichever box or batch it lands in (batches
+of whole row tiles, ``ordered_matmul`` for the generator's small products), so a box equals the
+same elements of the whole tensor bit for bit, on one device and path.
 
 Memory: device = the outputs + a workspace (``LoadOptions.workspace_for``) + the dense theta0
 of the target being rebuilt when its dtype differs from the output's; host = the staging ring +
@@ -360,7 +360,7 @@ class Executor:
         if len(eager) == 1 and self._in_place(eager[0], step, fused, left, outputs[
                 id(eager[0].target)], d):
             return
-        rows = step.chunks
+        rows = left.shape[0]  # the chunks, padded to whole row tiles
         work = self._workspace(workspace, rows, d)
         work.zero_()
         flat = work.reshape(-1)
@@ -376,7 +376,7 @@ class Executor:
         (theta0 written into it first): no workspace, no copy."""
         target = piece.target
         rows = step.chunks
-        if (step.ids is not None or target.dtype != torch.float32
+        if (step.ids is not None or left.shape[0] != rows or target.dtype != torch.float32
                 or piece.hi - piece.lo != rows * d or target.element_range(piece.lo, piece.hi)
                 is None):
             return False

@@ -14,9 +14,20 @@ from __future__ import annotations
 
 import torch
 
-from ..generator import GeneratorWeights, ieee_fp32
+from ..generator import GeneratorWeights, ieee_fp32, ordered_matmul
 
-__all__ = ["FusedGenerator", "lora_product"]
+__all__ = ["NARROW_D", "ROW_TILE", "FusedGenerator", "lora_product"]
+
+#: ``coefficients`` computes batches padded to a multiple of this many rows. BLAS kernels work
+#: on tiles of rows, and a row in a partial tile takes another code path whose last bits
+#: differ (seen with MKL on a 2-core EPYC for fewer than 8 rows, and in the last partial tile):
+#: with whole tiles, a chunk's values do not depend on the batch that rebuilt it, so a box of
+#: a tensor equals the same elements of the whole tensor bit for bit.
+ROW_TILE = 8
+#: Below this many values per chunk BLAS splits the output product across threads by rows, so
+#: a row's bits depend on where the batch starts: the product is then ``ordered_matmul``
+#: (cheap at this width, and the same for every batch).
+NARROW_D = 32
 
 
 
@@ -47,15 +58,22 @@ class FusedGenerator:
         return 4 * spec.d + self.m * (max(spec.hidden) * (4 * 2 + 8 * 3) + spec.k * 4)
 
     def coefficients(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """The left factor ``[B, m * width (+1)]`` for alpha ``[B, m, k]``, beta ``[B, m]``."""
-        h = self.weights.hidden(alpha)  # [B, m, width] float32
+        """The left factor ``[R, m * width (+1)]`` for alpha ``[B, m, k]``, beta ``[B, m]``:
+        ``R`` is ``B`` padded to a multiple of ``ROW_TILE`` (the padding rows repeat the last
+        chunk; callers keep the first ``B`` rows of the product)."""
+        pad = -alpha.shape[0] % ROW_TILE
+        if pad and alpha.shape[0]:
+            alpha = torch.cat([alpha, alpha[-1:].expand(pad, *alpha.shape[1:])])
+            beta = torch.cat([beta, beta[-1:].expand(pad, *beta.shape[1:])])
+        h = self.weights.hidden(alpha)  # [R, m, width] float32
         beta = beta.to(torch.float32)
         with ieee_fp32(h.device):
             if self.normalize:
                 h_wide = h.to(self.norm_dtype)
-                sq = ((h_wide @ self.gram) * h_wide).sum(-1)
+                sq = (ordered_matmul(h_wide, self.gram) * h_wide).sum(-1)
                 if self.gram_bias is not None:
-                    sq = sq + 2.0 * (h_wide @ self.gram_bias) + self.bias_sq
+                    sq = sq + 2.0 * ordered_matmul(h_wide, self.gram_bias[:, None])[..., 0] \
+                        + self.bias_sq
                 coef = (beta.to(self.norm_dtype) * torch.rsqrt(sq)).to(torch.float32)
             else:
                 coef = beta
@@ -64,32 +82,33 @@ class FusedGenerator:
             return scaled
         return torch.cat([scaled, coef.sum(-1, keepdim=True)], dim=1)
 
-    def delta(self, alpha: torch.Tensor, beta: torch.Tensor, out: torch.Tensor | None = None
-              ) -> torch.Tensor:
-        """``sum_j beta_j phi(alpha_j)`` as float32 ``[B, d]``, written into ``out`` if given."""
-        left = self.coefficients(alpha, beta)
+    def product(self, left: torch.Tensor) -> torch.Tensor:
+        """``left @ stacked``: ``sum_j beta_j phi(alpha_j)`` of each row as float32 ``[R, d]``
+        (differentiable; what training uses)."""
+        if self.weights.spec.d < NARROW_D:
+            return ordered_matmul(left, self.stacked)
         with ieee_fp32(left.device):
-            return torch.mm(left, self.stacked, out=out)
+            return torch.mm(left, self.stacked)
+
+    def delta(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """``sum_j beta_j phi(alpha_j)`` as float32 ``[B, d]``."""
+        return self.product(self.coefficients(alpha, beta))[: alpha.shape[0]]
 
     def accumulate(self, left: torch.Tensor, out: torch.Tensor) -> None:
-        """``out += left @ stacked`` for float32 ``out`` ``[B, d]`` holding theta0 and ``left``
-        from ``coefficients``.
+        """``out += left @ stacked`` for float32 ``out`` ``[R, d]`` holding theta0 and ``left``
+        from ``coefficients``: the same values as ``out + product(left)``.
 
         One GEMM with the add folded in (``addmm`` into its own input): on the CPU this is
         also the faster kernel, 12.7 ms against 21 ms for ``mm(out=)`` on a [4000, 33] x
         [33, 5000] product (2-core EPYC, torch 2.13), and theta0 costs no separate pass."""
+        if self.weights.spec.d < NARROW_D:
+            out += self.product(left)
+            return
         with ieee_fp32(left.device):
             torch.addmm(out, left, self.stacked, out=out)
 
 
 def lora_product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``B @ A`` in float32 (§6.3) as a sum of rank-one terms, each product and sum rounded:
-    every element is computed by the same operations whatever rows of ``B`` and columns of
-    ``A`` are given, so a box of a merged lora tensor equals the same elements of the whole
-    one bit for bit (a BLAS product may change its kernel with the shape)."""
-    a = a.to(torch.float32)
-    b = b.to(torch.float32)
-    out = b[:, 0:1] * a[0:1, :]
-    for j in range(1, a.shape[0]):
-        out += b[:, j : j + 1] * a[j : j + 1, :]
-    return out
+    """``B @ A`` in float32 (§6.3), each element computed alike in any box of the merged
+    tensor (``ordered_matmul``)."""
+    return ordered_matmul(b.to(torch.float32), a.to(torch.float32))

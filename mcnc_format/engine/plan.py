@@ -27,6 +27,7 @@ import torch
 from ..dtypes import to_torch
 from ..header import Header, LoRATensor, MemberEntry, TensorEntry
 from .box import Box
+from .fused import ROW_TILE
 
 __all__ = [
     "BatchStep",
@@ -320,7 +321,8 @@ def batch_rows(header: Header, seg_index: int, workspace_bytes: int, eager: bool
     hidden activations (two float32 and three float64 copies live at once in
     ``FusedGenerator.coefficients``, whose row norm runs in float64), the left factor, the
     alpha/beta rows, and on the torch path the float32 product with theta0 and its cast copy;
-    a gathered batch also holds the int64 positions of its values."""
+    a gathered batch also holds the int64 positions of its values. Whole row tiles (the
+    product is computed in them anyway), at least one whatever the workspace."""
     seg = header.segments[seg_index]
     g = header.generators[seg.generator]
     width = max(g.hidden)
@@ -331,4 +333,4 @@ def batch_rows(header: Header, seg_index: int, workspace_bytes: int, eager: bool
         row += 8 * g.d
     if gathered:
         row += 24 * g.d
-    return max(1, workspace_bytes // row)
+    return max(ROW_TILE, workspace_bytes // row // ROW_TILE * ROW_TILE)

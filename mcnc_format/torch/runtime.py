@@ -29,7 +29,6 @@ from torch import nn
 from ..dtypes import to_torch
 from ..engine.fused import FusedGenerator
 from ..errors import ReparametrizeError
-from ..generator import ieee_fp32
 from ..header import ZerosTheta0
 from .manifest import CONFIG_KEY, Manifest, alpha_key, beta_key
 
@@ -166,9 +165,7 @@ class MCNCRuntime:
         alpha = stored_values(self.alpha(segment)[first:last], config.alpha_dtype, config.L)
         beta = stored_values(self.beta(segment)[first:last], config.beta_dtype)
         fused = self.fused(alpha.device)
-        left = fused.coefficients(alpha, beta)
-        with ieee_fp32(left.device):
-            return torch.mm(left, fused.stacked).reshape(-1)
+        return fused.product(fused.coefficients(alpha, beta))[: last - first].reshape(-1)
 
     def fused(self, device: torch.device) -> FusedGenerator:
         """The generator on ``device``, drawn from the seed on first use. Kept out of the
