@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import MCNCError
 from .header import ExternalTheta0, Header, InlineWeights, LoRATensor
@@ -38,7 +39,8 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _PIPE = "\\|"  # a "|" inside a table cell
 _DEFAULT_BRANCH = "main"
 # The files of a transformers model saved by mcnc_format.transformers.save_pretrained.
-TRANSFORMERS_FILES = ("config.json", "model.mcnc")
+CONFIG_FILE = "config.json"
+TRANSFORMERS_FILES = (CONFIG_FILE, "model.mcnc")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
@@ -51,9 +53,17 @@ class TransformersUsage:
     tokenizer: bool
 
     @classmethod
-    def detect(cls, paths: Collection[str]) -> TransformersUsage | None:
-        """The usage for a repository holding ``paths``, or None if it is no such model."""
-        if not all(name in paths for name in TRANSFORMERS_FILES):
+    def detect(cls, paths: Collection[str], config: Path | None) -> TransformersUsage | None:
+        """The usage for a repository holding ``paths`` whose ``config.json`` is the local file
+        ``config`` (None when it is not being pushed), or None if it is no such model: a
+        transformers config names its ``model_type``; other code's config.json need not."""
+        if config is None or not all(name in paths for name in TRANSFORMERS_FILES):
+            return None
+        try:
+            body = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(body, dict) or not isinstance(body.get("model_type"), str):
             return None
         return cls(tokenizer=any(name in paths for name in TOKENIZER_FILES))
 

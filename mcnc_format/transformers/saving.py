@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from ..errors import MCNCError
 from ..reader import MCNCFile
 from ..torch import save_model
-from .loading import MODEL_FILE
+from .loading import CONFIG_FILE, MODEL_FILE
 
 __all__ = ["CARD_FILE", "push_to_hub", "save_pretrained"]
 
@@ -61,7 +61,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str],
         facts = [FileFacts.of(MODEL_FILE, mcnc_file)]
     paths = {p.name for p in folder.iterdir()}
     card.write_text(render_card(existing, f"local/{folder.resolve().name}", facts,
-                                transformers=TransformersUsage.detect(paths),
+                                transformers=TransformersUsage.detect(paths, folder / CONFIG_FILE),
                                 local_folder=str(folder)), encoding="utf-8")
     return folder
 
