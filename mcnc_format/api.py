@@ -111,11 +111,18 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
     its weights exist only on ``device``; otherwise each tensor is copied into the existing
     parameter as it arrives and released, so the peak is the module plus one tensor.
     Shapes and names are checked before anything is loaded.
+
+    Tied tensors (one parameter under several names, e.g. ``lm_head.weight`` and
+    ``embed_tokens.weight``) stay tied: the file needs only one of their names (what
+    ``mcnc_format.torch`` writes for a tied compressed tensor), and after loading every name
+    holds the tensor loaded under the first name the file has.
     """
     targets = module.state_dict(keep_vars=True)
     with open(path, verify=False, resolver=options.get("resolver")) as f:
         shapes = {t.name: t.shape for t in f.header.tensors}
-    missing = sorted(set(targets) - set(shapes))
+    ties = [names for names in _tied_names(module, targets) if set(names) & set(shapes)]
+    covered = {name for names in ties for name in names}
+    missing = sorted(set(targets) - set(shapes) - covered)
     unexpected = sorted(set(shapes) - set(targets))
     if strict and (missing or unexpected):
         raise MCNCError(
@@ -133,8 +140,29 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
     loaded = stream(path, device, dtype, **options)
     if on_meta:
         module.load_state_dict(dict(loaded), strict=False, assign=True)
+        for names in ties:
+            _tie(module, next(n for n in names if n in shapes), names)
     else:
         with torch.no_grad():
             for name, tensor in loaded:
                 targets[name].copy_(tensor)
     return missing, unexpected
+
+
+def _tied_names(module: torch.nn.Module, targets: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Groups of state-dict names that hold one tensor object (in state-dict order)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in targets.items():
+        groups.setdefault(id(tensor), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _tie(module: torch.nn.Module, source: str, names: list[str]) -> None:
+    """Make every name in ``names`` hold the tensor now at ``source`` (an assigning load
+    replaced each name's tensor on its own module, which unties them)."""
+    owner, _, attribute = source.rpartition(".")
+    tensor = getattr(module.get_submodule(owner), attribute)
+    for name in names:
+        if name != source:
+            owner, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(owner), attribute, tensor)

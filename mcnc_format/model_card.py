@@ -9,16 +9,25 @@ Parsing and rendering the YAML block is left to ``huggingface_hub.ModelCard``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import MCNCError
 from .header import ExternalTheta0, Header, InlineWeights, LoRATensor
 from .reader import MCNCFile
 from .uri import SCHEME, HubURI, parse_uri
 
-__all__ = ["LIBRARY_NAME", "SECTION_BEGIN", "SECTION_END", "FileFacts", "render_card"]
+__all__ = [
+    "LIBRARY_NAME",
+    "SECTION_BEGIN",
+    "SECTION_END",
+    "FileFacts",
+    "TransformersUsage",
+    "render_card",
+]
 
 LIBRARY_NAME = "mcnc-format"
 TAGS = ("mcnc",)
@@ -29,6 +38,44 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _PIPE = "\\|"  # a "|" inside a table cell
 _DEFAULT_BRANCH = "main"
+# The files of a transformers model saved by mcnc_format.transformers.save_pretrained.
+CONFIG_FILE = "config.json"
+TRANSFORMERS_FILES = (CONFIG_FILE, "model.mcnc")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+@dataclass(frozen=True)
+class TransformersUsage:
+    """The card's example builds a transformers model (``config.json`` + ``model.mcnc``) with
+    ``mcnc_format.transformers.from_pretrained`` instead of loading a state dict, and loads
+    the tokenizer when the repository has one."""
+
+    tokenizer: bool
+
+    @classmethod
+    def detect(cls, paths: Collection[str], config: Path | None) -> TransformersUsage | None:
+        """The usage for a repository holding ``paths`` whose ``config.json`` is the local file
+        ``config`` (None when it is not being pushed), or None if it is no such model: a
+        transformers config names its ``model_type``; other code's config.json need not."""
+        if config is None or not all(name in paths for name in TRANSFORMERS_FILES):
+            return None
+        try:
+            body = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(body, dict) or not isinstance(body.get("model_type"), str):
+            return None
+        return cls(tokenizer=any(name in paths for name in TOKENIZER_FILES))
+
+    def lines(self, source: str, revision: str | None) -> list[str]:
+        """The example's code: ``source`` is a repo id or a local folder."""
+        pin = f", revision={json.dumps(revision)}" if revision else ""
+        imports = ["from mcnc_format.transformers import from_pretrained"]
+        calls = [f"model = from_pretrained({json.dumps(source)}{pin})"]
+        if self.tokenizer:
+            imports.append("from transformers import AutoTokenizer")
+            calls.append(f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(source)}{pin})")
+        return [*imports, "", *calls]
 
 
 @dataclass(frozen=True)
@@ -68,12 +115,16 @@ class FileFacts:
 
 def render_card(existing: str | None, repo_id: str, facts: Sequence[FileFacts], *,
                 base_model: str | None = None, tags: Iterable[str] = (),
-                keep_rows_for: Collection[str] = (), revision: str | None = None) -> str:
+                keep_rows_for: Collection[str] = (), revision: str | None = None,
+                transformers: TransformersUsage | None = None,
+                local_folder: str | None = None) -> str:
     """The card after a push of ``facts``' files to branch ``revision`` of ``repo_id``.
 
     ``existing`` is the current README.md (None for a new repo). Table rows of files listed
     in ``keep_rows_for`` (still in the repo) but not pushed now are kept. The loading example
-    names ``revision`` unless it is the default branch. ``base_model``
+    names ``revision`` unless it is the default branch; with ``transformers`` it builds the
+    model with ``mcnc_format.transformers.from_pretrained``, from ``local_folder`` when the
+    card describes a folder not yet pushed (``save_pretrained``). ``base_model``
     given here wins over the card's value, which wins over one found in the files (an
     ``hf://`` theta0 reference, or ``info.base_model`` when it looks like a repo id).
     """
@@ -94,13 +145,15 @@ def render_card(existing: str | None, repo_id: str, facts: Sequence[FileFacts], 
     chosen = base_model or data.base_model or (inferred[0] if len(inferred) == 1 else inferred)
     if chosen:
         data.base_model = chosen
-    section = _section(repo_id, revision, card.text, facts, keep_rows_for)
+    section = _section(repo_id, revision, card.text, facts, keep_rows_for,
+                       transformers, local_folder)
     card.text = _with_section(card.text, section)
     return str(card)
 
 
 def _section(repo_id: str, revision: str | None, text: str, facts: Sequence[FileFacts],
-             keep_rows_for: Collection[str]) -> str:
+             keep_rows_for: Collection[str], transformers: TransformersUsage | None,
+             local_folder: str | None) -> str:
     rows = {path: match.group(0) for match in _ROW.finditer(_old_section(text))
             if (path := match["path"].replace(_PIPE, "|")) in keep_rows_for}
     rows.update({f.path: f.row() for f in facts})
@@ -116,8 +169,12 @@ def _section(repo_id: str, revision: str | None, text: str, facts: Sequence[File
     if not rows:  # e.g. a push of a folder holding only config files
         return "\n".join([*intro, "This repository holds no `.mcnc` files yet.", SECTION_END])
     paths = sorted(rows)
-    example = HubURI(repo_id, None if revision in (None, _DEFAULT_BRANCH) else revision,
-                     paths[0])
+    branch = None if revision in (None, _DEFAULT_BRANCH) else revision
+    if transformers is not None:
+        usage = transformers.lines(local_folder or repo_id, None if local_folder else branch)
+    else:
+        example = HubURI(repo_id, branch, paths[0])
+        usage = ["import mcnc_format", "", f'state_dict = mcnc_format.load("{example}")']
     return "\n".join([
         *intro,
         "| File | Parameters | Compression | Generator | File size | Dense size |",
@@ -125,9 +182,7 @@ def _section(repo_id: str, revision: str | None, text: str, facts: Sequence[File
         *(rows[path] for path in paths),
         "",
         "```python",
-        "import mcnc_format",
-        "",
-        f'state_dict = mcnc_format.load("{example}")',
+        *usage,
         "```",
         SECTION_END,
     ])

@@ -199,12 +199,41 @@ class _Reused(nn.Module):
         return self.b(self.a(x))
 
 
-@pytest.mark.parametrize(("make", "target"), [(_TiedHead, "head"), (_Reused, "a")])
-def test_shared_targets_are_refused(make: type[nn.Module], target: str) -> None:
-    """A tied or reused Linear adapted in one place would save another model than trained."""
+def test_a_weight_tied_outside_the_target_is_refused() -> None:
+    """A Linear whose weight an Embedding also uses, adapted in one place, would save another
+    model than the one trained."""
     with pytest.raises(ReparametrizeError, match="shared with"):
-        add_mcnc_lora(make(), MCNCConfig(k=4, d=64, hidden=(8,)), target_modules=[target],
+        add_mcnc_lora(_TiedHead(), MCNCConfig(k=4, d=64, hidden=(8,)), target_modules=["head"],
                       rank=2)
+
+
+def test_a_reused_linear_gets_one_adapter_stored_once(tmp_path) -> None:
+    """A Linear reused under two names gets one adapter at both; the file stores the adapted
+    weight once and ``load_into`` ties the other name to it."""
+    torch.manual_seed(SEED)
+    model = add_mcnc_lora(_Reused(), MCNCConfig(k=4, d=64, hidden=(8,), seed=SEED & 0xFFFF),
+                          target_modules=["a"], rank=2)
+    assert model.a is model.b and isinstance(model.a, MCNCLoRALinear)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(SEED))
+    _train_steps(model, lambda: model(x).square().mean())
+    assert_state_dict_packs_like_the_model(model, tmp_path)
+    path = tmp_path / "a.mcnc"
+    with mcnc_format.open(path) as f:  # the adapted weight once; the dense bias under each name
+        assert list(f.keys()) == ["a.weight", "a.bias", "b.bias"]
+    with torch.device("meta"):
+        plain = _Reused()
+    assert mcnc_format.load_into(plain, path) == ([], [])
+    with torch.no_grad():
+        assert plain.a is plain.b
+        assert_same_outputs(plain(x), model(x))
+
+
+def _train_steps(model: nn.Module, loss, steps: int = 3) -> None:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
 
 
 def test_linears_read_by_a_transformer_fast_path_are_refused() -> None:

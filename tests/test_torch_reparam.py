@@ -300,10 +300,6 @@ def test_model_chunking_generates_each_segment_once_per_forward(monkeypatch):
 def test_refusals_name_the_problem_and_the_fix():
     with pytest.raises(ReparametrizeError, match="selected no parameter"):
         reparametrize(mlp(), MCNCConfig(include=("nothing.*",)))
-    tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
-    tied[1].weight = tied[0].weight
-    with pytest.raises(ReparametrizeError, match="tied"):
-        reparametrize(tied, MCNCConfig(k=2, d=8))
     model = reparametrize(mlp(), CONFIGS["mlp"])
     with pytest.raises(ReparametrizeError, match="already"):
         reparametrize(model, CONFIGS["mlp"])
@@ -337,3 +333,50 @@ def test_damaged_manifest_is_reported(damage: str) -> None:
                                             dtype=torch.uint8)
     with pytest.raises(ReparametrizeError, match="manifest is damaged"):
         export_state_dict(state)
+
+
+class TiedHead(nn.Module):
+    """An embedding whose transpose is the output layer (GPT-2, small Llamas), plus a Linear
+    reused under two names: both kinds of shared parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        self.mix = nn.Linear(16, 16)
+        self.again = self.mix
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.again(torch.tanh(self.mix(self.embed(tokens))))))
+
+
+@pytest.mark.parametrize("theta0", ["prng", "module"])
+def test_tied_parameters_stay_tied_and_are_stored_once(theta0: str, tmp_path) -> None:
+    """One parametrization for every name of a tied parameter: the names compute one tensor
+    while training, the file stores it once under its first name, and ``load_into`` (meta or
+    built module) ties the other names to it again."""
+    torch.manual_seed(SEED)
+    model = reparametrize(TiedHead(), MCNCConfig(k=4, d=64, hidden=(8,), seed=SEED & 0xFFFF,
+                                                 theta0=theta0))
+    tokens = torch.randint(0, 40, (3, 7), generator=_seeded(1))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        model(tokens).square().mean().backward()
+        opt.step()
+    assert torch.equal(model.head.weight, model.embed.weight)
+    assert_state_dict_packs_like_the_model(model, tmp_path)
+    path = tmp_path / "a.mcnc"
+    with mcnc_format.open(path) as f:  # compressed: once; dense (the bias): under each name
+        assert list(f.keys()) == ["embed.weight", "mix.weight", "mix.bias", "again.bias"]
+    with torch.no_grad():
+        want = model(tokens)
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            plain = TiedHead()
+        missing, unexpected = mcnc_format.load_into(plain, path)
+        assert (missing, unexpected) == ([], [])
+        assert plain.head.weight is plain.embed.weight and plain.again is plain.mix
+        with torch.no_grad():
+            assert_same_outputs(plain(tokens), want)

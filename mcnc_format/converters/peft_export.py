@@ -24,6 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,9 +32,17 @@ from ..api import open as open_file
 from ..atomic import atomic_path, refuse_overwrite, refuse_same_file
 from ..errors import MCNCError
 from ..header import LoRATensor
+from ..reader import MCNCFile
 from ..safetensors_out import save_safetensors
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PeftExport", "export_peft"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "PeftAdapter",
+    "PeftExport",
+    "export_peft",
+    "peft_adapter",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,6 +59,55 @@ class PeftExport:
     rank: int
     lora_alpha: float
     skipped: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    """The lora tensors of an ``.mcnc`` file in PEFT's terms, in memory: ``weights`` under
+    PEFT's saved names (``base_model.model.<module>.lora_A.weight``), ``config`` the
+    ``LoraConfig`` fields, ``others`` the names of the file's tensors that are not lora."""
+
+    weights: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    ranks: dict[str, int]
+    others: tuple[str, ...]
+
+
+def peft_adapter(f: MCNCFile, source: str, device: torch.device | str = "cpu") -> PeftAdapter:
+    """Regenerate the factors of every lora tensor of ``f`` (opened from ``source``, which
+    errors name) and describe them as a PEFT LoRA adapter of the modules they adapt."""
+    lora_names = [e.name for e in f.header.tensors if isinstance(e, LoRATensor)]
+    others = tuple(e.name for e in f.header.tensors if not isinstance(e, LoRATensor))
+    if not lora_names:
+        raise MCNCError(f"{source}: holds no lora tensors, so there is no LoRA adapter in it; "
+                        "use `mcnc unpack` or mcnc_format.load for dense weights")
+    weights: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name in lora_names:
+        module = _module_of(name, source)
+        a, b, scale = f.get_lora_factors(name, device)
+        weights[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
+        weights[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
+        ranks[module] = int(a.shape[0])
+        alphas[module] = _plain_number(scale * a.shape[0])
+    rank, lora_alpha = _most_common(ranks), _most_common(alphas)
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": lora_alpha,
+        "target_modules": "|".join(re.escape(m) for m in sorted(ranks)),
+        "rank_pattern": {_exact_pattern(m): r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {_exact_pattern(m): a for m, a in alphas.items() if a != lora_alpha},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
+    return PeftAdapter(weights, config, ranks, others)
 
 
 def export_peft(
@@ -73,53 +131,23 @@ def export_peft(
         refuse_same_file(mcnc_path, output)
     refuse_overwrite(outputs, force)
     with open_file(mcnc_path) as f:
-        lora_names = [e.name for e in f.header.tensors if isinstance(e, LoRATensor)]
-        others = tuple(e.name for e in f.header.tensors if not isinstance(e, LoRATensor))
-        if not lora_names:
-            raise MCNCError(f"{mcnc_path}: holds no lora tensors, so there is no LoRA adapter "
-                            "to export; use `mcnc unpack` for dense weights")
+        adapter = peft_adapter(f, str(mcnc_path))
+        others = adapter.others
         if others and not skip_non_lora:
             raise MCNCError(f"{mcnc_path}: {len(others)} tensors are not lora (e.g. "
                             f"{list(others[:3])}) and PEFT's LoRA cannot hold them; pass "
                             "--skip-non-lora to export the adapter without them")
-        weights: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
-        alphas: dict[str, float] = {}
-        for name in lora_names:
-            module = _module_of(name, str(mcnc_path))
-            a, b, scale = f.get_lora_factors(name)
-            weights[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
-            weights[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
-            ranks[module] = int(a.shape[0])
-            alphas[module] = _plain_number(scale * a.shape[0])
         base = base_model if base_model is not None else f.info.get("base_model")
-    rank, lora_alpha = _most_common(ranks), _most_common(alphas)
-    config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base,
-        "revision": None,
-        "r": rank,
-        "lora_alpha": lora_alpha,
-        "target_modules": "|".join(re.escape(m) for m in sorted(ranks)),
-        "rank_pattern": {_exact_pattern(m): r for m, r in ranks.items() if r != rank},
-        "alpha_pattern": {_exact_pattern(m): a for m, a in alphas.items() if a != lora_alpha},
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
+    config = {**adapter.config, "task_type": task_type, "base_model_name_or_path": base,
+              "revision": None, "inference_mode": True}
     folder.mkdir(parents=True, exist_ok=True)
     # Each file replaces its predecessor atomically: an interrupted export never leaves a
     # half-written file (the two files are replaced one after the other, not together).
-    save_safetensors(folder / ADAPTER_WEIGHTS, weights, {"format": "pt"}, overwrite=force)
+    save_safetensors(folder / ADAPTER_WEIGHTS, adapter.weights, {"format": "pt"},
+                     overwrite=force)
     with atomic_path(folder / ADAPTER_CONFIG, overwrite=force) as tmp:
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return PeftExport(folder, tuple(sorted(ranks)), rank, lora_alpha,
+    return PeftExport(folder, tuple(sorted(adapter.ranks)), config["r"], config["lora_alpha"],
                       others if skip_non_lora else ())
 
 

@@ -6,7 +6,7 @@ downloaded file safe to use, the model card, and errors that say what to do. See
 """
 
 from ..uri import HubURI, parse_uri
-from .download import pull, read_reference, resolve_path, resolve_reference
+from .download import pinned, pull, read_reference, resolve_path, resolve_reference
 from .pin import theta0_reference, theta0_references
 from .push import PushResult, push
 from .resolver import HubResolver
@@ -16,6 +16,7 @@ __all__ = [
     "HubURI",
     "PushResult",
     "parse_uri",
+    "pinned",
     "pull",
     "push",
     "read_reference",

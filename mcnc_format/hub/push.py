@@ -59,7 +59,8 @@ def push(path: str | os.PathLike[str], repo_id: str, revision: str | None = None
     is written or merged (see ``model_card.render_card``); a README.md at the top of a pushed
     folder is the starting text instead of the one on the Hub.
     """
-    from ..model_card import render_card  # imports this package: import it when used
+    # model_card imports this package: import it when used
+    from ..model_card import CONFIG_FILE, TransformersUsage, render_card
 
     files = _files_to_push(Path(path), path_in_repo)
     local_card = files.pop(CARD_NAME) if model_card and CARD_NAME in files else None
@@ -78,7 +79,9 @@ def push(path: str | os.PathLike[str], repo_id: str, revision: str | None = None
                         else _remote_card(api, repo_id, head or revision))
             remaining = set(api.list_repo_files(repo_id, revision=head or revision)) | set(files)
             card = render_card(existing, repo_id, facts, base_model=base_model, tags=tags,
-                               keep_rows_for=remaining, revision=revision)
+                               keep_rows_for=remaining, revision=revision,
+                               transformers=TransformersUsage.detect(
+                                   remaining, files.get(CONFIG_FILE)))
             operations.append(CommitOperationAdd(CARD_NAME, card.encode("utf-8")))
         info = api.create_commit(repo_id, operations, revision=revision, parent_commit=head,
                                  commit_message=commit_message or _message(files))

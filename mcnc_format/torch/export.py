@@ -111,16 +111,30 @@ class _Section:
                                          beta.to(to_torch(config.beta_dtype))))
         members = {m.name: i for i, m in enumerate(manifest.members)}
         loras = {x.module: x for x in manifest.loras}
+        lora_aliases = {a: x for x in manifest.loras for a in x.aliases}
+        tied = {a for m in manifest.members for a in m.aliases}
         out: dict[str, TensorSource] = {}
         for name in manifest.order:
             module, _, attribute = name.rpartition(".")
             if name in members:
                 out[self.prefix + name] = self.member(members[name], self.theta0_override(name))
+            elif name in tied:
+                self.drop(MemberSpec.theta0_key_of(name))  # stored once, under its first name
             elif module in loras:
                 out[self.prefix + name] = self.lora_part(loras[module], attribute)
+            elif module in lora_aliases:
+                if attribute == "weight":  # the adapted weight is stored once
+                    self.drop(f"{module}.base_layer.weight", f"{module}.lora_merged")
+                else:
+                    out[self.prefix + name] = self.get(f"{module}.base_layer.{attribute}")
             else:
                 out[self.prefix + name] = self.get(name)
         return out
+
+    def drop(self, *keys: str) -> None:
+        """Mark the keys a tied name holds in the state dict (a reused module's copy of a
+        stored theta0 or base layer) as used: their tensors are stored under the first name."""
+        self.consumed.update(self.prefix + key for key in keys)
 
     def theta0_override(self, name: str) -> Theta0 | None:
         return self.overrides.pop(self.prefix + name, None)

@@ -109,13 +109,14 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
         param.requires_grad_(False)
     planned: list[PlannedMember] = []
     loras: list[LoRASpec] = []
-    for name, linear in targets:
+    for name, linear, aliases in targets:
         wrapper = MCNCLoRALinear(linear, rank, scale)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, wrapper)
+        for path in (name, *aliases):  # a reused Linear: one adapter, at every path
+            parent_name, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, wrapper)
         device = linear.weight.device
         stream = THETA0_STREAM_BASE + len(planned)
-        loras.append(LoRASpec(name, len(planned), len(planned) + 1, scale))
+        loras.append(LoRASpec(name, len(planned), len(planned) + 1, scale, aliases))
         planned.append(PlannedMember(f"{name}.lora_A.weight", wrapper.lora_A, "weight",
                                      (rank, linear.in_features), torch.float32, device,
                                      Theta0.fan_in_uniform(config.seed, stream).entry))
@@ -130,9 +131,11 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
 _WEIGHT_READERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
-def _targets(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Linear]]:
+def _targets(model: nn.Module, patterns: Sequence[str]
+             ) -> list[tuple[str, nn.Linear, tuple[str, ...]]]:
     """The ``nn.Linear`` modules (exactly that type: subclasses such as MultiheadAttention's
-    ``out_proj`` are read by their owner without calling their forward) whose names match."""
+    ``out_proj`` are read by their owner without calling their forward) whose names match,
+    each with the other paths it is reused under."""
     found = []
     module_names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -144,23 +147,26 @@ def _targets(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Li
         matches = any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p)
                       for p in patterns)
         if name and matches and type(module) is nn.Linear:
-            # A Linear used under two names, or whose weight is tied to another parameter,
-            # would be adapted in one place only: what trains would not be what loads.
-            aliases = module_names[id(module)][1:] + [
-                n for n in weight_names[id(module.weight)] if n != f"{name}.weight"]
-            if aliases:
+            paths = module_names[id(module)]
+            # A weight also used outside this Linear (a lm_head tied to an Embedding) would be
+            # adapted in one place only: what trains would not be what loads.
+            outside = [n for n in weight_names[id(module.weight)]
+                       if n.rpartition(".")[0] not in paths]
+            if outside:
                 raise ReparametrizeError(
-                    f"add_mcnc_lora: {name!r} is shared with {aliases}; adapting it in one "
-                    "place would save a model different from the one trained. Untie the "
-                    "weights or leave this module out of target_modules.")
-            parent = model.get_submodule(name.rpartition(".")[0])
-            if isinstance(parent, _WEIGHT_READERS):
-                raise ReparametrizeError(
-                    f"add_mcnc_lora: {name!r} belongs to a {type(parent).__name__}, whose "
-                    "inference fast path reads its Linear weights directly, bypassing an "
-                    "adapter: the evaluated model would not be the trained one. Leave it out "
-                    "of target_modules, or use mcnc_format.torch.reparametrize for it.")
-            found.append((name, module))
+                    f"add_mcnc_lora: the weight of {name!r} is shared with {outside}, outside "
+                    "this Linear; adapting it here would save a model different from the one "
+                    "trained. Leave this module out of target_modules, or reparametrize the "
+                    "tied weight with mcnc_format.torch.reparametrize instead.")
+            for path in paths:
+                parent = model.get_submodule(path.rpartition(".")[0])
+                if isinstance(parent, _WEIGHT_READERS):
+                    raise ReparametrizeError(
+                        f"add_mcnc_lora: {path!r} belongs to a {type(parent).__name__}, whose "
+                        "inference fast path reads its Linear weights directly, bypassing an "
+                        "adapter: the evaluated model would not be the trained one. Leave it "
+                        "out of target_modules, or use mcnc_format.torch.reparametrize for it.")
+            found.append((name, module, tuple(paths[1:])))
     if not found:
         linear = [n for n, m in model.named_modules() if type(m) is nn.Linear]
         raise ReparametrizeError(

@@ -52,32 +52,44 @@ class MemberSpec(MemberEntry):
     The spec's member fields (``shape``, ``dtype``, ``segment``, ``offset``, ``theta0``) plus
     ``name``, its path in the reparametrized module (``"fc.weight"``,
     ``"q.lora_A.weight"``); ``theta0`` is ``zeros``, ``prng`` (all fields given), or ``blob``,
-    meaning "the tensor in the state dict under ``theta0_key``".
+    meaning "the tensor in the state dict under ``theta0_key``". ``aliases``: the other names
+    of a tied parameter (``lm_head.weight`` tied to ``embed.weight``): the plain model has the
+    tensor under each of them, the file stores it once, under ``name``.
     """
 
     name: str
-
-    @property
-    def module_path(self) -> str:
-        return self.name.rpartition(".")[0]
-
-    @property
-    def attribute(self) -> str:
-        return self.name.rpartition(".")[2]
+    aliases: tuple[str, ...] = ()
 
     @property
     def theta0_key(self) -> str:
         """Where ``torch.nn.utils.parametrize`` keeps this tensor's theta0 in the state dict."""
-        prefix = f"{self.module_path}." if self.module_path else ""
-        return f"{prefix}parametrizations.{self.attribute}.original"
+        return self.theta0_key_of(self.name)
+
+    @staticmethod
+    def theta0_key_of(name: str) -> str:
+        """The state-dict key of the theta0 of the parametrized tensor ``name``."""
+        module_path, _, attribute = name.rpartition(".")
+        prefix = f"{module_path}." if module_path else ""
+        return f"{prefix}parametrizations.{attribute}.original"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **super().to_dict()}
+        return {"name": self.name, **super().to_dict(), **_aliases_dict(self.aliases)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MemberSpec:
         return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]), int(d["segment"]),
-                   int(d["offset"]), _theta0(d["theta0"]), str(d["name"]))
+                   int(d["offset"]), _theta0(d["theta0"]), str(d["name"]),
+                   _aliases(d))
+
+
+def _aliases_dict(aliases: tuple[str, ...]) -> dict[str, Any]:
+    """``{"aliases": [...]}`` for a tied tensor, nothing otherwise (so manifests of untied
+    models read as they did before ties were supported)."""
+    return {"aliases": list(aliases)} if aliases else {}
+
+
+def _aliases(d: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(str(a) for a in d.get("aliases", ()))
 
 
 def _theta0(value: dict[str, Any]) -> Theta0Entry:
@@ -93,19 +105,23 @@ class LoRASpec:
 
     ``A`` and ``B`` index ``Manifest.members``. In the plain model the merged weight is
     ``{module}.weight``; in the reparametrized one the base Linear is ``{module}.base_layer``.
+    ``aliases``: other paths of the same Linear (a layer reused under several names); the
+    file stores its weight once, under ``{module}.weight``.
     """
 
     module: str
     A: int
     B: int
     scale: float
+    aliases: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"module": self.module, "A": self.A, "B": self.B, "scale": self.scale}
+        return {"module": self.module, "A": self.A, "B": self.B, "scale": self.scale,
+                **_aliases_dict(self.aliases)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoRASpec:
-        return cls(str(d["module"]), int(d["A"]), int(d["B"]), float(d["scale"]))
+        return cls(str(d["module"]), int(d["A"]), int(d["B"]), float(d["scale"]), _aliases(d))
 
 
 @dataclass(frozen=True)

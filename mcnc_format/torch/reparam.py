@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +39,15 @@ from .config import (
 from .manifest import CONFIG_KEY, LoRASpec, Manifest, MemberSpec, alpha_key, beta_key
 from .runtime import MCNCMember, MCNCRuntime
 
-__all__ = ["PlannedMember", "check_not_reparametrized", "install", "reparametrize", "runtime_of"]
+__all__ = [
+    "Place",
+    "PlannedMember",
+    "check_not_reparametrized",
+    "install",
+    "places_by_tensor",
+    "reparametrize",
+    "runtime_of",
+]
 
 RUNTIME_ATTRIBUTE = "_mcnc_runtime"
 _FAN_IN_MODULES = (nn.Linear, _ConvNd)
@@ -51,7 +58,9 @@ _NORMAL_MODULES = (nn.Embedding, nn.EmbeddingBag)
 class PlannedMember:
     """A tensor about to be compressed: where it lives and where its theta0 comes from.
 
-    ``stored`` holds theta0's values when ``theta0.kind`` is ``blob`` (fine-tuning)."""
+    ``stored`` holds theta0's values when ``theta0.kind`` is ``blob`` (fine-tuning).
+    ``aliases``: the other places of a tied parameter, ``(name, module, attribute)``; each
+    gets the same parametrization, so every name computes the one tensor that is stored."""
 
     name: str
     module: nn.Module
@@ -61,6 +70,16 @@ class PlannedMember:
     device: torch.device
     theta0: Theta0Entry
     stored: torch.Tensor | None = None
+    aliases: tuple[Place, ...] = ()
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a parameter sits: its state-dict name, the module holding it, the attribute."""
+
+    name: str
+    module: nn.Module
+    attribute: str
 
 
 def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Module:
@@ -73,17 +92,22 @@ def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Modu
     alpha is projected onto ``[-L, L]`` at the start of every forward. ``torch.save(
     model.state_dict())`` keeps everything ``mcnc_format.torch.export_state_dict`` needs.
 
-    Raises ``ReparametrizeError`` when nothing is selected, a selected parameter is tied
-    to another name or not yet materialised (lazy modules), or the model is already
-    reparametrized.
+    A parameter tied to several names (``lm_head.weight`` and ``embed_tokens.weight``) is
+    selected when one of its names is selected and none excluded; it gets one parametrization,
+    shared by every name, so it stays tied, and the file stores it once, under its first name
+    in state-dict order (``load_into`` and ``mcnc_format.transformers.from_pretrained`` tie
+    the others to it again).
+
+    Raises ``ReparametrizeError`` when nothing is selected, a selected parameter is not yet
+    materialised (lazy modules), or the model is already reparametrized.
     """
     config = config or MCNCConfig()
     check_not_reparametrized(model)
     order = tuple(model.state_dict().keys())
     selected = _select(model, config)
     planned = [
-        _plan(name, module, attribute, param, config, THETA0_STREAM_BASE + i)
-        for i, (name, module, attribute, param) in enumerate(selected)
+        _plan(places, param, config, THETA0_STREAM_BASE + i)
+        for i, (places, param) in enumerate(selected)
     ]
     install(model, config, planned, (), order)
     return model
@@ -107,28 +131,35 @@ def runtime_of(model: nn.Module) -> MCNCRuntime:
 
 
 # -- selection -----------------------------------------------------------------------------
-def _select(model: nn.Module, config: MCNCConfig
-            ) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
-    names: dict[int, list[str]] = defaultdict(list)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names[id(param)].append(name)
-    out = []
-    for module_name, module in model.named_modules():
+def places_by_tensor(model: nn.Module) -> list[list[Place]]:
+    """Every parameter of ``model`` with all the places it sits at, in state-dict order: one
+    place for most, several for a tied parameter or one of a module reused under two names."""
+    groups: dict[int, list[Place]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
         for attribute, param in module._parameters.items():
-            name = f"{module_name}.{attribute}" if module_name else attribute
-            if param is None or not _wanted(config, name, module, attribute):
-                continue
-            if isinstance(param, nn.parameter.UninitializedParameter):
-                raise ReparametrizeError(f"parameter {name!r} is not materialised yet (lazy "
-                                         "module); run one forward pass before reparametrize")
-            if not param.is_floating_point() or param.numel() == 0:
-                continue
-            if len(names[id(param)]) > 1:
-                raise ReparametrizeError(
-                    f"parameter {name!r} is tied to {names[id(param)]}; MCNC would untie them. "
-                    "Add every one of these names to MCNCConfig.exclude (the parameter then "
-                    "stays dense), or untie the weights first.")
-            out.append((name, module, attribute, param))
+            if param is not None:
+                name = f"{module_name}.{attribute}" if module_name else attribute
+                groups.setdefault(id(param), []).append(Place(name, module, attribute))
+    return list(groups.values())
+
+
+def _select(model: nn.Module, config: MCNCConfig
+            ) -> list[tuple[tuple[Place, ...], nn.Parameter]]:
+    out = []
+    for places in places_by_tensor(model):
+        first = places[0]
+        param = first.module._parameters[first.attribute]
+        assert param is not None
+        if any(fnmatch.fnmatchcase(p.name, pattern) for p in places for pattern in config.exclude):
+            continue
+        if not any(_wanted(config, p.name, p.module, p.attribute) for p in places):
+            continue
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            raise ReparametrizeError(f"parameter {first.name!r} is not materialised yet (lazy "
+                                     "module); run one forward pass before reparametrize")
+        if not param.is_floating_point() or param.numel() == 0:
+            continue
+        out.append((tuple(places), param))
     if not out:
         raise ReparametrizeError(
             f"MCNCConfig selected no parameter of {type(model).__name__} (include="
@@ -138,19 +169,18 @@ def _select(model: nn.Module, config: MCNCConfig
 
 
 def _wanted(config: MCNCConfig, name: str, module: nn.Module, attribute: str) -> bool:
-    if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
-        return False
     if config.include is not None:
         return any(fnmatch.fnmatchcase(name, p) for p in config.include)
     return attribute == "weight" and isinstance(module, _FAN_IN_MODULES + _NORMAL_MODULES)
 
 
-def _plan(name: str, module: nn.Module, attribute: str, param: nn.Parameter,
-          config: MCNCConfig, stream: int) -> PlannedMember:
+def _plan(places: tuple[Place, ...], param: nn.Parameter, config: MCNCConfig,
+          stream: int) -> PlannedMember:
     """theta0 for a selected parameter. ``prng``: PyTorch's default init of the layer, drawn
     from the spec's Philox (fan_in_uniform for Linear/Conv weights, uniform with the same bound
     for their biases, normal for Embedding); anything else, or ``theta0="module"``: the
-    current values, stored."""
+    current values, stored. A tied parameter takes the scheme of its first place."""
+    name, module, attribute = places[0].name, places[0].module, places[0].attribute
     shape = tuple(param.shape)
     theta0: Theta0Entry = BlobTheta0()
     weight = getattr(module, "weight", None)
@@ -164,7 +194,7 @@ def _plan(name: str, module: nn.Module, attribute: str, param: nn.Parameter,
             theta0 = Theta0.uniform(fan_in_bound(tuple(weight.shape)), config.seed, stream).entry
     stored = param.detach() if isinstance(theta0, BlobTheta0) else None
     return PlannedMember(name, module, attribute, shape, param.dtype, param.device, theta0,
-                         stored)
+                         stored, places[1:])
 
 
 # -- installation --------------------------------------------------------------------------
@@ -193,13 +223,14 @@ def install(model: nn.Module, config: MCNCConfig, planned: Sequence[PlannedMembe
     runtime = MCNCRuntime(model, manifest)
     for index, (member, plan) in enumerate(zip(members, planned, strict=True)):
         theta0 = _theta0_tensor(member, plan)
-        del plan.module._parameters[plan.attribute]
-        plan.module.register_buffer(plan.attribute, theta0)
-        parametrize.register_parametrization(plan.module, plan.attribute,
-                                             MCNCMember(runtime, index), unsafe=True)
-        holder = plan.module.parametrizations[plan.attribute]
-        holder.register_buffer("original", holder.original,
-                               persistent=isinstance(member.theta0, BlobTheta0))
+        stored = isinstance(member.theta0, BlobTheta0)
+        done: set[tuple[int, str]] = set()
+        for place in (Place(plan.name, plan.module, plan.attribute), *plan.aliases):
+            if (id(place.module), place.attribute) in done:
+                continue  # a module reused under another name: parametrized once
+            # a stored theta0 is saved once, by the first place (tied places share the tensor)
+            _parametrize(place, theta0, MCNCMember(runtime, index), stored and not done)
+            done.add((id(place.module), place.attribute))
     object.__setattr__(model, RUNTIME_ATTRIBUTE, runtime)
     model.register_forward_pre_hook(runtime.enter)
     model.register_forward_hook(runtime.leave, always_call=True)
@@ -209,6 +240,16 @@ def install(model: nn.Module, config: MCNCConfig, planned: Sequence[PlannedMembe
         if id(param) not in trained and not config.train_dense:
             param.requires_grad_(False)
     return runtime
+
+
+def _parametrize(place: Place, theta0: torch.Tensor, member: MCNCMember,
+                 persistent: bool) -> None:
+    """Swap ``place``'s parameter for ``member``'s parametrization of ``theta0``."""
+    del place.module._parameters[place.attribute]
+    place.module.register_buffer(place.attribute, theta0)
+    parametrize.register_parametrization(place.module, place.attribute, member, unsafe=True)
+    holder = place.module.parametrizations[place.attribute]
+    holder.register_buffer("original", holder.original, persistent=persistent)
 
 
 def _layout(config: MCNCConfig, planned: Sequence[PlannedMember]
@@ -222,7 +263,8 @@ def _layout(config: MCNCConfig, planned: Sequence[PlannedMember]
             filled.append(0)
         segment = len(filled) - 1
         members.append(MemberSpec(plan.shape, from_torch(plan.dtype), segment,
-                                  filled[segment], plan.theta0, plan.name))
+                                  filled[segment], plan.theta0, plan.name,
+                                  tuple(a.name for a in plan.aliases)))
         filled[segment] += numel
     return members, [-(-n // config.d) for n in filled]
 

@@ -1,0 +1,102 @@
+"""``mcnc_format.peft.load_adapter``: an ``.mcnc`` LoRA adapter attached as a PEFT adapter.
+
+A tiny Llama gets MCNC-LoRA adapters, trains a few steps and is saved. The adapter attached
+to a fresh copy of the base with ``load_adapter`` (from the file and through ``hf://``)
+computes what the file's merged weights compute, ``merge_and_unload()`` gives those weights,
+no adapter file is written on the way, and the ``PeftModel`` trains further and saves with
+PEFT's own ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import WRITE_TOKEN, HubServer
+from peft import PeftModel
+from torch import nn
+from torch_helpers import assert_same_outputs, one_thread  # noqa: F401 (autouse fixture)
+from transformers_helpers import llama, output, tokens, train
+
+import mcnc_format
+from mcnc_format import hub as mhub
+from mcnc_format.errors import MCNCError
+from mcnc_format.peft import load_adapter
+from mcnc_format.torch import MCNCConfig, add_mcnc_lora, save_model
+
+CONFIG = MCNCConfig(k=4, d=64, hidden=(8,), seed=11)
+
+
+def base() -> nn.Module:
+    """The same base weights on every call."""
+    torch.manual_seed(0)
+    return llama()
+
+
+@pytest.fixture
+def adapter(tmp_path: Path) -> Path:
+    """The trained adapter's file (holding, as save_model writes it, the whole model)."""
+    model = add_mcnc_lora(base(), CONFIG, target_modules=["q_proj", "v_proj"], rank=4,
+                          lora_alpha=8)
+    (tmp_path / "adapter").mkdir()
+    return save_model(train(model), tmp_path / "adapter" / "a.mcnc")
+
+
+def merged(path: Path) -> nn.Module:
+    """The plain model holding the file's merged weights."""
+    model = base()
+    mcnc_format.load_into(model, path)
+    return model.eval()
+
+
+def test_load_adapter_equals_the_merged_model(adapter: Path, tmp_path: Path) -> None:
+    before = sorted(p.name for p in adapter.parent.iterdir())
+    peft_model = load_adapter(base(), adapter).eval()
+    assert isinstance(peft_model, PeftModel)
+    assert sorted(p.name for p in adapter.parent.iterdir()) == before  # nothing written
+    ids = tokens(1)
+    want = output(merged(adapter), ids)
+    assert_same_outputs(output(peft_model, ids), want)
+    assert_same_outputs(output(peft_model.merge_and_unload(), ids), want)
+
+
+def test_the_peft_model_trains_further_and_saves_with_peft(adapter: Path,
+                                                           tmp_path: Path) -> None:
+    peft_model = load_adapter(base(), adapter, adapter_name="mcnc")
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".mcnc." in n for n in trainable)
+    before = output(peft_model.eval(), tokens(2))
+    train(peft_model, steps=2)
+    after = output(peft_model, tokens(2))
+    assert not torch.equal(before, after)
+    peft_model.save_pretrained(tmp_path / "peft")
+    saved = tmp_path / "peft" / "mcnc"
+    assert (saved / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(base(), saved).eval()
+    assert_same_outputs(output(reloaded, tokens(2)), after)
+
+
+def test_load_adapter_through_the_hub(adapter: Path, hub: HubServer) -> None:
+    mhub.push(adapter, "alice/adapter", token=WRITE_TOKEN)
+    peft_model = load_adapter(base(), "hf://alice/adapter/a.mcnc").eval()
+    ids = tokens(3)
+    assert_same_outputs(output(peft_model, ids), output(merged(adapter), ids))
+
+
+def test_a_second_adapter_is_added_beside_the_first(adapter: Path) -> None:
+    peft_model = load_adapter(base(), adapter)
+    same = load_adapter(peft_model, adapter, adapter_name="again")
+    assert same is peft_model and set(peft_model.peft_config) == {"default", "again"}
+    ids = tokens(4)
+    assert_same_outputs(output(peft_model.eval(), ids), output(merged(adapter), ids))
+
+
+def test_files_without_an_adapter_or_for_another_model_are_refused(adapter: Path,
+                                                                   tmp_path: Path) -> None:
+    dense = mcnc_format.save(tmp_path / "dense.mcnc", {"w": torch.ones(3)})
+    with pytest.raises(MCNCError, match="no lora tensors"):
+        load_adapter(base(), dense)
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(MCNCError, match="does not have"):
+        load_adapter(other, adapter)

@@ -1,0 +1,154 @@
+"""transformers models in and out of ``.mcnc``: ``mcnc_format.transformers``.
+
+Tiny Llama (tied embeddings), GPT-2 (tied) and BERT models are built from local configs,
+trained a few steps in the manifold (``reparametrize``, or MCNC-LoRA for BERT), written with
+``save_pretrained`` and built again with ``from_pretrained`` from the folder and through the
+local Hub-protocol server: logits and greedy ``generate()`` tokens equal the trained model's,
+tied weights come back tied, ``dtype`` and ``device`` are honoured, the card's own example
+runs, and a folder that does not fit gives an ``MCNCError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import WRITE_TOKEN, HubServer
+from torch import nn
+from torch_helpers import assert_same_outputs, one_thread  # noqa: F401 (autouse fixture)
+from transformers import AutoTokenizer
+from transformers_helpers import MODELS, llama, output, tokenizer, tokens, train
+
+import mcnc_format
+from mcnc_format.errors import MCNCError, ReparametrizeError, UsageError
+from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize
+from mcnc_format.transformers import from_pretrained, push_to_hub, save_pretrained
+
+CONFIG = MCNCConfig(k=4, d=64, hidden=(8,), seed=7)
+REPO = "alice/tiny-llm"
+
+
+def trained(name: str) -> nn.Module:
+    """``name``'s model trained in the manifold: every Linear/Embedding weight reparametrized
+    (GPT-2's Conv1D layers stay dense), BERT with MCNC-LoRA on query and value."""
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    if name == "bert":
+        add_mcnc_lora(model, CONFIG, target_modules=["query", "value"], rank=2)
+    else:
+        reparametrize(model, CONFIG)
+    return train(model)
+
+
+def assert_tied(model: nn.Module) -> None:
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_save_then_from_pretrained_gives_the_trained_model(name: str, tmp_path: Path) -> None:
+    model = trained(name)
+    folder = save_pretrained(model, tmp_path / name)
+    loaded = from_pretrained(folder)
+    assert type(loaded) is type(model)
+    assert not loaded.training
+    ids = tokens(1)
+    assert_same_outputs(output(loaded, ids), output(model, ids))
+    if name != "bert":
+        assert_tied(loaded)
+        with mcnc_format.open(folder / "model.mcnc") as f:  # the tied weight, stored once
+            assert "lm_head.weight" not in list(f.keys())
+        prompt = ids[:, :4]
+        want = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False), want)
+        assert (folder / "generation_config.json").is_file()
+    else:
+        assert not (folder / "generation_config.json").exists()
+
+
+def test_tokenizer_and_the_cards_example(tmp_path: Path) -> None:
+    """The tokenizer is saved where transformers looks; the card's code block, run as it is,
+    builds the model and the tokenizer."""
+    model, tok = trained("llama"), tokenizer()
+    folder = save_pretrained(model, tmp_path / "m", tok)
+    text = "w5 w9 w33 w60"
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == tok(text)["input_ids"]
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert f'from_pretrained("{folder}")' in code and "AutoTokenizer" in code
+    scope: dict = {}
+    exec(code, scope)
+    ids = tokens(2)
+    assert_same_outputs(output(scope["model"], ids), output(model, ids))
+    assert scope["tokenizer"](text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_push_to_hub_then_load_by_uri_and_repo_id(hub: HubServer, tmp_path: Path) -> None:
+    model = trained("llama")
+    result = push_to_hub(model, REPO, tokenizer=tokenizer(), token=WRITE_TOKEN)
+    assert {"config.json", "model.mcnc", "generation_config.json", "README.md",
+            "tokenizer.json"} <= set(result.paths)
+    card = hub.file_bytes(REPO, "README.md").decode()
+    assert f'from_pretrained("{REPO}")' in card and "tmp" not in card
+    ids = tokens(3)
+    want = output(model, ids)
+    for name in (f"hf://{REPO}", REPO, f"hf://{REPO}@{result.commit}"):
+        loaded = from_pretrained(name)
+        assert_same_outputs(output(loaded, ids), want)
+        assert_tied(loaded)
+    prompt = ids[:, :3]
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=5, do_sample=False),
+                       model.generate(prompt, max_new_tokens=5, do_sample=False))
+    with pytest.raises(UsageError, match="give one"):
+        from_pretrained(f"hf://{REPO}@main", revision="other")
+
+
+def test_dtype_and_device_are_honoured(tmp_path: Path) -> None:
+    model = trained("llama")
+    folder = save_pretrained(model, tmp_path / "m")
+    half = from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.config.dtype == torch.bfloat16
+    assert_tied(half)
+    ids = tokens(4)
+    want = output(model, ids)
+    assert (output(half, ids).float() - want).abs().max() < 0.05 * want.abs().max()
+    shapes = from_pretrained(folder, device="meta")
+    assert all(p.is_meta for p in shapes.parameters())
+    with pytest.raises(UsageError, match="device"):
+        from_pretrained(folder, device="cuda:9")
+
+
+def test_plain_transformers_takes_the_loaded_state_dict(tmp_path: Path) -> None:
+    """What transformers offers without a hook: the state dict handed to from_pretrained."""
+    model = trained("gpt2")
+    folder = save_pretrained(model, tmp_path / "m")
+    cls = type(from_pretrained(folder))
+    config = cls.config_class.from_pretrained(folder)
+    plain = cls.from_pretrained(None, config=config,
+                                state_dict=mcnc_format.load(folder / "model.mcnc"))
+    ids = tokens(5)
+    assert_same_outputs(output(plain, ids), output(model, ids))
+
+
+def test_a_folder_that_does_not_fit_names_the_file(tmp_path: Path) -> None:
+    model = trained("llama")
+    folder = save_pretrained(model, tmp_path / "m")
+    other = llama()
+    other.config.num_hidden_layers = 1
+    other.config.architectures = ["LlamaForCausalLM"]
+    other.config.save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "model.mcnc").write_bytes((folder / "model.mcnc").read_bytes())
+    with pytest.raises(MCNCError, match=re.escape(str(tmp_path / "other" / "model.mcnc"))):
+        from_pretrained(tmp_path / "other")
+    (folder / "model.mcnc").unlink()
+    with pytest.raises(MCNCError, match=re.escape(str(folder / "model.mcnc"))):
+        from_pretrained(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(MCNCError, match=re.escape(str(folder / "config.json"))):
+        from_pretrained(folder)
+    with pytest.raises(MCNCError, match="no such folder"):
+        from_pretrained(tmp_path / "nothing" / "here")
+    with pytest.raises(ReparametrizeError, match="mcnc_config"):
+        save_pretrained(llama(), tmp_path / "plain")
