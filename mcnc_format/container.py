@@ -58,20 +58,28 @@ def encode_preamble(header_bytes: bytes, minor: int = C.FORMAT_MINOR,
                           checksum(header_bytes))
 
 
+#: Versions above these are not newer releases but damage: major versions grow one at a time.
+_PLAUSIBLE_MAJOR = 100
+_PLAUSIBLE_MINOR = 1000
+
+
 def read_preamble(data: bytes | memoryview, file_size: int, source: str) -> Preamble:
     """Parse and check the preamble: R1-R4."""
-    if file_size < C.PREAMBLE_SIZE or bytes(data[:8]) != C.MAGIC:
+    head = bytes(data[:8])
+    if head != C.MAGIC[: len(head)] or not head:
         raise FormatError(
             f"not an .mcnc file: it does not start with the 8-byte magic {C.MAGIC!r}. Check the "
             "path, or re-download the file if it was damaged", rule="R1", path=source)
+    if file_size < C.PREAMBLE_SIZE:
+        raise FormatError(
+            f"the file is truncated: it has {file_size} bytes, fewer than the "
+            f"{C.PREAMBLE_SIZE}-byte preamble that follows the magic. Re-download or re-write it",
+            rule="R1", path=source)
     _, major, minor, header_codec, header_length, header_xxh3 = _PREAMBLE.unpack(
         bytes(data[: C.PREAMBLE_SIZE])
     )
     if major != C.FORMAT_MAJOR:
-        raise UnsupportedVersionError(
-            f"format version {major}.{minor}; this reader implements major version "
-            f"{C.FORMAT_MAJOR}. Use an mcnc-format release that reads version {major}",
-            rule="R2", path=source)
+        raise UnsupportedVersionError(_version_message(major, minor), rule="R2", path=source)
     if header_codec not in C.HEADER_CODECS:
         raise FormatError(f"header_codec is {header_codec:#x}, expected 0 (msgpack) or 1 "
                           "(zstd-compressed msgpack)", rule="R3", path=source)
@@ -83,6 +91,17 @@ def read_preamble(data: bytes | memoryview, file_size: int, source: str) -> Prea
             f"header_length {header_length} runs past the end of the {file_size}-byte file: "
             "the file is truncated. Re-download or re-write it", rule="R4", path=source)
     return Preamble(minor, header_length, header_xxh3, header_codec)
+
+
+def _version_message(major: int, minor: int) -> str:
+    """R2's message: a newer format asks for a newer release; a version no release can have
+    written (0, or absurdly high, as random bytes after the magic give) is damage."""
+    if C.FORMAT_MAJOR < major < _PLAUSIBLE_MAJOR and minor < _PLAUSIBLE_MINOR:
+        return (f"format version {major}.{minor}; this reader implements major version "
+                f"{C.FORMAT_MAJOR}. Use an mcnc-format release that reads version {major}")
+    return (f"the preamble gives format version {major}.{minor}, which no mcnc-format "
+            f"release writes (this one reads {C.FORMAT_MAJOR}.x): the bytes after the magic "
+            "are damaged. Re-download or re-write the file")
 
 
 def encode_header(header: Header) -> bytes:
