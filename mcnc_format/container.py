@@ -137,14 +137,15 @@ def compress_header(msgpack_bytes: bytes, level: int) -> tuple[int, bytes]:
 
 
 def _decompress_header(stored: bytes | memoryview, source: str) -> bytes:
-    """R6 for zstd headers: a declared content size within MAX_HEADER_BYTES, decoded exactly."""
+    """R6 for zstd headers: one frame, nothing after it, with a declared content size within
+    MAX_HEADER_BYTES, decoded exactly."""
     try:
         size = zstandard.get_frame_parameters(stored).content_size
         if not 0 <= size <= C.MAX_HEADER_BYTES:
             raise HeaderError(f"the zstd header frame declares {size} bytes; it must declare a "
                               f"size of at most MAX_HEADER_BYTES {C.MAX_HEADER_BYTES}",
                               rule="R6", path=source)
-        decoded = zstandard.ZstdDecompressor().decompress(stored, max_output_size=size)
+        decoded = _decompress_one_frame(stored, size)
     except zstandard.ZstdError as exc:
         raise HeaderError(f"the zstd-compressed header is invalid: {exc}", rule="R6",
                           path=source) from exc
@@ -152,6 +153,30 @@ def _decompress_header(stored: bytes | memoryview, source: str) -> bytes:
         raise HeaderError(f"the zstd header decoded to {len(decoded)} bytes, its frame "
                           f"declares {size}", rule="R6", path=source)
     return decoded
+
+
+def _decompress_one_frame(stored: bytes | memoryview, size: int) -> bytes:
+    """The content of exactly one Zstandard frame (§2, §4): bytes after it are an error, so
+    that no two readers can disagree on what the stored bytes hold."""
+    return zstandard.ZstdDecompressor().decompress(stored, max_output_size=size,
+                                                   allow_extra_data=False)
+
+
+class _DuplicateKey(ValueError):
+    """A msgpack map with a key twice (R6)."""
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """msgpack's ``object_pairs_hook``: a map, refusing a key given twice (R6). Keeping the
+    first or the last would let two readers see different headers behind one checksum."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[Any] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(f"a map has the key {key!r} twice")
+            seen.add(key)
+    return value
 
 
 def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> Header:
@@ -165,8 +190,12 @@ def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> H
         raw = _decompress_header(raw, source)
     try:
         value: Any = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, use_list=True, max_ext_len=0
+            raw, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
+            object_pairs_hook=_unique_keys,
         )
+    except _DuplicateKey as exc:
+        raise HeaderError(f"the header is not valid msgpack for this format: {exc}. Re-write "
+                          "the file with a conforming writer", rule="R6", path=source) from exc
     except Exception as exc:  # msgpack raises several unrelated classes for bad input
         raise HeaderError(f"the header is not one valid msgpack map: {exc}", rule="R6",
                           path=source) from exc
@@ -185,7 +214,8 @@ def encode_blob(raw: bytes | memoryview, codec: str) -> bytes:
 def decode_blob(
     stored: memoryview, blob: BlobEntry, path: str, source: str, verify: bool = True
 ) -> memoryview | bytes:
-    """Decoded bytes of a blob: checksum (R24), then zstd with its declared size (R25)."""
+    """Decoded bytes of a blob: checksum (R24), then one zstd frame with its declared size and
+    nothing after it (R25)."""
     if verify and checksum(stored) != blob.xxh3:
         raise ChecksumError(
             "the bytes do not match their XXH3-64 checksum: the file was damaged after "
@@ -199,10 +229,10 @@ def decode_blob(
             raise FormatError(
                 f"the zstd frame declares {params.content_size} bytes, the header {expected}",
                 rule="R25", path=source, field=path)
-        decoded = zstandard.ZstdDecompressor().decompress(stored, max_output_size=expected)
+        decoded = _decompress_one_frame(stored, expected)
     except zstandard.ZstdError as exc:
-        raise FormatError(f"invalid zstd data: {exc}", rule="R25", path=source,
-                          field=path) from exc
+        raise FormatError(f"invalid zstd data (one frame, nothing after it): {exc}",
+                          rule="R25", path=source, field=path) from exc
     if len(decoded) != expected:
         raise FormatError(
             f"zstd data decoded to {len(decoded)} bytes, expected {expected}", rule="R25",
