@@ -58,20 +58,28 @@ def encode_preamble(header_bytes: bytes, minor: int = C.FORMAT_MINOR,
                           checksum(header_bytes))
 
 
+#: Versions above these are not newer releases but damage: major versions grow one at a time.
+_PLAUSIBLE_MAJOR = 100
+_PLAUSIBLE_MINOR = 1000
+
+
 def read_preamble(data: bytes | memoryview, file_size: int, source: str) -> Preamble:
     """Parse and check the preamble: R1-R4."""
-    if file_size < C.PREAMBLE_SIZE or bytes(data[:8]) != C.MAGIC:
+    head = bytes(data[:8])
+    if head != C.MAGIC[: len(head)] or not head:
         raise FormatError(
             f"not an .mcnc file: it does not start with the 8-byte magic {C.MAGIC!r}. Check the "
             "path, or re-download the file if it was damaged", rule="R1", path=source)
+    if file_size < C.PREAMBLE_SIZE:
+        raise FormatError(
+            f"the file is truncated: it has {file_size} bytes, fewer than the "
+            f"{C.PREAMBLE_SIZE}-byte preamble that follows the magic. Re-download or re-write it",
+            rule="R1", path=source)
     _, major, minor, header_codec, header_length, header_xxh3 = _PREAMBLE.unpack(
         bytes(data[: C.PREAMBLE_SIZE])
     )
     if major != C.FORMAT_MAJOR:
-        raise UnsupportedVersionError(
-            f"format version {major}.{minor}; this reader implements major version "
-            f"{C.FORMAT_MAJOR}. Use an mcnc-format release that reads version {major}",
-            rule="R2", path=source)
+        raise UnsupportedVersionError(_version_message(major, minor), rule="R2", path=source)
     if header_codec not in C.HEADER_CODECS:
         raise FormatError(f"header_codec is {header_codec:#x}, expected 0 (msgpack) or 1 "
                           "(zstd-compressed msgpack)", rule="R3", path=source)
@@ -83,6 +91,17 @@ def read_preamble(data: bytes | memoryview, file_size: int, source: str) -> Prea
             f"header_length {header_length} runs past the end of the {file_size}-byte file: "
             "the file is truncated. Re-download or re-write it", rule="R4", path=source)
     return Preamble(minor, header_length, header_xxh3, header_codec)
+
+
+def _version_message(major: int, minor: int) -> str:
+    """R2's message: a newer format asks for a newer release; a version no release can have
+    written (0, or absurdly high, as random bytes after the magic give) is damage."""
+    if C.FORMAT_MAJOR < major < _PLAUSIBLE_MAJOR and minor < _PLAUSIBLE_MINOR:
+        return (f"format version {major}.{minor}; this reader implements major version "
+                f"{C.FORMAT_MAJOR}. Use an mcnc-format release that reads version {major}")
+    return (f"the preamble gives format version {major}.{minor}, which no mcnc-format "
+            f"release writes (this one reads {C.FORMAT_MAJOR}.x): the bytes after the magic "
+            "are damaged. Re-download or re-write the file")
 
 
 def encode_header(header: Header) -> bytes:
@@ -118,14 +137,15 @@ def compress_header(msgpack_bytes: bytes, level: int) -> tuple[int, bytes]:
 
 
 def _decompress_header(stored: bytes | memoryview, source: str) -> bytes:
-    """R6 for zstd headers: a declared content size within MAX_HEADER_BYTES, decoded exactly."""
+    """R6 for zstd headers: one frame, nothing after it, with a declared content size within
+    MAX_HEADER_BYTES, decoded exactly."""
     try:
         size = zstandard.get_frame_parameters(stored).content_size
         if not 0 <= size <= C.MAX_HEADER_BYTES:
             raise HeaderError(f"the zstd header frame declares {size} bytes; it must declare a "
                               f"size of at most MAX_HEADER_BYTES {C.MAX_HEADER_BYTES}",
                               rule="R6", path=source)
-        decoded = zstandard.ZstdDecompressor().decompress(stored, max_output_size=size)
+        decoded = _decompress_one_frame(stored, size)
     except zstandard.ZstdError as exc:
         raise HeaderError(f"the zstd-compressed header is invalid: {exc}", rule="R6",
                           path=source) from exc
@@ -133,6 +153,30 @@ def _decompress_header(stored: bytes | memoryview, source: str) -> bytes:
         raise HeaderError(f"the zstd header decoded to {len(decoded)} bytes, its frame "
                           f"declares {size}", rule="R6", path=source)
     return decoded
+
+
+def _decompress_one_frame(stored: bytes | memoryview, size: int) -> bytes:
+    """The content of exactly one Zstandard frame (§2, §4): bytes after it are an error, so
+    that no two readers can disagree on what the stored bytes hold."""
+    return zstandard.ZstdDecompressor().decompress(stored, max_output_size=size,
+                                                   allow_extra_data=False)
+
+
+class _DuplicateKey(ValueError):
+    """A msgpack map with a key twice (R6)."""
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """msgpack's ``object_pairs_hook``: a map, refusing a key given twice (R6). Keeping the
+    first or the last would let two readers see different headers behind one checksum."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[Any] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(f"a map has the key {key!r} twice")
+            seen.add(key)
+    return value
 
 
 def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> Header:
@@ -146,8 +190,12 @@ def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> H
         raw = _decompress_header(raw, source)
     try:
         value: Any = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, use_list=True, max_ext_len=0
+            raw, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
+            object_pairs_hook=_unique_keys,
         )
+    except _DuplicateKey as exc:
+        raise HeaderError(f"the header is not valid msgpack for this format: {exc}. Re-write "
+                          "the file with a conforming writer", rule="R6", path=source) from exc
     except Exception as exc:  # msgpack raises several unrelated classes for bad input
         raise HeaderError(f"the header is not one valid msgpack map: {exc}", rule="R6",
                           path=source) from exc
@@ -166,7 +214,8 @@ def encode_blob(raw: bytes | memoryview, codec: str) -> bytes:
 def decode_blob(
     stored: memoryview, blob: BlobEntry, path: str, source: str, verify: bool = True
 ) -> memoryview | bytes:
-    """Decoded bytes of a blob: checksum (R24), then zstd with its declared size (R25)."""
+    """Decoded bytes of a blob: checksum (R24), then one zstd frame with its declared size and
+    nothing after it (R25)."""
     if verify and checksum(stored) != blob.xxh3:
         raise ChecksumError(
             "the bytes do not match their XXH3-64 checksum: the file was damaged after "
@@ -180,10 +229,10 @@ def decode_blob(
             raise FormatError(
                 f"the zstd frame declares {params.content_size} bytes, the header {expected}",
                 rule="R25", path=source, field=path)
-        decoded = zstandard.ZstdDecompressor().decompress(stored, max_output_size=expected)
+        decoded = _decompress_one_frame(stored, expected)
     except zstandard.ZstdError as exc:
-        raise FormatError(f"invalid zstd data: {exc}", rule="R25", path=source,
-                          field=path) from exc
+        raise FormatError(f"invalid zstd data (one frame, nothing after it): {exc}",
+                          rule="R25", path=source, field=path) from exc
     if len(decoded) != expected:
         raise FormatError(
             f"zstd data decoded to {len(decoded)} bytes, expected {expected}", rule="R25",

@@ -313,9 +313,9 @@ class GeneratorEntry:
         elif kind == C.WEIGHTS_INLINE:
             raw = w.get("blobs", list)
             for i, b in enumerate(raw):
-                if isinstance(b, bool) or not isinstance(b, int):
-                    raise w.error(f"blobs[{i}]", f"expected a blob index, got {_kind(b)}",
-                                  rule="R33")
+                if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= _U64:
+                    raise w.error(f"blobs[{i}]", f"expected a blob index (an integer in [0, "
+                                  f"2^64 - 1]), got {b!r}", rule="R10")
             weights = InlineWeights(tuple(raw))
         else:
             raise m.unsupported("weights.kind", "generator weights kind", kind,
@@ -358,15 +358,16 @@ class SegmentEntry:
 
     @classmethod
     def parse(cls, m: _Map) -> SegmentEntry:
+        components = m.get("m", int)
+        if not 1 <= components <= C.MAX_M:
+            raise m.error("m", f"expected 1 <= m <= {C.MAX_M}, got {components}", rule="R40")
         entry = cls(
             generator=m.uint("generator", _U64),
-            m=m.uint("m", _U64),
+            m=components,
             chunks=m.uint("chunks", _U64),
             alpha=m.uint("alpha", _U64),
             beta=m.uint("beta", _U64),
         )
-        if not 1 <= entry.m <= C.MAX_M:
-            raise m.error("m", f"expected 1 <= m <= {C.MAX_M}, got {entry.m}", rule="R40")
         m.done()
         return entry
 
@@ -530,7 +531,8 @@ class ExternalTheta0(Theta0Entry):
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise m.error("sha256", "expected 64 lowercase hex digits", rule="R74")
         if not _valid_uri(uri):
-            raise m.error("uri", f"{uri!r} is neither a relative path without '..' nor "
+            raise m.error("uri", f"{uri!r} is neither a relative path ('/'-separated names, "
+                          "none empty, '.' or '..', without '\\' or ':') nor "
                           "hf://ORG/REPO@<40-hex commit>/PATH", rule="R74")
         return cls(uri, tensor, sha)
 
@@ -566,14 +568,23 @@ _SCHEMES: dict[str, type[PRNGTheta0]] = {
 
 
 def _valid_uri(uri: str) -> bool:
+    """R74: a relative path (§7.4), or ``hf://ORG/REPO@<40-hex commit>/PATH`` whose PATH is
+    one too. No other scheme: a colon can appear in neither."""
     if uri.startswith(SCHEME):
         try:
-            return parse_uri(uri).pinned
+            hub = parse_uri(uri)
         except ValueError:
             return False
-    if not uri or uri.startswith(("/", "\\")) or ":" in uri.split("/")[0]:
-        return False
-    return ".." not in uri.replace("\\", "/").split("/")
+        return hub.pinned and _relative_path(hub.path)
+    return _relative_path(uri)
+
+
+def _relative_path(path: str) -> bool:
+    """'/'-separated components, each non-empty, not '.' or '..', without '\\', ':' or NUL:
+    one spelling per file, read the same on every OS (no drive letters, no Windows
+    separators or alternate streams) and never outside the referencing file's folder."""
+    return all(part not in ("", ".", "..") and not any(c in part for c in "\\:\0")
+               for part in path.split("/"))
 
 
 # -- tensors (§6) ------------------------------------------------------------------------------
@@ -883,15 +894,10 @@ class Header:
             segments=[SegmentEntry.parse(s) for s in m.items("segments", C.MAX_SEGMENTS)],
             tensors=[TensorEntry.parse(t) for t in m.items("tensors", C.MAX_TENSORS)],
             metadata=_string_map(m, "metadata"),
-            info=_string_map(m, "info", default={}),
+            info=_info(m),
             minor=minor,
         )
         header.tensors = _resolve_layout(header.tensors)
-        unknown_info = sorted(set(header.info) - set(C.INFO_KEYS))
-        if unknown_info and not m.lenient:
-            raise m.error("info", f"unknown key(s) {', '.join(unknown_info)}; version 1.0 defines "
-                          f"{', '.join(C.INFO_KEYS)}. Put free-form facts in metadata",
-                          rule="R11")
         m.done()
         return header
 
@@ -918,11 +924,34 @@ def _resolve_layout(tensors: list[TensorEntry]) -> list[TensorEntry]:
     return out
 
 
-def _string_map(m: _Map, key: str, default: Any = ...) -> dict[str, str]:
-    value = m.get(key, dict, default)
+def _info(m: _Map) -> dict[str, str]:
+    """The ``info`` map (§3): the keys of §3, strings. Other keys are an error (R11) unless the
+    file is from a newer minor version, whose info keys this reader ignores, values and all
+    (a newer minor may give them values of any type)."""
+    value = _bounded(m, "info", m.get("info", dict, {}))
+    unknown = sorted(str(k) for k in value if k not in C.INFO_KEYS)
+    if unknown and not m.lenient:
+        raise m.error("info", f"unknown key(s) {', '.join(unknown)}; version "
+                      f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR} defines {', '.join(C.INFO_KEYS)}. "
+                      "Put free-form facts in metadata", rule="R11")
+    known = {k: v for k, v in value.items() if k in C.INFO_KEYS}
+    return _checked_strings(m, "info", known)
+
+
+def _string_map(m: _Map, key: str) -> dict[str, str]:
+    return _checked_strings(m, key, m.get(key, dict))
+
+
+def _bounded(m: _Map, key: str, value: dict[Any, Any]) -> dict[Any, Any]:
+    """R13: a metadata or info map has at most MAX_METADATA_ENTRIES entries."""
     if len(value) > C.MAX_METADATA_ENTRIES:
         raise m.error(key, f"{len(value)} entries exceed MAX_METADATA_ENTRIES", rule="R13")
-    for k, v in value.items():
+    return value
+
+
+def _checked_strings(m: _Map, key: str, value: dict[Any, Any]) -> dict[str, str]:
+    """R13: string keys with string values of bounded size, at most MAX_METADATA_ENTRIES."""
+    for k, v in _bounded(m, key, value).items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise m.error(key, f"keys and values must be strings, got {_kind(k)} -> {_kind(v)}",
                           rule="R13")

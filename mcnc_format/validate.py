@@ -146,12 +146,14 @@ class _Checker:
                                  rule="R42")
             names.add(tensor.name)
             all_known &= self.check_tensor(tensor, path)
-        if all_known:
-            # A tensor of an unknown encoding may be a member too: tiling is checkable only
-            # when every member is visible (§13: the other tensors stay readable).
+        # Completeness (every segment value and every blob used) is checkable only when every
+        # reference is visible: an entry of an unknown encoding or theta0 kind may use blobs
+        # and segment values, and so may a key of a newer minor version (§13).
+        sees_all = all_known and self.header.minor <= C.FORMAT_MINOR
+        if sees_all:
             self.check_members()
         self.check_packs()  # packs are used by packed tensors only, which this reader knows
-        if all_known and len(self.blob_users) != len(self.header.blobs):
+        if sees_all and len(self.blob_users) != len(self.header.blobs):
             unused = sorted(set(range(len(self.header.blobs))) - set(self.blob_users))
             raise self.error("blobs", f"blob(s) {unused[:8]} are not used by any entry; every "
                              "blob is used exactly once", rule="R45")

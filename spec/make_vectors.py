@@ -614,14 +614,19 @@ def _add_unknown_keys(f: RawFile) -> None:
     h["tensors"][0]["quantization"] = None
     h["tensors"][0]["theta0"]["note"] = "from the base model"
     _tensor(f, "layer.bias")["byte_order"] = "little"
+    h["info"] = {"producer": "spec/make_vectors.py", "training": {"steps": 1000}}
+    h["tensors"][0]["scales"] = f.add_blob(struct.pack("<3f", 0.5, 0.25, 0.125), "f32", [3])
 
 
 def _minor_newer() -> _Valid:
     vector = _basic()
     vector.name = "minor-newer"
     vector.covers = (f"minor version {NEWER_MINOR} with unknown keys at every level (top, "
-                     "blob, generator, weights, segment, mcnc and packed tensor, theta0): a "
-                     f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR} reader ignores them (R11)")
+                     "blob, generator, weights, segment, mcnc and packed tensor, theta0, and "
+                     "an info key whose value is a map): a "
+                     f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR} reader ignores them (R11); one unknown "
+                     "key references a blob of its own, which the reader does not count as "
+                     "unused (R45, §13)")
     vector.minor = NEWER_MINOR
     vector.edit = _add_unknown_keys
     return vector
@@ -750,7 +755,8 @@ def _base_packed() -> bytes:
 
 def _external_tensors() -> dict[str, torch.Tensor]:
     data = _Data("invalid-external")
-    return {"base": data.signed((3, 4), 0.5), "other": data.signed((2, 2), 0.5)}
+    return {"base": data.signed((3, 4), 0.5), "other": data.signed((2, 2), 0.5),
+            "int": torch.arange(12, dtype=torch.int32).reshape(3, 4)}
 
 
 def _base_external() -> bytes:
@@ -849,6 +855,8 @@ _READ_W = {"stage": "read", "tensor": "w"}
 
 # Vectors that change one header field of their base (descriptions name the broken field).
 _field("R10-bool-for-int", "generators/0/k", True, 'Generator "k" is true (a bool).')
+_field("R10-negative-offset", "tensors/w/offset", -1,
+       'mcnc tensor "w" has offset -1 (offsets are unsigned).')
 _field("R11-unknown-key", "extra", 1, f'A minor-{C.FORMAT_MINOR} file (the reader\'s own minor) '
        'with an unknown top-level key "extra".', minor=C.FORMAT_MINOR)
 _field("R11-unknown-nested-key", "tensors/w/theta0/note", "x",
@@ -868,6 +876,8 @@ _field("R12-alignment-below-64", "alignment", 32,
 _field("R13-name-too-long", "tensors/b/name", "b" * (C.MAX_NAME_BYTES + 1),
        'Tensor "b" is renamed to 1025 bytes (MAX_NAME_BYTES + 1).')
 _field("R13-metadata-value-not-str", "metadata/note", 1, "A metadata value is the integer 1.")
+_field("R13-info-value-not-str", "info", {"license": 1},
+       'The info key "license", which §3 defines, has the integer value 1.')
 _field("R26-unknown-codec", "blobs/2/codec", "lz4", 'Blob 2 has codec "lz4".', USF)
 _field("R30-hidden-too-wide", "generators/0/hidden", [C.MAX_HIDDEN_WIDTH + 1],
        "A philox generator's hidden width is 4097 (MAX_HIDDEN_WIDTH + 1).")
@@ -885,6 +895,8 @@ _field("R33-inline-shape", "blobs/0/shape", [2, 4],
 _field("R34-L-zero", "generators/0/L", 0.0, "L = 0.")
 _field("R34-omega0-zero", "generators/0/omega0", 0.0, "omega0 = 0.")
 _field("R34-omega0-infinite", "generators/0/omega0", math.inf, "omega0 = +inf.")
+_field("R34-L-infinite", "generators/0/L", math.inf, "L = +inf.")
+_field("R40-m-negative", "segments/0/m", -1, "m = -1 (the alpha and beta blobs unchanged).")
 _field("R41-gap", "tensors/v/offset", 13, 'Member "v" starts at 13, leaving element 12 of the '
        "segment uncovered (the segment still has ceil(18 / 8) = 3 chunks).", base="shared")
 _field("R42-empty-name", "tensors/b/name", "", 'Dense tensor "b" is renamed to "".')
@@ -928,6 +940,14 @@ _field("R74-uri-dotdot", "tensors/w/theta0/uri", f"../{INVALID_DIR}/{EXTERNAL_BA
        base="external")
 _field("R74-uri-absolute", "tensors/w/theta0/uri", f"/tmp/{EXTERNAL_BASE}",
        f'External theta0 uri "/tmp/{EXTERNAL_BASE}" (absolute).', base="external")
+_field("R74-uri-dot-component", "tensors/w/theta0/uri", f"./{EXTERNAL_BASE}",
+       f'External theta0 uri "./{EXTERNAL_BASE}" (a "." component).', base="external")
+_field("R74-uri-backslash", "tensors/w/theta0/uri", f".\\{EXTERNAL_BASE}",
+       f'External theta0 uri ".\\{EXTERNAL_BASE}": the base beside the file on Windows, a '
+       "missing file of that name elsewhere.", base="external")
+_field("R74-uri-other-scheme", "tensors/w/theta0/uri", f"file:{EXTERNAL_BASE}",
+       f'External theta0 uri "file:{EXTERNAL_BASE}" (a scheme other than hf://).',
+       base="external")
 _field("R74-hf-revision-not-a-commit", "tensors/w/theta0/uri",
        "hf://org/repo@main/model.safetensors", 'External theta0 uri '
        '"hf://org/repo@main/model.safetensors" (a branch, not a 40-hex commit).',
@@ -941,6 +961,11 @@ _field("R75-tensor-missing", "tensors/w/theta0/tensor", "base.weight",
 _field("R75-shape-mismatch", "tensors/w/theta0/tensor", "other",
        'The external tensor "other" is [2, 2]; the tensor needs [3, 4].', EXT, base="external",
        **_READ_W)
+_field("R75-dtype-int", "tensors/w/theta0",
+       {"kind": "external", "sha256": _sha256(_external_tensors()["int"]), "tensor": "int",
+        "uri": EXTERNAL_BASE},
+       'The external tensor "int" has the tensor\'s shape [3, 4] and its pinned sha256, but '
+       "dtype I32 (base weights are floating point).", EXT, base="external", **_READ_W)
 _field("R75-file-missing", "tensors/w/theta0/uri", "missing.safetensors",
        'The external file "missing.safetensors" does not exist beside the vector.', EXT,
        base="external", **_READ_W)
@@ -1029,6 +1054,31 @@ def _(f: RawFile) -> bytes:
     """The header is a valid msgpack map followed by one more msgpack value (nil);
     header_length and the checksum include it."""
     return bytes(f.encode(transform=lambda h: h + b"\xc0"))
+
+
+@_invalid("R06-duplicate-key", "HeaderError")
+def _(f: RawFile) -> bytes:
+    """Tensor "w"'s map has the key "shape" twice, [4, 3] and then [3, 4]: a reader keeping the
+    first value and one keeping the last would both read a valid header, with different
+    shapes."""
+    _tensor(f, "w")["shapd"] = [4, 3]  # sorts just before "shape"; renamed below
+    return bytes(f.encode(transform=_replace_once(b"\xa5shapd", b"\xa5shape")))
+
+
+@_invalid("R06-duplicate-metadata-key", "HeaderError")
+def _(f: RawFile) -> bytes:
+    """The metadata map has the key "note" twice ("other", then "base")."""
+    f.header["metadata"]["nota"] = "other"  # sorts just before "note"; renamed below
+    return bytes(f.encode(transform=_replace_once(b"\xa4nota", b"\xa4note")))
+
+
+@_invalid("R06-zstd-header-trailing-bytes", "HeaderError")
+def _(f: RawFile) -> bytes:
+    """A zstd-compressed header (header_codec 1) whose frame is followed by 4 zero bytes;
+    header_length and the checksum include them."""
+    zstd = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=False)
+    return bytes(f.encode(header_codec=C.HEADER_CODEC_ZSTD,
+                          transform=lambda h: zstd.compress(h) + bytes(4)))
 
 
 @_invalid("R06-not-a-map", "HeaderError")
@@ -1186,6 +1236,32 @@ def _(f: RawFile) -> bytes:
     return bytes(f.encode())
 
 
+@_invalid("R25-bytes-after-frame", "FormatError", base="zstd", stage="read", tensor="z")
+def _(f: RawFile) -> bytes:
+    """The blob of "z" is its zstd frame followed by a 12-byte Zstandard skippable frame
+    (magic 0x184D2A50, 4 bytes of content), which many decoders pass over silently."""
+    f.payloads[0] += struct.pack("<II", 0x184D2A50, 4) + b"mcnc"
+    return bytes(f.encode())
+
+
+@_invalid("R26-unknown-packed-dtype", "UnsupportedFeatureError", base="packed")
+def _(f: RawFile) -> bytes:
+    """Packed tensor "q" (3 values) has dtype "f8e4m3": its size, and so where packed tensor
+    "r" after it starts, are unknown."""
+    assert _tensor(f, "q")["encoding"] == C.Encoding.PACKED
+    _tensor(f, "q")["dtype"] = "f8e4m3"
+    return bytes(f.encode())
+
+
+@_invalid("R27-bool-byte-2", "FormatError", stage="read", tensor="b")
+def _(f: RawFile) -> bytes:
+    """Dense tensor "b" and its blob are bool [4] holding the bytes 01 00 02 01."""
+    f.header["blobs"][2].update(dtype="bool")
+    _tensor(f, "b")["dtype"] = "bool"
+    f.payloads[2] = bytes([1, 0, 2, 1])
+    return bytes(f.encode())
+
+
 @_invalid("R26-unknown-dtype", "UnsupportedFeatureError")
 def _(f: RawFile) -> bytes:
     """Dense tensor "b" and its blob have dtype "f8e4m3" (4 bytes of shape [4])."""
@@ -1225,6 +1301,22 @@ def _(f: RawFile) -> bytes:
     blob["dtype"] = "f16"
     values = np.frombuffer(f.payloads[0], dtype=np.float32).astype(np.float16)
     f.payloads[0] = values.tobytes()
+    return bytes(f.encode())
+
+
+@_invalid("R10-negative-inline-blob-index", "HeaderError", base="inline")
+def _(f: RawFile) -> bytes:
+    """The inline generator's output bias (blob 3) is moved to the end of the blob list and
+    referenced as blob -1: negative indexing would find it, and every blob would look used
+    exactly once. Blob indices are unsigned."""
+    gen = f.header["generators"][0]
+    assert gen["weights"]["blobs"] == [0, 1, 2, 3] and len(f.payloads) == 6
+    f.header["blobs"].append(f.header["blobs"].pop(3))
+    f.payloads.append(f.payloads.pop(3))
+    gen["weights"]["blobs"] = [0, 1, 2, -1]
+    for seg in f.header["segments"]:
+        seg["alpha"] -= 1
+        seg["beta"] -= 1
     return bytes(f.encode())
 
 

@@ -289,6 +289,17 @@ def test_unpack_refuses_to_overwrite_without_force_and_casts_dtype(runner, model
     assert all(torch.equal(dense[k], v) for k, v in expected.items())
 
 
+@pytest.mark.parametrize("dtype", ["i8", "int8", "bool", "f64x", ""])
+def test_unpack_takes_floating_dtypes_only(runner, model_file, tmp_path, dtype):
+    """``--dtype`` names the output dtype of floating tensors: anything else is a usage
+    error (exit 2) that lists the choices, and nothing is written."""
+    out = tmp_path / "dense.safetensors"
+    result = runner.invoke(cli, ["unpack", str(model_file), str(out), "--dtype", dtype])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "'bf16', 'f16', 'f32'" in result.stderr, result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 # -- errors and help ---------------------------------------------------------------------------
 @pytest.mark.parametrize("args", [["inspect"], ["inspect", "--json"], ["verify"],
                                   ["verify", "--json"], ["unpack"]])

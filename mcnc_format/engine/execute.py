@@ -325,7 +325,8 @@ class Executor:
         value, marker = staged
         engine.wait_compute(marker)
         if t.dtype == "bool" and bool((value.view(torch.uint8) > 1).any()):
-            raise FormatError("bool bytes must be 0 or 1 (§1)", path=self.label,
+            raise FormatError("bool bytes must be 0 or 1 (§1): the file is damaged or was "
+                              "written by a non-conforming writer", rule="R27", path=self.label,
                               field=f"tensors[{t.name!r}].blob")
         box = target.box
         if not box.contiguous:

@@ -120,7 +120,7 @@ class SafetensorsFile:
         dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
             raise self._error(f"stores {name!r} as {dtype_name!r}; base weights must be "
-                              f"one of {', '.join(_DTYPES)}")
+                              f"one of {', '.join(_DTYPES)} (SPEC.md §7.4)", damaged=False)
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(_is_size(n) for n in shape):
             raise self._error(f"gives {name!r} the shape {shape!r}, not a list of sizes")

@@ -73,8 +73,7 @@ def read_reference(uri: str, source: str, read: Callable[[Path], T]) -> T:
         target = parse_uri(uri, error=HubError)
     else:
         parent = parse_uri(source, error=HubError)
-        target = parent.with_path(posixpath.join(posixpath.dirname(parent.path),
-                                                 uri.replace("\\", "/")))
+        target = parent.with_path(posixpath.join(posixpath.dirname(parent.path), uri))
     return _checked(target, download(target), read, (ExternalReferenceDamaged,), {})
 
 
