@@ -138,7 +138,8 @@ def test_a_state_dict_that_differs_from_the_file_is_a_usage_error(model_file: Pa
                                          r"holds torch\.float16.*cast=True"):
         load(half, model_file, no_dist=True)
     ints = state() | {"layers.0.norm.weight": torch.zeros(24, dtype=torch.int32)}
-    with pytest.raises(UsageError, match=r"holds torch\.int32\. Build the model in torch\.float32$"):
+    with pytest.raises(UsageError,
+                       match=r"holds torch\.int32\. Build the model in torch\.float32$"):
         load(ints, model_file, cast=True, no_dist=True)
 
     # With DCP's own call the reader's checks arrive wrapped, as DCP wraps every rank's error.
