@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,9 @@ from mcnc_format.distributed import MCNCLoadPlanner, MCNCStorageReader, ReadStat
 from mcnc_format.engine.box import Box
 from mcnc_format.header import LoRATensor, MCNCTensor
 
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled:UserWarning")  # DCP in one process says so
+
 WORLD = 4
 #: A box may differ from the same elements of the whole tensor in the last bit: the engine
 #: regenerates a box's chunks in smaller batches, and CPU BLAS rounds products of fewer than
@@ -50,12 +52,9 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_model_file(tmp_path_factory.mktemp("dist"), SEED)
 
 
-def quietly_no_dist(state_dict: dict[str, torch.Tensor], reader: MCNCStorageReader,
-                    **kwargs: object) -> None:
-    """``dcp.load`` in this process (DCP warns that it assumes so)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state_dict, storage_reader=reader, no_dist=True, **kwargs)
+def no_dist(state_dict: dict[str, torch.Tensor], reader: MCNCStorageReader,
+            **kwargs: object) -> None:
+    dcp.load(state_dict, storage_reader=reader, no_dist=True, **kwargs)
 
 
 # -- what each rank may regenerate -----------------------------------------------------------
@@ -88,7 +87,7 @@ def test_no_dist_fills_plain_and_meta_models_bit_for_bit(model_file: Path) -> No
     want = mf.load(model_file)
     model = TinyLM()
     reader = MCNCStorageReader(model_file)
-    quietly_no_dist(model.state_dict(), reader)
+    no_dist(model.state_dict(), reader)
     for name, value in model.state_dict().items():
         assert torch.equal(value, want[name]), name
     assert reader.stats.engine_calls == 1  # one box per tensor: one engine load
@@ -144,11 +143,11 @@ def test_a_state_dict_that_differs_from_the_file_is_a_usage_error(model_file: Pa
 
     # With DCP's own call the reader's checks arrive wrapped, as DCP wraps every rank's error.
     with pytest.raises(CheckpointException) as wrapped:
-        quietly_no_dist(half, MCNCStorageReader(model_file))
+        no_dist(half, MCNCStorageReader(model_file))
     (error, _), = wrapped.value.failures.values()
     assert isinstance(error, UsageError) and error.tensor == "layers.0.up.weight"
     with pytest.raises(CheckpointException) as wrapped:
-        quietly_no_dist(extra, MCNCStorageReader(model_file), planner=MCNCLoadPlanner())
+        no_dist(extra, MCNCStorageReader(model_file), planner=MCNCLoadPlanner())
     (error, _), = wrapped.value.failures.values()
     assert isinstance(error, UsageError) and error.tensor == "layers.2.up.weight"
 
@@ -159,10 +158,7 @@ def test_checkpoint_ids_and_the_core_stays_free_of_torch_distributed(model_file:
     assert not MCNCStorageReader.validate_checkpoint_id(model_file.parent)
     model = TinyLM()
     reader = MCNCStorageReader("elsewhere.mcnc")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(model.state_dict(), checkpoint_id=model_file, storage_reader=reader,
-                 no_dist=True)
+    dcp.load(model.state_dict(), checkpoint_id=model_file, storage_reader=reader, no_dist=True)
     assert torch.equal(model.head.weight, mf.load(model_file)["head.weight"])
     code = ("import sys, mcnc_format; f = mcnc_format.open(sys.argv[1]); f.tensors(); "
             "assert 'torch.distributed.checkpoint' not in sys.modules, 'imported'")
