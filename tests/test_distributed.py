@@ -1,0 +1,262 @@
+"""Sharded loading through torch's distributed checkpointing: real gloo process groups on the
+CPU, FSDP2, tensor parallel and a 2-D mesh, every rank rebuilding only its own boxes.
+
+The gloo scenarios run in one spawn of four ranks (starting processes dominates the cost);
+single-process checks (``no_dist``, the errors) run in the test process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from dist_helpers import TinyLM, init_gloo, write_model_file
+from stream_helpers import SEED
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
+
+import mcnc_format as mf
+from mcnc_format import UsageError
+from mcnc_format.distributed import MCNCLoadPlanner, MCNCStorageReader, ReadStats, load
+from mcnc_format.engine.box import Box
+from mcnc_format.header import LoRATensor, MCNCTensor
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled:UserWarning")  # DCP in one process says so
+
+WORLD = 4
+#: A box may differ from the same elements of the whole tensor in the last bit: the engine
+#: regenerates a box's chunks in smaller batches, and CPU BLAS rounds products of fewer than
+#: 12 rows differently (measured on torch 2.13's CPU build). 1e-6 of the tensor's largest
+#: value bounds a few float32 ulps.
+BOX_RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model_file(tmp_path_factory.mktemp("dist"), SEED)
+
+
+def no_dist(state_dict: dict[str, torch.Tensor], reader: MCNCStorageReader,
+            **kwargs: object) -> None:
+    dcp.load(state_dict, storage_reader=reader, no_dist=True, **kwargs)
+
+
+# -- what each rank may regenerate -----------------------------------------------------------
+def chunk_bound(f: mf.MCNCFile, name: str, box: Box) -> int:
+    """The chunks a box can touch: per run, the chunks its elements span plus one at each
+    end where the run starts or stops inside a chunk; a lora box, those of its factor boxes
+    (the columns of ``A``, the rows of ``B``)."""
+    t = f.entry(name)
+    if isinstance(t, MCNCTensor):
+        return _member_bound(f, t.segment, box)
+    if isinstance(t, LoRATensor):
+        rank = t.A.shape[0]
+        a = Box(t.A.shape, (0, box.starts[1]), (rank, box.stops[1]))
+        b = Box(t.B.shape, (box.starts[0], 0), (box.stops[0], rank))
+        return _member_bound(f, t.A.segment, a) + _member_bound(f, t.B.segment, b)
+    return 0
+
+
+def _member_bound(f: mf.MCNCFile, segment: int, box: Box) -> int:
+    d = f.header.generators[f.header.segments[segment].generator].d
+    return box.runs * (math.ceil(box.run_length / d) + 1)
+
+
+def file_chunks(f: mf.MCNCFile) -> int:
+    return sum(s.chunks for s in f.header.segments)
+
+
+# -- single process -------------------------------------------------------------------------
+def test_no_dist_fills_plain_and_meta_models_bit_for_bit(model_file: Path) -> None:
+    want = mf.load(model_file)
+    model = TinyLM()
+    reader = MCNCStorageReader(model_file)
+    no_dist(model.state_dict(), reader)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, want[name]), name
+    assert reader.stats.engine_calls == 1  # one box per tensor: one engine load
+    assert reader.stats.chunks_regenerated == file_chunks(mf.open(model_file))
+
+    with torch.device("meta"):
+        meta = TinyLM()
+    meta.to_empty(device="cpu")
+    stats = load(meta.state_dict(), model_file, no_dist=True)
+    assert isinstance(stats, ReadStats) and stats.elements == sum(t.numel() for t in want.values())
+    for name, value in meta.state_dict().items():
+        assert torch.equal(value, want[name]), name
+
+
+def test_cast_rebuilds_floats_in_the_state_dicts_dtype(model_file: Path) -> None:
+    want = mf.load(model_file, dtype=torch.bfloat16)
+    model = TinyLM().to(torch.bfloat16)
+    load(model.state_dict(), model_file, cast=True, no_dist=True)
+    for name, value in model.state_dict().items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, want[name]), name
+
+
+def test_a_state_dict_that_differs_from_the_file_is_a_usage_error(model_file: Path) -> None:
+    def state() -> dict[str, torch.Tensor]:
+        return dict(TinyLM().state_dict())
+
+    extra = state() | {"layers.2.up.weight": torch.zeros(40, 24)}
+    with pytest.raises(UsageError, match=r"'layers\.2\.up\.weight' is not in the file") as info:
+        load(extra, model_file, no_dist=True)
+    assert info.value.tensor == "layers.2.up.weight" and info.value.path == str(model_file)
+
+    fewer = state()
+    del fewer["head.weight"]
+    with pytest.raises(UsageError, match=r"1 tensors of the file are not in the state dict: "
+                                         r"\['head.weight'\]"):
+        load(fewer, model_file, no_dist=True)
+    load(fewer, model_file, strict=False, no_dist=True)  # a subset, on purpose
+    assert torch.equal(fewer["embed.weight"], mf.load(model_file)["embed.weight"])
+
+    wrong_shape = state() | {"layers.0.up.weight": torch.zeros(24, 40)}
+    with pytest.raises(UsageError, match=r"has shape \[40, 24\] in the file, the state dict "
+                                         r"holds \[24, 40\]"):
+        load(wrong_shape, model_file, no_dist=True)
+
+    half = state() | {"layers.0.up.weight": torch.zeros(40, 24, dtype=torch.float16)}
+    with pytest.raises(UsageError, match=r"torch\.float32 in the file, the state dict "
+                                         r"holds torch\.float16.*cast=True"):
+        load(half, model_file, no_dist=True)
+    ints = state() | {"layers.0.norm.weight": torch.zeros(24, dtype=torch.int32)}
+    with pytest.raises(UsageError,
+                       match=r"holds torch\.int32\. Build the model in torch\.float32$"):
+        load(ints, model_file, cast=True, no_dist=True)
+
+    # With DCP's own call the reader's checks arrive wrapped, as DCP wraps every rank's error.
+    with pytest.raises(CheckpointException) as wrapped:
+        no_dist(half, MCNCStorageReader(model_file))
+    (error, _), = wrapped.value.failures.values()
+    assert isinstance(error, UsageError) and error.tensor == "layers.0.up.weight"
+    with pytest.raises(CheckpointException) as wrapped:
+        no_dist(extra, MCNCStorageReader(model_file), planner=MCNCLoadPlanner())
+    (error, _), = wrapped.value.failures.values()
+    assert isinstance(error, UsageError) and error.tensor == "layers.2.up.weight"
+
+
+def test_checkpoint_ids_and_the_core_stays_free_of_torch_distributed(model_file: Path) -> None:
+    assert MCNCStorageReader.validate_checkpoint_id(model_file)
+    assert MCNCStorageReader.validate_checkpoint_id("hf://org/repo/model.mcnc")
+    assert not MCNCStorageReader.validate_checkpoint_id(model_file.parent)
+    model = TinyLM()
+    reader = MCNCStorageReader("elsewhere.mcnc")
+    dcp.load(model.state_dict(), checkpoint_id=model_file, storage_reader=reader, no_dist=True)
+    assert torch.equal(model.head.weight, mf.load(model_file)["head.weight"])
+    code = ("import sys, mcnc_format; f = mcnc_format.open(sys.argv[1]); f.tensors(); "
+            "assert 'torch.distributed.checkpoint' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code, str(model_file)], check=True,
+                   env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+# -- four gloo ranks --------------------------------------------------------------------------
+def test_fsdp2_tp_and_2d_meshes_on_four_gloo_ranks(model_file: Path, tmp_path: Path) -> None:
+    mp.start_processes(_rank_main, args=(str(model_file), str(tmp_path / "store")),
+                       nprocs=WORLD, join=True, start_method="spawn")
+
+
+def _rank_main(rank: int, path: str, store: str) -> None:
+    init_gloo(rank, WORLD, store)
+    try:
+        want = mf.load(path)
+        with mf.open(path) as f:
+            _fsdp2(rank, f, want)
+            _tp_by_dp(f, want)
+            _errors_reach_every_rank(path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp2(rank: int, f: mf.MCNCFile, want: dict[str, torch.Tensor]) -> None:
+    """FSDP2 on four ranks, built on the meta device: DCP's own call fills it, each rank
+    regenerating about a quarter of the chunks."""
+    with torch.device("meta"):
+        model = TinyLM()
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    reader = MCNCStorageReader(f.source)
+    dcp.load(model.state_dict(), storage_reader=reader)
+    _assert_equal_to_whole(model, want)
+    _assert_own_share(rank, f, reader.stats, model)
+    assert reader.stats.engine_calls == 1
+
+
+def _tp_by_dp(f: mf.MCNCFile, want: dict[str, torch.Tensor]) -> None:
+    """Tensor parallel 2 x data parallel 2 on a 2-D mesh: colwise ``up``/``gate`` (rows,
+    then FSDP's strided shard of the same dimension), rowwise ``down`` (column boxes)."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    with torch.device("meta"):
+        model = TinyLM()
+    for layer in model.layers:
+        parallelize_module(layer, mesh["tp"], {"up": ColwiseParallel(),
+                                               "gate": ColwiseParallel(),
+                                               "down": RowwiseParallel()})
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    model.to_empty(device="cpu")
+    stats = load(model.state_dict(), f.source)
+    _assert_equal_to_whole(model, want)
+    bound = sum(chunk_bound(f, name, box) for name, box in stats.boxes)
+    assert stats.chunks_regenerated <= bound
+    down = [box for name, box in stats.boxes if name == "layers.0.down.weight"]
+    assert down and all(box.lengths[1] < box.shape[1] for box in down)  # column boxes
+
+
+def _errors_reach_every_rank(path: str) -> None:
+    model = TinyLM()
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    state = model.state_dict()
+    state["layers.1.up.bias"] = torch.zeros(41)
+    with pytest.raises(UsageError, match=r"'layers\.1\.up\.bias' has shape"):
+        load(state, path)
+
+
+def _assert_equal_to_whole(model: torch.nn.Module, want: dict[str, torch.Tensor]) -> None:
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        assert_box_close(full, want[name], name)
+
+
+def assert_box_close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Equal, or within ``BOX_RTOL`` of the tensor's largest value (see ``BOX_RTOL``)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    if torch.equal(got, want):
+        return
+    scale = want.abs().max().item()
+    worst = (got.double() - want.double()).abs().max().item()
+    assert worst <= BOX_RTOL * scale, (name, worst, scale)
+
+
+def _assert_own_share(rank: int, f: mf.MCNCFile, stats: ReadStats,
+                      model: torch.nn.Module) -> None:
+    """The engine's count stays within the boxes' chunks, the boxes are this rank's shards,
+    and together they are about a quarter of the file's chunks."""
+    local = {name: v.to_local().numel() for name, v in model.state_dict().items()}
+    assert {name: box.numel for name, box in stats.boxes} == {
+        name: n for name, n in local.items() if n}
+    bound = sum(chunk_bound(f, name, box) for name, box in stats.boxes)
+    assert stats.chunks_regenerated <= bound
+    boundary = 2 * sum(1 for name, _ in stats.boxes if f.entry(name).encoding != "dense")
+    share = math.ceil(file_chunks(f) / WORLD)
+    assert stats.chunks_regenerated <= share + 2 * boundary, (rank, stats.chunks_regenerated)
