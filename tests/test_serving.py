@@ -207,3 +207,20 @@ def test_an_adapter_for_another_base_is_refused(served, tmp_path):
         bank.add("plain", plain, check_base=False)
     with pytest.raises(UsageError, match="one adapter"):
         bank(_tokens(2, 3, 0), adapters=["a"])
+
+
+def test_benchmark_quick_run(tmp_path):
+    """The benchmark's smoke run completes and the bank agrees with PEFT (timings unchecked)."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adapters.py"
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(script), "--size", "quick", "--threads", "1", "--json",
+                    str(out)], check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["resident"]["ratio"] > 10
+    assert result["max_logit_difference_vs_peft"] < 1e-5
+    assert set(result["switch"]) == {"rebuild", "safetensors_warm", "safetensors_cold",
+                                     "peft_warm", "peft_cold"}
