@@ -72,10 +72,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> list[float]:
-    """Wall times of ``repeat`` calls, each bracketed by device synchronisation."""
+def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3,
+          before: Callable[[], None] | None = None) -> list[float]:
+    """Wall times of ``repeat`` calls, each bracketed by device synchronisation (``before``
+    runs ahead of each, untimed)."""
     times = []
     for _ in range(repeat):
+        if before is not None:
+            before()
         sync(device)
         start = time.perf_counter()
         fn()

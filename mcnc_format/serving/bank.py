@@ -1,0 +1,195 @@
+"""``AdapterBank``: many MCNC-LoRA adapters over one base model, rebuilt from kilobytes.
+
+An adapter added to the bank keeps on the device only what its file stores of it: each
+segment's alpha and beta (``m (k + 1)`` values per chunk of ``d`` factor values) and the
+generator drawn from its seed (shared by every adapter drawn from the same seed). Factors
+(``A``, ``B`` per adapted module) are rebuilt from them when a batch needs them, one engine
+call per group of segments sharing a generator, and kept in a least-recently-used cache of at
+most ``factor_cache_bytes``. docs/serving.md has the API, the cost model and the limits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..devices import check_device
+from ..engine.fused import FusedGenerator
+from ..errors import UsageError
+from ..reader import MCNCFile
+from .adapter import Factors, GeneratorKey, ResidentAdapter, base_sha256
+from .route import Routing
+
+__all__ = ["AdapterBank", "BankStats"]
+
+
+@dataclass(frozen=True)
+class BankStats:
+    """What the bank holds. ``resident_bytes``: alpha and beta (and any stored factor theta0)
+    of every adapter; ``generators``, ``generator_bytes``: the prepared generators, shared by
+    adapters drawn from one seed; ``cached``, ``factor_bytes``: the adapters whose factors
+    are in the cache (least recently used first) and their bytes; ``rebuilds``: adapters
+    rebuilt since the bank was made."""
+
+    adapters: int
+    resident_bytes: int
+    generators: int
+    generator_bytes: int
+    cached: tuple[str, ...]
+    factor_bytes: int
+    rebuilds: int
+
+
+class AdapterBank:
+    """MCNC-LoRA adapters of one ``base_model`` on ``device``, served per row of a batch.
+
+    ``bank(input_ids, adapters=[name or None per row], **model_kwargs)`` returns what
+    ``base_model(input_ids, **model_kwargs)`` returns, each row through its adapter (``None``:
+    the base alone); ``bank.generate(...)`` likewise for ``base_model.generate``. The base
+    model is not modified: forward hooks on its adapted ``nn.Linear`` layers exist only during
+    a call. Not safe to call from several threads at once.
+    """
+
+    def __init__(self, base_model: nn.Module, *, device: torch.device | str,
+                 factor_cache_bytes: int) -> None:
+        if isinstance(factor_cache_bytes, bool) or not isinstance(factor_cache_bytes, int) or (
+                factor_cache_bytes <= 0):
+            raise UsageError(f"factor_cache_bytes must be a positive int, got "
+                             f"{factor_cache_bytes!r}")
+        self.base_model = base_model
+        self.device = check_device(device)
+        self.factor_cache_bytes = factor_cache_bytes
+        self._adapters: dict[str, ResidentAdapter] = {}
+        self._generators: dict[GeneratorKey, FusedGenerator] = {}
+        self._cache: OrderedDict[str, tuple[Factors, int]] = OrderedDict()
+        self._base_sha256: dict[str, str] = {}
+        self._rebuilds = 0
+
+    # -- adapters --------------------------------------------------------------------------
+    def add(self, name: str, source: str | os.PathLike[str], *, check_base: bool = True
+            ) -> None:
+        """Register the adapter file ``source`` (a path or ``hf://`` URI) as ``name``.
+
+        Refused with an ``MCNCError`` when it adapts a module the base lacks or has another
+        shape, or, with ``check_base``, when what it records of the base (SHA-256 pins of
+        external theta0, stored tensors) differs from the base model's weights."""
+        if name in self._adapters:
+            raise UsageError(f"an adapter named {name!r} is in the bank; remove it first")
+        adapter = ResidentAdapter.load(name, source, self.base_model, self.device,
+                                       lambda f, index, m: self._generator(name, f, index, m),
+                                       self._sha256, check_base)
+        if adapter.factor_bytes > self.factor_cache_bytes:
+            self._drop_unused_generators()
+            raise UsageError(f"adapter {name!r}: its factors take {adapter.factor_bytes} bytes, "
+                             f"more than factor_cache_bytes={self.factor_cache_bytes}")
+        self._adapters[name] = adapter
+
+    def remove(self, name: str) -> None:
+        """Forget adapter ``name``: its alpha/beta, cached factors and unshared generators."""
+        self._adapter(name)
+        del self._adapters[name]
+        self._cache.pop(name, None)
+        self._drop_unused_generators()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._adapters
+
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    # -- factors ---------------------------------------------------------------------------
+    def prepare(self, names: Sequence[str | None]) -> dict[str, Factors]:
+        """Rebuild the factors of ``names`` (``None`` ignored) that the cache lacks, evicting
+        the least recently used others to stay within ``factor_cache_bytes``."""
+        wanted = list(dict.fromkeys(n for n in names if n is not None))
+        adapters = [self._adapter(n) for n in wanted]
+        need = sum(a.factor_bytes for a in adapters)
+        if need > self.factor_cache_bytes:
+            raise UsageError(
+                f"the factors of adapters {wanted} take {need} bytes together, more than "
+                f"factor_cache_bytes={self.factor_cache_bytes}: split the batch or raise it")
+        missing = [a for a in adapters if a.name not in self._cache]
+        cached = sum(size for _, size in self._cache.values())
+        room = cached + sum(a.factor_bytes for a in missing) - self.factor_cache_bytes
+        for victim in [n for n in self._cache if n not in wanted]:
+            if room <= 0:
+                break
+            room -= self._cache.pop(victim)[1]
+        for adapter in missing:
+            self._cache[adapter.name] = (adapter.rebuild(self._generators), adapter.factor_bytes)
+            self._rebuilds += 1
+        for name in wanted:
+            self._cache.move_to_end(name)
+        return {name: self._cache[name][0] for name in wanted}
+
+    def factors(self, name: str) -> Factors:
+        """Adapter ``name``'s factors ``{module: (A, B, scale)}``, rebuilt if not cached."""
+        return self.prepare([name])[name]
+
+    def stats(self) -> BankStats:
+        generator_bytes = sum(_generator_bytes(g) for g in self._generators.values())
+        return BankStats(len(self._adapters),
+                         sum(a.resident_bytes for a in self._adapters.values()),
+                         len(self._generators), generator_bytes, tuple(self._cache),
+                         sum(size for _, size in self._cache.values()), self._rebuilds)
+
+    # -- serving ---------------------------------------------------------------------------
+    def __call__(self, input_ids: torch.Tensor, *, adapters: Sequence[str | None],
+                 **model_kwargs: Any) -> Any:
+        """``base_model(input_ids, **model_kwargs)`` with row ``i`` through ``adapters[i]``."""
+        routing = self._routing(input_ids, adapters)
+        with routing.installed(self.base_model):
+            return self.base_model(input_ids, **model_kwargs)
+
+    def generate(self, input_ids: torch.Tensor, *, adapters: Sequence[str | None],
+                 **generate_kwargs: Any) -> Any:
+        """``base_model.generate(input_ids, **generate_kwargs)`` with row ``i`` (and the beams
+        or sequences generated from it) through ``adapters[i]``."""
+        routing = self._routing(input_ids, adapters)
+        with routing.installed(self.base_model):
+            return self.base_model.generate(input_ids, **generate_kwargs)
+
+    def _routing(self, input_ids: torch.Tensor, adapters: Sequence[str | None]) -> Routing:
+        if isinstance(adapters, str) or len(adapters) != input_ids.shape[0]:
+            raise UsageError(f"adapters must name one adapter (or None) per row: "
+                             f"{input_ids.shape[0]} rows, got {adapters!r}")
+        return Routing(adapters, self.prepare(adapters), self.device)
+
+    # -- internals -------------------------------------------------------------------------
+    def _adapter(self, name: str) -> ResidentAdapter:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            raise UsageError(f"no adapter named {name!r} in the bank; it holds "
+                             f"{sorted(self._adapters)[:8]} (add it with bank.add)") from None
+
+    def _generator(self, adapter: str, f: MCNCFile, index: int, m: int) -> GeneratorKey:
+        """Hold the file's generator ``index`` for ``m`` components; adapters drawn from the
+        same seed and architecture share it."""
+        spec = f.generator_spec(index)
+        key: GeneratorKey = ((spec, m, "seed") if spec.seed is not None
+                             else (adapter, index, m, "inline"))
+        if key not in self._generators:
+            self._generators[key] = f.fused_generator(index, m, self.device)
+        return key
+
+    def _drop_unused_generators(self) -> None:
+        used = {g.generator for a in self._adapters.values() for g in a.groups}
+        for key in [k for k in self._generators if k not in used]:
+            del self._generators[key]
+
+    def _sha256(self, name: str) -> str:
+        if name not in self._base_sha256:
+            self._base_sha256[name] = base_sha256(self.base_model, name)
+        return self._base_sha256[name]
+
+
+def _generator_bytes(fused: FusedGenerator) -> int:
+    extra = [fused.stacked, fused.gram, fused.gram_bias]
+    return sum(t.nbytes for t in [*fused.weights.flat(), *extra] if t is not None)
