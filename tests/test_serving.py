@@ -31,9 +31,7 @@ from mcnc_format.torch import MCNCConfig, add_mcnc_lora, merge_mcnc_lora, save_m
 
 VOCAB = 64
 TARGETS = ("q_proj", "v_proj", "down_proj")
-#: (rank, generator seed, chunking, packed against the base file). Every factor spans at least
-#: 4 chunks of d = 32: the reader then rebuilds it in batches of 4 rows or more, where the CPU's
-#: BLAS computes each row as in any larger batch (bit for bit with the bank's one call).
+#: (rank, generator seed, chunking, packed against the base file).
 ADAPTERS = {"a": (4, 1, "tensor", True), "b": (4, 2, "model", True), "c": (8, 1, "tensor", False)}
 
 

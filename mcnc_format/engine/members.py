@@ -47,15 +47,16 @@ def rebuild_members(fused: FusedGenerator, alpha: torch.Tensor, beta: torch.Tens
     of its ``shape`` and ``dtype``, each its own storage."""
     d = fused.weights.spec.d
     rows = alpha.shape[0]
-    work = torch.zeros(rows, d, dtype=torch.float32, device=alpha.device)
-    flat = work.view(-1)
     for member in members:
-        if member.start < 0 or member.start + member.numel > flat.numel():
+        if member.start < 0 or member.start + member.numel > rows * d:
             raise UsageError(f"member values [{member.start}, {member.start + member.numel})"
                              f" lie outside the batch's {rows} chunks of {d} values")
+    left = fused.coefficients(alpha, beta)  # whole row tiles: the workspace has their rows
+    work = torch.zeros(left.shape[0], d, dtype=torch.float32, device=alpha.device)
+    flat = work.view(-1)
+    for member in members:
         if member.theta0 is not None:
             flat[member.start : member.start + member.numel] = member.theta0
-    left = fused.coefficients(alpha, beta)
     fused.accumulate(left, work)
     return [flat[m.start : m.start + m.numel].view(m.shape).to(m.dtype, copy=True)
             for m in members]
