@@ -5,7 +5,7 @@ the file format and README.md for a tour.
 """
 
 from .api import load, load_into, open, stream
-from .engine.options import LoadOptions, Precision, Progress
+from .engine.options import LoadOptions, Precision, Progress, Verify
 from .errors import (
     ChecksumError,
     DeviceMemoryError,
@@ -63,6 +63,7 @@ __all__ = [
     "UnsupportedFeatureError",
     "UnsupportedVersionError",
     "UsageError",
+    "Verify",
     "WriteError",
     "__version__",
     "load",

@@ -15,7 +15,7 @@ from typing import TypedDict, TypeVar
 import torch
 from typing_extensions import Unpack
 
-from .engine.options import DEFAULT_STAGING_BYTES, LoadOptions, Precision, Progress
+from .engine.options import DEFAULT_STAGING_BYTES, LoadOptions, Precision, Progress, Verify
 from .engine.resolve import HUB_SCHEME, Resolver
 from .errors import MCNCError
 from .reader import Boxes, MCNCFile
@@ -64,7 +64,7 @@ class LoadKeywords(TypedDict, total=False):
     workspace_bytes: int | None
     use_triton: bool | None
     precision: Precision | str
-    verify: bool
+    verify: bool | str | Verify
     progress: Callable[[Progress], None] | None
     resolver: Resolver | None
 
@@ -87,7 +87,7 @@ def stream(path: PathLike, device: torch.device | str = "cpu",
         workspace_bytes=options.get("workspace_bytes"),
         use_triton=options.get("use_triton"),
         precision=Precision(options.get("precision", Precision.IEEE)),
-        verify=options.get("verify", True),
+        verify=Verify.of(options.get("verify", Verify.CACHED)),
         progress=options.get("progress"),
     )
     with open(path, verify=load_options.verify, resolver=options.get("resolver")) as f:

@@ -23,9 +23,10 @@ from .container import decode_header, read_preamble
 from .devices import check_device, check_dtype
 from .dtypes import to_torch
 from .engine.box import Box
+from .engine.digests import FileIdentity
 from .engine.execute import Executor
 from .engine.fused import FusedGenerator
-from .engine.options import LoadOptions
+from .engine.options import LoadOptions, Verify
 from .engine.plan import Plan, TensorRequest, plan_load
 from .engine.resolve import LocalResolver, Resolver
 from .engine.source import BlobStore, FileSource
@@ -34,6 +35,7 @@ from .errors import DeviceMemoryError, FormatError, MCNCError, UnsupportedFeatur
 from .generator import GeneratorSpec
 from .header import (
     DenseTensor,
+    ExternalTheta0,
     GeneratorEntry,
     Header,
     LoRATensor,
@@ -78,9 +80,10 @@ class MCNCFile:
     ``stream`` without options of their own (``verify`` overrides theirs).
     """
 
-    def __init__(self, path: PathLike, *, verify: bool = True,
+    def __init__(self, path: PathLike, *, verify: bool | str | Verify = Verify.CACHED,
                  resolver: Resolver | None = None, options: LoadOptions | None = None) -> None:
         self.label = os.fspath(path)
+        verify = Verify.of(verify)
         self.options = replace(options or LoadOptions(), verify=verify)
         self.resolver: Resolver = resolver or LocalResolver()
         self.path = self.resolver.local_path(path)
@@ -98,10 +101,14 @@ class MCNCFile:
         except BaseException:
             source.close()
             raise
-        self.blobs = BlobStore(source, self.header, verify)
-        self.theta0 = Theta0Source(self.blobs, self.resolver, self.label)
+        self.blobs = BlobStore(source, self.header, verify is not Verify.NONE)
+        self.theta0 = Theta0Source(self.blobs, self.resolver, self.label, verify)
         self._by_name = {t.name: t for t in self.header.tensors}
         self._generators: dict[tuple[int, int, str, bool], FusedGenerator] = {}
+
+    def identity(self) -> FileIdentity:
+        """What identifies the open file's contents (``engine/digests.py``)."""
+        return self.blobs.source.identity()
 
     @property
     def source(self) -> str:
@@ -357,6 +364,22 @@ class MCNCFile:
         yield from executor.run(self._plan(executor, requests))
 
     # -- verification ----------------------------------------------------------------------
+    def check_references(self, names: Iterable[str] | None = None) -> None:
+        """Open every external base of ``names`` (all tensors by default) and check its
+        SHA-256 pin now, as ``verify`` says (R75), recording it in the digest cache: one
+        process can check for many that then find the record (``MCNCStorageReader`` does so
+        on the coordinator)."""
+        for name in dict.fromkeys(self.keys() if names is None else names):
+            t = self.entry(name)
+            members = t.members()
+            for entry, shape in [*((m.theta0, m.shape) for m in members),
+                                 *(((t.theta0, t.shape),) if isinstance(t, LoRATensor) else ())]:
+                if isinstance(entry, ExternalTheta0):
+                    self.theta0.reference(entry, shape)
+                    check = self.theta0.pending_check(entry)
+                    if check is not None:
+                        check.result()
+
     def check_padding(self) -> None:
         """R22: the bytes between header and blobs, and between blobs, are zero."""
         position = C.PREAMBLE_SIZE + self.header_length
@@ -413,8 +436,8 @@ def _spec_of(g: GeneratorEntry, inline: tuple[torch.Tensor, ...] | None) -> Gene
                          normalize=g.normalize, seed=g.seed, inline=inline)
 
 
-def open_file(path: PathLike, *, verify: bool = True, resolver: Resolver | None = None
-              ) -> MCNCFile:
-    """Open an ``.mcnc`` file (header only). ``verify`` checks each blob's checksum on first
-    use; turn it off only for files you produced yourself in this process."""
+def open_file(path: PathLike, *, verify: bool | str | Verify = Verify.CACHED,
+              resolver: Resolver | None = None) -> MCNCFile:
+    """Open an ``.mcnc`` file (header only). ``verify`` (``Verify``): what is checked of the
+    bytes read; ``False`` (nothing) only for files you produced yourself in this process."""
     return MCNCFile(path, verify=verify, resolver=resolver)

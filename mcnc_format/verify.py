@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .engine.box import Box
+from .engine.options import Verify
 from .engine.resolve import Resolver
 from .errors import (
     ChecksumError,
@@ -153,7 +154,7 @@ def _open(path: str | os.PathLike[str], report: VerifyReport, resolver: Resolver
     if Path(path).is_dir():
         raise MCNCError(f"{path}: is a directory, not an .mcnc file")
     try:
-        return MCNCFile(path, verify=True, resolver=resolver)
+        return MCNCFile(path, verify=Verify.FULL, resolver=resolver)
     except (UnsupportedVersionError, UnsupportedFeatureError) as exc:
         report.add("unsupported", exc)
     except FormatError as exc:

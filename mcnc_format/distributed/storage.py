@@ -120,9 +120,14 @@ class MCNCStorageReader(StorageReader):
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         """On the coordinator: with ``strict``, every tensor of the file must be read by some
-        rank (a model built from another config reads a subset)."""
+        rank (a model built from another config reads a subset). The SHA-256 pins of external
+        bases are checked here, once, before any rank reads: with ``Verify.CACHED`` (the
+        default) ranks on this machine then find the record in the digest cache and read only
+        their boxes of the base, never all of it."""
+        wanted = {item.storage_index.fqn for plan in plans for item in plan.items}
+        self.file().check_references([t.name for t in self.file().header.tensors
+                                      if t.name in wanted])
         if self.strict:
-            wanted = {item.storage_index.fqn for plan in plans for item in plan.items}
             unread = [t.name for t in self.file().header.tensors
                       if t.known and t.numel > 0 and t.name not in wanted]
             if unread:

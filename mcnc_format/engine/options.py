@@ -12,6 +12,7 @@ __all__ = [
     "LoadOptions",
     "Precision",
     "Progress",
+    "Verify",
 ]
 
 DEFAULT_STAGING_BYTES = 64 << 20
@@ -32,6 +33,27 @@ class Precision(str, enum.Enum):
     TF32X3 = "tf32x3"
     #: The same three TF32 products with the operands split once outside the kernel.
     SPLIT = "split"
+
+
+class Verify(str, enum.Enum):
+    """What a load checks of the bytes it reads (SPEC.md §4 R24, §7.4 R75)."""
+
+    #: Every blob's XXH3-64 on first use, and every external base's SHA-256 on every load.
+    FULL = "full"
+    #: Blob checksums as FULL; an external base's SHA-256 only when the digest cache
+    #: (``engine/digests.py``) has no record of this very file (device, inode, size, mtime,
+    #: ctime) holding the pinned digest. The default: a changed or replaced base is always
+    #: hashed again; see docs/gpu.md for what it trusts.
+    CACHED = "cached"
+    #: Nothing: for files this process wrote itself.
+    NONE = "none"
+
+    @classmethod
+    def of(cls, value: bool | str | Verify) -> Verify:
+        """``True`` is ``CACHED``, ``False`` is ``NONE``."""
+        if isinstance(value, bool):
+            return cls.CACHED if value else cls.NONE
+        return cls(value)
 
 
 @dataclass(frozen=True)
@@ -57,8 +79,8 @@ class LoadOptions:
     ``use_triton``: ``None`` picks the fused kernel on CUDA when Triton is installed; ``True``
     forces it (on the CPU only under ``TRITON_INTERPRET=1``); ``False`` keeps the torch path.
     ``precision``: the kernel's output-layer product.
-    ``verify``: check each blob's XXH3-64 on first use and external bases' SHA-256 (R24, R75);
-    turn it off only for files this process wrote.
+    ``verify``: what is checked of the bytes read (``Verify``; ``True`` is ``CACHED``, the
+    default, ``False`` is ``NONE``).
     ``progress``: called with a ``Progress`` after each tensor.
     """
 
@@ -66,7 +88,7 @@ class LoadOptions:
     workspace_bytes: int | None = None
     use_triton: bool | None = None
     precision: Precision = Precision.IEEE
-    verify: bool = True
+    verify: Verify = Verify.CACHED
     progress: Callable[[Progress], None] | None = None
 
     def workspace_for(self, output_bytes: int, on_cpu: bool) -> int:

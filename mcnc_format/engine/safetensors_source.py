@@ -21,6 +21,7 @@ import torch
 from .. import constants as C
 from ..dtypes import to_torch
 from ..errors import ExternalReferenceDamaged, ExternalReferenceError, FormatError
+from .digests import FileIdentity
 from .source import FileSource
 
 __all__ = ["SafetensorsFile", "TensorSlice"]
@@ -73,6 +74,10 @@ class SafetensorsFile:
             return self._file.read(offset, length, into)
         except FormatError as exc:
             raise ExternalReferenceDamaged(str(exc), rule="R75") from exc
+
+    def identity(self) -> FileIdentity:
+        """What identifies the file's contents (``engine/digests.py``)."""
+        return self._file.identity()
 
     def sha256(self, entry: TensorSlice) -> str:
         """SHA-256 of a tensor's bytes, read piece by piece."""

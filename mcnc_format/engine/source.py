@@ -21,6 +21,7 @@ from .. import constants as C
 from ..container import decode_blob
 from ..errors import FormatError, MCNCError
 from ..header import DenseTensor, Header, PackedTensor, TensorEntry
+from .digests import FileIdentity, identity_of
 
 __all__ = ["BlobStore", "FileSource", "open_regular"]
 
@@ -73,6 +74,10 @@ class FileSource:
                     "Open it again, or re-download it.")
             done += n
         return buffer[:length]
+
+    def identity(self) -> FileIdentity:
+        """What identifies the open file's contents (``engine/digests.py``)."""
+        return identity_of(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -10,6 +10,7 @@ the load's ``verify``, which is about blob checksums).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,8 @@ from ..header import (
     UniformTheta0,
     ZerosTheta0,
 )
+from .digests import DigestCache
+from .options import Verify
 from .resolve import HUB_SCHEME, Resolver
 from .safetensors_source import SafetensorsFile, TensorSlice
 from .source import BlobStore
@@ -46,22 +49,27 @@ def fan_in_bound(shape: tuple[int, ...]) -> float:
 
 
 class _Reference:
-    """An opened external base tensor and the verdict of its SHA-256 pin."""
+    """An opened external base tensor and the verdict of its SHA-256 pin: ``check`` is the
+    pending or finished check once one is arranged (``None`` before, and when not needed)."""
 
-    def __init__(self, file: SafetensorsFile, entry: TensorSlice, check: Future[None] | None
-                 ) -> None:
+    def __init__(self, file: SafetensorsFile, entry: TensorSlice, pinned: str) -> None:
         self.file = file
         self.entry = entry
-        self.check = check
+        self.pinned = pinned
+        self.arranged = False
+        self.check: Future[None] | None = None
 
 
 class Theta0Source:
     """Evaluates the theta0 entries of one open file."""
 
-    def __init__(self, blobs: BlobStore, resolver: Resolver, label: str) -> None:
+    def __init__(self, blobs: BlobStore, resolver: Resolver, label: str,
+                 verify: Verify = Verify.CACHED, digests: DigestCache | None = None) -> None:
         self.blobs = blobs
         self.resolver = resolver
         self.label = label
+        self.verify = verify
+        self.digests = digests or DigestCache()
         self._references: dict[tuple[str, str], _Reference] = {}
         self._pool: ThreadPoolExecutor | None = None
 
@@ -82,7 +90,10 @@ class Theta0Source:
             assert entry.blob is not None
             return self.blobs.blob_range(entry.blob, start * size, stop * size, label)
         reference = self.reference(entry, shape)
-        return reference.file.read(reference.entry.offset + start * size, (stop - start) * size)
+        data = reference.file.read(reference.entry.offset + start * size, (stop - start) * size)
+        # The whole tensor was read: hash those bytes rather than reading them again.
+        self._arrange_check(reference, data if (stop - start) == reference.entry.numel else None)
+        return data
 
     def dense(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...], start: int,
               stop: int, label: str) -> torch.Tensor:
@@ -95,14 +106,19 @@ class Theta0Source:
         return torch.frombuffer(bytearray(data) if data.readonly else data, dtype=dtype)
 
     def pending_check(self, entry: Theta0Entry) -> Future[None] | None:
-        """The SHA-256 verdict of an external base still being checked, if any."""
+        """The SHA-256 verdict of an external base (R75) the caller must await before handing
+        out what it built from the base; ``None`` when there is nothing to wait for."""
         if not isinstance(entry, ExternalTheta0):
             return None
         reference = self._references.get((entry.uri, entry.tensor))
-        return reference.check if reference is not None else None
+        if reference is None:
+            return None
+        self._arrange_check(reference, None)
+        return reference.check
 
     def reference(self, entry: ExternalTheta0, shape: tuple[int, ...]) -> _Reference:
-        """The external base of ``entry``, opened and shape-checked once (R75)."""
+        """The external base of ``entry``, opened and shape-checked once (R75). A base from
+        the Hub is checked at once: a damaged download is fetched again."""
         key = (entry.uri, entry.tensor)
         if key in self._references:
             return self._references[key]
@@ -117,19 +133,46 @@ class Theta0Source:
                     raise ExternalReferenceError(
                         f"{label}:{entry.tensor} has shape {list(found.shape)}, the tensor needs "
                         f"{list(shape)}", rule="R75")
-                check = None
-                if fetched:  # a fetched copy is fetched again if damaged: decide now
-                    _check_sha256(file, found, entry.sha256, f"{label}:{entry.tensor}")
-                else:
-                    check = self._workers().submit(_check_sha256, file, found, entry.sha256,
-                                                   f"{label}:{entry.tensor}")
+                reference = _Reference(file, found, entry.sha256)
+                if fetched:  # the resolver fetches again on damage: the verdict is needed now
+                    self._arrange_check(reference, None, wait=True)
             except BaseException:
                 file.close()
                 raise
-            return _Reference(file, found, check)
+            return reference
 
         self._references[key] = self.resolver.reference(entry.uri, self.label, read)
         return self._references[key]
+
+    def _arrange_check(self, reference: _Reference, data: memoryview | None,
+                       wait: bool = False) -> None:
+        """Check the pin once per reference, as ``verify`` says: from ``data`` (the tensor's
+        bytes, already read) or by reading the tensor, on a worker unless ``wait``."""
+        if reference.arranged:
+            return
+        reference.arranged = True
+        if self.verify is Verify.NONE:
+            return
+        file, found, pinned = reference.file, reference.entry, reference.pinned
+        identity = file.identity()
+        name = f"{found.offset}:{found.nbytes}"  # the tensor's byte range in that file
+        if self.verify is Verify.CACHED and self.digests.known(identity, name, pinned):
+            return
+        label = f"{self.label}: theta0 reference {file.path}"
+
+        def check() -> None:
+            digest = (hashlib.sha256(data).hexdigest() if data is not None
+                      else file.sha256(found))
+            if digest != pinned:
+                raise ExternalReferenceDamaged(
+                    f"{label} has sha256 {digest}, the file pins {pinned}: the base checkpoint "
+                    "differs from the one this file was made against", rule="R75")
+            self.digests.remember(identity, name, pinned)
+
+        if wait:
+            check()
+        else:
+            reference.check = self._workers().submit(check)
 
     def _workers(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -209,12 +252,3 @@ def _scale_normal(z: torch.Tensor, entry: NormalTheta0) -> torch.Tensor:
     mean = philox.round_to_f32(entry.mean)
     std = philox.round_to_f32(entry.std)
     return z * std + mean if (mean, std) != (0.0, 1.0) else z
-
-
-def _check_sha256(file: SafetensorsFile, entry: TensorSlice, expected: str, label: str) -> None:
-    """R75: the referenced tensor's bytes hash to the pinned SHA-256."""
-    digest = file.sha256(entry)
-    if digest != expected:
-        raise ExternalReferenceDamaged(
-            f"{label} has sha256 {digest}, the file pins {expected}: the base checkpoint "
-            "differs from the one this file was made against", rule="R75")

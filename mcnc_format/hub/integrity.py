@@ -2,24 +2,36 @@
 
 Why not ``verify.verify_file``: that rebuilds every tensor. A download only needs proof that
 the bytes are the ones written: the header checksum and rules (checked by ``open``), every
-blob's XXH3-64 checksum and zero padding. That reads the file once and is cheap next to a
-download.
+blob's XXH3-64 checksum and zero padding. That reads the file once, and only once per
+download: the digest cache (``engine/digests.py``) remembers the checked file by its identity
+(device, inode, size, mtime, ctime), so later opens of the same unchanged copy skip it, and a
+copy fetched again (a new file) is checked again.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..engine.digests import DigestCache
+from ..engine.options import Verify
 from ..reader import MCNCFile
 
 __all__ = ["check_mcnc_bytes"]
+
+#: The digest cache's record of a fully checked ``.mcnc`` file.
+CHECKED = "mcnc-bytes"
 
 
 def check_mcnc_bytes(path: Path) -> Path:
     """Return ``path`` if every checksum holds; raise ``FormatError``/``ChecksumError`` if
     not (the reader's own errors, so callers can tell damage from other failures)."""
-    with MCNCFile(path, verify=True) as mcnc_file:
+    cache = DigestCache()
+    with MCNCFile(path, verify=Verify.FULL) as mcnc_file:
+        identity = mcnc_file.identity()
+        if cache.known(identity, CHECKED, "ok"):
+            return path
         for index in range(len(mcnc_file.header.blobs)):
             mcnc_file.blob_bytes(index)
         mcnc_file.check_padding()
+    cache.remember(identity, CHECKED, "ok")
     return path

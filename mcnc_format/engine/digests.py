@@ -1,0 +1,83 @@
+"""A cache of verified digests, so an unchanged file is not hashed again on every load.
+
+SHA-256 pins (§7.4) make a base checkpoint safe to trust, but hashing a multi-gigabyte base on
+every load costs more than reading it. The cache remembers that a file, identified by what
+the operating system says of the open descriptor (device, inode, size, modification and
+status-change times in nanoseconds), had the pinned digest. Any write to the file changes its
+mtime and ctime, and a replaced file has another inode, so a changed or replaced file is
+hashed again. The ctime cannot be set back by a user (``touch`` and ``utime`` set it to the
+current time), which is why it is part of the key.
+
+The trade-off: a process with write access to the file system could alter a file and restore
+its times only by changing the system clock; ``Verify.FULL`` hashes every load for those who
+need that. Entries live under ``$XDG_CACHE_HOME/mcnc-format/verified`` (default
+``~/.cache``), one small JSON file per file identity; a damaged or unreadable entry is a miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["DigestCache", "FileIdentity", "default_cache_directory", "identity_of"]
+
+#: What identifies a file's contents without reading them.
+FileIdentity = tuple[int, int, int, int, int]
+
+
+def identity_of(fd: int) -> FileIdentity:
+    """The identity of the file open as ``fd``."""
+    status = os.fstat(fd)
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns,
+            status.st_ctime_ns)
+
+
+def default_cache_directory() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mcnc-format" / "verified"
+
+
+class DigestCache:
+    """Verified ``(name, digest)`` pairs per file identity."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory or default_cache_directory()
+
+    def _entry(self, identity: FileIdentity) -> Path:
+        key = hashlib.sha256(repr(identity).encode()).hexdigest()
+        return self.directory / key[:2] / key
+
+    def _read(self, identity: FileIdentity) -> dict[str, str]:
+        try:
+            entries = json.loads(self._entry(identity).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(entries, dict):
+            return {}
+        return {k: v for k, v in entries.items() if isinstance(v, str)}
+
+    def known(self, identity: FileIdentity, name: str, digest: str) -> bool:
+        """Whether ``name`` of the file ``identity`` was verified to have ``digest``."""
+        return self._read(identity).get(name) == digest
+
+    def remember(self, identity: FileIdentity, name: str, digest: str) -> None:
+        """Record a verified digest. Best effort: a cache that cannot be written (read-only
+        home, full disk) only means hashing again next time."""
+        entries = self._read(identity)
+        entries[name] = digest
+        path = self._entry(identity)
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as out:
+                    json.dump(entries, out, sort_keys=True)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
