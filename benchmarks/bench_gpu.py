@@ -9,11 +9,14 @@ Sections, each guarded so that a failure in one still reports the others:
 (b) end-to-end load of a from-scratch 2.1 B-parameter decoder (bfloat16, one MCNC segment,
     PRNG theta0) against ``safetensors.torch.load_file(device="cuda")`` of its dense export,
     warm and cold page cache;
-(c) base + MCNC delta (theta0 = the dense export, streamed through pinned buffers, sha256
-    checked) against safetensors' own ``device="cuda"`` load of the base alone;
+(c) base + MCNC delta (theta0 = the dense export, streamed through pinned buffers) against
+    safetensors' own ``device="cuda"`` load of the base alone, with ``verify="full"`` (every
+    byte of the base hashed) and ``verify="cached"`` (the digest cache knows the base);
 (d) peak GPU memory (``max_memory_allocated``) and host memory (anonymous RSS above the
     baseline, sampled every millisecond) of each load;
-(e) the error of the fused path against the float64 reference (SPEC.md §10).
+(e) the error of the fused path against the float64 reference (SPEC.md §10);
+(f) a 1/16 row block of a 100M-value tensor (``get_slice``) against the whole tensor, and
+    whether it equals the same rows bit for bit.
 
 Usage: ``python benchmarks/bench_gpu.py --out DIR [--scratch DIR] [--params 2.1e9]``; writes
 ``DIR/bench_gpu.json`` and ``DIR/bench_gpu.md``. ``--small`` runs every section at toy sizes
@@ -54,11 +57,13 @@ from mcnc_format.engine.theta0 import fan_in_bound
 
 LLAMA = GeneratorSpec(k=5, d=5000, hidden=(32, 32), seed=20240628)
 VISION = GeneratorSpec(k=16, d=1600, hidden=(256, 256), seed=20240628)
+#: Issue 12's targets (same-run ratios against safetensors).
 TARGETS = {
     "fused_llama_params_per_s": 1.0e12,
-    "warm_ratio": 1 / 20,
+    "warm_ratio": 1 / 30,
     "cold_ratio": 1 / 100,
-    "delta_ratio": 1 / 3,
+    "delta_ratio": 1 / 3,  # base + delta, the base's digest cached
+    "delta_ratio_full": 1 / 2,  # base + delta, hashing every byte of the base
     "fp32_rel_error": 1e-5,
 }
 TILES = [(64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4)]
@@ -332,17 +337,20 @@ def sha256_of(path: Path) -> dict[str, str]:
 
 
 def compare_loads(mcnc_path: Path, dense_path: Path, device: torch.device, cold: bool,
-                  repeat: int, system_wide: bool = True) -> dict[str, Any]:
-    """Warm (and cold) wall times of the MCNC load against safetensors, with memory peaks."""
+                  repeat: int, system_wide: bool = True, verify: str = "cached"
+                  ) -> dict[str, Any]:
+    """Warm (and cold) wall times of the MCNC load against safetensors, with memory peaks.
+    ``verify``: the load's checks; with ``cached`` the warm-up records the base's pins in the
+    digest cache and the timed loads skip hashing the unchanged base."""
     from safetensors.torch import load_file
 
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {"verify": verify}
 
     def st() -> None:
         load_file(str(dense_path), device=str(device))
 
     def mc() -> None:
-        load(mcnc_path, device)
+        load(mcnc_path, device, verify=verify)
 
     for label, fn in (("safetensors", st), ("mcnc", mc)):
         fn()  # warm-up: page cache, Triton compilation, CUDA context
@@ -369,6 +377,27 @@ def compare_loads(mcnc_path: Path, dense_path: Path, device: torch.device, cold:
     if cold:
         res["cold_ratio"] = res["mcnc_cold_s"] / res["safetensors_cold_s"]
     return res
+
+
+# -- (f) a box ------------------------------------------------------------------------------
+def slice_time(device: torch.device, directory: Path, values: int) -> dict[str, Any]:
+    """A 1/16 row block of one tensor (a rank's FSDP shard) against the whole tensor."""
+    rows = max(16, values // 1000)
+    g = torch.Generator().manual_seed(7)
+    chunks = -(-rows * 1000 // LLAMA.d)
+    segment = Segment(LLAMA, (torch.rand(chunks, 1, LLAMA.k, generator=g) * 2 - 1) * LLAMA.L,
+                      torch.randn(chunks, 1, generator=g) * 0.01)
+    path = directory / "slice.mcnc"
+    mf.save(path, {"w": MCNC(segment, (rows, 1000), torch.bfloat16)})
+    block = slice(7 * rows // 16, 8 * rows // 16)
+    with mf.open(path) as f:
+        whole = timed(lambda: f.get_tensor("w", device), device, 3)
+        handle = f.get_slice("w").to(device)
+        part = timed(lambda: handle[block], device, 5)
+        same = torch.equal(handle[block], f.get_tensor("w", device)[block])
+    path.unlink()
+    return {"values": rows * 1000, "whole_s": min(whole), "slice_s": min(part),
+            "ratio": min(part) / min(whole), "bit_equal": same}
 
 
 # -- (e) accuracy ---------------------------------------------------------------------------
@@ -444,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=None,
                         help="where the multi-GB model files go (default: a temp dir)")
     parser.add_argument("--params", type=float, default=2.1e9)
-    parser.add_argument("--sections", default="a,b,c,e")
+    parser.add_argument("--sections", default="a,b,c,e,f")
     parser.add_argument("--small", action="store_true", help="toy sizes, to test the script")
     parser.add_argument("--deadline", type=float, default=270.0, help="seconds for all")
     args = parser.parse_args(argv)
@@ -511,7 +540,11 @@ def main(argv: list[str] | None = None) -> int:
                                                        system_wide=not args.small))
         if "delta" in files:
             section("c_delta", lambda: compare_loads(files["delta"], files["dense"], device,
-                                                     cold=False, repeat=3))
+                                                     cold=False, repeat=3, verify="full"))
+            section("c_delta_cached", lambda: compare_loads(
+                files["delta"], files["dense"], device, cold=False, repeat=3))
+        section("f_slice", lambda: slice_time(device, scratch, 1 << 20 if args.small
+                                              else 100_000_000))
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     (args.out / "bench_gpu.json").write_text(json.dumps(report, indent=2, default=str))
     table = markdown(report)
@@ -565,18 +598,27 @@ def markdown(report: dict[str, Any]) -> str:
     add("(b) model parameters", b.get("params"))
     s = report.get("b_scratch", {})
     add("(b) safetensors load_file cuda, warm", s.get("safetensors_warm_s"), "s")
-    add("(b) mcnc load, warm", s.get("mcnc_warm_s"), "s", "<= 1/20 of safetensors",
+    add("(b) mcnc load, warm", s.get("mcnc_warm_s"), "s", "<= 1/30 of safetensors",
         None if "warm_ratio" not in s else s["warm_ratio"] <= TARGETS["warm_ratio"])
     add("(b) warm ratio mcnc/safetensors", s.get("warm_ratio"))
     add(f"(b) safetensors, cold ({s.get('cold_method')})", s.get("safetensors_cold_s"), "s")
     add("(b) mcnc load, cold", s.get("mcnc_cold_s"), "s", "<= 1/100 of safetensors",
         None if "cold_ratio" not in s else s["cold_ratio"] <= TARGETS["cold_ratio"])
     add("(b) cold ratio mcnc/safetensors", s.get("cold_ratio"))
-    c = report.get("c_delta", {})
-    add("(c) safetensors load_file cuda of the base", c.get("safetensors_warm_s"), "s")
-    add("(c) mcnc base + delta, warm", c.get("mcnc_warm_s"), "s", "<= 1/3 of safetensors",
-        None if "warm_ratio" not in c else c["warm_ratio"] <= TARGETS["delta_ratio"])
-    add("(c) ratio", c.get("warm_ratio"))
+    for key, mode, target in (("c_delta", "full", "delta_ratio_full"),
+                              ("c_delta_cached", "cached", "delta_ratio")):
+        c = report.get(key, {})
+        add(f"(c) safetensors load_file cuda of the base ({mode} run)",
+            c.get("safetensors_warm_s"), "s")
+        add(f"(c) mcnc base + delta, warm, verify={mode}", c.get("mcnc_warm_s"), "s",
+            f"<= {TARGETS[target]:.3g} of safetensors",
+            None if "warm_ratio" not in c else c["warm_ratio"] <= TARGETS[target])
+        add(f"(c) ratio, verify={mode}", c.get("warm_ratio"))
+    f = report.get("f_slice", {})
+    add("(f) whole 100M-value tensor (llama, bf16)", f.get("whole_s"), "s")
+    add("(f) its 1/16 row block (get_slice)", f.get("slice_s"), "s", "<= 1/8 of the whole",
+        None if "ratio" not in f else f["ratio"] <= 1 / 8)
+    add("(f) ratio", f.get("ratio"))
     for key, label in (("b_scratch", "(d) from scratch"), ("c_delta", "(d) base + delta")):
         r = report.get(key, {})
         for who in ("mcnc", "safetensors"):
