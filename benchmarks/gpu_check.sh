@@ -62,7 +62,7 @@ EOF
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # Triton compiles in parallel
 # shellcheck disable=SC2086  # XDIST is empty or two words
 timeout 150 $PY -m pytest $XDIST tests/test_cuda.py tests/test_vectors.py tests/test_philox.py \
-  tests/test_triton_kernel.py tests/test_philox_triton.py tests/test_stream.py \
+  tests/test_triton_kernel.py tests/test_philox_triton.py tests/test_stream.py tests/test_slices.py \
   -k "not interpreted" -q -p no:cacheprovider --continue-on-collection-errors \
   --durations=10 -rf --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
 TEST_RC=$?

@@ -63,7 +63,13 @@ draws = [tk.philox_uniform(seed, stream, n, bound, torch.device("cpu"))
          for seed, stream, n, bound in torch.load(sys.argv[1].replace("cases", "draws"))]
 files = {path: load(path, "cpu", use_triton=True, workspace_bytes=int(ws))
          for path, ws in zip(sys.argv[3::2], sys.argv[4::2])}
-torch.save({"kernel": outputs, "files": files, "draws": draws}, sys.argv[2])
+# Boxes through the kernel: rows and columns cut off every matrix of the first file.
+first = sys.argv[3]
+cut = {n: (slice(1, None), slice(1, None)) for n, t in files[first].items()
+       if t.dim() == 2 and min(t.shape) > 1}
+got = load(first, "cpu", use_triton=True, workspace_bytes=4096, boxes=cut, names=list(cut))
+boxes = {n: (files[first][n][cut[n]], got[n]) for n in cut}
+torch.save({"kernel": outputs, "files": files, "draws": draws, "boxes": boxes}, sys.argv[2])
 """
 
 
@@ -292,15 +298,20 @@ def test_kernel_interpreted(tmp_path: Path) -> None:
         _check_against_eager(case, buffer)
     _compare_files(out["files"])
     _check_draws(draws, out["draws"])
+    assert out["boxes"], "the mixed file has matrices"
+    for name, (whole, box) in out["boxes"].items():  # the kernel's boxes, bit for bit
+        assert torch.equal(box.contiguous().view(torch.uint8),
+                           whole.contiguous().view(torch.uint8)), name
 
 
 _REGEN_SIGNATURE = {
     "left_ptr": "*fp32", "w_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16",
-    "base_ptr": "*fp64", "rows": "i32", "K": "i32", "stride_left": "i32", "d": "i32",
+    "base_ptr": "*fp64", "rows_ptr": "*i64", "rows": "i32", "K": "i32", "stride_left": "i32",
+    "d": "i32",
     "first_local": "i64", "numel": "i32", "theta_first": "i64", "key": "i64", "bound": "fp32",
     "mean": "fp32",
-    "std": "fp32", **dict.fromkeys(("HAS_BIAS", "THETA", "ALIGNED", "BLOCK_C", "BLOCK_D",
-                                    "BLOCK_K", "PRECISION", "LIBDEVICE"), "constexpr"),
+    "std": "fp32", **dict.fromkeys(("HAS_BIAS", "THETA", "ALIGNED", "GATHER", "BLOCK_C",
+                                    "BLOCK_D", "BLOCK_K", "PRECISION", "LIBDEVICE"), "constexpr"),
 }
 
 
@@ -335,10 +346,12 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
                              "_uniform_kernel"}, "compile any new jit function here too"
     target = GPUTarget("cuda", 90, 32)
     ptx = []
-    for theta, aligned in ((tk.THETA0_UNIFORM, True), (tk.THETA0_NORMAL, False),
-                           (tk.THETA0_DENSE, False)):
-        constants = {"HAS_BIAS": True, "THETA": theta, "ALIGNED": aligned, "BLOCK_C": 16,
-                     "BLOCK_D": 16, "BLOCK_K": 16, "PRECISION": "tf32x3", "LIBDEVICE": True}
+    for theta, aligned, gather in ((tk.THETA0_UNIFORM, True, False),
+                                   (tk.THETA0_NORMAL, False, True),
+                                   (tk.THETA0_DENSE, False, False)):
+        constants = {"HAS_BIAS": True, "THETA": theta, "ALIGNED": aligned, "GATHER": gather,
+                     "BLOCK_C": 16, "BLOCK_D": 16, "BLOCK_K": 16, "PRECISION": "tf32x3",
+                     "LIBDEVICE": True}
         source = ASTSource(tk._regen_kernel, _REGEN_SIGNATURE, constexprs=constants)
         ptx.append(triton.compile(source, target=target, options={"num_warps": 1}).asm["ptx"])
     source = ASTSource(tk._uniform_kernel, {"out_ptr": "*fp32", "n": "i32", "key": "i64",

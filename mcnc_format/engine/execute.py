@@ -41,7 +41,7 @@ import torch
 
 from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError, MCNCError
-from ..header import Header, Theta0Entry
+from ..header import ExternalTheta0, Header, MemberEntry, Theta0Entry
 from ..hostmem import zeros_float32
 from .fused import FusedGenerator, lora_product
 from .options import LoadOptions, Progress
@@ -109,12 +109,11 @@ class Executor:
         return triton_kernels
 
     def kernel_takes(self, target: Target) -> bool:
-        """Whether the fused kernel rebuilds ``target``: a contiguous box, an output dtype it
-        stores and a theta0 it evaluates (a dense one of any dtype, read as a staged base)."""
+        """Whether the fused kernel rebuilds ``target``: an output dtype it stores and a theta0
+        it evaluates (for a contiguous box also a dense one of any dtype, read as a staged
+        base; other boxes are gathered from whole chunk rows the kernel writes)."""
         kernels = self.kernels
         if kernels is None or target.member is None or target.dtype not in kernels.KERNEL_DTYPES:
-            return False
-        if not target.box.contiguous:
             return False
         theta0 = target.member.theta0
         return isinstance(theta0, DENSE_THETA0) or kernels.kernel_theta0(
@@ -352,10 +351,12 @@ class Executor:
         left = fused.coefficients(alpha, beta)
         eager = []
         for piece in step.pieces:
-            if self.kernel_takes(piece.target):
+            if not self.kernel_takes(piece.target):
+                eager.append(piece)
+            elif piece.target.box.contiguous:
                 self._kernel_piece(piece, step, fused, left, outputs[id(piece.target)], d)
             else:
-                eager.append(piece)
+                self._kernel_gather(piece, step, fused, left, outputs[id(piece.target)], d)
         if not eager:
             return
         if len(eager) == 1 and self._in_place(eager[0], step, fused, left, outputs[
@@ -422,14 +423,20 @@ class Executor:
             if base is not None:
                 flat[lo : lo + piece.hi - piece.lo] = base
             return where
+        positions = self._positions(piece, step, d)
+        if base is not None:
+            flat[positions] = base
+        return positions
+
+    def _positions(self, piece: Piece, step: BatchStep, d: int) -> torch.Tensor:
+        """Where a piece's values lie in the ``[chunks, d]`` rows of its batch, flat."""
+        target = piece.target
+        assert target.member is not None
         values = target.member.offset + target.elements(piece.lo, piece.hi, self.device)
         chunk = values // d
         rank = (chunk - step.first if step.ids is None
                 else torch.searchsorted(step.ids.to(self.device), chunk))
-        positions = rank * d + values % d
-        if base is not None:
-            flat[positions] = base
-        return positions
+        return rank * d + values % d
 
     def _workspace(self, workspace: list[torch.Tensor], rows: int, d: int) -> torch.Tensor:
         """A float32 ``[rows, d]`` scratch tensor, reused across batches."""
@@ -451,6 +458,49 @@ class Executor:
             left[m0 - step.first : m1 - step.first], fused.stacked,
             fused.weights.out_bias is not None, state.tensor, m0 * d - start, theta0,
             self.options.precision.value, theta_first=target.box.first_element)
+
+    def _kernel_gather(self, piece: Piece, step: BatchStep, fused: FusedGenerator,
+                       left: torch.Tensor, state: _Output, d: int) -> None:
+        """A box that is not one range: the kernel writes the batch's whole chunk rows (cast to
+        the output dtype, theta0 keyed by each row's own elements, or a dense theta0 laid out
+        like the rows) and the piece is gathered from them, so its values are the whole
+        tensor's bit for bit."""
+        kernels = self.kernels
+        target = piece.target
+        member = target.member
+        assert kernels is not None and member is not None
+        ids = (step.ids if step.ids is not None
+               else torch.arange(step.first, step.stop, dtype=torch.int64))
+        row_elements = ids * d - member.offset  # the member element of each row's first value
+        rows = torch.empty(step.chunks * d, dtype=target.dtype, device=self.device)
+        if isinstance(member.theta0, DENSE_THETA0):
+            theta0 = kernels.kernel_theta0(member.theta0, member.shape, self._dense_rows(
+                member, row_elements, d, f"{target.name}.theta0"))
+            row_elements = None
+        else:
+            theta0 = kernels.kernel_theta0(member.theta0, member.shape, None)
+        assert theta0 is not None, "kernel_takes admits only theta0 the kernel evaluates"
+        kernels.fused_regenerate(
+            left[: step.chunks], fused.stacked, fused.weights.out_bias is not None, rows, 0,
+            theta0, self.options.precision.value, row_elements=row_elements)
+        state.tensor[piece.lo : piece.hi] = rows[self._positions(piece, step, d)]
+        if isinstance(member.theta0, ExternalTheta0):
+            state.check = self.file.theta0.pending_check(member.theta0)
+
+    def _dense_rows(self, member: MemberEntry, row_elements: torch.Tensor, d: int, label: str
+                    ) -> torch.Tensor:
+        """A dense theta0 laid out like a batch's chunk rows (zero outside the member), in its
+        stored dtype on the device: the kernel reads it as it reads a staged base."""
+        entry = member.theta0
+        assert isinstance(entry, DENSE_THETA0)
+        elements = (row_elements[:, None] + torch.arange(d)[None, :]).reshape(-1)
+        inside = (elements >= 0) & (elements < member.numel)
+        first = int(elements[inside].min())
+        stop = int(elements[inside].max()) + 1
+        stored = self.file.theta0.dense(entry, member.shape, first, stop, label)
+        rows = torch.zeros(elements.numel(), dtype=stored.dtype)
+        rows[inside] = stored[elements[inside] - first]
+        return rows.to(self.device)
 
     def _merge(self, step: MergeStep, engine: CopyEngine, outputs: dict[int, _Output]) -> None:
         """``theta0 + scale * (B @ A)`` of a lora box (§6.3)."""

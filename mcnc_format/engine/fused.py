@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..generator import GeneratorWeights, ieee_fp32, ordered_matmul
+from ..generator import GeneratorWeights, ieee_fp32, ordered_matmul, row_stable_matmul
 
 __all__ = ["NARROW_D", "ROW_TILE", "FusedGenerator", "lora_product"]
 
@@ -70,7 +70,7 @@ class FusedGenerator:
         with ieee_fp32(h.device):
             if self.normalize:
                 h_wide = h.to(self.norm_dtype)
-                sq = (ordered_matmul(h_wide, self.gram) * h_wide).sum(-1)
+                sq = (row_stable_matmul(h_wide, self.gram) * h_wide).sum(-1)
                 if self.gram_bias is not None:
                     sq = sq + 2.0 * ordered_matmul(h_wide, self.gram_bias[:, None])[..., 0] \
                         + self.bias_sq

@@ -127,10 +127,10 @@ def _box_muller(xa, xb, LIBDEVICE: tl.constexpr):
 
 @triton.jit
 def _regen_kernel(
-    left_ptr, w_ptr, bias_ptr, out_ptr, base_ptr,
+    left_ptr, w_ptr, bias_ptr, out_ptr, base_ptr, rows_ptr,
     rows, K, stride_left, d, first_local, numel, theta_first,
     key, bound, mean, std,
-    HAS_BIAS: tl.constexpr, THETA: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, THETA: tl.constexpr, ALIGNED: tl.constexpr, GATHER: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
@@ -163,12 +163,17 @@ def _regen_kernel(
     local = row_start[:, None] + tl.arange(0, BLOCK_D)[None, :]
     mask = row_ok[:, None] & col_ok[None, :] & (local >= 0) & (local < numel)
     # The tensor's element index of each value, which keys its Philox draw (§8): the output
-    # may be a box starting at element ``theta_first`` of the tensor.
-    element = local + theta_first
+    # may be a box starting at element ``theta_first`` of the tensor, or (GATHER) rows of
+    # chunks that are not consecutive, each starting at element ``rows_ptr[r]``.
+    if GATHER:
+        row_elem = tl.load(rows_ptr + r64, mask=row_ok, other=0) + pid_d * BLOCK_D
+    else:
+        row_elem = row_start + theta_first
+    element = row_elem[:, None] + tl.arange(0, BLOCK_D)[None, :]
     if THETA == 1:
         if ALIGNED:
             # Rows start on a block boundary: one Philox block gives 4 consecutive values.
-            blk = (row_start[:, None] + theta_first) // 4 + tl.arange(0, BLOCK_D // 4)[None, :]
+            blk = row_elem[:, None] // 4 + tl.arange(0, BLOCK_D // 4)[None, :]
             w0, w1, w2, w3 = tl.randint4x(key, blk)
             words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_C, BLOCK_D))
         else:
@@ -179,7 +184,7 @@ def _regen_kernel(
         acc += _uniform_units(words) * bound
     elif THETA == 2:
         if ALIGNED:
-            blk = (row_start[:, None] + theta_first) // 2 + tl.arange(0, BLOCK_D // 2)[None, :]
+            blk = row_elem[:, None] // 2 + tl.arange(0, BLOCK_D // 2)[None, :]
             w0, w1, w2, w3 = tl.randint4x(key, blk)
             z = tl.reshape(tl.join(_box_muller(w0, w1, LIBDEVICE), _box_muller(w2, w3, LIBDEVICE)),
                            (BLOCK_C, BLOCK_D))
@@ -287,6 +292,7 @@ def fused_regenerate(
     precision: str = DEFAULT_PRECISION,
     tile: tuple[int, int, int] = DEFAULT_TILE,
     theta_first: int = 0,
+    row_elements: torch.Tensor | None = None,
 ) -> None:
     """Write ``theta0 + delta`` of ``left.shape[0]`` consecutive chunks into ``dest``.
 
@@ -297,7 +303,9 @@ def fused_regenerate(
     ``dest[0]`` is the member's element ``theta_first``, which keys Philox theta0 draws, and a
     dense ``theta0.base`` is indexed like ``dest``. ``dest`` is flat and contiguous in one of
     ``KERNEL_DTYPES``. ``tile`` is ``(BLOCK_C, BLOCK_D, num_warps)``, powers of two with
-    ``BLOCK_C, BLOCK_D >= 16``.
+    ``BLOCK_C, BLOCK_D >= 16``. ``row_elements`` (int64 on the CPU, one per row; a Philox
+    theta0 only) gives the tensor element of each row's first value instead, for rows of
+    chunks that are not consecutive (a column box): ``theta_first`` is then unused.
     ``precision``: ``"ieee"`` (float32 FMA, the default), ``"tf32x3"`` (Triton splits the
     operands in the kernel) or ``"split"`` (the same three TF32 products, operands split once
     outside: one TF32 product of ``3 K``).
@@ -315,20 +323,24 @@ def fused_regenerate(
         left = left.contiguous()
     bias = stacked[k_main] if has_bias else stacked
     block_k = min(64, max(16, triton.next_power_of_2(k_main)))
+    starts = [first_local + theta_first] if row_elements is None else row_elements.tolist()
     if theta0.kind == THETA0_UNIFORM:
-        aligned = (first_local + theta_first) % 4 == 0 and d % 4 == 0
+        aligned = all(x % 4 == 0 for x in starts) and d % 4 == 0
     elif theta0.kind == THETA0_NORMAL:
-        aligned = (first_local + theta_first) % 2 == 0 and d % 2 == 0
+        aligned = all(x % 2 == 0 for x in starts) and d % 2 == 0
     else:
         aligned = False
+    if row_elements is not None and theta0.base is not None:
+        raise ValueError("row_elements keys Philox draws; a dense base is indexed like dest")
     base = theta0.base if theta0.base is not None else dest
+    table = dest if row_elements is None else row_elements.to(dest.device, torch.int64)
     block_c, block_d, num_warps = tile
     grid = (triton.cdiv(rows, block_c) * triton.cdiv(d, block_d),)
     _regen_kernel[grid](
-        left, stacked, bias, dest, base,
+        left, stacked, bias, dest, base, table,
         rows, k_main, left.stride(0), d, first_local, dest.numel(), theta_first,
         theta0.key, theta0.bound, theta0.mean, theta0.std,
-        HAS_BIAS=has_bias, THETA=theta0.kind, ALIGNED=aligned,
+        HAS_BIAS=has_bias, THETA=theta0.kind, ALIGNED=aligned, GATHER=row_elements is not None,
         BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_K=block_k, PRECISION=precision,
         LIBDEVICE=compiled(), num_warps=num_warps,
     )
