@@ -338,7 +338,9 @@ class MCNCFile:
             if want is not None and out_dtype.is_floating_point:
                 out_dtype = want
             box = boxes.get(name)
-            if not isinstance(box, Box):
+            if isinstance(box, Box):
+                box.check(t.shape, f"{self.label}: {name}")
+            else:
                 box = (Box.full(t.shape) if box is None
                        else Box.from_index(t.shape, box, f"{self.label}: {name}"))
             out.append(TensorRequest(t, box, out_dtype))

@@ -212,3 +212,63 @@ def test_reading_a_local_file_does_not_import_the_hub(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _external_file(directory: Path) -> tuple[Path, Path]:
+    """A matrix and a lora adapter whose factor A starts from an external base tensor."""
+    from safetensors.torch import save_file
+
+    from mcnc_format import LoRA
+    from mcnc_format.reader import tensor_sha256
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 12, generator=g)
+    save_file({"w": base, "a": base[:4].clone()}, str(directory / "base.safetensors"))
+    spec = GeneratorSpec(k=3, d=16, hidden=(8,), seed=4)
+    seg = Segment(spec, torch.rand(11, 1, 3, generator=g), torch.randn(11, 1, generator=g))
+    path = directory / "external.mcnc"
+    mf.save(path, {
+        "w": MCNC(seg, (8, 12), theta0=Theta0.external("base.safetensors", "w",
+                                                       tensor_sha256(base))),
+        "lora": LoRA(MCNC(seg, (4, 12), theta0=Theta0.external(
+            "base.safetensors", "a", tensor_sha256(base[:4]))), MCNC(seg, (8, 4)), 0.5),
+    })
+    return path, directory / "base.safetensors"
+
+
+@pytest.mark.parametrize("box", [(slice(None), slice(2, 5)), (slice(1, 3),), (3, slice(1, 4))],
+                         ids=["columns", "rows", "row-and-columns"])
+def test_every_box_on_a_damaged_base_is_refused(tmp_path: Path, box: tuple) -> None:
+    """R75 holds for every box, and for a lora tensor whose factor starts from the base."""
+    path, base = _external_file(tmp_path)
+    whole = mf.load(path)
+    for name in ("w", "lora"):
+        _assert_bits(mf.load(path, boxes={name: box}, names=[name])[name], whole[name][box],
+                     name)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(8, 12), "a": torch.zeros(4, 12)}, str(base))  # other values
+    for name in ("w", "lora"):
+        with pytest.raises(mf.ExternalReferenceDamaged, match="sha256"):
+            mf.load(path, boxes={name: box}, names=[name], verify="full")
+    from mcnc_format.verify import verify_file
+
+    report = verify_file(path)
+    assert not report.ok and any(p.rule == "R75" for p in report.problems)
+
+
+def test_boxes_and_options_that_do_not_fit_are_usage_errors(tmp_path: Path) -> None:
+    path = mixed_file(tmp_path)
+    shape = mf.open(path).entry("m0").shape
+    for box in (Box.full((10, 10)), Box(shape, (0, 5), (shape[0], 3)),
+                Box(shape, (-2, 0), shape), Box(shape, (0, 0), shape, drop=(0,))):
+        with pytest.raises(UsageError):
+            mf.load(path, names=["m0"], boxes={"m0": box})
+    with mf.open(path) as f:
+        for index in (slice("a", 3), slice(0, 2.5)):
+            with pytest.raises(UsageError, match="integers"):
+                f.get_slice("m0")[index]
+    with pytest.raises(UsageError, match="precision='bogus'"):
+        mf.load(path, precision="bogus")
+    with pytest.raises(UsageError, match="verify='bogus'"):
+        mf.load(path, verify="bogus")

@@ -55,8 +55,12 @@ class Box:
             if isinstance(item, slice):
                 if item.step not in (None, 1):
                     raise UsageError(f"{label}: dimension {dim}: only steps of 1 are supported, "
-                                    f"got {item.step}; slice with step 1 and index the result")
-                start, stop, _ = item.indices(size)
+                                     f"got {item.step}; slice with step 1 and index the result")
+                try:
+                    start, stop, _ = item.indices(size)
+                except TypeError as exc:
+                    raise UsageError(f"{label}: dimension {dim}: slice bounds must be integers, "
+                                     f"got {item}") from exc
                 starts.append(start)
                 stops.append(max(start, stop))
             elif isinstance(item, int) and not isinstance(item, bool):
@@ -87,6 +91,21 @@ class Box:
         return cls(tuple(shape), tuple(offsets),
                    tuple(o + n for o, n in zip(offsets, lengths, strict=True)))
 
+    def check(self, shape: tuple[int, ...], label: str = "tensor") -> None:
+        """Refuse a box made for another shape, or reaching outside it."""
+        if tuple(shape) != self.shape:
+            raise UsageError(f"{label}: a box of a tensor of shape {list(self.shape)} for one of "
+                             f"shape {list(shape)}")
+        if not len(self.starts) == len(self.stops) == len(shape):
+            raise UsageError(f"{label}: a box needs a start and a stop per dimension")
+        for dim, (a, b, size) in enumerate(zip(self.starts, self.stops, shape, strict=True)):
+            if not 0 <= a <= b <= size:
+                raise UsageError(f"{label}: dimension {dim}: elements {a} .. {b} lie outside "
+                                 f"its size {size}")
+        if any(d not in range(len(shape)) or self.stops[d] - self.starts[d] != 1
+               for d in self.drop):
+            raise UsageError(f"{label}: a dropped dimension must have one element")
+
     # -- facts -----------------------------------------------------------------------------
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -100,10 +119,6 @@ class Box:
     def result_shape(self) -> tuple[int, ...]:
         """The shape of the tensor handed out (integer-indexed dimensions dropped)."""
         return tuple(n for dim, n in enumerate(self.lengths) if dim not in self.drop)
-
-    @property
-    def is_full(self) -> bool:
-        return self.starts == (0,) * len(self.shape) and self.stops == self.shape
 
     @property
     def run_dim(self) -> int:

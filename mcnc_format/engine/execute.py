@@ -31,7 +31,6 @@ import errno
 import importlib.util
 import math
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Protocol
@@ -41,7 +40,7 @@ import torch
 
 from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError, MCNCError
-from ..header import ExternalTheta0, Header, MemberEntry, Theta0Entry
+from ..header import Header, MemberEntry, Theta0Entry
 from ..hostmem import zeros_float32
 from .fused import FusedGenerator, lora_product
 from .options import LoadOptions, Progress
@@ -78,7 +77,6 @@ class _Output:
     zero: bool  # known to hold zeros (a fresh zero-filled allocation)
     base: torch.Tensor | None = None  # a staged dense theta0 (may be ``tensor`` itself)
     base_marker: object = None
-    check: Future[None] | None = None
 
 
 class Executor:
@@ -154,8 +152,7 @@ class Executor:
                     if not target.output:
                         continue
                     state = outputs.pop(id(target))
-                    if state.check is not None:
-                        state.check.result()  # R75: the base's sha256 pin held
+                    self._await_pins(target)
                     value = state.tensor.view(target.box.result_shape)
                     done += 1
                     done_bytes += target.nbytes
@@ -170,6 +167,15 @@ class Executor:
             raise self._oom(plan) from exc
         finally:
             ring.drain()
+
+    def _await_pins(self, target: Target) -> None:
+        """R75: the SHA-256 pin of every external base ``target`` was built from (its own
+        theta0 and, for a lora tensor, its factors') held, before it is handed out."""
+        assert target.tensor is not None
+        for entry in target.tensor.theta0s():
+            check = self.file.theta0.pending_check(entry)
+            if check is not None:
+                check.result()
 
     def _check_fits(self, plan: Plan) -> None:
         """Refuse up front a load that cannot fit the device's free memory (counting what
@@ -257,7 +263,10 @@ class Executor:
         return tensor, marker
 
     def _stage_batch(self, step: BatchStep, engine: CopyEngine, ring: StagingRing,
-                     outputs: dict[int, _Output]) -> tuple[torch.Tensor, torch.Tensor]:
+                     outputs: dict[int, _Output]) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """Alpha and beta rows of the batch on the device, the marker of their copy (waited
+        on when the batch is computed, so staging the next step never delays this one), and
+        the bases of the targets the batch starts."""
         seg = self.header.segments[step.segment]
         inputs = []
         marker: object = None
@@ -273,11 +282,10 @@ class Executor:
             tensor, marker = self._upload(window, (step.chunks, *blob.shape[1:]),
                                           to_torch(blob.dtype), engine, ring)
             inputs.append(tensor)
-        engine.wait_compute(marker)
         for piece in step.pieces:
             if id(piece.target) not in outputs:
                 self._stage_base(piece.target, engine, ring, outputs)
-        return inputs[0], inputs[1]
+        return inputs[0], inputs[1], marker
 
     def _stage_base(self, target: Target, engine: CopyEngine, ring: StagingRing,
                     outputs: dict[int, _Output]) -> None:
@@ -295,7 +303,6 @@ class Executor:
         label = f"{target.name}.theta0"
         dtype = theta0.dense_dtype(entry, shape)
         data = theta0.dense_bytes(entry, shape, first, first + target.numel, label)
-        state.check = theta0.pending_check(entry)
         into = state.tensor if dtype == target.dtype else None
         state.base, state.base_marker = self._upload(data, (target.numel,), dtype, engine,
                                                      ring, into)
@@ -335,10 +342,11 @@ class Executor:
         value = value.to(target.dtype).contiguous()
         outputs[id(target)] = _Output(value.reshape(-1), False)
 
-    def _compute_batch(self, step: BatchStep, staged: tuple[torch.Tensor, torch.Tensor],
+    def _compute_batch(self, step: BatchStep, staged: tuple[torch.Tensor, torch.Tensor, object],
                        engine: CopyEngine, outputs: dict[int, _Output],
                        workspace: list[torch.Tensor]) -> None:
-        alpha, beta = staged
+        alpha, beta, marker = staged
+        engine.wait_compute(marker)
         seg = self.header.segments[step.segment]
         fused = self.file.fused_generator(seg.generator, seg.m, self.device, self.kernels)
         d = fused.weights.spec.d
@@ -484,8 +492,6 @@ class Executor:
             left[: step.chunks], fused.stacked, fused.weights.out_bias is not None, rows, 0,
             theta0, self.options.precision.value, row_elements=row_elements)
         state.tensor[piece.lo : piece.hi] = rows[self._positions(piece, step, d)]
-        if isinstance(member.theta0, ExternalTheta0):
-            state.check = self.file.theta0.pending_check(member.theta0)
 
     def _dense_rows(self, member: MemberEntry, row_elements: torch.Tensor, d: int, label: str
                     ) -> torch.Tensor:
@@ -513,8 +519,7 @@ class Executor:
         base = self._theta0(t.theta0, t.shape, Piece(target, 0, target.numel), None)
         if base is not None:
             merged += base.view(merged.shape)
-        check = self.file.theta0.pending_check(t.theta0)
-        outputs[id(target)] = _Output(merged.reshape(-1).to(target.dtype), False, check=check)
+        outputs[id(target)] = _Output(merged.reshape(-1).to(target.dtype), False)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -50,13 +50,6 @@ class FusedGenerator:
             rows.append(weights.out_bias[None, :])
         self.stacked = torch.cat(rows, dim=0).contiguous()  # [m * width (+1), d]
 
-    def bytes_per_chunk(self) -> int:
-        """Working memory one chunk of a batch needs: its float32 output row when it goes to
-        the workspace, plus the hidden activations in float32 and their float64 copies for
-        the row norm (``m * width`` values each, a few times over)."""
-        spec = self.weights.spec
-        return 4 * spec.d + self.m * (max(spec.hidden) * (4 * 2 + 8 * 3) + spec.k * 4)
-
     def coefficients(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """The left factor ``[R, m * width (+1)]`` for alpha ``[B, m, k]``, beta ``[B, m]``:
         ``R`` is ``B`` padded to a multiple of ``ROW_TILE`` (the padding rows repeat the last
@@ -70,10 +63,10 @@ class FusedGenerator:
         with ieee_fp32(h.device):
             if self.normalize:
                 h_wide = h.to(self.norm_dtype)
+                # Products, then sums within each row: nothing depends on the other rows.
                 sq = (row_stable_matmul(h_wide, self.gram) * h_wide).sum(-1)
                 if self.gram_bias is not None:
-                    sq = sq + 2.0 * ordered_matmul(h_wide, self.gram_bias[:, None])[..., 0] \
-                        + self.bias_sq
+                    sq = sq + 2.0 * (h_wide * self.gram_bias).sum(-1) + self.bias_sq
                 coef = (beta.to(self.norm_dtype) * torch.rsqrt(sq)).to(torch.float32)
             else:
                 coef = beta

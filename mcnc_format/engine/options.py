@@ -5,6 +5,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+from ..errors import UsageError
+
+E = TypeVar("E", bound=enum.Enum)
 
 __all__ = [
     "DEFAULT_STAGING_BYTES",
@@ -34,6 +39,19 @@ class Precision(str, enum.Enum):
     #: The same three TF32 products with the operands split once outside the kernel.
     SPLIT = "split"
 
+    @classmethod
+    def of(cls, value: str | Precision) -> Precision:
+        return _member(cls, value, "precision")
+
+
+def _member(kind: type[E], value: object, what: str) -> E:
+    """``kind(value)``, or a ``UsageError`` naming the values there are."""
+    try:
+        return kind(value)
+    except ValueError:
+        names = ", ".join(repr(m.value) for m in kind)  # type: ignore[attr-defined]
+        raise UsageError(f"{what}={value!r} is not one of {names}") from None
+
 
 class Verify(str, enum.Enum):
     """What a load checks of the bytes it reads (SPEC.md §4 R24, §7.4 R75)."""
@@ -53,7 +71,7 @@ class Verify(str, enum.Enum):
         """``True`` is ``CACHED``, ``False`` is ``NONE``."""
         if isinstance(value, bool):
             return cls.CACHED if value else cls.NONE
-        return cls(value)
+        return _member(cls, value, "verify")
 
 
 @dataclass(frozen=True)

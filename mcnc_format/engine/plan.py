@@ -67,6 +67,7 @@ class Target:
     dtype: torch.dtype
     member: MemberEntry | None = None
     output: bool = True
+    tensor: TensorEntry | None = None  # the requested tensor an output target is a box of
 
     @property
     def numel(self) -> int:
@@ -185,7 +186,7 @@ def plan_load(header: Header, requests: list[TensorRequest], workspace_bytes: in
 
     for request in requests:
         t = request.entry
-        target = Target(t.name, request.box, request.dtype)
+        target = Target(t.name, request.box, request.dtype, tensor=t)
         outputs.append(target)
         if target.numel == 0:
             order.append(EmptyStep(target))
@@ -255,8 +256,7 @@ def _range_batches(segment: int, targets: list[Target], d: int, rows: int) -> li
             groups.append((lo, hi, [target]))
     steps: list[Step] = []
     for first, stop, members in groups:
-        for c0 in range(first, stop, rows):
-            c1 = min(c0 + rows, stop)
+        for c0, c1 in _tiled_ranges(first, stop, rows):
             pieces = []
             for target in members:
                 start = _first(target)
@@ -265,6 +265,18 @@ def _range_batches(segment: int, targets: list[Target], d: int, rows: int) -> li
                     pieces.append(Piece(target, lo - start, hi - start))
             steps.append(BatchStep(segment, c0, c1, pieces))
     return steps
+
+
+def _tiled_ranges(first: int, stop: int, rows: int) -> Iterator[tuple[int, int]]:
+    """Chunk ranges of at most ``rows`` (a multiple of ``ROW_TILE``) covering ``[first,
+    stop)``, all whole row tiles but a last one of fewer than ``ROW_TILE`` chunks: a whole
+    tile can be accumulated straight into a float32 output, a partial one is padded in the
+    workspace."""
+    tail = (stop - first) % ROW_TILE
+    for c0 in range(first, stop - tail, rows):
+        yield c0, min(c0 + rows, stop - tail)
+    if tail:
+        yield stop - tail, stop
 
 
 def _gathered_batches(segment: int, target: Target, d: int, rows: int) -> Iterator[Step]:

@@ -125,10 +125,6 @@ class BlobStore:
         first = t.start if isinstance(t, PackedTensor) else 0
         return self.blob_range(t.blob, first + start, first + stop, path)
 
-    def checked(self) -> list[int]:
-        """Blobs whose checksum has been checked."""
-        return sorted(self._verified)
-
     def close(self) -> None:
         self._kept.clear()
         self.source.close()

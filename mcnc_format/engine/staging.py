@@ -128,9 +128,9 @@ class CudaCopyEngine:
 class StagingRing:
     """Uploads host bytes to device tensors through ``slots`` staging buffers in turn.
 
-    ``fill(piece, offset)`` may observe every piece on its way (checksums). ``upload``
-    returns the marker of the last copy; pass it to ``engine.wait_compute`` before the
-    destination is read on the compute stream.
+    ``upload(..., observe=)`` may observe every piece on its way. ``upload`` returns the
+    marker of the last copy; pass it to ``engine.wait_compute`` before the destination is
+    read on the compute stream.
     """
 
     def __init__(self, engine: CopyEngine, slot_bytes: int, slots: int = 2) -> None:

@@ -59,7 +59,8 @@ def resolve_reference(uri: str) -> Path:
     return download(parse_uri(uri, error=HubError))
 
 
-def read_reference(uri: str, source: str, read: Callable[[Path], T]) -> T:
+def read_reference(uri: str, source: str, read: Callable[[Path], T], *,
+                   token: str | None = None, endpoint: str | None = None) -> T:
     """``read(local_path)`` for theta0 reference ``uri`` of the ``.mcnc`` file ``source``.
 
     ``uri`` is ``hf://...``, or a path relative to ``source`` when ``source`` itself came from
@@ -74,7 +75,9 @@ def read_reference(uri: str, source: str, read: Callable[[Path], T]) -> T:
     else:
         parent = parse_uri(source, error=HubError)
         target = parent.with_path(posixpath.join(posixpath.dirname(parent.path), uri))
-    return _checked(target, download(target), read, (ExternalReferenceDamaged,), {})
+    options = {"token": token, "endpoint": endpoint}
+    return _checked(target, download(target, **options), read, (ExternalReferenceDamaged,),
+                    options)
 
 
 def resolve_path(path_or_uri: PathLike, *, token: str | None = None,

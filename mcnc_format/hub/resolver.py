@@ -28,5 +28,5 @@ class HubResolver:
 
     def reference(self, uri: str, source: str, read: Callable[[Path], T]) -> T:
         if uri.startswith("hf://") or source.startswith("hf://"):
-            return read_reference(uri, source, read)
+            return read_reference(uri, source, read, token=self.token, endpoint=self.endpoint)
         return read(Path(source).parent / uri)

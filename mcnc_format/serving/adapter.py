@@ -182,6 +182,9 @@ class _Reader:
         if isinstance(member.theta0, BlobTheta0 | ExternalTheta0):
             values = self.f.theta0.values(member.theta0, member.shape, 0, member.numel,
                                           self.device, label)
+            check = self.f.theta0.pending_check(member.theta0)
+            if check is not None:
+                check.result()  # R75: the base this factor starts from has its pinned bytes
             assert values is not None
             return values
         return member.theta0
