@@ -149,3 +149,22 @@ def test_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), got
         assert "not a regular file" in lines[0] and not stdout, got
+
+
+def test_large_reads_are_split_across_threads_and_damage_still_reported(tmp_path: Path) -> None:
+    """A range of several pieces is read by reader threads: the bytes are the file's, and a
+    file cut short inside any piece is a FormatError naming where it ended."""
+    from mcnc_format.engine import source
+    from mcnc_format.errors import FormatError
+
+    data = os.urandom(5 * source.PARALLEL_PIECE_BYTES // 2 + 12345)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    reader = source.FileSource(path, "big.bin")
+    try:
+        assert bytes(reader.read(7, len(data) - 7)) == data[7:]
+        os.truncate(path, len(data) - source.PARALLEL_PIECE_BYTES)
+        with pytest.raises(FormatError, match="truncated or replaced while open"):
+            reader.read(0, len(data))
+    finally:
+        reader.close()

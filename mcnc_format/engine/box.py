@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ __all__ = ["Box"]
 @dataclass(frozen=True)
 class Box:
     """Elements ``[starts[i], stops[i])`` of each dimension ``i`` of a tensor of ``shape``;
-    ``drop`` lists the dimensions indexed by an integer (removed from the result's shape)."""
+    ``drop`` lists the dimensions indexed by an integer (removed from the result's shape).
+    Derived facts are computed once (the planner asks for them per batch)."""
 
     shape: tuple[int, ...]
     starts: tuple[int, ...]
@@ -107,20 +109,20 @@ class Box:
             raise UsageError(f"{label}: a dropped dimension must have one element")
 
     # -- facts -----------------------------------------------------------------------------
-    @property
+    @cached_property
     def lengths(self) -> tuple[int, ...]:
         return tuple(b - a for a, b in zip(self.starts, self.stops, strict=True))
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return math.prod(self.lengths)
 
-    @property
+    @cached_property
     def result_shape(self) -> tuple[int, ...]:
         """The shape of the tensor handed out (integer-indexed dimensions dropped)."""
         return tuple(n for dim, n in enumerate(self.lengths) if dim not in self.drop)
 
-    @property
+    @cached_property
     def run_dim(self) -> int:
         """The dimension whose range each run spans: every later dimension is whole."""
         dim = len(self.shape) - 1
@@ -128,7 +130,7 @@ class Box:
             dim -= 1
         return max(dim, 0)
 
-    @property
+    @cached_property
     def run_length(self) -> int:
         """Elements in one run (0 for an empty box)."""
         if not self.shape:
@@ -136,19 +138,19 @@ class Box:
         dim = self.run_dim
         return self.lengths[dim] * math.prod(self.shape[dim + 1 :])
 
-    @property
+    @cached_property
     def runs(self) -> int:
         """How many runs the box has (0 for an empty box)."""
         if self.numel == 0:
             return 0
         return math.prod(self.lengths[: self.run_dim]) if self.shape else 1
 
-    @property
+    @cached_property
     def contiguous(self) -> bool:
         """Whether the box is one contiguous range of the tensor's elements."""
         return self.runs <= 1
 
-    @property
+    @cached_property
     def first_element(self) -> int:
         """The row-major index of the box's first element in the tensor."""
         return sum(s * st for s, st in zip(self.starts, _strides(self.shape), strict=True))

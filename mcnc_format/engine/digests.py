@@ -21,9 +21,12 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 __all__ = ["DigestCache", "FileIdentity", "default_cache_directory", "identity_of"]
+
+_WRITING = threading.Lock()
 
 #: What identifies a file's contents without reading them.
 FileIdentity = tuple[int, int, int, int, int]
@@ -66,7 +69,12 @@ class DigestCache:
 
     def remember(self, identity: FileIdentity, name: str, digest: str) -> None:
         """Record a verified digest. Best effort: a cache that cannot be written (read-only
-        home, full disk) only means hashing again next time."""
+        home, full disk), or an entry another process rewrote at the same moment, only means
+        hashing again next time."""
+        with _WRITING:  # hashing threads of one process record into one entry in turn
+            self._write(identity, name, digest)
+
+    def _write(self, identity: FileIdentity, name: str, digest: str) -> None:
         entries = self._read(identity)
         entries[name] = digest
         path = self._entry(identity)

@@ -256,11 +256,16 @@ def _range_batches(segment: int, targets: list[Target], d: int, rows: int) -> li
             groups.append((lo, hi, [target]))
     steps: list[Step] = []
     for first, stop, members in groups:
+        spans = [(_first(t), _first(t) + t.numel, t) for t in members]  # sorted by start
+        begin = 0  # the first member not yet finished by earlier batches
         for c0, c1 in _tiled_ranges(first, stop, rows):
             pieces = []
-            for target in members:
-                start = _first(target)
-                lo, hi = max(c0 * d, start), min(c1 * d, start + target.numel)
+            while begin < len(spans) and spans[begin][1] <= c0 * d:
+                begin += 1
+            for start, end, target in spans[begin:]:
+                if start >= c1 * d:
+                    break
+                lo, hi = max(c0 * d, start), min(c1 * d, end)
                 if lo < hi:
                     pieces.append(Piece(target, lo - start, hi - start))
             steps.append(BatchStep(segment, c0, c1, pieces))

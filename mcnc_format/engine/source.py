@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import constants as C
@@ -27,6 +28,21 @@ __all__ = ["BlobStore", "FileSource", "open_regular"]
 
 #: Decoded blobs up to this size stay in memory once read.
 KEEP_BYTES = 16 << 20
+#: Reads of at least two such pieces are split across reader threads.
+PARALLEL_PIECE_BYTES = 16 << 20
+_READERS: list[ThreadPoolExecutor] = []
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads
+    os.register_at_fork(after_in_child=_READERS.clear)
+
+
+def _readers() -> ThreadPoolExecutor:
+    """The process's reader threads (created on first use; pread needs no per-file state)."""
+    if not _READERS:
+        _READERS.append(ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                           thread_name_prefix="mcnc-read"))
+    return _READERS[0]
 
 
 def open_regular(path: Path, label: str, error: type[MCNCError] = MCNCError) -> tuple[int, int]:
@@ -56,24 +72,38 @@ class FileSource:
 
     def read(self, offset: int, length: int, into: memoryview | None = None) -> memoryview:
         """Bytes ``[offset, offset + length)``, into ``into`` when given (its first
-        ``length`` bytes). A file that ends early (it shrank while open) is damage."""
+        ``length`` bytes). A file that ends early (it shrank while open) is damage. A large
+        range is read by several threads at once (``pread`` releases the GIL; from the page
+        cache one thread copies a few GB/s, several copy many times that)."""
         if self.fd < 0:
             raise MCNCError(f"{self.label}: read from a closed file")
         buffer = into if into is not None else memoryview(bytearray(length))
-        done = 0
-        while done < length:
+        pieces = range(0, length, PARALLEL_PIECE_BYTES)
+        if length < 2 * PARALLEL_PIECE_BYTES:
+            self._read_into(buffer, offset, 0, length)
+        else:
+            jobs = [_readers().submit(self._read_into, buffer, offset, start,
+                                      min(start + PARALLEL_PIECE_BYTES, length))
+                    for start in pieces]
+            for job in jobs:
+                job.result()
+        return buffer[:length]
+
+    def _read_into(self, buffer: memoryview, offset: int, start: int, stop: int) -> None:
+        """File bytes ``offset + start .. offset + stop`` into ``buffer[start:stop]``."""
+        done = start
+        while done < stop:
             try:
-                n = os.preadv(self.fd, [buffer[done:length]], offset + done)
+                n = os.preadv(self.fd, [buffer[done:stop]], offset + done)
             except OSError as exc:
                 raise FormatError(f"{self.label}: cannot read bytes {offset + done} .. "
-                                  f"{offset + length}: {exc.strerror or exc}") from exc
+                                  f"{offset + stop}: {exc.strerror or exc}") from exc
             if n == 0:
                 raise FormatError(
                     f"{self.label}: the file ended at byte {offset + done}, inside data that "
-                    f"runs to byte {offset + length}: it was truncated or replaced while open. "
+                    f"runs to byte {offset + stop}: it was truncated or replaced while open. "
                     "Open it again, or re-download it.")
             done += n
-        return buffer[:length]
 
     def identity(self) -> FileIdentity:
         """What identifies the open file's contents (``engine/digests.py``)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -176,7 +177,9 @@ class Theta0Source:
 
     def _workers(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcnc-sha256")
+            # One thread per base tensor being hashed: SHA-256 is sequential within a tensor.
+            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                            thread_name_prefix="mcnc-sha256")
         return self._pool
 
     # -- values ---------------------------------------------------------------------------
