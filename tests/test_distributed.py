@@ -175,6 +175,10 @@ def _rank_main(rank: int, path: str, store: str) -> None:
             _fsdp2(rank, f, want)
             _tp_by_dp(f, want)
             _errors_reach_every_rank(path)
+        # Every rank leaves together: a rank tearing gloo down while a peer's collective
+        # threads still run aborted the process now and then ("terminate called without an
+        # active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
