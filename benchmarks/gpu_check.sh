@@ -3,6 +3,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh      # default OUT=./gpu_out
 #   BENCH_ARGS=--small bash benchmarks/gpu_check.sh # toy sizes: checks the script (any machine)
+#   GPU_EXTRA=adapters,distributed bash benchmarks/gpu_check.sh   # also issues 14 and 11 on CUDA
 #
 # Run from the repository root on a machine with an NVIDIA GPU, torch (CUDA) and triton
 # installed; nothing is downloaded. Steps, each allowed to fail without stopping the others:
@@ -79,6 +80,23 @@ timeout "$BUDGET" $PY benchmarks/bench_gpu.py --out "$OUT" --scratch "$SCRATCH" 
 BENCH_RC=$?
 echo "bench (rc $BENCH_RC, budget ${BUDGET}s): see $OUT/bench.log"
 
+# 4. optional, beyond the 6-minute check: GPU_EXTRA=adapters,distributed -------------------
+# (issue 14's adapter bank on Llama-2-7B shapes, about 3 minutes; issue 11's 8-way split
+# measured rank by rank, about 2 minutes)
+EXTRA_LINES=""
+case ",${GPU_EXTRA:-}," in *,adapters,*)
+  timeout 240 $PY benchmarks/bench_adapters.py --size 7b --device cuda \
+    --json "$OUT/bench_adapters.json" >"$OUT/bench_adapters.log" 2>&1
+  EXTRA_LINES="$EXTRA_LINES
+adapters (rc $?): $(grep -E '^\((a|b|c)\)' "$OUT/bench_adapters.log" | tr '\n' ' ')";;
+esac
+case ",${GPU_EXTRA:-}," in *,distributed,*)
+  timeout 240 $PY benchmarks/bench_distributed.py --cuda --json "$OUT/bench_distributed.json" \
+    >"$OUT/bench_distributed.log" 2>&1
+  EXTRA_LINES="$EXTRA_LINES
+distributed (rc $?): see $OUT/bench_distributed.log";;
+esac
+
 # summary ----------------------------------------------------------------------------------
 {
   echo "# GPU check, $(date -u +%FT%TZ), $(( $(date +%s) - START )) s"
@@ -98,5 +116,6 @@ print(bench_gpu.markdown(json.load(open(sys.argv[1]))))" "$OUT/bench_gpu.json" \
     echo "bench_gpu.py produced no figures (rc $BENCH_RC):"
     tail -n 30 "$OUT/bench.log"
   fi
+  [ -n "$EXTRA_LINES" ] && echo "$EXTRA_LINES"
 } >"$OUT/summary.md"
 cat "$OUT/summary.md"
