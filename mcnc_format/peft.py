@@ -18,7 +18,8 @@ from torch import nn
 
 from .api import open as open_file
 from .converters.peft_export import peft_adapter
-from .errors import MCNCError
+from .errors import MCNCError, UsageError
+from .header import LoRATensor
 
 __all__ = ["load_adapter"]
 
@@ -41,22 +42,55 @@ def load_adapter(model: nn.Module, path_or_hf_uri: str | os.PathLike[str],
     source = os.fspath(path_or_hf_uri)
     with open_file(source) as f:
         adapter = peft_adapter(f, source, device)
+        shapes = {t.name.removesuffix(".weight"): t.shape for t in f.header.tensors
+                  if isinstance(t, LoRATensor)}
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    modules = dict(base.named_modules())
-    absent = sorted(m for m in adapter.ranks if m not in modules)
-    if absent:
-        raise MCNCError(f"{source}: adapts modules {absent[:5]} that "
-                        f"{type(base).__name__} does not have; is this the adapter of "
-                        "another model?")
+    _check_targets(base, shapes, source)
+    if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+        raise UsageError(f"{source}: the model already has an adapter named {adapter_name!r}; "
+                         "pass another adapter_name")
     config = LoraConfig(**{k: v for k, v in adapter.config.items() if k != "peft_type"})
-    if isinstance(model, PeftModel):
-        model.add_adapter(adapter_name, config)
-        peft_model = model
-    else:
-        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    result = set_peft_model_state_dict(peft_model, adapter.weights, adapter_name=adapter_name)
+    try:
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, config)
+            peft_model = model
+        else:
+            peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(peft_model, adapter.weights,
+                                           adapter_name=adapter_name)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise MCNCError(f"{source}: PEFT refused the adapter: {exc}") from exc
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     if unexpected:
         raise MCNCError(f"{source}: PEFT did not place {unexpected[:5]} in the model")
     peft_model.set_adapter(adapter_name)
     return peft_model
+
+
+def _check_targets(base: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str
+                   ) -> None:
+    """Before PEFT touches the model: every adapted module exists, is a Linear of the lora
+    tensor's shape, and sits at one path only (PEFT wraps a module once, so a Linear reused
+    under two names would keep its adapter at one of them only)."""
+    paths: dict[int, list[str]] = {}
+    for path, module in base.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    modules = dict(base.named_modules(remove_duplicate=False))
+    absent = sorted(m for m in shapes if m not in modules)
+    if absent:
+        raise MCNCError(f"{source}: adapts modules {absent[:5]} that "
+                        f"{type(base).__name__} does not have; is this the adapter of "
+                        "another model?")
+    for name, shape in shapes.items():
+        module = modules[name]
+        if hasattr(module, "get_base_layer"):  # already adapted: PEFT's layer wraps the Linear
+            module = module.get_base_layer()
+        if not isinstance(module, torch.nn.Linear) or tuple(module.weight.shape) != shape:
+            found = (f"a Linear of weight shape {list(module.weight.shape)}"
+                     if isinstance(module, torch.nn.Linear) else type(module).__name__)
+            raise MCNCError(f"{source}: the adapter of {name!r} needs a Linear of weight shape "
+                            f"{list(shape)}; the model has {found} there")
+        if len(paths[id(module)]) > 1:
+            raise MCNCError(f"{source}: {name!r} is one Linear reused at "
+                            f"{paths[id(module)]}; PEFT would adapt it at one path only. Use "
+                            "mcnc_format.load_into (the merged weights) for such a model")

@@ -256,3 +256,21 @@ def _assert_own_share(rank: int, f: mf.MCNCFile, stats: ReadStats,
     boundary = 2 * sum(1 for name, _ in stats.boxes if f.entry(name).encoding != "dense")
     share = math.ceil(file_chunks(f) / WORLD)
     assert stats.chunks_regenerated <= share + 2 * boundary, (rank, stats.chunks_regenerated)
+
+
+def test_a_tied_model_loads_through_dcp(tmp_path: Path) -> None:
+    """``save_model`` stores a tied weight once; the state dict holds both names: the alias
+    shares the storage, so it is filled through the name the file holds."""
+    from transformers_helpers import llama
+
+    from mcnc_format.torch import MCNCConfig, reparametrize, save_model
+
+    torch.manual_seed(SEED)
+    trained = reparametrize(llama(), MCNCConfig(k=4, d=32, hidden=(16, 16)))
+    path = save_model(trained, tmp_path / "tied.mcnc")
+    with mf.open(path) as f:
+        assert "lm_head.weight" not in f
+    fresh = llama()
+    load(fresh.state_dict(), path, no_dist=True)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(fresh.model.embed_tokens.weight, mf.load(path)["model.embed_tokens.weight"])

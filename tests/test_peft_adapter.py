@@ -100,3 +100,45 @@ def test_files_without_an_adapter_or_for_another_model_are_refused(adapter: Path
     other = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(MCNCError, match="does not have"):
         load_adapter(other, adapter)
+
+
+class _Tiny(nn.Module):
+    def __init__(self, out: int = 16, reuse: bool = False) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, out)
+        self.k = self.q if reuse else nn.Linear(8, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x) + self.k(x)
+
+
+def _tiny_adapter(path: Path) -> Path:
+    from mcnc_format import MCNC, GeneratorSpec, LoRA, Segment
+
+    g = torch.Generator().manual_seed(3)
+    seg = Segment(GeneratorSpec(k=3, d=16, hidden=(8,), seed=3), torch.randn(3, 2, 3, generator=g),
+                  torch.randn(3, 2, generator=g))
+    mcnc_format.save(path, {"q.weight": LoRA(MCNC(seg, (2, 8)), MCNC(seg, (16, 2)), 0.5)})
+    return path
+
+
+def test_targets_are_checked_before_peft_touches_the_model(tmp_path: Path) -> None:
+    """A wrong shape, a module that is not a Linear, a Linear reused at two paths (PEFT would
+    adapt one) and a taken adapter name are refused with the model left as it was."""
+    path = _tiny_adapter(tmp_path / "q.mcnc")
+    wrong = _Tiny(out=32)
+    with pytest.raises(MCNCError, match=r"weight shape \[16, 8\]"):
+        load_adapter(wrong, path)
+    assert type(wrong.q) is nn.Linear
+    with pytest.raises(MCNCError, match="reused at"):
+        load_adapter(_Tiny(reuse=True), path)
+    embedding = nn.Module()
+    embedding.q = nn.Embedding(8, 16)
+    with pytest.raises(MCNCError, match="Embedding"):
+        load_adapter(embedding, path)
+    peft_model = load_adapter(_Tiny(), path)
+    from mcnc_format.errors import UsageError
+
+    with pytest.raises(UsageError, match="already has an adapter named 'default'"):
+        load_adapter(peft_model, path)
+    assert isinstance(load_adapter(peft_model, path, adapter_name="second"), PeftModel)

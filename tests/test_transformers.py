@@ -152,3 +152,14 @@ def test_a_folder_that_does_not_fit_names_the_file(tmp_path: Path) -> None:
         from_pretrained(tmp_path / "nothing" / "here")
     with pytest.raises(ReparametrizeError, match="mcnc_config"):
         save_pretrained(llama(), tmp_path / "plain")
+
+
+def test_dtypes_that_are_not_floating_are_refused_before_building(tmp_path: Path) -> None:
+    model = reparametrize(llama(), MCNCConfig(k=4, d=32, hidden=(16, 16)))
+    save_pretrained(model, tmp_path / "m")
+    for dtype in ("bfloat16", torch.int8):
+        with pytest.raises(UsageError, match="dtype"):
+            from_pretrained(tmp_path / "m", dtype=dtype)
+    assert torch.get_default_dtype() == torch.float32
+    loaded = from_pretrained(tmp_path / "m", dtype="bf16")
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16

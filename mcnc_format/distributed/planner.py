@@ -25,7 +25,7 @@ from ..engine.resolve import Resolver
 from ..errors import MCNCError, UsageError
 from .storage import MCNCStorageReader, ReadStats
 
-__all__ = ["MCNCLoadPlanner", "load"]
+__all__ = ["MCNCLoadPlanner", "load", "tied_aliases"]
 
 
 class MCNCLoadPlanner(DefaultLoadPlanner):
@@ -37,8 +37,25 @@ class MCNCLoadPlanner(DefaultLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         assert self.metadata is not None
+        declared = self.metadata.state_dict_metadata
+        for alias in tied_aliases(self.state_dict, declared):
+            del self.state_dict[alias]  # filled through the name the file holds
         check_state_dict(self.state_dict, self.metadata, self.allow_partial_load)
         return super().create_local_plan()
+
+
+def tied_aliases(state_dict: dict[str, Any], declared: Any) -> list[str]:
+    """Names of ``state_dict`` absent from the file whose tensor is one the file holds under
+    another name: ``save_model`` stores a tied weight once (embeddings tied to the output
+    layer), and loading that name fills every name that shares it."""
+    def key(value: Any) -> tuple[int, tuple[int, ...]] | None:
+        local = value.to_local() if hasattr(value, "to_local") else value
+        if not isinstance(local, torch.Tensor) or local.device.type == "meta":
+            return None
+        return local.untyped_storage().data_ptr() + local.storage_offset(), tuple(value.shape)
+
+    held = {key(v) for n, v in state_dict.items() if n in declared} - {None}
+    return [n for n, v in state_dict.items() if n not in declared and key(v) in held]
 
 
 def check_state_dict(state_dict: dict[str, Any], metadata: Metadata, partial: bool) -> None:

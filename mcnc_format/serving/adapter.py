@@ -45,6 +45,7 @@ class _Factor:
     """One factor (``A`` or ``B``) of one adapted module, within its group's chunks."""
 
     module: str
+    role: str  # "A" or "B"
     start: int
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -86,15 +87,17 @@ class ResidentAdapter:
             return _Reader(name, f, base, device, check_base, base_sha256).read(generator)
 
     def rebuild(self, generators: dict[GeneratorKey, FusedGenerator]) -> Factors:
-        """The factors of every adapted module, one engine call per group."""
-        parts: dict[str, list[torch.Tensor]] = {}
+        """The factors of every adapted module, one engine call per group. A module's A and
+        B may sit in different groups, in either order: each value goes to its role."""
+        parts: dict[str, dict[str, torch.Tensor]] = {}
         for group in self.groups:
             runs = [MemberRun(f.start, f.shape, f.dtype, self._theta0(f, group.alpha.device))
                     for f in group.factors]
             values = rebuild_members(generators[group.generator], group.alpha, group.beta, runs)
             for factor, value in zip(group.factors, values, strict=True):
-                parts.setdefault(factor.module, []).append(value)
-        return {module: (a, b, self.scales[module]) for module, (a, b) in parts.items()}
+                parts.setdefault(factor.module, {})[factor.role] = value
+        return {module: (roles["A"], roles["B"], self.scales[module])
+                for module, roles in parts.items()}
 
     @staticmethod
     def _theta0(factor: _Factor, device: torch.device) -> torch.Tensor | None:
@@ -166,10 +169,9 @@ class _Reader:
                 theta0 = self.theta0(member, label)
                 if isinstance(theta0, torch.Tensor):
                     resident += theta0.nbytes
-                groups[key].factors.append(_Factor(module, first + member.offset, member.shape,
-                                                   to_torch(member.dtype), theta0, label))
-        for group in groups.values():  # A before B, as Factors lists them
-            group.factors.sort(key=lambda factor: factor.label.endswith(":B"))
+                groups[key].factors.append(_Factor(
+                    module, label.rsplit(":", 1)[1], first + member.offset, member.shape,
+                    to_torch(member.dtype), theta0, label))
         factor_bytes = sum(m.numel * to_torch(m.dtype).itemsize
                            for t in loras for m in t.members())
         return ResidentAdapter(self.name, self.f.label, list(groups.values()),

@@ -81,9 +81,15 @@ class AdapterBank:
         external theta0, stored tensors) differs from the base model's weights."""
         if name in self._adapters:
             raise UsageError(f"an adapter named {name!r} is in the bank; remove it first")
-        adapter = ResidentAdapter.load(name, source, self.base_model, self.device,
-                                       lambda f, index, m: self._generator(name, f, index, m),
-                                       self._sha256, check_base)
+        load = object()  # keys this load's inline generators: never another file's
+        try:
+            adapter = ResidentAdapter.load(
+                name, source, self.base_model, self.device,
+                lambda f, index, m: self._generator(load, f, index, m), self._sha256,
+                check_base)
+        except BaseException:
+            self._drop_unused_generators()  # those this failed load registered
+            raise
         if adapter.factor_bytes > self.factor_cache_bytes:
             self._drop_unused_generators()
             raise UsageError(f"adapter {name!r}: its factors take {adapter.factor_bytes} bytes, "
@@ -169,12 +175,12 @@ class AdapterBank:
             raise UsageError(f"no adapter named {name!r} in the bank; it holds "
                              f"{sorted(self._adapters)[:8]} (add it with bank.add)") from None
 
-    def _generator(self, adapter: str, f: MCNCFile, index: int, m: int) -> GeneratorKey:
+    def _generator(self, load: object, f: MCNCFile, index: int, m: int) -> GeneratorKey:
         """Hold the file's generator ``index`` for ``m`` components; adapters drawn from the
-        same seed and architecture share it."""
+        same seed and architecture share it (``load`` keys an inline one to its load)."""
         spec = f.generator_spec(index)
         key: GeneratorKey = ((spec, m, "seed") if spec.seed is not None
-                             else (adapter, index, m, "inline"))
+                             else (load, index, m, "inline"))
         if key not in self._generators:
             self._generators[key] = f.fused_generator(index, m, self.device)
         return key

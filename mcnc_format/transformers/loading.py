@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..api import load_into
-from ..devices import check_device
+from ..devices import check_device, check_dtype
 from ..errors import HubFileNotFoundError, MCNCError, UsageError
 from ..uri import SCHEME, parse_uri
 
@@ -33,7 +33,7 @@ MODEL_FILE = "model.mcnc"
 
 
 def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None = None,
-                    device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
                     model_class: Any = None, token: str | None = None,
                     endpoint: str | None = None, **config_overrides: Any) -> nn.Module:
     """The transformers model stored in ``repo_or_dir``, in eval mode, weights on ``device``.
@@ -42,7 +42,8 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     id ``ORG/REPO`` (downloaded through huggingface_hub's cache, ``.mcnc`` checksums checked;
     ``token`` and ``endpoint`` as in ``mcnc_format.hub``). The model class is the one
     ``config.json``'s ``architectures`` names, or ``model_class`` (a model class, or an
-    ``AutoModel*`` class). ``dtype`` converts floating weights (default: as stored).
+    ``AutoModel*`` class). ``dtype`` converts floating weights (default: as stored; a floating
+    torch dtype or one of ``f32``, ``bf16``, ``f16``, ``f64``).
     ``config_overrides`` go to ``AutoConfig.from_pretrained``. Tied weights
     (``tie_word_embeddings``) are tied; the generation config is loaded when the folder has
     one. Raises ``MCNCError`` naming the file when ``config.json`` or ``model.mcnc`` is
@@ -51,6 +52,7 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     from transformers import AutoConfig, GenerationConfig
 
     device = check_device(device)
+    dtype = check_dtype(dtype)
     folder = resolve_folder(repo_or_dir, revision, token=token, endpoint=endpoint)
     config_path, weights = folder / CONFIG_FILE, folder / MODEL_FILE
     for required in (config_path, weights):
