@@ -278,3 +278,20 @@ def test_a_failed_add_leaves_no_generator_behind(tmp_path: Path) -> None:
     a, b, _ = mf.open(good).get_lora_factors("0.weight")
     got_a, got_b, _ = bank.factors("x")["0"]
     assert torch.equal(got_a, a) and torch.equal(got_b, b)
+
+
+def test_a_multihead_attention_output_projection_is_refused(tmp_path: Path) -> None:
+    """MultiheadAttention reads ``out_proj.weight`` without calling the Linear: a hook there
+    would never run, so the bank refuses the adapter instead of ignoring it."""
+    from mcnc_format import MCNC, LoRA, Segment
+
+    base = torch.nn.Module()
+    base.attn = torch.nn.MultiheadAttention(8, 2)
+    g = torch.Generator().manual_seed(5)
+    seg = Segment(GeneratorSpec(k=3, d=16, hidden=(8,), seed=5),
+                  torch.randn(2, 1, 3, generator=g), torch.randn(2, 1, generator=g))
+    path = tmp_path / "mha.mcnc"
+    mf.save(path, {"attn.out_proj.weight": LoRA(MCNC(seg, (2, 8)), MCNC(seg, (8, 2)), 0.5)})
+    bank = AdapterBank(base, device="cpu", factor_cache_bytes=1 << 20)
+    with pytest.raises(MCNCError, match="MultiheadAttention"):
+        bank.add("x", path, check_base=False)

@@ -204,6 +204,12 @@ class _Reader:
             raise self.refuse(
                 f"adapts {name!r}, which is not the weight of an nn.Linear of the base model "
                 "(the adapter was made for another base, or for other module names)", name)
+        if any(isinstance(parent, nn.MultiheadAttention) and parent.out_proj is linear
+               for parent in self.base.modules()):
+            raise self.refuse(
+                f"adapts {name!r}, the output projection of an nn.MultiheadAttention, which "
+                "reads that weight directly without calling the Linear: the bank's hooks would "
+                "never run there", name)
         if tuple(linear.weight.shape) != entry.shape:
             raise self.refuse(
                 f"{name!r} has shape {list(entry.shape)}, the base's is "
