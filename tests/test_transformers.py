@@ -163,3 +163,16 @@ def test_dtypes_that_are_not_floating_are_refused_before_building(tmp_path: Path
     assert torch.get_default_dtype() == torch.float32
     loaded = from_pretrained(tmp_path / "m", dtype="bf16")
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_a_folder_with_dense_weights_of_an_earlier_save_is_refused(tmp_path: Path) -> None:
+    """transformers would load ``model.safetensors`` before anything else: saving beside it
+    would leave a folder that loads other weights."""
+    from mcnc_format.errors import WriteError
+
+    folder = tmp_path / "m"
+    llama().save_pretrained(folder)  # a plain save: model.safetensors
+    model = reparametrize(llama(), MCNCConfig(k=4, d=32, hidden=(16, 16)))
+    with pytest.raises(WriteError, match=r"model\.safetensors"):
+        save_pretrained(model, folder)
+    assert not (folder / "model.mcnc").exists()

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import MCNCError
+from ..errors import MCNCError, WriteError
 from ..reader import MCNCFile
 from ..torch import save_model
 from .loading import CONFIG_FILE, MODEL_FILE
@@ -28,6 +28,11 @@ __all__ = ["CARD_FILE", "push_to_hub", "save_pretrained"]
 CARD_FILE = "README.md"
 
 
+#: Weight files transformers' own ``from_pretrained`` would read before anything else.
+DENSE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str],
                     tokenizer: Any = None, *, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``model`` (reparametrized with ``mcnc_format.torch.reparametrize`` or given
@@ -35,8 +40,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str],
 
     Files of the same names are replaced, as transformers' ``save_pretrained`` does; a
     README.md already there is kept as the card's text, with the mcnc-format section updated.
-    Raises ``ReparametrizeError`` for a model that is not reparametrized and ``MCNCError``
-    for one without a transformers ``config``.
+    Raises ``ReparametrizeError`` for a model that is not reparametrized, ``MCNCError`` for
+    one without a transformers ``config``, and ``WriteError`` for a folder holding dense
+    weights of an earlier plain save (``DENSE_WEIGHT_FILES``), which transformers would load
+    instead.
     """
     from ..model_card import FileFacts, TransformersUsage, render_card
 
@@ -45,6 +52,11 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str],
         raise MCNCError(f"{type(model).__name__} has no transformers config; save it with "
                         "mcnc_format.torch.save_model instead")
     folder = Path(save_directory)
+    stale = [name for name in DENSE_WEIGHT_FILES if (folder / name).exists()]
+    if stale:
+        raise WriteError(f"{folder}: holds {stale} from an earlier save; plain transformers "
+                         "would load those weights instead of model.mcnc. Remove them, or "
+                         "save into another folder")
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, folder / MODEL_FILE, metadata=metadata)
     config = copy.deepcopy(config)
