@@ -4,7 +4,7 @@ A diagnostic companion to ``bench_gpu.py`` (which reports the issue's figures), 
 round of tuning on a GPU machine:
 
 1. the fused kernel alone (LLaMA generator, bfloat16 out, theta0 zeros) for each output-layer
-   precision (``ieee``, ``tf32x3``, ``split``) and a few tiles, in G params/s;
+   precision (``ieee``, ``bf16x3``, ``tf32x3``) and a few tiles, in G params/s;
 2. each precision's error against the float64 reference, per chunk, in units of SPEC.md
    §10.1's scale (``|beta|``; pass: at most ``REGEN_RTOL``);
 3. ``torch.cuda`` allocation of a model's outputs alone, then a ``torch.profiler`` trace of
@@ -24,19 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import LLAMA, decoder_shapes, scratch_model, timed
+from bench_gpu import LLAMA, PRECISIONS, decoder_shapes, product_errors, scratch_model, timed
 
 from mcnc_format import reference
 from mcnc_format.api import load
-from mcnc_format.constants import REGEN_RTOL
 from mcnc_format.engine import triton_kernels as tk
 from mcnc_format.engine.fused import FusedGenerator
 
-PRECISIONS = ("ieee", "tf32x3", "split")
 TILES = [(64, 128, 4), (128, 128, 8), (128, 64, 4), (128, 256, 8)]
 
 
@@ -54,7 +51,7 @@ def kernel_sweep(chunks: int) -> dict[str, float]:
         for tile in TILES:
             def run(p: str = precision, t: tuple[int, int, int] = tile) -> None:
                 tk.fused_regenerate(left, gen.stacked, has_bias, dest, 0, tk.KernelTheta0(),
-                                    p, t)
+                                    p, t, split=gen.split)
             try:
                 run()
                 out[f"{precision} {tile}"] = dest.numel() / min(timed(run, device, 5)) / 1e9
@@ -70,24 +67,15 @@ def kernel_sweep(chunks: int) -> dict[str, float]:
 
 
 def precision_errors(chunks: int = 64) -> dict[str, float]:
-    device = torch.device("cuda")
+    """Each product's error before rounding (``bench_gpu.product_errors``), LLaMA generator."""
     g = torch.Generator().manual_seed(2)
     alpha = (torch.rand(chunks, 1, LLAMA.k, generator=g) * 2 - 1) * LLAMA.L
     beta = torch.randn(chunks, 1, generator=g) * 0.05
-    gen = FusedGenerator(LLAMA.weights(device), 1)
-    left = gen.coefficients(alpha.to(device), beta.to(device))
     weights = [w.numpy() for w in LLAMA.weights().flat()]
-    truth = reference.phi_ref(weights, LLAMA, alpha.double().numpy())[:, 0, :] \
-        * beta.double().numpy()
-    scale = np.abs(beta.double().numpy())
-    out = {}
-    for precision in PRECISIONS:
-        dest = torch.empty(chunks * LLAMA.d, dtype=torch.float32, device=device)
-        tk.fused_regenerate(left, gen.stacked, gen.weights.out_bias is not None, dest, 0,
-                            tk.KernelTheta0(), precision)
-        err = np.linalg.norm(dest.cpu().double().numpy().reshape(chunks, -1) - truth, axis=1)
-        out[precision] = float((err / scale[:, 0]).max())
-        print(f"error {precision}: {out[precision]:.3g} (bound {REGEN_RTOL})", flush=True)
+    phi = reference.phi_ref(weights, LLAMA, alpha.double().numpy())[:, 0, :]
+    out = product_errors("llama", LLAMA, alpha, beta, phi, torch.device("cuda"))
+    for key, value in out.items():
+        print(f"error {key}: {value:.3g}", flush=True)
     return out
 
 

@@ -86,7 +86,7 @@ def stream(path: PathLike, device: torch.device | str = "cpu",
         staging_bytes=options.get("staging_bytes", DEFAULT_STAGING_BYTES),
         workspace_bytes=options.get("workspace_bytes"),
         use_triton=options.get("use_triton"),
-        precision=Precision.of(options.get("precision", Precision.IEEE)),
+        precision=Precision.of(options.get("precision", Precision.AUTO)),
         verify=Verify.of(options.get("verify", Verify.CACHED)),
         progress=options.get("progress"),
     )

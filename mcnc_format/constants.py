@@ -133,4 +133,5 @@ def generator_bias_stream(layer: int) -> int:
 
 # §10 Numerics: a conforming reader's error bound against the float64 reference
 REGEN_RTOL = 1e-5
+REGEN_RTOL_16 = 1e-4  # f16 and bf16 tensors, before their rounding
 NORMAL_ATOL = 2.0**-18

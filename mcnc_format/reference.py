@@ -204,11 +204,14 @@ def phi_ref(weights: Sequence[np.ndarray], spec: GeneratorSpec, alpha: np.ndarra
     return x
 
 
-def regen_rtol(weights: Sequence[np.ndarray], spec: GeneratorSpec) -> float:
-    """The relative bound of SPEC.md §10.1 for a generator: ``1e-5 * max(1, P / 20)`` with
+def regen_rtol(weights: Sequence[np.ndarray], spec: GeneratorSpec, dtype: str = "f32"
+               ) -> float:
+    """The relative bound of SPEC.md §10.1 for a generator and a tensor of ``dtype``: ``rtol *
+    max(1, P / 20)`` with ``rtol`` 1e-5 (``1e-4`` for f16 and bf16, before their rounding) and
     ``P = |omega0| * max_i (L * sum_j |W_1[i, j]| + |b_1[i]|)``, the largest first-layer sine
     argument, whose float32 rounding dominates the error of a float32 evaluation."""
     w1 = np.abs(np.asarray(weights[0], dtype=np.float64))
     b1 = np.abs(np.asarray(weights[1], dtype=np.float64)) if spec.bias else 0.0
     peak = abs(spec.omega0) * float(np.max(spec.L * w1.sum(axis=1) + b1))
-    return 1e-5 * max(1.0, peak / 20.0)
+    rtol = 1e-4 if dtype in ("f16", "bf16") else 1e-5
+    return rtol * max(1.0, peak / 20.0)

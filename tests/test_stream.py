@@ -433,8 +433,8 @@ def _torch_kernels() -> SimpleNamespace:
 
     def fused_regenerate(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
                          dest: torch.Tensor, first_local: int, theta0: tk.KernelTheta0,
-                         precision: str = "ieee", tile: object = None, theta_first: int = 0
-                         ) -> None:
+                         precision: str = "ieee", tile: object = None, theta_first: int = 0,
+                         split: object = None) -> None:
         calls.append(left.shape[0])
         with ieee_fp32(left.device):
             values = (left @ stacked).reshape(-1)
@@ -454,6 +454,7 @@ def _torch_kernels() -> SimpleNamespace:
         dest[index] = values.to(dest.dtype)
 
     return SimpleNamespace(KERNEL_DTYPES=tk.KERNEL_DTYPES, kernel_theta0=tk.kernel_theta0,
+                           kernel_precision=tk.kernel_precision,
                            fused_regenerate=fused_regenerate, calls=calls,
                            draw_generator_weights=lambda spec, device: spec.weights(device))
 

@@ -113,22 +113,24 @@ def theta0_ref(f: mf.MCNCFile, entry: Theta0Entry, shape: tuple[int, ...]
     return value.to(torch.float64).reshape(-1).numpy(), zeros
 
 
-def regen_rtol(spec: mf.GeneratorSpec, weights: list[np.ndarray]) -> float:
-    """§10.1's ``REGEN_RTOL * max(1, P / 20)`` with ``P = |omega0| * max_i (L * sum_j
-    |W_1[i, j]| + |b_1[i]|)``, the bound on the first sine layer's argument."""
+def regen_rtol(spec: mf.GeneratorSpec, weights: list[np.ndarray], dtype: str) -> float:
+    """§10.1's ``rtol * max(1, P / 20)`` for a tensor of ``dtype`` (``REGEN_RTOL``, or
+    ``REGEN_RTOL_16`` for f16 and bf16) with ``P = |omega0| * max_i (L * sum_j |W_1[i, j]| +
+    |b_1[i]|)``, the bound on the first sine layer's argument."""
     w1 = np.abs(np.asarray(weights[0], dtype=np.float64))
     b1 = np.abs(np.asarray(weights[1], dtype=np.float64)) if spec.bias else 0.0
     p = abs(spec.omega0) * float(np.max(spec.L * w1.sum(axis=1) + b1))
-    return C.REGEN_RTOL * max(1.0, p / 20)
+    rtol = C.REGEN_RTOL_16 if dtype in ("f16", "bf16") else C.REGEN_RTOL
+    return rtol * max(1.0, p / 20)
 
 
 @dataclass
 class MemberRef:
-    """A segment member in float64: its values, and for each element the segment chunk it
-    lies in and that chunk's §10.1 bound."""
+    """A segment member in float64: its values, and for each element the part of a segment
+    chunk it lies in (segment, chunk, member offset) and that part's §10.1 bound."""
 
     values: np.ndarray
-    chunk: list[tuple[int, int]]
+    chunk: list[tuple[int, int, int]]
     chunk_bound: np.ndarray
 
 
@@ -153,14 +155,14 @@ def segment_ref(f: mf.MCNCFile, index: int, members: list[MemberEntry]) -> list[
         allowance[m.offset:m.offset + m.numel] = extra
     by_chunk = (np.linalg.norm(theta0.reshape(seg.chunks, gen.d), axis=1)
                 + (np.abs(beta) * np.linalg.norm(phi, axis=-1)).sum(axis=1))
-    bound = regen_rtol(spec, weights) * by_chunk + np.linalg.norm(
-        allowance.reshape(seg.chunks, gen.d), axis=1)
+    normal = np.linalg.norm(allowance.reshape(seg.chunks, gen.d), axis=1)
     chunk_of = np.arange(n) // gen.d
     out = []
-    for m in members:
+    for m in members:  # §10.1 bounds the elements of one tensor in a chunk, by its dtype
         chunks = chunk_of[m.offset:m.offset + m.numel]
+        bound = regen_rtol(spec, weights, m.dtype) * by_chunk + normal
         out.append(MemberRef((theta0 + delta)[m.offset:m.offset + m.numel],
-                             [(index, int(c)) for c in chunks], bound[chunks]))
+                             [(index, int(c), m.offset) for c in chunks], bound[chunks]))
     return out
 
 
@@ -189,13 +191,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 class ChunkLedger:
-    """Per segment chunk: the squared error of the reader's values and the squared rounding
-    allowance, summed over the members that share the chunk, and the chunk's bound."""
+    """Per member part of a segment chunk: the squared error of the reader's values, the
+    squared rounding allowance, and the part's bound."""
 
     def __init__(self) -> None:
-        self.err: dict[tuple[int, int], float] = {}
-        self.rounding: dict[tuple[int, int], float] = {}
-        self.bound: dict[tuple[int, int], float] = {}
+        self.err: dict[tuple[int, int, int], float] = {}
+        self.rounding: dict[tuple[int, int, int], float] = {}
+        self.bound: dict[tuple[int, int, int], float] = {}
 
     def add(self, name: str, got: np.ndarray, expected: np.ndarray | None, ref: MemberRef,
             dtype: str) -> None:
@@ -221,12 +223,12 @@ class ChunkLedger:
             self.bound[key] = bound
 
     def check(self) -> None:
-        """§10.1 for every chunk: ``||v_c - e_c|| <= bound_c + ||rounding_c||``."""
+        """§10.1 for every member part of a chunk: ``||v_S - e_S|| <= bound + ||rounding_S||``."""
         for key, err in self.err.items():
             allowed = self.bound[key] + math.sqrt(self.rounding[key])
             assert math.sqrt(err) <= allowed, (
-                f"segment {key[0]} chunk {key[1]}: |v - v64| = {math.sqrt(err):.3g} > "
-                f"{allowed:.3g}")
+                f"segment {key[0]} chunk {key[1]} member at {key[2]}: |v - v64| = "
+                f"{math.sqrt(err):.3g} > {allowed:.3g}")
 
 
 def _check_lora(f: mf.MCNCFile, name: str, got: torch.Tensor, expected: torch.Tensor,

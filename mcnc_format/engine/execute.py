@@ -33,7 +33,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from ..errors import DeviceMemoryError, FormatError, MCNCError
 from ..header import Header, MemberEntry, Theta0Entry
 from ..hostmem import zeros_float32
 from .fused import FusedGenerator, lora_product
-from .options import LoadOptions, Progress
+from .options import LoadOptions, Precision, Progress
 from .plan import BatchStep, DenseStep, EmptyStep, MergeStep, Piece, Plan, Step, Target
 from .source import BlobStore
 from .staging import CopyEngine, CudaCopyEngine, StagingRing, SyncCopyEngine
@@ -465,7 +465,16 @@ class Executor:
         kernels.fused_regenerate(
             left[m0 - step.first : m1 - step.first], fused.stacked,
             fused.weights.out_bias is not None, state.tensor, m0 * d - start, theta0,
-            self.options.precision.value, theta_first=target.box.first_element)
+            theta_first=target.box.first_element, **self._product(target, fused))
+
+    def _product(self, target: Target, fused: FusedGenerator) -> dict[str, Any]:
+        """How the kernel multiplies for ``target`` (``kernel_precision`` of its dtype) and,
+        for split products, the generator's weights split once."""
+        assert self.kernels is not None
+        precision = self.kernels.kernel_precision(self.options.precision, target.dtype,
+                                                  self.device)
+        return {"precision": precision,
+                "split": fused.split if precision == Precision.BF16X3.value else None}
 
     def _kernel_gather(self, piece: Piece, step: BatchStep, fused: FusedGenerator,
                        left: torch.Tensor, state: _Output, d: int) -> None:
@@ -490,7 +499,7 @@ class Executor:
         assert theta0 is not None, "kernel_takes admits only theta0 the kernel evaluates"
         kernels.fused_regenerate(
             left[: step.chunks], fused.stacked, fused.weights.out_bias is not None, rows, 0,
-            theta0, self.options.precision.value, row_elements=row_elements)
+            theta0, row_elements=row_elements, **self._product(target, fused))
         state.tensor[piece.lo : piece.hi] = rows[self._positions(piece, step, d)]
 
     def _dense_rows(self, member: MemberEntry, row_elements: torch.Tensor, d: int, label: str

@@ -16,7 +16,7 @@ import torch
 
 from ..generator import GeneratorWeights, ieee_fp32, ordered_matmul, row_stable_matmul
 
-__all__ = ["NARROW_D", "ROW_TILE", "FusedGenerator", "lora_product"]
+__all__ = ["NARROW_D", "ROW_TILE", "FusedGenerator", "lora_product", "split_bf16"]
 
 #: ``coefficients`` computes batches padded to a multiple of this many rows. BLAS kernels work
 #: on tiles of rows, and a row in a partial tile takes another code path whose last bits
@@ -29,6 +29,12 @@ ROW_TILE = 8
 #: (cheap at this width, and the same for every batch).
 NARROW_D = 32
 
+
+def split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (float32) as bfloat16 ``(hi, lo)`` with ``x = hi + lo`` up to ``lo``'s rounding,
+    about ``2**-16`` of ``|x|``: the operands of split-precision tensor-core products."""
+    hi = x.to(torch.bfloat16)
+    return hi.contiguous(), (x - hi.to(torch.float32)).to(torch.bfloat16).contiguous()
 
 
 class FusedGenerator:
@@ -49,6 +55,16 @@ class FusedGenerator:
         if weights.out_bias is not None:
             rows.append(weights.out_bias[None, :])
         self.stacked = torch.cat(rows, dim=0).contiguous()  # [m * width (+1), d]
+        self._split: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``split_bf16`` of the stacked output weights (the bias row excluded), made once:
+        the split-precision kernel reads it for every batch."""
+        if self._split is None:
+            k = self.stacked.shape[0] - (1 if self.weights.out_bias is not None else 0)
+            self._split = split_bf16(self.stacked[:k])
+        return self._split
 
     def coefficients(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """The left factor ``[R, m * width (+1)]`` for alpha ``[B, m, k]``, beta ``[B, m]``:

@@ -32,12 +32,18 @@ WORKSPACE_FRACTION = 0.02
 class Precision(str, enum.Enum):
     """How the fused kernel computes the output layer's product (SPEC.md §10.1)."""
 
-    #: float32 FMA: the most accurate, and the fastest where the product is short (K = 32).
+    #: ``BF16X3`` for float16 and bfloat16 outputs on GPUs whose tensor cores multiply
+    #: bfloat16, ``IEEE`` otherwise: each output dtype gets the fastest product within its
+    #: bound.
+    AUTO = "auto"
+    #: float32 FMA: the most accurate; within the bound of every output dtype.
     IEEE = "ieee"
-    #: Triton's three TF32 tensor-core products, which carry float32's precision.
+    #: For float16 and bfloat16 outputs, operands split into bfloat16 high and low parts and
+    #: three tensor-core products summed in float32 (within the bound of 16-bit outputs
+    #: only: wider outputs keep ``IEEE``).
+    BF16X3 = "bf16x3"
+    #: Triton's three TF32 tensor-core products, which emulate float32.
     TF32X3 = "tf32x3"
-    #: The same three TF32 products with the operands split once outside the kernel.
-    SPLIT = "split"
 
     @classmethod
     def of(cls, value: str | Precision) -> Precision:
@@ -96,7 +102,7 @@ class LoadOptions:
     (default ``max(32 MiB, 2 % of the outputs)`` on the CPU, ``max(64 MiB, 2 %)`` elsewhere).
     ``use_triton``: ``None`` picks the fused kernel on CUDA when Triton is installed; ``True``
     forces it (on the CPU only under ``TRITON_INTERPRET=1``); ``False`` keeps the torch path.
-    ``precision``: the kernel's output-layer product.
+    ``precision``: the kernel's output-layer product (``Precision``; ``AUTO`` by default).
     ``verify``: what is checked of the bytes read (``Verify``; ``True`` is ``CACHED``, the
     default, ``False`` is ``NONE``).
     ``progress``: called with a ``Progress`` after each tensor.
@@ -105,7 +111,7 @@ class LoadOptions:
     staging_bytes: int = DEFAULT_STAGING_BYTES
     workspace_bytes: int | None = None
     use_triton: bool | None = None
-    precision: Precision = Precision.IEEE
+    precision: Precision = Precision.AUTO
     verify: Verify = Verify.CACHED
     progress: Callable[[Progress], None] | None = None
 

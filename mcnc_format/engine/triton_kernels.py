@@ -12,11 +12,14 @@ spec's block, §8.1) or read from a dense base tensor (which may be the output t
 a base streamed into the final storage is updated in place). Values land straight in the
 member's final storage with its dtype: there is no float32 intermediate of the output.
 
-The product runs as plain IEEE float32 FMA by default (``"ieee"``). On an H200 with Triton
-3.6 (LLaMA generator, bfloat16 out) it was both the fastest and the most accurate: 0.26 T
-values/s, against 0.12 for ``"tf32x3"`` (Triton's three TF32 tensor-core products that carry
-float32's precision) and 0.16 for ``"split"`` (the same three products with the operands split
-once outside the kernel); the output layer's K is too small (32) for tensor cores to pay here.
+How the output-layer product runs (``Precision``, SPEC.md §10.1): ``"ieee"``, float32 FMA,
+for float32 outputs (33 multiply-adds per value for the LLaMA generator, so FMA-bound while the
+tensor cores idle); ``"bf16x3"`` for float16 and bfloat16 outputs: both operands split into a
+bfloat16 high part and a bfloat16 remainder, ``a_lo w_hi + a_hi w_lo + a_hi w_hi`` accumulated
+in float32 on the tensor cores (the weights split once per generator, ``FusedGenerator.split``;
+the activations in registers). Each partial product is exact in float32 and the dropped terms
+are about ``2**-16`` of each product, within §10.1's bound for 16-bit outputs and far below
+their rounding. ``"tf32x3"`` is Triton's three-TF32 emulation of float32, kept for comparison.
 The hidden layers never run here, so §10.1's IEEE rule for them is untouched.
 """
 
@@ -39,10 +42,11 @@ from ..header import (
     ZerosTheta0,
 )
 from ..philox import round_to_f32
+from .fused import split_bf16
+from .options import Precision
 from .theta0 import fan_in_bound
 
 __all__ = [
-    "DEFAULT_PRECISION",
     "DEFAULT_TILE",
     "KERNEL_DTYPES",
     "THETA0_DENSE",
@@ -53,6 +57,7 @@ __all__ = [
     "compiled",
     "draw_generator_weights",
     "fused_regenerate",
+    "kernel_precision",
     "kernel_theta0",
     "philox_uniform",
 ]
@@ -70,8 +75,6 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: swept on an H200 with the ieee product (0.259 T values/s; 128 x 128 x 8: 0.255, 64 x 128 x 4:
 #: 0.230, 128 x 256 x 8: 0.114).
 DEFAULT_TILE = (128, 64, 4)
-#: The output-layer product (see the module docstring for the measurements behind it).
-DEFAULT_PRECISION = "ieee"
 # Globals read inside @triton.jit functions must be constexpr: compiled Triton rejects any
 # other global ("only constexpr"), while the interpreter would accept it. Write them to the
 # right of a tensor (``x * _TWO_PI``): the interpreter cannot multiply a constexpr by a tensor.
@@ -126,13 +129,23 @@ def _box_muller(xa, xb, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _dot_bf16(a, b, acc, COMPILED: tl.constexpr):
+    """``acc + a @ b`` for bfloat16 ``a``, ``b``: each product exact in the float32
+    accumulator. Triton 3.6's interpreter multiplies bfloat16 operands' raw bits, so there
+    they are widened first (the same exact products, the same float32 sums)."""
+    if COMPILED:
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
 def _regen_kernel(
-    left_ptr, w_ptr, bias_ptr, out_ptr, base_ptr, rows_ptr,
+    left_ptr, w_ptr, w_lo_ptr, bias_ptr, out_ptr, base_ptr, rows_ptr,
     rows, K, stride_left, d, first_local, numel, theta_first,
     key, bound, mean, std,
     HAS_BIAS: tl.constexpr, THETA: tl.constexpr, ALIGNED: tl.constexpr, GATHER: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
+    PRECISION: tl.constexpr, COMPILED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles_d = tl.cdiv(d, BLOCK_D)
@@ -150,9 +163,19 @@ def _regen_kernel(
         k_ok = kk < K
         a = tl.load(left_ptr + r64[:, None] * stride_left + kk[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + kk[:, None].to(tl.int64) * d + cols[None, :],
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        w_at = kk[:, None].to(tl.int64) * d + cols[None, :]
+        w_ok = k_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + w_at, mask=w_ok, other=0.0)
+        if PRECISION == "bf16x3":
+            # a = a_hi + a_lo exactly up to a_lo's own rounding; smallest products first.
+            a_hi = a.to(tl.bfloat16)
+            a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+            w_lo = tl.load(w_lo_ptr + w_at, mask=w_ok, other=0.0)
+            acc = _dot_bf16(a_lo, w, acc, COMPILED)
+            acc = _dot_bf16(a_hi, w_lo, acc, COMPILED)
+            acc = _dot_bf16(a_hi, w, acc, COMPILED)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         # Column K of ``left`` is the component sum of c, which scales the output bias.
         csum = tl.load(left_ptr + r64 * stride_left + K, mask=row_ok, other=0.0)
@@ -186,13 +209,13 @@ def _regen_kernel(
         if ALIGNED:
             blk = row_elem[:, None] // 2 + tl.arange(0, BLOCK_D // 2)[None, :]
             w0, w1, w2, w3 = tl.randint4x(key, blk)
-            z = tl.reshape(tl.join(_box_muller(w0, w1, LIBDEVICE), _box_muller(w2, w3, LIBDEVICE)),
+            z = tl.reshape(tl.join(_box_muller(w0, w1, COMPILED), _box_muller(w2, w3, COMPILED)),
                            (BLOCK_C, BLOCK_D))
         else:
             safe = tl.where(element >= 0, element, 0)
             w0, w1, w2, w3 = tl.randint4x(key, safe // 2)
             odd = (safe % 2) == 1
-            z = _box_muller(tl.where(odd, w2, w0), tl.where(odd, w3, w1), LIBDEVICE)
+            z = _box_muller(tl.where(odd, w2, w0), tl.where(odd, w3, w1), COMPILED)
         acc += z * std + mean
     elif THETA == 3:
         acc += tl.load(base_ptr + local, mask=mask, other=0.0).to(tl.float32)
@@ -262,24 +285,18 @@ def kernel_theta0(entry: Theta0Entry, shape: tuple[int, ...], base: torch.Tensor
     return None
 
 
-def _tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x = hi + lo`` exactly, ``hi`` holding TF32's 10 explicit mantissa bits (the low 13
-    bits cleared, as tensor cores read float32), ``lo`` the float32 remainder."""
-    hi = (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
-    return hi, x - hi
-
-
-def _split_operands(left: torch.Tensor, stacked: torch.Tensor, k: int, has_bias: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The operands of ``tf32x3`` split once outside the kernel: ``[a_hi a_lo a_hi] @
-    [w_hi; w_hi; w_lo]`` is ``a_hi w_hi + a_lo w_hi + a_hi w_lo`` in one single-pass TF32
-    product over ``3 K``, each partial product exact in the float32 accumulator; the dropped
-    ``a_lo w_lo`` is below 2**-20 of each term. The bias column and row stay as they are."""
-    a_hi, a_lo = _tf32_split(left[:, :k])
-    w_hi, w_lo = _tf32_split(stacked[:k])
-    lefts = [a_hi, a_lo, a_hi, *([left[:, k:]] if has_bias else [])]
-    rights = [w_hi, w_hi, w_lo, *([stacked[k:]] if has_bias else [])]
-    return torch.cat(lefts, dim=1), torch.cat(rights, dim=0)
+def kernel_precision(precision: Precision, dtype: torch.dtype, device: torch.device) -> str:
+    """The product the kernel runs for an output of ``dtype``. Split bfloat16 products meet
+    §10.1's bound for 16-bit outputs only, so ``BF16X3`` keeps IEEE FMA for wider ones;
+    ``AUTO`` is ``BF16X3`` where tensor cores multiply bfloat16 (NVIDIA compute capability
+    8.0 and later; the interpreter emulates them) and IEEE elsewhere."""
+    narrow = dtype in (torch.float16, torch.bfloat16)
+    if precision is Precision.AUTO:
+        capable = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+        precision = Precision.BF16X3 if capable else Precision.IEEE
+    if precision is Precision.BF16X3 and not narrow:
+        return Precision.IEEE.value
+    return precision.value
 
 
 def fused_regenerate(
@@ -289,10 +306,11 @@ def fused_regenerate(
     dest: torch.Tensor,
     first_local: int,
     theta0: KernelTheta0,
-    precision: str = DEFAULT_PRECISION,
+    precision: str = Precision.IEEE.value,
     tile: tuple[int, int, int] = DEFAULT_TILE,
     theta_first: int = 0,
     row_elements: torch.Tensor | None = None,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Write ``theta0 + delta`` of ``left.shape[0]`` consecutive chunks into ``dest``.
 
@@ -306,19 +324,18 @@ def fused_regenerate(
     ``BLOCK_C, BLOCK_D >= 16``. ``row_elements`` (int64 on the CPU, one per row; a Philox
     theta0 only) gives the tensor element of each row's first value instead, for rows of
     chunks that are not consecutive (a column box): ``theta_first`` is then unused.
-    ``precision``: ``"ieee"`` (float32 FMA, the default), ``"tf32x3"`` (Triton splits the
-    operands in the kernel) or ``"split"`` (the same three TF32 products, operands split once
-    outside: one TF32 product of ``3 K``).
+    ``precision``: ``"ieee"`` (float32 FMA, the default), ``"bf16x3"`` (split bfloat16
+    tensor-core products; ``split`` is ``split_bf16`` of the stacked weights' first ``K`` rows,
+    computed here when not given) or ``"tf32x3"`` (Triton's three TF32 products).
     """
     rows = left.shape[0]
     d = stacked.shape[1]
     if rows == 0 or dest.numel() == 0:
         return
     k_main = stacked.shape[0] - (1 if has_bias else 0)
-    if precision == "split":
-        left, stacked = _split_operands(left, stacked, k_main, has_bias)
-        k_main *= 3
-        precision = "tf32"
+    weights = low = stacked
+    if precision == Precision.BF16X3.value:
+        weights, low = split if split is not None else split_bf16(stacked[:k_main])
     if left.stride(1) != 1:
         left = left.contiguous()
     bias = stacked[k_main] if has_bias else stacked
@@ -337,10 +354,10 @@ def fused_regenerate(
     block_c, block_d, num_warps = tile
     grid = (triton.cdiv(rows, block_c) * triton.cdiv(d, block_d),)
     _regen_kernel[grid](
-        left, stacked, bias, dest, base, table,
+        left, weights, low, bias, dest, base, table,
         rows, k_main, left.stride(0), d, first_local, dest.numel(), theta_first,
         theta0.key, theta0.bound, theta0.mean, theta0.std,
         HAS_BIAS=has_bias, THETA=theta0.kind, ALIGNED=aligned, GATHER=row_elements is not None,
         BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_K=block_k, PRECISION=precision,
-        LIBDEVICE=compiled(), num_warps=num_warps,
+        COMPILED=compiled(), num_warps=num_warps,
     )
