@@ -453,8 +453,16 @@ def _torch_kernels() -> SimpleNamespace:
             values = values + theta0.base[index].float()
         dest[index] = values.to(dest.dtype)
 
+    def regenerate_members(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
+                           jobs: list[tk.MemberJob], precision: str = "ieee",
+                           tile: object = None, split: object = None) -> None:
+        for job in jobs:
+            fused_regenerate(left[job.row0 : job.row1], stacked, has_bias, job.dest,
+                             job.first_local, job.theta0, theta_first=job.theta_first)
+
     return SimpleNamespace(KERNEL_DTYPES=tk.KERNEL_DTYPES, kernel_theta0=tk.kernel_theta0,
-                           kernel_precision=tk.kernel_precision,
+                           kernel_precision=tk.kernel_precision, MemberJob=tk.MemberJob,
+                           regenerate_members=regenerate_members,
                            fused_regenerate=fused_regenerate, calls=calls,
                            draw_generator_weights=lambda spec, device: spec.weights(device))
 

@@ -313,12 +313,10 @@ def test_kernel_interpreted(tmp_path: Path) -> None:
 
 _REGEN_SIGNATURE = {
     "left_ptr": "*fp32", "w_ptr": "*bf16", "w_lo_ptr": "*bf16", "bias_ptr": "*fp32",
-    "out_ptr": "*bf16", "base_ptr": "*fp64", "rows_ptr": "*i64", "rows": "i32", "K": "i32",
-    "stride_left": "i32", "d": "i32",
-    "first_local": "i64", "numel": "i32", "theta_first": "i64", "key": "i64", "bound": "fp32",
-    "mean": "fp32",
-    "std": "fp32", **dict.fromkeys(("HAS_BIAS", "THETA", "ALIGNED", "GATHER", "BLOCK_C",
-                                    "BLOCK_D", "BLOCK_K", "PRECISION", "COMPILED"), "constexpr"),
+    "out_ptr": "*bf16", "base_ptr": "*fp64", "rows_ptr": "*i64", "tiles_ptr": "*i64",
+    "ints_ptr": "*i64", "floats_ptr": "*fp32", "K": "i32", "stride_left": "i32", "d": "i32",
+    **dict.fromkeys(("HAS_BIAS", "THETA", "ALIGNED", "GATHER", "BLOCK_C", "BLOCK_D", "BLOCK_K",
+                     "PRECISION", "COMPILED"), "constexpr"),
 }
 
 
@@ -414,3 +412,57 @@ def test_kernel_precision_keeps_each_dtype_within_its_bound() -> None:
         assert tk.kernel_precision(Precision.IEEE, dtype, cpu) == "ieee"
         assert tk.kernel_precision(Precision.TF32X3, dtype, cpu) == "tf32x3"
     assert mf.LoadOptions().precision is Precision.AUTO
+
+
+_MEMBERS_CHILD = """
+import sys
+import torch
+from mcnc_format.engine import triton_kernels as tk
+from mcnc_format.api import load
+
+launches = []
+launch = tk._launch
+
+def counting(left, stacked, has_bias, jobs, *args):
+    launches.append(len(jobs))
+    return launch(left, stacked, has_bias, jobs, *args)
+
+tk._launch = counting
+got = load(sys.argv[1], "cpu", use_triton=True, workspace_bytes=1 << 26)
+torch.save({"tensors": got, "launches": launches}, sys.argv[2])
+"""
+
+
+def test_one_launch_per_batch_covers_many_members(tmp_path: Path) -> None:
+    """A batch whose chunks hold many members (starting mid-chunk, several per chunk, Philox
+    keys with the top bit set) costs one launch per output dtype and theta0 evaluation, not
+    one per member, and each member's values match the torch path."""
+    from mcnc_format import MCNC, Segment, Theta0
+
+    g = torch.Generator().manual_seed(SEED)
+    spec = GeneratorSpec(k=4, d=64, hidden=(16,), seed=SEED)
+    sizes = [int(n) for n in torch.randint(5, 150, (30,), generator=g)]
+    sizes.append(-sum(sizes) % (8 * spec.d) + 8 * spec.d)  # whole row tiles: one batch
+    chunks = sum(sizes) // spec.d
+    seg = Segment(spec, torch.rand(chunks, 1, 4, generator=g) * 2 - 1,
+                  torch.randn(chunks, 1, generator=g) * 0.3)
+    tensors = {}
+    for i, n in enumerate(sizes):  # every kind keyed by a stream >= 2**31, two dtypes
+        theta0 = (Theta0.uniform(0.05, 2**32 - 1 - i, 2**31 + i) if i % 3 == 0 else
+                  Theta0.normal(7, 2**31 + i, 0.0, 0.02) if i % 3 == 1 else Theta0.zeros())
+        tensors[f"t{i:02d}"] = MCNC(seg, (n,), torch.bfloat16 if i % 2 else torch.float32,
+                                    theta0)
+    path = tmp_path / "members.mcnc"
+    mf.save(path, tensors)
+    result = tmp_path / "members.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _MEMBERS_CHILD, str(path), str(result)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = torch.load(result)
+    with mf.open(path) as f:
+        options = mf.LoadOptions(workspace_bytes=1 << 26, use_triton=True)
+        assert len(f.plan(f.requests(), "cpu", options).steps) == 1, "one batch"
+    # One launch per group: 2 dtypes x 3 kinds, Philox kinds split by block alignment.
+    assert len(out["launches"]) <= 2 * (1 + 2 + 2) and sum(out["launches"]) == len(sizes)
+    _compare_files({str(path): out["tensors"]})

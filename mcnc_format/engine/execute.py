@@ -358,13 +358,20 @@ class Executor:
                 state.base_marker = None
         left = fused.coefficients(alpha, beta)
         eager = []
+        jobs: dict[str, list[Any]] = {}  # by product: one launch per product and dtype
         for piece in step.pieces:
             if not self.kernel_takes(piece.target):
                 eager.append(piece)
             elif piece.target.box.contiguous:
-                self._kernel_piece(piece, step, fused, left, outputs[id(piece.target)], d)
+                jobs.setdefault(self._product(piece.target), []).append(
+                    self._kernel_job(piece, step, outputs[id(piece.target)], d))
             else:
                 self._kernel_gather(piece, step, fused, left, outputs[id(piece.target)], d)
+        for precision, group in jobs.items():
+            assert self.kernels is not None
+            self.kernels.regenerate_members(
+                left, fused.stacked, fused.weights.out_bias is not None, group, precision,
+                split=fused.split if precision == Precision.BF16X3.value else None)
         if not eager:
             return
         if len(eager) == 1 and self._in_place(eager[0], step, fused, left, outputs[
@@ -452,8 +459,9 @@ class Executor:
             workspace[:] = [torch.empty(rows * d, dtype=torch.float32, device=self.device)]
         return workspace[0][: rows * d].view(rows, d)
 
-    def _kernel_piece(self, piece: Piece, step: BatchStep, fused: FusedGenerator,
-                      left: torch.Tensor, state: _Output, d: int) -> None:
+    def _kernel_job(self, piece: Piece, step: BatchStep, state: _Output, d: int) -> Any:
+        """The kernel's ``MemberJob`` for a piece of a contiguous target: the batch's rows
+        that cover it, and where its first row lands in the target's storage."""
         kernels = self.kernels
         target = piece.target
         assert kernels is not None and target.member is not None
@@ -462,19 +470,15 @@ class Executor:
         m1 = -(-(start + piece.hi) // d)
         theta0 = kernels.kernel_theta0(target.member.theta0, target.member.shape, state.base)
         assert theta0 is not None, "kernel_takes admits only theta0 the kernel evaluates"
-        kernels.fused_regenerate(
-            left[m0 - step.first : m1 - step.first], fused.stacked,
-            fused.weights.out_bias is not None, state.tensor, m0 * d - start, theta0,
-            theta_first=target.box.first_element, **self._product(target, fused))
+        return kernels.MemberJob(state.tensor, m0 - step.first, m1 - step.first,
+                                 m0 * d - start, theta0, target.box.first_element)
 
-    def _product(self, target: Target, fused: FusedGenerator) -> dict[str, Any]:
-        """How the kernel multiplies for ``target`` (``kernel_precision`` of its dtype) and,
-        for split products, the generator's weights split once."""
+    def _product(self, target: Target) -> str:
+        """The kernel's output-layer product for ``target``: ``kernel_precision`` of its
+        dtype."""
         assert self.kernels is not None
-        precision = self.kernels.kernel_precision(self.options.precision, target.dtype,
-                                                  self.device)
-        return {"precision": precision,
-                "split": fused.split if precision == Precision.BF16X3.value else None}
+        return str(self.kernels.kernel_precision(self.options.precision, target.dtype,
+                                                 self.device))
 
     def _kernel_gather(self, piece: Piece, step: BatchStep, fused: FusedGenerator,
                        left: torch.Tensor, state: _Output, d: int) -> None:
@@ -497,9 +501,11 @@ class Executor:
         else:
             theta0 = kernels.kernel_theta0(member.theta0, member.shape, None)
         assert theta0 is not None, "kernel_takes admits only theta0 the kernel evaluates"
+        precision = self._product(target)
         kernels.fused_regenerate(
             left[: step.chunks], fused.stacked, fused.weights.out_bias is not None, rows, 0,
-            theta0, row_elements=row_elements, **self._product(target, fused))
+            theta0, precision, row_elements=row_elements,
+            split=fused.split if precision == Precision.BF16X3.value else None)
         state.tensor[piece.lo : piece.hi] = rows[self._positions(piece, step, d)]
 
     def _dense_rows(self, member: MemberEntry, row_elements: torch.Tensor, d: int, label: str

@@ -1,6 +1,6 @@
 """The fused output-layer kernel: one pass that writes each regenerated value once.
 
-For a batch of chunks, ``fused_regenerate`` takes the left factor of ``FusedGenerator`` (the
+For a batch of chunks, ``regenerate_members`` takes the left factor of ``FusedGenerator`` (the
 hidden activations already scaled by ``c = beta / ||W h + b||``, computed in IEEE float32 by
 torch; SPEC.md §10.2) and computes, per output tile ``[BLOCK_C chunks, BLOCK_D values]``::
 
@@ -10,7 +10,9 @@ torch; SPEC.md §10.2) and computes, per output tile ``[BLOCK_C chunks, BLOCK_D 
 stream past; theta0 is drawn from Philox in registers (``tl.randint4x`` computes exactly the
 spec's block, §8.1) or read from a dense base tensor (which may be the output tensor itself:
 a base streamed into the final storage is updated in place). Values land straight in the
-member's final storage with its dtype: there is no float32 intermediate of the output.
+member's final storage with its dtype: there is no float32 intermediate of the output. One
+launch covers all the members of a batch that share an output dtype and theta0 evaluation,
+found through a member table on the device (``MemberJob``).
 
 How the output-layer product runs (``Precision``, SPEC.md §10.1): ``"ieee"``, float32 FMA,
 for float32 outputs (33 multiply-adds per value for the LLaMA generator, so FMA-bound while the
@@ -25,8 +27,10 @@ The hidden layers never run here, so §10.1's IEEE rule for them is untouched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -54,12 +58,14 @@ __all__ = [
     "THETA0_UNIFORM",
     "THETA0_ZEROS",
     "KernelTheta0",
+    "MemberJob",
     "compiled",
     "draw_generator_weights",
     "fused_regenerate",
     "kernel_precision",
     "kernel_theta0",
     "philox_uniform",
+    "regenerate_members",
 ]
 
 THETA0_ZEROS = 0
@@ -138,22 +144,42 @@ def _dot_bf16(a, b, acc, COMPILED: tl.constexpr):
     return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
 
 
+# The member table: per member an int64 row (``MemberJob.table_row``: storage and base
+# addresses, its rows of ``left``, where row ``row0``'s first value lands, its size, the
+# tensor element of its storage's first value, the Philox key) and a float32 row.
+_DEST, _BASE, _ROW0, _ROW1, _FIRST_LOCAL, _NUMEL, _THETA_FIRST, _KEY = (
+    tl.constexpr(i) for i in range(8))
+_INT_FIELDS = tl.constexpr(8)
+_BOUND, _MEAN, _STD = (tl.constexpr(i) for i in range(3))
+_FLOAT_FIELDS = tl.constexpr(3)
+
+
 @triton.jit
 def _regen_kernel(
-    left_ptr, w_ptr, w_lo_ptr, bias_ptr, out_ptr, base_ptr, rows_ptr,
-    rows, K, stride_left, d, first_local, numel, theta_first,
-    key, bound, mean, std,
+    left_ptr, w_ptr, w_lo_ptr, bias_ptr, out_ptr, base_ptr, rows_ptr, tiles_ptr, ints_ptr,
+    floats_ptr, K, stride_left, d,
     HAS_BIAS: tl.constexpr, THETA: tl.constexpr, ALIGNED: tl.constexpr, GATHER: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, COMPILED: tl.constexpr,
 ):
+    # One launch covers every member of a batch that shares the output dtype and theta0
+    # evaluation: program ``pid`` takes row tile ``pid // tiles_d`` of the tile table (its
+    # member and first row of ``left``) and value tile ``pid % tiles_d``. A member's storage
+    # and base are addresses in its table row, typed like ``out_ptr`` and ``base_ptr``.
     pid = tl.program_id(0)
     tiles_d = tl.cdiv(d, BLOCK_D)
     pid_c = pid // tiles_d
     pid_d = pid % tiles_d
-    r = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    member = tl.load(tiles_ptr + 2 * pid_c)
+    ints = ints_ptr + member * _INT_FIELDS
+    floats = floats_ptr + member * _FLOAT_FIELDS
+    dest = tl.load(ints + _DEST).to(out_ptr.dtype, bitcast=True)
+    row0 = tl.load(ints + _ROW0)
+    first_local = tl.load(ints + _FIRST_LOCAL)
+    numel = tl.load(ints + _NUMEL)
+    r = tl.load(tiles_ptr + 2 * pid_c + 1) + tl.arange(0, BLOCK_C)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = r < rows
+    row_ok = r < tl.load(ints + _ROW1)
     col_ok = cols < d
     r64 = r.to(tl.int64)
 
@@ -182,7 +208,8 @@ def _regen_kernel(
         b_out = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         acc += csum[:, None] * b_out[None, :]
 
-    row_start = first_local + r64 * d + pid_d * BLOCK_D  # output index of each row's col 0
+    # Output index of each row's value ``pid_d * BLOCK_D``.
+    row_start = first_local + (r64 - row0) * d + pid_d * BLOCK_D
     local = row_start[:, None] + tl.arange(0, BLOCK_D)[None, :]
     mask = row_ok[:, None] & col_ok[None, :] & (local >= 0) & (local < numel)
     # The tensor's element index of each value, which keys its Philox draw (§8): the output
@@ -191,8 +218,10 @@ def _regen_kernel(
     if GATHER:
         row_elem = tl.load(rows_ptr + r64, mask=row_ok, other=0) + pid_d * BLOCK_D
     else:
-        row_elem = row_start + theta_first
+        row_elem = row_start + tl.load(ints + _THETA_FIRST)
     element = row_elem[:, None] + tl.arange(0, BLOCK_D)[None, :]
+    if THETA == 1 or THETA == 2:
+        key = tl.load(ints + _KEY)
     if THETA == 1:
         if ALIGNED:
             # Rows start on a block boundary: one Philox block gives 4 consecutive values.
@@ -204,7 +233,7 @@ def _regen_kernel(
             w0, w1, w2, w3 = tl.randint4x(key, safe // 4)
             lane = safe % 4
             words = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
-        acc += _uniform_units(words) * bound
+        acc += _uniform_units(words) * tl.load(floats + _BOUND)
     elif THETA == 2:
         if ALIGNED:
             blk = row_elem[:, None] // 2 + tl.arange(0, BLOCK_D // 2)[None, :]
@@ -216,10 +245,11 @@ def _regen_kernel(
             w0, w1, w2, w3 = tl.randint4x(key, safe // 2)
             odd = (safe % 2) == 1
             z = _box_muller(tl.where(odd, w2, w0), tl.where(odd, w3, w1), COMPILED)
-        acc += z * std + mean
+        acc += z * tl.load(floats + _STD) + tl.load(floats + _MEAN)
     elif THETA == 3:
-        acc += tl.load(base_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + local, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        base = tl.load(ints + _BASE).to(base_ptr.dtype, bitcast=True)
+        acc += tl.load(base + local, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dest + local, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -299,6 +329,61 @@ def kernel_precision(precision: Precision, dtype: torch.dtype, device: torch.dev
     return precision.value
 
 
+@dataclass(frozen=True)
+class MemberJob:
+    """One output a launch writes: flat contiguous ``dest`` (one of ``KERNEL_DTYPES``),
+    covered by rows ``[row0, row1)`` of ``left``; value ``j`` of row ``r`` goes to
+    ``dest[first_local + (r - row0) * d + j]`` (indices outside ``dest``, neighbouring members
+    or outside a box, are masked off); ``dest[0]`` is the tensor's element ``theta_first``,
+    which keys Philox theta0 draws, and a dense ``theta0.base`` is indexed like ``dest``."""
+
+    dest: torch.Tensor
+    row0: int
+    row1: int
+    first_local: int
+    theta0: KernelTheta0
+    theta_first: int = 0
+
+    def table_row(self) -> list[int]:
+        """The member table's int64 fields, in the kernel's order (``_DEST`` ...)."""
+        base = self.theta0.base if self.theta0.base is not None else self.dest
+        key = self.theta0.key
+        return [self.dest.data_ptr(), base.data_ptr(), self.row0, self.row1,
+                self.first_local, self.dest.numel(), self.theta_first,
+                key - (1 << 64) if key >= 1 << 63 else key]  # the same 64 bits, signed
+
+
+def regenerate_members(
+    left: torch.Tensor,
+    stacked: torch.Tensor,
+    has_bias: bool,
+    jobs: Sequence[MemberJob],
+    precision: str = Precision.IEEE.value,
+    tile: tuple[int, int, int] = DEFAULT_TILE,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """Write ``theta0 + delta`` of every job: one launch per group of jobs that share an
+    output dtype and a theta0 evaluation (kind, Philox block alignment, dense base dtype),
+    so a batch covering many members costs one launch, not one per member.
+
+    ``left`` is ``FusedGenerator.coefficients`` (``[rows, K (+1)]``, the last column the
+    component sum when the generator has an output bias) and ``stacked`` the matching
+    ``[K (+1), d]`` weights. ``tile`` is ``(BLOCK_C, BLOCK_D, num_warps)``, powers of two with
+    ``BLOCK_C, BLOCK_D >= 16``. ``precision``: ``"ieee"`` (float32 FMA), ``"bf16x3"`` (split
+    bfloat16 tensor-core products; ``split`` is ``split_bf16`` of the stacked weights' first
+    ``K`` rows, computed here when not given) or ``"tf32x3"`` (Triton's three TF32 products).
+    """
+    d = stacked.shape[1]
+    groups: dict[tuple[object, ...], list[MemberJob]] = {}
+    for job in jobs:
+        if job.dest.numel() and job.row1 > job.row0:
+            aligned = _aligned(job.theta0, [job.first_local + job.theta_first], d)
+            base = job.theta0.base.dtype if job.theta0.base is not None else None
+            groups.setdefault((job.dest.dtype, job.theta0.kind, aligned, base), []).append(job)
+    for (_, _, aligned, _), group in groups.items():
+        _launch(left, stacked, has_bias, group, aligned, precision, tile, split, None)
+
+
 def fused_regenerate(
     left: torch.Tensor,
     stacked: torch.Tensor,
@@ -312,26 +397,40 @@ def fused_regenerate(
     row_elements: torch.Tensor | None = None,
     split: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Write ``theta0 + delta`` of ``left.shape[0]`` consecutive chunks into ``dest``.
-
-    ``left`` is ``FusedGenerator.coefficients`` (``[rows, K (+1)]``, the last column the
-    component sum when the generator has an output bias) and ``stacked`` the matching
-    ``[K (+1), d]`` weights. Chunk ``r``, value ``j`` goes to ``dest[first_local + r * d + j]``
-    (negative or past ``dest.numel()`` for neighbouring members or outside a box: masked);
-    ``dest[0]`` is the member's element ``theta_first``, which keys Philox theta0 draws, and a
-    dense ``theta0.base`` is indexed like ``dest``. ``dest`` is flat and contiguous in one of
-    ``KERNEL_DTYPES``. ``tile`` is ``(BLOCK_C, BLOCK_D, num_warps)``, powers of two with
-    ``BLOCK_C, BLOCK_D >= 16``. ``row_elements`` (int64 on the CPU, one per row; a Philox
-    theta0 only) gives the tensor element of each row's first value instead, for rows of
-    chunks that are not consecutive (a column box): ``theta_first`` is then unused.
-    ``precision``: ``"ieee"`` (float32 FMA, the default), ``"bf16x3"`` (split bfloat16
-    tensor-core products; ``split`` is ``split_bf16`` of the stacked weights' first ``K`` rows,
-    computed here when not given) or ``"tf32x3"`` (Triton's three TF32 products).
-    """
+    """``regenerate_members`` of one member written by all of ``left``'s rows
+    (``MemberJob(dest, 0, rows, first_local, theta0, theta_first)``), or, with
+    ``row_elements`` (int64 on the CPU, one per row; a Philox theta0 only), rows of chunks
+    that are not consecutive (a column box): each row's first value is then the tensor's
+    element ``row_elements[r]``, and ``theta_first`` is unused."""
     rows = left.shape[0]
-    d = stacked.shape[1]
     if rows == 0 or dest.numel() == 0:
         return
+    job = MemberJob(dest, 0, rows, first_local, theta0, theta_first)
+    if row_elements is None:
+        regenerate_members(left, stacked, has_bias, [job], precision, tile, split)
+        return
+    if theta0.base is not None:
+        raise ValueError("row_elements keys Philox draws; a dense base is indexed like dest")
+    aligned = _aligned(theta0, row_elements.tolist(), stacked.shape[1])
+    _launch(left, stacked, has_bias, [job], aligned, precision, tile, split, row_elements)
+
+
+def _aligned(theta0: KernelTheta0, starts: list[int], d: int) -> bool:
+    """Whether every row starts on a Philox block of ``theta0``'s draw (4 uniforms, 2
+    normals), so a block's words fill consecutive values."""
+    per_block = {THETA0_UNIFORM: 4, THETA0_NORMAL: 2}.get(theta0.kind)
+    return per_block is not None and d % per_block == 0 and all(
+        x % per_block == 0 for x in starts)
+
+
+def _launch(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
+            jobs: list[MemberJob], aligned: bool, precision: str, tile: tuple[int, int, int],
+            split: tuple[torch.Tensor, torch.Tensor] | None,
+            row_elements: torch.Tensor | None) -> None:
+    """One launch over ``jobs`` (one output dtype and theta0 evaluation). The member table,
+    the tile table and any per-row elements go to the device in one copy from pinned memory
+    (asynchronous: no host synchronisation)."""
+    d = stacked.shape[1]
     k_main = stacked.shape[0] - (1 if has_bias else 0)
     weights = low = stacked
     if precision == Precision.BF16X3.value:
@@ -339,25 +438,39 @@ def fused_regenerate(
     if left.stride(1) != 1:
         left = left.contiguous()
     bias = stacked[k_main] if has_bias else stacked
-    block_k = min(64, max(16, triton.next_power_of_2(k_main)))
-    starts = [first_local + theta_first] if row_elements is None else row_elements.tolist()
-    if theta0.kind == THETA0_UNIFORM:
-        aligned = all(x % 4 == 0 for x in starts) and d % 4 == 0
-    elif theta0.kind == THETA0_NORMAL:
-        aligned = all(x % 2 == 0 for x in starts) and d % 2 == 0
-    else:
-        aligned = False
-    if row_elements is not None and theta0.base is not None:
-        raise ValueError("row_elements keys Philox draws; a dense base is indexed like dest")
-    base = theta0.base if theta0.base is not None else dest
-    table = dest if row_elements is None else row_elements.to(dest.device, torch.int64)
     block_c, block_d, num_warps = tile
-    grid = (triton.cdiv(rows, block_c) * triton.cdiv(d, block_d),)
+    tiles = np.concatenate([
+        np.stack([np.full(-(-(job.row1 - job.row0) // block_c), i),
+                  np.arange(job.row0, job.row1, block_c)], axis=1)
+        for i, job in enumerate(jobs)]).astype(np.int64)
+    ints = np.array([job.table_row() for job in jobs], dtype=np.int64)
+    floats = np.array([[job.theta0.bound, job.theta0.mean, job.theta0.std] for job in jobs],
+                      dtype=np.float32)
+    parts = [ints, tiles, np.zeros(0, np.int64) if row_elements is None
+             else row_elements.numpy().astype(np.int64), floats]
+    table = _to_device(np.concatenate([p.reshape(-1).view(np.uint8) for p in parts]),
+                       left.device)
+    views, at = [], 0
+    for part in parts:
+        views.append(table[at : at + part.nbytes].view(torch.from_numpy(part).dtype))
+        at += part.nbytes
+    ints_d, tiles_d, rows_d, floats_d = views
+    first = jobs[0]
+    base = first.theta0.base if first.theta0.base is not None else first.dest
+    grid = (len(tiles) * triton.cdiv(d, block_d),)
     _regen_kernel[grid](
-        left, weights, low, bias, dest, base, table,
-        rows, k_main, left.stride(0), d, first_local, dest.numel(), theta_first,
-        theta0.key, theta0.bound, theta0.mean, theta0.std,
-        HAS_BIAS=has_bias, THETA=theta0.kind, ALIGNED=aligned, GATHER=row_elements is not None,
-        BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_K=block_k, PRECISION=precision,
+        left, weights, low, bias, first.dest, base, rows_d if row_elements is not None
+        else tiles_d, tiles_d, ints_d, floats_d, k_main, left.stride(0), d,
+        HAS_BIAS=has_bias, THETA=first.theta0.kind, ALIGNED=aligned,
+        GATHER=row_elements is not None, BLOCK_C=block_c, BLOCK_D=block_d,
+        BLOCK_K=min(64, max(16, triton.next_power_of_2(k_main))), PRECISION=precision,
         COMPILED=compiled(), num_warps=num_warps,
     )
+
+
+def _to_device(data: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host bytes on ``device``: through pinned memory, queued on the current stream."""
+    host = torch.from_numpy(data)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
