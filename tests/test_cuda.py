@@ -125,3 +125,46 @@ def test_mcnc_lora_trained_on_cuda_loads_as_the_adapted_model(tmp_path: Path) ->
     plain.eval()
     with torch.no_grad():
         _same(plain(_tokens(3)), model(_tokens(3)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_kernel_loads_wait_for_no_stream(tmp_path: Path) -> None:
+    """Issue 12: inside a load on the kernel path nothing waits for the GPU's streams (no
+    ``.item()``, no copy from pageable memory): ``set_sync_debug_mode("error")`` turns any
+    such wait into an error. Whole tensors and column boxes (gathered rows) of mcnc tensors
+    with Philox, stored and external theta0 in three dtypes, dense and bool tensors."""
+    from safetensors.torch import save_file
+
+    from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0
+    from mcnc_format.reader import tensor_sha256
+
+    g = torch.Generator().manual_seed(SEED)
+    spec = GeneratorSpec(k=5, d=100, hidden=(32, 32), seed=SEED % 2**32)
+    seg = Segment(spec, torch.rand(40, 1, 5, generator=g) * 2 - 1,
+                  torch.randn(40, 1, generator=g) * 0.1)
+    base = torch.randn(12, 50, generator=g).to(torch.bfloat16)
+    save_file({"w": base}, str(tmp_path / "base.safetensors"))
+    path = tmp_path / "nosync.mcnc"
+    mf.save(path, {
+        "uniform": MCNC(seg, (30, 40), torch.bfloat16, Theta0.fan_in_uniform(1, 2)),
+        "normal": MCNC(seg, (20, 30), torch.float16, Theta0.normal(3, 4, 0.0, 0.02)),
+        "stored": MCNC(seg, (25, 20), torch.float32,
+                       Theta0.stored(torch.randn(25, 20, generator=g))),
+        "external": MCNC(seg, (12, 50), torch.bfloat16,
+                         Theta0.external("base.safetensors", "w", tensor_sha256(base))),
+        "dense": torch.randn(6, 7, generator=g),
+        "mask": torch.rand(5, generator=g) > 0.5,
+    })
+    want = mf.load(path)
+    boxes = {n: (slice(None), slice(1, None)) for n in ("uniform", "normal", "stored")}
+    mf.load(path, "cuda", use_triton=True)  # generators drawn, kernels compiled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = mf.load(path, "cuda", use_triton=True)
+        cut = mf.load(path, "cuda", use_triton=True, boxes=boxes, names=list(boxes))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(got, want)
+    for name, box in boxes.items():
+        assert torch.equal(cut[name], got[name][box]), name

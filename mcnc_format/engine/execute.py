@@ -46,7 +46,7 @@ from .fused import FusedGenerator, lora_product
 from .options import LoadOptions, Precision, Progress
 from .plan import BatchStep, DenseStep, EmptyStep, MergeStep, Piece, Plan, Step, Target
 from .source import BlobStore
-from .staging import CopyEngine, CudaCopyEngine, StagingRing, SyncCopyEngine
+from .staging import CopyEngine, CudaCopyEngine, StagingRing, SyncCopyEngine, to_device_async
 from .theta0 import DENSE_THETA0, Theta0Source
 
 __all__ = ["Executor", "OpenFile", "triton_available"]
@@ -257,6 +257,11 @@ class Executor:
             shape = (box.lengths[0], *t.shape[1:])
         data = self.file.blobs.tensor_bytes(t, first * dtype.itemsize,
                                             (first + count) * dtype.itemsize)
+        if t.dtype == "bool" and count and int(np.frombuffer(data, np.uint8).max()) > 1:
+            # Checked on the host bytes: on a GPU, a check of the device copy waits for it.
+            raise FormatError("bool bytes must be 0 or 1 (§1): the file is damaged or was "
+                              "written by a non-conforming writer", rule="R27", path=self.label,
+                              field=f"tensors[{t.name!r}].blob")
         into = None if self.device.type == "cpu" else engine.output_empty(shape, dtype)
         tensor, marker = self._upload(data, shape, dtype, engine, ring, into, copy=True)
         self.allocated_bytes += count * dtype.itemsize
@@ -327,13 +332,9 @@ class Executor:
 
     def _finish_dense(self, step: DenseStep, staged: tuple[torch.Tensor, object],
                       engine: CopyEngine, outputs: dict[int, _Output]) -> None:
-        t, target = step.tensor, step.target
+        target = step.target
         value, marker = staged
         engine.wait_compute(marker)
-        if t.dtype == "bool" and bool((value.view(torch.uint8) > 1).any()):
-            raise FormatError("bool bytes must be 0 or 1 (§1): the file is damaged or was "
-                              "written by a non-conforming writer", rule="R27", path=self.label,
-                              field=f"tensors[{t.name!r}].blob")
         box = target.box
         if not box.contiguous:
             index = tuple(slice(a, b) for a, b in zip(box.starts[1:], box.stops[1:],
@@ -450,7 +451,7 @@ class Executor:
         values = target.member.offset + target.elements(piece.lo, piece.hi, self.device)
         chunk = values // d
         rank = (chunk - step.first if step.ids is None
-                else torch.searchsorted(step.ids.to(self.device), chunk))
+                else torch.searchsorted(to_device_async(step.ids, self.device), chunk))
         return rank * d + values % d
 
     def _workspace(self, workspace: list[torch.Tensor], rows: int, d: int) -> torch.Tensor:
@@ -521,7 +522,7 @@ class Executor:
         stored = self.file.theta0.dense(entry, member.shape, first, stop, label)
         rows = torch.zeros(elements.numel(), dtype=stored.dtype)
         rows[inside] = stored[elements[inside] - first]
-        return rows.to(self.device)
+        return to_device_async(rows, self.device)
 
     def _merge(self, step: MergeStep, engine: CopyEngine, outputs: dict[int, _Output]) -> None:
         """``theta0 + scale * (B @ A)`` of a lora box (§6.3)."""

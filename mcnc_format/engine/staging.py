@@ -19,7 +19,16 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["CopyEngine", "CudaCopyEngine", "StagingRing", "SyncCopyEngine"]
+__all__ = ["CopyEngine", "CudaCopyEngine", "StagingRing", "SyncCopyEngine", "to_device_async"]
+
+
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (an index or a table) on ``device``, queued on the current stream
+    without a host synchronisation: copied through pinned memory, which torch keeps until the
+    copy is done. (``.to("cuda")`` from pageable memory waits for the stream.)"""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class CopyEngine(Protocol):

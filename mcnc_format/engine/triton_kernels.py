@@ -48,6 +48,7 @@ from ..header import (
 from ..philox import round_to_f32
 from .fused import split_bf16
 from .options import Precision
+from .staging import to_device_async
 from .theta0 import fan_in_bound
 
 __all__ = [
@@ -448,8 +449,8 @@ def _launch(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
                       dtype=np.float32)
     parts = [ints, tiles, np.zeros(0, np.int64) if row_elements is None
              else row_elements.numpy().astype(np.int64), floats]
-    table = _to_device(np.concatenate([p.reshape(-1).view(np.uint8) for p in parts]),
-                       left.device)
+    table = to_device_async(torch.from_numpy(np.concatenate(
+        [p.reshape(-1).view(np.uint8) for p in parts])), left.device)
     views, at = [], 0
     for part in parts:
         views.append(table[at : at + part.nbytes].view(torch.from_numpy(part).dtype))
@@ -466,11 +467,3 @@ def _launch(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
         BLOCK_K=min(64, max(16, triton.next_power_of_2(k_main))), PRECISION=precision,
         COMPILED=compiled(), num_warps=num_warps,
     )
-
-
-def _to_device(data: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host bytes on ``device``: through pinned memory, queued on the current stream."""
-    host = torch.from_numpy(data)
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
