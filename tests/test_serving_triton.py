@@ -29,6 +29,7 @@ without a GPU.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -168,7 +169,7 @@ def run_case(case: dict[str, Any], device: str) -> dict[str, Any]:
                              for m, (a, b, s) in case["factors"][name].items()})
         else:
             slabs.free(name)
-    base = case["base"].to(device)
+    base = copy.deepcopy(case["base"]).to(device)
     seen: dict[str, list[torch.Tensor]] = {}
 
     def before(name: str):
