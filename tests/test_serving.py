@@ -148,18 +148,26 @@ def test_an_adapter_for_another_base_is_refused(served, tmp_path):
 
 
 def test_benchmark_quick_run(tmp_path):
-    """The benchmark's smoke run completes and the bank agrees with PEFT (timings unchecked)."""
+    """The benchmark's smoke run completes and the bank agrees with PEFT (timings unchecked);
+    with Triton, under ``TRITON_INTERPRET=1``, so that its Triton route's code runs too."""
+    import importlib.util
     import json
+    import os
     import subprocess
     import sys
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adapters.py"
     out = tmp_path / "out.json"
+    triton = importlib.util.find_spec("triton") is not None
+    env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if triton else {}))
     subprocess.run([sys.executable, str(script), "--size", "quick", "--threads", "1", "--json",
-                    str(out)], check=True, capture_output=True, timeout=300)
+                    str(out)], check=True, capture_output=True, timeout=300, env=env)
     result = json.loads(out.read_text())
     assert result["resident"]["ratio"] > 10
     assert result["max_logit_difference_vs_peft"] < 1e-5
+    routes = {"torch", "triton"} if triton else {"torch"}
+    assert set(result["max_logit_difference_vs_peft_by_route"]) == routes
+    assert set(result["prefill_seconds"]) == routes
     assert set(result["switch"]) == {"rebuild", "safetensors_warm", "safetensors_cold",
                                      "peft_warm", "peft_cold"}
 

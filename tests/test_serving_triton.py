@@ -281,8 +281,7 @@ def test_kernels_interpreted_equal_the_torch_route(interpreted):
         _check_case(case, got)
 
 
-def test_bank_on_the_triton_route_equals_the_torch_route_and_merged_models(served,
-                                                                           interpreted):
+def test_bank_interpreted_equals_the_torch_route_and_merged_models(served, interpreted):
     inputs, out = interpreted
     bank_in = inputs["bank"]
     torch_bank = make_bank(served)

@@ -7,8 +7,8 @@ r_max, in]``, ``B [slots, out, r_max]`` and ``scale [slots]`` (float32) on the d
 adapter's factors are copied into a free slot once, when the bank rebuilds them, and its
 slot is freed when the cache evicts it. Ranks below ``r_max`` are padded with zeros, which
 add nothing to the products. A slab grows (slots doubled, ``r_max`` raised to a new rank)
-by reallocating; it is dropped when its last adapter leaves, so the memory held is that of
-the adapters cached now, times the padding.
+by reallocating and never shrinks, but it is dropped when its last adapter leaves: it holds
+at most twice the most adapters it held at once, each padded to the largest rank it held.
 """
 
 from __future__ import annotations
