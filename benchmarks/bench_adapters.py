@@ -12,7 +12,10 @@ export ``adapter_model.safetensors`` holding the same factors densely):
     dropped with ``posix_fadvise(DONTNEED)``: ``/proc/sys/vm/drop_caches`` needs root);
 (c) tokens per second of greedy generation for a batch mixing 8 adapters (``bank.generate``)
     against PEFT running the adapters' rows one adapter at a time (``set_adapter`` then
-    ``generate`` per group), and the base alone for scale.
+    ``generate`` per group), and the base alone for scale; on CUDA with Triton, the bank's
+    two routes (``Route.TORCH``: two ``F.linear`` per adapter group; ``Route.TRITON``: the
+    SGMV kernels, one launch pair per module) both run, and one forward of the batch's
+    prompts (prefill) is timed on each, so that the run says which route pays.
 
 The base is a Llama built from a config with random weights (nothing is downloaded); the
 adapters follow the paper's LLaMA setting (rank 16 on q_proj and v_proj; generator k = 5,
@@ -44,8 +47,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import mcnc_format as mcnc
 from mcnc_format.converters.peft_export import export_peft
+from mcnc_format.engine.execute import triton_available
 from mcnc_format.reader import tensor_sha256
-from mcnc_format.serving import AdapterBank
+from mcnc_format.serving import AdapterBank, Route
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -225,7 +229,7 @@ def run(size_name: str, device: torch.device, folder: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"size": size_name, "settings": asdict(size), "device": str(device)}
 
     # The bank first: PEFT wraps the base's Linears in place.
-    speed, mixed_logits = bank_phase(base, names, folder, one, work, result)
+    speed, route_logits = bank_phase(base, names, folder, one, work, result)
     probe = work.prompts[:: size.rows_per_adapter]
 
     peft_model = PeftModel.from_pretrained(base, str(folder / names[0]), adapter_name=names[0])
@@ -243,20 +247,36 @@ def run(size_name: str, device: torch.device, folder: Path) -> dict[str, Any]:
     speed["peft"] = work.tokens_per_s(one_at_a_time)
     result["throughput"] = {"rows": len(work.rows), "prompt": size.prompt,
                             "new_tokens": size.new_tokens, "tokens_per_s": speed}
-    worst = 0.0
+    worst = dict.fromkeys(route_logits, 0.0)
     with torch.no_grad():
         for i, name in enumerate(names):
             peft_model.set_adapter(name)
             want = peft_model(input_ids=probe[i : i + 1]).logits[0].float()
-            worst = max(worst, float((mixed_logits[i] - want).abs().max()))
-    result["max_logit_difference_vs_peft"] = worst
+            for route, logits in route_logits.items():
+                worst[route] = max(worst[route], float((logits[i] - want).abs().max()))
+    result["max_logit_difference_vs_peft"] = max(worst.values())
+    result["max_logit_difference_vs_peft_by_route"] = worst
     return result
 
 
+def routes(device: torch.device) -> list[Route]:
+    """The bank's routes this device runs: both on CUDA with Triton (or anywhere under
+    ``TRITON_INTERPRET=1``, a smoke run of the kernels' code path), else the torch route."""
+    if not triton_available():
+        return [Route.TORCH]
+    from mcnc_format.serving import sgmv
+
+    if device.type == "cuda" or not sgmv.compiled():
+        return [Route.TORCH, Route.TRITON]
+    return [Route.TORCH]
+
+
 def bank_phase(base: torch.nn.Module, names: list[str], folder: Path, one: int,
-               work: Workload, result: dict[str, Any]) -> tuple[dict[str, float], torch.Tensor]:
-    """(a), the bank's side of (b) into ``result``; the bank's tokens/s (mixed, base alone)
-    and its logits for the first prompt of each adapter."""
+               work: Workload, result: dict[str, Any]
+               ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """(a), the bank's side of (b) into ``result`` and, per route, its prefill time; the
+    bank's tokens/s (``mixed`` on the torch route, ``mixed_triton`` on the Triton route, base
+    alone) and each route's logits for the first prompt of each adapter."""
     size, device = work.size, work.device
     switching = AdapterBank(base, device=device, factor_cache_bytes=one)
     start = time.perf_counter()
@@ -265,16 +285,31 @@ def bank_phase(base: torch.nn.Module, names: list[str], folder: Path, one: int,
     result["add_seconds"] = (time.perf_counter() - start) / len(names)
     result["resident"] = resident(switching, folder / names[0] / "adapter_model.safetensors")
     result["switch"] = {"rebuild": rebuild_time(switching, names, device, size.repeats)}
-    bank = AdapterBank(base, device=device, factor_cache_bytes=one * len(names))
-    for name in names:
-        bank.add(name, folder / f"{name}.mcnc")
-    bank.prepare(names)
-    speed = {"mixed": work.tokens_per_s(lambda: bank.generate(work.prompts, adapters=work.rows,
-                                                              **work.kwargs)),
-             "base": work.tokens_per_s(lambda: bank.generate(
-                 work.prompts, adapters=[None] * len(work.rows), **work.kwargs))}
-    with torch.no_grad():
-        logits = bank(work.prompts[:: size.rows_per_adapter], adapters=names).logits.float()
+    speed: dict[str, float] = {}
+    logits: dict[str, torch.Tensor] = {}
+    result["prefill_seconds"] = {}
+    if Route.TRITON in routes(device):
+        from mcnc_format.serving import sgmv
+
+        result["triton_interpreted"] = not sgmv.compiled()
+    for route in routes(device):
+        bank = AdapterBank(base, device=device, factor_cache_bytes=one * len(names),
+                           route=route)
+        for name in names:
+            bank.add(name, folder / f"{name}.mcnc")
+        bank.prepare(names)
+        key = "mixed" if route is Route.TORCH else f"mixed_{route.value}"
+        speed[key] = work.tokens_per_s(lambda bank=bank: bank.generate(
+            work.prompts, adapters=work.rows, **work.kwargs))
+        with torch.no_grad():
+            result["prefill_seconds"][route.value] = min(_times(
+                lambda bank=bank: bank(work.prompts, adapters=work.rows), size.repeats, device))
+            logits[route.value] = bank(work.prompts[:: size.rows_per_adapter],
+                                       adapters=names).logits.float()
+        if route is Route.TORCH:
+            speed["base"] = work.tokens_per_s(lambda bank=bank: bank.generate(
+                work.prompts, adapters=[None] * len(work.rows), **work.kwargs))
+        del bank
     return speed, logits
 
 
@@ -315,8 +350,20 @@ def report(result: dict[str, Any], machine: dict[str, Any]) -> None:
           f"{p['new_tokens']} new tokens: mixed batch {v['mixed']:,.1f} tok/s, PEFT one "
           f"adapter at a time {v['peft']:,.1f} tok/s: ratio {v['mixed'] / v['peft']:.2f}x "
           f"(target >= 3x); base alone {v['base']:,.1f} tok/s")
-    print(f"    largest logit difference, bank vs PEFT: "
-          f"{result['max_logit_difference_vs_peft']:.2e}")
+    prefill = result["prefill_seconds"]
+    if "mixed_triton" in v:
+        if result["triton_interpreted"]:
+            print("    Triton route (TRITON_INTERPRET=1: interpreted, the times say nothing):")
+        print(f"    Triton route: mixed batch {v['mixed_triton']:,.1f} tok/s, "
+              f"{v['mixed_triton'] / v['mixed']:.2f}x the torch route's, "
+              f"{v['mixed_triton'] / v['peft']:.2f}x PEFT's; one forward of the prompts "
+              f"(prefill) {prefill['triton'] * 1e3:.2f} ms against {prefill['torch'] * 1e3:.2f}"
+              f" ms: ratio {prefill['torch'] / prefill['triton']:.2f}x")
+    else:
+        print(f"    Triton route: not run (needs CUDA and Triton); one forward of the prompts "
+              f"(prefill) on the torch route {prefill['torch'] * 1e3:.2f} ms")
+    for route, worst in result["max_logit_difference_vs_peft_by_route"].items():
+        print(f"    largest logit difference, bank ({route} route) vs PEFT: {worst:.2e}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,7 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # Triton compiles in 
 # shellcheck disable=SC2086  # XDIST is empty or two words
 timeout 150 $PY -m pytest $XDIST tests/test_cuda.py tests/test_vectors.py tests/test_philox.py \
   tests/test_triton_kernel.py tests/test_philox_triton.py tests/test_stream.py tests/test_slices.py \
-  -k "not interpreted" -q -p no:cacheprovider --continue-on-collection-errors \
+  tests/test_serving_triton.py -k "not interpreted" -q -p no:cacheprovider --continue-on-collection-errors \
   --durations=10 -rf --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
 TEST_RC=$?
 TEST_LINE=$(tail -n 1 "$OUT/pytest.log")
@@ -81,14 +81,14 @@ BENCH_RC=$?
 echo "bench (rc $BENCH_RC, budget ${BUDGET}s): see $OUT/bench.log"
 
 # 4. optional, beyond the 6-minute check: GPU_EXTRA=adapters,distributed -------------------
-# (issue 14's adapter bank on Llama-2-7B shapes, about 3 minutes; issue 11's 8-way split
+# (issue 14's adapter bank on Llama-2-7B shapes, both routes, about 4 minutes; issue 11's 8-way split
 # measured rank by rank, about 2 minutes)
 EXTRA_LINES=""
 case ",${GPU_EXTRA:-}," in *,adapters,*)
-  timeout 240 $PY benchmarks/bench_adapters.py --size 7b --device cuda \
+  timeout 300 $PY benchmarks/bench_adapters.py --size 7b --device cuda \
     --json "$OUT/bench_adapters.json" >"$OUT/bench_adapters.log" 2>&1
   EXTRA_LINES="$EXTRA_LINES
-adapters (rc $?): $(grep -E '^\((a|b|c)\)' "$OUT/bench_adapters.log" | tr '\n' ' ')";;
+adapters (rc $?): $(grep -E '^\((a|b|c)\)|Triton route' "$OUT/bench_adapters.log" | tr '\n' ' ')";;
 esac
 case ",${GPU_EXTRA:-}," in *,distributed,*)
   timeout 240 $PY benchmarks/bench_distributed.py --cuda --json "$OUT/bench_distributed.json" \

@@ -13,91 +13,28 @@ Inputs are fresh each run, seeded from ``MCNC_TEST_SEED`` or a random seed print
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
+from serving_helpers import ADAPTERS, make_bank, make_llama, make_tokens, merged_model, serve
 from torch_helpers import SEED, assert_same_outputs, one_thread  # noqa: F401 (autouse)
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import mcnc_format
 import mcnc_format as mf
 from mcnc_format import GeneratorSpec
-from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError, UsageError
 from mcnc_format.serving import AdapterBank
-from mcnc_format.torch import MCNCConfig, add_mcnc_lora, merge_mcnc_lora, save_model
-
-VOCAB = 64
-TARGETS = ("q_proj", "v_proj", "down_proj")
-#: (rank, generator seed, chunking, packed against the base file).
-ADAPTERS = {"a": (4, 1, "tensor", True), "b": (4, 2, "model", True), "c": (8, 1, "tensor", False)}
-
-
-def _llama(hidden: int = 32) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=64)
-    torch.manual_seed(SEED)
-    return LlamaForCausalLM(config).eval()
-
-
-def _tokens(rows: int, length: int, offset: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(SEED + offset)
-    return torch.randint(0, VOCAB, (rows, length), generator=g)
-
-
-def _train(model: torch.nn.Module, offset: int) -> None:
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    tokens = _tokens(4, 12, offset)
-    for _ in range(3):
-        opt.zero_grad()
-        logits = model(tokens[:, :-1]).logits
-        F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
-        opt.step()
-    model.eval()
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """The base, the adapter files, and each trained adapted model."""
-    root: Path = tmp_path_factory.mktemp("serving")
-    base = _llama()
-    save_file(base.state_dict(), root / "base.safetensors")
-    files, trained = {}, {}
-    for i, (name, (rank, seed, chunking, against_base)) in enumerate(ADAPTERS.items()):
-        config = MCNCConfig(k=4, d=32, hidden=(16, 16), seed=(SEED + seed) & 0xFFFF,
-                            chunking=chunking)
-        model = add_mcnc_lora(copy.deepcopy(base), config, target_modules=TARGETS, rank=rank,
-                              lora_alpha=2 * rank)
-        _train(model, 10 * i)
-        if against_base:
-            torch.save(model.state_dict(), root / f"{name}.pt")
-            files[name] = pack(root / f"{name}.pt", root / f"{name}.mcnc",
-                               base=root / "base.safetensors").output
-        else:
-            files[name] = save_model(model, root / f"{name}.mcnc")
-        trained[name] = model
-    return base, files, trained
-
-
-def _bank(served, cache: int = 1 << 20) -> AdapterBank:
-    base, files, _ = served
-    bank = AdapterBank(base, device="cpu", factor_cache_bytes=cache)
-    for name, path in files.items():
-        bank.add(name, path)
-    return bank
-
-
-def _merged(served, name: str) -> torch.nn.Module:
-    return merge_mcnc_lora(copy.deepcopy(served[2][name]))
+    return serve(tmp_path_factory)
 
 
 def test_factors_equal_the_readers_bit_for_bit(served):
-    bank = _bank(served)
+    bank = make_bank(served)
     for name, path in served[1].items():
         factors = bank.factors(name)
         with mcnc_format.open(path) as f:
@@ -115,13 +52,13 @@ def test_factors_equal_the_readers_bit_for_bit(served):
 
 
 def test_mixed_batch_equals_each_adapter_merged_into_its_own_base(served):
-    bank = _bank(served)
+    bank = make_bank(served)
     rows = ["b", None, "a", "a", "c", "b"]
-    tokens = _tokens(len(rows), 9, 100)
+    tokens = make_tokens(len(rows), 9, 100)
     with torch.no_grad():
         logits = bank(tokens, adapters=rows).logits
         for i, name in enumerate(rows):
-            model = served[0] if name is None else _merged(served, name)
+            model = served[0] if name is None else merged_model(served, name)
             want = model(tokens[i : i + 1]).logits[0]
             assert_same_outputs(logits[i], want)
             if name is not None:  # the same arithmetic as the trained model's adapter path
@@ -137,11 +74,11 @@ def _factor_bytes(factors) -> int:
 
 
 def test_eviction_and_rebuild_give_the_same_result(served):
-    roomy = _bank(served)
+    roomy = make_bank(served)
     sizes = {n: _factor_bytes(roomy.factors(n)) for n in ADAPTERS}
     assert sizes["a"] + sizes["b"] == sizes["c"]  # ranks 4, 4 and 8 on the same modules
-    tight = _bank(served, cache=sizes["c"])  # room for "c", or for "a" and "b"
-    tokens = _tokens(3, 7, 200)
+    tight = make_bank(served, cache=sizes["c"])  # room for "c", or for "a" and "b"
+    tokens = make_tokens(3, 7, 200)
     cached = [("a",), ("a", "b"), ("c",)] * 2
     with torch.no_grad():
         want = {n: roomy(tokens, adapters=[n] * 3).logits for n in ADAPTERS}
@@ -167,33 +104,33 @@ def _assert_same_sequence(mixed: torch.Tensor, alone: torch.Tensor, what: object
 
 
 def test_generate_with_mixed_adapters_equals_each_adapters_own(served):
-    bank = _bank(served)
+    bank = make_bank(served)
     rows = ["a", "c", None, "b"]
-    prompts = _tokens(len(rows), 5, 300)
+    prompts = make_tokens(len(rows), 5, 300)
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         mixed = bank.generate(prompts, adapters=rows, **kwargs)
         for i, name in enumerate(rows):
-            model = served[0] if name is None else _merged(served, name)
+            model = served[0] if name is None else merged_model(served, name)
             _assert_same_sequence(mixed[i], model.generate(prompts[i : i + 1], **kwargs)[0],
                                   name)
         # beams: the widened batch is mapped back to its rows
         beams = bank.generate(prompts[:2], adapters=rows[:2], num_beams=2, **kwargs)
         for i, name in enumerate(rows[:2]):
-            alone = _merged(served, name).generate(prompts[i : i + 1], num_beams=2, **kwargs)
+            alone = merged_model(served, name).generate(prompts[i : i + 1], num_beams=2, **kwargs)
             _assert_same_sequence(beams[i], alone[0], (name, "beams"))
 
 
 def test_an_adapter_for_another_base_is_refused(served, tmp_path):
     files = served[1]
-    wider = AdapterBank(_llama(hidden=48), device="cpu", factor_cache_bytes=1 << 20)
+    wider = AdapterBank(make_llama(hidden=48), device="cpu", factor_cache_bytes=1 << 20)
     with pytest.raises(MCNCError, match="shape"):
         wider.add("a", files["a"])
     other_names = AdapterBank(torch.nn.Sequential(torch.nn.Linear(32, 32)), device="cpu",
                               factor_cache_bytes=1 << 20)
     with pytest.raises(MCNCError, match=r"not the weight of an nn\.Linear"):
         other_names.add("a", files["a"])
-    retrained = _llama()  # same names and shapes, other weights
+    retrained = make_llama()  # same names and shapes, other weights
     with torch.no_grad():
         retrained.model.layers[0].self_attn.q_proj.weight.add_(0.01)
     bank = AdapterBank(retrained, device="cpu", factor_cache_bytes=1 << 20)
@@ -207,22 +144,30 @@ def test_an_adapter_for_another_base_is_refused(served, tmp_path):
     with pytest.raises(MCNCError, match="no lora tensor"):
         bank.add("plain", plain, check_base=False)
     with pytest.raises(UsageError, match="one adapter"):
-        bank(_tokens(2, 3, 0), adapters=["a"])
+        bank(make_tokens(2, 3, 0), adapters=["a"])
 
 
 def test_benchmark_quick_run(tmp_path):
-    """The benchmark's smoke run completes and the bank agrees with PEFT (timings unchecked)."""
+    """The benchmark's smoke run completes and the bank agrees with PEFT (timings unchecked);
+    with Triton, under ``TRITON_INTERPRET=1``, so that its Triton route's code runs too."""
+    import importlib.util
     import json
+    import os
     import subprocess
     import sys
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adapters.py"
     out = tmp_path / "out.json"
+    triton = importlib.util.find_spec("triton") is not None
+    env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if triton else {}))
     subprocess.run([sys.executable, str(script), "--size", "quick", "--threads", "1", "--json",
-                    str(out)], check=True, capture_output=True, timeout=300)
+                    str(out)], check=True, capture_output=True, timeout=300, env=env)
     result = json.loads(out.read_text())
     assert result["resident"]["ratio"] > 10
     assert result["max_logit_difference_vs_peft"] < 1e-5
+    routes = {"torch", "triton"} if triton else {"torch"}
+    assert set(result["max_logit_difference_vs_peft_by_route"]) == routes
+    assert set(result["prefill_seconds"]) == routes
     assert set(result["switch"]) == {"rebuild", "safetensors_warm", "safetensors_cold",
                                      "peft_warm", "peft_cold"}
 

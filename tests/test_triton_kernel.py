@@ -15,7 +15,6 @@ the same cases also run compiled, in this process.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from triton_helpers import requires_nvidia_backend, requires_triton
 
 import mcnc_format as mf
 from mcnc_format import GeneratorSpec, philox, reference
@@ -33,9 +33,7 @@ from mcnc_format.engine.fused import FusedGenerator
 from mcnc_format.generator import ieee_fp32
 from mcnc_format.philox import round_to_f32
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="triton is not installed"
-)
+pytestmark = requires_triton
 
 SEED = int.from_bytes(os.urandom(4), "little")
 print(f"test_triton_kernel seed: {SEED}")
@@ -320,15 +318,7 @@ _REGEN_SIGNATURE = {
 }
 
 
-def _nvidia_backend() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    from triton.backends import backends
-
-    return "nvidia" in backends
-
-
-@pytest.mark.skipif(not _nvidia_backend(), reason="triton has no NVIDIA backend")
+@requires_nvidia_backend
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,6 +99,11 @@ class ResidentAdapter:
         return {module: (roles["A"], roles["B"], self.scales[module])
                 for module, roles in parts.items()}
 
+    def factor_dtypes(self) -> dict[str, tuple[torch.dtype, torch.dtype]]:
+        """Each adapted module's (A, B) factor dtypes."""
+        roles = {(f.module, f.role): f.dtype for g in self.groups for f in g.factors}
+        return {module: (roles[module, "A"], roles[module, "B"]) for module, _ in roles}
+
     @staticmethod
     def _theta0(factor: _Factor, device: torch.device) -> torch.Tensor | None:
         if isinstance(factor.theta0, torch.Tensor):

@@ -5,7 +5,9 @@ segment's alpha and beta (``m (k + 1)`` values per chunk of ``d`` factor values)
 generator drawn from its seed (shared by every adapter drawn from the same seed). Factors
 (``A``, ``B`` per adapted module) are rebuilt from them when a batch needs them, one engine
 call per group of segments sharing a generator, and kept in a least-recently-used cache of at
-most ``factor_cache_bytes``. docs/serving.md has the API, the cost model and the limits.
+most ``factor_cache_bytes``; with ``Route.TRITON`` the cache keeps them in per-module slabs
+(``slab.py``) that the SGMV kernels read. docs/serving.md has the API, the cost model and
+the limits.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import torch
 from torch import nn
 
 from ..devices import check_device
+from ..engine.execute import triton_available
 from ..engine.fused import FusedGenerator
 from ..errors import UsageError
 from ..reader import MCNCFile
 from .adapter import Factors, GeneratorKey, ResidentAdapter, base_sha256
-from .route import Routing
+from .route import Route, Routing, TorchRouting, TritonRouting
+from .slab import SLAB_DTYPES, FactorSlabs
 
 __all__ = ["AdapterBank", "BankStats"]
 
@@ -35,7 +39,8 @@ class BankStats:
     of every adapter; ``generators``, ``generator_bytes``: the prepared generators, shared by
     adapters drawn from one seed; ``cached``, ``factor_bytes``: the adapters whose factors
     are in the cache (least recently used first) and their bytes; ``rebuilds``: adapters
-    rebuilt since the bank was made."""
+    rebuilt since the bank was made; ``slab_bytes``: what ``Route.TRITON``'s slabs hold for
+    the cached factors (padded ranks and free slots included; 0 with ``Route.TORCH``)."""
 
     adapters: int
     resident_bytes: int
@@ -44,6 +49,7 @@ class BankStats:
     cached: tuple[str, ...]
     factor_bytes: int
     rebuilds: int
+    slab_bytes: int
 
 
 class AdapterBank:
@@ -53,21 +59,31 @@ class AdapterBank:
     ``base_model(input_ids, **model_kwargs)`` returns, each row through its adapter (``None``:
     the base alone); ``bank.generate(...)`` likewise for ``base_model.generate``. The base
     model is not modified: forward hooks on its adapted ``nn.Linear`` layers exist only during
-    a call. Not safe to call from several threads at once.
+    a call. Not safe to call from several threads at once. ``route`` picks how the low-rank
+    paths are computed (``Route.TORCH``, the default, or ``Route.TRITON``: docs/serving.md).
     """
 
     def __init__(self, base_model: nn.Module, *, device: torch.device | str,
-                 factor_cache_bytes: int) -> None:
+                 factor_cache_bytes: int, route: Route = Route.TORCH) -> None:
         if isinstance(factor_cache_bytes, bool) or not isinstance(factor_cache_bytes, int) or (
                 factor_cache_bytes <= 0):
             raise UsageError(f"factor_cache_bytes must be a positive int, got "
                              f"{factor_cache_bytes!r}")
+        if not isinstance(route, Route):
+            raise UsageError(f"route must be a Route ({', '.join(map(str, Route))}), got "
+                             f"{route!r}")
         self.base_model = base_model
         self.device = check_device(device)
         self.factor_cache_bytes = factor_cache_bytes
+        self.route = route
+        if route is Route.TRITON:
+            _check_triton(self.device)
         self._adapters: dict[str, ResidentAdapter] = {}
         self._generators: dict[GeneratorKey, FusedGenerator] = {}
-        self._cache: OrderedDict[str, tuple[Factors, int]] = OrderedDict()
+        # Route.TORCH keeps each adapter's factors here; Route.TRITON keeps them in the slabs
+        # (the entry's factors are None) so that one launch reaches every adapter's.
+        self._cache: OrderedDict[str, tuple[Factors | None, int]] = OrderedDict()
+        self._slabs = FactorSlabs()
         self._base_sha256: dict[str, str] = {}
         self._rebuilds = 0
 
@@ -90,17 +106,22 @@ class AdapterBank:
         except BaseException:
             self._drop_unused_generators()  # those this failed load registered
             raise
+        problem = None
         if adapter.factor_bytes > self.factor_cache_bytes:
+            problem = (f"its factors take {adapter.factor_bytes} bytes, more than "
+                       f"factor_cache_bytes={self.factor_cache_bytes}")
+        elif self.route is Route.TRITON:
+            problem = _triton_refusal(adapter)
+        if problem is not None:
             self._drop_unused_generators()
-            raise UsageError(f"adapter {name!r}: its factors take {adapter.factor_bytes} bytes, "
-                             f"more than factor_cache_bytes={self.factor_cache_bytes}")
+            raise UsageError(f"adapter {name!r}: {problem}")
         self._adapters[name] = adapter
 
     def remove(self, name: str) -> None:
         """Forget adapter ``name``: its alpha/beta, cached factors and unshared generators."""
         self._adapter(name)
         del self._adapters[name]
-        self._cache.pop(name, None)
+        self._uncache(name)
         self._drop_unused_generators()
 
     def __contains__(self, name: object) -> bool:
@@ -112,7 +133,12 @@ class AdapterBank:
     # -- factors ---------------------------------------------------------------------------
     def prepare(self, names: Sequence[str | None]) -> dict[str, Factors]:
         """Rebuild the factors of ``names`` (``None`` ignored) that the cache lacks, evicting
-        the least recently used others to stay within ``factor_cache_bytes``."""
+        the least recently used others to stay within ``factor_cache_bytes``; returns them
+        (with ``Route.TRITON``, views of the slabs)."""
+        return {name: self._cached(name) for name in self._fill(names)}
+
+    def _fill(self, names: Sequence[str | None]) -> list[str]:
+        """``prepare``'s work; the distinct names, now cached."""
         wanted = list(dict.fromkeys(n for n in names if n is not None))
         adapters = [self._adapter(n) for n in wanted]
         need = sum(a.factor_bytes for a in adapters)
@@ -126,13 +152,30 @@ class AdapterBank:
         for victim in [n for n in self._cache if n not in wanted]:
             if room <= 0:
                 break
-            room -= self._cache.pop(victim)[1]
+            room -= self._uncache(victim)
         for adapter in missing:
-            self._cache[adapter.name] = (adapter.rebuild(self._generators), adapter.factor_bytes)
+            factors = adapter.rebuild(self._generators)
+            if self.route is Route.TRITON:
+                self._slabs.put(adapter.name, factors)
+                self._cache[adapter.name] = (None, adapter.factor_bytes)
+            else:
+                self._cache[adapter.name] = (factors, adapter.factor_bytes)
             self._rebuilds += 1
         for name in wanted:
             self._cache.move_to_end(name)
-        return {name: self._cache[name][0] for name in wanted}
+        return wanted
+
+    def _cached(self, name: str) -> Factors:
+        factors = self._cache[name][0]
+        return self._slabs.factors(name) if factors is None else factors
+
+    def _uncache(self, name: str) -> int:
+        """Evict ``name``'s factors (if cached); the bytes freed."""
+        entry = self._cache.pop(name, None)
+        if entry is None:
+            return 0
+        self._slabs.free(name)
+        return entry[1]
 
     def factors(self, name: str) -> Factors:
         """Adapter ``name``'s factors ``{module: (A, B, scale)}``, rebuilt if not cached."""
@@ -143,7 +186,8 @@ class AdapterBank:
         return BankStats(len(self._adapters),
                          sum(a.resident_bytes for a in self._adapters.values()),
                          len(self._generators), generator_bytes, tuple(self._cache),
-                         sum(size for _, size in self._cache.values()), self._rebuilds)
+                         sum(size for _, size in self._cache.values()), self._rebuilds,
+                         self._slabs.nbytes)
 
     # -- serving ---------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, *, adapters: Sequence[str | None],
@@ -165,7 +209,11 @@ class AdapterBank:
         if isinstance(adapters, str) or len(adapters) != input_ids.shape[0]:
             raise UsageError(f"adapters must name one adapter (or None) per row: "
                              f"{input_ids.shape[0]} rows, got {adapters!r}")
-        return Routing(adapters, self.prepare(adapters), self.device)
+        wanted = self._fill(adapters)
+        if self.route is Route.TRITON:
+            return TritonRouting(adapters, self._slabs, self.device)
+        return TorchRouting(adapters, {name: self._cached(name) for name in wanted},
+                            self.device)
 
     # -- internals -------------------------------------------------------------------------
     def _adapter(self, name: str) -> ResidentAdapter:
@@ -194,6 +242,28 @@ class AdapterBank:
         if name not in self._base_sha256:
             self._base_sha256[name] = base_sha256(self.base_model, name)
         return self._base_sha256[name]
+
+
+def _check_triton(device: torch.device) -> None:
+    """Route.TRITON needs Triton, and compiled kernels need a CUDA device (the interpreter,
+    ``TRITON_INTERPRET=1`` at Triton's import, runs them on any device: tests)."""
+    if not triton_available():
+        raise UsageError("Route.TRITON needs Triton: pip install 'mcnc-format[gpu]', or use "
+                         "Route.TORCH")
+    from . import sgmv
+
+    if device.type != "cuda" and sgmv.compiled():
+        raise UsageError(f"Route.TRITON runs its kernels on CUDA devices, not {device}: use "
+                         "Route.TORCH (TRITON_INTERPRET=1 interprets them anywhere, for tests)")
+
+
+def _triton_refusal(adapter: ResidentAdapter) -> str | None:
+    """Why the slabs cannot hold ``adapter``'s factors, if they cannot."""
+    for module, (a, b) in adapter.factor_dtypes().items():
+        if a != b or a not in SLAB_DTYPES:
+            return (f"{module!r} has factors of {a} (A) and {b} (B): Route.TRITON takes A "
+                    f"and B of one dtype of {list(SLAB_DTYPES)}; use Route.TORCH")
+    return None
 
 
 def _generator_bytes(fused: FusedGenerator) -> int:

@@ -1,0 +1,152 @@
+"""Punica's segmented gather matrix-vector product (SGMV) as two Triton kernels.
+
+For one adapted ``nn.Linear`` and one call, every row of the flattened input ``x [tokens,
+in]`` that has an adapter belongs to one *segment* (the rows of one adapter), and the bank
+keeps the factors of every cached adapter of the module in one *slab* (``slab.py``):
+``A [slots, r_max, in]``, ``B [slots, out, r_max]`` (ranks below ``r_max`` padded with
+zeros) and ``scale [slots]``. A *tile table* cuts the segments into tiles of at most
+``BLOCK_M`` rows: per tile, its first position in the row list, its row count and its slot.
+Two launches add every segment's low-rank path to the base output, whatever the number of
+adapters:
+
+- ``shrink`` (grid: tiles): ``y[p] = cast_f(cast_f(x[rows[p]]) @ A[slot].T)``, the input
+  cast to the factor dtype ``f``, products accumulated in float32, ``y [positions, r_max]``
+  rounded to ``f`` as ``F.linear`` rounds its output;
+- ``expand`` (grid: tiles x output tiles): ``out[rows[p]] = cast_o(out + cast_o(cast_f(
+  cast_f(y[p] @ B[slot].T) * scale)))``, the rounding steps of the torch route
+  (``F.linear``, ``* scale``, ``.to(out.dtype)``, ``+=``) with ``o`` the output dtype.
+
+Rows are gathered through the row list, so segments need not be consecutive (generation
+repeats rows) and rows without an adapter are in no tile. A row is in one segment only, so
+each output element has one writer: no atomics. float32 products run as IEEE float32 FMA
+(``input_precision="ieee"``: the torch route does not use TF32); float16 and bfloat16 ones
+on tensor cores with a float32 accumulator. The two routes then differ only in the order
+of each product's sums. Which tile sizes pay on a GPU awaits a measurement
+(``benchmarks/bench_adapters.py`` runs both routes); ``BLOCK_M = 16`` is ``tl.dot``'s
+smallest tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["BLOCK_M", "compiled", "sgmv"]
+
+#: Rows per tile (``tl.dot`` needs at least 16).
+BLOCK_M = 16
+_BLOCK_K = 64  # input features per step of shrink
+_BLOCK_N = 64  # output features per program of expand
+
+
+@triton.jit
+def _dot(p, q, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + p @ q`` in float32. ``UPCAST`` (the interpreter, whose ``tl.dot`` misreads
+    16-bit floats) multiplies float32 copies: exact products of 16-bit values, as tensor
+    cores form them, summed in float32."""
+    if UPCAST:
+        return tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(p, q, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, y_ptr, rows_ptr, tiles_ptr,
+    features, r_max, stride_x,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    start = tl.load(tiles_ptr + tile * 3)
+    count = tl.load(tiles_ptr + tile * 3 + 1)
+    slot = tl.load(tiles_ptr + tile * 3 + 2).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < count
+    rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
+    rank = tl.arange(0, BLOCK_R)
+    r_ok = rank < r_max
+    a_base = a_ptr + slot * r_max * features
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, features, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < features
+        x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_base + rank[None, :] * features + k[:, None],
+                    mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]: A.T
+        acc = _dot(x.to(a.dtype), a, acc, PRECISION, UPCAST)
+    position = (start + m).to(tl.int64)
+    tl.store(y_ptr + position[:, None] * r_max + rank[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _expand_kernel(
+    y_ptr, b_ptr, scale_ptr, out_ptr, rows_ptr, tiles_ptr,
+    out_features, r_max, stride_out,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start = tl.load(tiles_ptr + tile * 3)
+    count = tl.load(tiles_ptr + tile * 3 + 1)
+    slot = tl.load(tiles_ptr + tile * 3 + 2).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < count
+    n_ok = n < out_features
+    rank = tl.arange(0, BLOCK_R)
+    r_ok = rank < r_max
+    position = (start + m).to(tl.int64)
+    y = tl.load(y_ptr + position[:, None] * r_max + rank[None, :],
+                mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    b = tl.load(b_ptr + slot * out_features * r_max + n[None, :].to(tl.int64) * r_max
+                + rank[:, None], mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # B.T
+    product = _dot(y, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION,
+                   UPCAST).to(b.dtype)
+    scale = tl.load(scale_ptr + slot)
+    delta = (product.to(tl.float32) * scale).to(b.dtype).to(out_ptr.dtype.element_ty)
+    rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
+    where = out_ptr + rows[:, None] * stride_out + n[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    base = tl.load(where, mask=mask, other=0.0)
+    tl.store(where, (base.to(tl.float32) + delta.to(tl.float32)).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def compiled() -> bool:
+    """Whether the kernels are compiled (``TRITON_INTERPRET=1`` at import interprets them)."""
+    return isinstance(_shrink_kernel, triton.JITFunction)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is unused by 16-bit dots
+
+
+def sgmv(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+         scale: torch.Tensor, rows: torch.Tensor, tiles: torch.Tensor) -> None:
+    """``out[rows[p]] += scale[s] * (x[rows[p]] @ a[s].T) @ b[s].T`` for every position
+    ``p`` of every tile, ``s`` the tile's slot: one shrink and one expand launch.
+
+    ``x [tokens, in]`` and ``out [tokens, out]`` have unit column stride; ``a [slots, r_max,
+    in]``, ``b [slots, out, r_max]`` are contiguous in one of ``slab.SLAB_DTYPES``, ``scale``
+    float32 ``[slots]``; ``rows`` int32 ``[positions]`` (token indices); ``tiles`` int32
+    ``[tiles, 3]`` (first position, row count at most ``BLOCK_M``, slot), all on ``out``'s
+    device; ``out`` (also of ``SLAB_DTYPES``) is updated in place."""
+    n_tiles = tiles.shape[0]
+    if n_tiles == 0:
+        return
+    _, r_max, features = a.shape
+    out_features = b.shape[1]
+    block_r = max(16, triton.next_power_of_2(r_max))
+    precision = _precision(a.dtype)
+    y = torch.empty(rows.shape[0], r_max, dtype=a.dtype, device=out.device)
+    _shrink_kernel[(n_tiles,)](
+        x, a, y, rows, tiles, features, r_max, x.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=_BLOCK_K, PRECISION=precision,
+        UPCAST=not compiled())
+    _expand_kernel[(n_tiles, triton.cdiv(out_features, _BLOCK_N))](
+        y, b, scale, out, rows, tiles, out_features, r_max, out.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=_BLOCK_N, PRECISION=precision,
+        UPCAST=not compiled())
