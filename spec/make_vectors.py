@@ -1699,15 +1699,16 @@ of minor 2, newer than the reader's.
 How a reader is checked against them (`tests/test_vectors.py` does exactly this):
 
 - dense and packed tensors: bit for bit;
-- mcnc tensors and lora factors: SPEC.md §10.1 per tensor `t` and segment chunk `c`, over
-  the elements `S` of `t` in `c`, `||v_S - e_S|| <= rtol(t) * max(1, P / 20) *
-  (||theta0_c|| + sum_j |beta_cj| ||phi64(alpha_cj)||) + ||normal_c|| + ||r_S||`, where
-  `rtol(t)` is `REGEN_RTOL` (`REGEN_RTOL_16` for f16 and bf16 tensors), `e` the expected
-  tensor, `P` the generator's first-layer bound of §10.1, `normal_c` the §8.3 allowance
-  `|std| * NORMAL_ATOL * max(1, |z64|)` of normal theta0 elements, and `r` two roundings per
-  element: the reader's to the tensor's dtype (half an ulp when narrower than f32) and the
-  expected file's own (half an ulp; for f64, 1e-12 relative: the float64 reference's own
-  reproducibility across math libraries);
+- mcnc tensors and lora factors: SPEC.md §10.1 per segment chunk `c`,
+  `||(v_c - e_c) / rtol|| <= max(1, P / 20) * (||theta0_c|| + sum_j |beta_cj|
+  ||phi64(alpha_cj)||) + ||normal_c / rtol|| + ||r_c / rtol||`, each element divided by the
+  `rtol` of its tensor's dtype (`REGEN_RTOL`, or `REGEN_RTOL_16` for f16 and bf16), where `e`
+  is the expected tensor, `P` the generator's first-layer bound of §10.1, `normal_c` the §8.3
+  allowance `|std| * NORMAL_ATOL * max(1, |z64|)` of normal theta0 elements, and `r` two
+  roundings per element: the reader's to the tensor's dtype (half an ulp when narrower than
+  f32) and the expected file's own (half an ulp; for f64, 1e-12 relative: the float64
+  reference's own reproducibility across math libraries). Members sharing a chunk are checked
+  together;
 - merged lora tensors: element by element, the factors' chunk bounds propagated through
   `fl(fl(scale * fl(B @ A)) + theta0)` (see `_check_lora` in the test), plus the same two
   roundings.

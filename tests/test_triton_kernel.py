@@ -351,6 +351,13 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
         signature = dict(_REGEN_SIGNATURE, w_ptr=weights, w_lo_ptr=weights)
         source = ASTSource(tk._regen_kernel, signature, constexprs=constants)
         ptx.append(triton.compile(source, target=target, options={"num_warps": 1}).asm["ptx"])
+    # The default tile with split products: Hopper's warpgroup tensor-core instructions.
+    constants = {"HAS_BIAS": True, "THETA": tk.THETA0_UNIFORM, "ALIGNED": True, "GATHER": False,
+                 "BLOCK_C": tk.DEFAULT_TILE[0], "BLOCK_D": tk.DEFAULT_TILE[1], "BLOCK_K": 32,
+                 "PRECISION": "bf16x3", "COMPILED": True}
+    source = ASTSource(tk._regen_kernel, _REGEN_SIGNATURE, constexprs=constants)
+    hopper = triton.compile(source, target=target, options={"num_warps": tk.DEFAULT_TILE[2]})
+    assert "wgmma" in hopper.asm["ptx"]
     source = ASTSource(tk._uniform_kernel, {"out_ptr": "*fp32", "n": "i32", "key": "i64",
                                             "bound": "fp32", "BLOCK": "constexpr"},
                        constexprs={"BLOCK": 64})
@@ -398,6 +405,9 @@ def test_kernel_precision_keeps_each_dtype_within_its_bound() -> None:
         assert tk.kernel_precision(precision, torch.bfloat16, cpu) == "bf16x3"
         assert tk.kernel_precision(precision, torch.float16, cpu) == "bf16x3"
         assert tk.kernel_precision(precision, torch.float32, cpu) == "ieee"
+    # Inline generator weights may cancel more in the output layer: AUTO keeps IEEE for them.
+    assert tk.kernel_precision(Precision.AUTO, torch.bfloat16, cpu, drawn=False) == "ieee"
+    assert tk.kernel_precision(Precision.BF16X3, torch.bfloat16, cpu, drawn=False) == "bf16x3"
     for dtype in (torch.bfloat16, torch.float32):
         assert tk.kernel_precision(Precision.IEEE, dtype, cpu) == "ieee"
         assert tk.kernel_precision(Precision.TF32X3, dtype, cpu) == "tf32x3"

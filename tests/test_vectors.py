@@ -113,30 +113,44 @@ def theta0_ref(f: mf.MCNCFile, entry: Theta0Entry, shape: tuple[int, ...]
     return value.to(torch.float64).reshape(-1).numpy(), zeros
 
 
-def regen_rtol(spec: mf.GeneratorSpec, weights: list[np.ndarray], dtype: str) -> float:
-    """§10.1's ``rtol * max(1, P / 20)`` for a tensor of ``dtype`` (``REGEN_RTOL``, or
-    ``REGEN_RTOL_16`` for f16 and bf16) with ``P = |omega0| * max_i (L * sum_j |W_1[i, j]| +
+def p_factor(spec: mf.GeneratorSpec, weights: list[np.ndarray]) -> float:
+    """§10.1's ``max(1, P / 20)`` with ``P = |omega0| * max_i (L * sum_j |W_1[i, j]| +
     |b_1[i]|)``, the bound on the first sine layer's argument."""
     w1 = np.abs(np.asarray(weights[0], dtype=np.float64))
     b1 = np.abs(np.asarray(weights[1], dtype=np.float64)) if spec.bias else 0.0
     p = abs(spec.omega0) * float(np.max(spec.L * w1.sum(axis=1) + b1))
-    rtol = C.REGEN_RTOL_16 if dtype in ("f16", "bf16") else C.REGEN_RTOL
-    return rtol * max(1.0, p / 20)
+    return max(1.0, p / 20)
+
+
+def rtol_of(dtype: str) -> float:
+    """§10.1's ``rtol`` of a tensor's dtype: ``REGEN_RTOL_16`` for f16 and bf16."""
+    return C.REGEN_RTOL_16 if dtype in ("f16", "bf16") else C.REGEN_RTOL
 
 
 @dataclass
 class MemberRef:
-    """A segment member in float64: its values, and for each element the part of a segment
-    chunk it lies in (segment, chunk, member offset) and that part's §10.1 bound."""
+    """A segment member in float64: its values, and for each element its segment chunk, that
+    chunk's right-hand side of §10.1 (``max(1, P / 20) * (||theta0_c|| + sum_j |beta_cj|
+    ||phi64||)``), its own normal-theta0 allowance (§8.3) and the norm of its chunk's; and the
+    member's ``rtol``."""
 
     values: np.ndarray
-    chunk: list[tuple[int, int, int]]
-    chunk_bound: np.ndarray
+    chunk: list[tuple[int, int]]
+    chunk_scale: np.ndarray
+    normal: np.ndarray
+    chunk_normal: np.ndarray
+    rtol: float
+
+    @property
+    def element_bound(self) -> np.ndarray:
+        """Each element's own bound: ``rtol`` times its chunk's right-hand side, plus the
+        chunk's normal allowance."""
+        return self.rtol * self.chunk_scale + self.chunk_normal
 
 
 def segment_ref(f: mf.MCNCFile, index: int, members: list[MemberEntry]) -> list[MemberRef]:
-    """v64 of §10.1 for every member of segment ``index``, with each chunk's bound
-    ``rtol * (||theta0_c|| + sum_j |beta_cj| ||phi64(alpha_cj)||) + ||normal_c||``."""
+    """v64 of §10.1 for every member of segment ``index``, with each chunk's right-hand side
+    and normal allowance."""
     seg = f.header.segments[index]
     gen = f.header.generators[seg.generator]
     spec = f.generator_spec(seg.generator)
@@ -153,16 +167,18 @@ def segment_ref(f: mf.MCNCFile, index: int, members: list[MemberEntry]) -> list[
         values, extra = theta0_ref(f, m.theta0, m.shape)
         theta0[m.offset:m.offset + m.numel] = values
         allowance[m.offset:m.offset + m.numel] = extra
-    by_chunk = (np.linalg.norm(theta0.reshape(seg.chunks, gen.d), axis=1)
-                + (np.abs(beta) * np.linalg.norm(phi, axis=-1)).sum(axis=1))
+    scale = p_factor(spec, weights) * (
+        np.linalg.norm(theta0.reshape(seg.chunks, gen.d), axis=1)
+        + (np.abs(beta) * np.linalg.norm(phi, axis=-1)).sum(axis=1))
     normal = np.linalg.norm(allowance.reshape(seg.chunks, gen.d), axis=1)
     chunk_of = np.arange(n) // gen.d
     out = []
-    for m in members:  # §10.1 bounds the elements of one tensor in a chunk, by its dtype
+    for m in members:
         chunks = chunk_of[m.offset:m.offset + m.numel]
-        bound = regen_rtol(spec, weights, m.dtype) * by_chunk + normal
         out.append(MemberRef((theta0 + delta)[m.offset:m.offset + m.numel],
-                             [(index, int(c), m.offset) for c in chunks], bound[chunks]))
+                             [(index, int(c)) for c in chunks], scale[chunks],
+                             allowance[m.offset:m.offset + m.numel], normal[chunks],
+                             rtol_of(m.dtype)))
     return out
 
 
@@ -191,13 +207,15 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 class ChunkLedger:
-    """Per member part of a segment chunk: the squared error of the reader's values, the
-    squared rounding allowance, and the part's bound."""
+    """Per segment chunk, summed over the members that share it: the squared error of the
+    reader's values, the squared normal-theta0 and rounding allowances, each element divided
+    by its member's ``rtol`` (§10.1 weighs errors by dtype), and the chunk's bound."""
 
     def __init__(self) -> None:
-        self.err: dict[tuple[int, int, int], float] = {}
-        self.rounding: dict[tuple[int, int, int], float] = {}
-        self.bound: dict[tuple[int, int, int], float] = {}
+        self.err: dict[tuple[int, int], float] = {}
+        self.normal: dict[tuple[int, int], float] = {}
+        self.rounding: dict[tuple[int, int], float] = {}
+        self.bound: dict[tuple[int, int], float] = {}
 
     def add(self, name: str, got: np.ndarray, expected: np.ndarray | None, ref: MemberRef,
             dtype: str) -> None:
@@ -216,19 +234,23 @@ class ChunkLedger:
             assert np.all(np.abs(expected - ref.values) <= rounded * (1 + 1e-9)), (
                 f"{name}: the expected file is not the correctly rounded reference")
             rounding = rounding + rounded
-        for key, diff, r, bound in zip(ref.chunk, got - expected, rounding, ref.chunk_bound,
-                                       strict=True):
-            self.err[key] = self.err.get(key, 0.0) + diff * diff
-            self.rounding[key] = self.rounding.get(key, 0.0) + r * r
-            self.bound[key] = bound
+        weight = 1.0 / ref.rtol
+        for key, diff, r, scale, normal in zip(ref.chunk, got - expected, rounding,
+                                               ref.chunk_scale, ref.normal, strict=True):
+            self.err[key] = self.err.get(key, 0.0) + (diff * weight) ** 2
+            self.normal[key] = self.normal.get(key, 0.0) + (normal * weight) ** 2
+            self.rounding[key] = self.rounding.get(key, 0.0) + (r * weight) ** 2
+            self.bound[key] = scale
 
     def check(self) -> None:
-        """§10.1 for every member part of a chunk: ``||v_S - e_S|| <= bound + ||rounding_S||``."""
+        """§10.1 for every chunk: ``||(v_c - e_c) / rtol|| <= bound_c + ||normal_c / rtol|| +
+        ||rounding_c / rtol||``."""
         for key, err in self.err.items():
-            allowed = self.bound[key] + math.sqrt(self.rounding[key])
+            allowed = (self.bound[key] + math.sqrt(self.normal[key])
+                       + math.sqrt(self.rounding[key]))
             assert math.sqrt(err) <= allowed, (
-                f"segment {key[0]} chunk {key[1]} member at {key[2]}: |v - v64| = "
-                f"{math.sqrt(err):.3g} > {allowed:.3g}")
+                f"segment {key[0]} chunk {key[1]}: |(v - v64) / rtol| = {math.sqrt(err):.3g} > "
+                f"{allowed:.3g}")
 
 
 def _check_lora(f: mf.MCNCFile, name: str, got: torch.Tensor, expected: torch.Tensor,
@@ -247,7 +269,7 @@ def _check_lora(f: mf.MCNCFile, name: str, got: torch.Tensor, expected: torch.Te
     assert isinstance(t, LoRATensor)
     ra, rb = refs[f"{name}:A"], refs[f"{name}:B"]
     a, b = ra.values.reshape(t.A.shape), rb.values.reshape(t.B.shape)
-    ea, eb = (ref.chunk_bound.reshape(factor.shape) + (
+    ea, eb = (ref.element_bound.reshape(factor.shape) + (
         half_ulp(values, factor.dtype) if factor.dtype in ("f16", "bf16") else 0.0)
         for ref, factor, values in ((ra, t.A, a), (rb, t.B, b)))
     theta0, extra = theta0_ref(f, t.theta0, t.shape)

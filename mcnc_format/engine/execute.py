@@ -364,7 +364,7 @@ class Executor:
             if not self.kernel_takes(piece.target):
                 eager.append(piece)
             elif piece.target.box.contiguous:
-                jobs.setdefault(self._product(piece.target), []).append(
+                jobs.setdefault(self._product(piece.target, fused), []).append(
                     self._kernel_job(piece, step, outputs[id(piece.target)], d))
             else:
                 self._kernel_gather(piece, step, fused, left, outputs[id(piece.target)], d)
@@ -474,12 +474,15 @@ class Executor:
         return kernels.MemberJob(state.tensor, m0 - step.first, m1 - step.first,
                                  m0 * d - start, theta0, target.box.first_element)
 
-    def _product(self, target: Target) -> str:
-        """The kernel's output-layer product for ``target``: ``kernel_precision`` of its
-        dtype."""
-        assert self.kernels is not None
-        return str(self.kernels.kernel_precision(self.options.precision, target.dtype,
-                                                 self.device))
+    def _product(self, target: Target, fused: FusedGenerator) -> str:
+        """The kernel's output-layer product for ``target``: ``kernel_precision`` of the wider
+        of its stored and output dtypes (a float32 tensor loaded as bfloat16 keeps float32's
+        product, so it equals the float32 load rounded once)."""
+        assert self.kernels is not None and target.member is not None
+        stored = to_torch(target.member.dtype)
+        bound = target.dtype if target.dtype.itemsize >= stored.itemsize else stored
+        return str(self.kernels.kernel_precision(self.options.precision, bound, self.device,
+                                                 fused.weights.spec.seed is not None))
 
     def _kernel_gather(self, piece: Piece, step: BatchStep, fused: FusedGenerator,
                        left: torch.Tensor, state: _Output, d: int) -> None:
@@ -502,7 +505,7 @@ class Executor:
         else:
             theta0 = kernels.kernel_theta0(member.theta0, member.shape, None)
         assert theta0 is not None, "kernel_takes admits only theta0 the kernel evaluates"
-        precision = self._product(target)
+        precision = self._product(target, fused)
         kernels.fused_regenerate(
             left[: step.chunks], fused.stacked, fused.weights.out_bias is not None, rows, 0,
             theta0, precision, row_elements=row_elements,

@@ -316,15 +316,19 @@ def kernel_theta0(entry: Theta0Entry, shape: tuple[int, ...], base: torch.Tensor
     return None
 
 
-def kernel_precision(precision: Precision, dtype: torch.dtype, device: torch.device) -> str:
-    """The product the kernel runs for an output of ``dtype``. Split bfloat16 products meet
-    §10.1's bound for 16-bit outputs only, so ``BF16X3`` keeps IEEE FMA for wider ones;
-    ``AUTO`` is ``BF16X3`` where tensor cores multiply bfloat16 (NVIDIA compute capability
-    8.0 and later; the interpreter emulates them) and IEEE elsewhere."""
+def kernel_precision(precision: Precision, dtype: torch.dtype, device: torch.device,
+                     drawn: bool = True) -> str:
+    """The product the kernel runs for a tensor whose bound (SPEC.md §10.1) is that of
+    ``dtype``. Split bfloat16 products meet the bound of 16-bit tensors only, so ``BF16X3``
+    keeps IEEE FMA for wider ones. ``AUTO`` is ``BF16X3`` where it is known to hold its bound
+    with margin: generators ``drawn`` per §5.2 (inline weights may cancel more in the output
+    layer), on NVIDIA GPUs whose tensor cores multiply bfloat16 (compute capability 8.0 and
+    later; the interpreter emulates them); IEEE elsewhere."""
     narrow = dtype in (torch.float16, torch.bfloat16)
     if precision is Precision.AUTO:
-        capable = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
-        precision = Precision.BF16X3 if capable else Precision.IEEE
+        capable = device.type != "cuda" or (torch.version.hip is None and
+                                           torch.cuda.get_device_capability(device) >= (8, 0))
+        precision = Precision.BF16X3 if capable and drawn else Precision.IEEE
     if precision is Precision.BF16X3 and not narrow:
         return Precision.IEEE.value
     return precision.value
