@@ -193,8 +193,7 @@ def test_a_base_cut_while_read_fails_the_load_and_is_checked_again(
     file = tmp_path / "base.safetensors"
     data = file.read_bytes()
     name = "float64_matrix"
-    with mf.MCNCFile(path, options=mf.LoadOptions(staging_bytes=2 * SLOT,
-                                                  verify=mf.Verify.FULL)) as f:
+    with mf.MCNCFile(path, verify="full", options=mf.LoadOptions(staging_bytes=2 * SLOT)) as f:
         cutting = _CuttingEngine(file, len(data) // 2)  # cuts once, at the first load
         monkeypatch.setattr(Executor, "_copy_engine", lambda self: cutting)
         with pytest.raises(mf.ExternalReferenceDamaged, match="truncated or replaced"):
@@ -278,3 +277,20 @@ def test_lora_merge_is_lora_product_then_scale_base_and_cast(rank: int, block: i
                 out = base.clone()
                 lora_merge(out, b, a, 1.3, out, block)
                 assert _bits(out) == _bits(want), (base_dtype, out_dtype)
+
+
+def test_the_lora_benchmark_runs(tmp_path: Path) -> None:
+    """``benchmarks/bench_lora.py --size quick``: the adapter packed against its base loads,
+    its bases read alone equal ``load_file``'s, and the ratios are printed."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lora.py"
+    out = tmp_path / "out.json"
+    run = subprocess.run([sys.executable, str(script), "--size", "quick", "--repeats", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "merged/base" in run.stdout, run.stdout
+    result = json.loads(out.read_text())
+    assert result["cached"]["ratio"] > 0 and result["full"]["merged_s"] > 0

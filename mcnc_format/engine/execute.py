@@ -42,7 +42,7 @@ from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError, MCNCError
 from ..header import Header, MemberEntry, Theta0Entry
 from ..hostmem import zeros_float32
-from .fused import MERGE_BLOCK_ELEMENTS, FusedGenerator, lora_merge
+from .fused import DEVICE_MERGE_BLOCK_ELEMENTS, MERGE_BLOCK_ELEMENTS, FusedGenerator, lora_merge
 from .options import LoadOptions, Progress
 from .plan import BatchStep, DenseStep, EmptyStep, MergeStep, Piece, Plan, Step, Target
 from .source import BlobStore
@@ -564,7 +564,8 @@ class Executor:
             base = base.view(rows, cols) if base is not None else None
         lora_merge(out, b_state.tensor.view(step.b.box.lengths),
                    a_state.tensor.view(step.a.box.lengths), float(t.scale or 0.0), base,
-                   MERGE_BLOCK_ELEMENTS if self.device.type == "cpu" else out.numel())
+                   MERGE_BLOCK_ELEMENTS if self.device.type == "cpu"
+                   else DEVICE_MERGE_BLOCK_ELEMENTS)
         state.base = None
 
 

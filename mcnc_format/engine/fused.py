@@ -16,8 +16,8 @@ import torch
 
 from ..generator import GeneratorWeights, ieee_fp32, ordered_matmul, row_stable_matmul
 
-__all__ = ["MERGE_BLOCK_ELEMENTS", "NARROW_D", "ROW_TILE", "FusedGenerator", "lora_merge",
-           "lora_product"]
+__all__ = ["DEVICE_MERGE_BLOCK_ELEMENTS", "MERGE_BLOCK_ELEMENTS", "NARROW_D", "ROW_TILE",
+           "FusedGenerator", "lora_merge", "lora_product"]
 
 #: ``coefficients`` computes batches padded to a multiple of this many rows. BLAS kernels work
 #: on tiles of rows, and a row in a partial tile takes another code path whose last bits
@@ -114,6 +114,9 @@ def lora_product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 #: ``lora_product`` over the whole tensor (whose temporaries go to memory on every pass); much
 #: smaller blocks pay torch's per-call cost (67 ms in blocks of 64 Ki elements).
 MERGE_BLOCK_ELEMENTS = 1 << 20
+#: The same on a GPU, where each pass is a kernel launch: blocks that fill the device, with
+#: temporaries bounded to 64 MiB each.
+DEVICE_MERGE_BLOCK_ELEMENTS = 1 << 24
 
 
 def lora_merge(out: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float,
