@@ -1,7 +1,8 @@
 """The executor: runs a plan on one device, inputs staged while the previous step computes.
 
 Each step has a *stage* (bytes read from the file, through the pinned staging ring onto the
-device on a copy stream; on the CPU they are used where they were read) and a *compute*
+device on a copy stream; on the CPU they are used where they were read, and a dense theta0 is
+read straight into the output it is the base of) and a *compute*
 (regeneration on the compute stream, straight into the output storage). Step ``i + 1`` is
 staged before step ``i`` is computed, so reads and copies overlap regeneration, and a target
 is handed out as soon as the step that completes it has been queued (stream order makes it
@@ -20,8 +21,9 @@ of whole row tiles, ``ordered_matmul`` for the generator's small products), so a
 same elements of the whole tensor bit for bit, on one device and path.
 
 Memory: device = the outputs + a workspace (``LoadOptions.workspace_for``) + the dense theta0
-of the target being rebuilt when its dtype differs from the output's; host = the staging ring +
-the largest decoded (zstd) blob.
+of the target being rebuilt when its dtype differs from the output's (or, for a lora box that
+is not one range, the rows it spans) + a lora merge's two float32 blocks; host = the staging
+ring + the largest decoded (zstd) blob.
 """
 
 from __future__ import annotations

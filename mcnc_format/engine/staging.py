@@ -64,12 +64,13 @@ class SyncCopyEngine:
 
     Its markers are ``None`` or host work still reading a destination the bytes were read
     into (a ``Future``: the hash of a base), which compute must not overwrite before it ends.
-    ``in_place=False`` makes it stream through the ring like a device (what the tests use to
-    rotate many slots on the CPU)."""
+    Bytes are read in place on the CPU; ``in_place=False`` makes it stream through the ring
+    like a device (what the tests use to rotate many slots on the CPU)."""
 
-    def __init__(self, device: torch.device | str = "cpu", in_place: bool = True) -> None:
+    def __init__(self, device: torch.device | str = "cpu", in_place: bool | None = None
+                 ) -> None:
         self.device = torch.device(device)
-        self.in_place = in_place
+        self.in_place = self.device.type == "cpu" if in_place is None else in_place
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
