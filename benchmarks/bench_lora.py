@@ -12,7 +12,8 @@ warm-up:
   its SHA-256 pin judged from those bytes as the load would, then awaited;
 - *safetensors*: ``safetensors.torch.load_file`` of the base with one element per 4 KiB page
   of every tensor read (it maps the file lazily, and would otherwise read nothing);
-- *merge arithmetic*: ``lora_merge`` alone on tensors already in memory (the factors given).
+- *merge arithmetic*: ``lora_merge`` alone on tensors already in memory (factors, bases and
+  reused outputs given).
 
 each with ``verify="cached"`` (the digest cache knows the unchanged base: nothing is hashed)
 and ``verify="full"`` (every base tensor hashed, from the bytes as they are read). Ratios are
@@ -115,18 +116,18 @@ def _await(f: mcnc.MCNCFile, pending: list[tuple[str, Any]]) -> None:
 
 
 def merge_only(adapter: Path) -> Callable[[], None]:
-    """``lora_merge`` of every tensor, factors and bases already in memory."""
+    """``lora_merge`` of every tensor, factors, bases and outputs already in memory (the
+    outputs reused: no allocation, no page faults)."""
     with mcnc.open(adapter) as f:
         jobs = []
         bases = base_alone(adapter, "none")
         for name in f.keys():  # noqa: SIM118
             a, b, scale = f.get_lora_factors(name)
-            jobs.append((bases[name], b, a, scale))
+            jobs.append((torch.empty_like(bases[name]), bases[name], b, a, scale))
 
     def run() -> None:
-        for base, b, a, scale in jobs:
-            out = base.clone()
-            lora_merge(out, b, a, scale, out, MERGE_BLOCK_ELEMENTS)
+        for out, base, b, a, scale in jobs:
+            lora_merge(out, b, a, scale, base, MERGE_BLOCK_ELEMENTS)
 
     return run
 
