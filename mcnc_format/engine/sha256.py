@@ -58,7 +58,7 @@ class StreamHash:
                     self._running = False
                     return
                 data, done = self._queue.popleft()
-            self._digest.update(data)
+            self._digest.update(data)  # a memoryview of plain bytes: nothing to raise
             done.set_result(None)
             self._left -= len(data)
             if self._left == 0:

@@ -12,7 +12,6 @@ out.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -24,11 +23,7 @@ import torch
 
 from .. import philox
 from ..dtypes import to_torch
-from ..errors import (
-    ExternalReferenceDamaged,
-    ExternalReferenceError,
-    UnsupportedFeatureError,
-)
+from ..errors import ExternalReferenceDamaged, ExternalReferenceError, UnsupportedFeatureError
 from ..header import (
     BlobTheta0,
     ExternalTheta0,
@@ -125,7 +120,7 @@ class Theta0Source:
         whole = nbytes == reference.entry.nbytes > 0
         hasher = self._stream_check(reference) if whole else None
         if not whole:
-            self._arrange_check(reference, None)
+            self._arrange_check(reference)
         return DenseRead(dtype, nbytes, lambda at, view: file.read(offset + at, len(view), view),
                          hasher)
 
@@ -162,7 +157,7 @@ class Theta0Source:
         reference = self._references.get((entry.uri, entry.tensor))
         if reference is None:
             return None
-        self._arrange_check(reference, None)
+        self._arrange_check(reference)
         return reference.check
 
     def reference(self, entry: ExternalTheta0, shape: tuple[int, ...]) -> _Reference:
@@ -184,7 +179,7 @@ class Theta0Source:
                         f"{list(shape)}", rule="R75")
                 reference = _Reference(file, found, entry.sha256)
                 if fetched:  # the resolver fetches again on damage: the verdict is needed now
-                    self._arrange_check(reference, None, wait=True)
+                    self._arrange_check(reference, wait=True)
             except BaseException:
                 file.close()
                 raise
@@ -193,17 +188,17 @@ class Theta0Source:
         self._references[key] = self.resolver.reference(entry.uri, self.label, read)
         return self._references[key]
 
-    def _arrange_check(self, reference: _Reference, data: memoryview | None,
-                       wait: bool = False) -> None:
-        """Check the pin once per reference, as ``verify`` says: from ``data`` (the tensor's
-        bytes, already read) or by reading the tensor, on a worker unless ``wait``."""
+    def _arrange_check(self, reference: _Reference, wait: bool = False) -> None:
+        """Check the pin once per reference, as ``verify`` says, by reading the tensor: on a
+        worker unless ``wait`` (bytes read for a load are hashed as they pass instead:
+        ``_stream_check``)."""
         judge = self._judge(reference)
         if judge is None:
             return
         file, found = reference.file, reference.entry
 
         def check() -> None:
-            judge(hashlib.sha256(data).hexdigest() if data is not None else file.sha256(found))
+            judge(file.sha256(found))
 
         if wait:
             check()
