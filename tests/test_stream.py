@@ -145,7 +145,7 @@ class _DeferredEngine(SyncCopyEngine):
     that refilled a staging buffer before waiting would upload the wrong bytes."""
 
     def __init__(self) -> None:
-        super().__init__("cpu")
+        super().__init__("cpu", in_place=False)
         self.queue: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.ticket = 0
         self.buffers = 0

@@ -1,7 +1,8 @@
 """The executor: runs a plan on one device, inputs staged while the previous step computes.
 
 Each step has a *stage* (bytes read from the file, through the pinned staging ring onto the
-device on a copy stream; on the CPU they are used where they were read) and a *compute*
+device on a copy stream; on the CPU they are used where they were read, and a dense theta0 is
+read straight into the output it is the base of) and a *compute*
 (regeneration on the compute stream, straight into the output storage). Step ``i + 1`` is
 staged before step ``i`` is computed, so reads and copies overlap regeneration, and a target
 is handed out as soon as the step that completes it has been queued (stream order makes it
@@ -20,8 +21,9 @@ of whole row tiles, ``ordered_matmul`` for the generator's small products), so a
 same elements of the whole tensor bit for bit, on one device and path.
 
 Memory: device = the outputs + a workspace (``LoadOptions.workspace_for``) + the dense theta0
-of the target being rebuilt when its dtype differs from the output's; host = the staging ring +
-the largest decoded (zstd) blob.
+of the target being rebuilt when its dtype differs from the output's (or, for a lora box that
+is not one range, the rows it spans) + a lora merge's two float32 blocks; host = the staging
+ring + the largest decoded (zstd) blob.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError, MCNCError
 from ..header import Header, MemberEntry, Theta0Entry
 from ..hostmem import zeros_float32
-from .fused import FusedGenerator, lora_product
+from .fused import DEVICE_MERGE_BLOCK_ELEMENTS, MERGE_BLOCK_ELEMENTS, FusedGenerator, lora_merge
 from .options import LoadOptions, Precision, Progress
 from .plan import BatchStep, DenseStep, EmptyStep, MergeStep, Piece, Plan, Step, Target
 from .source import BlobStore
@@ -240,6 +242,8 @@ class Executor:
             return self._stage_dense(step, engine, ring)
         if isinstance(step, BatchStep):
             return self._stage_batch(step, engine, ring, outputs)
+        if isinstance(step, MergeStep):
+            self._stage_merge(step, engine, ring, outputs)
         return None
 
     def _stage_dense(self, step: DenseStep, engine: CopyEngine, ring: StagingRing
@@ -302,18 +306,50 @@ class Executor:
         entry = target.member.theta0
         if not isinstance(entry, DENSE_THETA0) or not target.box.contiguous:
             return
-        theta0 = self.file.theta0
-        shape = target.member.shape
         first = target.box.first_element
-        label = f"{target.name}.theta0"
-        dtype = theta0.dense_dtype(entry, shape)
-        data = theta0.dense_bytes(entry, shape, first, first + target.numel, label)
-        into = state.tensor if dtype == target.dtype else None
-        state.base, state.base_marker = self._upload(data, (target.numel,), dtype, engine,
-                                                     ring, into)
-        state.zero = False
+        self._stage_theta0(entry, target.member.shape, first, first + target.numel, target,
+                           state, engine, ring)
+
+    def _stage_merge(self, step: MergeStep, engine: CopyEngine, ring: StagingRing,
+                     outputs: dict[int, _Output]) -> None:
+        """Allocate a lora box; its blob or external theta0 (the base weight) is read into
+        its storage when the dtypes agree and the box is contiguous, else (the rows the box
+        spans) into a buffer of its own dtype: the merge then adds ``scale * B @ A`` to it
+        in place."""
+        t, target = step.tensor, step.target
+        state = self._output(target, engine, outputs)
+        if not isinstance(t.theta0, DENSE_THETA0):
+            return
+        box = target.box
+        if box.contiguous:
+            first, stop = box.first_element, box.first_element + box.numel
+        else:
+            row = math.prod(t.shape[1:])
+            first, stop = box.starts[0] * row, box.stops[0] * row
+        self._stage_theta0(t.theta0, t.shape, first, stop, target, state, engine, ring)
+
+    def _stage_theta0(self, entry: Theta0Entry, shape: tuple[int, ...], first: int, stop: int,
+                      target: Target, state: _Output, engine: CopyEngine, ring: StagingRing
+                      ) -> None:
+        """Read elements ``[first, stop)`` of a dense theta0 as ``state.base``: into the
+        target's storage when they are its elements in its dtype, else into a buffer of the
+        stored dtype. On the CPU the bytes are read straight into it, elsewhere into the
+        pinned ring's slots (by several reader threads) and copied on; a whole external
+        tensor is hashed from those bytes on the way (R75)."""
+        assert isinstance(entry, DENSE_THETA0)
+        read = self.file.theta0.dense_read(entry, shape, first, stop, f"{target.name}.theta0")
+        into = (state.tensor if read.dtype == target.dtype and stop - first == target.numel
+                and target.box.contiguous else None)
+        tensor = into if into is not None else engine.device_empty((stop - first,), read.dtype)
+        try:
+            marker = ring.stream(read.nbytes, tensor.view(torch.uint8), read.read,
+                                 read.hash.feed if read.hash is not None else None)
+        except BaseException:
+            read.abort()
+            raise
+        state.base, state.base_marker, state.zero = tensor, marker, False
         if into is None:
-            self.allocated_bytes += target.numel * dtype.itemsize
+            self.allocated_bytes += read.nbytes
 
     # -- compute ---------------------------------------------------------------------------
     def _compute(self, step: Step, staged: object, engine: CopyEngine,
@@ -528,17 +564,30 @@ class Executor:
         return to_device_async(rows, self.device)
 
     def _merge(self, step: MergeStep, engine: CopyEngine, outputs: dict[int, _Output]) -> None:
-        """``theta0 + scale * (B @ A)`` of a lora box (§6.3)."""
+        """``theta0 + scale * (B @ A)`` of a lora box (§6.3), in place into its storage where
+        the staged base already lies (``lora_merge``: row blocks, each element's arithmetic
+        the same in any box)."""
         t, target = step.tensor, step.target
         a_state, b_state = outputs.pop(id(step.a)), outputs.pop(id(step.b))
-        merged = lora_product(b_state.tensor.view(step.b.box.result_shape),
-                              a_state.tensor.view(step.a.box.result_shape))
-        merged *= float(t.scale or 0.0)
-        assert t.theta0 is not None
-        base = self._theta0(t.theta0, t.shape, Piece(target, 0, target.numel), None)
-        if base is not None:
-            merged += base.view(merged.shape)
-        outputs[id(target)] = _Output(merged.reshape(-1).to(target.dtype), False)
+        state = outputs[id(target)]
+        engine.wait_compute(state.base_marker)
+        state.base_marker = None
+        rows, cols = target.box.lengths
+        out = state.tensor.view(rows, cols)
+        base: torch.Tensor | None
+        if state.base is not None:
+            base = state.base.view(rows, -1)
+            if not target.box.contiguous:  # the whole rows the box spans
+                base = base[:, target.box.starts[1] : target.box.stops[1]]
+        else:  # zeros or drawn
+            assert t.theta0 is not None
+            base = self._theta0(t.theta0, t.shape, Piece(target, 0, target.numel), None)
+            base = base.view(rows, cols) if base is not None else None
+        lora_merge(out, b_state.tensor.view(step.b.box.lengths),
+                   a_state.tensor.view(step.a.box.lengths), float(t.scale or 0.0), base,
+                   MERGE_BLOCK_ELEMENTS if self.device.type == "cpu"
+                   else DEVICE_MERGE_BLOCK_ELEMENTS)
+        state.base = None
 
 
 def _out_of_memory(exc: BaseException) -> bool:

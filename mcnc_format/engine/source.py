@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,8 +29,10 @@ __all__ = ["BlobStore", "FileSource", "open_regular"]
 
 #: Decoded blobs up to this size stay in memory once read.
 KEEP_BYTES = 16 << 20
-#: Reads of at least two such pieces are split across reader threads.
-PARALLEL_PIECE_BYTES = 16 << 20
+#: Reads of at least two such pieces are split across reader threads, in as many equal
+#: pieces (of at least this size) as there are threads: a staging slot is read by all of them.
+PARALLEL_PIECE_BYTES = 4 << 20
+_READER_THREADS = min(8, os.cpu_count() or 1)
 _READERS: list[ThreadPoolExecutor] = []
 
 
@@ -40,7 +43,7 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
 def _readers() -> ThreadPoolExecutor:
     """The process's reader threads (created on first use; pread needs no per-file state)."""
     if not _READERS:
-        _READERS.append(ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+        _READERS.append(ThreadPoolExecutor(max_workers=_READER_THREADS,
                                            thread_name_prefix="mcnc-read"))
     return _READERS[0]
 
@@ -78,13 +81,14 @@ class FileSource:
         if self.fd < 0:
             raise MCNCError(f"{self.label}: read from a closed file")
         buffer = into if into is not None else memoryview(bytearray(length))
-        pieces = range(0, length, PARALLEL_PIECE_BYTES)
-        if length < 2 * PARALLEL_PIECE_BYTES:
+        count = min(_READER_THREADS, length // PARALLEL_PIECE_BYTES)
+        if count < 2:
             self._read_into(buffer, offset, 0, length)
         else:
+            piece = -(-length // count)
             jobs = [_readers().submit(self._read_into, buffer, offset, start,
-                                      min(start + PARALLEL_PIECE_BYTES, length))
-                    for start in pieces]
+                                      min(start + piece, length))
+                    for start in range(0, length, piece)]
             for job in jobs:
                 job.result()
         return buffer[:length]
@@ -142,11 +146,30 @@ class BlobStore:
     def blob_range(self, index: int, start: int, stop: int, path: str) -> memoryview:
         """Decoded bytes ``[start, stop)`` of blob ``index``: only those bytes are read once the
         blob is checked (or when verification is off) and the blob is raw."""
-        entry = self.header.blobs[index]
-        if (entry.codec == C.Codec.RAW and index not in self._kept
-                and (index in self._verified or not self.verify)):
-            return self.source.read(entry.offset + start, stop - start)
+        if self._by_range(index):
+            return self.source.read(self.header.blobs[index].offset + start, stop - start)
         return self.blob(index, path)[start:stop]
+
+    def range_reader(self, index: int, start: int, stop: int, path: str
+                     ) -> Callable[[int, memoryview], object]:
+        """A reader of decoded bytes ``[start, stop)`` of blob ``index`` piece by piece into
+        the caller's buffers (``read(offset, view)``: the range's bytes from ``offset`` into
+        ``view``): straight from the file where ``blob_range`` would read only the range,
+        else copied from the checked, decoded blob."""
+        if self._by_range(index):
+            first = self.header.blobs[index].offset + start
+            return lambda offset, view: self.source.read(first + offset, len(view), view)
+        data = self.blob(index, path)[start:stop]
+
+        def copy(offset: int, view: memoryview) -> None:
+            view[:] = data[offset : offset + len(view)]
+
+        return copy
+
+    def _by_range(self, index: int) -> bool:
+        entry = self.header.blobs[index]
+        return (entry.codec == C.Codec.RAW and index not in self._kept
+                and (index in self._verified or not self.verify))
 
     def tensor_bytes(self, t: TensorEntry, start: int, stop: int) -> memoryview:
         """Bytes ``[start, stop)`` of a dense or packed tensor's stored values (§6.2, §6.4)."""

@@ -1,9 +1,16 @@
 """Host-to-device uploads through a bounded ring of staging buffers.
 
 The ring logic (split a source into pieces, rotate through ``slots`` buffers, never refill a
-buffer before the copy out of it has finished) is written against ``CopyEngine``, so the same
-code drives CUDA (pinned buffers, a copy stream, events) and a synchronous CPU engine that the
-tests exercise. Host memory for staging is ``slots * slot_bytes`` whatever is uploaded.
+buffer before the copy out of it, and any host work reading it, has finished) is written
+against ``CopyEngine``, so the same code drives CUDA (pinned buffers, a copy stream, events)
+and a synchronous CPU engine that the tests exercise. Host memory for staging is
+``slots * slot_bytes`` whatever is uploaded.
+
+``StagingRing.stream`` fills a destination from a reader (``pread`` of a base checkpoint)
+rather than from bytes in memory: each piece is read straight into a slot, handed to an
+observer (the SHA-256 of the base, updated on a worker thread) and copied on, so the bytes
+are read once and never held beyond the ring. Where the device's memory is host memory (the
+CPU engine) the pieces are read straight into the destination and no slot is used.
 
 Why pinned staging and not ``tensor.to("cuda")`` from the memory map: a copy from pageable
 memory is synchronous and goes through the driver's own small bounce buffer (a few GB/s),
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 import torch
@@ -35,6 +43,9 @@ class CopyEngine(Protocol):
     """What the ring needs from a device: staging buffers, an ordered copy queue, markers."""
 
     device: torch.device
+    #: Whether the device's memory is host memory the reader can write into: bytes are then
+    #: read straight into their destination, not through the ring.
+    in_place: bool
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A uint8 host buffer that the engine can copy from asynchronously."""
@@ -58,10 +69,17 @@ class CopyEngine(Protocol):
 
 
 class SyncCopyEngine:
-    """Copies at once on the calling thread: the CPU (and test) implementation."""
+    """Copies at once on the calling thread: the CPU (and test) implementation.
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    Its markers are ``None`` or host work still reading a destination the bytes were read
+    into (a ``Future``: the hash of a base), which compute must not overwrite before it ends.
+    Bytes are read in place on the CPU; ``in_place=False`` makes it stream through the ring
+    like a device (what the tests use to rotate many slots on the CPU)."""
+
+    def __init__(self, device: torch.device | str = "cpu", in_place: bool | None = None
+                 ) -> None:
         self.device = torch.device(device)
+        self.in_place = self.device.type == "cpu" if in_place is None else in_place
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
@@ -80,7 +98,8 @@ class SyncCopyEngine:
         return None
 
     def wait_compute(self, marker: object) -> None:
-        return None
+        if isinstance(marker, Future):
+            marker.result()
 
 
 class CudaCopyEngine:
@@ -89,6 +108,8 @@ class CudaCopyEngine:
     The compute stream is the caller's current stream, so tensors handed out are ordered for
     the caller's own work once ``wait_compute`` has been called for their last copy.
     """
+
+    in_place = False
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -134,12 +155,18 @@ class CudaCopyEngine:
             torch.cuda.current_stream(self.device).wait_event(marker)  # type: ignore[arg-type]
 
 
+#: Reads ``len(view)`` bytes of a source, from the given offset in it, into ``view``.
+Reader = Callable[[int, memoryview], object]
+#: Sees each piece after it is read; returns the host work still reading it, if any.
+Observer = Callable[[memoryview], "Future[None] | None"]
+
+
 class StagingRing:
     """Uploads host bytes to device tensors through ``slots`` staging buffers in turn.
 
-    ``upload(..., observe=)`` may observe every piece on its way. ``upload`` returns the
-    marker of the last copy; pass it to ``engine.wait_compute`` before the destination is
-    read on the compute stream.
+    ``upload`` copies bytes already in memory; ``stream`` reads them into the slots (or, on an
+    ``in_place`` engine, into the destination). Both return the marker of the last copy; pass
+    it to ``engine.wait_compute`` before the destination is read on the compute stream.
     """
 
     def __init__(self, engine: CopyEngine, slot_bytes: int, slots: int = 2) -> None:
@@ -149,7 +176,8 @@ class StagingRing:
         self.slot_bytes = slot_bytes
         self.slots = slots
         self._buffers: list[torch.Tensor | None] = [None] * slots
-        self._pending: list[object] = [None] * slots
+        # Per slot: the copy out of it and the host work reading it, both to end before reuse.
+        self._pending: list[tuple[object, Future[None] | None]] = [(None, None)] * slots
         self._next = 0
         self.bytes_uploaded = 0
 
@@ -159,39 +187,81 @@ class StagingRing:
         return sum(b.numel() for b in self._buffers if b is not None)
 
     def upload(self, src: memoryview | bytes, dst: torch.Tensor,
-               observe: Callable[[memoryview], None] | None = None) -> object:
-        """Copy ``src`` (bytes) into ``dst`` (a contiguous uint8 device tensor of equal size)."""
+               observe: Observer | None = None) -> object:
+        """Copy ``src`` (bytes) into ``dst`` (a contiguous uint8 device tensor of equal size);
+        ``observe`` sees every piece on its way."""
         view = memoryview(src).cast("B")
         if dst.numel() != len(view):
             raise ValueError(f"upload of {len(view)} bytes into a {dst.numel()}-byte tensor")
-        marker: object = None
-        for start in range(0, len(view), self.slot_bytes):
-            piece = view[start : start + self.slot_bytes]
-            if observe is not None:
-                observe(piece)
-            marker = self._upload_piece(piece, dst[start : start + len(piece)])
-        return marker
-
-    def _upload_piece(self, piece: memoryview, dst: torch.Tensor) -> object:
-        slot = self._next
-        self._next = (slot + 1) % self.slots
-        self.engine.wait_host(self._pending[slot])  # the previous copy out of this slot is done
-        buffer = self._buffers[slot]
-        if buffer is None:
-            buffer = self.engine.host_buffer(self.slot_bytes)
-            self._buffers[slot] = buffer
-        staged = buffer[: len(piece)]
         with warnings.catch_warnings():
             # Read-only sources (decoded zstd bytes) are only read here.
             warnings.simplefilter("ignore", UserWarning)
-            staged.copy_(torch.frombuffer(piece, dtype=torch.uint8))
-        marker = self.engine.copy(staged, dst)
-        self._pending[slot] = marker
-        self.bytes_uploaded += len(piece)
+            source = torch.frombuffer(view, dtype=torch.uint8) if len(view) else None
+
+        def copy(start: int, piece: memoryview) -> None:
+            assert source is not None
+            torch.frombuffer(piece, dtype=torch.uint8).copy_(source[start : start + len(piece)])
+
+        return self.stream(len(view), dst, copy, observe)
+
+    def stream(self, nbytes: int, dst: torch.Tensor, read: Reader,
+               observe: Observer | None = None, in_place: bool | None = None) -> object:
+        """Fill ``dst`` (a contiguous uint8 device tensor of ``nbytes``) with the bytes
+        ``read`` writes, a slot at a time; ``observe`` sees each piece in order. On an
+        ``in_place`` engine the pieces are read into ``dst`` itself, and the marker returned
+        is the observer's last work (compute waits for it before overwriting ``dst``)."""
+        if dst.numel() != nbytes:
+            raise ValueError(f"stream of {nbytes} bytes into a {dst.numel()}-byte tensor")
+        if self.engine.in_place if in_place is None else in_place:
+            return self._stream_in_place(nbytes, dst, read, observe)
+        marker: object = None
+        for start in range(0, nbytes, self.slot_bytes):
+            size = min(self.slot_bytes, nbytes - start)
+            slot = self._slot()
+            buffer = self._buffers[slot]
+            assert buffer is not None
+            staged = buffer[:size]
+            piece = memoryview(staged.numpy())
+            read(start, piece)
+            work = observe(piece) if observe is not None else None
+            marker = self.engine.copy(staged, dst[start : start + size])
+            self._pending[slot] = (marker, work)
+            self.bytes_uploaded += size
         return marker
 
+    def _stream_in_place(self, nbytes: int, dst: torch.Tensor, read: Reader,
+                         observe: Observer | None) -> object:
+        view = memoryview(dst.numpy()) if nbytes else memoryview(b"")
+        work: Future[None] | None = None
+        for start in range(0, nbytes, self.slot_bytes):
+            piece = view[start : start + self.slot_bytes]
+            read(start, piece)
+            if observe is not None:
+                work = observe(piece)
+        return work
+
+    def _slot(self) -> int:
+        """The next slot, once the copy out of it and the host work reading it are done."""
+        slot = self._next
+        self._next = (slot + 1) % self.slots
+        self._wait(slot)
+        if self._buffers[slot] is None:
+            self._buffers[slot] = self.engine.host_buffer(self.slot_bytes)
+        return slot
+
+    def _wait(self, slot: int) -> None:
+        marker, work = self._pending[slot]
+        self.engine.wait_host(marker)
+        if work is not None:
+            work.result()
+        self._pending[slot] = (None, None)
+
     def drain(self) -> None:
-        """Wait for every queued copy (before the ring's buffers are released)."""
-        for slot, marker in enumerate(self._pending):
+        """Wait for every queued copy and the host work reading a slot (before the ring's
+        buffers are released). A failed piece of host work has been reported by then."""
+        for slot in range(self.slots):
+            marker, work = self._pending[slot]
             self.engine.wait_host(marker)
-            self._pending[slot] = None
+            if work is not None:
+                work.exception()  # its failure is the load's to report, not the cleanup's
+            self._pending[slot] = (None, None)

@@ -2,18 +2,21 @@
 
 PRNG values are drawn at the elements' own indices (§8), so a box costs its own elements'
 draws. Stored theta0 (a blob, §7.3) and external base tensors (§7.4) are read by byte range:
-only the bytes a box covers, once their checksum or pin has been checked. An external base is
-opened once per file; its SHA-256 (R75) is checked once, on a worker thread when the base is
-local, and awaited before any tensor built on it is handed out (the pin is checked whatever
-the load's ``verify``, which is about blob checksums).
+only the bytes a box covers, once their checksum or pin has been checked, piece by piece into
+the buffers that need them (``dense_read``: a staging slot, or the output itself on the CPU).
+An external base is opened once per file; its SHA-256 (R75) is checked as ``verify`` says,
+from the bytes as they are read when a load reads the whole tensor (``engine/sha256.py``),
+else by reading it on a worker thread, and awaited before any tensor built on it is handed
+out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,9 +38,10 @@ from .digests import DigestCache
 from .options import Verify
 from .resolve import HUB_SCHEME, Resolver
 from .safetensors_source import SafetensorsFile, TensorSlice
+from .sha256 import StreamHash
 from .source import BlobStore
 
-__all__ = ["Theta0Source", "fan_in_bound", "prng_values", "prng_values_at"]
+__all__ = ["DenseRead", "Theta0Source", "fan_in_bound", "prng_values", "prng_values_at"]
 
 #: theta0 kinds whose values are stored (in a blob, or in a base checkpoint).
 DENSE_THETA0 = (BlobTheta0, ExternalTheta0)
@@ -59,6 +63,23 @@ class _Reference:
         self.pinned = pinned
         self.arranged = False
         self.check: Future[None] | None = None
+
+
+@dataclass(frozen=True)
+class DenseRead:
+    """The stored bytes of an element range of a blob or external theta0, to be read piece by
+    piece: ``read(offset, view)`` writes the range's bytes from ``offset`` into ``view``.
+    ``hash``, when set, must be fed every piece in order (the base's pin is checked from
+    these bytes); call ``abort`` if the read stops short."""
+
+    dtype: torch.dtype
+    nbytes: int
+    read: Callable[[int, memoryview], object]
+    hash: StreamHash | None = None
+
+    def abort(self) -> None:
+        if self.hash is not None:
+            self.hash.abort()
 
 
 class Theta0Source:
@@ -83,17 +104,39 @@ class Theta0Source:
             return to_torch(self.blobs.header.blobs[entry.blob].dtype)
         return self.reference(entry, shape).entry.dtype
 
-    def dense_bytes(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...],
-                    start: int, stop: int, label: str) -> memoryview:
-        """The stored bytes of elements ``[start, stop)`` of a blob or external theta0."""
-        size = self.dense_dtype(entry, shape).itemsize
+    def dense_read(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...],
+                   start: int, stop: int, label: str) -> DenseRead:
+        """How to read the stored bytes of elements ``[start, stop)`` of a blob or external
+        theta0 into the caller's buffers. A read of a whole external tensor hashes its bytes
+        as they pass; a box of one has the tensor read again for its pin, on a worker."""
+        dtype = self.dense_dtype(entry, shape)
+        first, nbytes = start * dtype.itemsize, (stop - start) * dtype.itemsize
         if isinstance(entry, BlobTheta0):
             assert entry.blob is not None
-            return self.blobs.blob_range(entry.blob, start * size, stop * size, label)
+            return DenseRead(dtype, nbytes, self.blobs.range_reader(
+                entry.blob, first, first + nbytes, label))
         reference = self.reference(entry, shape)
-        data = reference.file.read(reference.entry.offset + start * size, (stop - start) * size)
-        # The whole tensor was read: hash those bytes rather than reading them again.
-        self._arrange_check(reference, data if (stop - start) == reference.entry.numel else None)
+        file, offset = reference.file, reference.entry.offset + first
+        whole = nbytes == reference.entry.nbytes > 0
+        hasher = self._stream_check(reference) if whole else None
+        if not whole:
+            self._arrange_check(reference)
+        return DenseRead(dtype, nbytes, lambda at, view: file.read(offset + at, len(view), view),
+                         hasher)
+
+    def dense_bytes(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...],
+                    start: int, stop: int, label: str) -> memoryview:
+        """The stored bytes of elements ``[start, stop)`` of a blob or external theta0, read
+        into memory of their own."""
+        read = self.dense_read(entry, shape, start, stop, label)
+        data = memoryview(bytearray(read.nbytes))
+        try:
+            read.read(0, data)
+        except BaseException:
+            read.abort()
+            raise
+        if read.hash is not None:
+            read.hash.feed(data)
         return data
 
     def dense(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...], start: int,
@@ -114,7 +157,7 @@ class Theta0Source:
         reference = self._references.get((entry.uri, entry.tensor))
         if reference is None:
             return None
-        self._arrange_check(reference, None)
+        self._arrange_check(reference)
         return reference.check
 
     def reference(self, entry: ExternalTheta0, shape: tuple[int, ...]) -> _Reference:
@@ -136,7 +179,7 @@ class Theta0Source:
                         f"{list(shape)}", rule="R75")
                 reference = _Reference(file, found, entry.sha256)
                 if fetched:  # the resolver fetches again on damage: the verdict is needed now
-                    self._arrange_check(reference, None, wait=True)
+                    self._arrange_check(reference, wait=True)
             except BaseException:
                 file.close()
                 raise
@@ -145,35 +188,62 @@ class Theta0Source:
         self._references[key] = self.resolver.reference(entry.uri, self.label, read)
         return self._references[key]
 
-    def _arrange_check(self, reference: _Reference, data: memoryview | None,
-                       wait: bool = False) -> None:
-        """Check the pin once per reference, as ``verify`` says: from ``data`` (the tensor's
-        bytes, already read) or by reading the tensor, on a worker unless ``wait``."""
-        if reference.arranged:
+    def _arrange_check(self, reference: _Reference, wait: bool = False) -> None:
+        """Check the pin once per reference, as ``verify`` says, by reading the tensor: on a
+        worker unless ``wait`` (bytes read for a load are hashed as they pass instead:
+        ``_stream_check``)."""
+        judge = self._judge(reference)
+        if judge is None:
             return
+        file, found = reference.file, reference.entry
+
+        def check() -> None:
+            judge(file.sha256(found))
+
+        if wait:
+            check()
+        else:
+            reference.check = self._workers().submit(check)
+
+    def _stream_check(self, reference: _Reference) -> StreamHash | None:
+        """A hash to feed the tensor's bytes as they are read, when its pin is to be checked
+        (once per reference, as ``verify`` says). If the read stops short, the reference is
+        left to be checked by the next load."""
+        judge = self._judge(reference)
+        if judge is None:
+            return None
+
+        def aborted() -> None:
+            reference.arranged, reference.check = False, None
+
+        hasher = StreamHash(self._workers(), reference.entry.nbytes, judge, aborted)
+        reference.check = hasher.verdict
+        return hasher
+
+    def _judge(self, reference: _Reference) -> Callable[[str], None] | None:
+        """Mark the reference's check arranged and return what judges its digest, or ``None``
+        when none is needed: already arranged, ``verify`` off, or (``CACHED``) the digest
+        cache knows this very file holds the pinned digest."""
+        if reference.arranged:
+            return None
         reference.arranged = True
         if self.verify is Verify.NONE:
-            return
+            return None
         file, found, pinned = reference.file, reference.entry, reference.pinned
         identity = file.identity()
         name = f"{found.offset}:{found.nbytes}"  # the tensor's byte range in that file
         if self.verify is Verify.CACHED and self.digests.known(identity, name, pinned):
-            return
+            return None
         label = f"{self.label}: theta0 reference {file.path}"
 
-        def check() -> None:
-            digest = (hashlib.sha256(data).hexdigest() if data is not None
-                      else file.sha256(found))
+        def judge(digest: str) -> None:
             if digest != pinned:
                 raise ExternalReferenceDamaged(
                     f"{label} has sha256 {digest}, the file pins {pinned}: the base checkpoint "
                     "differs from the one this file was made against", rule="R75")
             self.digests.remember(identity, name, pinned)
 
-        if wait:
-            check()
-        else:
-            reference.check = self._workers().submit(check)
+        return judge
 
     def _workers(self) -> ThreadPoolExecutor:
         if self._pool is None:
