@@ -1,7 +1,7 @@
 """An MCNC-LoRA adapter merged onto its base while the base streams in, against the base alone.
 
-In one run, on the CPU, with warm files (in the page cache), best of ``--repeats`` after a
-warm-up:
+In one run, on the CPU or (``--device cuda``) a GPU, with warm files (in the page cache),
+best of ``--repeats`` after a warm-up:
 
 - *merged*: ``mcnc_format.load(adapter)``: the adapter's factors rebuilt from alpha/beta, each
   base weight read straight into its output tensor and ``base + scale * B @ A`` merged into it
@@ -12,8 +12,9 @@ warm-up:
   its SHA-256 pin judged from those bytes as the load would, then awaited;
 - *safetensors*: ``safetensors.torch.load_file`` of the base with one element per 4 KiB page
   of every tensor read (it maps the file lazily, and would otherwise read nothing);
-- *merge arithmetic*: ``lora_merge`` alone on tensors already in memory (factors, bases and
-  reused outputs given).
+- *merge arithmetic*: the merge alone on tensors already in memory (factors, bases and reused
+  outputs given): ``fused.lora_merge`` on the CPU, the one-pass kernel
+  (``triton_kernels.lora_merge``) on a GPU with Triton.
 
 each with ``verify="cached"`` (the digest cache knows the unchanged base: nothing is hashed)
 and ``verify="full"`` (every base tensor hashed, from the bytes as they are read). Ratios are
@@ -24,7 +25,7 @@ weight. ``--size llama`` is one Llama-2-7B decoder layer's projections in bfloat
 4096 x 4096, 3 of 4096 x 11008: 386 MiB); ``quick`` is a smoke run of a few seconds.
 
 Usage: ``python benchmarks/bench_lora.py [--size llama|quick] [--rank 16] [--repeats 3]
-[--json out.json]``; figures go in docs/benchmarks.md with the machine line.
+[--device cpu|cuda] [--json out.json]``; figures go in docs/benchmarks.md with the machine line.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import copy
 import json
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,9 @@ from torch import nn
 
 import mcnc_format as mcnc
 from mcnc_format.converters.pack import pack
+from mcnc_format.engine.execute import triton_available
 from mcnc_format.engine.fused import MERGE_BLOCK_ELEMENTS, lora_merge
-from mcnc_format.engine.staging import StagingRing, SyncCopyEngine
+from mcnc_format.engine.staging import CudaCopyEngine, StagingRing, SyncCopyEngine
 from mcnc_format.header import LoRATensor
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora
 
@@ -83,11 +84,11 @@ def build(directory: Path, size: str, rank: int) -> tuple[Path, Path]:
     return base_path, adapter
 
 
-def base_alone(adapter: Path, verify: str) -> dict[str, torch.Tensor]:
+def base_alone(adapter: Path, verify: str, device: torch.device) -> dict[str, torch.Tensor]:
     """The lora tensors' base weights read through the engine's base path, nothing else."""
     out: dict[str, torch.Tensor] = {}
     with mcnc.MCNCFile(adapter, verify=verify) as f:
-        engine = SyncCopyEngine("cpu")
+        engine = CudaCopyEngine(device) if device.type == "cuda" else SyncCopyEngine(device)
         ring = StagingRing(engine, f.options.staging_bytes // 2, 2)
         pending: list[tuple[str, Any]] = []
         for name in f.keys():  # noqa: SIM118
@@ -95,7 +96,7 @@ def base_alone(adapter: Path, verify: str) -> dict[str, torch.Tensor]:
             assert isinstance(t, LoRATensor) and t.theta0 is not None
             numel = t.A.shape[1] * t.B.shape[0]
             read = f.theta0.dense_read(t.theta0, t.shape, 0, numel, name)  # type: ignore[arg-type]
-            tensor = torch.empty(t.shape, dtype=read.dtype)
+            tensor = engine.output_empty(t.shape, read.dtype)
             engine.wait_compute(ring.stream(read.nbytes, tensor.view(torch.uint8).reshape(-1),
                                             read.read, read.hash.feed if read.hash else None))
             # As the executor does: a tensor is handed out once its pin holds, after the next
@@ -115,60 +116,79 @@ def _await(f: mcnc.MCNCFile, pending: list[tuple[str, Any]]) -> None:
             check.result()
 
 
-def merge_only(adapter: Path) -> Callable[[], None]:
-    """``lora_merge`` of every tensor, factors, bases and outputs already in memory (the
-    outputs reused: no allocation, no page faults)."""
+def merge_only(adapter: Path, device: torch.device) -> Callable[[], None]:
+    """The merge of every tensor, factors, bases and outputs already in memory (the outputs
+    reused: no allocation, no page faults)."""
     with mcnc.open(adapter) as f:
         jobs = []
-        bases = base_alone(adapter, "none")
+        bases = base_alone(adapter, "none", device)
         for name in f.keys():  # noqa: SIM118
-            a, b, scale = f.get_lora_factors(name)
+            a, b, scale = f.get_lora_factors(name, device=device)
             jobs.append((torch.empty_like(bases[name]), bases[name], b, a, scale))
+    kernel = device.type == "cuda" and triton_available()
 
     def run() -> None:
         for out, base, b, a, scale in jobs:
-            lora_merge(out, b, a, scale, base, MERGE_BLOCK_ELEMENTS)
+            if kernel:
+                from mcnc_format.engine import triton_kernels
+
+                triton_kernels.lora_merge(out, b, a, scale, base)
+            else:
+                lora_merge(out, b, a, scale, base, MERGE_BLOCK_ELEMENTS)
+        synchronize(device)
 
     return run
 
 
-def _timed_once(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def synchronize(device: torch.device) -> None:
+    """Wait for the device: a timed GPU call ends when its work does."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def run(size: str, rank: int, repeats: int, directory: Path) -> dict[str, Any]:
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    def call() -> None:
+        fn()
+        synchronize(device)
+
+    return call
+
+
+def run(size: str, rank: int, repeats: int, directory: Path, device: torch.device
+        ) -> dict[str, Any]:
     base_path, adapter = build(directory, size, rank)
-    results: dict[str, Any] = {"size": size, "rank": rank,
+    results: dict[str, Any] = {"size": size, "rank": rank, "device": str(device),
                                "base_bytes": base_path.stat().st_size,
                                "adapter_bytes": adapter.stat().st_size}
-    want = mcnc.load(adapter, verify="full")  # hashes, and records the pins in the cache
-    alone = base_alone(adapter, "full")
-    stored = load_file(str(base_path))
+    want = mcnc.load(adapter, device, verify="full")  # hashes; records the pins in the cache
+    alone = base_alone(adapter, "full", device)
+    stored = load_file(str(base_path), device=str(device))
     assert all(torch.equal(alone[n], stored[n]) for n in alone), "base bytes differ"
     assert all(want[n].dtype == stored[n].dtype for n in want)
+    del want, alone, stored
     for verify in ("cached", "full"):
-        merged = _best(lambda v=verify: mcnc.load(adapter, verify=v), repeats)
-        plain = _best(lambda v=verify: base_alone(adapter, v), repeats)
+        merged = _best(synced(lambda v=verify: mcnc.load(adapter, device, verify=v), device),
+                       repeats)
+        plain = _best(synced(lambda v=verify: base_alone(adapter, v, device), device), repeats)
         results[verify] = {"merged_s": merged, "base_alone_s": plain,
                            "ratio": merged / plain}
-    results["safetensors_s"] = _best(lambda: _touched(load_file(str(base_path))), repeats)
-    results["merge_arithmetic_s"] = _best(merge_only(adapter), repeats)
+    results["safetensors_s"] = _best(synced(lambda: _touched(load_file(
+        str(base_path), device=str(device))), device), repeats)
+    results["merge_arithmetic_s"] = _best(merge_only(adapter, device), repeats)
     return results
 
 
 def report(r: dict[str, Any]) -> None:
     st = r["safetensors_s"]
     lines = [f"base {r['base_bytes']:,} bytes (bfloat16), adapter {r['adapter_bytes']:,} bytes, "
-             f"rank {r['rank']}, size {r['size']}",
+             f"rank {r['rank']}, size {r['size']}, device {r['device']}",
              f"{'verify':8} {'merged':>10} {'base alone':>11} {'merged/base':>12} "
              f"{'base/safetensors':>17}"]
     lines += [f"{v:8} {r[v]['merged_s'] * 1e3:8.1f} ms {r[v]['base_alone_s'] * 1e3:8.1f} ms "
               f"{r[v]['ratio']:11.2f}x {r[v]['base_alone_s'] / st:16.2f}x"
               for v in ("cached", "full")]
     lines.append(f"safetensors.load_file (pages touched): {st * 1e3:.1f} ms; merge arithmetic "
-                 f"alone (lora_merge, factors given): {r['merge_arithmetic_s'] * 1e3:.1f} ms")
+                 f"alone (factors given): {r['merge_arithmetic_s'] * 1e3:.1f} ms")
     print("\n".join(lines))
 
 
@@ -177,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="llama")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     m = machine_info()
@@ -185,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{m['torch']}, Python {m['python']}, mcnc-format {m['mcnc_format']}; "
           f"{m['date_utc']} UTC; load average {m['load_average']:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
-        r = run(args.size, args.rank, args.repeats, Path(tmp))
+        r = run(args.size, args.rank, args.repeats, Path(tmp), torch.device(args.device))
     report(r)
     if args.json:
         args.json.write_text(json.dumps({"machine": m, **r}, indent=2))

@@ -3,7 +3,8 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh      # default OUT=./gpu_out
 #   BENCH_ARGS=--small bash benchmarks/gpu_check.sh # toy sizes: checks the script (any machine)
-#   GPU_EXTRA=adapters,distributed bash benchmarks/gpu_check.sh   # also issues 14 and 11 on CUDA
+#   GPU_EXTRA=adapters,lora,distributed bash benchmarks/gpu_check.sh
+#                                   # also issue 14, issue 12's lora merge and issue 11 on CUDA
 #
 # Run from the repository root on a machine with an NVIDIA GPU, torch (CUDA) and triton
 # installed; nothing is downloaded. Steps, each allowed to fail without stopping the others:
@@ -80,7 +81,7 @@ timeout "$BUDGET" $PY benchmarks/bench_gpu.py --out "$OUT" --scratch "$SCRATCH" 
 BENCH_RC=$?
 echo "bench (rc $BENCH_RC, budget ${BUDGET}s): see $OUT/bench.log"
 
-# 4. optional, beyond the 6-minute check: GPU_EXTRA=adapters,distributed -------------------
+# 4. optional, beyond the 6-minute check: GPU_EXTRA=adapters,lora,distributed --------------
 # (issue 14's adapter bank on Llama-2-7B shapes, both routes, about 4 minutes; issue 11's 8-way split
 # measured rank by rank, about 2 minutes)
 EXTRA_LINES=""
@@ -89,6 +90,12 @@ case ",${GPU_EXTRA:-}," in *,adapters,*)
     --json "$OUT/bench_adapters.json" >"$OUT/bench_adapters.log" 2>&1
   EXTRA_LINES="$EXTRA_LINES
 adapters (rc $?): $(grep -E '^\((a|b|c)\)|Triton route' "$OUT/bench_adapters.log" | tr '\n' ' ')";;
+esac
+case ",${GPU_EXTRA:-}," in *,lora,*)
+  timeout 180 $PY benchmarks/bench_lora.py --size llama --device cuda \
+    --json "$OUT/bench_lora.json" >"$OUT/bench_lora.log" 2>&1
+  EXTRA_LINES="$EXTRA_LINES
+lora (rc $?): $(grep -E '^(cached|full) ' "$OUT/bench_lora.log" | tr '\n' ' ')";;
 esac
 case ",${GPU_EXTRA:-}," in *,distributed,*)
   timeout 240 $PY benchmarks/bench_distributed.py --cuda --json "$OUT/bench_distributed.json" \

@@ -427,6 +427,7 @@ def _torch_kernels() -> SimpleNamespace:
     """``triton_kernels`` with the fused kernel replaced by torch, so the kernel path of the
     pipeline runs on the CPU in this process (the real kernel: test_triton_kernel.py)."""
     from mcnc_format.engine import triton_kernels as tk
+    from mcnc_format.engine.fused import lora_merge
     from mcnc_format.generator import ieee_fp32
 
     calls = []
@@ -462,6 +463,8 @@ def _torch_kernels() -> SimpleNamespace:
 
     return SimpleNamespace(KERNEL_DTYPES=tk.KERNEL_DTYPES, kernel_theta0=tk.kernel_theta0,
                            kernel_precision=tk.kernel_precision, MemberJob=tk.MemberJob,
+                           lora_merge=lambda out, b, a, scale, base: lora_merge(
+                               out, b, a, scale, base, 1 << 20),
                            regenerate_members=regenerate_members,
                            fused_regenerate=fused_regenerate, calls=calls,
                            draw_generator_weights=lambda spec, device: spec.weights(device))

@@ -338,7 +338,8 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
     jit_functions = {name for name, value in vars(tk).items()
                      if isinstance(value, triton.JITFunction)}
     assert jit_functions == {"_uniform_units", "_box_muller", "_dot_bf16", "_regen_kernel",
-                             "_uniform_kernel"}, "compile any new jit function here too"
+                             "_uniform_kernel", "_lora_merge_kernel"}, (
+        "compile any new jit function here too")
     target = GPUTarget("cuda", 90, 32)
     ptx = []
     for theta, aligned, gather, precision in ((tk.THETA0_UNIFORM, True, False, "bf16x3"),
@@ -362,6 +363,16 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
                                             "bound": "fp32", "BLOCK": "constexpr"},
                        constexprs={"BLOCK": 64})
     ptx.append(triton.compile(source, target=target, options={"num_warps": 1}).asm["ptx"])
+    # The lora merge rounds every product and sum: no fused multiply-add (§6.3's bits).
+    source = ASTSource(tk._lora_merge_kernel, {
+        "out_ptr": "*bf16", "b_ptr": "*bf16", "a_ptr": "*fp32", "base_ptr": "*bf16",
+        **dict.fromkeys(("rows", "cols", "rank", "stride_out", "stride_b", "stride_a",
+                         "stride_base"), "i32"), "scale": "fp32",
+        **dict.fromkeys(("HAS_BASE", "BLOCK_R", "BLOCK_C"), "constexpr")},
+        constexprs={"HAS_BASE": True, "BLOCK_R": 16, "BLOCK_C": 32})
+    merge = triton.compile(source, target=target, options={"num_warps": 1,
+                                                           "enable_fp_fusion": False})
+    assert "mul.rn.f32" in merge.asm["ptx"] and "fma.rn.f32" not in merge.asm["ptx"]
     approximate = re.compile(r"\b(?:sqrt|rsqrt|lg2|ex2|sin|cos)\.approx")
     assert not any(approximate.search(text) for text in ptx)
     assert "sqrt.rn.f32" in ptx[1]
@@ -466,3 +477,78 @@ def test_one_launch_per_batch_covers_many_members(tmp_path: Path) -> None:
     # One launch per group: 2 dtypes x 3 kinds, Philox kinds split by block alignment.
     assert len(out["launches"]) <= 2 * (1 + 2 + 2) and sum(out["launches"]) == len(sizes)
     _compare_files({str(path): out["tensors"]})
+
+
+_MERGE_CHILD = """
+import sys
+import torch
+from mcnc_format.engine import triton_kernels as tk
+from mcnc_format.api import load
+
+cases = torch.load(sys.argv[1])
+for case in cases:
+    tk.lora_merge(case["out"], case["b"], case["a"], case["scale"], case["base"])
+boxes = {"w": (slice(3, 50), slice(7, 40)), "v": (slice(None), slice(1, None))}
+files = {"whole": load(sys.argv[3], "cpu", use_triton=True),
+         "boxes": load(sys.argv[3], "cpu", use_triton=True, boxes=boxes, names=list(boxes))}
+torch.save({"cases": cases, "files": files}, sys.argv[2])
+"""
+
+
+def test_lora_merge_kernel_equals_the_torch_merge(tmp_path: Path) -> None:
+    """The one-pass merge kernel gives ``fused.lora_merge``'s bits: ranks 1 to 24, bases of
+    every float dtype (a column view too) or none, factors in bf16 and f32; and a lora file
+    loaded through the kernels matches the torch path, its boxes the whole bit for bit."""
+    from safetensors.torch import save_file
+
+    from mcnc_format import MCNC, LoRA, Segment, Theta0
+    from mcnc_format.engine.fused import lora_merge
+    from mcnc_format.reader import tensor_sha256
+
+    g = torch.Generator().manual_seed(SEED)
+    cases, wants = [], []
+    for rank, base_dtype, factor in ((1, torch.float32, torch.float32),
+                                     (3, torch.bfloat16, torch.bfloat16),
+                                     (16, torch.float64, torch.bfloat16),
+                                     (24, None, torch.float32), (5, torch.float16, torch.float32)):
+        b = torch.randn(37, rank, generator=g).to(factor)
+        a = torch.randn(rank, 150, generator=g).to(factor)
+        base = (None if base_dtype is None
+                else torch.randn(37, 170, generator=g).to(base_dtype)[:, 20:])
+        scale = float(torch.rand((), generator=g)) * 4 - 2
+        want = torch.empty(37, 150)
+        lora_merge(want, b, a, scale, base, 1 << 10)
+        wants.append(want)
+        cases.append({"out": torch.full((37, 150), float("nan")), "b": b, "a": a,
+                      "scale": scale, "base": base})
+    spec = GeneratorSpec(k=4, d=64, hidden=(16,), seed=SEED % 2**32)
+
+    def segment(chunks: int) -> Segment:
+        return Segment(spec, torch.rand(chunks, 1, 4, generator=g) * 2 - 1,
+                       torch.randn(chunks, 1, generator=g) * 0.3)
+
+    base = torch.randn(60, 48, generator=g).to(torch.bfloat16)
+    save_file({"w": base}, str(tmp_path / "base.safetensors"))
+    path = tmp_path / "lora.mcnc"
+    mf.save(path, {
+        "w": LoRA(MCNC(segment(6), (8, 48)), MCNC(segment(8), (60, 8)), 0.75, torch.float32,
+                  Theta0.external("base.safetensors", "w", tensor_sha256(base))),
+        "v": LoRA(MCNC(segment(2), (4, 30)), MCNC(segment(2), (20, 4)), -1.5, torch.float32,
+                  Theta0.uniform(0.1, 5, 6)),
+    })
+    inputs, result = tmp_path / "merge.pt", tmp_path / "merged.pt"
+    torch.save(cases, inputs)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _MERGE_CHILD, str(inputs), str(result),
+                           str(path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = torch.load(result)
+    for case, want in zip(out["cases"], wants, strict=True):
+        assert torch.equal(case["out"].view(torch.int32), want.view(torch.int32))
+    _compare_files({str(path): out["files"]["whole"]})  # the factors' products may differ
+    whole = out["files"]["whole"]
+    for name, box in {"w": (slice(3, 50), slice(7, 40)), "v": (slice(None), slice(1, None))
+                      }.items():
+        want = whole[name][box].contiguous()
+        assert torch.equal(out["files"]["boxes"][name].view(torch.int32),
+                           want.view(torch.int32)), name

@@ -565,8 +565,9 @@ class Executor:
 
     def _merge(self, step: MergeStep, engine: CopyEngine, outputs: dict[int, _Output]) -> None:
         """``theta0 + scale * (B @ A)`` of a lora box (§6.3), in place into its storage where
-        the staged base already lies (``lora_merge``: row blocks, each element's arithmetic
-        the same in any box)."""
+        the staged base already lies: ``fused.lora_merge`` (row blocks, each element's
+        arithmetic the same in any box) or, with the kernels, the same arithmetic in one
+        launch (``triton_kernels.lora_merge``)."""
         t, target = step.tensor, step.target
         a_state, b_state = outputs.pop(id(step.a)), outputs.pop(id(step.b))
         state = outputs[id(target)]
@@ -583,10 +584,14 @@ class Executor:
             assert t.theta0 is not None
             base = self._theta0(t.theta0, t.shape, Piece(target, 0, target.numel), None)
             base = base.view(rows, cols) if base is not None else None
-        lora_merge(out, b_state.tensor.view(step.b.box.lengths),
-                   a_state.tensor.view(step.a.box.lengths), float(t.scale or 0.0), base,
-                   MERGE_BLOCK_ELEMENTS if self.device.type == "cpu"
-                   else DEVICE_MERGE_BLOCK_ELEMENTS)
+        b = b_state.tensor.view(step.b.box.lengths)
+        a = a_state.tensor.view(step.a.box.lengths)
+        scale = float(t.scale or 0.0)
+        if self.kernels is not None and target.dtype in self.kernels.KERNEL_DTYPES and len(a):
+            self.kernels.lora_merge(out, b, a, scale, base)  # the same bits, one pass
+        else:
+            lora_merge(out, b, a, scale, base, MERGE_BLOCK_ELEMENTS if self.device.type == "cpu"
+                       else DEVICE_MERGE_BLOCK_ELEMENTS)
         state.base = None
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "fused_regenerate",
     "kernel_precision",
     "kernel_theta0",
+    "lora_merge",
     "philox_uniform",
     "regenerate_members",
 ]
@@ -261,6 +262,61 @@ def _uniform_kernel(out_ptr, n, key, bound, BLOCK: tl.constexpr):
     words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK,))
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + index, _uniform_units(words) * bound, mask=index < n)
+
+
+@triton.jit
+def _lora_merge_kernel(
+    out_ptr, b_ptr, a_ptr, base_ptr, rows, cols, rank, scale,
+    stride_out, stride_b, stride_a, stride_base,
+    HAS_BASE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # ``fused.lora_merge``'s arithmetic in one pass: the rank-1 terms summed in index order,
+    # each product and sum rounded to float32 (launched without FMA contraction), the scale,
+    # the base rounded to float32, one cast.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = r < rows
+    c_ok = c < cols
+    r64 = r.to(tl.int64)
+    b_row = b_ptr + r64 * stride_b
+    acc = (tl.load(b_row, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+           * tl.load(a_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :])
+    for j in range(1, rank):
+        b_j = tl.load(b_row + j, mask=r_ok, other=0.0).to(tl.float32)
+        a_j = tl.load(a_ptr + j * stride_a + c, mask=c_ok, other=0.0).to(tl.float32)
+        acc = acc + b_j[:, None] * a_j[None, :]
+    acc = acc * scale
+    mask = r_ok[:, None] & c_ok[None, :]
+    if HAS_BASE:
+        base = tl.load(base_ptr + r64[:, None] * stride_base + c[None, :], mask=mask, other=0.0)
+        acc = acc + base.to(tl.float32)
+    tl.store(out_ptr + r64[:, None] * stride_out + c[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+#: Tile of the lora merge: (rows, columns, warps).
+MERGE_TILE = (32, 128, 4)
+
+
+def lora_merge(out: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float,
+               base: torch.Tensor | None) -> None:
+    """``fused.lora_merge`` (``out = base + scale * (B @ A)``, §6.3) in one launch: every
+    element's bits equal the torch version's, which needs as many passes over ``out`` as
+    ``2 r + 3``. ``out [rows, cols]`` in one of ``KERNEL_DTYPES`` with unit column stride;
+    ``b [rows, r]``, ``a [r, cols]`` contiguous, of any float dtype (read as float32);
+    ``base`` (``None`` for zeros) of any float dtype with unit column stride. ``r >= 1``."""
+    rows, cols = out.shape
+    if out.numel() == 0:
+        return
+    b, a = b.contiguous(), a.contiguous()
+    block_r, block_c, num_warps = MERGE_TILE
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    _lora_merge_kernel[grid](
+        out, b, a, base if base is not None else out, rows, cols, a.shape[0], scale,
+        out.stride(0), b.stride(0), a.stride(0), base.stride(0) if base is not None else 0,
+        HAS_BASE=base is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        enable_fp_fusion=False,
+    )
 
 
 def compiled() -> bool:
