@@ -314,7 +314,7 @@ _REGEN_SIGNATURE = {
     "out_ptr": "*bf16", "base_ptr": "*fp64", "rows_ptr": "*i64", "tiles_ptr": "*i64",
     "ints_ptr": "*i64", "floats_ptr": "*fp32", "K": "i32", "stride_left": "i32", "d": "i32",
     **dict.fromkeys(("HAS_BIAS", "THETA", "ALIGNED", "GATHER", "BLOCK_C", "BLOCK_D", "BLOCK_K",
-                     "PRECISION", "COMPILED"), "constexpr"),
+                     "PRECISION", "COMPILED", "VEC"), "constexpr"),
 }
 
 
@@ -347,18 +347,23 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
                                               (tk.THETA0_DENSE, False, False, "tf32x3")):
         constants = {"HAS_BIAS": True, "THETA": theta, "ALIGNED": aligned, "GATHER": gather,
                      "BLOCK_C": 16, "BLOCK_D": 16, "BLOCK_K": 16, "PRECISION": precision,
-                     "COMPILED": True}
+                     "COMPILED": True, "VEC": 1}
         weights = "*bf16" if precision == "bf16x3" else "*fp32"
         signature = dict(_REGEN_SIGNATURE, w_ptr=weights, w_lo_ptr=weights)
         source = ASTSource(tk._regen_kernel, signature, constexprs=constants)
         ptx.append(triton.compile(source, target=target, options={"num_warps": 1}).asm["ptx"])
     # The default tile with split products: Hopper's warpgroup tensor-core instructions.
-    constants = {"HAS_BIAS": True, "THETA": tk.THETA0_UNIFORM, "ALIGNED": True, "GATHER": False,
-                 "BLOCK_C": tk.DEFAULT_TILE[0], "BLOCK_D": tk.DEFAULT_TILE[1], "BLOCK_K": 32,
-                 "PRECISION": "bf16x3", "COMPILED": True}
-    source = ASTSource(tk._regen_kernel, _REGEN_SIGNATURE, constexprs=constants)
-    hopper = triton.compile(source, target=target, options={"num_warps": tk.DEFAULT_TILE[2]})
-    assert "wgmma" in hopper.asm["ptx"]
+    # Aligned members (VEC = 8 bf16 values) are stored 16 bytes at a time, others value by value.
+    for vec, store in ((8, "st.global.v4.b32"), (1, "st.global.b16")):
+        constants = {"HAS_BIAS": True, "THETA": tk.THETA0_UNIFORM, "ALIGNED": True,
+                     "GATHER": False, "BLOCK_C": tk.DEFAULT_TILE[0],
+                     "BLOCK_D": tk.DEFAULT_TILE[1], "BLOCK_K": 32, "PRECISION": "bf16x3",
+                     "COMPILED": True, "VEC": vec}
+        source = ASTSource(tk._regen_kernel, _REGEN_SIGNATURE, constexprs=constants)
+        hopper = triton.compile(source, target=target, options={"num_warps": tk.DEFAULT_TILE[2]})
+        assert "wgmma" in hopper.asm["ptx"]
+        stores = set(re.findall(r"st\.global[.\w]*", hopper.asm["ptx"]))
+        assert stores == {store}, (vec, stores)
     source = ASTSource(tk._uniform_kernel, {"out_ptr": "*fp32", "n": "i32", "key": "i64",
                                             "bound": "fp32", "BLOCK": "constexpr"},
                        constexprs={"BLOCK": 64})
@@ -446,13 +451,15 @@ torch.save({"tensors": got, "launches": launches}, sys.argv[2])
 
 def test_one_launch_per_batch_covers_many_members(tmp_path: Path) -> None:
     """A batch whose chunks hold many members (starting mid-chunk, several per chunk, Philox
-    keys with the top bit set) costs one launch per output dtype and theta0 evaluation, not
-    one per member, and each member's values match the torch path."""
+    keys with the top bit set) costs one launch per output dtype, theta0 evaluation and vector
+    width, not one per member, and each member's values match the torch path."""
     from mcnc_format import MCNC, Segment, Theta0
 
     g = torch.Generator().manual_seed(SEED)
     spec = GeneratorSpec(k=4, d=64, hidden=(16,), seed=SEED)
-    sizes = [int(n) for n in torch.randint(5, 150, (30,), generator=g)]
+    # Sizes of whole vectors (8 values), then three that shift the rest off that alignment.
+    sizes = [8 * int(n) for n in torch.randint(1, 20, (27,), generator=g)]
+    sizes += [int(n) for n in torch.randint(1, 150, (3,), generator=g)]
     sizes.append(-sum(sizes) % (8 * spec.d) + 8 * spec.d)  # whole row tiles: one batch
     chunks = sum(sizes) // spec.d
     seg = Segment(spec, torch.rand(chunks, 1, 4, generator=g) * 2 - 1,
@@ -474,8 +481,9 @@ def test_one_launch_per_batch_covers_many_members(tmp_path: Path) -> None:
     with mf.open(path) as f:
         options = mf.LoadOptions(workspace_bytes=1 << 26, use_triton=True)
         assert len(f.plan(f.requests(), "cpu", options).steps) == 1, "one batch"
-    # One launch per group: 2 dtypes x 3 kinds, Philox kinds split by block alignment.
-    assert len(out["launches"]) <= 2 * (1 + 2 + 2) and sum(out["launches"]) == len(sizes)
+    # One launch per group: of the aligned members, 2 dtypes x 3 kinds, Philox kinds split by
+    # block alignment; the last four may each need a group of their own (vector width).
+    assert len(out["launches"]) <= 2 * (1 + 2 + 2) + 4 and sum(out["launches"]) == len(sizes)
     _compare_files({str(path): out["tensors"]})
 
 

@@ -162,7 +162,7 @@ def _regen_kernel(
     floats_ptr, K, stride_left, d,
     HAS_BIAS: tl.constexpr, THETA: tl.constexpr, ALIGNED: tl.constexpr, GATHER: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, COMPILED: tl.constexpr,
+    PRECISION: tl.constexpr, COMPILED: tl.constexpr, VEC: tl.constexpr,
 ):
     # One launch covers every member of a batch that shares the output dtype and theta0
     # evaluation: program ``pid`` takes row tile ``pid // tiles_d`` of the tile table (its
@@ -210,10 +210,23 @@ def _regen_kernel(
         b_out = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         acc += csum[:, None] * b_out[None, :]
 
-    # Output index of each row's value ``pid_d * BLOCK_D``.
+    # Output index of each row's value ``pid_d * BLOCK_D``; the values of a row this member
+    # holds are those from ``lo`` to ``hi`` (it may start or end inside the chunk, or the
+    # row may end inside the tile). With ``VEC`` > 1 every member's storage, start, size and
+    # ``d`` are multiples of ``VEC`` values: told to the compiler, runs of ``VEC`` values are
+    # stored (and a base read) as one vector.
     row_start = first_local + (r64 - row0) * d + pid_d * BLOCK_D
-    local = row_start[:, None] + tl.arange(0, BLOCK_D)[None, :]
-    mask = row_ok[:, None] & col_ok[None, :] & (local >= 0) & (local < numel)
+    width = d.to(tl.int64) - pid_d * BLOCK_D
+    if VEC > 1:
+        row_start = tl.multiple_of(row_start, VEC)
+        numel = tl.multiple_of(numel, VEC)
+        width = tl.multiple_of(width, VEC)
+        dest = tl.multiple_of(dest, VEC * out_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    lo = tl.maximum(-row_start, 0)
+    hi = tl.minimum(numel - row_start, width)
+    j = tl.arange(0, BLOCK_D)
+    local = row_start[:, None] + j[None, :]
+    mask = row_ok[:, None] & (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])
     # The tensor's element index of each value, which keys its Philox draw (§8): the output
     # may be a box starting at element ``theta_first`` of the tensor, or (GATHER) rows of
     # chunks that are not consecutive, each starting at element ``rows_ptr[r]``.
@@ -250,6 +263,8 @@ def _regen_kernel(
         acc += z * tl.load(floats + _STD) + tl.load(floats + _MEAN)
     elif THETA == 3:
         base = tl.load(ints + _BASE).to(base_ptr.dtype, bitcast=True)
+        if VEC > 1:
+            base = tl.multiple_of(base, VEC * base_ptr.dtype.element_ty.primitive_bitwidth // 8)
         acc += tl.load(base + local, mask=mask, other=0.0).to(tl.float32)
     tl.store(dest + local, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -440,9 +455,10 @@ def regenerate_members(
         if job.dest.numel() and job.row1 > job.row0:
             aligned = _aligned(job.theta0, [job.first_local + job.theta_first], d)
             base = job.theta0.base.dtype if job.theta0.base is not None else None
-            groups.setdefault((job.dest.dtype, job.theta0.kind, aligned, base), []).append(job)
-    for (_, _, aligned, _), group in groups.items():
-        _launch(left, stacked, has_bias, group, aligned, precision, tile, split, None)
+            key = (job.dest.dtype, job.theta0.kind, aligned, base, _vector_width(job, d))
+            groups.setdefault(key, []).append(job)
+    for (_, _, aligned, _, vec), group in groups.items():
+        _launch(left, stacked, has_bias, group, aligned, vec, precision, tile, split, None)
 
 
 def fused_regenerate(
@@ -473,7 +489,8 @@ def fused_regenerate(
     if theta0.base is not None:
         raise ValueError("row_elements keys Philox draws; a dense base is indexed like dest")
     aligned = _aligned(theta0, row_elements.tolist(), stacked.shape[1])
-    _launch(left, stacked, has_bias, [job], aligned, precision, tile, split, row_elements)
+    _launch(left, stacked, has_bias, [job], aligned, _vector_width(job, stacked.shape[1]),
+            precision, tile, split, row_elements)
 
 
 def _aligned(theta0: KernelTheta0, starts: list[int], d: int) -> bool:
@@ -484,11 +501,28 @@ def _aligned(theta0: KernelTheta0, starts: list[int], d: int) -> bool:
         x % per_block == 0 for x in starts)
 
 
+def _vector_width(job: MemberJob, d: int) -> int:
+    """The most consecutive values (a power of two, at most 16 bytes of output) that the
+    kernel may store as one vector for ``job``: its rows of ``d`` values, its start, its size
+    and its storage's (and base's) address must all be multiples of it."""
+    size = job.dest.element_size()
+    base = job.theta0.base
+    vec = 16 // size
+    while vec > 1 and not (
+            d % vec == 0 and job.first_local % vec == 0 and job.dest.numel() % vec == 0
+            and job.dest.data_ptr() % (vec * size) == 0
+            and (base is None or base.data_ptr() % (vec * base.element_size()) == 0)):
+        vec //= 2
+    return vec
+
+
 def _launch(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
-            jobs: list[MemberJob], aligned: bool, precision: str, tile: tuple[int, int, int],
+            jobs: list[MemberJob], aligned: bool, vec: int, precision: str,
+            tile: tuple[int, int, int],
             split: tuple[torch.Tensor, torch.Tensor] | None,
             row_elements: torch.Tensor | None) -> None:
-    """One launch over ``jobs`` (one output dtype and theta0 evaluation). The member table,
+    """One launch over ``jobs`` (one output dtype, theta0 evaluation and vector width
+    ``vec``). The member table,
     the tile table and any per-row elements go to the device in one copy from pinned memory
     (asynchronous: no host synchronisation)."""
     d = stacked.shape[1]
@@ -525,5 +559,5 @@ def _launch(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
         HAS_BIAS=has_bias, THETA=first.theta0.kind, ALIGNED=aligned,
         GATHER=row_elements is not None, BLOCK_C=block_c, BLOCK_D=block_d,
         BLOCK_K=min(64, max(16, triton.next_power_of_2(k_main))), PRECISION=precision,
-        COMPILED=compiled(), num_warps=num_warps,
+        COMPILED=compiled(), VEC=vec, num_warps=num_warps,
     )
