@@ -180,10 +180,21 @@ def _regen_kernel(
     first_local = tl.load(ints + _FIRST_LOCAL)
     numel = tl.load(ints + _NUMEL)
     r = tl.load(tiles_ptr + 2 * pid_c + 1) + tl.arange(0, BLOCK_C)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = r < tl.load(ints + _ROW1)
-    col_ok = cols < d
     r64 = r.to(tl.int64)
+    # With ``VEC`` > 1 every member's storage, start, size and ``d`` are multiples of ``VEC``
+    # values: told to the compiler, runs of ``VEC`` values are loaded and stored as vectors
+    # (masks are then uniform over each run: bounds per row, not comparisons per element).
+    d64 = d.to(tl.int64)
+    width = d64 - pid_d * BLOCK_D  # values of each row from this tile on
+    if VEC > 1:
+        d64 = tl.multiple_of(d64, VEC)
+        width = tl.multiple_of(width, VEC)
+        numel = tl.multiple_of(numel, VEC)
+        dest = tl.multiple_of(dest, VEC * out_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    j = tl.arange(0, BLOCK_D)
+    cols = pid_d * BLOCK_D + j
+    col_ok = j < width
 
     acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -191,7 +202,7 @@ def _regen_kernel(
         k_ok = kk < K
         a = tl.load(left_ptr + r64[:, None] * stride_left + kk[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_at = kk[:, None].to(tl.int64) * d + cols[None, :]
+        w_at = kk[:, None].to(tl.int64) * d64 + cols[None, :]
         w_ok = k_ok[:, None] & col_ok[None, :]
         w = tl.load(w_ptr + w_at, mask=w_ok, other=0.0)
         if PRECISION == "bf16x3":
@@ -212,19 +223,12 @@ def _regen_kernel(
 
     # Output index of each row's value ``pid_d * BLOCK_D``; the values of a row this member
     # holds are those from ``lo`` to ``hi`` (it may start or end inside the chunk, or the
-    # row may end inside the tile). With ``VEC`` > 1 every member's storage, start, size and
-    # ``d`` are multiples of ``VEC`` values: told to the compiler, runs of ``VEC`` values are
-    # stored (and a base read) as one vector.
-    row_start = first_local + (r64 - row0) * d + pid_d * BLOCK_D
-    width = d.to(tl.int64) - pid_d * BLOCK_D
+    # row may end inside the tile).
+    row_start = first_local + (r64 - row0) * d64 + pid_d * BLOCK_D
     if VEC > 1:
         row_start = tl.multiple_of(row_start, VEC)
-        numel = tl.multiple_of(numel, VEC)
-        width = tl.multiple_of(width, VEC)
-        dest = tl.multiple_of(dest, VEC * out_ptr.dtype.element_ty.primitive_bitwidth // 8)
     lo = tl.maximum(-row_start, 0)
     hi = tl.minimum(numel - row_start, width)
-    j = tl.arange(0, BLOCK_D)
     local = row_start[:, None] + j[None, :]
     mask = row_ok[:, None] & (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])
     # The tensor's element index of each value, which keys its Philox draw (§8): the output
