@@ -294,3 +294,54 @@ def test_the_lora_benchmark_runs(tmp_path: Path) -> None:
     assert "merged/base" in run.stdout, run.stdout
     result = json.loads(out.read_text())
     assert result["cached"]["ratio"] > 0 and result["full"]["merged_s"] > 0
+
+
+def test_a_failed_allocation_leaves_the_pin_check_to_the_next_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load that runs out of memory while allocating a base's staging buffer (a bf16 base
+    under a float32 lora output) ends the pin check it had begun: the next load on the same
+    open file checks the base again and finishes, instead of waiting for a verdict that
+    would never come."""
+    import threading
+
+    g = torch.Generator().manual_seed(SEED)
+    path, _ = _adapter(tmp_path, g, torch.bfloat16, 4)
+    want = mf.load(path)["q_f32"]
+    real = SyncCopyEngine.device_empty
+    failures = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+
+    def flaky(self: SyncCopyEngine, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if failures:
+            raise failures.pop()
+        return real(self, shape, dtype)
+
+    monkeypatch.setattr(SyncCopyEngine, "device_empty", flaky)
+    with mf.MCNCFile(path, verify="full") as f:
+        with pytest.raises(mf.DeviceMemoryError):
+            f.get_tensor("q_f32")
+        got: dict[str, torch.Tensor] = {}
+        retry = threading.Thread(target=lambda: got.setdefault("q", f.get_tensor("q_f32")),
+                                 daemon=True)
+        retry.start()
+        retry.join(60)
+        assert not retry.is_alive(), "the retry waits for a pin check that never ends"
+    assert torch.equal(got["q"], want)
+
+
+def test_closing_the_file_ends_a_pin_check_left_unfinished(tmp_path: Path) -> None:
+    """A base being hashed as it is read, when the file is closed before all of it was fed
+    (a stream left unfinished): the pieces fed are released and the verdict says the check
+    did not finish, so a load's clean-up waiting on them ends."""
+    g = torch.Generator().manual_seed(SEED)
+    path, base = _adapter(tmp_path, g, torch.bfloat16, 4)
+    f = mf.MCNCFile(path, verify="full")
+    t = f.entry("q")
+    read = f.theta0.dense_read(t.theta0, t.shape, 0, base["q"].numel(), "q")
+    assert read.hash is not None
+    half = memoryview(bytearray(read.nbytes // 2))
+    read.read(0, half)
+    piece = read.hash.feed(half)
+    f.close()
+    piece.result(timeout=30)
+    with pytest.raises(mf.MCNCError, match="before all of its bytes were hashed"):
+        read.hash.verdict.result(timeout=30)

@@ -338,10 +338,11 @@ class Executor:
         tensor is hashed from those bytes on the way (R75)."""
         assert isinstance(entry, DENSE_THETA0)
         read = self.file.theta0.dense_read(entry, shape, first, stop, f"{target.name}.theta0")
-        into = (state.tensor if read.dtype == target.dtype and stop - first == target.numel
-                and target.box.contiguous else None)
-        tensor = into if into is not None else engine.device_empty((stop - first,), read.dtype)
-        try:
+        try:  # whatever fails (the buffer's allocation too) ends the streamed pin check
+            into = (state.tensor if read.dtype == target.dtype and stop - first == target.numel
+                    and target.box.contiguous else None)
+            tensor = into if into is not None else engine.device_empty((stop - first,),
+                                                                       read.dtype)
             marker = ring.stream(read.nbytes, tensor.view(torch.uint8), read.read,
                                  read.hash.feed if read.hash is not None else None)
         except BaseException:

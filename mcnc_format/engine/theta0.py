@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ class Theta0Source:
         self.digests = digests or DigestCache()
         self._references: dict[tuple[str, str], _Reference] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._hashes: weakref.WeakSet[StreamHash] = weakref.WeakSet()  # fed as bytes pass
 
     # -- dense kinds ---------------------------------------------------------------------
     def dense_dtype(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...]
@@ -129,8 +131,8 @@ class Theta0Source:
         """The stored bytes of elements ``[start, stop)`` of a blob or external theta0, read
         into memory of their own."""
         read = self.dense_read(entry, shape, start, stop, label)
-        data = memoryview(bytearray(read.nbytes))
-        try:
+        try:  # whatever fails (the allocation too) ends the streamed pin check
+            data = memoryview(bytearray(read.nbytes))
             read.read(0, data)
         except BaseException:
             read.abort()
@@ -218,6 +220,7 @@ class Theta0Source:
 
         hasher = StreamHash(self._workers(), reference.entry.nbytes, judge, aborted)
         reference.check = hasher.verdict
+        self._hashes.add(hasher)
         return hasher
 
     def _judge(self, reference: _Reference) -> Callable[[str], None] | None:
@@ -273,6 +276,12 @@ class Theta0Source:
         return prng_values_at(entry, shape, elements, f"{self.label}: {label}")
 
     def close(self) -> None:
+        """Release the bases and the workers. A hash still being fed (a load left unfinished)
+        is aborted first: its queued pieces are released and its verdict says the check did
+        not finish, so whatever still waits on them (a load's clean-up) does not wait on
+        workers that are gone."""
+        for hasher in list(self._hashes):
+            hasher.abort()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -564,4 +564,7 @@ def _launch(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
         GATHER=row_elements is not None, BLOCK_C=block_c, BLOCK_D=block_d,
         BLOCK_K=min(64, max(16, triton.next_power_of_2(k_main))), PRECISION=precision,
         COMPILED=compiled(), VEC=vec, num_warps=num_warps,
+        # FMA contraction as measured (§10.1 allows it in the output layer), named so the
+        # kernel's bits do not change with Triton's default (off from Triton 3.10).
+        enable_fp_fusion=True,
     )
