@@ -449,7 +449,7 @@ torch.save({"tensors": got, "launches": launches}, sys.argv[2])
 """
 
 
-def test_one_launch_per_batch_covers_many_members(tmp_path: Path) -> None:
+def test_one_launch_per_batch_covers_many_members_interpreted(tmp_path: Path) -> None:
     """A batch whose chunks hold many members (starting mid-chunk, several per chunk, Philox
     keys with the top bit set) costs one launch per output dtype, theta0 evaluation and vector
     width, not one per member, and each member's values match the torch path."""
@@ -503,7 +503,7 @@ torch.save({"cases": cases, "files": files}, sys.argv[2])
 """
 
 
-def test_lora_merge_kernel_equals_the_torch_merge(tmp_path: Path) -> None:
+def test_lora_merge_kernel_interpreted_equals_the_torch_merge(tmp_path: Path) -> None:
     """The one-pass merge kernel gives ``fused.lora_merge``'s bits: ranks 1 to 24, bases of
     every float dtype (a column view too) or none, factors in bf16 and f32; and a lora file
     loaded through the kernels matches the torch path, its boxes the whole bit for bit."""
@@ -560,3 +560,25 @@ def test_lora_merge_kernel_equals_the_torch_merge(tmp_path: Path) -> None:
         want = whole[name][box].contiguous()
         assert torch.equal(out["files"]["boxes"][name].view(torch.int32),
                            want.view(torch.int32)), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lora_merge_kernel_compiled_equals_the_torch_merge() -> None:
+    """Compiled, the merge kernel rounds to nearest where the interpreter truncates: on the
+    device its bits equal the torch merge's for every output dtype the kernel stores."""
+    from mcnc_format.engine import triton_kernels as tk
+    from mcnc_format.engine.fused import lora_merge
+
+    g = torch.Generator().manual_seed(SEED)
+    for out_dtype in tk.KERNEL_DTYPES:
+        for base_dtype in (torch.bfloat16, torch.float64, None):
+            b = torch.randn(300, 16, generator=g).to(torch.bfloat16).cuda()
+            a = torch.randn(16, 520, generator=g).cuda()
+            base = (None if base_dtype is None
+                    else torch.randn(300, 530, generator=g).to(base_dtype).cuda()[:, 7:527])
+            want = torch.empty(300, 520, dtype=out_dtype, device="cuda")
+            lora_merge(want, b, a, -0.37, base, 1 << 16)
+            got = torch.empty_like(want)
+            tk.lora_merge(got, b, a, -0.37, base)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (
+                out_dtype, base_dtype)
