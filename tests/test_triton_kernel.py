@@ -67,7 +67,14 @@ cut = {n: (slice(1, None), slice(1, None)) for n, t in files[first].items()
        if t.dim() == 2 and min(t.shape) > 1}
 got = load(first, "cpu", use_triton=True, workspace_bytes=4096, boxes=cut, names=list(cut))
 boxes = {n: (files[first][n][cut[n]], got[n]) for n in cut}
-torch.save({"kernel": outputs, "files": files, "draws": draws, "boxes": boxes}, sys.argv[2])
+# theta0 drawn by the kernel (the adapter bank's rebuilds on a GPU) and by torch.
+from mcnc_format.engine.theta0 import prng_values
+from mcnc_format.header import FanInUniformTheta0, UniformTheta0
+entries = [UniformTheta0(seed=2**32 - 3, stream=7, bound=0.1), FanInUniformTheta0(5, 2**31 + 9)]
+theta0 = [(prng_values(e, (16, 300), 0, 4800, "cpu", "t", tk), prng_values(e, (16, 300), 0, 4800,
+                                                                    "cpu", "t")) for e in entries]
+torch.save({"kernel": outputs, "files": files, "draws": draws, "boxes": boxes,
+            "theta0": theta0}, sys.argv[2])
 """
 
 
@@ -303,6 +310,8 @@ def test_kernel_interpreted(tmp_path: Path) -> None:
         _check_against_eager(case, buffer)
     _compare_files(out["files"])
     _check_draws(draws, out["draws"])
+    for drawn, reference_draw in out["theta0"]:
+        assert torch.equal(drawn, reference_draw)
     assert out["boxes"], "the mixed file has matrices"
     for name, (whole, box) in out["boxes"].items():  # the kernel's boxes, bit for bit
         assert torch.equal(box.contiguous().view(torch.uint8),

@@ -51,12 +51,22 @@ from .source import BlobStore
 from .staging import CopyEngine, CudaCopyEngine, StagingRing, SyncCopyEngine, to_device_async
 from .theta0 import DENSE_THETA0, Theta0Source
 
-__all__ = ["Executor", "OpenFile", "triton_available"]
+__all__ = ["Executor", "OpenFile", "default_kernels", "triton_available"]
 
 
 def triton_available() -> bool:
     """Whether the optional ``mcnc-format[gpu]`` extra (Triton) is importable."""
     return importlib.util.find_spec("triton") is not None
+
+
+def default_kernels(device: torch.device) -> ModuleType | None:
+    """The Triton kernels (``triton_kernels``) where work uses them unless told otherwise: on
+    CUDA devices, when Triton is installed."""
+    if device.type == "cuda" and triton_available():
+        from . import triton_kernels
+
+        return triton_kernels
+    return None
 
 
 class OpenFile(Protocol):
@@ -98,7 +108,7 @@ class Executor:
     def _kernels(self) -> ModuleType | None:
         use = self.options.use_triton
         if use is None:
-            use = self.device.type == "cuda" and triton_available()
+            return default_kernels(self.device)
         if not use:
             return None
         if not triton_available():

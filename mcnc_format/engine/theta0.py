@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -291,9 +292,12 @@ class Theta0Source:
 
 
 def prng_values(entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-                device: torch.device | str, label: str) -> torch.Tensor | None:
+                device: torch.device | str, label: str, kernels: ModuleType | None = None
+                ) -> torch.Tensor | None:
     """Float32 values of a zeros or PRNG theta0 (§7.1, §7.2, §8) for elements ``start ..
-    start + count - 1``; ``None`` for zeros."""
+    start + count - 1``; ``None`` for zeros. ``kernels`` (``triton_kernels``): a uniform
+    draw from element 0 takes one launch (the same bits; torch's Philox takes many small
+    launches on a GPU)."""
     if isinstance(entry, ZerosTheta0):
         return None
     if isinstance(entry, NormalTheta0):
@@ -301,6 +305,9 @@ def prng_values(entry: Theta0Entry, shape: tuple[int, ...], start: int, count: i
                              entry)
     bound = _bound(entry, shape, label)  # a kind this reader does not know raises here
     assert isinstance(entry, PRNGTheta0)
+    if kernels is not None and start == 0:
+        return kernels.philox_uniform(entry.seed, entry.stream, count, philox.round_to_f32(
+            bound), torch.device(device))
     return philox.uniform_signed(entry.seed, entry.stream, start, count, bound, device)
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..dtypes import to_torch
+from ..engine.execute import default_kernels
 from ..engine.fused import FusedGenerator
 from ..engine.members import MemberRun, rebuild_members
 from ..engine.theta0 import prng_values
@@ -109,7 +110,7 @@ class ResidentAdapter:
         if isinstance(factor.theta0, torch.Tensor):
             return factor.theta0
         return prng_values(factor.theta0, factor.shape, 0, math.prod(factor.shape), device,
-                           factor.label)
+                           factor.label, default_kernels(device))
 
 
 class _Reader:
