@@ -82,6 +82,13 @@ with torch.no_grad():
     for name in bank_in["cycle"]:
         logits = tight(bank_in["short"], adapters=[name] * len(bank_in["short"])).logits
         out["cycle"].append((logits, tight.stats().cached, tight.stats().slab_bytes))
+    # Factors given out, then evicted: "b" takes the slots of "a" while "c" keeps the slabs.
+    pair = bank(sum(a.nbytes + b.nbytes for n in "ac" for a, b, _ in out["factors"][n].values()))
+    pair.factors("c")
+    out["kept"] = ("a", pair.factors("a"))
+    pair.factors("c")
+    pair(bank_in["short"], adapters=["b"] * len(bank_in["short"]))
+    assert pair.stats().cached == ("c", "b"), pair.stats().cached
 refusals = {}
 try:
     roomy(bank_in["tokens"], adapters=bank_in["rows"])  # grad enabled: the base's params
@@ -144,6 +151,8 @@ def _cases() -> list[dict[str, Any]]:
          [("p", 8, f16, both), ("q", 4, f32, both), ("r", 4, f16, second)],
          ["r", "q", "p", None, "q"], 2, 1),
         ("one row, one adapter, many tokens", f32, [("p", 4, f32, both)], ["p"], 1, 37),
+        ("ranks beyond one block of ranks (a partial second block)", f32,
+         [("p", 80, f32, both), ("q", 3, f32, first)], ["p", "q", "p"], 1, 2),
     ]
     cases = []
     for label, out_dtype, ops, rows, repeat, tokens in specs:
@@ -294,7 +303,9 @@ def test_bank_interpreted_equals_the_torch_route_and_merged_models(served, inter
         beams = torch_bank.generate(bank_in["prompts"], adapters=bank_in["beam_rows"],
                                     **bank_in["generate"])
         assert torch.equal(out["beams"], beams), SEED
-        for name, factors in out["factors"].items():  # slab views: the reader's bits
+        # The factors the bank gave out, the reader's bits, also those kept while their
+        # slots went to other adapters.
+        for name, factors in [*out["factors"].items(), out["kept"]]:
             with mf.open(bank_in["files"][name]) as f:
                 for module, (a, b, scale) in factors.items():
                     want_a, want_b, want_scale = f.get_lora_factors(f"{module}.weight")
@@ -324,6 +335,22 @@ def test_the_triton_route_is_refused_where_it_cannot_run(monkeypatch):
     assert AdapterBank(base, device="cpu", factor_cache_bytes=1).stats().slab_bytes == 0
 
 
+def test_the_triton_route_refuses_layers_off_the_bank_device():
+    """Triton launches on the current device: a layer whose input or output is elsewhere than
+    the bank's factors (a model sharded across devices) is refused, not launched."""
+    from mcnc_format.serving.route import TritonRouting
+    from mcnc_format.serving.slab import FactorSlabs
+
+    g = torch.Generator().manual_seed(SEED)
+    slabs = FactorSlabs()
+    slabs.put("p", _factors(4, torch.float32, ("0",), g))
+    hook = TritonRouting(["p"], slabs, torch.device("cpu")).hook("0")
+    layer = torch.nn.Linear(DIMS[0], DIMS[1])
+    x = torch.randn(1, DIMS[0], device="meta")
+    with torch.no_grad(), pytest.raises(UsageError, match="bank's device"):
+        hook(layer, (x,), torch.empty(1, DIMS[1], device="meta"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kernels_compiled_equal_the_torch_route():
     for case in _cases():
@@ -350,8 +377,11 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
     assert jit_functions == {"_dot", "_shrink_kernel", "_expand_kernel"}, (
         "compile any new jit function here too")
     target = GPUTarget("cuda", 90, 32)
-    for factor, out in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
-        blocks = {"BLOCK_M": sgmv.BLOCK_M, "BLOCK_R": 16, "PRECISION": sgmv._precision(
+    # Any rank runs in blocks of at most sgmv._BLOCK_R ranks: the largest block's shared
+    # memory fits the smallest GPUs' (about 99 KB on L4, L40S, A10).
+    for (factor, out), block_r in zip((("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")),
+                                      (sgmv._BLOCK_R, 16, sgmv._BLOCK_R), strict=True):
+        blocks = {"BLOCK_M": sgmv.BLOCK_M, "BLOCK_R": block_r, "PRECISION": sgmv._precision(
             getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[factor])),
             "UPCAST": False}
         common = {"rows_ptr": "*i32", "tiles_ptr": "*i32", "r_max": "i32",
@@ -365,5 +395,6 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
             "out_ptr": f"*{out}", "out_features": "i32", "stride_out": "i32",
             "BLOCK_N": "constexpr", **common}, constexprs={**blocks, "BLOCK_N": 64})
         for source in (shrink, expand):
-            ptx = triton.compile(source, target=target, options={"num_warps": 4}).asm["ptx"]
-            assert ("mma" in ptx) == (factor != "fp32"), (factor, out)
+            kernel = triton.compile(source, target=target, options={"num_warps": 4})
+            assert ("mma" in kernel.asm["ptx"]) == (factor != "fp32"), (factor, out)
+            assert kernel.metadata.shared <= 99 << 10, (factor, block_r, kernel.metadata.shared)

@@ -134,7 +134,8 @@ class AdapterBank:
     def prepare(self, names: Sequence[str | None]) -> dict[str, Factors]:
         """Rebuild the factors of ``names`` (``None`` ignored) that the cache lacks, evicting
         the least recently used others to stay within ``factor_cache_bytes``; returns them
-        (with ``Route.TRITON``, views of the slabs)."""
+        (with ``Route.TRITON``, views of the slabs, valid until the bank's next call: a later
+        adapter may reuse their slots. ``factors`` returns copies)."""
         return {name: self._cached(name) for name in self._fill(names)}
 
     def _fill(self, names: Sequence[str | None]) -> list[str]:
@@ -178,8 +179,13 @@ class AdapterBank:
         return entry[1]
 
     def factors(self, name: str) -> Factors:
-        """Adapter ``name``'s factors ``{module: (A, B, scale)}``, rebuilt if not cached."""
-        return self.prepare([name])[name]
+        """Adapter ``name``'s factors ``{module: (A, B, scale)}``, rebuilt if not cached: the
+        caller's to keep (with ``Route.TRITON``, copied out of the slabs, whose slots later
+        adapters reuse)."""
+        factors = self.prepare([name])[name]
+        if self.route is Route.TRITON:
+            factors = {m: (a.clone(), b.clone(), scale) for m, (a, b, scale) in factors.items()}
+        return factors
 
     def stats(self) -> BankStats:
         generator_bytes = sum(_generator_bytes(g) for g in self._generators.values())

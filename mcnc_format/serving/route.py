@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.staging import to_device_async
 from ..errors import MCNCError, UsageError
 from .adapter import Factors
 from .slab import SLAB_DTYPES, FactorSlabs, Slab
@@ -174,7 +175,8 @@ class TritonRouting(Routing):
             starts = [0]
             for part in parts:
                 starts.append(starts[-1] + part.numel())
-            self._rows[key] = (torch.cat(parts).to(self.device, torch.int32), starts)
+            self._rows[key] = (to_device_async(torch.cat(parts).to(torch.int32), self.device),
+                               starts)
         return self._rows[key]
 
     def tiles(self, rows: int, tokens: int, slab: Slab) -> torch.Tensor:
@@ -187,8 +189,8 @@ class TritonRouting(Routing):
             table = [(p, min(block, stop - p), slot)
                      for slot, start, stop in zip(slots, starts[:-1], starts[1:], strict=True)
                      if slot >= 0 for p in range(start, stop, block)]
-            self._tiles[key] = torch.tensor(table, dtype=torch.int32).reshape(-1, 3).to(
-                self.device)
+            self._tiles[key] = to_device_async(
+                torch.tensor(table, dtype=torch.int32).reshape(-1, 3), self.device)
         return self._tiles[key]
 
     def hook(self, module_name: str) -> Hook:
@@ -203,6 +205,10 @@ class TritonRouting(Routing):
             if output.dtype not in SLAB_DTYPES:
                 raise UsageError(f"Route.TRITON writes outputs of {list(SLAB_DTYPES)}, "
                                  f"{module_name!r} returns {output.dtype}: use Route.TORCH")
+            if not x.device == output.device == self.device:
+                raise UsageError(f"{module_name!r} runs on {output.device} with its input on "
+                                 f"{x.device}, the bank's factors are on {self.device}: the "
+                                 "adapted layers must run on the bank's device")
             rows = x.shape[0]
             flat_x = x.reshape(-1, x.shape[-1])
             if flat_x.stride(1) != 1:

@@ -9,9 +9,9 @@ zeros) and ``scale [slots]``. A *tile table* cuts the segments into tiles of at 
 Two launches add every segment's low-rank path to the base output, whatever the number of
 adapters:
 
-- ``shrink`` (grid: tiles): ``y[p] = cast_f(cast_f(x[rows[p]]) @ A[slot].T)``, the input
-  cast to the factor dtype ``f``, products accumulated in float32, ``y [positions, r_max]``
-  rounded to ``f`` as ``F.linear`` rounds its output;
+- ``shrink`` (grid: tiles x blocks of ranks): ``y[p] = cast_f(cast_f(x[rows[p]]) @
+  A[slot].T)``, the input cast to the factor dtype ``f``, products accumulated in float32,
+  ``y [positions, r_max]`` rounded to ``f`` as ``F.linear`` rounds its output;
 - ``expand`` (grid: tiles x output tiles): ``out[rows[p]] = cast_o(out + cast_o(cast_f(
   cast_f(y[p] @ B[slot].T) * scale)))``, the rounding steps of the torch route
   (``F.linear``, ``* scale``, ``.to(out.dtype)``, ``+=``) with ``o`` the output dtype.
@@ -28,6 +28,8 @@ smallest tile.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -38,6 +40,10 @@ __all__ = ["BLOCK_M", "compiled", "sgmv"]
 BLOCK_M = 16
 _BLOCK_K = 64  # input features per step of shrink
 _BLOCK_N = 64  # output features per program of expand
+#: Ranks per block: shrink programs take one block of ranks each, expand loops over them,
+#: so shared memory stays bounded whatever the rank (a 512-rank float32 tile of a whole
+#: rank would not fit an H200's 227 KB).
+_BLOCK_R = 64
 
 
 @triton.jit
@@ -64,7 +70,7 @@ def _shrink_kernel(
     m = tl.arange(0, BLOCK_M)
     m_ok = m < count
     rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
-    rank = tl.arange(0, BLOCK_R)
+    rank = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's ranks
     r_ok = rank < r_max
     a_base = a_ptr + slot * r_max * features
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -96,17 +102,21 @@ def _expand_kernel(
     m = tl.arange(0, BLOCK_M)
     m_ok = m < count
     n_ok = n < out_features
-    rank = tl.arange(0, BLOCK_R)
-    r_ok = rank < r_max
     position = (start + m).to(tl.int64)
-    y = tl.load(y_ptr + position[:, None] * r_max + rank[None, :],
-                mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    b = tl.load(b_ptr + slot * out_features * r_max + n[None, :].to(tl.int64) * r_max
-                + rank[:, None], mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # B.T
-    product = _dot(y, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION,
-                   UPCAST).to(b.dtype)
+    b_base = b_ptr + slot * out_features * r_max + n[None, :].to(tl.int64) * r_max
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, r_max, BLOCK_R):  # ranks in blocks: shared memory stays bounded
+        rank = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rank < r_max
+        y = tl.load(y_ptr + position[:, None] * r_max + rank[None, :],
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        b = tl.load(b_base + rank[:, None], mask=r_ok[:, None] & n_ok[None, :],
+                    other=0.0)  # B.T
+        acc = _dot(y, b, acc, PRECISION, UPCAST)
+    product = acc.to(b_ptr.dtype.element_ty)
     scale = tl.load(scale_ptr + slot)
-    delta = (product.to(tl.float32) * scale).to(b.dtype).to(out_ptr.dtype.element_ty)
+    delta = (product.to(tl.float32) * scale).to(b_ptr.dtype.element_ty).to(
+        out_ptr.dtype.element_ty)
     rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
     where = out_ptr + rows[:, None] * stride_out + n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
@@ -139,14 +149,16 @@ def sgmv(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         return
     _, r_max, features = a.shape
     out_features = b.shape[1]
-    block_r = max(16, triton.next_power_of_2(r_max))
+    block_r = min(_BLOCK_R, max(16, triton.next_power_of_2(r_max)))
     precision = _precision(a.dtype)
     y = torch.empty(rows.shape[0], r_max, dtype=a.dtype, device=out.device)
-    _shrink_kernel[(n_tiles,)](
-        x, a, y, rows, tiles, features, r_max, x.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=_BLOCK_K, PRECISION=precision,
-        UPCAST=not compiled())
-    _expand_kernel[(n_tiles, triton.cdiv(out_features, _BLOCK_N))](
-        y, b, scale, out, rows, tiles, out_features, r_max, out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=_BLOCK_N, PRECISION=precision,
-        UPCAST=not compiled())
+    # Triton launches on the current device and stream: make them the tensors' device's.
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _shrink_kernel[(n_tiles, triton.cdiv(r_max, block_r))](
+            x, a, y, rows, tiles, features, r_max, x.stride(0),
+            BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=_BLOCK_K, PRECISION=precision,
+            UPCAST=not compiled())
+        _expand_kernel[(n_tiles, triton.cdiv(out_features, _BLOCK_N))](
+            y, b, scale, out, rows, tiles, out_features, r_max, out.stride(0),
+            BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=_BLOCK_N, PRECISION=precision,
+            UPCAST=not compiled())
