@@ -7,6 +7,7 @@ single-process checks (``no_dist``, the errors) run in the test process.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -86,7 +87,8 @@ def test_no_dist_fills_plain_and_meta_models_bit_for_bit(model_file: Path) -> No
     for name, value in model.state_dict().items():
         assert torch.equal(value, want[name]), name
     assert reader.stats.engine_calls == 1  # one box per tensor: one engine load
-    assert reader.stats.chunks_regenerated == file_chunks(mf.open(model_file))
+    with mf.open(model_file) as f:
+        assert reader.stats.chunks_regenerated == file_chunks(f)
 
     with torch.device("meta"):
         meta = TinyLM()
@@ -106,6 +108,8 @@ def test_cast_rebuilds_floats_in_the_state_dicts_dtype(model_file: Path) -> None
 
 
 def test_a_state_dict_that_differs_from_the_file_is_a_usage_error(model_file: Path) -> None:
+    open_before = set(_descriptors_of(model_file))
+
     def state() -> dict[str, torch.Tensor]:
         return dict(TinyLM().state_dict())
 
@@ -145,6 +149,21 @@ def test_a_state_dict_that_differs_from_the_file_is_a_usage_error(model_file: Pa
         no_dist(extra, MCNCStorageReader(model_file), planner=MCNCLoadPlanner())
     (error, _), = wrapped.value.failures.values()
     assert isinstance(error, UsageError) and error.tensor == "layers.2.up.weight"
+    # Failed in the reader, in the planner (between the reader's steps), or abandoned: no
+    # descriptor of the file stays open.
+    assert set(_descriptors_of(model_file)) <= open_before
+
+
+def _descriptors_of(path: Path) -> list[str]:
+    """This process's open file descriptors on ``path``."""
+    target = os.path.realpath(path)
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == target:
+                found.append(fd.name)
+    return found
 
 
 def test_checkpoint_ids_and_the_core_stays_free_of_torch_distributed(model_file: Path) -> None:

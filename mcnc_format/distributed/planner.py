@@ -106,6 +106,4 @@ def load(state_dict: dict[str, Any], path: str | os.PathLike[str], *, strict: bo
         if ours:
             raise ours[0] from exc
         raise
-    finally:
-        reader.close()
     return reader.stats

@@ -15,8 +15,9 @@ external theta0) its boxes cover.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -84,11 +85,9 @@ class MCNCStorageReader(StorageReader):
         self.resolver = resolver
         self.stats = ReadStats()
         self.is_coordinator = False
-        self._file: MCNCFile | None = None
 
     # -- DCP's protocol ----------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        self.close()
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
         self.stats = ReadStats()
@@ -101,7 +100,9 @@ class MCNCStorageReader(StorageReader):
         """Every tensor of the file as one chunk of its whole shape (tensors of an encoding
         this reader does not know are left out: they cannot be read, R46)."""
         declared: dict[str, Any] = {}
-        for t in self.file().header.tensors:
+        with self._opened() as f:
+            tensors = f.header.tensors
+        for t in tensors:
             if not t.known:
                 continue
             shape = torch.Size(t.shape)
@@ -125,51 +126,46 @@ class MCNCStorageReader(StorageReader):
         default) ranks on this machine then find the record in the digest cache and read only
         their boxes of the base, never all of it."""
         wanted = {item.storage_index.fqn for plan in plans for item in plan.items}
-        self.file().check_references([t.name for t in self.file().header.tensors
-                                      if t.name in wanted])
-        if self.strict:
-            unread = [t.name for t in self.file().header.tensors
-                      if t.known and t.numel > 0 and t.name not in wanted]
-            if unread:
-                raise UsageError(
-                    f"{len(unread)} tensors of the file are not in the state dict: "
-                    f"{unread[:5]}{'...' if len(unread) > 5 else ''}. Build the model from "
-                    "the file's config, or pass strict=False to load the tensors both hold",
-                    path=self.path, tensor=unread[0])
+        with self._opened() as f:
+            f.check_references([t.name for t in f.header.tensors if t.name in wanted])
+            if self.strict:
+                unread = [t.name for t in f.header.tensors
+                          if t.known and t.numel > 0 and t.name not in wanted]
+                if unread:
+                    raise UsageError(
+                        f"{len(unread)} tensors of the file are not in the state dict: "
+                        f"{unread[:5]}{'...' if len(unread) > 5 else ''}. Build the model "
+                        "from the file's config, or pass strict=False to load the tensors "
+                        "both hold", path=self.path, tensor=unread[0])
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
         """Rebuild this rank's boxes: every destination is checked first, then the boxes on
         one device in one output dtype go to the engine together (a tensor with several
         boxes on this rank takes one load per further box)."""
-        f = self.file()
-        work = [(item, planner.resolve_tensor(item).detach()) for item in plan.items]
-        groups: dict[tuple[torch.device, torch.dtype | None], list[Work]] = {}
-        for item, dest in work:
-            groups.setdefault(self._output(f, item, dest), []).append((item, dest))
         stats = ReadStats()
         try:
-            for (device, dtype), group in groups.items():
-                for round_ in _one_box_per_tensor(group):
-                    self._read(f, round_, device, dtype, planner, stats)
+            with self._opened() as f:
+                work = [(item, planner.resolve_tensor(item).detach()) for item in plan.items]
+                groups: dict[tuple[torch.device, torch.dtype | None], list[Work]] = {}
+                for item, dest in work:
+                    groups.setdefault(self._output(f, item, dest), []).append((item, dest))
+                for (device, dtype), group in groups.items():
+                    for round_ in _one_box_per_tensor(group):
+                        self._read(f, round_, device, dtype, planner, stats)
         finally:
             self.stats = stats
-            self.close()
         done: torch.futures.Future[None] = torch.futures.Future()
         done.set_result(None)
         return done
 
     # -- the rest ----------------------------------------------------------------------------
-    def file(self) -> MCNCFile:
-        """The open file (opened on first use; ``read_data`` closes it when done)."""
-        if self._file is None:
-            self._file = api.open(self.path, verify=self.options.verify, resolver=self.resolver)
-        return self._file
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator[MCNCFile]:
+        """The file for one step of DCP's protocol, closed when the step ends: between steps
+        (where a planner may fail, or the load be abandoned) nothing stays open."""
+        with api.open(self.path, verify=self.options.verify, resolver=self.resolver) as f:
+            yield f
 
     def _output(self, f: MCNCFile, item: ReadItem, dest: torch.Tensor
                 ) -> tuple[torch.device, torch.dtype | None]:
