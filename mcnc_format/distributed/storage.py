@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from .. import api
 from ..dtypes import to_torch
 from ..engine.box import Box
-from ..engine.options import LoadOptions, Progress
+from ..engine.options import LoadOptions, Progress, Verify
 from ..engine.resolve import Resolver
 from ..errors import UsageError
 from ..reader import MCNCFile
@@ -85,12 +85,14 @@ class MCNCStorageReader(StorageReader):
         self.resolver = resolver
         self.stats = ReadStats()
         self.is_coordinator = False
+        self._pins_checked = False  # by this reader's prepare_global_plan, in this load
 
     # -- DCP's protocol ----------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
         self.stats = ReadStats()
+        self._pins_checked = False
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -137,6 +139,7 @@ class MCNCStorageReader(StorageReader):
                         f"{unread[:5]}{'...' if len(unread) > 5 else ''}. Build the model "
                         "from the file's config, or pass strict=False to load the tensors "
                         "both hold", path=self.path, tensor=unread[0])
+        self._pins_checked = True
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
@@ -144,8 +147,12 @@ class MCNCStorageReader(StorageReader):
         one device in one output dtype go to the engine together (a tensor with several
         boxes on this rank takes one load per further box)."""
         stats = ReadStats()
+        # The pins this reader checked in prepare_global_plan, moments ago, are in the digest
+        # cache (a changed or replaced base is not): Verify.FULL need not hash them again.
+        verify = (Verify.CACHED if self._pins_checked and self.options.verify is Verify.FULL
+                  else self.options.verify)
         try:
-            with self._opened() as f:
+            with self._opened(verify) as f:
                 work = [(item, planner.resolve_tensor(item).detach()) for item in plan.items]
                 groups: dict[tuple[torch.device, torch.dtype | None], list[Work]] = {}
                 for item, dest in work:
@@ -161,10 +168,11 @@ class MCNCStorageReader(StorageReader):
 
     # -- the rest ----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _opened(self) -> Iterator[MCNCFile]:
+    def _opened(self, verify: Verify | None = None) -> Iterator[MCNCFile]:
         """The file for one step of DCP's protocol, closed when the step ends: between steps
         (where a planner may fail, or the load be abandoned) nothing stays open."""
-        with api.open(self.path, verify=self.options.verify, resolver=self.resolver) as f:
+        with api.open(self.path, verify=verify or self.options.verify,
+                      resolver=self.resolver) as f:
             yield f
 
     def _output(self, f: MCNCFile, item: ReadItem, dest: torch.Tensor
