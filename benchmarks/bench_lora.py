@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mcnc_format as mcnc
+from mcnc_format import hostmem
 from mcnc_format.converters.pack import pack
 from mcnc_format.engine.execute import triton_available
 from mcnc_format.engine.fused import MERGE_BLOCK_ELEMENTS, lora_merge
@@ -96,7 +97,9 @@ def base_alone(adapter: Path, verify: str, device: torch.device) -> dict[str, to
             assert isinstance(t, LoRATensor) and t.theta0 is not None
             numel = t.A.shape[1] * t.B.shape[0]
             read = f.theta0.dense_read(t.theta0, t.shape, 0, numel, name)  # type: ignore[arg-type]
-            tensor = engine.output_empty(t.shape, read.dtype)
+            # Allocated as the executor allocates outputs (pre-faulted huge pages on the CPU).
+            tensor = (hostmem.zeros(numel, read.dtype).view(t.shape) if device.type == "cpu"
+                      else engine.output_empty(t.shape, read.dtype))
             engine.wait_compute(ring.stream(read.nbytes, tensor.view(torch.uint8).reshape(-1),
                                             read.read, read.hash.feed if read.hash else None))
             # As the executor does: a tensor is handed out once its pin holds, after the next

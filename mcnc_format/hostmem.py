@@ -1,7 +1,8 @@
 """Large zero-filled CPU output buffers, backed by transparent huge pages and pre-faulted.
 
-Regeneration writes every output value once, so for a freshly allocated tensor the kernel's
-page faults, one per 4 KiB page, cost as much as the arithmetic (measured on a 2-core EPYC:
+Regeneration (and a base read straight into its output) writes every output value once, so
+for a freshly allocated tensor the kernel's page faults, one per 4 KiB page, cost as much as
+the arithmetic (measured on a 2-core EPYC:
 80 MB filled in 48 ms from ``torch.empty``, 7 ms when reused). An anonymous mapping advised
 with ``MADV_HUGEPAGE`` faults in 2 MiB pages instead, and ``MADV_POPULATE_WRITE`` (Linux 5.14)
 has the kernel fault them all in one call (about 13 ms for 80 MB), before the matrix product's
@@ -18,20 +19,20 @@ import mmap
 
 import torch
 
-__all__ = ["HUGE_PAGE_MIN_BYTES", "zeros_float32"]
+__all__ = ["HUGE_PAGE_MIN_BYTES", "zeros"]
 
 HUGE_PAGE_MIN_BYTES = 8 << 20
 # Linux's value; Python's mmap module names it only from 3.13 on.
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
-def zeros_float32(numel: int) -> torch.Tensor:
-    """A zero-filled float32 CPU tensor; at least ``HUGE_PAGE_MIN_BYTES`` big, it lives in its
-    own huge-page-advised, pre-faulted mapping, released when the tensor (and its views) are
-    freed."""
-    nbytes = numel * 4
+def zeros(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A zero-filled CPU tensor of ``dtype``; at least ``HUGE_PAGE_MIN_BYTES`` big, it lives
+    in its own huge-page-advised, pre-faulted mapping, released when the tensor (and its
+    views) are freed."""
+    nbytes = numel * dtype.itemsize
     if nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):  # e.g. Windows
-        return torch.zeros(numel, dtype=torch.float32)
+        return torch.zeros(numel, dtype=dtype)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         # Kernels without transparent huge pages, or older than 5.14, refuse: no harm done.
@@ -39,4 +40,4 @@ def zeros_float32(numel: int) -> torch.Tensor:
             region.madvise(mmap.MADV_HUGEPAGE)
         with contextlib.suppress(OSError):
             region.madvise(_MADV_POPULATE_WRITE)
-    return torch.frombuffer(region, dtype=torch.float32, count=numel)
+    return torch.frombuffer(region, dtype=dtype, count=numel)

@@ -7,25 +7,27 @@ import gc
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 import mcnc_format as mf
 from mcnc_format.engine.fused import FusedGenerator
-from mcnc_format.hostmem import HUGE_PAGE_MIN_BYTES, zeros_float32
+from mcnc_format.hostmem import HUGE_PAGE_MIN_BYTES, zeros
 
 
-def test_large_buffer_is_writable_and_outlives_its_first_view() -> None:
-    numel = HUGE_PAGE_MIN_BYTES // 4 + 123
-    values = torch.randn(numel)
-    buffer = zeros_float32(numel)
-    assert buffer.dtype == torch.float32 and buffer.shape == (numel,)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_large_buffer_is_writable_and_outlives_its_first_view(dtype: torch.dtype) -> None:
+    numel = HUGE_PAGE_MIN_BYTES // dtype.itemsize + 123
+    values = torch.randn(numel).to(dtype)
+    buffer = zeros(numel, dtype)
+    assert buffer.dtype == dtype and buffer.shape == (numel,)
     assert not buffer.any()
     buffer.copy_(values)
     view = buffer[7:].reshape(-1)
     del buffer
     gc.collect()
     assert torch.equal(view, values[7:])
-    assert torch.equal(zeros_float32(5), torch.zeros(5))
+    assert torch.equal(zeros(5, dtype), torch.zeros(5, dtype=dtype))
 
 
 def test_a_load_above_the_threshold_matches_the_fused_generator(tmp_path: Path) -> None:

@@ -206,16 +206,16 @@ def test_device_oom_is_reported_and_releases_everything(tmp_path: Path,
 
     path = mixed_file(tmp_path)
     allocated: list[weakref.ref[torch.Tensor]] = []
-    original = execute.zeros_float32
+    original = execute.hostmem.zeros
 
-    def failing(numel: int) -> torch.Tensor:
+    def failing(numel: int, dtype: torch.dtype) -> torch.Tensor:
         if len(allocated) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        tensor = original(numel)
+        tensor = original(numel, dtype)
         allocated.append(weakref.ref(tensor))
         return tensor
 
-    monkeypatch.setattr(execute, "zeros_float32", failing)
+    monkeypatch.setattr(execute.hostmem, "zeros", failing)
     with pytest.raises(DeviceMemoryError, match=r"after allocating \d+ bytes.*needs \d+ bytes"):
         load(path, "cpu", workspace_bytes=900)
     assert len(allocated) == 2

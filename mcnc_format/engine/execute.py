@@ -40,10 +40,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .. import hostmem
 from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError, MCNCError
 from ..header import Header, MemberEntry, Theta0Entry
-from ..hostmem import zeros_float32
 from .fused import DEVICE_MERGE_BLOCK_ELEMENTS, MERGE_BLOCK_ELEMENTS, FusedGenerator, lora_merge
 from .options import LoadOptions, Precision, Progress
 from .plan import BatchStep, DenseStep, EmptyStep, MergeStep, Piece, Plan, Step, Target
@@ -222,8 +222,8 @@ class Executor:
         state = outputs.get(id(target))
         if state is None:
             numel = target.numel
-            if self.device.type == "cpu" and target.dtype == torch.float32:
-                tensor, zero = zeros_float32(numel), True
+            if self.device.type == "cpu":
+                tensor, zero = hostmem.zeros(numel, target.dtype), True
             else:
                 tensor, zero = engine.output_empty((numel,), target.dtype), False
             self.allocated_bytes += target.nbytes
