@@ -1,10 +1,12 @@
-"""Shared pytest fixtures: the local Hub-protocol server for Hub tests, and a digest cache of
-each test's own (no test reads or writes the user's ``~/.cache``)."""
+"""Shared pytest fixtures: the local Hub-protocol server for Hub tests, a digest cache of
+each test's own (no test reads or writes the user's ``~/.cache``), and the hashes it records."""
 
 from pathlib import Path
 
 import pytest
 from hub_fixtures import hub  # noqa: F401  (re-exported pytest fixture)
+
+from mcnc_format.engine.digests import DigestCache
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +16,17 @@ def _own_cache_directory(tmp_path_factory: pytest.TempPathFactory,
     directory = tmp_path_factory.mktemp("xdg-cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(directory))
     return directory
+
+
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names recorded in the digest cache: one per successful hash."""
+    seen: list[str] = []
+    real = DigestCache.remember
+
+    def remember(self: DigestCache, identity: tuple, name: str, digest: str) -> None:
+        seen.append(name)
+        real(self, identity, name, digest)
+
+    monkeypatch.setattr(DigestCache, "remember", remember)
+    return seen

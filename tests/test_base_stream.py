@@ -23,7 +23,6 @@ from stream_helpers import SEED
 
 import mcnc_format as mf
 from mcnc_format import MCNC, GeneratorSpec, LoRA, Segment, Theta0
-from mcnc_format.engine.digests import DigestCache
 from mcnc_format.engine.execute import Executor
 from mcnc_format.engine.fused import lora_merge, lora_product
 from mcnc_format.engine.safetensors_source import SafetensorsFile
@@ -47,19 +46,6 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
                         lambda self: SyncCopyEngine(self.device, in_place=in_place))
     return request.param
 
-
-@pytest.fixture
-def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names recorded in the digest cache: one per successful hash."""
-    seen: list[str] = []
-    real = DigestCache.remember
-
-    def remember(self: DigestCache, identity: tuple, name: str, digest: str) -> None:
-        seen.append(name)
-        real(self, identity, name, digest)
-
-    monkeypatch.setattr(DigestCache, "remember", remember)
-    return seen
 
 
 def _base(directory: Path, g: torch.Generator) -> dict[str, torch.Tensor]:

@@ -14,26 +14,12 @@ from hub_fixtures import HubServer
 from stream_helpers import mixed_file
 
 import mcnc_format as mf
-from mcnc_format.engine.digests import DigestCache
 from mcnc_format.engine.safetensors_source import SafetensorsFile
 from mcnc_format.errors import ExternalReferenceDamaged
 
 #: The tensors of the mixed file with an external theta0.
 EXTERNAL = ["m2", "m5"]
 
-
-@pytest.fixture
-def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names recorded in the digest cache: one per successful hash."""
-    seen: list[str] = []
-    real = DigestCache.remember
-
-    def remember(self: DigestCache, identity: tuple, name: str, digest: str) -> None:
-        seen.append(name)
-        real(self, identity, name, digest)
-
-    monkeypatch.setattr(DigestCache, "remember", remember)
-    return seen
 
 
 def test_cached_hashes_a_base_once_per_file_identity(tmp_path: Path, hashes: list[str]) -> None:

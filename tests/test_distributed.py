@@ -295,28 +295,13 @@ def test_a_tied_model_loads_through_dcp(tmp_path: Path) -> None:
     assert torch.equal(fresh.model.embed_tokens.weight, mf.load(path)["model.embed_tokens.weight"])
 
 
-def test_full_verification_hashes_each_base_once_per_load(
-        model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_verification_hashes_each_base_once_per_load(model_file: Path,
+                                                        hashes: list[str]) -> None:
     """With ``Verify.FULL`` the coordinator hashes each external base in prepare_global_plan;
     its read_data, which opens the file again, finds that verdict in the digest cache rather
     than hashing the base a second time."""
-    from mcnc_format.engine.safetensors_source import SafetensorsFile
-    from mcnc_format.engine.sha256 import StreamHash
     from mcnc_format.header import ExternalTheta0
 
-    hashed: list[str] = []
-    whole, streamed = SafetensorsFile.sha256, StreamHash.__init__
-
-    def whole_hash(self: SafetensorsFile, *args: object) -> str:
-        hashed.append("whole")
-        return whole(self, *args)
-
-    def stream_hash(self: StreamHash, *args: object, **kwargs: object) -> None:
-        hashed.append("streamed")
-        streamed(self, *args, **kwargs)
-
-    monkeypatch.setattr(SafetensorsFile, "sha256", whole_hash)
-    monkeypatch.setattr(StreamHash, "__init__", stream_hash)
     with mf.open(model_file) as f:
         bases = {(e.uri, e.tensor) for t in f.header.tensors for e in t.theta0s()
                  if isinstance(e, ExternalTheta0)}
@@ -324,4 +309,4 @@ def test_full_verification_hashes_each_base_once_per_load(
     model = TinyLM()
     load(model.state_dict(), model_file, no_dist=True,
          options=mf.LoadOptions(verify=mf.Verify.FULL))
-    assert len(hashed) == len(bases), hashed
+    assert len(hashes) == len(bases), hashes
