@@ -59,7 +59,7 @@ from mcnc_format.errors import UsageError
 from mcnc_format.serving import AdapterBank, Route
 from test_serving_triton import run_case
 
-assert not __import__("mcnc_format.serving.sgmv", fromlist=["x"]).compiled()
+assert not __import__("mcnc_format.engine.triton_kernels", fromlist=["x"]).compiled()
 inputs = torch.load(sys.argv[1], weights_only=False)
 out = {"cases": [run_case(case, "cpu") for case in inputs["cases"]]}
 bank_in = inputs["bank"]
@@ -362,7 +362,7 @@ def test_kernels_compiled_equal_the_torch_route():
 def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Ahead-of-time compilation to sm_90 PTX (no GPU needed): what the interpreter accepts
-    compiled Triton may refuse, and the interpreter runs 16-bit products upcast (``UPCAST``),
+    compiled Triton may refuse, and the interpreter runs 16-bit products widened (``dot_f32``),
     so the compiled 16-bit path is only seen here: its products use tensor cores (``mma``),
     while float32 products stay IEEE FMA (no TF32 tensor-core product)."""
     import triton
@@ -374,7 +374,7 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))  # really compile
     jit_functions = {name for name, value in vars(sgmv).items()
                      if isinstance(value, triton.JITFunction)}
-    assert jit_functions == {"_dot", "_shrink_kernel", "_expand_kernel"}, (
+    assert jit_functions == {"dot_f32", "_shrink_kernel", "_expand_kernel"}, (
         "compile any new jit function here too")
     target = GPUTarget("cuda", 90, 32)
     # Any rank runs in blocks of at most sgmv._BLOCK_R ranks: the largest block's shared
@@ -383,7 +383,7 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
                                       (sgmv._BLOCK_R, 16, sgmv._BLOCK_R), strict=True):
         blocks = {"BLOCK_M": sgmv.BLOCK_M, "BLOCK_R": block_r, "PRECISION": sgmv._precision(
             getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[factor])),
-            "UPCAST": False}
+            "COMPILED": True}
         common = {"rows_ptr": "*i32", "tiles_ptr": "*i32", "r_max": "i32",
                   **dict.fromkeys(blocks, "constexpr")}
         shrink = ASTSource(sgmv._shrink_kernel, {

@@ -346,7 +346,7 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))  # really compile
     jit_functions = {name for name, value in vars(tk).items()
                      if isinstance(value, triton.JITFunction)}
-    assert jit_functions == {"_uniform_units", "_box_muller", "_dot_bf16", "_regen_kernel",
+    assert jit_functions == {"_uniform_units", "_box_muller", "dot_f32", "_regen_kernel",
                              "_uniform_kernel", "_lora_merge_kernel"}, (
         "compile any new jit function here too")
     target = GPUTarget("cuda", 90, 32)

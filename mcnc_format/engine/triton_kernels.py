@@ -61,6 +61,7 @@ __all__ = [
     "KernelTheta0",
     "MemberJob",
     "compiled",
+    "dot_f32",
     "draw_generator_weights",
     "fused_regenerate",
     "kernel_precision",
@@ -137,13 +138,14 @@ def _box_muller(xa, xb, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _dot_bf16(a, b, acc, COMPILED: tl.constexpr):
-    """``acc + a @ b`` for bfloat16 ``a``, ``b``: each product exact in the float32
-    accumulator. Triton 3.6's interpreter multiplies bfloat16 operands' raw bits, so there
-    they are widened first (the same exact products, the same float32 sums)."""
+def dot_f32(p, q, acc, PRECISION: tl.constexpr, COMPILED: tl.constexpr):
+    """``acc + p @ q`` accumulated in float32; ``PRECISION`` is ``tl.dot``'s for float32
+    operands (16-bit ones take the tensor cores' exact products). Triton's interpreter
+    multiplies 16-bit ``tl.dot`` operands' raw bits, so interpreted runs (not ``COMPILED``)
+    widen both operands first: the same exact products, the same float32 sums."""
     if COMPILED:
-        return tl.dot(a, b, acc)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(p, q, acc, input_precision=PRECISION)
+    return tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision="ieee")
 
 
 # The member table: per member an int64 row (``MemberJob.table_row``: storage and base
@@ -210,9 +212,9 @@ def _regen_kernel(
             a_hi = a.to(tl.bfloat16)
             a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
             w_lo = tl.load(w_lo_ptr + w_at, mask=w_ok, other=0.0)
-            acc = _dot_bf16(a_lo, w, acc, COMPILED)
-            acc = _dot_bf16(a_hi, w_lo, acc, COMPILED)
-            acc = _dot_bf16(a_hi, w, acc, COMPILED)
+            acc = dot_f32(a_lo, w, acc, None, COMPILED)
+            acc = dot_f32(a_hi, w_lo, acc, None, COMPILED)
+            acc = dot_f32(a_hi, w, acc, None, COMPILED)
         else:
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:

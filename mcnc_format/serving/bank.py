@@ -257,9 +257,9 @@ def _check_triton(device: torch.device) -> None:
     if not triton_available():
         raise UsageError("Route.TRITON needs Triton: pip install 'mcnc-format[gpu]', or use "
                          "Route.TORCH")
-    from . import sgmv
+    from ..engine import triton_kernels
 
-    if device.type != "cuda" and sgmv.compiled():
+    if device.type != "cuda" and triton_kernels.compiled():
         raise UsageError(f"Route.TRITON runs its kernels on CUDA devices, not {device}: use "
                          "Route.TORCH (TRITON_INTERPRET=1 interprets them anywhere, for tests)")
 

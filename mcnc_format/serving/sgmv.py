@@ -34,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_M", "compiled", "sgmv"]
+from ..engine.triton_kernels import compiled, dot_f32
+
+__all__ = ["BLOCK_M", "sgmv"]
 
 #: Rows per tile (``tl.dot`` needs at least 16).
 BLOCK_M = 16
@@ -47,21 +49,11 @@ _BLOCK_R = 64
 
 
 @triton.jit
-def _dot(p, q, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + p @ q`` in float32. ``UPCAST`` (the interpreter, whose ``tl.dot`` misreads
-    16-bit floats) multiplies float32 copies: exact products of 16-bit values, as tensor
-    cores form them, summed in float32."""
-    if UPCAST:
-        return tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(p, q, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, y_ptr, rows_ptr, tiles_ptr,
     features, r_max, stride_x,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, COMPILED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     start = tl.load(tiles_ptr + tile * 3)
@@ -81,7 +73,7 @@ def _shrink_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(a_base + rank[None, :] * features + k[:, None],
                     mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]: A.T
-        acc = _dot(x.to(a.dtype), a, acc, PRECISION, UPCAST)
+        acc = dot_f32(x.to(a.dtype), a, acc, PRECISION, COMPILED)
     position = (start + m).to(tl.int64)
     tl.store(y_ptr + position[:, None] * r_max + rank[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
@@ -92,7 +84,7 @@ def _expand_kernel(
     y_ptr, b_ptr, scale_ptr, out_ptr, rows_ptr, tiles_ptr,
     out_features, r_max, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, COMPILED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,7 +104,7 @@ def _expand_kernel(
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         b = tl.load(b_base + rank[:, None], mask=r_ok[:, None] & n_ok[None, :],
                     other=0.0)  # B.T
-        acc = _dot(y, b, acc, PRECISION, UPCAST)
+        acc = dot_f32(y, b, acc, PRECISION, COMPILED)
     product = acc.to(b_ptr.dtype.element_ty)
     scale = tl.load(scale_ptr + slot)
     delta = (product.to(tl.float32) * scale).to(b_ptr.dtype.element_ty).to(
@@ -123,11 +115,6 @@ def _expand_kernel(
     base = tl.load(where, mask=mask, other=0.0)
     tl.store(where, (base.to(tl.float32) + delta.to(tl.float32)).to(out_ptr.dtype.element_ty),
              mask=mask)
-
-
-def compiled() -> bool:
-    """Whether the kernels are compiled (``TRITON_INTERPRET=1`` at import interprets them)."""
-    return isinstance(_shrink_kernel, triton.JITFunction)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -157,8 +144,8 @@ def sgmv(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         _shrink_kernel[(n_tiles, triton.cdiv(r_max, block_r))](
             x, a, y, rows, tiles, features, r_max, x.stride(0),
             BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=_BLOCK_K, PRECISION=precision,
-            UPCAST=not compiled())
+            COMPILED=compiled())
         _expand_kernel[(n_tiles, triton.cdiv(out_features, _BLOCK_N))](
             y, b, scale, out, rows, tiles, out_features, r_max, out.stride(0),
             BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=_BLOCK_N, PRECISION=precision,
-            UPCAST=not compiled())
+            COMPILED=compiled())
