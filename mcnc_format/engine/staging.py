@@ -205,14 +205,14 @@ class StagingRing:
         return self.stream(len(view), dst, copy, observe)
 
     def stream(self, nbytes: int, dst: torch.Tensor, read: Reader,
-               observe: Observer | None = None, in_place: bool | None = None) -> object:
+               observe: Observer | None = None) -> object:
         """Fill ``dst`` (a contiguous uint8 device tensor of ``nbytes``) with the bytes
         ``read`` writes, a slot at a time; ``observe`` sees each piece in order. On an
         ``in_place`` engine the pieces are read into ``dst`` itself, and the marker returned
         is the observer's last work (compute waits for it before overwriting ``dst``)."""
         if dst.numel() != nbytes:
             raise ValueError(f"stream of {nbytes} bytes into a {dst.numel()}-byte tensor")
-        if self.engine.in_place if in_place is None else in_place:
+        if self.engine.in_place:
             return self._stream_in_place(nbytes, dst, read, observe)
         marker: object = None
         for start in range(0, nbytes, self.slot_bytes):
