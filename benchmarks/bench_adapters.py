@@ -264,9 +264,9 @@ def routes(device: torch.device) -> list[Route]:
     ``TRITON_INTERPRET=1``, a smoke run of the kernels' code path), else the torch route."""
     if not triton_available():
         return [Route.TORCH]
-    from mcnc_format.serving import sgmv
+    from mcnc_format.engine import triton_kernels
 
-    if device.type == "cuda" or not sgmv.compiled():
+    if device.type == "cuda" or not triton_kernels.compiled():
         return [Route.TORCH, Route.TRITON]
     return [Route.TORCH]
 
@@ -289,9 +289,9 @@ def bank_phase(base: torch.nn.Module, names: list[str], folder: Path, one: int,
     logits: dict[str, torch.Tensor] = {}
     result["prefill_seconds"] = {}
     if Route.TRITON in routes(device):
-        from mcnc_format.serving import sgmv
+        from mcnc_format.engine import triton_kernels
 
-        result["triton_interpreted"] = not sgmv.compiled()
+        result["triton_interpreted"] = not triton_kernels.compiled()
     for route in routes(device):
         bank = AdapterBank(base, device=device, factor_cache_bytes=one * len(names),
                            route=route)
