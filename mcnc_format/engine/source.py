@@ -13,9 +13,11 @@ of the file; large ones (dense tensors, stored theta0) are read per use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,39 +68,69 @@ def open_regular(path: Path, label: str, error: type[MCNCError] = MCNCError) -> 
 
 
 class FileSource:
-    """A file read by byte range. ``close()`` releases the descriptor."""
+    """A file read by byte range, shared by threads. ``close()`` releases the descriptor.
+
+    The descriptor is reference-counted: every read (and ``identity``) holds it for as long as
+    it uses it, and ``close()`` only marks the source closed; the last holder closes the
+    descriptor. A plain check-then-``pread`` would race ``close()``: the number freed there can
+    be reused by another ``open`` before the ``pread`` runs, which then returns *another
+    file's* bytes. Reads that begin after ``close()`` raise.
+    """
 
     def __init__(self, path: Path, label: str) -> None:
         self.path = path
         self.label = label
-        self.fd, self.size = open_regular(path, label)
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._closed = False
+        self._fd, self.size = open_regular(path, label)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[int]:
+        """The descriptor, kept open until the block ends (even if ``close()`` runs)."""
+        with self._lock:
+            if self._closed:
+                raise MCNCError(f"{self.label}: read from a closed file; open it again")
+            self._holders += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._closed and self._holders == 0:
+                    self._release()
 
     def read(self, offset: int, length: int, into: memoryview | None = None) -> memoryview:
         """Bytes ``[offset, offset + length)``, into ``into`` when given (its first
         ``length`` bytes). A file that ends early (it shrank while open) is damage. A large
-        range is read by several threads at once (``pread`` releases the GIL; from the page
-        cache one thread copies a few GB/s, several copy many times that)."""
-        if self.fd < 0:
-            raise MCNCError(f"{self.label}: read from a closed file")
-        buffer = into if into is not None else memoryview(bytearray(length))
-        count = min(_READER_THREADS, length // PARALLEL_PIECE_BYTES)
-        if count < 2:
-            self._read_into(buffer, offset, 0, length)
-        else:
-            piece = -(-length // count)
-            jobs = [_readers().submit(self._read_into, buffer, offset, start,
-                                      min(start + piece, length))
-                    for start in range(0, length, piece)]
-            for job in jobs:
-                job.result()
-        return buffer[:length]
+        range is read by several threads at once (``pread`` releases the GIL, so several
+        threads copy from the page cache faster than one)."""
+        with self._held() as fd:
+            buffer = into if into is not None else memoryview(bytearray(length))
+            count = min(_READER_THREADS, length // PARALLEL_PIECE_BYTES)
+            if count < 2:
+                self._read_into(fd, buffer, offset, 0, length)
+            else:
+                piece = -(-length // count)
+                jobs = [_readers().submit(self._read_into, fd, buffer, offset, start,
+                                          min(start + piece, length))
+                        for start in range(0, length, piece)]
+                for job in jobs:
+                    job.result()
+            return buffer[:length]
 
-    def _read_into(self, buffer: memoryview, offset: int, start: int, stop: int) -> None:
+    def _read_into(self, fd: int, buffer: memoryview, offset: int, start: int, stop: int
+                   ) -> None:
         """File bytes ``offset + start .. offset + stop`` into ``buffer[start:stop]``."""
         done = start
         while done < stop:
             try:
-                n = os.preadv(self.fd, [buffer[done:stop]], offset + done)
+                n = os.preadv(fd, [buffer[done:stop]], offset + done)
             except OSError as exc:
                 raise FormatError(f"{self.label}: cannot read bytes {offset + done} .. "
                                   f"{offset + stop}: {exc.strerror or exc}") from exc
@@ -111,12 +143,23 @@ class FileSource:
 
     def identity(self) -> FileIdentity:
         """What identifies the open file's contents (``engine/digests.py``)."""
-        return identity_of(self.fd)
+        with self._held() as fd:
+            return identity_of(fd)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Mark the source closed; the descriptor closes when no read holds it any more."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._holders == 0:
+                self._release()
+
+    def _release(self) -> None:
+        """Close the descriptor (the lock held, the source closed, no holder left)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class BlobStore:
