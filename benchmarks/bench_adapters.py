@@ -47,7 +47,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import mcnc_format as mcnc
 from mcnc_format.converters.peft_export import export_peft
-from mcnc_format.engine.execute import triton_available
+from mcnc_format.engine.backend import triton_available
 from mcnc_format.reader import tensor_sha256
 from mcnc_format.serving import AdapterBank, Route
 

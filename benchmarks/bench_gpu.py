@@ -50,7 +50,7 @@ import torch
 import mcnc_format as mf
 from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0, reference
 from mcnc_format.api import load
-from mcnc_format.engine.execute import triton_available
+from mcnc_format.engine.backend import triton_available
 from mcnc_format.engine.fused import FusedGenerator
 from mcnc_format.engine.options import Precision
 from mcnc_format.engine.safetensors_source import SafetensorsFile

@@ -47,7 +47,7 @@ from torch import nn
 import mcnc_format as mcnc
 from mcnc_format import hostmem
 from mcnc_format.converters.pack import pack
-from mcnc_format.engine.execute import triton_available
+from mcnc_format.engine.backend import triton_available
 from mcnc_format.engine.fused import MERGE_BLOCK_ELEMENTS, lora_merge
 from mcnc_format.engine.staging import CudaCopyEngine, StagingRing, SyncCopyEngine
 from mcnc_format.header import LoRATensor
@@ -96,7 +96,7 @@ def base_alone(adapter: Path, verify: str, device: torch.device) -> dict[str, to
             t = f.entry(name)
             assert isinstance(t, LoRATensor) and t.theta0 is not None
             numel = t.A.shape[1] * t.B.shape[0]
-            read = f.theta0.dense_read(t.theta0, t.shape, 0, numel, name)  # type: ignore[arg-type]
+            read = f.context.theta0.dense_read(t.theta0, t.shape, 0, numel, name)  # type: ignore[arg-type]
             # Allocated as the executor allocates outputs (pre-faulted huge pages on the CPU).
             tensor = (hostmem.zeros(numel, read.dtype).view(t.shape) if device.type == "cpu"
                       else engine.output_empty(t.shape, read.dtype))
@@ -114,7 +114,7 @@ def base_alone(adapter: Path, verify: str, device: torch.device) -> dict[str, to
 
 def _await(f: mcnc.MCNCFile, pending: list[tuple[str, Any]]) -> None:
     for _, entry in pending:
-        check = f.theta0.pending_check(entry)
+        check = f.context.theta0.pending_check(entry)
         if check is not None:
             check.result()
 

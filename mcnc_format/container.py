@@ -106,7 +106,8 @@ def _version_message(major: int, minor: int) -> str:
 
 def encode_header(header: Header) -> bytes:
     """Deterministic msgpack (§3, §11): sorted keys, float64 floats, smallest int forms."""
-    return msgpack.packb(header.to_dict(), use_bin_type=True, use_single_float=False)
+    packed: bytes = msgpack.packb(header.to_dict(), use_bin_type=True, use_single_float=False)
+    return packed
 
 
 #: A writer's attempts at compressing the header (§11): one zstd level each.
@@ -121,7 +122,8 @@ def header_level(msgpack_length: int, attempt: int) -> int:
     moving the data start across an alignment boundary (``_Layout._settle``)."""
     if msgpack_length <= 1 << 20:
         return HEADER_ZSTD_LEVEL - attempt
-    return (ZSTD_LEVEL, 2, 1, *range(4, HEADER_ZSTD_LEVEL + 1))[attempt]
+    levels: tuple[int, ...] = (ZSTD_LEVEL, 2, 1, *range(4, HEADER_ZSTD_LEVEL + 1))
+    return levels[attempt]
 
 
 def compress_header(msgpack_bytes: bytes, level: int) -> tuple[int, bytes]:

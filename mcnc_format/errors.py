@@ -29,6 +29,7 @@ __all__ = [
     "MCNCError",
     "MappingError",
     "ReparametrizeError",
+    "UnknownOptionError",
     "UnsafeCheckpointError",
     "UnsupportedFeatureError",
     "UnsupportedVersionError",
@@ -154,3 +155,8 @@ def _rebuild(cls: type[MCNCError], message: str, fields: dict[str, str | None]) 
 class UsageError(MCNCError, ValueError):
     """Raised when an argument cannot be honoured: a device that does not exist here, an
     output dtype that is not floating point, a box outside its tensor."""
+
+
+class UnknownOptionError(UsageError, TypeError):
+    """Raised when a keyword option is not one the call takes (a misspelling such as
+    ``devcie=``): also a ``TypeError``, as Python's own error for an unexpected keyword is."""

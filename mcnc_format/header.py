@@ -98,16 +98,18 @@ class _Map:
             raise self.error(key, f"expected {_names(kinds)}, got {_kind(value)}", rule="R10")
         return value
 
-    def uint(self, key: str, limit: int, default: Any = ..., rule: str = "R10") -> int:
-        value = self.get(key, int, default)
-        if value is default:
-            return value
+    def uint(self, key: str, limit: int, rule: str = "R10") -> int:
+        value: int = self.get(key, int)
         if not 0 <= value <= limit:
             raise self.error(key, f"expected an integer in [0, {limit}], got {value}", rule=rule)
         return value
 
+    def optional_uint(self, key: str, limit: int, rule: str = "R10") -> int | None:
+        """``uint`` of an optional field: ``None`` when absent."""
+        return self.uint(key, limit, rule) if key in self.value else None
+
     def finite(self, key: str, default: Any = ..., rule: str = "R71") -> float:
-        value = self.get(key, float, default)
+        value: float = self.get(key, float, default)
         if not math.isfinite(value):
             raise self.error(key, f"expected a finite number, got {value}", rule=rule)
         return value
@@ -128,7 +130,7 @@ class _Map:
         return tuple(dims)
 
     def dtype(self, key: str, allowed: tuple[str, ...] | None = None) -> str:
-        value = self.get(key, str)
+        value: str = self.get(key, str)
         if value not in C.DTYPE_SIZES:
             raise self.unsupported(key, "dtype", value, ", ".join(C.DTYPE_SIZES), "R26")
         if allowed is not None and value not in allowed:
@@ -290,9 +292,9 @@ class GeneratorEntry:
                 raise m.error(f"hidden[{i}]", f"expected 1 <= width <= {C.MAX_HIDDEN_WIDTH}, "
                               f"got {width}", rule="R30")
         widths = (k, *hidden, d)
-        weights = sum(widths[t] * widths[t + 1] + widths[t + 1] for t in range(len(hidden) + 1))
-        if weights > C.MAX_GENERATOR_WEIGHTS:
-            raise m.error("d", f"widths {list(widths)} need {weights} generator weights, over "
+        count = sum(widths[t] * widths[t + 1] + widths[t + 1] for t in range(len(hidden) + 1))
+        if count > C.MAX_GENERATOR_WEIGHTS:
+            raise m.error("d", f"widths {list(widths)} need {count} generator weights, over "
                           f"MAX_GENERATOR_WEIGHTS {C.MAX_GENERATOR_WEIGHTS}", rule="R30")
         activation = m.get("activation", str)
         if activation != C.ACTIVATION_SINE:
@@ -629,8 +631,11 @@ class MemberEntry:
 def _member_fields(m: _Map) -> tuple[str, int, int, Theta0Entry]:
     """dtype, segment, offset (None when implied: ``Header.parse`` resolves it) and theta0 of
     a member's map (§6.1)."""
+    # An implied offset is None until ``_resolve_layout`` fills it in (and ``_as_written``
+    # drops it again): the one place ``MemberEntry.offset`` is not an int.
     return (m.dtype("dtype", C.FLOAT_DTYPES), m.uint("segment", _U64),
-            m.uint("offset", _U64, default=None), Theta0Entry.parse(m.child("theta0")))
+            m.optional_uint("offset", _U64),  # type: ignore[return-value]
+            Theta0Entry.parse(m.child("theta0")))
 
 
 @dataclass(frozen=True)
@@ -875,7 +880,8 @@ class Header:
             for member in t.members():
                 implied = member.offset == end.get(member.segment, 0)
                 end[member.segment] = member.offset + member.numel
-                members.append(replace(member, offset=None) if implied else member)
+                members.append(replace(member, offset=None)  # type: ignore[arg-type]
+                               if implied else member)
             out.append(t.with_members(tuple(members)))
         return out
 

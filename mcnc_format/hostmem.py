@@ -1,13 +1,12 @@
 """Large zero-filled CPU output buffers, backed by transparent huge pages and pre-faulted.
 
 Regeneration (and a base read straight into its output) writes every output value once, so
-for a freshly allocated tensor the kernel's page faults, one per 4 KiB page, cost as much as
-the arithmetic (measured on a 2-core EPYC:
-80 MB filled in 48 ms from ``torch.empty``, 7 ms when reused). An anonymous mapping advised
-with ``MADV_HUGEPAGE`` faults in 2 MiB pages instead, and ``MADV_POPULATE_WRITE`` (Linux 5.14)
-has the kernel fault them all in one call (about 13 ms for 80 MB), before the matrix product's
-threads start: faults taken inside the product, or a parallel ``zero_`` racing the BLAS
-threads that still spin from the last product, took 2-3 times as long. Anonymous mappings are
+for a freshly allocated tensor the kernel's page faults, one per 4 KiB page, cost about as
+much as the arithmetic (docs/benchmarks.md, "Design measurements"). An anonymous mapping
+advised with ``MADV_HUGEPAGE`` faults in 2 MiB pages instead, and ``MADV_POPULATE_WRITE``
+(Linux 5.14) has the kernel fault them all in one call, before the matrix product's threads
+start: faults taken inside the product, or a parallel ``zero_`` racing the BLAS threads that
+still spin from the last product, cost several times as much. Anonymous mappings are
 zero-filled, so the buffer can be accumulated into (``addmm``) without a clearing pass. Where
 the advice is not available the mapping behaves like any other.
 """

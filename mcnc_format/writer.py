@@ -52,6 +52,7 @@ from .header import (
     PackedTensor,
     PhiloxWeights,
     SegmentEntry,
+    TensorEntry,
     Theta0Entry,
     UniformTheta0,
     ZerosTheta0,
@@ -222,7 +223,7 @@ class _Layout:
             raise self.fail(where, "sparse tensors cannot be stored; call .to_dense() first")
         dtype = from_torch(tensor.dtype)
         host = tensor.to("cpu").contiguous()
-        raw = host.reshape(-1).view(torch.uint8).numpy() if host.numel() else b""
+        raw = host.reshape(-1).view(torch.uint8).numpy().data if host.numel() else b""
         stored = encode_blob(memoryview(raw), codec)
         decoded = host.numel() * C.DTYPE_SIZES[dtype]
         if codec == C.Codec.ZSTD and decoded > max(C.MAX_ZSTD_RATIO * len(stored),
@@ -324,6 +325,7 @@ class _Layout:
         if not isinstance(name, str) or not name:
             raise self.fail(repr(name), "tensor names must be non-empty strings")
         where = f"tensor {name!r}"
+        entry: TensorEntry
         if isinstance(source, torch.Tensor) and self.packable(source):
             entry = self.pack(name, source)
         elif isinstance(source, torch.Tensor):

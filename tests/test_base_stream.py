@@ -23,7 +23,7 @@ from stream_helpers import SEED
 
 import mcnc_format as mf
 from mcnc_format import MCNC, GeneratorSpec, LoRA, Segment, Theta0
-from mcnc_format.engine.execute import Executor
+from mcnc_format.engine.backend import CpuTorch
 from mcnc_format.engine.fused import lora_merge, lora_product
 from mcnc_format.engine.safetensors_source import SafetensorsFile
 from mcnc_format.engine.sha256 import StreamHash
@@ -42,7 +42,7 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     """Loads run with the CPU engine (bytes read into the output) or with it streaming
     through the ring like a device; ``staging_bytes`` below makes slots of ``SLOT`` bytes."""
     in_place = request.param == "in_place"
-    monkeypatch.setattr(Executor, "_copy_engine",
+    monkeypatch.setattr(CpuTorch, "copy_engine",
                         lambda self: SyncCopyEngine(self.device, in_place=in_place))
     return request.param
 
@@ -179,9 +179,9 @@ def test_a_base_cut_while_read_fails_the_load_and_is_checked_again(
     file = tmp_path / "base.safetensors"
     data = file.read_bytes()
     name = "float64_matrix"
-    with mf.MCNCFile(path, verify="full", options=mf.LoadOptions(staging_bytes=2 * SLOT)) as f:
+    with mf.MCNCFile(path, verify="full", staging_bytes=2 * SLOT) as f:
         cutting = _CuttingEngine(file, len(data) // 2)  # cuts once, at the first load
-        monkeypatch.setattr(Executor, "_copy_engine", lambda self: cutting)
+        monkeypatch.setattr(CpuTorch, "copy_engine", lambda self: cutting)
         with pytest.raises(mf.ExternalReferenceDamaged, match="truncated or replaced"):
             f.get_tensor(name)
         assert hashes == []
@@ -228,7 +228,7 @@ def test_lora_over_a_streamed_base_is_the_formula_in_every_box(
     bit for bit, whole and in every box kind, whatever the slot size and merge block."""
     g = torch.Generator().manual_seed(SEED)
     path, base = _adapter(tmp_path, g, base_dtype, rank=3)
-    with mf.MCNCFile(path, options=mf.LoadOptions(staging_bytes=2 * SLOT)) as f:
+    with mf.MCNCFile(path, staging_bytes=2 * SLOT) as f:
         whole = f.tensors()
         for name, value in whole.items():
             a, b, scale = f.get_lora_factors(name)
@@ -322,7 +322,7 @@ def test_closing_the_file_ends_a_pin_check_left_unfinished(tmp_path: Path) -> No
     path, base = _adapter(tmp_path, g, torch.bfloat16, 4)
     f = mf.MCNCFile(path, verify="full")
     t = f.entry("q")
-    read = f.theta0.dense_read(t.theta0, t.shape, 0, base["q"].numel(), "q")
+    read = f.context.theta0.dense_read(t.theta0, t.shape, 0, base["q"].numel(), "q")
     assert read.hash is not None
     half = memoryview(bytearray(read.nbytes // 2))
     read.read(0, half)

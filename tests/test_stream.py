@@ -34,7 +34,7 @@ import mcnc_format as mf
 from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0, philox
 from mcnc_format import hub as mhub
 from mcnc_format.api import load, load_into, stream
-from mcnc_format.engine.execute import Executor
+from mcnc_format.engine.backend import CpuTorch
 from mcnc_format.engine.options import LoadOptions, Progress
 from mcnc_format.engine.plan import BatchStep, DenseStep, batch_rows
 from mcnc_format.engine.safetensors_source import SafetensorsFile
@@ -195,18 +195,18 @@ def test_pipeline_through_deferred_copies(tmp_path: Path, monkeypatch: pytest.Mo
                                           ) -> None:
     """The whole pipeline with copies that complete only when waited on."""
     path = mixed_file(tmp_path)
-    monkeypatch.setattr(Executor, "_copy_engine", lambda self: _DeferredEngine())
+    monkeypatch.setattr(CpuTorch, "copy_engine", lambda self: _DeferredEngine())
     got = dict(stream(path, "cpu", workspace_bytes=900, staging_bytes=16))
     assert_close(got, mf.load(path))
 
 
 def test_device_oom_is_reported_and_releases_everything(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import mcnc_format.engine.execute as execute
+    import mcnc_format.engine.backend as backend
 
     path = mixed_file(tmp_path)
     allocated: list[weakref.ref[torch.Tensor]] = []
-    original = execute.hostmem.zeros
+    original = backend.hostmem.zeros
 
     def failing(numel: int, dtype: torch.dtype) -> torch.Tensor:
         if len(allocated) == 2:
@@ -215,7 +215,7 @@ def test_device_oom_is_reported_and_releases_everything(tmp_path: Path,
         allocated.append(weakref.ref(tensor))
         return tensor
 
-    monkeypatch.setattr(execute.hostmem, "zeros", failing)
+    monkeypatch.setattr(backend.hostmem, "zeros", failing)
     with pytest.raises(DeviceMemoryError, match=r"after allocating \d+ bytes.*needs \d+ bytes"):
         load(path, "cpu", workspace_bytes=900)
     assert len(allocated) == 2
@@ -309,9 +309,9 @@ def test_load_into_mismatch(tmp_path: Path) -> None:
 
 
 def test_forced_triton_without_triton(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import mcnc_format.engine.execute as pipeline
+    import mcnc_format.engine.backend as backend
 
-    monkeypatch.setattr(pipeline, "triton_available", lambda: False)
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
     with pytest.raises(MCNCError, match=r"mcnc-format\[gpu\]"):
         load(_net_file(tmp_path), "cpu", use_triton=True)
 
@@ -470,6 +470,19 @@ def _torch_kernels() -> SimpleNamespace:
                            draw_generator_weights=lambda spec, device: spec.weights(device))
 
 
+def _use_kernels(monkeypatch: pytest.MonkeyPatch, kernels: object) -> None:
+    """Loads run on a kernel backend whose kernels are ``kernels`` (torch stand-ins)."""
+    import mcnc_format.reader as reader
+    from mcnc_format.engine.backend import InterpretedTriton
+
+    class StandIn(InterpretedTriton):
+        def __init__(self, device: torch.device, options: LoadOptions) -> None:
+            super().__init__(device, options)
+            self._tk = kernels  # type: ignore[assignment]
+
+    monkeypatch.setattr(reader, "choose_backend", StandIn)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_mixed_segment_batches_fit_the_workspace(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -480,7 +493,7 @@ def test_mixed_segment_batches_fit_the_workspace(tmp_path: Path,
     want = mf.load(path)
     workspace = 40_000  # a few row tiles of the eager path's float32 [rows, d] product
     kernels = _torch_kernels()
-    monkeypatch.setattr(Executor, "_kernels", lambda self: kernels)
+    _use_kernels(monkeypatch, kernels)
     with mf.open(path) as f:
         plan = f.plan(f.requests(), "cpu", LoadOptions(workspace_bytes=workspace))
         spans: dict[int, list[int]] = {}
@@ -530,7 +543,7 @@ def test_outputs_are_allocated_as_outputs(tmp_path: Path, monkeypatch: pytest.Mo
     the caller's stream can reuse them once freed); staging buffers from ``device_empty``."""
     path = mixed_file(tmp_path)
     engine = _PoolEngine()
-    monkeypatch.setattr(Executor, "_copy_engine", lambda self: engine)
+    monkeypatch.setattr(CpuTorch, "copy_engine", lambda self: engine)
     got = load(path, "cpu", workspace_bytes=900, staging_bytes=64)
     outputs = {t.untyped_storage().data_ptr() for t in engine.outputs}
     staging = {t.untyped_storage().data_ptr() for t in engine.staging}

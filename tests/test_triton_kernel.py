@@ -29,7 +29,10 @@ from triton_helpers import requires_nvidia_backend, requires_triton
 import mcnc_format as mf
 from mcnc_format import GeneratorSpec, philox, reference
 from mcnc_format.constants import NORMAL_ATOL, REGEN_RTOL, REGEN_RTOL_16
+from mcnc_format.engine.backend import KernelCapabilities
 from mcnc_format.engine.fused import FusedGenerator
+from mcnc_format.engine.options import LoadOptions
+from mcnc_format.engine.plan import plan_load
 from mcnc_format.generator import ieee_fp32
 from mcnc_format.philox import round_to_f32
 
@@ -71,8 +74,8 @@ boxes = {n: (files[first][n][cut[n]], got[n]) for n in cut}
 from mcnc_format.engine.theta0 import prng_values
 from mcnc_format.header import FanInUniformTheta0, UniformTheta0
 entries = [UniformTheta0(seed=2**32 - 3, stream=7, bound=0.1), FanInUniformTheta0(5, 2**31 + 9)]
-theta0 = [(prng_values(e, (16, 300), 0, 4800, "cpu", "t", tk), prng_values(e, (16, 300), 0, 4800,
-                                                                    "cpu", "t")) for e in entries]
+theta0 = [(prng_values(e, (16, 300), 0, 4800, "cpu", "t", tk.philox_uniform),
+           prng_values(e, (16, 300), 0, 4800, "cpu", "t")) for e in entries]
 torch.save({"kernel": outputs, "files": files, "draws": draws, "boxes": boxes,
             "theta0": theta0}, sys.argv[2])
 """
@@ -421,22 +424,30 @@ def test_kernel_compiled(tmp_path: Path) -> None:
 
 def test_kernel_precision_keeps_each_dtype_within_its_bound() -> None:
     """Split bfloat16 products meet §10.1's bound for 16-bit outputs only: ``AUTO`` and
-    ``BF16X3`` use them there, float32 outputs keep IEEE FMA, explicit choices stand."""
+    ``BF16X3`` use them there, float32 outputs keep IEEE FMA, explicit choices stand. ``AUTO``
+    picks only products a GPU run measured (``MEASURED_ON_GPU``): IEEE until one records
+    ``BF16X3``."""
     from mcnc_format.engine import triton_kernels as tk
-    from mcnc_format.engine.options import Precision
+    from mcnc_format.engine.options import MEASURED_ON_GPU, GpuPath, Precision
 
     cpu = torch.device("cpu")  # the interpreter: tensor-core products emulated
-    for precision in (Precision.AUTO, Precision.BF16X3):
-        assert tk.kernel_precision(precision, torch.bfloat16, cpu) == "bf16x3"
-        assert tk.kernel_precision(precision, torch.float16, cpu) == "bf16x3"
-        assert tk.kernel_precision(precision, torch.float32, cpu) == "ieee"
+    ieee, bf16x3 = Precision.IEEE, Precision.BF16X3
+    assert GpuPath.KERNEL_BF16X3 not in MEASURED_ON_GPU  # until a GPU run records it
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert tk.kernel_precision(Precision.AUTO, dtype, cpu) is ieee
+    measured = frozenset({GpuPath.KERNEL_IEEE, GpuPath.KERNEL_BF16X3})  # once recorded
+    for precision, given in ((Precision.AUTO, measured), (bf16x3, MEASURED_ON_GPU)):
+        assert tk.kernel_precision(precision, torch.bfloat16, cpu, measured=given) is bf16x3
+        assert tk.kernel_precision(precision, torch.float16, cpu, measured=given) is bf16x3
+        assert tk.kernel_precision(precision, torch.float32, cpu, measured=given) is ieee
     # Inline generator weights may cancel more in the output layer: AUTO keeps IEEE for them.
-    assert tk.kernel_precision(Precision.AUTO, torch.bfloat16, cpu, drawn=False) == "ieee"
-    assert tk.kernel_precision(Precision.BF16X3, torch.bfloat16, cpu, drawn=False) == "bf16x3"
+    assert tk.kernel_precision(Precision.AUTO, torch.bfloat16, cpu, drawn=False,
+                               measured=measured) is ieee
+    assert tk.kernel_precision(bf16x3, torch.bfloat16, cpu, drawn=False) is bf16x3
     for dtype in (torch.bfloat16, torch.float32):
-        assert tk.kernel_precision(Precision.IEEE, dtype, cpu) == "ieee"
-        assert tk.kernel_precision(Precision.TF32X3, dtype, cpu) == "tf32x3"
-    assert mf.LoadOptions().precision is Precision.AUTO
+        assert tk.kernel_precision(ieee, dtype, cpu) is ieee
+        assert tk.kernel_precision(Precision.TF32X3, dtype, cpu) is Precision.TF32X3
+    assert LoadOptions().precision is Precision.AUTO
 
 
 _MEMBERS_CHILD = """
@@ -487,9 +498,11 @@ def test_one_launch_per_batch_covers_many_members_interpreted(tmp_path: Path) ->
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = torch.load(result)
+    from mcnc_format.engine import triton_kernels as tk
+
     with mf.open(path) as f:
-        options = mf.LoadOptions(workspace_bytes=1 << 26, use_triton=True)
-        assert len(f.plan(f.requests(), "cpu", options).steps) == 1, "one batch"
+        kernels = KernelCapabilities(frozenset(tk.KERNEL_DTYPES))
+        assert len(plan_load(f.header, f.requests(), 1 << 26, kernels).steps) == 1, "one batch"
     # One launch per group: of the aligned members, 2 dtypes x 3 kinds, Philox kinds split by
     # block alignment; the last four may each need a group of their own (vector width).
     assert len(out["launches"]) <= 2 * (1 + 2 + 2) + 4 and sum(out["launches"]) == len(sizes)

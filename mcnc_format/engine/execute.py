@@ -28,57 +28,41 @@ ring + the largest decoded (zstd) blob.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import importlib.util
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .. import hostmem
 from ..dtypes import to_torch
-from ..errors import DeviceMemoryError, FormatError, MCNCError
-from ..header import Header, MemberEntry, Theta0Entry
-from .fused import DEVICE_MERGE_BLOCK_ELEMENTS, MERGE_BLOCK_ELEMENTS, FusedGenerator, lora_merge
-from .options import LoadOptions, Precision, Progress
-from .plan import BatchStep, DenseStep, EmptyStep, MergeStep, Piece, Plan, Step, Target
-from .source import BlobStore
-from .staging import CopyEngine, CudaCopyEngine, StagingRing, SyncCopyEngine, to_device_async
-from .theta0 import DENSE_THETA0, Theta0Source
+from ..errors import DeviceMemoryError, FormatError
+from ..header import MemberEntry, Theta0Entry
+from .backend import Backend
+from .context import FileContext
+from .fused import FusedGenerator
+from .options import Precision, Progress
+from .plan import (
+    BatchStep,
+    DenseStep,
+    EmptyStep,
+    MergeStep,
+    Piece,
+    Plan,
+    Step,
+    Target,
+    TensorRequest,
+    plan_load,
+)
+from .staging import CopyEngine, StagingRing, to_device_async
+from .theta0 import DENSE_THETA0
 
-__all__ = ["Executor", "OpenFile", "default_kernels", "triton_available"]
+if TYPE_CHECKING:
+    from .triton_kernels import MemberJob
 
-
-def triton_available() -> bool:
-    """Whether the optional ``mcnc-format[gpu]`` extra (Triton) is importable."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def default_kernels(device: torch.device) -> ModuleType | None:
-    """The Triton kernels (``triton_kernels``) where work uses them unless told otherwise: on
-    CUDA devices, when Triton is installed."""
-    if device.type == "cuda" and triton_available():
-        from . import triton_kernels
-
-        return triton_kernels
-    return None
-
-
-class OpenFile(Protocol):
-    """What the executor needs of an open file (``MCNCFile`` provides it)."""
-
-    label: str
-    header: Header
-    blobs: BlobStore
-    theta0: Theta0Source
-
-    def fused_generator(self, index: int, m: int, device: torch.device,
-                        kernels: ModuleType | None = None) -> FusedGenerator: ...
+__all__ = ["Executor"]
 
 
 @dataclass(eq=False)
@@ -92,59 +76,35 @@ class _Output:
 
 
 class Executor:
-    """Runs plans of one file on ``device``."""
+    """Plans and runs loads of one open file (its engine ``FileContext``) on one backend."""
 
-    def __init__(self, file: OpenFile, device: torch.device, options: LoadOptions) -> None:
-        self.file = file
-        self.header = file.header
-        self.label = file.label
-        self.device = device
-        self.options = options
-        self.kernels = self._kernels()
+    def __init__(self, context: FileContext, backend: Backend) -> None:
+        self.context = context
+        self.header = context.header
+        self.label = context.label
+        self.backend = backend
+        self.device = backend.device
+        self.options = backend.options
         self.chunks_regenerated = 0
         self.allocated_bytes = 0
 
-    # -- set-up ----------------------------------------------------------------------------
-    def _kernels(self) -> ModuleType | None:
-        use = self.options.use_triton
-        if use is None:
-            return default_kernels(self.device)
-        if not use:
-            return None
-        if not triton_available():
-            raise MCNCError("the fused kernel needs Triton: pip install 'mcnc-format[gpu]', or "
-                            "pass use_triton=False for the torch path")
-        from . import triton_kernels
-
-        return triton_kernels
+    def plan(self, requests: list[TensorRequest]) -> Plan:
+        """The plan for ``requests`` (no I/O): batches sized for this backend's workspace
+        and for what its kernels rebuild."""
+        output_bytes = sum(r.box.numel * r.dtype.itemsize for r in requests)
+        return plan_load(self.header, requests, self.backend.workspace_bytes(output_bytes),
+                         self.backend.capabilities)
 
     def kernel_takes(self, target: Target) -> bool:
-        """Whether the fused kernel rebuilds ``target``: an output dtype it stores and a theta0
-        it evaluates (for a contiguous box also a dense one of any dtype, read as a staged
-        base; other boxes are gathered from whole chunk rows the kernel writes)."""
-        kernels = self.kernels
-        if kernels is None or target.member is None or target.dtype not in kernels.KERNEL_DTYPES:
-            return False
-        theta0 = target.member.theta0
-        return isinstance(theta0, DENSE_THETA0) or kernels.kernel_theta0(
-            theta0, target.member.shape, None) is not None
-
-    def _copy_engine(self) -> CopyEngine:
-        if self.device.type == "cuda":
-            return CudaCopyEngine(self.device)
-        return SyncCopyEngine(self.device)
-
-    def _on_device(self) -> contextlib.AbstractContextManager[object]:
-        """Make the target CUDA device current for one step's work (never across a yield)."""
-        if self.device.type == "cuda":
-            return torch.cuda.device(self.device)
-        return contextlib.nullcontext()
+        """Whether the fused kernel rebuilds ``target``."""
+        capabilities = self.backend.capabilities
+        return capabilities is not None and capabilities.takes(target.member, target.dtype)
 
     # -- running ---------------------------------------------------------------------------
     def run(self, plan: Plan) -> Iterator[tuple[Target, torch.Tensor]]:
         """Yield ``(target, tensor)`` for the plan's outputs as each is complete."""
         self._check_fits(plan)
-        engine = self._copy_engine()
+        engine = self.backend.copy_engine()
         ring = StagingRing(engine, max(1, self.options.staging_bytes // 2), 2)
         outputs: dict[int, _Output] = {}
         workspace: list[torch.Tensor] = []
@@ -155,7 +115,7 @@ class Executor:
             staged = self._stage(plan.steps[0], engine, ring, outputs) if plan.steps else None
             for i, step in enumerate(plan.steps):
                 current = staged
-                with self._on_device():
+                with self.backend.on_device():
                     if i + 1 < len(plan.steps):
                         staged = self._stage(plan.steps[i + 1], engine, ring, outputs)
                     self._compute(step, current, engine, outputs, workspace)
@@ -185,29 +145,22 @@ class Executor:
         theta0 and, for a lora tensor, its factors') held, before it is handed out."""
         assert target.tensor is not None
         for entry in target.tensor.theta0s():
-            check = self.file.theta0.pending_check(entry)
+            check = self.context.theta0.pending_check(entry)
             if check is not None:
                 check.result()
 
     def _check_fits(self, plan: Plan) -> None:
-        """Refuse up front a load that cannot fit the device's free memory (counting what
-        torch's allocator holds in reserve), before anything is read or allocated."""
-        if self.device.type != "cuda":
-            return
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(
-            self.device)
-        if plan.output_bytes + self._workspace_bytes(plan) > free:
+        """Refuse up front a load that cannot fit the device's free memory, before anything
+        is read or allocated."""
+        free = self.backend.free_bytes()
+        if free is not None and plan.output_bytes + self._workspace_bytes(plan) > free:
             raise self._oom(plan)
 
     def _workspace_bytes(self, plan: Plan) -> int:
-        return self.options.workspace_for(plan.output_bytes, self.device.type == "cpu")
+        return self.backend.workspace_bytes(plan.output_bytes)
 
     def _oom(self, plan: Plan) -> DeviceMemoryError:
-        where = "device memory exhausted"
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            where = f"{free} of {total} bytes free"
+        where = self.backend.describe_memory()
         return DeviceMemoryError(
             f"{self.label}: out of memory on {self.device} after allocating "
             f"{self.allocated_bytes} bytes: the load needs {plan.output_bytes} bytes of "
@@ -221,11 +174,7 @@ class Executor:
         """The target's storage, allocated at its first use."""
         state = outputs.get(id(target))
         if state is None:
-            numel = target.numel
-            if self.device.type == "cpu":
-                tensor, zero = hostmem.zeros(numel, target.dtype), True
-            else:
-                tensor, zero = engine.output_empty((numel,), target.dtype), False
+            tensor, zero = self.backend.output(target.numel, target.dtype, engine)
             self.allocated_bytes += target.nbytes
             state = outputs[id(target)] = _Output(tensor, zero)
         return state
@@ -236,7 +185,7 @@ class Executor:
         """Host bytes as a device tensor of ``dtype`` and ``shape`` (``into`` when given) and
         the marker of the copy. On the CPU the bytes are used where they were read, unless
         ``copy`` (the result is handed out, and the bytes may be a kept blob)."""
-        if into is None and self.device.type == "cpu":
+        if into is None and self.backend.host_memory:
             if not len(data):
                 return torch.empty(shape, dtype=dtype), None
             buffer = bytearray(data) if data.readonly or copy else data
@@ -269,14 +218,14 @@ class Executor:
             row = math.prod(t.shape[1:])
             first, count = box.starts[0] * row, box.lengths[0] * row
             shape = (box.lengths[0], *t.shape[1:])
-        data = self.file.blobs.tensor_bytes(t, first * dtype.itemsize,
+        data = self.context.blobs.tensor_bytes(t, first * dtype.itemsize,
                                             (first + count) * dtype.itemsize)
         if t.dtype == "bool" and count and int(np.frombuffer(data, np.uint8).max()) > 1:
             # Checked on the host bytes: on a GPU, a check of the device copy waits for it.
             raise FormatError("bool bytes must be 0 or 1 (§1): the file is damaged or was "
                               "written by a non-conforming writer", rule="R27", path=self.label,
                               field=f"tensors[{t.name!r}].blob")
-        into = None if self.device.type == "cpu" else engine.output_empty(shape, dtype)
+        into = None if self.backend.host_memory else engine.output_empty(shape, dtype)
         tensor, marker = self._upload(data, shape, dtype, engine, ring, into, copy=True)
         self.allocated_bytes += count * dtype.itemsize
         return tensor, marker
@@ -291,7 +240,7 @@ class Executor:
         marker: object = None
         for blob_index, what in ((seg.alpha, "alpha"), (seg.beta, "beta")):
             blob = self.header.blobs[blob_index]
-            data = self.file.blobs.blob(blob_index, f"segments[{step.segment}].{what}")
+            data = self.context.blobs.blob(blob_index, f"segments[{step.segment}].{what}")
             row = blob.decoded_length // max(seg.chunks, 1)
             if step.ids is None:
                 window = data[step.first * row : step.stop * row]
@@ -347,7 +296,7 @@ class Executor:
         pinned ring's slots (by several reader threads) and copied on; a whole external
         tensor is hashed from those bytes on the way (R75)."""
         assert isinstance(entry, DENSE_THETA0)
-        read = self.file.theta0.dense_read(entry, shape, first, stop, f"{target.name}.theta0")
+        read = self.context.theta0.dense_read(entry, shape, first, stop, f"{target.name}.theta0")
         try:  # whatever fails (the buffer's allocation too) ends the streamed pin check
             into = (state.tensor if read.dtype == target.dtype and stop - first == target.numel
                     and target.box.contiguous else None)
@@ -384,9 +333,9 @@ class Executor:
         engine.wait_compute(marker)
         box = target.box
         if not box.contiguous:
-            index = tuple(slice(a, b) for a, b in zip(box.starts[1:], box.stops[1:],
-                                                      strict=True))
-            value = value[(slice(None), *index)]
+            index = (slice(None), *(slice(a, b) for a, b in zip(box.starts[1:], box.stops[1:],
+                                                                 strict=True)))
+            value = value[index]
         value = value.to(target.dtype).contiguous()
         outputs[id(target)] = _Output(value.reshape(-1), False)
 
@@ -396,7 +345,8 @@ class Executor:
         alpha, beta, marker = staged
         engine.wait_compute(marker)
         seg = self.header.segments[step.segment]
-        fused = self.file.fused_generator(seg.generator, seg.m, self.device, self.kernels)
+        fused = self.context.generators.fused(seg.generator, seg.m, self.device,
+                                              self.backend.draw_weights())
         d = fused.weights.spec.d
         self.chunks_regenerated += step.chunks
         for piece in step.pieces:
@@ -406,7 +356,7 @@ class Executor:
                 state.base_marker = None
         left = fused.coefficients(alpha, beta)
         eager = []
-        jobs: dict[str, list[Any]] = {}  # by product: one launch per product and dtype
+        jobs: dict[Precision, list[MemberJob]] = {}  # one launch per product and dtype
         for piece in step.pieces:
             if not self.kernel_takes(piece.target):
                 eager.append(piece)
@@ -416,10 +366,9 @@ class Executor:
             else:
                 self._kernel_gather(piece, step, fused, left, outputs[id(piece.target)], d)
         for precision, group in jobs.items():
-            assert self.kernels is not None
-            self.kernels.regenerate_members(
+            self.backend.regenerate_members(
                 left, fused.stacked, fused.weights.out_bias is not None, group, precision,
-                split=fused.split if precision == Precision.BF16X3.value else None)
+                fused.split if precision is Precision.BF16X3 else None)
         if not eager:
             return
         if len(eager) == 1 and self._in_place(eager[0], step, fused, left, outputs[
@@ -466,10 +415,10 @@ class Executor:
         label = f"{target.name}.theta0"
         span = target.element_range(piece.lo, piece.hi)
         if span is not None:
-            return self.file.theta0.values(entry, shape, span[0], span[1] - span[0],
+            return self.context.theta0.values(entry, shape, span[0], span[1] - span[0],
                                            self.device, label)
         elements = target.elements(piece.lo, piece.hi, self.device)
-        return self.file.theta0.values_at(entry, shape, elements, label)
+        return self.context.theta0.values_at(entry, shape, elements, label)
 
     def _place_theta0(self, piece: Piece, step: BatchStep, outputs: dict[int, _Output],
                       flat: torch.Tensor, d: int) -> torch.Tensor | tuple[int, int]:
@@ -507,29 +456,22 @@ class Executor:
             workspace[:] = [torch.empty(rows * d, dtype=torch.float32, device=self.device)]
         return workspace[0][: rows * d].view(rows, d)
 
-    def _kernel_job(self, piece: Piece, step: BatchStep, state: _Output, d: int) -> Any:
+    def _kernel_job(self, piece: Piece, step: BatchStep, state: _Output, d: int) -> MemberJob:
         """The kernel's ``MemberJob`` for a piece of a contiguous target: the batch's rows
         that cover it, and where its first row lands in the target's storage."""
-        kernels = self.kernels
         target = piece.target
-        assert kernels is not None and target.member is not None
-        start = target.member.offset + target.box.first_element  # segment value of output 0
+        member = _member(target)
+        start = member.offset + target.box.first_element  # segment value of output 0
         m0 = (start + piece.lo) // d
         m1 = -(-(start + piece.hi) // d)
-        theta0 = kernels.kernel_theta0(target.member.theta0, target.member.shape, state.base)
-        assert theta0 is not None, "kernel_takes admits only theta0 the kernel evaluates"
-        return kernels.MemberJob(state.tensor, m0 - step.first, m1 - step.first,
-                                 m0 * d - start, theta0, target.box.first_element)
+        theta0 = self.backend.kernel_theta0(member.theta0, member.shape, state.base)
+        return self.backend.member_job(state.tensor, m0 - step.first, m1 - step.first,
+                                       m0 * d - start, theta0, target.box.first_element)
 
-    def _product(self, target: Target, fused: FusedGenerator) -> str:
-        """The kernel's output-layer product for ``target``: ``kernel_precision`` of the wider
-        of its stored and output dtypes (a float32 tensor loaded as bfloat16 keeps float32's
-        product, so it equals the float32 load rounded once)."""
-        assert self.kernels is not None and target.member is not None
-        stored = to_torch(target.member.dtype)
-        bound = target.dtype if target.dtype.itemsize >= stored.itemsize else stored
-        return str(self.kernels.kernel_precision(self.options.precision, bound, self.device,
-                                                 fused.weights.spec.seed is not None))
+    def _product(self, target: Target, fused: FusedGenerator) -> Precision:
+        """The kernel's output-layer product for ``target`` (the backend's choice)."""
+        return self.backend.product(to_torch(_member(target).dtype), target.dtype,
+                                    fused.weights.spec.seed is not None)
 
     def _kernel_gather(self, piece: Piece, step: BatchStep, fused: FusedGenerator,
                        left: torch.Tensor, state: _Output, d: int) -> None:
@@ -537,26 +479,24 @@ class Executor:
         the output dtype, theta0 keyed by each row's own elements, or a dense theta0 laid out
         like the rows) and the piece is gathered from them, so its values are the whole
         tensor's bit for bit."""
-        kernels = self.kernels
         target = piece.target
-        member = target.member
-        assert kernels is not None and member is not None
+        member = _member(target)
         ids = (step.ids if step.ids is not None
                else torch.arange(step.first, step.stop, dtype=torch.int64))
-        row_elements = ids * d - member.offset  # the member element of each row's first value
+        row_elements: torch.Tensor | None = ids * d - member.offset  # each row's first element
         rows = torch.empty(step.chunks * d, dtype=target.dtype, device=self.device)
         if isinstance(member.theta0, DENSE_THETA0):
-            theta0 = kernels.kernel_theta0(member.theta0, member.shape, self._dense_rows(
+            assert row_elements is not None
+            theta0 = self.backend.kernel_theta0(member.theta0, member.shape, self._dense_rows(
                 member, row_elements, d, f"{target.name}.theta0"))
             row_elements = None
         else:
-            theta0 = kernels.kernel_theta0(member.theta0, member.shape, None)
-        assert theta0 is not None, "kernel_takes admits only theta0 the kernel evaluates"
+            theta0 = self.backend.kernel_theta0(member.theta0, member.shape, None)
         precision = self._product(target, fused)
-        kernels.fused_regenerate(
-            left[: step.chunks], fused.stacked, fused.weights.out_bias is not None, rows, 0,
-            theta0, precision, row_elements=row_elements,
-            split=fused.split if precision == Precision.BF16X3.value else None)
+        self.backend.regenerate_rows(
+            left[: step.chunks], fused.stacked, fused.weights.out_bias is not None, rows,
+            theta0, precision, row_elements,
+            fused.split if precision is Precision.BF16X3 else None)
         state.tensor[piece.lo : piece.hi] = rows[self._positions(piece, step, d)]
 
     def _dense_rows(self, member: MemberEntry, row_elements: torch.Tensor, d: int, label: str
@@ -569,7 +509,7 @@ class Executor:
         inside = (elements >= 0) & (elements < member.numel)
         first = int(elements[inside].min())
         stop = int(elements[inside].max()) + 1
-        stored = self.file.theta0.dense(entry, member.shape, first, stop, label)
+        stored = self.context.theta0.dense(entry, member.shape, first, stop, label)
         rows = torch.zeros(elements.numel(), dtype=stored.dtype)
         rows[inside] = stored[elements[inside] - first]
         return to_device_async(rows, self.device)
@@ -597,13 +537,16 @@ class Executor:
             base = base.view(rows, cols) if base is not None else None
         b = b_state.tensor.view(step.b.box.lengths)
         a = a_state.tensor.view(step.a.box.lengths)
-        scale = float(t.scale or 0.0)
-        if self.kernels is not None and target.dtype in self.kernels.KERNEL_DTYPES and len(a):
-            self.kernels.lora_merge(out, b, a, scale, base)  # the same bits, one pass
-        else:
-            lora_merge(out, b, a, scale, base, MERGE_BLOCK_ELEMENTS if self.device.type == "cpu"
-                       else DEVICE_MERGE_BLOCK_ELEMENTS)
+        self.backend.lora_merge(out, b, a, float(t.scale or 0.0), base)
         state.base = None
+
+
+def _member(target: Target) -> MemberEntry:
+    """The member a regenerated target is a box of (the planner sets it for every target a
+    batch writes)."""
+    if target.member is None:
+        raise AssertionError(f"{target.name} is not a regenerated member")  # planner bug
+    return target.member
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -82,7 +82,7 @@ class FusedGenerator:
                 h_wide = h.to(self.norm_dtype)
                 # Products, then sums within each row: nothing depends on the other rows.
                 sq = (row_stable_matmul(h_wide, self.gram) * h_wide).sum(-1)
-                if self.gram_bias is not None:
+                if self.gram_bias is not None and self.bias_sq is not None:
                     sq = sq + 2.0 * (h_wide * self.gram_bias).sum(-1) + self.bias_sq
                 coef = (beta.to(self.norm_dtype) * torch.rsqrt(sq)).to(torch.float32)
             else:
@@ -109,8 +109,8 @@ class FusedGenerator:
         from ``coefficients``: the same values as ``out + product(left)``.
 
         One GEMM with the add folded in (``addmm`` into its own input): on the CPU this is
-        also the faster kernel, 12.7 ms against 21 ms for ``mm(out=)`` on a [4000, 33] x
-        [33, 5000] product (2-core EPYC, torch 2.13), and theta0 costs no separate pass."""
+        also the faster kernel than ``mm(out=)`` (docs/benchmarks.md, "Design
+        measurements"), and theta0 costs no separate pass."""
         if self.weights.spec.d < NARROW_D:
             out += self.product(left)
             return
@@ -125,10 +125,9 @@ def lora_product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 #: Elements of the merged tensor per block of ``lora_merge`` on the CPU: its two float32
-#: temporaries (4 MiB each) stay in the last-level cache through the ``2 r + 3`` passes. On a
-#: 2-core EPYC a 4096 x 4096 merge of rank 16 took 44 ms in such blocks against 620 ms for
-#: ``lora_product`` over the whole tensor (whose temporaries go to memory on every pass); much
-#: smaller blocks pay torch's per-call cost (67 ms in blocks of 64 Ki elements).
+#: temporaries (4 MiB each) stay in the last-level cache through the ``2 r + 3`` passes, where
+#: ``lora_product`` over the whole tensor sends them to memory on every pass; much smaller
+#: blocks pay torch's per-call cost (docs/benchmarks.md, "Design measurements").
 MERGE_BLOCK_ELEMENTS = 1 << 20
 #: The same on a GPU, where each pass is a kernel launch: blocks that fill the device, with
 #: temporaries bounded to 64 MiB each.

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
 import enum
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
-from ..errors import UsageError
+from ..errors import UnknownOptionError, UsageError
 
 E = TypeVar("E", bound=enum.Enum)
 
 __all__ = [
     "DEFAULT_STAGING_BYTES",
+    "MEASURED_ON_GPU",
     "MIN_WORKSPACE_BYTES",
+    "GpuPath",
     "LoadOptions",
     "Precision",
     "Progress",
     "Verify",
+    "check_keywords",
 ]
 
 DEFAULT_STAGING_BYTES = 64 << 20
@@ -32,9 +36,9 @@ WORKSPACE_FRACTION = 0.02
 class Precision(str, enum.Enum):
     """How the fused kernel computes the output layer's product (SPEC.md §10.1)."""
 
-    #: ``BF16X3`` for float16 and bfloat16 outputs on GPUs whose tensor cores multiply
-    #: bfloat16, ``IEEE`` otherwise: each output dtype gets the fastest product within its
-    #: bound.
+    #: The fastest product a recorded GPU run measured within each output dtype's bound
+    #: (``MEASURED_ON_GPU``): today ``IEEE`` everywhere. ``BF16X3`` joins for float16 and
+    #: bfloat16 outputs on GPUs whose tensor cores multiply bfloat16 once a GPU run records it.
     AUTO = "auto"
     #: float32 FMA: the most accurate; within the bound of every output dtype.
     IEEE = "ieee"
@@ -50,12 +54,33 @@ class Precision(str, enum.Enum):
         return _member(cls, value, "precision")
 
 
+class GpuPath(enum.Enum):
+    """The GPU code paths a load can take that only a GPU run can prove (docs/gpu.md's table
+    names the run that measured each, or says it never ran)."""
+
+    #: The fused regeneration kernel with float32 FMA products.
+    KERNEL_IEEE = "kernel-ieee"
+    #: The fused regeneration kernel with split bfloat16 tensor-core products.
+    KERNEL_BF16X3 = "kernel-bf16x3"
+    #: The one-pass lora merge kernel (``triton_kernels.lora_merge``).
+    LORA_MERGE_KERNEL = "lora-merge-kernel"
+    #: Philox generator weights and uniform theta0 drawn in one Triton launch.
+    PHILOX_KERNEL = "philox-kernel"
+
+
+#: The paths a recorded GPU run measured correct: what ``Precision.AUTO`` and
+#: ``use_triton=None`` may pick. Any other path runs only when asked for by name
+#: (``precision=...``, ``use_triton=True``). Add a path here only with the results file of the
+#: run that measured it (benchmarks/results/) and its row in docs/gpu.md.
+MEASURED_ON_GPU: frozenset[GpuPath] = frozenset({GpuPath.KERNEL_IEEE})
+
+
 def _member(kind: type[E], value: object, what: str) -> E:
     """``kind(value)``, or a ``UsageError`` naming the values there are."""
     try:
         return kind(value)
     except ValueError:
-        names = ", ".join(repr(m.value) for m in kind)  # type: ignore[attr-defined]
+        names = ", ".join(repr(m.value) for m in kind)
         raise UsageError(f"{what}={value!r} is not one of {names}") from None
 
 
@@ -121,3 +146,33 @@ class LoadOptions:
             return self.workspace_bytes
         floor = MIN_WORKSPACE_BYTES if on_cpu else MIN_DEVICE_WORKSPACE_BYTES
         return max(floor, int(output_bytes * WORKSPACE_FRACTION))
+
+    @classmethod
+    def from_keywords(cls, call: str, keywords: Mapping[str, Any],
+                      accepted: Iterable[str] = ()) -> LoadOptions:
+        """The options given as keywords to ``call`` (``load``, ``stream``, ``MCNCFile`` ...),
+        which may also take the ``accepted`` keywords of its own; any other keyword is
+        refused (``check_keywords``). Values are checked here (``Precision.of``,
+        ``Verify.of``), so every entry point accepts the same spellings."""
+        names = [f.name for f in fields(cls)]
+        check_keywords(call, keywords, (*names, *accepted))
+        given = {name: keywords[name] for name in names if name in keywords}
+        if "precision" in given:
+            given["precision"] = Precision.of(given["precision"])
+        if "verify" in given:
+            given["verify"] = Verify.of(given["verify"])
+        if given.get("staging_bytes") is None:
+            given.pop("staging_bytes", None)
+        return cls(**given)
+
+
+def check_keywords(call: str, given: Iterable[str], allowed: Iterable[str]) -> None:
+    """Refuse keywords ``call`` does not take, naming the closest valid one: a misspelled
+    option silently ignored would load something other than what was asked."""
+    allowed = sorted(set(allowed))
+    for name in given:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UnknownOptionError(f"{call}() got an unexpected keyword {name!r}{hint} "
+                                     f"It takes: {', '.join(allowed)}")

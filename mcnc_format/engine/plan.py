@@ -21,13 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..dtypes import to_torch
-from ..header import Header, LoRATensor, MemberEntry, TensorEntry
+from ..header import DenseTensor, Header, LoRATensor, MemberEntry, PackedTensor, TensorEntry
 from .box import Box
 from .fused import ROW_TILE
+
+if TYPE_CHECKING:
+    from .backend import KernelCapabilities
 
 __all__ = [
     "BatchStep",
@@ -112,7 +116,7 @@ class Piece:
 
 @dataclass(eq=False)
 class DenseStep:
-    tensor: TensorEntry
+    tensor: DenseTensor | PackedTensor
     target: Target
     completes: list[Target] = field(default_factory=list)
 
@@ -136,7 +140,7 @@ class BatchStep:
 
 @dataclass(eq=False)
 class MergeStep:
-    tensor: TensorEntry
+    tensor: LoRATensor
     target: Target
     a: Target
     b: Target
@@ -168,10 +172,15 @@ class Plan:
 
 
 def plan_load(header: Header, requests: list[TensorRequest], workspace_bytes: int,
-              eager: Callable[[Target], bool]) -> Plan:
-    """The steps that produce ``requests`` (in their order). ``eager(target)``: whether the
-    target is rebuilt by the torch path, whose batches hold a float32 ``[rows, d]`` product
-    (the fused kernel writes outputs directly), so its segment's batches are sized for it."""
+              kernels: KernelCapabilities | None = None) -> Plan:
+    """The steps that produce ``requests`` (in their order). ``kernels``: what the backend's
+    fused kernel rebuilds (``None``: nothing); other targets take the torch path, whose
+    batches hold a float32 ``[rows, d]`` product (the kernel writes outputs directly), so
+    their segment's batches are sized for it. Pure: a header in memory is enough."""
+
+    def eager(target: Target) -> bool:
+        return kernels is None or not kernels.takes(target.member, target.dtype)
+
     order: list[Step | int] = []  # steps, and segment indices where their batches go
     by_segment: dict[int, list[Target]] = {}
     outputs: list[Target] = []
@@ -190,7 +199,7 @@ def plan_load(header: Header, requests: list[TensorRequest], workspace_bytes: in
         outputs.append(target)
         if target.numel == 0:
             order.append(EmptyStep(target))
-        elif t.stores_values:
+        elif isinstance(t, DenseTensor | PackedTensor):
             order.append(DenseStep(t, target))
         elif isinstance(t, LoRATensor):
             a, b = _factor_targets(t, request.box)

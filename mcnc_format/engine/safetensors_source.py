@@ -15,6 +15,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ from ..errors import ExternalReferenceDamaged, ExternalReferenceError, FormatErr
 from .digests import FileIdentity
 from .source import FileSource
 
-__all__ = ["SafetensorsFile", "TensorSlice"]
+__all__ = ["SafetensorsFile", "StoredTensor"]
 
 #: Base weights are floating point; safetensors spells the spec's names in capitals.
 _DTYPES = {name.upper(): to_torch(name) for name in C.FLOAT_DTYPES}
@@ -33,7 +34,7 @@ _HASH_PIECE = 16 << 20
 
 
 @dataclass(frozen=True)
-class TensorSlice:
+class StoredTensor:
     """Where one tensor's bytes lie in a safetensors file."""
 
     dtype: torch.dtype
@@ -79,7 +80,7 @@ class SafetensorsFile:
         """What identifies the file's contents (``engine/digests.py``)."""
         return self._file.identity()
 
-    def sha256(self, entry: TensorSlice) -> str:
+    def sha256(self, entry: StoredTensor) -> str:
         """SHA-256 of a tensor's bytes, read piece by piece."""
         digest = hashlib.sha256()
         buffer = memoryview(bytearray(min(_HASH_PIECE, entry.nbytes)))
@@ -88,7 +89,7 @@ class SafetensorsFile:
             digest.update(self.read(entry.offset + start, n, buffer))
         return digest.hexdigest()
 
-    def _parse(self, size: int) -> tuple[dict[str, dict], int]:
+    def _parse(self, size: int) -> tuple[dict[str, dict[str, Any]], int]:
         if size < 8:
             raise self._error("is too short to be a safetensors file")
         (length,) = struct.unpack("<Q", self.read(0, 8))
@@ -113,7 +114,7 @@ class SafetensorsFile:
         """Tensor names in header order."""
         return list(self._entries)
 
-    def tensor(self, name: str) -> TensorSlice:
+    def tensor(self, name: str) -> StoredTensor:
         """The dtype, shape and bytes of tensor ``name``; a malformed header entry raises
         ``ExternalReferenceError`` like any other damage."""
         if name not in self._entries:
@@ -141,7 +142,7 @@ class SafetensorsFile:
         start = self._data_start + begin
         if start + (end - begin) > self._file.size:
             raise self._error(f"is truncated inside tensor {name!r}")
-        return TensorSlice(dtype, tuple(shape), start, end - begin)
+        return StoredTensor(dtype, tuple(shape), start, end - begin)
 
     def close(self) -> None:
         self._file.close()

@@ -19,15 +19,17 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import constants as C
-from ..container import decode_blob
+from ..container import Preamble, decode_blob, decode_header, read_preamble
 from ..errors import FormatError, MCNCError
 from ..header import DenseTensor, Header, PackedTensor, TensorEntry
+from ..validate import validate_header
 from .digests import FileIdentity, identity_of
 
-__all__ = ["BlobStore", "FileSource", "open_regular"]
+__all__ = ["BlobStore", "FileSource", "OpenedHeader", "open_regular", "read_header"]
 
 #: Decoded blobs up to this size stay in memory once read.
 KEEP_BYTES = 16 << 20
@@ -160,6 +162,27 @@ class FileSource:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+@dataclass(frozen=True)
+class OpenedHeader:
+    """A file's validated header and what the preamble said of it (no blob read)."""
+
+    preamble: Preamble
+    header: Header
+    file_size: int
+
+
+def read_header(source: FileSource, label: str) -> OpenedHeader:
+    """Read and check the preamble and header of ``source`` (R1-R13 and the cross-entry
+    rules of ``validate.py``): everything the header says is trustworthy after this, and
+    every size in it is bounded by the file's. Needs no torch."""
+    head = source.read(0, min(C.PREAMBLE_SIZE, source.size))
+    preamble = read_preamble(head, source.size, label)
+    raw_header = source.read(C.PREAMBLE_SIZE, preamble.header_length)
+    header = decode_header(raw_header, preamble, label)
+    validate_header(header, preamble.header_length, source.size, label)
+    return OpenedHeader(preamble, header, source.size)
 
 
 class BlobStore:

@@ -113,7 +113,7 @@ class CudaCopyEngine:
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(device=self.device)
+        self.stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -142,7 +142,7 @@ class CudaCopyEngine:
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> object:
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(self.stream)
         return event
 
@@ -221,7 +221,7 @@ class StagingRing:
             buffer = self._buffers[slot]
             assert buffer is not None
             staged = buffer[:size]
-            piece = memoryview(staged.numpy())
+            piece = staged.numpy().data
             read(start, piece)
             work = observe(piece) if observe is not None else None
             marker = self.engine.copy(staged, dst[start : start + size])
@@ -231,7 +231,7 @@ class StagingRing:
 
     def _stream_in_place(self, nbytes: int, dst: torch.Tensor, read: Reader,
                          observe: Observer | None) -> object:
-        view = memoryview(dst.numpy()) if nbytes else memoryview(b"")
+        view = dst.numpy().data if nbytes else memoryview(b"")
         work: Future[None] | None = None
         for start in range(0, nbytes, self.slot_bytes):
             piece = view[start : start + self.slot_bytes]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,9 +39,12 @@ from ..header import (
 from .digests import DigestCache
 from .options import Verify
 from .resolve import HUB_SCHEME, Resolver
-from .safetensors_source import SafetensorsFile, TensorSlice
+from .safetensors_source import SafetensorsFile, StoredTensor
 from .sha256 import StreamHash
 from .source import BlobStore
+
+if TYPE_CHECKING:
+    from .backend import DrawUniform
 
 __all__ = ["DenseRead", "Theta0Source", "fan_in_bound", "prng_values", "prng_values_at"]
 
@@ -59,7 +62,7 @@ class _Reference:
     """An opened external base tensor and the verdict of its SHA-256 pin: ``check`` is the
     pending or finished check once one is arranged (``None`` before, and when not needed)."""
 
-    def __init__(self, file: SafetensorsFile, entry: TensorSlice, pinned: str) -> None:
+    def __init__(self, file: SafetensorsFile, entry: StoredTensor, pinned: str) -> None:
         self.file = file
         self.entry = entry
         self.pinned = pinned
@@ -292,12 +295,12 @@ class Theta0Source:
 
 
 def prng_values(entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-                device: torch.device | str, label: str, kernels: ModuleType | None = None
+                device: torch.device | str, label: str, uniform: DrawUniform | None = None
                 ) -> torch.Tensor | None:
     """Float32 values of a zeros or PRNG theta0 (§7.1, §7.2, §8) for elements ``start ..
-    start + count - 1``; ``None`` for zeros. ``kernels`` (``triton_kernels``): a uniform
-    draw from element 0 takes one launch (the same bits; torch's Philox takes many small
-    launches on a GPU)."""
+    start + count - 1``; ``None`` for zeros. ``uniform`` (a backend's ``draw_uniform``): a
+    uniform draw from element 0 in one launch (the same bits; torch's Philox takes many
+    small launches on a GPU)."""
     if isinstance(entry, ZerosTheta0):
         return None
     if isinstance(entry, NormalTheta0):
@@ -305,9 +308,9 @@ def prng_values(entry: Theta0Entry, shape: tuple[int, ...], start: int, count: i
                              entry)
     bound = _bound(entry, shape, label)  # a kind this reader does not know raises here
     assert isinstance(entry, PRNGTheta0)
-    if kernels is not None and start == 0:
-        return kernels.philox_uniform(entry.seed, entry.stream, count, philox.round_to_f32(
-            bound), torch.device(device))
+    if uniform is not None and start == 0:
+        return uniform(entry.seed, entry.stream, count, philox.round_to_f32(bound),
+                       torch.device(device))
     return philox.uniform_signed(entry.seed, entry.stream, start, count, bound, device)
 
 

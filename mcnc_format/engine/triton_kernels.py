@@ -47,7 +47,7 @@ from ..header import (
 )
 from ..philox import round_to_f32
 from .fused import split_bf16
-from .options import Precision
+from .options import MEASURED_ON_GPU, GpuPath, Precision
 from .staging import to_device_async
 from .theta0 import fan_in_bound
 
@@ -81,8 +81,7 @@ THETA0_DENSE = 3
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: (chunks, values, warps) per program: the fastest of the tiles ``benchmarks/profile_gpu.py``
-#: swept on an H200 with the ieee product (0.259 T values/s; 128 x 128 x 8: 0.255, 64 x 128 x 4:
-#: 0.230, 128 x 256 x 8: 0.114).
+#: swept on an H200 with the ieee product (docs/benchmarks.md, "Design measurements").
 DEFAULT_TILE = (128, 64, 4)
 # Globals read inside @triton.jit functions must be constexpr: compiled Triton rejects any
 # other global ("only constexpr"), while the interpreter would accept it. Write them to the
@@ -394,21 +393,24 @@ def kernel_theta0(entry: Theta0Entry, shape: tuple[int, ...], base: torch.Tensor
 
 
 def kernel_precision(precision: Precision, dtype: torch.dtype, device: torch.device,
-                     drawn: bool = True) -> str:
+                     drawn: bool = True,
+                     measured: frozenset[GpuPath] = MEASURED_ON_GPU) -> Precision:
     """The product the kernel runs for a tensor whose bound (SPEC.md §10.1) is that of
     ``dtype``. Split bfloat16 products meet the bound of 16-bit tensors only, so ``BF16X3``
-    keeps IEEE FMA for wider ones. ``AUTO`` is ``BF16X3`` where it is known to hold its bound
-    with margin: generators ``drawn`` per §5.2 (inline weights may cancel more in the output
-    layer), on NVIDIA GPUs whose tensor cores multiply bfloat16 (compute capability 8.0 and
-    later; the interpreter emulates them); IEEE elsewhere."""
+    keeps IEEE FMA for wider ones. ``AUTO`` picks ``BF16X3`` only where a GPU run has
+    ``measured`` it (``MEASURED_ON_GPU``) and it is known to hold its bound with margin:
+    generators ``drawn`` per §5.2 (inline weights may cancel more in the output layer), on
+    NVIDIA GPUs whose tensor cores multiply bfloat16 (compute capability 8.0 and later; the
+    interpreter emulates them); IEEE elsewhere."""
     narrow = dtype in (torch.float16, torch.bfloat16)
     if precision is Precision.AUTO:
-        capable = device.type != "cuda" or (torch.version.hip is None and
-                                           torch.cuda.get_device_capability(device) >= (8, 0))
+        capable = GpuPath.KERNEL_BF16X3 in measured and (
+            device.type != "cuda" or (torch.version.hip is None and
+                                      torch.cuda.get_device_capability(device) >= (8, 0)))
         precision = Precision.BF16X3 if capable and drawn else Precision.IEEE
     if precision is Precision.BF16X3 and not narrow:
-        return Precision.IEEE.value
-    return precision.value
+        return Precision.IEEE
+    return precision
 
 
 @dataclass(frozen=True)
@@ -440,7 +442,7 @@ def regenerate_members(
     stacked: torch.Tensor,
     has_bias: bool,
     jobs: Sequence[MemberJob],
-    precision: str = Precision.IEEE.value,
+    precision: Precision | str = Precision.IEEE,
     tile: tuple[int, int, int] = DEFAULT_TILE,
     split: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
@@ -456,7 +458,9 @@ def regenerate_members(
     ``K`` rows, computed here when not given) or ``"tf32x3"`` (Triton's three TF32 products).
     """
     d = stacked.shape[1]
-    groups: dict[tuple[object, ...], list[MemberJob]] = {}
+    product = Precision.of(precision)
+    #: (output dtype, theta0 kind, aligned, base dtype, vector width) -> its jobs
+    groups: dict[tuple[torch.dtype, int, bool, torch.dtype | None, int], list[MemberJob]] = {}
     for job in jobs:
         if job.dest.numel() and job.row1 > job.row0:
             aligned = _aligned(job.theta0, [job.first_local + job.theta_first], d)
@@ -464,7 +468,7 @@ def regenerate_members(
             key = (job.dest.dtype, job.theta0.kind, aligned, base, _vector_width(job, d))
             groups.setdefault(key, []).append(job)
     for (_, _, aligned, _, vec), group in groups.items():
-        _launch(left, stacked, has_bias, group, aligned, vec, precision, tile, split, None)
+        _launch(left, stacked, has_bias, group, aligned, vec, product, tile, split, None)
 
 
 def fused_regenerate(
@@ -474,7 +478,7 @@ def fused_regenerate(
     dest: torch.Tensor,
     first_local: int,
     theta0: KernelTheta0,
-    precision: str = Precision.IEEE.value,
+    precision: Precision | str = Precision.IEEE,
     tile: tuple[int, int, int] = DEFAULT_TILE,
     theta_first: int = 0,
     row_elements: torch.Tensor | None = None,
@@ -496,7 +500,7 @@ def fused_regenerate(
         raise ValueError("row_elements keys Philox draws; a dense base is indexed like dest")
     aligned = _aligned(theta0, row_elements.tolist(), stacked.shape[1])
     _launch(left, stacked, has_bias, [job], aligned, _vector_width(job, stacked.shape[1]),
-            precision, tile, split, row_elements)
+            Precision.of(precision), tile, split, row_elements)
 
 
 def _aligned(theta0: KernelTheta0, starts: list[int], d: int) -> bool:
@@ -523,7 +527,7 @@ def _vector_width(job: MemberJob, d: int) -> int:
 
 
 def _launch(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
-            jobs: list[MemberJob], aligned: bool, vec: int, precision: str,
+            jobs: list[MemberJob], aligned: bool, vec: int, precision: Precision,
             tile: tuple[int, int, int],
             split: tuple[torch.Tensor, torch.Tensor] | None,
             row_elements: torch.Tensor | None) -> None:
@@ -534,7 +538,7 @@ def _launch(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
     d = stacked.shape[1]
     k_main = stacked.shape[0] - (1 if has_bias else 0)
     weights = low = stacked
-    if precision == Precision.BF16X3.value:
+    if precision is Precision.BF16X3:
         weights, low = split if split is not None else split_bf16(stacked[:k_main])
     if left.stride(1) != 1:
         left = left.contiguous()
@@ -547,7 +551,7 @@ def _launch(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
     ints = np.array([job.table_row() for job in jobs], dtype=np.int64)
     floats = np.array([[job.theta0.bound, job.theta0.mean, job.theta0.std] for job in jobs],
                       dtype=np.float32)
-    parts = [ints, tiles, np.zeros(0, np.int64) if row_elements is None
+    parts: list[np.ndarray] = [ints, tiles, np.zeros(0, np.int64) if row_elements is None
              else row_elements.numpy().astype(np.int64), floats]
     table = to_device_async(torch.from_numpy(np.concatenate(
         [p.reshape(-1).view(np.uint8) for p in parts])), left.device)
@@ -564,7 +568,7 @@ def _launch(left: torch.Tensor, stacked: torch.Tensor, has_bias: bool,
         else tiles_d, tiles_d, ints_d, floats_d, k_main, left.stride(0), d,
         HAS_BIAS=has_bias, THETA=first.theta0.kind, ALIGNED=aligned,
         GATHER=row_elements is not None, BLOCK_C=block_c, BLOCK_D=block_d,
-        BLOCK_K=min(64, max(16, triton.next_power_of_2(k_main))), PRECISION=precision,
+        BLOCK_K=min(64, max(16, triton.next_power_of_2(k_main))), PRECISION=precision.value,
         COMPILED=compiled(), VEC=vec, num_warps=num_warps,
         # FMA contraction as measured (§10.1 allows it in the output layer), named so the
         # kernel's bits do not change with Triton's default (off from Triton 3.10).

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..dtypes import to_torch
-from ..engine.execute import default_kernels
+from ..engine.backend import default_backend
 from ..engine.fused import FusedGenerator
 from ..engine.members import MemberRun, rebuild_members
 from ..engine.theta0 import prng_values
@@ -110,7 +110,7 @@ class ResidentAdapter:
         if isinstance(factor.theta0, torch.Tensor):
             return factor.theta0
         return prng_values(factor.theta0, factor.shape, 0, math.prod(factor.shape), device,
-                           factor.label, default_kernels(device))
+                           factor.label, default_backend(device).draw_uniform())
 
 
 class _Reader:
@@ -188,9 +188,9 @@ class _Reader:
         """A factor's theta0: an entry to draw from at each rebuild, or, for the rare stored
         one, its values kept on the device."""
         if isinstance(member.theta0, BlobTheta0 | ExternalTheta0):
-            values = self.f.theta0.values(member.theta0, member.shape, 0, member.numel,
+            values = self.f.context.theta0.values(member.theta0, member.shape, 0, member.numel,
                                           self.device, label)
-            check = self.f.theta0.pending_check(member.theta0)
+            check = self.f.context.theta0.pending_check(member.theta0)
             if check is not None:
                 check.result()  # R75: the base this factor starts from has its pinned bytes
             assert values is not None
@@ -231,7 +231,7 @@ class _Reader:
                     "adapter was trained on another base (pass check_base=False if the base "
                     "is the same in another dtype)", name)
         elif isinstance(theta0, BlobTheta0):
-            stored = self.f.theta0.values(theta0, entry.shape, 0, math.prod(entry.shape),
+            stored = self.f.context.theta0.values(theta0, entry.shape, 0, math.prod(entry.shape),
                                           torch.device("cpu"), f"{name}.theta0")
             assert stored is not None
             self.check_equal(name, stored.view(entry.shape), linear.weight)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..devices import check_device
-from ..engine.execute import default_kernels, triton_available
+from ..engine.backend import default_backend, triton_available
 from ..engine.fused import FusedGenerator
 from ..errors import UsageError
 from ..reader import MCNCFile
@@ -236,8 +236,8 @@ class AdapterBank:
         key: GeneratorKey = ((spec, m, "seed") if spec.seed is not None
                              else (load, index, m, "inline"))
         if key not in self._generators:
-            self._generators[key] = f.fused_generator(index, m, self.device,
-                                                      default_kernels(self.device))
+            self._generators[key] = f.context.generators.fused(
+                index, m, self.device, default_backend(self.device).draw_weights())
         return key
 
     def _drop_unused_generators(self) -> None:
