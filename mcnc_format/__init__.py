@@ -2,10 +2,18 @@
 
 The public API is what ``__all__`` lists; everything else is internal. See ``spec/SPEC.md`` for
 the file format and README.md for a tour.
+
+Attributes are imported on first use (PEP 562): ``import mcnc_format`` loads neither torch nor
+any integration, so header-level work (the CLI's ``inspect``, ``--help``) starts at once, and
+touching ``mcnc_format.load`` or ``mcnc_format.save`` brings in what they need.
 """
 
-from .api import load, load_into, open, stream
-from .engine.options import LoadOptions, Precision, Progress, Verify
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ChecksumError,
     DeviceMemoryError,
@@ -26,12 +34,47 @@ from .errors import (
     UsageError,
     WriteError,
 )
-from .generator import GeneratorSpec
-from .reader import MCNCFile, TensorInfo, TensorSlice
-from .torch import save_model
-from .writer import MCNC, Dense, LoRA, Segment, Theta0, save
+
+if TYPE_CHECKING:
+    from .api import load, load_into, open, stream
+    from .engine.options import Precision, Progress, Verify
+    from .generator import GeneratorSpec
+    from .reader import MCNCFile, TensorInfo, TensorSlice
+    from .torch import save_model
+    from .writer import MCNC, Dense, LoRA, Segment, Theta0, save
 
 __version__ = "0.1.0"
+
+#: Where each lazily imported public name lives.
+_LAZY = {
+    "load": "api", "load_into": "api", "open": "api", "stream": "api",
+    "Precision": "engine.options", "Progress": "engine.options", "Verify": "engine.options",
+    "GeneratorSpec": "generator",
+    "MCNCFile": "reader", "TensorInfo": "reader", "TensorSlice": "reader",
+    "save_model": "torch",
+    "MCNC": "writer", "Dense": "writer", "LoRA": "writer", "Segment": "writer",
+    "Theta0": "writer", "save": "writer",
+}
+#: Names kept for one release with a DeprecationWarning (CHANGELOG.md): the new spelling.
+_DEPRECATED = {"LoadOptions": ("engine.options", "the keyword options of load/stream/load_into")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _DEPRECATED:
+        module, instead = _DEPRECATED[name]
+        warnings.warn(f"mcnc_format.{name} is deprecated and will be removed in the next "
+                      f"release; use {instead}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(f".{module}", __name__), name)
+    raise AttributeError(f"module 'mcnc_format' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "MCNC",
@@ -48,7 +91,6 @@ __all__ = [
     "HubOfflineError",
     "HubPermissionError",
     "LoRA",
-    "LoadOptions",
     "MCNCError",
     "MCNCFile",
     "MappingError",
