@@ -1,52 +1,28 @@
 """The top-level verbs: ``open``, ``load``, ``stream`` and ``load_into``.
 
-They are the core's reader with one addition: names may be ``hf://`` URIs, resolved through
-the Hub layer, which is imported only when such a name is met (reading local files never
-imports the Hub client). Every option of a load is a typed keyword (``LoadKeywords``).
+Names may be local paths or ``hf://`` URIs (resolved by ``engine.resolve.DefaultResolver``,
+which loads the Hub layer only when such a name is met). Every option of a load is a keyword
+(``LoadKeywords``); an unknown keyword is refused with the closest valid one, since a
+misspelled option silently ignored would load something other than what was asked.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import TypedDict, TypeVar
+from typing import TypedDict
 
 import torch
 from typing_extensions import Unpack
 
-from .engine.options import DEFAULT_STAGING_BYTES, LoadOptions, Precision, Progress, Verify
-from .engine.resolve import HUB_SCHEME, Resolver
+from .engine.options import LoadOptions, Precision, Progress, Verify
+from .engine.resolve import DefaultResolver, Resolver
 from .errors import MCNCError
 from .reader import Boxes, MCNCFile
 
-__all__ = ["DefaultResolver", "LoadKeywords", "load", "load_into", "open", "stream"]
+__all__ = ["LoadKeywords", "load", "load_into", "open", "stream"]
 
 PathLike = str | os.PathLike[str]
-T = TypeVar("T")
-
-
-class DefaultResolver:
-    """Local paths as they are; ``hf://`` names through ``mcnc_format.hub.HubResolver``."""
-
-    def __init__(self) -> None:
-        self._hub: Resolver | None = None
-
-    def hub(self) -> Resolver:
-        if self._hub is None:
-            from .hub import HubResolver
-
-            self._hub = HubResolver()
-        return self._hub
-
-    def local_path(self, name: str | os.PathLike[str]) -> Path:
-        text = os.fspath(name)
-        return self.hub().local_path(text) if text.startswith(HUB_SCHEME) else Path(text)
-
-    def reference(self, uri: str, source: str, read: Callable[[Path], T]) -> T:
-        if uri.startswith(HUB_SCHEME) or source.startswith(HUB_SCHEME):
-            return self.hub().reference(uri, source, read)
-        return read(Path(source).parent / uri)
 
 
 class LoadKeywords(TypedDict, total=False):
@@ -55,7 +31,8 @@ class LoadKeywords(TypedDict, total=False):
     ``names``: the tensors to load (all by default). ``boxes``: a box per name
     (``{"w": (slice(0, 128), slice(None))}``) to load only that part. ``staging_bytes``,
     ``workspace_bytes``, ``use_triton``, ``precision``, ``verify``, ``progress``: as
-    ``LoadOptions`` says. ``resolver``: where names and theta0 references are read from.
+    ``engine.options.LoadOptions`` says. ``resolver``: where names and theta0 references are
+    read from.
     """
 
     names: Iterable[str] | None
@@ -69,7 +46,16 @@ class LoadKeywords(TypedDict, total=False):
     resolver: Resolver | None
 
 
-def open(path: PathLike, *, verify: bool = True,
+#: Keywords of the verbs that are not ``LoadOptions`` fields (and their named parameters,
+#: so a misspelling of one is pointed at it).
+_REQUEST_KEYWORDS = ("names", "boxes", "resolver", "path", "device", "dtype")
+
+
+def _load_options(call: str, options: LoadKeywords) -> LoadOptions:
+    return LoadOptions.from_keywords(call, options, _REQUEST_KEYWORDS)
+
+
+def open(path: PathLike, *, verify: bool | str | Verify = True,
          resolver: Resolver | None = None) -> MCNCFile:
     """Open an ``.mcnc`` file, a path or ``hf://ORG/REPO[@REV]/FILE`` (header only)."""
     return MCNCFile(path, verify=verify, resolver=resolver or DefaultResolver())
@@ -81,15 +67,14 @@ def stream(path: PathLike, device: torch.device | str = "cpu",
     """Yield ``(name, tensor)`` for the file's tensors (or ``names``) on ``device`` as each
     is complete, so a caller can place weights while later ones are rebuilt. ``dtype``
     overrides float dtypes. On CUDA, tensors are ordered on the current stream of
-    ``device``."""
-    load_options = LoadOptions(
-        staging_bytes=options.get("staging_bytes", DEFAULT_STAGING_BYTES),
-        workspace_bytes=options.get("workspace_bytes"),
-        use_triton=options.get("use_triton"),
-        precision=Precision.of(options.get("precision", Precision.AUTO)),
-        verify=Verify.of(options.get("verify", Verify.CACHED)),
-        progress=options.get("progress"),
-    )
+    ``device``. Unknown keywords are refused before anything is opened."""
+    load_options = _load_options("stream", options)
+    return _stream(path, device, dtype, options, load_options)
+
+
+def _stream(path: PathLike, device: torch.device | str, dtype: torch.dtype | str | None,
+            options: LoadKeywords, load_options: LoadOptions
+            ) -> Iterator[tuple[str, torch.Tensor]]:
     with open(path, verify=load_options.verify, resolver=options.get("resolver")) as f:
         yield from f.stream(options.get("names"), device, dtype, boxes=options.get("boxes"),
                             options=load_options)
@@ -99,7 +84,8 @@ def load(path: PathLike, device: torch.device | str = "cpu",
          dtype: torch.dtype | str | None = None, **options: Unpack[LoadKeywords]
          ) -> dict[str, torch.Tensor]:
     """Every tensor (or ``names``, or ``boxes`` of them) of a file on ``device``."""
-    return dict(stream(path, device, dtype, **options))
+    load_options = _load_options("load", options)
+    return dict(_stream(path, device, dtype, options, load_options))
 
 
 def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | str = "cpu",
@@ -117,6 +103,8 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
     ``mcnc_format.torch`` writes for a tied compressed tensor), and after loading every name
     holds the tensor loaded under the first name the file has.
     """
+    load_options = LoadOptions.from_keywords("load_into", options,
+                                             (*_REQUEST_KEYWORDS, "module", "strict"))
     targets = module.state_dict(keep_vars=True)
     with open(path, verify=False, resolver=options.get("resolver")) as f:
         shapes = {t.name: t.shape for t in f.header.tensors}
@@ -137,7 +125,7 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
                             f"module expects {list(targets[name].shape)}")
     on_meta = any(t.is_meta for t in targets.values())
     options["names"] = wanted
-    loaded = stream(path, device, dtype, **options)
+    loaded = _stream(path, device, dtype, options, load_options)
     if on_meta:
         module.load_state_dict(dict(loaded), strict=False, assign=True)
         for names in ties:
@@ -166,3 +154,14 @@ def _tie(module: torch.nn.Module, source: str, names: list[str]) -> None:
         if name != source:
             owner, _, attribute = name.rpartition(".")
             setattr(module.get_submodule(owner), attribute, tensor)
+
+
+def __getattr__(name: str) -> object:
+    if name == "DefaultResolver":  # moved to the core; kept for one release (CHANGELOG.md)
+        import warnings
+
+        warnings.warn("mcnc_format.api.DefaultResolver is deprecated; use "
+                      "mcnc_format.engine.resolve.DefaultResolver", DeprecationWarning,
+                      stacklevel=2)
+        return DefaultResolver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,6 +35,7 @@ import mcnc_format as mf
 from mcnc_format import UsageError
 from mcnc_format.distributed import MCNCLoadPlanner, MCNCStorageReader, ReadStats, load
 from mcnc_format.engine.box import Box
+from mcnc_format.engine.options import LoadOptions
 from mcnc_format.header import LoRATensor, MCNCTensor
 
 pytestmark = pytest.mark.filterwarnings(
@@ -308,5 +309,5 @@ def test_full_verification_hashes_each_base_once_per_load(model_file: Path,
     assert bases
     model = TinyLM()
     load(model.state_dict(), model_file, no_dist=True,
-         options=mf.LoadOptions(verify=mf.Verify.FULL))
+         options=LoadOptions(verify=mf.Verify.FULL))
     assert len(hashes) == len(bases), hashes

@@ -88,7 +88,7 @@ def test_random_files_and_boxes(tmp_path_factory: pytest.TempPathFactory, plan, 
     path = directory / "plan.mcnc"
     mf.save(path, materialize(plan, directory))  # type: ignore[arg-type]
     workspace = data.draw(st.sampled_from([None, 3000, 50_000]))
-    with mf.MCNCFile(path, options=mf.LoadOptions(workspace_bytes=workspace)) as f:
+    with mf.MCNCFile(path, workspace_bytes=workspace) as f:
         whole = f.tensors()
         for name, tensor in whole.items():
             index = tuple(_drawn_slice(data, n) for n in tensor.shape)
@@ -123,8 +123,7 @@ def test_a_row_block_rebuilds_its_share_of_chunks(tmp_path: Path, theta0: Theta0
     a column block only the chunks its rows' columns touch."""
     path = _big_file(tmp_path / "big.mcnc", theta0)
     seen: list[mf.Progress] = []
-    with mf.MCNCFile(path, options=mf.LoadOptions(workspace_bytes=4096,
-                                                  progress=seen.append)) as f:
+    with mf.MCNCFile(path, workspace_bytes=4096, progress=seen.append) as f:
         whole = f.get_tensor("w", device)
         handle = f.get_slice("w").to(device)
         for rank in range(16):

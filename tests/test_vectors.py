@@ -296,8 +296,7 @@ def _check_lora(f: mf.MCNCFile, name: str, got: torch.Tensor, expected: torch.Te
 def test_valid_vector(vector: dict, workspace: int | None, device: str) -> None:
     expected = load_file(VECTORS / vector["expected"])
     unsupported = vector["unsupported"]
-    options = mf.LoadOptions(workspace_bytes=workspace)
-    with mf.MCNCFile(VECTORS / vector["file"], options=options) as f:
+    with mf.MCNCFile(VECTORS / vector["file"], workspace_bytes=workspace) as f:
         assert f.minor == vector["minor"]
         assert sorted(f.keys()) == sorted([*expected, *unsupported])
         for name, error in unsupported.items():

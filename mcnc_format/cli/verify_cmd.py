@@ -12,7 +12,7 @@ import json
 import click
 from rich.console import Console
 
-from ..api import DefaultResolver
+from ..engine.resolve import DefaultResolver
 from ..verify import VerifyReport, verify_file
 from .safe_text import markup_safe
 

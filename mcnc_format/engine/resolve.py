@@ -1,24 +1,36 @@
 """Where the bytes behind a name come from: the file being opened, and the base checkpoints
 its theta0 references point to (SPEC.md §7.4).
 
-The core reads local files only. ``hf://`` names are the Hub layer's business: it supplies a
-``Resolver`` (``mcnc_format.hub.HubResolver``), and the top-level ``mcnc_format.open``/``load``
-and the CLI pass it in, so reading a local file never imports the Hub client.
+The core reads local files. A name with a scheme (``hf://``) is read by the resolver that an
+installed package registers for it under the entry-point group ``mcnc_format.resolvers``
+(mcnc-format registers ``mcnc_format.hub:HubResolver`` for ``hf``): the core never imports
+the Hub client, and it is loaded only when such a name is met. A relative theta0 reference
+is always a path beside the file that holds it (``relative_to``), whichever resolver reads it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from ..errors import MCNCError
+from ..errors import UsageError
+from ..uri import SCHEME as HUB_SCHEME
 
-__all__ = ["HUB_SCHEME", "LocalResolver", "Resolver"]
+__all__ = [
+    "HUB_SCHEME",
+    "RESOLVER_GROUP",
+    "DefaultResolver",
+    "LocalResolver",
+    "Resolver",
+    "relative_to",
+]
 
 T = TypeVar("T")
-HUB_SCHEME = "hf://"
+#: The entry-point group of scheme resolvers: name ``hf`` serves ``hf://`` names.
+RESOLVER_GROUP = "mcnc_format.resolvers"
 
 
 class Resolver(Protocol):
@@ -33,20 +45,60 @@ class Resolver(Protocol):
         it again when ``read`` raises ``ExternalReferenceDamaged``."""
 
 
+def relative_to(uri: str, source: str) -> Path:
+    """§7.4: a relative reference names a file beside the file that holds it."""
+    return Path(source).parent / uri
+
+
+def _scheme(name: str) -> str | None:
+    """The scheme of ``name`` (``"hf"`` for ``hf://...``), ``None`` for a local path."""
+    head, sep, _ = name.partition("://")
+    return head if sep and head.isalnum() else None
+
+
 class LocalResolver:
-    """Local files only: ``hf://`` names are refused with what to use instead."""
+    """Local files only: a name with a scheme is refused with what to use instead."""
 
     def local_path(self, name: str | os.PathLike[str]) -> Path:
         text = os.fspath(name)
-        if text.startswith(HUB_SCHEME):
-            raise MCNCError(_HUB_NEEDED.format(text))
+        if _scheme(text) is not None:
+            raise UsageError(f"{text}: this resolver reads local files only; open it with "
+                             "mcnc_format.open (which resolves hf:// names)")
         return Path(text)
 
     def reference(self, uri: str, source: str, read: Callable[[Path], T]) -> T:
-        if uri.startswith(HUB_SCHEME) or source.startswith(HUB_SCHEME):
-            raise MCNCError(_HUB_NEEDED.format(uri))
-        return read(Path(source).parent / uri)
+        if _scheme(uri) is not None or _scheme(source) is not None:
+            raise UsageError(f"{uri}: this resolver reads local files only; open the file "
+                             "with mcnc_format.open (which resolves hf:// names)")
+        return read(relative_to(uri, source))
 
 
-_HUB_NEEDED = ("{}: an hf:// name needs the Hub layer: open it with mcnc_format.open or "
-               "mcnc_format.load (or pass resolver=mcnc_format.hub.HubResolver())")
+class DefaultResolver:
+    """Local paths as they are; names with a scheme through the resolver registered for it
+    (``mcnc_format.resolvers`` entry points), created on first use."""
+
+    def __init__(self) -> None:
+        self._by_scheme: dict[str, Resolver] = {}
+
+    def for_scheme(self, scheme: str) -> Resolver:
+        """The registered resolver of ``scheme``."""
+        if scheme not in self._by_scheme:
+            found = entry_points(group=RESOLVER_GROUP, name=scheme)
+            if not found:
+                raise UsageError(
+                    f"no resolver is installed for {scheme}:// names (entry-point group "
+                    f"{RESOLVER_GROUP!r}); install mcnc-format as a package (pip install "
+                    "mcnc-format) to read hf:// names")
+            self._by_scheme[scheme] = next(iter(found)).load()()
+        return self._by_scheme[scheme]
+
+    def local_path(self, name: str | os.PathLike[str]) -> Path:
+        text = os.fspath(name)
+        scheme = _scheme(text)
+        return Path(text) if scheme is None else self.for_scheme(scheme).local_path(text)
+
+    def reference(self, uri: str, source: str, read: Callable[[Path], T]) -> T:
+        scheme = _scheme(uri) or _scheme(source)
+        if scheme is None:
+            return read(relative_to(uri, source))
+        return self.for_scheme(scheme).reference(uri, source, read)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ..engine.resolve import relative_to
+from ..uri import SCHEME
 from .download import read_reference, resolve_path
 
 __all__ = ["HubResolver"]
@@ -27,6 +29,6 @@ class HubResolver:
         return resolve_path(name, token=self.token, endpoint=self.endpoint)
 
     def reference(self, uri: str, source: str, read: Callable[[Path], T]) -> T:
-        if uri.startswith("hf://") or source.startswith("hf://"):
+        if uri.startswith(SCHEME) or source.startswith(SCHEME):
             return read_reference(uri, source, read, token=self.token, endpoint=self.endpoint)
-        return read(Path(source).parent / uri)
+        return read(relative_to(uri, source))
