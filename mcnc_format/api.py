@@ -16,7 +16,7 @@ import torch
 from typing_extensions import Unpack
 
 from .engine.options import DEFAULT_STAGING_BYTES, LoadOptions, Precision, Progress, Verify
-from .engine.resolve import HUB_SCHEME, Resolver
+from .engine.resolve import HUB_SCHEME, LocalResolver, Resolver
 from .errors import MCNCError
 from .reader import Boxes, MCNCFile
 
@@ -46,7 +46,7 @@ class DefaultResolver:
     def reference(self, uri: str, source: str, read: Callable[[Path], T]) -> T:
         if uri.startswith(HUB_SCHEME) or source.startswith(HUB_SCHEME):
             return self.hub().reference(uri, source, read)
-        return read(Path(source).parent / uri)
+        return LocalResolver().reference(uri, source, read)
 
 
 class LoadKeywords(TypedDict, total=False):

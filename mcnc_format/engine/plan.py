@@ -188,9 +188,9 @@ def plan_load(header: Header, requests: list[TensorRequest], workspace_bytes: in
         t = request.entry
         target = Target(t.name, request.box, request.dtype, tensor=t)
         outputs.append(target)
-        if target.numel == 0:
+        if target.numel == 0 and not (t.stores_values and t.numel == 0):
             order.append(EmptyStep(target))
-        elif t.stores_values:
+        elif t.stores_values:  # an empty tensor's blob too: its frame is checked (R25)
             order.append(DenseStep(t, target))
         elif isinstance(t, LoRATensor):
             a, b = _factor_targets(t, request.box)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from ..errors import MCNCError
+from ..errors import ExternalReferenceError, MCNCError
 
 __all__ = ["HUB_SCHEME", "LocalResolver", "Resolver"]
 
@@ -45,7 +45,29 @@ class LocalResolver:
     def reference(self, uri: str, source: str, read: Callable[[Path], T]) -> T:
         if uri.startswith(HUB_SCHEME) or source.startswith(HUB_SCHEME):
             raise MCNCError(_HUB_NEEDED.format(uri))
+        _check_exact_names(Path(source).parent, uri, source)
         return read(Path(source).parent / uri)
+
+
+def _check_exact_names(folder: Path, uri: str, source: str) -> None:
+    """§7.4: the names of a relative path match exactly, case included. A file system that
+    folds case (macOS, Windows) would open ``Base.safetensors`` for ``base.safetensors``; the
+    reference is missing there as it is elsewhere (R75). A name missing in every case is left
+    to the read, which reports it."""
+    directory = folder
+    for name in uri.split("/"):
+        try:
+            present = name in os.listdir(directory)
+        except OSError:
+            return
+        if not present:
+            if (directory / name).exists():
+                raise ExternalReferenceError(
+                    f"theta0 reference {uri}: {directory / name} exists only under a "
+                    "name that differs in case; names match exactly (SPEC.md §7.4). Rename the "
+                    "file or re-write the reference", rule="R75", path=source)
+            return
+        directory = directory / name
 
 
 _HUB_NEEDED = ("{}: an hf:// name needs the Hub layer: open it with mcnc_format.open or "

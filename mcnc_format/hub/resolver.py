@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ..engine.resolve import LocalResolver
 from .download import read_reference, resolve_path
 
 __all__ = ["HubResolver"]
@@ -17,7 +18,7 @@ T = TypeVar("T")
 
 class HubResolver:
     """``hf://ORG/REPO[@REV]/FILE`` names and the theta0 references of files from the Hub
-    (or ``hf://`` references of local files); local paths pass through."""
+    (or ``hf://`` references of local files); local paths go to ``LocalResolver``."""
 
     def __init__(self, *, token: str | None = None, endpoint: str | None = None) -> None:
         self.token = token
@@ -29,4 +30,4 @@ class HubResolver:
     def reference(self, uri: str, source: str, read: Callable[[Path], T]) -> T:
         if uri.startswith("hf://") or source.startswith("hf://"):
             return read_reference(uri, source, read, token=self.token, endpoint=self.endpoint)
-        return read(Path(source).parent / uri)
+        return LocalResolver().reference(uri, source, read)
