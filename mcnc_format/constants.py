@@ -52,6 +52,8 @@ MAX_GENERATOR_WEIGHTS = 1 << 26
 MAX_NUMEL = 1 << 48
 MAX_ZSTD_RATIO = 4096
 ZSTD_MIN_DECODED_ALLOWANCE = 1 << 20
+#: The first bytes of every Zstandard frame (RFC 8878 §3.1.1); a skippable frame has others.
+ZSTD_FRAME_MAGIC = bytes.fromhex("28B52FFD")
 MAX_STREAM_ELEMENTS = 1 << 66  # 2**64 Philox blocks of 4 words
 
 # §3 Structured facts in the header's `info` map

@@ -141,6 +141,9 @@ def compress_header(msgpack_bytes: bytes, level: int) -> tuple[int, bytes]:
 def _decompress_header(stored: bytes | memoryview, source: str) -> bytes:
     """R6 for zstd headers: one frame, nothing after it, with a declared content size within
     MAX_HEADER_BYTES, decoded exactly."""
+    if not _is_zstd_frame(stored):
+        raise HeaderError("the header does not start with a Zstandard frame (magic 28 B5 2F "
+                          "FD; a skippable frame is not one)", rule="R6", path=source)
     try:
         size = zstandard.get_frame_parameters(stored).content_size
         if not 0 <= size <= C.MAX_HEADER_BYTES:
@@ -164,21 +167,43 @@ def _decompress_one_frame(stored: bytes | memoryview, size: int) -> bytes:
                                                    allow_extra_data=False)
 
 
-class _DuplicateKey(ValueError):
-    """A msgpack map with a key twice (R6)."""
+def _is_zstd_frame(stored: bytes | memoryview) -> bool:
+    """True when ``stored`` starts a Zstandard frame: a skippable frame (magic
+    ``0x184D2A5?``) is not one (RFC 8878 §3.1.2), even though decoders pass over it."""
+    return bytes(stored[:4]) == C.ZSTD_FRAME_MAGIC
+
+
+class _NotThisDataModel(ValueError):
+    """msgpack the header never holds (R6): a map with a key twice or a non-string key, a
+    ``bin`` value."""
 
 
 def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     """msgpack's ``object_pairs_hook``: a map, refusing a key given twice (R6). Keeping the
-    first or the last would let two readers see different headers behind one checksum."""
+    first or the last would let two readers see different headers behind one checksum. Keys
+    are ``str`` and values never ``bin`` (§3), in every map."""
     value = dict(pairs)
+    for key, item in pairs:
+        if type(key) is not str:
+            raise _NotThisDataModel(f"a map has the non-string key {key!r}; map keys are msgpack "
+                                "str")
+        if type(item) is bytes:
+            raise _NotThisDataModel(f"the key {key!r} holds a msgpack bin value; the header holds "
+                                "no bin")
     if len(value) != len(pairs):
         seen: set[Any] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _DuplicateKey(f"a map has the key {key!r} twice")
+                raise _NotThisDataModel(f"a map has the key {key!r} twice")
             seen.add(key)
     return value
+
+
+def _no_bin(items: list[Any]) -> list[Any]:
+    """msgpack's ``list_hook``: an array, refusing a ``bin`` element (§3, R6)."""
+    if any(type(item) is bytes for item in items):
+        raise _NotThisDataModel("an array holds a msgpack bin value; the header holds no bin")
+    return items
 
 
 def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> Header:
@@ -193,9 +218,9 @@ def decode_header(raw: bytes | memoryview, preamble: Preamble, source: str) -> H
     try:
         value: Any = msgpack.unpackb(
             raw, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
-            object_pairs_hook=_unique_keys,
+            object_pairs_hook=_unique_keys, list_hook=_no_bin,
         )
-    except _DuplicateKey as exc:
+    except _NotThisDataModel as exc:
         raise HeaderError(f"the header is not valid msgpack for this format: {exc}. Re-write "
                           "the file with a conforming writer", rule="R6", path=source) from exc
     except Exception as exc:  # msgpack raises several unrelated classes for bad input
@@ -225,6 +250,10 @@ def decode_blob(
     if blob.codec == C.Codec.RAW:
         return stored
     expected = blob.decoded_length
+    if not _is_zstd_frame(stored):
+        raise FormatError("a zstd blob is one Zstandard frame (magic 28 B5 2F FD; a skippable "
+                          "frame is not one), also when it decodes to nothing", rule="R25",
+                          path=source, field=path)
     try:
         params = zstandard.get_frame_parameters(stored)
         if params.content_size != expected:

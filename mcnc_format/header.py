@@ -130,12 +130,14 @@ class _Map:
         return tuple(dims)
 
     def dtype(self, key: str, allowed: tuple[str, ...] | None = None) -> str:
+        """A dtype of §1 (R26), or one of ``allowed`` where the format admits only those,
+        whatever the name (R44: no minor version adds a dtype, §13)."""
         value: str = self.get(key, str)
-        if value not in C.DTYPE_SIZES:
-            raise self.unsupported(key, "dtype", value, ", ".join(C.DTYPE_SIZES), "R26")
         if allowed is not None and value not in allowed:
             raise self.error(key, f"dtype must be one of {', '.join(allowed)}, got {value!r}",
                              rule="R44")
+        if value not in C.DTYPE_SIZES:
+            raise self.unsupported(key, "dtype", value, ", ".join(C.DTYPE_SIZES), "R26")
         return value
 
     def child(self, key: str) -> _Map:
@@ -274,6 +276,16 @@ class GeneratorEntry:
 
     @classmethod
     def parse(cls, m: _Map) -> GeneratorEntry:
+        # R31 and R32 first: a generator of an unknown activation or weights kind is refused
+        # whatever its other keys hold, which belong to the feature this reader lacks (§3).
+        activation = m.get("activation", str)
+        if activation != C.ACTIVATION_SINE:
+            raise m.unsupported("activation", "activation", activation, "'sin'", "R31")
+        w = m.child("weights")
+        kind = w.get("kind", str)
+        if kind not in (C.WEIGHTS_PHILOX, C.WEIGHTS_INLINE):
+            raise m.unsupported("weights.kind", "generator weights kind", kind,
+                                "'philox' and 'inline'", "R32")
         k = m.get("k", int)
         d = m.get("d", int)
         if not 1 <= k <= C.MAX_K:
@@ -296,9 +308,6 @@ class GeneratorEntry:
         if count > C.MAX_GENERATOR_WEIGHTS:
             raise m.error("d", f"widths {list(widths)} need {count} generator weights, over "
                           f"MAX_GENERATOR_WEIGHTS {C.MAX_GENERATOR_WEIGHTS}", rule="R30")
-        activation = m.get("activation", str)
-        if activation != C.ACTIVATION_SINE:
-            raise m.unsupported("activation", "activation", activation, "'sin'", "R31")
         L = m.finite("L", rule="R34")
         omega0 = m.finite("omega0", rule="R34")
         if L <= 0:
@@ -307,21 +316,16 @@ class GeneratorEntry:
             raise m.error("omega0", "expected a non-zero frequency scale", rule="R34")
         bias = m.get("bias", bool)
         normalize = m.get("normalize", bool)
-        w = m.child("weights")
-        kind = w.get("kind", str)
         weights: PhiloxWeights | InlineWeights
         if kind == C.WEIGHTS_PHILOX:
             weights = PhiloxWeights(w.uint("seed", _U32, rule="R30"))
-        elif kind == C.WEIGHTS_INLINE:
+        else:
             raw = w.get("blobs", list)
             for i, b in enumerate(raw):
                 if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= _U64:
                     raise w.error(f"blobs[{i}]", f"expected a blob index (an integer in [0, "
                                   f"2^64 - 1]), got {b!r}", rule="R10")
             weights = InlineWeights(tuple(raw))
-        else:
-            raise m.unsupported("weights.kind", "generator weights kind", kind,
-                                "'philox' and 'inline'", "R32")
         w.done()
         m.done()
         return cls(k, d, tuple(hidden), L, weights, omega0, bias, normalize, activation)
@@ -533,9 +537,10 @@ class ExternalTheta0(Theta0Entry):
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise m.error("sha256", "expected 64 lowercase hex digits", rule="R74")
         if not _valid_uri(uri):
-            raise m.error("uri", f"{uri!r} is neither a relative path ('/'-separated names, "
-                          "none empty, '.' or '..', without '\\' or ':') nor "
-                          "hf://ORG/REPO@<40-hex commit>/PATH", rule="R74")
+            raise m.error("uri", f"{uri!r} is neither a relative path ('/'-separated names "
+                          "of printable ASCII without \\ : * ? \" < > |, none empty, '.', '..', "
+                          "ending in '.' or ' ', or a Windows device name such as CON) nor "
+                          "hf://ORG/REPO@<40 lowercase hex commit>/PATH", rule="R74")
         return cls(uri, tensor, sha)
 
 
@@ -582,11 +587,26 @@ def _valid_uri(uri: str) -> bool:
 
 
 def _relative_path(path: str) -> bool:
-    """'/'-separated components, each non-empty, not '.' or '..', without '\\', ':' or NUL:
-    one spelling per file, read the same on every OS (no drive letters, no Windows
-    separators or alternate streams) and never outside the referencing file's folder."""
-    return all(part not in ("", ".", "..") and not any(c in part for c in "\\:\0")
-               for part in path.split("/"))
+    """'/'-separated portable names (§7.4): one spelling per file, resolved alike on every OS
+    and never outside the referencing file's folder."""
+    return all(_portable_name(part) for part in path.split("/"))
+
+
+#: Characters of printable ASCII that no name of §7.4 holds: a Windows separator, a drive or
+#: stream colon, and the characters Windows refuses in names.
+_NOT_IN_NAMES = frozenset('\\:*?"<>|')
+#: Names that Windows opens as devices, alone or before a '.' (§7.4).
+_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                           *(f"{port}{i}" for port in ("COM", "LPT") for i in range(10))})
+
+
+def _portable_name(part: str) -> bool:
+    """A name of §7.4: printable ASCII without ``\\ : * ? " < > |`` (so no case folding
+    beyond ASCII and no Unicode normalisation), not '.' or '..', not ending in '.' or ' '
+    (Windows drops them), not a Windows device name."""
+    return (part not in ("", ".", "..") and not part.endswith((".", " "))
+            and all(" " <= c <= "~" and c not in _NOT_IN_NAMES for c in part)
+            and part.split(".")[0].rstrip(" ").upper() not in _DEVICE_NAMES)
 
 
 # -- tensors (§6) ------------------------------------------------------------------------------

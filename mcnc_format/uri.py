@@ -11,6 +11,7 @@ repository is meant (``mcnc pull hf://org/repo``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -18,6 +19,8 @@ __all__ = ["SCHEME", "HubURI", "is_commit_hash", "parse_uri"]
 
 SCHEME = "hf://"
 _HEX = frozenset("0123456789abcdef")
+#: One part of a Hub repository id (SPEC.md §7.4; huggingface_hub's ``validate_repo_id``).
+_REPO_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
 
 
 def is_commit_hash(revision: str | None) -> bool:
@@ -74,8 +77,11 @@ def _problem(org: str, slash: str, name: str, at: str, revision: str, path: str,
     """What is wrong with the parts of a reference, or None."""
     if not org or not slash or not name:
         return "the repository must be ORG/REPO"
-    if any(c in part for part in (org, name) for c in " \\@:"):
-        return "the repository name holds a character the Hub does not allow"
+    if not all(_REPO_PART.fullmatch(part) for part in (org, name)) or \
+            any(pair in f"{org}/{name}" for pair in ("--", "..")) or name.endswith(".git"):
+        return ("ORG and REPO are each 1 to 96 of A-Z a-z 0-9 _ . -, starting and ending with a "
+                "letter, digit or _, without '--' or '..', REPO not ending in .git (the Hub's "
+                "repository names)")
     if at and not revision:
         return "'@' must be followed by a revision"
     if require_path and not path:

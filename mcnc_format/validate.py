@@ -150,8 +150,7 @@ class _Checker:
         # reference is visible: an entry of an unknown encoding or theta0 kind may use blobs
         # and segment values, and so may a key of a newer minor version (§13).
         sees_all = all_known and self.header.minor <= C.FORMAT_MINOR
-        if sees_all:
-            self.check_members()
+        self.check_members(complete=sees_all)
         self.check_packs()  # packs are used by packed tensors only, which this reader knows
         if sees_all and len(self.blob_users) != len(self.header.blobs):
             unused = sorted(set(range(len(self.header.blobs))) - set(self.blob_users))
@@ -251,21 +250,24 @@ class _Checker:
                              f" fan_in >= 1, got shape {list(shape)}", rule="R72")
         return True
 
-    def check_members(self) -> None:
+    def check_members(self, complete: bool) -> None:
+        """R41. Without every member in view (``complete`` False: an unknown encoding or
+        theta0 kind, or a newer minor, §13) only overlaps between the known members count:
+        a gap or a segment without members may be filled by what this reader cannot see."""
         for index, seg in enumerate(self.header.segments):
             members = sorted(self.members.get(index, []))
-            if not members:
+            if not members and complete:
                 raise self.error(f"segments[{index}]", "no tensor uses this segment", rule="R41")
             position = 0
             for offset, numel, label in members:
-                if offset != position:
+                if offset < position or (offset > position and complete):
                     kind = "overlaps" if offset < position else "leaves a gap before"
                     raise self.error(f"segments[{index}]", f"member {label!r} at offset {offset} "
                                      f"{kind} element {position}; members must tile the segment",
                                      rule="R41")
-                position += numel
+                position = offset + numel
             d = self.header.generators[seg.generator].d
-            if seg.chunks != -(-position // d):
+            if complete and seg.chunks != -(-position // d):
                 raise self.error(f"segments[{index}].chunks", f"members hold {position} values, "
                                  f"which need ceil({position} / {d}) = {-(-position // d)} chunks,"
                                  f" got {seg.chunks}", rule="R41")

@@ -163,6 +163,7 @@ def save(
         raise WriteError("mcnc-format writes little-endian data and needs a little-endian host")
     target = Path(path)
     layout = _Layout(str(target), alignment)
+    _refuse_shared_memory(tensors, target)
     for name, source in tensors.items():
         try:
             layout.add_tensor(name, source)
@@ -179,6 +180,33 @@ def save(
     header_codec, header_bytes = layout.place_blobs()
     _atomic_write(target, layout, header_codec, header_bytes, overwrite)
     return target
+
+
+def _refuse_shared_memory(tensors: Mapping[str, TensorSource], target: Path) -> None:
+    """SPEC.md §6: every tensor entry has its own storage and the format has no alias entry,
+    so tensors whose memory overlaps (tied weights, one tensor under two names, overlapping
+    views) are refused rather than silently stored twice and loaded untied."""
+    spans = []
+    for name, source in tensors.items():
+        tensor = source.tensor if isinstance(source, Dense) else source
+        if not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.is_sparse or \
+                tensor.layout != torch.strided or tensor.numel() == 0:
+            continue
+        extent = 1 + sum((size - 1) * stride for size, stride in
+                         zip(tensor.shape, tensor.stride(), strict=True))
+        start = tensor.data_ptr()
+        spans.append((str(tensor.device), start, start + extent * tensor.element_size(), name))
+    spans.sort()
+    end: dict[str, tuple[int, str]] = {}
+    for device, start, stop, name in spans:
+        last_stop, last_name = end.get(device, (0, ""))
+        if start < last_stop:
+            raise WriteError(
+                f"{target}: tensors {last_name!r} and {name!r} share memory (tied weights?). "
+                "A .mcnc file stores every tensor on its own and has no alias entry (SPEC.md "
+                "§6): save one of them and tie the other after loading, or save a .clone()")
+        if stop > last_stop:
+            end[device] = (stop, name)
 
 
 def _strings(values: Mapping[str, str] | None, what: str, source: str) -> dict[str, str]:

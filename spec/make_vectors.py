@@ -175,6 +175,7 @@ class _Valid:
     minor: int = C.FORMAT_MINOR
     unsupported: dict[str, str] = field(default_factory=dict)
     header_codec: int = C.HEADER_CODEC_MSGPACK
+    transform: Callable[[bytes], bytes] | None = None  # of the encoded header (RawFile.encode)
 
 
 def expected_tensors(vector: _Valid) -> dict[str, torch.Tensor]:
@@ -670,10 +671,37 @@ def _minor_unknown_encoding() -> _Valid:
                                "sparse": "UnsupportedFeatureError"})
 
 
+def _integer_floats(f: RawFile) -> None:
+    """Float fields given as msgpack integers (§3): L = 20, a lora scale of 2."""
+    f.header["generators"][0]["L"] = 20
+    _tensor(f, "l")["scale"] = 2
+
+
+def _single_floats(header: bytes) -> bytes:
+    """The header with every float as a msgpack float32 (each value is one exactly)."""
+    value = msgpack.unpackb(header, raw=False)
+    single = msgpack.packb(value, use_bin_type=True, use_single_float=True)
+    assert msgpack.unpackb(single, raw=False) == value and b"\xca" in single
+    return single
+
+
+def _float_forms() -> _Valid:
+    data = _Data("float-forms")
+    gen = mf.GeneratorSpec(k=4, d=16, hidden=(16,), L=20.0, seed=4)
+    seg = data.segment(gen, [(4, 6), (2, 4), (6, 2)], m=1)
+    return _Valid("float-forms", "float fields in the other forms a reader accepts (§3): L "
+                  "and a lora scale as msgpack integers (20, 2), omega0 and a uniform theta0's "
+                  "bound as msgpack float32; they mean what float64 20.0, 2.0, 1.0 and 0.25 "
+                  "mean", {
+                      "w": mf.MCNC(seg, (4, 6), theta0=mf.Theta0.uniform(0.25, 3, 0)),
+                      "l": mf.LoRA(mf.MCNC(seg, (2, 4)), mf.MCNC(seg, (6, 2)), 2.0),
+                  }, edit=_integer_floats, transform=_single_floats)
+
+
 VALID: list[Callable[[], _Valid]] = [
     _basic, _deep, _high_frequency, _shared, _several, _theta0_sources, _dense, _packed,
     _packed_two_blobs, _lora, _explicit_offsets_vector, _aligned, _compressed_header,
-    _no_tensors, _minor_newer, _minor_unknown_encoding,
+    _no_tensors, _minor_newer, _minor_unknown_encoding, _float_forms,
 ]
 
 
@@ -685,7 +713,7 @@ def _write_valid(out: Path, vector: _Valid) -> None:
     if vector.edit is not None:
         raw = RawFile.parse(data)
         vector.edit(raw)
-        data = bytes(raw.encode())
+        data = bytes(raw.encode(transform=vector.transform))
     minor, header_codec = _PREAMBLE.unpack_from(data)[2:4]
     assert minor == vector.minor, (vector.name, minor)
     assert header_codec == vector.header_codec, (vector.name, header_codec)
@@ -969,6 +997,110 @@ _field("R75-dtype-int", "tensors/w/theta0",
 _field("R75-file-missing", "tensors/w/theta0/uri", "missing.safetensors",
        'The external file "missing.safetensors" does not exist beside the vector.', EXT,
        base="external", **_READ_W)
+
+# Revision 4 (SPEC.md §15): what a second implementer would otherwise have to guess.
+_field("R44-mcnc-unknown-dtype", "tensors/w/dtype", "f8e4m3", 'mcnc tensor "w" has dtype '
+       '"f8e4m3", which §1 does not name: R44 (an mcnc tensor is f64, f32, f16 or bf16), not '
+       "R26's unsupported feature, since no minor version adds a dtype.")
+_field("R41-overlap-newer-minor", "tensors/v/offset", 11, f'A minor-{NEWER_MINOR} file (newer '
+       'than the reader) whose member "v" starts at 11, overlapping the last element of "w": '
+       "a reader that cannot see every member still refuses an overlap between the members it "
+       "knows (§13).", base="shared", minor=NEWER_MINOR)
+_HEX40 = "0123456789abcdef" * 2 + "01234567"
+for _name, _uri, _why in (
+    ("R74-uri-trailing-dot", f"{EXTERNAL_BASE}.", "ends in '.', which Windows drops"),
+    ("R74-uri-trailing-space", f"{EXTERNAL_BASE} ", "ends in a space, which Windows drops"),
+    ("R74-uri-device-name", "con.safetensors", "is the Windows device CON before a '.'"),
+    ("R74-uri-non-ascii", "e\u0301xternal-base.safetensors", "holds a combining accent (NFD "
+     "'é'), which macOS may normalise and other systems do not"),
+    ("R74-uri-wildcard", "external-base*.safetensors", "holds '*', which Windows refuses in "
+     "names"),
+    ("R74-hf-repo-syntax", f"hf://org/my--repo@{_HEX40}/{EXTERNAL_BASE}", "names a repository "
+     "with '--', which the Hub does not allow"),
+    ("R74-hf-revision-uppercase", f"hf://org/repo@{_HEX40.upper()}/{EXTERNAL_BASE}",
+     "pins the commit in uppercase hex (one spelling: lowercase)"),
+):
+    _field(_name, "tensors/w/theta0/uri", _uri, f"External theta0 uri {_uri!r} {_why}.",
+           base="external")
+_field("R75-uri-case", "tensors/w/theta0/uri", "External-Base.safetensors", 'External theta0 '
+       f'uri "External-Base.safetensors" where the file is "{EXTERNAL_BASE}": names match '
+       "exactly, so it is missing also where the file system folds case.", EXT,
+       base="external", **_READ_W)
+
+
+@_invalid("R12-alignment-negative", "HeaderError")
+def _(f: RawFile) -> bytes:
+    """alignment -64, the blobs laid out at 64: an integer outside the range R12 gives is an
+    error of R12, not R10 (§3)."""
+    f.header["alignment"] = -64
+    return bytes(f.encode(alignment=64))
+
+
+@_invalid("R06-bin-key", "HeaderError")
+def _(f: RawFile) -> bytes:
+    """The metadata map's key "note" is a msgpack bin, not a str: a reader decoding both as
+    bytes would see {"note": "base"}, a strict one a non-string key."""
+    f.header["metadata"] = {b"note": "base"}
+    return bytes(f.encode())
+
+
+@_invalid("R06-bin-value", "HeaderError")
+def _(f: RawFile) -> bytes:
+    """Tensor "b"'s encoding is the msgpack bin "dense" instead of the str."""
+    _tensor(f, "b")["encoding"] = _tensor(f, "b")["encoding"].encode()
+    return bytes(f.encode())
+
+
+@_invalid("R06-bin-under-unknown-key", "HeaderError")
+def _(f: RawFile) -> bytes:
+    """A minor-2 file (newer than the reader) whose unknown top-level key "digest" holds a
+    msgpack bin: unknown keys are ignored whatever their values, but no value anywhere in a
+    header is a bin (§3)."""
+    f.minor = NEWER_MINOR
+    f.header["digest"] = bytes(8)
+    return bytes(f.encode())
+
+
+@_invalid("R13-info-value-too-long", "HeaderError")
+def _(f: RawFile) -> bytes:
+    """The info key "source" holds MAX_METADATA_VALUE_BYTES + 1 bytes ('a' repeated; the
+    header is zstd-compressed, header_codec 1)."""
+    f.header["info"] = {"source": "a" * (C.MAX_METADATA_VALUE_BYTES + 1)}
+    zstd = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=False)
+    return bytes(f.encode(header_codec=C.HEADER_CODEC_ZSTD, transform=zstd.compress))
+
+
+@_invalid("R25-lone-skippable-frame", "FormatError", base="zstd", stage="read", tensor="e")
+def _(f: RawFile) -> bytes:
+    """An empty zstd f32 tensor "e" whose blob is a lone Zstandard skippable frame with no
+    content (50 2A 4D 18 00 00 00 00): it decodes to the 0 bytes the tensor needs, but a
+    skippable frame is not a Zstandard frame (RFC 8878)."""
+    blob = f.add_blob(struct.pack("<II", 0x184D2A50, 0), "f32", [0], C.Codec.ZSTD)
+    f.header["tensors"].append({"blob": blob, "dtype": "f32", "encoding": "dense", "name": "e",
+                                "shape": [0]})
+    return bytes(f.encode())
+
+
+@_invalid("R31-activation-before-other-fields", "UnsupportedFeatureError")
+def _(f: RawFile) -> bytes:
+    """A minor-1 file whose generator has activation "siren-film", a key "film" 1.1 does not
+    know, no omega0 and no hidden layer: R31 is checked before the generator's other keys,
+    which belong to the unknown activation (§3)."""
+    gen = f.header["generators"][0]
+    gen.update(activation="siren-film", film=[1.0, 0.0], hidden=[])
+    del gen["omega0"]
+    return bytes(f.encode())
+
+
+@_invalid("R32-weights-kind-before-other-fields", "UnsupportedFeatureError")
+def _(f: RawFile) -> bytes:
+    """A minor-1 file whose generator weights have kind "lowrank" with a key "rank" 1.1 does
+    not know and no seed, and whose k is MAX_K + 1: R32 is checked before the generator's
+    other keys (§3)."""
+    gen = f.header["generators"][0]
+    gen.update(k=C.MAX_K + 1, weights={"kind": "lowrank", "rank": 2})
+    return bytes(f.encode())
+
 
 # Vectors that need more than one field changed, or bytes outside the header.
 
@@ -1701,14 +1833,14 @@ How a reader is checked against them (`tests/test_vectors.py` does exactly this)
 - dense and packed tensors: bit for bit;
 - mcnc tensors and lora factors: SPEC.md §10.1 per segment chunk `c`,
   `||(v_c - e_c) / rtol|| <= max(1, P / 20) * (||theta0_c|| + sum_j |beta_cj|
-  ||phi64(alpha_cj)||) + ||normal_c / rtol|| + ||r_c / rtol||`, each element divided by the
+  ||phi64(alpha_cj)||) + ||a_c / rtol|| + ||r_c / rtol||`, each element divided by the
   `rtol` of its tensor's dtype (`REGEN_RTOL`, or `REGEN_RTOL_16` for f16 and bf16), where `e`
-  is the expected tensor, `P` the generator's first-layer bound of §10.1, `normal_c` the §8.3
-  allowance `|std| * NORMAL_ATOL * max(1, |z64|)` of normal theta0 elements, and `r` two
-  roundings per element: the reader's to the tensor's dtype (half an ulp when narrower than
-  f32) and the expected file's own (half an ulp; for f64, 1e-12 relative: the float64
-  reference's own reproducibility across math libraries). Members sharing a chunk are checked
-  together;
+  is the expected tensor, `P` the generator's first-layer bound and `a_c` the normal theta0
+  allowance of §10.1 (`|float32(std)| * NORMAL_ATOL * max(1, |z64|)` per element whose theta0
+  is normal, §8.3), and `r` two roundings per element: the reader's to the tensor's dtype
+  (half an ulp when narrower than f32) and the expected file's own (half an ulp; for f64,
+  1e-12 relative: the float64 reference's own reproducibility across math libraries).
+  Members sharing a chunk are checked together;
 - merged lora tensors: element by element, the factors' chunk bounds propagated through
   `fl(fl(scale * fl(B @ A)) + theta0)` (see `_check_lora` in the test), plus the same two
   roundings.

@@ -117,6 +117,12 @@ def test_preamble_literals() -> None:
     assert int(alignment.group(3)) == C.DEFAULT_ALIGNMENT
 
 
+def test_zstd_frame_magic() -> None:
+    """§2 names the bytes that start a Zstandard frame; the reader refuses anything else."""
+    match = re.search(r"`ZSTD_FRAME_MAGIC` = `((?:[0-9A-F]{2} ){3}[0-9A-F]{2})`", section(2))
+    assert match and bytes.fromhex(match.group(1)) == C.ZSTD_FRAME_MAGIC
+
+
 def test_dtype_sizes() -> None:
     match = re.search(r"Dtype names: `([^`]+)`\s+with item sizes ([\d ]+)\.", section(1))
     assert match

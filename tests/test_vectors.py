@@ -357,9 +357,11 @@ def test_invalid_vector(vector: dict) -> None:
 
 
 def check_message(error: BaseException, path: Path, rule: str) -> None:
-    """Messages name the file and the rule (the rule's number points into SPEC.md §12)."""
+    """Messages name the file and the rule (the rule's number points into SPEC.md §12), and
+    the error reports the rule's identifier as a value (§12, "Reporting")."""
     assert str(path) in str(error), f"the message does not name the file: {error}"
     assert re.search(rf"\b{rule}\b", str(error)), f"the message does not cite {rule}: {error}"
+    assert getattr(error, "rule", None) == rule, f"the error's rule is not {rule}: {error!r}"
 
 
 def test_index_lists_every_file() -> None:

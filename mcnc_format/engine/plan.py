@@ -197,9 +197,9 @@ def plan_load(header: Header, requests: list[TensorRequest], workspace_bytes: in
         t = request.entry
         target = Target(t.name, request.box, request.dtype, tensor=t)
         outputs.append(target)
-        if target.numel == 0:
+        if target.numel == 0 and not (t.stores_values and t.numel == 0):
             order.append(EmptyStep(target))
-        elif isinstance(t, DenseTensor | PackedTensor):
+        elif isinstance(t, DenseTensor | PackedTensor):  # an empty one's blob is checked (R25)
             order.append(DenseStep(t, target))
         elif isinstance(t, LoRATensor):
             a, b = _factor_targets(t, request.box)

@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from ..errors import UsageError
+from ..errors import ExternalReferenceError, UsageError
 from ..uri import SCHEME as HUB_SCHEME
 
 __all__ = [
@@ -46,8 +46,26 @@ class Resolver(Protocol):
 
 
 def relative_to(uri: str, source: str) -> Path:
-    """§7.4: a relative reference names a file beside the file that holds it."""
-    return Path(source).parent / uri
+    """§7.4: a relative reference names a file beside the file that holds it, its names
+    matching exactly, case included. A file system that folds case (macOS, Windows) would
+    open ``Base.safetensors`` for ``base.safetensors``; the reference is missing there as it
+    is elsewhere (R75). A name missing in every case is left to the read, which reports it."""
+    folder = Path(source).parent
+    directory = folder
+    for name in uri.split("/"):
+        try:
+            present = name in os.listdir(directory)
+        except OSError:
+            break
+        if not present:
+            if (directory / name).exists():
+                raise ExternalReferenceError(
+                    f"theta0 reference {uri}: {directory / name} exists only under a "
+                    "name that differs in case; names match exactly (SPEC.md §7.4). Rename the "
+                    "file or re-write the reference", rule="R75", path=source)
+            break
+        directory = directory / name
+    return folder / uri
 
 
 def _scheme(name: str) -> str | None:

@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 class HubResolver:
     """``hf://ORG/REPO[@REV]/FILE`` names and the theta0 references of files from the Hub
-    (or ``hf://`` references of local files); local paths pass through."""
+    (or ``hf://`` references of local files); local paths go to ``LocalResolver``."""
 
     def __init__(self, *, token: str | None = None, endpoint: str | None = None) -> None:
         self.token = token

@@ -4,7 +4,8 @@
 so ``save_model(model, path)`` and a converter holding only ``torch.load(...,
 weights_only=True)`` of a saved state dict write byte-identical files. The output uses the
 plain model's names, in the plain model's state-dict order: ``mcnc_format.load(path)`` feeds
-``plain_model.load_state_dict(..., strict=True)`` of the un-reparametrized architecture.
+``plain_model.load_state_dict(..., strict=True)`` of the un-reparametrized architecture. A
+tied tensor is stored once, under its first name (``mcnc_format.load_into`` ties the others).
 """
 
 from __future__ import annotations
@@ -61,7 +62,24 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor],
     if overrides:
         raise ReparametrizeError(f"theta0 overrides {sorted(overrides)} name no compressed or "
                                  f"LoRA tensor; compressed tensors are {_compressed(out)[:8]}")
-    return out
+    return _tied_once(out)
+
+
+def _tied_once(out: dict[str, TensorSource]) -> dict[str, TensorSource]:
+    """A plain tensor under several names (an output layer tied to the embedding) stored once,
+    under its first name, as tied compressed tensors are: the format has no alias entry and
+    the writer refuses tensors that share memory (SPEC.md §6); ``load_into`` ties the other
+    names again."""
+    first: dict[tuple[object, ...], str] = {}
+    kept: dict[str, TensorSource] = {}
+    for name, value in out.items():
+        if isinstance(value, torch.Tensor) and value.numel() and not value.is_meta and \
+                value.layout == torch.strided:
+            tie = (value.device, value.data_ptr(), value.shape, value.stride(), value.dtype)
+            if first.setdefault(tie, name) != name:
+                continue
+        kept[name] = value
+    return kept
 
 
 def save_model(model: nn.Module, path: str | os.PathLike[str], *,
