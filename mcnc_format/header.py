@@ -839,6 +839,13 @@ class UnknownTensor(TensorEntry):
     def _fields(self) -> dict[str, Any]:
         return {}
 
+    def unsupported(self, path: str) -> UnsupportedFeatureError:
+        """R46: what reading this tensor raises (the file's other tensors stay readable)."""
+        return UnsupportedFeatureError(
+            f"tensor {self.name!r} uses encoding {self.encoding!r}, unknown to this reader. "
+            "Upgrade mcnc-format; the other tensors can be read by name", rule="R46",
+            path=path, tensor=self.name)
+
     @classmethod
     def parse_fields(cls, m: _Map, name: str, shape: tuple[int, ...]) -> UnknownTensor:
         dtype = m.get("dtype", str)

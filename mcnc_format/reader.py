@@ -28,9 +28,9 @@ from .engine.execute import Executor
 from .engine.options import LoadOptions, Verify
 from .engine.plan import Plan, Target, TensorRequest
 from .engine.resolve import DefaultResolver, Resolver
-from .errors import MCNCError, UnsupportedFeatureError
+from .errors import MCNCError
 from .generator import GeneratorSpec
-from .header import ExternalTheta0, Header, LoRATensor, MCNCTensor, TensorEntry
+from .header import ExternalTheta0, Header, LoRATensor, MCNCTensor, TensorEntry, UnknownTensor
 from .summary import TensorInfo, file_summary, tensor_info
 
 __all__ = ["Boxes", "MCNCFile", "TensorInfo", "TensorSlice", "open_file", "tensor_sha256"]
@@ -215,11 +215,8 @@ class MCNCFile:
         out = []
         for name in dict.fromkeys(self.keys() if names is None else names):
             t = self.entry(name)
-            if not t.known:
-                raise UnsupportedFeatureError(
-                    f"tensor {t.name!r} uses encoding {t.encoding!r}, unknown to this reader. "
-                    "Upgrade mcnc-format; the other tensors can be read by name", rule="R46",
-                    path=self.label, tensor=t.name)
+            if isinstance(t, UnknownTensor):
+                raise t.unsupported(self.label)
             out_dtype = to_torch(t.dtype)
             if want is not None and out_dtype.is_floating_point:
                 out_dtype = want
@@ -266,7 +263,7 @@ class MCNCFile:
 
     def check_padding(self) -> None:
         """R22: the bytes between header and blobs, and between blobs, are zero."""
-        self.context.check_padding()
+        self.context.blobs.check_padding(self.header_length)
 
 
 class TensorSlice:

@@ -32,6 +32,7 @@ import torch
 from .engine.box import Box
 from .engine.options import Verify
 from .engine.resolve import Resolver
+from .engine.source import sweep_bytes
 from .errors import (
     ChecksumError,
     ExternalReferenceError,
@@ -48,6 +49,7 @@ from .header import (
     PackedTensor,
     TensorEntry,
     Theta0Entry,
+    UnknownTensor,
 )
 from .reader import MCNCFile
 
@@ -176,33 +178,22 @@ class _Verifier:
         self.checked: set[str] = set()
 
     def run(self) -> None:
-        self.check_blobs()
-        self.check_padding()
+        self.check_bytes()
         self.report.counts["segments"] = len(self.header.segments)
         self.regenerate_all()
 
     # -- bytes -----------------------------------------------------------------------------
-    def check_blobs(self) -> None:
-        labels = _blob_labels(self.header)
-        for index, blob in enumerate(self.header.blobs):
-            try:
-                self.f.blob_bytes(index, labels.get(index, f"blobs[{index}]"))
-            except ChecksumError as exc:
-                self.report.add("checksum", exc)
+    def check_bytes(self) -> None:
+        for index, problem in sweep_bytes(self.f.context.blobs, self.f.header_length):
+            if index is None:
+                self.report.add("padding", problem)
+            elif problem is not None:
+                self.report.add("checksum" if isinstance(problem, ChecksumError)
+                                else "structure", problem)
                 self.bad_blobs.add(index)
-                continue
-            except FormatError as exc:
-                self.report.add("structure", exc)
-                self.bad_blobs.add(index)
-                continue
-            self.report.counts["blobs"] += 1
-            self.report.counts["blob_bytes"] += blob.length
-
-    def check_padding(self) -> None:
-        try:
-            self.f.check_padding()
-        except FormatError as exc:
-            self.report.add("padding", exc)
+            else:
+                self.report.counts["blobs"] += 1
+                self.report.counts["blob_bytes"] += self.header.blobs[index].length
 
     # -- tensors ---------------------------------------------------------------------------
     def regenerate_all(self) -> None:
@@ -214,11 +205,8 @@ class _Verifier:
         into runs of at most ``batch_values`` output values."""
         groups: dict[object, list[TensorEntry]] = {}
         for t in self.header.tensors:
-            if not t.known:
-                self.report.add("unsupported", UnsupportedFeatureError(
-                    f"tensor {t.name!r} uses encoding {t.encoding!r}, unknown to this reader; "
-                    "upgrade mcnc-format to verify it", rule="R46", path=self.f.source,
-                    tensor=t.name))
+            if isinstance(t, UnknownTensor):
+                self.report.add("unsupported", t.unsupported(self.f.label))
                 continue
             if self.bad_blobs & set(_blobs_of(self.header, t)):
                 self.report.counts["skipped_tensors"] += 1
@@ -245,17 +233,17 @@ class _Verifier:
             if len(batch) == 1 and batch[0].numel > self.batch_values:
                 self.regenerate_in_boxes(batch[0])
             else:
-                for name, value in self.f.iter_tensors([t.name for t in batch], device="cpu"):
+                for name, value in self.f.stream([t.name for t in batch], "cpu"):
                     self.check_values(self.f.entry(name), value)
         except MemoryError as exc:  # DeviceMemoryError too: the check cannot run
-            raise MCNCError(f"{self.f.source}: verification ran out of memory: {exc}") from exc
+            raise MCNCError(f"{self.f.label}: verification ran out of memory: {exc}") from exc
         except (MCNCError, RuntimeError, ValueError) as exc:
             if len(batch) > 1:  # find which tensor fails: retry them one by one
                 for t in batch:
                     self.regenerate([t])
                 return
             self.report.add(_check_of(exc), exc if isinstance(exc, MCNCError) else
-                            f"{self.f.source}: tensor {batch[0].name!r} cannot be rebuilt: "
+                            f"{self.f.label}: tensor {batch[0].name!r} cannot be rebuilt: "
                             f"{type(exc).__name__}: {exc}", batch[0].name)
             return
         for t in batch:
@@ -292,7 +280,7 @@ class _Verifier:
             self.report.counts["nonfinite_dense_values"] += nonfinite
             self.report.notes.append(f"{where} holds {nonfinite} NaN/inf values (stored so)")
             return
-        self.report.add("finite", f"{self.f.source}: {where} regenerates to {nonfinite} "
+        self.report.add("finite", f"{self.f.label}: {where} regenerates to {nonfinite} "
                         f"non-finite values out of {t.numel}: alpha, beta or theta0 hold "
                         "NaN/inf, or the values overflow the output dtype", t.name)
 
@@ -347,27 +335,3 @@ def _blobs_of(header: Header, t: TensorEntry) -> list[int]:
 
 def _external_count(t: TensorEntry) -> int:
     return sum(1 for _, th in _theta0s(t) if isinstance(th, ExternalTheta0))
-
-
-def _blob_labels(header: Header) -> dict[int, str]:
-    """A readable owner for each blob index, for error messages (``segments[2].alpha``)."""
-    labels: dict[int, str] = {}
-    for i, g in enumerate(header.generators):
-        for j, b in enumerate(g.blobs or ()):
-            labels[b] = f"generators[{i}].weights.blobs[{j}]"
-    for i, s in enumerate(header.segments):
-        labels[s.alpha] = f"segments[{i}].alpha"
-        labels[s.beta] = f"segments[{i}].beta"
-    packed: dict[int, list[str]] = {}
-    for t in header.tensors:
-        if isinstance(t, PackedTensor):
-            packed.setdefault(t.blob, []).append(repr(t.name))
-        elif isinstance(t, DenseTensor):
-            labels[t.blob] = f"tensor {t.name!r} data"
-        for part, theta0 in _theta0s(t):
-            if isinstance(theta0, BlobTheta0) and theta0.blob is not None:
-                labels[theta0.blob] = f"tensor {t.name + part!r} theta0"
-    for blob, names in packed.items():
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        labels[blob] = f"the pack blob blobs[{blob}] of tensors {shown}"
-    return labels

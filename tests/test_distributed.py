@@ -212,7 +212,7 @@ def _fsdp2(rank: int, f: mf.MCNCFile, want: dict[str, torch.Tensor]) -> None:
         fully_shard(layer)
     fully_shard(model)
     model.to_empty(device="cpu")
-    reader = MCNCStorageReader(f.source)
+    reader = MCNCStorageReader(f.label)
     dcp.load(model.state_dict(), storage_reader=reader)
     _assert_equal_to_whole(model, want)
     _assert_own_share(rank, f, reader.stats, model)
@@ -232,7 +232,7 @@ def _tp_by_dp(f: mf.MCNCFile, want: dict[str, torch.Tensor]) -> None:
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
     model.to_empty(device="cpu")
-    stats = load(model.state_dict(), f.source)
+    stats = load(model.state_dict(), f.label)
     _assert_equal_to_whole(model, want)
     bound = sum(chunk_bound(f, name, box) for name, box in stats.boxes)
     assert stats.chunks_regenerated <= bound

@@ -148,7 +148,7 @@ def test_push_then_pull_and_load_give_identical_bytes_and_weights(
     _assert_same(mcnc_format.load(f"hf://{REPO}/model.mcnc"), expected)
     _assert_same(mcnc_format.load(result.uris[0]), expected)
     with mcnc_format.open(f"hf://{REPO}@main/model.mcnc") as f:
-        assert f.source == f"hf://{REPO}@main/model.mcnc"
+        assert f.label == f"hf://{REPO}@main/model.mcnc"
         assert f.keys() == ["layer.weight", "layer.bias"]
 
     module = torch.nn.Linear(8, 8)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from .. import constants as C
 from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError
 from ..generator import GeneratorSpec, GeneratorWeights
@@ -125,23 +124,6 @@ class FileContext:
         self.blobs = BlobStore(source, opened.header, verify is not Verify.NONE)
         self.theta0 = Theta0Source(self.blobs, resolver, label, verify)
         self.generators = GeneratorCache(label, opened.header, self.blobs)
-
-    def check_padding(self) -> None:
-        """R22: the bytes between header and blobs, and between blobs, are zero."""
-        from ..validate import data_start
-
-        position = C.PREAMBLE_SIZE + self.preamble.header_length
-        gaps = []
-        for blob in self.header.blobs:
-            gaps.append((position, blob.offset))
-            position = blob.offset + blob.length
-        if not self.header.blobs:
-            gaps.append((position, data_start(self.preamble.header_length,
-                                              self.header.alignment)))
-        for start, stop in gaps:
-            if stop > start and any(self.blobs.source.read(start, stop - start)):
-                raise FormatError(f"non-zero padding bytes in [{start}, {stop})", rule="R22",
-                                  path=self.label)
 
     def close(self) -> None:
         self.generators.clear()

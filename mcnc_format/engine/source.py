@@ -25,11 +25,19 @@ from pathlib import Path
 from .. import constants as C
 from ..container import Preamble, decode_blob, decode_header, read_preamble
 from ..errors import FormatError, MCNCError
-from ..header import DenseTensor, Header, PackedTensor, TensorEntry
-from ..validate import validate_header
+from ..header import BlobTheta0, DenseTensor, Header, PackedTensor, TensorEntry
+from ..validate import data_start, validate_header
 from .digests import FileIdentity, identity_of
 
-__all__ = ["BlobStore", "FileSource", "OpenedHeader", "open_regular", "read_header"]
+__all__ = [
+    "BlobStore",
+    "FileSource",
+    "OpenedHeader",
+    "blob_labels",
+    "open_regular",
+    "read_header",
+    "sweep_bytes",
+]
 
 #: Decoded blobs up to this size stay in memory once read.
 KEEP_BYTES = 16 << 20
@@ -244,6 +252,65 @@ class BlobStore:
         first = t.start if isinstance(t, PackedTensor) else 0
         return self.blob_range(t.blob, first + start, first + stop, path)
 
+    def check_padding(self, header_length: int) -> None:
+        """R22: the bytes between header and blobs, and between blobs, are zero."""
+        position = C.PREAMBLE_SIZE + header_length
+        gaps = []
+        for blob in self.header.blobs:
+            gaps.append((position, blob.offset))
+            position = blob.offset + blob.length
+        if not self.header.blobs:
+            gaps.append((position, data_start(header_length, self.header.alignment)))
+        for start, stop in gaps:
+            if stop > start and any(self.source.read(start, stop - start)):
+                raise FormatError(f"non-zero padding bytes in [{start}, {stop})", rule="R22",
+                                  path=self.source.label)
+
     def close(self) -> None:
         self._kept.clear()
         self.source.close()
+
+
+def sweep_bytes(blobs: BlobStore, header_length: int
+                ) -> Iterator[tuple[int | None, FormatError | None]]:
+    """Every blob's bytes (decoded, checksum checked: R24, R25) and the zero padding between
+    them (R22), in file order: ``(blob index, None)`` for a blob that holds, ``(blob index,
+    error)`` for one that does not, and ``(None, error)`` for non-zero padding. What a download
+    must pass (``hub/integrity.py``) and the first checks of ``verify``. Needs no torch."""
+    labels = blob_labels(blobs.header)
+    for index in range(len(blobs.header.blobs)):
+        try:
+            blobs.blob(index, labels.get(index, f"blobs[{index}]"))
+        except FormatError as exc:  # ChecksumError too
+            yield index, exc
+            continue
+        yield index, None
+    try:
+        blobs.check_padding(header_length)
+    except FormatError as exc:
+        yield None, exc
+
+
+def blob_labels(header: Header) -> dict[int, str]:
+    """A readable owner for each blob index, for error messages (``segments[2].alpha``)."""
+    labels: dict[int, str] = {}
+    for i, g in enumerate(header.generators):
+        for j, b in enumerate(g.blobs or ()):
+            labels[b] = f"generators[{i}].weights.blobs[{j}]"
+    for i, s in enumerate(header.segments):
+        labels[s.alpha] = f"segments[{i}].alpha"
+        labels[s.beta] = f"segments[{i}].beta"
+    packed: dict[int, list[str]] = {}
+    for t in header.tensors:
+        if isinstance(t, PackedTensor):
+            packed.setdefault(t.blob, []).append(repr(t.name))
+        elif isinstance(t, DenseTensor):
+            labels[t.blob] = f"tensor {t.name!r} data"
+        for part, theta0 in zip(("", ":A", ":B"), t.theta0s(), strict=False):
+            if isinstance(theta0, BlobTheta0) and theta0.blob is not None:
+                labels[theta0.blob] = f"tensor {t.name + part!r} theta0"
+    for blob, names in packed.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        labels[blob] = f"the pack blob blobs[{blob}] of tensors {shown}"
+    return labels
+

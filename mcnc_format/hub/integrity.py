@@ -13,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine.digests import DigestCache
-from ..engine.options import Verify
-from ..reader import MCNCFile
+from ..engine.source import BlobStore, FileSource, read_header, sweep_bytes
 
 __all__ = ["check_mcnc_bytes"]
 
@@ -26,12 +25,17 @@ def check_mcnc_bytes(path: Path) -> Path:
     """Return ``path`` if every checksum holds; raise ``FormatError``/``ChecksumError`` if
     not (the reader's own errors, so callers can tell damage from other failures)."""
     cache = DigestCache()
-    with MCNCFile(path, verify=Verify.FULL) as mcnc_file:
-        identity = mcnc_file.identity()
+    source = FileSource(path, str(path))
+    try:
+        opened = read_header(source, str(path))
+        identity = source.identity()
         if cache.known(identity, CHECKED, "ok"):
             return path
-        for index in range(len(mcnc_file.header.blobs)):
-            mcnc_file.blob_bytes(index)
-        mcnc_file.check_padding()
+        blobs = BlobStore(source, opened.header, verify=True)
+        for _, problem in sweep_bytes(blobs, opened.preamble.header_length):
+            if problem is not None:
+                raise problem
+    finally:
+        source.close()
     cache.remember(identity, CHECKED, "ok")
     return path
