@@ -31,13 +31,14 @@ import torch
 from .. import hostmem
 from ..errors import UsageError
 from ..generator import GeneratorSpec, GeneratorWeights
-from ..header import BlobTheta0, ExternalTheta0, MemberEntry, Theta0Entry
+from ..header import MemberEntry, Theta0Entry
 from .fused import DEVICE_MERGE_BLOCK_ELEMENTS, MERGE_BLOCK_ELEMENTS, lora_merge
 from .options import MEASURED_ON_GPU, GpuPath, LoadOptions, Precision
 from .staging import CopyEngine, CudaCopyEngine, SyncCopyEngine
+from .theta0 import KernelTheta0, behaviour, is_stored
 
 if TYPE_CHECKING:
-    from .triton_kernels import KernelTheta0, MemberJob
+    from .triton_kernels import MemberJob
 
 __all__ = [
     "Backend",
@@ -68,11 +69,8 @@ class KernelCapabilities:
     def takes(self, member: MemberEntry | None, dtype: torch.dtype) -> bool:
         if member is None or dtype not in self.dtypes:
             return False
-        from .triton_kernels import kernel_theta0
-
         theta0 = member.theta0
-        return isinstance(theta0, BlobTheta0 | ExternalTheta0) or kernel_theta0(
-            theta0, member.shape, None) is not None
+        return is_stored(theta0) or behaviour(theta0).kernel_form(theta0, member.shape) is not None
 
 
 class Backend:

@@ -57,7 +57,7 @@ from .plan import (
     plan_load,
 )
 from .staging import CopyEngine, StagingRing, to_device_async
-from .theta0 import DENSE_THETA0
+from .theta0 import is_stored
 
 if TYPE_CHECKING:
     from .triton_kernels import MemberJob
@@ -263,7 +263,7 @@ class Executor:
         state = self._output(target, engine, outputs)
         assert target.member is not None
         entry = target.member.theta0
-        if not isinstance(entry, DENSE_THETA0) or not target.box.contiguous:
+        if not is_stored(entry) or not target.box.contiguous:
             return
         first = target.box.first_element
         self._stage_theta0(entry, target.member.shape, first, first + target.numel, target,
@@ -277,7 +277,7 @@ class Executor:
         in place."""
         t, target = step.tensor, step.target
         state = self._output(target, engine, outputs)
-        if not isinstance(t.theta0, DENSE_THETA0):
+        if not is_stored(t.theta0):
             return
         box = target.box
         if box.contiguous:
@@ -295,7 +295,7 @@ class Executor:
         stored dtype. On the CPU the bytes are read straight into it, elsewhere into the
         pinned ring's slots (by several reader threads) and copied on; a whole external
         tensor is hashed from those bytes on the way (R75)."""
-        assert isinstance(entry, DENSE_THETA0)
+        assert is_stored(entry)
         read = self.context.theta0.dense_read(entry, shape, first, stop, f"{target.name}.theta0")
         try:  # whatever fails (the buffer's allocation too) ends the streamed pin check
             into = (state.tensor if read.dtype == target.dtype and stop - first == target.numel
@@ -485,7 +485,7 @@ class Executor:
                else torch.arange(step.first, step.stop, dtype=torch.int64))
         row_elements: torch.Tensor | None = ids * d - member.offset  # each row's first element
         rows = torch.empty(step.chunks * d, dtype=target.dtype, device=self.device)
-        if isinstance(member.theta0, DENSE_THETA0):
+        if is_stored(member.theta0):
             assert row_elements is not None
             theta0 = self.backend.kernel_theta0(member.theta0, member.shape, self._dense_rows(
                 member, row_elements, d, f"{target.name}.theta0"))
@@ -504,7 +504,7 @@ class Executor:
         """A dense theta0 laid out like a batch's chunk rows (zero outside the member), in its
         stored dtype on the device: the kernel reads it as it reads a staged base."""
         entry = member.theta0
-        assert isinstance(entry, DENSE_THETA0)
+        assert is_stored(entry)
         elements = (row_elements[:, None] + torch.arange(d)[None, :]).reshape(-1)
         inside = (elements >= 0) & (elements < member.numel)
         first = int(elements[inside].min())

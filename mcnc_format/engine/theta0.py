@@ -15,17 +15,23 @@ from __future__ import annotations
 import math
 import os
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, TypeGuard
 
 import torch
 
 from .. import philox
 from ..dtypes import to_torch
-from ..errors import ExternalReferenceDamaged, ExternalReferenceError, UnsupportedFeatureError
+from ..errors import (
+    ExternalReferenceDamaged,
+    ExternalReferenceError,
+    UnsupportedFeatureError,
+    UsageError,
+)
 from ..header import (
     BlobTheta0,
     ExternalTheta0,
@@ -46,10 +52,53 @@ from .source import BlobStore
 if TYPE_CHECKING:
     from .backend import DrawUniform
 
-__all__ = ["DenseRead", "Theta0Source", "fan_in_bound", "prng_values", "prng_values_at"]
+__all__ = [
+    "BEHAVIOURS",
+    "THETA0_DENSE",
+    "THETA0_NORMAL",
+    "THETA0_UNIFORM",
+    "THETA0_ZEROS",
+    "DenseRead",
+    "KernelTheta0",
+    "Theta0Behaviour",
+    "Theta0Source",
+    "behaviour",
+    "fan_in_bound",
+    "is_stored",
+    "prng_values",
+    "prng_values_at",
+]
 
-#: theta0 kinds whose values are stored (in a blob, or in a base checkpoint).
-DENSE_THETA0 = (BlobTheta0, ExternalTheta0)
+#: The kernel's theta0 evaluations (``KernelTheta0.kind``, a ``tl.constexpr`` in the kernel).
+THETA0_ZEROS = 0
+THETA0_UNIFORM = 1
+THETA0_NORMAL = 2
+THETA0_DENSE = 3
+
+
+@dataclass(frozen=True)
+class KernelTheta0:
+    """theta0 as the fused kernel evaluates it: a Philox scheme by its key and constants, or
+    a dense tensor (flat, any float dtype, indexed by the member's element index; read as
+    float32, as the reader reads a dense theta0)."""
+
+    kind: int = THETA0_ZEROS
+    seed: int = 0
+    stream: int = 0
+    bound: float = 0.0
+    mean: float = 0.0
+    std: float = 1.0
+    base: torch.Tensor | None = None
+
+    @property
+    def key(self) -> int:
+        """``tl.randint4x``'s 64-bit key: ``seed | stream << 32`` (§8.1)."""
+        return self.seed | (self.stream << 32)
+
+    @classmethod
+    def dense(cls, base: torch.Tensor) -> KernelTheta0:
+        """A dense theta0 already on the device, indexed like the member."""
+        return cls(THETA0_DENSE, base=base)
 
 
 def fan_in_bound(shape: tuple[int, ...]) -> float:
@@ -263,7 +312,7 @@ class Theta0Source:
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
                device: torch.device, label: str) -> torch.Tensor | None:
         """Float32 theta0 of elements ``start .. start + count - 1``; ``None`` for zeros."""
-        if isinstance(entry, DENSE_THETA0):
+        if is_stored(entry):
             value = self.dense(entry, shape, start, start + count, label)
             return value.to(device=device, dtype=torch.float32)
         return prng_values(entry, shape, start, count, device, f"{self.label}: {label}")
@@ -272,7 +321,7 @@ class Theta0Source:
                   label: str) -> torch.Tensor | None:
         """Float32 theta0 of the element indices ``elements`` (int64, on the target device);
         ``None`` for zeros."""
-        if elements.numel() and isinstance(entry, DENSE_THETA0):
+        if elements.numel() and is_stored(entry):
             first, last = int(elements.min()), int(elements.max())
             value = self.dense(entry, shape, first, last + 1, label)
             value = value.to(device=elements.device, dtype=torch.float32)
@@ -294,50 +343,181 @@ class Theta0Source:
         self._references.clear()
 
 
+class Theta0Behaviour(ABC):
+    """How the engine evaluates one kind of theta0 entry (§7): its values for an element
+    range or scattered elements, and its form in the fused kernel. One subclass per kind,
+    found by the entry's class in ``BEHAVIOURS``: a new theta0 kind is a header entry class,
+    one behaviour here and its line in ``BEHAVIOURS``."""
+
+    #: Whether the values are stored (a blob, a base checkpoint): read by ``Theta0Source``,
+    #: staged as a dense base, never drawn.
+    dense: ClassVar[bool] = False
+
+    @abstractmethod
+    def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None
+               ) -> torch.Tensor | None:
+        """Float32 values of elements ``start .. start + count - 1``; ``None`` for zeros.
+        ``uniform`` (a backend's ``draw_uniform``): a uniform draw from element 0 in one
+        launch (the same bits; torch's Philox takes many small launches on a GPU)."""
+
+    @abstractmethod
+    def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
+                  label: str) -> torch.Tensor | None:
+        """``values`` at the element indices ``elements`` (int64, any order)."""
+
+    def kernel_form(self, entry: Theta0Entry, shape: tuple[int, ...]) -> KernelTheta0 | None:
+        """How the fused kernel evaluates the entry in registers; ``None`` where it cannot (a
+        dense kind is staged as a base instead)."""
+        return None
+
+
+class _Zeros(Theta0Behaviour):
+    def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None
+               ) -> torch.Tensor | None:
+        return None
+
+    def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
+                  label: str) -> torch.Tensor | None:
+        return None
+
+    def kernel_form(self, entry: Theta0Entry, shape: tuple[int, ...]) -> KernelTheta0:
+        return KernelTheta0()
+
+
+class _Uniform(Theta0Behaviour):
+    """``prng`` ``uniform`` (§7.2): ``bound`` as stored."""
+
+    def bound(self, entry: Theta0Entry, shape: tuple[int, ...]) -> float:
+        assert isinstance(entry, UniformTheta0)  # BEHAVIOURS maps only that class here
+        return entry.bound
+
+    def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None
+               ) -> torch.Tensor | None:
+        assert isinstance(entry, PRNGTheta0)
+        bound = self.bound(entry, shape)
+        if uniform is not None and start == 0:
+            return uniform(entry.seed, entry.stream, count, philox.round_to_f32(bound),
+                           torch.device(device))
+        return philox.uniform_signed(entry.seed, entry.stream, start, count, bound, device)
+
+    def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
+                  label: str) -> torch.Tensor | None:
+        assert isinstance(entry, PRNGTheta0)
+        if not elements.numel():
+            return None
+        return philox.uniform_signed_at(entry.seed, entry.stream, elements,
+                                        self.bound(entry, shape))
+
+    def kernel_form(self, entry: Theta0Entry, shape: tuple[int, ...]) -> KernelTheta0:
+        assert isinstance(entry, PRNGTheta0)
+        return KernelTheta0(THETA0_UNIFORM, entry.seed, entry.stream,
+                            bound=philox.round_to_f32(self.bound(entry, shape)))
+
+
+class _FanInUniform(_Uniform):
+    """``prng`` ``fan_in_uniform`` (§7.2): the bound of PyTorch's Linear and Conv init."""
+
+    def bound(self, entry: Theta0Entry, shape: tuple[int, ...]) -> float:
+        return fan_in_bound(shape)
+
+
+class _Normal(Theta0Behaviour):
+    """``prng`` ``normal`` (§7.2, §8.3)."""
+
+    def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None
+               ) -> torch.Tensor | None:
+        assert isinstance(entry, NormalTheta0)
+        return _scale_normal(philox.normal(entry.seed, entry.stream, start, count, device),
+                             entry)
+
+    def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
+                  label: str) -> torch.Tensor | None:
+        assert isinstance(entry, NormalTheta0)
+        if not elements.numel():
+            return None
+        return _scale_normal(philox.normal_at(entry.seed, entry.stream, elements), entry)
+
+    def kernel_form(self, entry: Theta0Entry, shape: tuple[int, ...]) -> KernelTheta0:
+        assert isinstance(entry, NormalTheta0)
+        return KernelTheta0(THETA0_NORMAL, entry.seed, entry.stream,
+                            mean=philox.round_to_f32(entry.mean),
+                            std=philox.round_to_f32(entry.std))
+
+
+class _Stored(Theta0Behaviour):
+    """``blob`` and ``external`` (§7.3, §7.4): read by ``Theta0Source`` (by byte range, pins
+    checked), never drawn."""
+
+    dense = True
+
+    def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None
+               ) -> torch.Tensor | None:
+        raise UsageError(f"{label}: stored theta0 is read from its file (Theta0Source), "
+                         "not drawn")
+
+    def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
+                  label: str) -> torch.Tensor | None:
+        return self.values(entry, shape, 0, 0, "cpu", label)
+
+
+class _Unknown(Theta0Behaviour):
+    """A kind or PRNG scheme this reader does not know (a newer minor version's): reading a
+    tensor built on it raises; the file's other tensors stay readable (R70, R71)."""
+
+    def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None
+               ) -> torch.Tensor | None:
+        what = (f"scheme {entry.scheme!r}" if isinstance(entry, PRNGTheta0)
+                else f"kind {entry.kind!r}")
+        raise UnsupportedFeatureError(
+            f"{label}: unknown theta0 {what}; this reader knows zeros, prng (uniform, "
+            "fan_in_uniform, normal), blob and external. Upgrade mcnc-format",
+            rule="R71" if isinstance(entry, PRNGTheta0) else "R70")
+
+    def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
+                  label: str) -> torch.Tensor | None:
+        return self.values(entry, shape, 0, 0, "cpu", label)
+
+
+#: Each theta0 entry class (header.py) and its behaviour; any other class is unknown here.
+BEHAVIOURS: dict[type[Theta0Entry], Theta0Behaviour] = {
+    ZerosTheta0: _Zeros(),
+    UniformTheta0: _Uniform(),
+    FanInUniformTheta0: _FanInUniform(),
+    NormalTheta0: _Normal(),
+    BlobTheta0: _Stored(),
+    ExternalTheta0: _Stored(),
+}
+_UNKNOWN = _Unknown()
+
+
+def behaviour(entry: Theta0Entry) -> Theta0Behaviour:
+    """The behaviour of ``entry``'s kind."""
+    return BEHAVIOURS.get(type(entry), _UNKNOWN)
+
+
+def is_stored(entry: Theta0Entry) -> TypeGuard[BlobTheta0 | ExternalTheta0]:
+    """Whether ``entry``'s values are stored (read, staged as a dense base), not drawn."""
+    return behaviour(entry).dense
+
+
 def prng_values(entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
                 device: torch.device | str, label: str, uniform: DrawUniform | None = None
                 ) -> torch.Tensor | None:
     """Float32 values of a zeros or PRNG theta0 (§7.1, §7.2, §8) for elements ``start ..
-    start + count - 1``; ``None`` for zeros. ``uniform`` (a backend's ``draw_uniform``): a
-    uniform draw from element 0 in one launch (the same bits; torch's Philox takes many
-    small launches on a GPU)."""
-    if isinstance(entry, ZerosTheta0):
-        return None
-    if isinstance(entry, NormalTheta0):
-        return _scale_normal(philox.normal(entry.seed, entry.stream, start, count, device),
-                             entry)
-    bound = _bound(entry, shape, label)  # a kind this reader does not know raises here
-    assert isinstance(entry, PRNGTheta0)
-    if uniform is not None and start == 0:
-        return uniform(entry.seed, entry.stream, count, philox.round_to_f32(bound),
-                       torch.device(device))
-    return philox.uniform_signed(entry.seed, entry.stream, start, count, bound, device)
+    start + count - 1``; ``None`` for zeros (``Theta0Behaviour.values``)."""
+    return behaviour(entry).values(entry, shape, start, count, device, label, uniform)
 
 
 def prng_values_at(entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
                    label: str) -> torch.Tensor | None:
     """``prng_values`` at the element indices ``elements`` (int64, any order)."""
-    if isinstance(entry, ZerosTheta0) or elements.numel() == 0:
-        return None
-    if isinstance(entry, NormalTheta0):
-        return _scale_normal(philox.normal_at(entry.seed, entry.stream, elements), entry)
-    bound = _bound(entry, shape, label)
-    assert isinstance(entry, PRNGTheta0)
-    return philox.uniform_signed_at(entry.seed, entry.stream, elements, bound)
-
-
-def _bound(entry: Theta0Entry, shape: tuple[int, ...], label: str) -> float:
-    """The bound of a uniform theta0; any other kind here is one this reader does not know."""
-    if isinstance(entry, UniformTheta0):
-        return entry.bound
-    if isinstance(entry, FanInUniformTheta0):
-        return fan_in_bound(shape)
-    what = (f"scheme {entry.scheme!r}" if isinstance(entry, PRNGTheta0)
-            else f"kind {entry.kind!r}")
-    raise UnsupportedFeatureError(
-        f"{label}: unknown theta0 {what}; this reader knows zeros, prng (uniform, "
-        "fan_in_uniform, normal), blob and external. Upgrade mcnc-format",
-        rule="R71" if isinstance(entry, PRNGTheta0) else "R70")
+    return behaviour(entry).values_at(entry, shape, elements, label)
 
 
 def _scale_normal(z: torch.Tensor, entry: NormalTheta0) -> torch.Tensor:

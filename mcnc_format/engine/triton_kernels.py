@@ -38,18 +38,18 @@ from triton.language.extra import libdevice
 
 from ..constants import generator_bias_stream, generator_weight_stream
 from ..generator import GeneratorSpec, GeneratorWeights, layer_bounds
-from ..header import (
-    FanInUniformTheta0,
-    NormalTheta0,
-    Theta0Entry,
-    UniformTheta0,
-    ZerosTheta0,
-)
-from ..philox import round_to_f32
+from ..header import Theta0Entry
 from .fused import split_bf16
 from .options import MEASURED_ON_GPU, GpuPath, Precision
 from .staging import to_device_async
-from .theta0 import fan_in_bound
+from .theta0 import (
+    THETA0_DENSE,
+    THETA0_NORMAL,
+    THETA0_UNIFORM,
+    THETA0_ZEROS,
+    KernelTheta0,
+    behaviour,
+)
 
 __all__ = [
     "DEFAULT_TILE",
@@ -71,10 +71,6 @@ __all__ = [
     "regenerate_members",
 ]
 
-THETA0_ZEROS = 0
-THETA0_UNIFORM = 1
-THETA0_NORMAL = 2
-THETA0_DENSE = 3
 
 #: Output dtypes the kernel stores (float64 members take the eager path). Dense bases may
 #: have any float dtype, float64 included.
@@ -89,26 +85,6 @@ DEFAULT_TILE = (128, 64, 4)
 _TWO_POW_M23 = tl.constexpr(1.0 / 8388608.0)
 _TWO_POW_M24 = tl.constexpr(1.0 / 16777216.0)
 _TWO_PI = tl.constexpr(6.283185307179586)  # rounded to float32 where it multiplies u2
-
-
-@dataclass(frozen=True)
-class KernelTheta0:
-    """theta0 as the kernel evaluates it: a Philox scheme by its key and constants, or a dense
-    tensor (flat, any float dtype, indexed by the member's element index; read as float32,
-    as the reader reads a dense theta0)."""
-
-    kind: int = THETA0_ZEROS
-    seed: int = 0
-    stream: int = 0
-    bound: float = 0.0
-    mean: float = 0.0
-    std: float = 1.0
-    base: torch.Tensor | None = None
-
-    @property
-    def key(self) -> int:
-        """``tl.randint4x``'s 64-bit key: ``seed | stream << 32`` (§8.1)."""
-        return self.seed | (self.stream << 32)
 
 
 @triton.jit
@@ -376,20 +352,11 @@ def draw_generator_weights(spec: GeneratorSpec, device: torch.device) -> Generat
 def kernel_theta0(entry: Theta0Entry, shape: tuple[int, ...], base: torch.Tensor | None
                   ) -> KernelTheta0 | None:
     """How the kernel evaluates a member's theta0: ``base`` (a dense theta0 already on the
-    device) or the entry's Philox scheme; ``None`` for kinds and schemes it does not know."""
+    device) or the kind's register form (``Theta0Behaviour.kernel_form``); ``None`` for kinds
+    it does not evaluate."""
     if base is not None:
-        return KernelTheta0(THETA0_DENSE, base=base)
-    if isinstance(entry, ZerosTheta0):
-        return KernelTheta0()
-    if isinstance(entry, UniformTheta0):
-        return KernelTheta0(THETA0_UNIFORM, entry.seed, entry.stream,
-                            bound=round_to_f32(entry.bound))
-    if isinstance(entry, FanInUniformTheta0):
-        return KernelTheta0(THETA0_UNIFORM, entry.seed, entry.stream, bound=fan_in_bound(shape))
-    if isinstance(entry, NormalTheta0):
-        return KernelTheta0(THETA0_NORMAL, entry.seed, entry.stream,
-                            mean=round_to_f32(entry.mean), std=round_to_f32(entry.std))
-    return None
+        return KernelTheta0.dense(base)
+    return behaviour(entry).kernel_form(entry, shape)
 
 
 def kernel_precision(precision: Precision, dtype: torch.dtype, device: torch.device,
