@@ -39,7 +39,7 @@ import torch
 
 from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError
-from ..header import MemberEntry, Theta0Entry
+from ..header import BlobTheta0, ExternalTheta0, MemberEntry, Theta0Entry
 from .backend import Backend
 from .context import FileContext
 from .fused import FusedGenerator
@@ -48,6 +48,7 @@ from .plan import (
     BatchStep,
     DenseStep,
     EmptyStep,
+    MemberTarget,
     MergeStep,
     Piece,
     Plan,
@@ -95,7 +96,7 @@ class Executor:
         return plan_load(self.header, requests, self.backend.workspace_bytes(output_bytes),
                          self.backend.capabilities)
 
-    def kernel_takes(self, target: Target) -> bool:
+    def kernel_takes(self, target: MemberTarget) -> bool:
         """Whether the fused kernel rebuilds ``target``."""
         capabilities = self.backend.capabilities
         return capabilities is not None and capabilities.takes(target.member, target.dtype)
@@ -143,8 +144,7 @@ class Executor:
     def _await_pins(self, target: Target) -> None:
         """R75: the SHA-256 pin of every external base ``target`` was built from (its own
         theta0 and, for a lora tensor, its factors') held, before it is handed out."""
-        assert target.tensor is not None
-        for entry in target.tensor.theta0s():
+        for entry in target.theta0s():
             check = self.context.theta0.pending_check(entry)
             if check is not None:
                 check.result()
@@ -255,13 +255,12 @@ class Executor:
                 self._stage_base(piece.target, engine, ring, outputs)
         return inputs[0], inputs[1], marker
 
-    def _stage_base(self, target: Target, engine: CopyEngine, ring: StagingRing,
+    def _stage_base(self, target: MemberTarget, engine: CopyEngine, ring: StagingRing,
                     outputs: dict[int, _Output]) -> None:
         """Allocate a target; a contiguous target's blob or external theta0 is read for its
         box and staged into its storage when the dtypes agree (updated in place), else into
         a buffer of its own dtype."""
         state = self._output(target, engine, outputs)
-        assert target.member is not None
         entry = target.member.theta0
         if not is_stored(entry) or not target.box.contiguous:
             return
@@ -287,15 +286,14 @@ class Executor:
             first, stop = box.starts[0] * row, box.stops[0] * row
         self._stage_theta0(t.theta0, t.shape, first, stop, target, state, engine, ring)
 
-    def _stage_theta0(self, entry: Theta0Entry, shape: tuple[int, ...], first: int, stop: int,
-                      target: Target, state: _Output, engine: CopyEngine, ring: StagingRing
-                      ) -> None:
+    def _stage_theta0(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...],
+                      first: int, stop: int, target: Target, state: _Output,
+                      engine: CopyEngine, ring: StagingRing) -> None:
         """Read elements ``[first, stop)`` of a dense theta0 as ``state.base``: into the
         target's storage when they are its elements in its dtype, else into a buffer of the
         stored dtype. On the CPU the bytes are read straight into it, elsewhere into the
         pinned ring's slots (by several reader threads) and copied on; a whole external
         tensor is hashed from those bytes on the way (R75)."""
-        assert is_stored(entry)
         read = self.context.theta0.dense_read(entry, shape, first, stop, f"{target.name}.theta0")
         try:  # whatever fails (the buffer's allocation too) ends the streamed pin check
             into = (state.tensor if read.dtype == target.dtype and stop - first == target.numel
@@ -396,8 +394,8 @@ class Executor:
             return False
         view = state.tensor[piece.lo : piece.hi].view(rows, d)
         if state.base is not state.tensor:  # else the staged theta0 is there already
-            assert target.member is not None
-            base = self._theta0(target.member.theta0, target.member.shape, piece, state.base)
+            base = self._theta0(target.member.theta0, target.member.shape, target, piece.lo,
+                                piece.hi, state.base)
             if base is not None:
                 view.copy_(base.view(rows, d))
             elif not state.zero:
@@ -405,19 +403,19 @@ class Executor:
         fused.accumulate(left, view)
         return True
 
-    def _theta0(self, entry: Theta0Entry, shape: tuple[int, ...], piece: Piece,
-                staged: torch.Tensor | None) -> torch.Tensor | None:
-        """Float32 theta0 (``entry`` of a tensor of ``shape``) of a piece's output elements,
-        from ``staged`` (the box's staged dense theta0) when given; ``None`` for zeros."""
+    def _theta0(self, entry: Theta0Entry, shape: tuple[int, ...], target: Target, lo: int,
+                hi: int, staged: torch.Tensor | None) -> torch.Tensor | None:
+        """Float32 theta0 (``entry`` of a tensor of ``shape``) of ``target``'s output elements
+        ``[lo, hi)``, from ``staged`` (the box's staged dense theta0) when given; ``None`` for
+        zeros."""
         if staged is not None:
-            return staged[piece.lo : piece.hi].to(torch.float32)
-        target = piece.target
+            return staged[lo:hi].to(torch.float32)
         label = f"{target.name}.theta0"
-        span = target.element_range(piece.lo, piece.hi)
+        span = target.element_range(lo, hi)
         if span is not None:
             return self.context.theta0.values(entry, shape, span[0], span[1] - span[0],
-                                           self.device, label)
-        elements = target.elements(piece.lo, piece.hi, self.device)
+                                              self.device, label)
+        elements = target.elements(lo, hi, self.device)
         return self.context.theta0.values_at(entry, shape, elements, label)
 
     def _place_theta0(self, piece: Piece, step: BatchStep, outputs: dict[int, _Output],
@@ -425,9 +423,8 @@ class Executor:
         """Write a piece's theta0 where its values lie in the batch's rows; return where:
         a range of ``flat`` or, for a gathered piece, its positions."""
         target = piece.target
-        assert target.member is not None
-        base = self._theta0(target.member.theta0, target.member.shape, piece,
-                            outputs[id(target)].base)
+        base = self._theta0(target.member.theta0, target.member.shape, target, piece.lo,
+                            piece.hi, outputs[id(target)].base)
         span = target.element_range(piece.lo, piece.hi)
         if span is not None and step.ids is None:
             lo = target.member.offset + span[0] - step.first * d
@@ -443,7 +440,6 @@ class Executor:
     def _positions(self, piece: Piece, step: BatchStep, d: int) -> torch.Tensor:
         """Where a piece's values lie in the ``[chunks, d]`` rows of its batch, flat."""
         target = piece.target
-        assert target.member is not None
         values = target.member.offset + target.elements(piece.lo, piece.hi, self.device)
         chunk = values // d
         rank = (chunk - step.first if step.ids is None
@@ -460,7 +456,7 @@ class Executor:
         """The kernel's ``MemberJob`` for a piece of a contiguous target: the batch's rows
         that cover it, and where its first row lands in the target's storage."""
         target = piece.target
-        member = _member(target)
+        member = target.member
         start = member.offset + target.box.first_element  # segment value of output 0
         m0 = (start + piece.lo) // d
         m1 = -(-(start + piece.hi) // d)
@@ -468,9 +464,9 @@ class Executor:
         return self.backend.member_job(state.tensor, m0 - step.first, m1 - step.first,
                                        m0 * d - start, theta0, target.box.first_element)
 
-    def _product(self, target: Target, fused: FusedGenerator) -> Precision:
+    def _product(self, target: MemberTarget, fused: FusedGenerator) -> Precision:
         """The kernel's output-layer product for ``target`` (the backend's choice)."""
-        return self.backend.product(to_torch(_member(target).dtype), target.dtype,
+        return self.backend.product(to_torch(target.member.dtype), target.dtype,
                                     fused.weights.spec.seed is not None)
 
     def _kernel_gather(self, piece: Piece, step: BatchStep, fused: FusedGenerator,
@@ -480,18 +476,18 @@ class Executor:
         like the rows) and the piece is gathered from them, so its values are the whole
         tensor's bit for bit."""
         target = piece.target
-        member = _member(target)
+        member = target.member
         ids = (step.ids if step.ids is not None
                else torch.arange(step.first, step.stop, dtype=torch.int64))
-        row_elements: torch.Tensor | None = ids * d - member.offset  # each row's first element
+        first_elements = ids * d - member.offset  # the member element of each row's first value
         rows = torch.empty(step.chunks * d, dtype=target.dtype, device=self.device)
+        row_elements: torch.Tensor | None = None  # keys Philox draws; a dense base is laid out
         if is_stored(member.theta0):
-            assert row_elements is not None
             theta0 = self.backend.kernel_theta0(member.theta0, member.shape, self._dense_rows(
-                member, row_elements, d, f"{target.name}.theta0"))
-            row_elements = None
+                member.theta0, member, first_elements, d, f"{target.name}.theta0"))
         else:
             theta0 = self.backend.kernel_theta0(member.theta0, member.shape, None)
+            row_elements = first_elements
         precision = self._product(target, fused)
         self.backend.regenerate_rows(
             left[: step.chunks], fused.stacked, fused.weights.out_bias is not None, rows,
@@ -499,12 +495,11 @@ class Executor:
             fused.split if precision is Precision.BF16X3 else None)
         state.tensor[piece.lo : piece.hi] = rows[self._positions(piece, step, d)]
 
-    def _dense_rows(self, member: MemberEntry, row_elements: torch.Tensor, d: int, label: str
-                    ) -> torch.Tensor:
-        """A dense theta0 laid out like a batch's chunk rows (zero outside the member), in its
-        stored dtype on the device: the kernel reads it as it reads a staged base."""
-        entry = member.theta0
-        assert is_stored(entry)
+    def _dense_rows(self, entry: BlobTheta0 | ExternalTheta0, member: MemberEntry,
+                    row_elements: torch.Tensor, d: int, label: str) -> torch.Tensor:
+        """A dense theta0 (``entry``, of ``member``) laid out like a batch's chunk rows (zero
+        outside the member), in its stored dtype on the device: the kernel reads it as it
+        reads a staged base."""
         elements = (row_elements[:, None] + torch.arange(d)[None, :]).reshape(-1)
         inside = (elements >= 0) & (elements < member.numel)
         first = int(elements[inside].min())
@@ -532,21 +527,12 @@ class Executor:
             if not target.box.contiguous:  # the whole rows the box spans
                 base = base[:, target.box.starts[1] : target.box.stops[1]]
         else:  # zeros or drawn
-            assert t.theta0 is not None
-            base = self._theta0(t.theta0, t.shape, Piece(target, 0, target.numel), None)
+            base = self._theta0(t.theta0, t.shape, target, 0, target.numel, None)
             base = base.view(rows, cols) if base is not None else None
         b = b_state.tensor.view(step.b.box.lengths)
         a = a_state.tensor.view(step.a.box.lengths)
         self.backend.lora_merge(out, b, a, float(t.scale or 0.0), base)
         state.base = None
-
-
-def _member(target: Target) -> MemberEntry:
-    """The member a regenerated target is a box of (the planner sets it for every target a
-    batch writes)."""
-    if target.member is None:
-        raise AssertionError(f"{target.name} is not a regenerated member")  # planner bug
-    return target.member
 
 
 def _out_of_memory(exc: BaseException) -> bool:
