@@ -30,6 +30,7 @@ from mcnc_format import Theta0
 from mcnc_format.errors import ReparametrizeError
 from mcnc_format.header import PackedTensor
 from mcnc_format.torch import MCNCConfig, export_state_dict, reparametrize, save_model
+from mcnc_format.torch.reparam import runtime_of
 from mcnc_format.torch.runtime import MCNCRuntime
 
 
@@ -281,13 +282,13 @@ def test_autocast_runs_the_generator_in_float32():
 
 def test_model_chunking_generates_each_segment_once_per_forward(monkeypatch):
     calls = []
-    original = MCNCRuntime.segment_delta
+    original = MCNCRuntime.segment_value
 
-    def counting(self, segment, first, last):
+    def counting(self, segment, first, last, placed):
         calls.append((segment, first, last))
-        return original(self, segment, first, last)
+        return original(self, segment, first, last, placed)
 
-    monkeypatch.setattr(MCNCRuntime, "segment_delta", counting)
+    monkeypatch.setattr(MCNCRuntime, "segment_value", counting)
     config = MCNCConfig(**{**CONFIGS["transformer"].to_dict(), "chunking": "model"})
     model = reparametrize(TinyTransformer(), config)
     model(_inputs("transformer")).sum().backward()
@@ -380,3 +381,40 @@ def test_tied_parameters_stay_tied_and_are_stored_once(theta0: str, tmp_path) ->
         assert plain.head.weight is plain.embed.weight and plain.again is plain.mix
         with torch.no_grad():
             assert_same_outputs(plain(tokens), want)
+
+
+@pytest.mark.parametrize("name", ["transformer", "cnn", "mlp"])
+def test_trained_weights_equal_the_loaded_ones_bit_for_bit(tmp_path, name):
+    """Training and loading share one compute path (``FusedGenerator.value`` is the
+    out-of-place form of the loader's ``accumulate``): a trained weight read inside a forward
+    (whole segments at once) and outside (the member's own chunks) equals the tensor ``load``
+    rebuilds from the saved file, bit for bit, for theta0 of every kind the configs use."""
+    model = reparametrize(BUILDERS[name](), CONFIGS[name])
+    _train(model, _inputs(name))
+    path = tmp_path / "m.mcnc"
+    save_model(model, path)
+    loaded = mcnc_format.load(path)
+    compressed = [m.name for m in runtime_of(model).manifest.members]
+    assert compressed
+
+    def weights() -> dict[str, torch.Tensor]:
+        out = {}
+        for n in compressed:
+            owner, _, attribute = n.rpartition(".")
+            out[n] = getattr(model.get_submodule(owner), attribute).detach().clone()
+        return out
+
+    inside: dict[str, torch.Tensor] = {}
+
+    def capture(module: nn.Module, args: object) -> None:
+        if not inside:
+            inside.update(weights())
+
+    hook = model.register_forward_pre_hook(capture)  # runs after the runtime's own hook
+    with torch.no_grad():
+        model(_inputs(name))
+    hook.remove()
+    outside = weights()
+    for n in compressed:
+        assert torch.equal(outside[n], loaded[n]), n
+        assert torch.equal(inside[n], loaded[n]), n

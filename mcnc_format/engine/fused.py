@@ -100,6 +100,17 @@ class FusedGenerator:
         with ieee_fp32(left.device):
             return torch.mm(left, self.stacked)
 
+    def value(self, left: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``base + left @ stacked`` for float32 ``base`` ``[R, d]`` (theta0 where members
+        lie, zeros elsewhere), out of place and differentiable: the very operation
+        ``accumulate`` runs in place for a load (one ``addmm`` with the add folded in, or the
+        ordered product for narrow generators), so a trained weight equals the loaded one bit
+        for bit."""
+        if self.weights.spec.d < NARROW_D:
+            return base + self.product(left)
+        with ieee_fp32(left.device):
+            return torch.addmm(base, left, self.stacked)
+
     def delta(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """``sum_j beta_j phi(alpha_j)`` as float32 ``[B, d]``."""
         return self.product(self.coefficients(alpha, beta))[: alpha.shape[0]]

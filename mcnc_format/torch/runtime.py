@@ -125,47 +125,73 @@ class MCNCRuntime:
         return getattr(self.root, beta_key(segment))
 
     def member_value(self, index: int, theta0: torch.Tensor) -> torch.Tensor:
-        """The current value of member ``index`` (shape and dtype of the original tensor)."""
+        """The current value of member ``index`` (shape and dtype of the original tensor):
+        ``theta0 + sum_j beta_j phi(alpha_j)`` computed as a load computes it
+        (``FusedGenerator.value``: theta0 laid into the chunks' rows, one ``addmm``), so the
+        trained weight equals the loaded one bit for bit."""
         caching = self._depth > 0 and self._cache_grad in (None, torch.is_grad_enabled())
         if caching and index in self._values:
             return self._values[index]
         member = self.manifest.members[index]
-        delta = self._piece(index) if caching else self._member_delta(index)
-        if not isinstance(member.theta0, ZerosTheta0):
-            delta = delta + theta0.reshape(-1).to(torch.float32)
-        value = delta.view(member.shape).to(to_torch(member.dtype))
+        flat = self._piece(index) if caching else self._member_flat(index, theta0)
+        value = flat.view(member.shape).to(to_torch(member.dtype))
         if caching:
             self._cache_grad = torch.is_grad_enabled()
             self._values[index] = value
         return value
 
     def _piece(self, index: int) -> torch.Tensor:
-        """Member ``index``'s share of its whole segment, generated once per forward."""
+        """Member ``index``'s share of its whole segment, generated once per forward with
+        every member's theta0 in place."""
         if index not in self._pieces:
             segment = self.manifest.members[index].segment
             order = self.segment_members[segment]
+            placed = [(self.manifest.members[i].offset, self.theta0_of(i)) for i in order]
+            flat = self.segment_value(segment, 0, self.manifest.chunks[segment], placed)
             sizes = [self.manifest.members[i].numel for i in order]
-            flat = self.segment_delta(segment, 0, self.manifest.chunks[segment])
             pieces = torch.split(flat, [*sizes, flat.numel() - sum(sizes)])
             self._pieces.update(zip(order, pieces, strict=False))
         return self._pieces[index]
 
-    def _member_delta(self, index: int) -> torch.Tensor:
+    def _member_flat(self, index: int, theta0: torch.Tensor) -> torch.Tensor:
+        """Member ``index`` alone: its chunks only."""
         member = self.manifest.members[index]
         d = self.spec.d
         first = member.offset // d
         last = -(-(member.offset + member.numel) // d)
-        flat = self.segment_delta(member.segment, first, last)
         start = member.offset - first * d
+        placed = [(start, None if isinstance(member.theta0, ZerosTheta0) else theta0)]
+        flat = self.segment_value(member.segment, first, last, placed)
         return flat[start : start + member.numel]
 
-    def segment_delta(self, segment: int, first: int, last: int) -> torch.Tensor:
-        """``sum_j beta_j phi(alpha_j)`` of chunks ``first .. last - 1``, flat float32."""
+    def theta0_of(self, index: int) -> torch.Tensor | None:
+        """Member ``index``'s theta0 (its parametrization's ``original``), ``None`` for
+        zeros."""
+        member = self.manifest.members[index]
+        if isinstance(member.theta0, ZerosTheta0):
+            return None
+        owner, _, attribute = member.name.rpartition(".")
+        holders = self.root.get_submodule(owner).parametrizations
+        original: torch.Tensor = holders[attribute].original
+        return original
+
+    def segment_value(self, segment: int, first: int, last: int,
+                      placed: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+        """``theta0 + sum_j beta_j phi(alpha_j)`` of chunks ``first .. last - 1``, flat
+        float32, each ``(offset, theta0)`` of ``placed`` laid at its offset from the first
+        chunk's first value (zeros elsewhere)."""
         config = self.manifest.config
         alpha = stored_values(self.alpha(segment)[first:last], config.alpha_dtype, config.L)
         beta = stored_values(self.beta(segment)[first:last], config.beta_dtype)
         fused = self.fused(alpha.device)
-        return fused.product(fused.coefficients(alpha, beta))[: last - first].reshape(-1)
+        left = fused.coefficients(alpha, beta)
+        base = torch.zeros(left.shape[0] * self.spec.d, dtype=torch.float32,
+                           device=alpha.device)
+        for offset, theta0 in placed:
+            if theta0 is not None:
+                base[offset : offset + theta0.numel()] = theta0.reshape(-1).to(torch.float32)
+        value = fused.value(left, base.view(left.shape[0], self.spec.d))
+        return value[: last - first].reshape(-1)
 
     def fused(self, device: torch.device) -> FusedGenerator:
         """The generator on ``device``, drawn from the seed on first use. Kept out of the
