@@ -374,13 +374,11 @@ class Executor:
             return
         rows = left.shape[0]  # the chunks, padded to whole row tiles
         work = self._workspace(workspace, rows, d)
-        work.zero_()
-        flat = work.reshape(-1)
-        placed = [self._place_theta0(piece, step, outputs, flat, d) for piece in eager]
-        fused.accumulate(left, work)
-        for piece, where in zip(eager, placed, strict=True):
-            dest = outputs[id(piece.target)].tensor[piece.lo : piece.hi]
-            dest.copy_(flat[where] if isinstance(where, torch.Tensor) else flat[where[0]:where[1]])
+        parts = [self._theta0_part(piece, step, outputs, d) for piece in eager]
+        fused.accumulate_over(left, work, parts)
+        flat = work.view(-1)
+        for piece, (where, _) in zip(eager, parts, strict=True):
+            outputs[id(piece.target)].tensor[piece.lo : piece.hi].copy_(flat[where])
 
     def _in_place(self, piece: Piece, step: BatchStep, fused: FusedGenerator,
                   left: torch.Tensor, state: _Output, d: int) -> bool:
@@ -418,24 +416,18 @@ class Executor:
         elements = target.elements(lo, hi, self.device)
         return self.context.theta0.values_at(entry, shape, elements, label)
 
-    def _place_theta0(self, piece: Piece, step: BatchStep, outputs: dict[int, _Output],
-                      flat: torch.Tensor, d: int) -> torch.Tensor | tuple[int, int]:
-        """Write a piece's theta0 where its values lie in the batch's rows; return where:
-        a range of ``flat`` or, for a gathered piece, its positions."""
+    def _theta0_part(self, piece: Piece, step: BatchStep, outputs: dict[int, _Output], d: int
+                     ) -> tuple[slice | torch.Tensor, torch.Tensor | None]:
+        """Where a piece's values lie in the batch's rows (a range of them flat or, for a
+        gathered piece, its positions) and its theta0 (``None`` for zeros)."""
         target = piece.target
         base = self._theta0(target.member.theta0, target.member.shape, target, piece.lo,
                             piece.hi, outputs[id(target)].base)
         span = target.element_range(piece.lo, piece.hi)
         if span is not None and step.ids is None:
             lo = target.member.offset + span[0] - step.first * d
-            where: torch.Tensor | tuple[int, int] = (lo, lo + piece.hi - piece.lo)
-            if base is not None:
-                flat[lo : lo + piece.hi - piece.lo] = base
-            return where
-        positions = self._positions(piece, step, d)
-        if base is not None:
-            flat[positions] = base
-        return positions
+            return slice(lo, lo + piece.hi - piece.lo), base
+        return self._positions(piece, step, d), base
 
     def _positions(self, piece: Piece, step: BatchStep, d: int) -> torch.Tensor:
         """Where a piece's values lie in the ``[chunks, d]`` rows of its batch, flat."""

@@ -12,6 +12,8 @@ training (``mcnc_format.torch``) on the chunks of a forward pass: one source of 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from ..generator import GeneratorWeights, ieee_fp32, ordered_matmul, row_stable_matmul
@@ -99,6 +101,21 @@ class FusedGenerator:
             return ordered_matmul(left, self.stacked)
         with ieee_fp32(left.device):
             return torch.mm(left, self.stacked)
+
+    def accumulate_over(self, left: torch.Tensor, work: torch.Tensor,
+                        parts: Iterable[tuple[slice | torch.Tensor, torch.Tensor | None]]
+                        ) -> None:
+        """``work = theta0 + left @ stacked`` for a float32 ``[R, d]`` scratch ``work``:
+        each ``(where, theta0)`` of ``parts`` lays a member's theta0 at ``where`` (a slice or
+        the positions of ``work`` flat; ``None`` for zeros), zeros elsewhere, then one
+        ``accumulate``. The torch path's batch, for the executor and for members rebuilt from
+        resident alpha and beta (``members.py``) alike."""
+        work.zero_()
+        flat = work.view(-1)
+        for where, theta0 in parts:
+            if theta0 is not None:
+                flat[where] = theta0
+        self.accumulate(left, work)
 
     def value(self, left: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """``base + left @ stacked`` for float32 ``base`` ``[R, d]`` (theta0 where members

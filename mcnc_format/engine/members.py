@@ -52,11 +52,9 @@ def rebuild_members(fused: FusedGenerator, alpha: torch.Tensor, beta: torch.Tens
             raise UsageError(f"member values [{member.start}, {member.start + member.numel})"
                              f" lie outside the batch's {rows} chunks of {d} values")
     left = fused.coefficients(alpha, beta)  # whole row tiles: the workspace has their rows
-    work = torch.zeros(left.shape[0], d, dtype=torch.float32, device=alpha.device)
+    work = torch.empty(left.shape[0], d, dtype=torch.float32, device=alpha.device)
+    fused.accumulate_over(left, work, [(slice(m.start, m.start + m.numel), m.theta0)
+                                       for m in members])
     flat = work.view(-1)
-    for member in members:
-        if member.theta0 is not None:
-            flat[member.start : member.start + member.numel] = member.theta0
-    fused.accumulate(left, work)
     return [flat[m.start : m.start + m.numel].view(m.shape).to(m.dtype, copy=True)
             for m in members]
