@@ -67,18 +67,34 @@ class Codec(SpecLiteral):
 
 CODECS = tuple(c.value for c in Codec)
 
-# §4 Dtypes: name -> item size in bytes
+# §4 Dtypes
+class DType(SpecLiteral):
+    """A dtype of §1, by its spec name (``header.py`` types every parsed dtype as one)."""
+
+    F64 = "f64"
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    I64 = "i64"
+    I32 = "i32"
+    I16 = "i16"
+    I8 = "i8"
+    U8 = "u8"
+    BOOL = "bool"
+
+
+#: name -> item size in bytes
 DTYPE_SIZES = {
-    "f64": 8,
-    "f32": 4,
-    "f16": 2,
-    "bf16": 2,
-    "i64": 8,
-    "i32": 4,
-    "i16": 2,
-    "i8": 1,
-    "u8": 1,
-    "bool": 1,
+    DType.F64.value: 8,
+    DType.F32.value: 4,
+    DType.F16.value: 2,
+    DType.BF16.value: 2,
+    DType.I64.value: 8,
+    DType.I32.value: 4,
+    DType.I16.value: 2,
+    DType.I8.value: 1,
+    DType.U8.value: 1,
+    DType.BOOL.value: 1,
 }
 FLOAT_DTYPES = ("f64", "f32", "f16", "bf16")
 ALPHA_BETA_DTYPES = ("f32", "f16", "bf16")

@@ -138,7 +138,7 @@ class _Map:
                              rule="R44")
         if value not in C.DTYPE_SIZES:
             raise self.unsupported(key, "dtype", value, ", ".join(C.DTYPE_SIZES), "R26")
-        return value
+        return C.DType(value)
 
     def child(self, key: str) -> _Map:
         return _Map(self.get(key, dict), self._where(key), self.source, self.lenient)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..constants import DType
 from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError
 from ..generator import GeneratorSpec, GeneratorWeights
@@ -98,7 +99,7 @@ def blob_tensor(blobs: BlobStore, index: int, path: str | None = None) -> torch.
     if blob.numel == 0:
         return torch.empty(blob.shape, dtype=dtype)
     tensor = torch.frombuffer(bytearray(data), dtype=dtype, count=blob.numel)
-    if blob.dtype == "bool" and bool((tensor.view(torch.uint8) > 1).any()):
+    if blob.dtype == DType.BOOL and bool((tensor.view(torch.uint8) > 1).any()):
         raise FormatError("bool bytes must be 0 or 1 (§1)", rule="R27", path=blobs.source.label,
                           field=where)
     return tensor.reshape(blob.shape)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..constants import DType
 from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError
 from ..header import BlobTheta0, ExternalTheta0, MemberEntry, Theta0Entry
@@ -220,7 +221,7 @@ class Executor:
             shape = (box.lengths[0], *t.shape[1:])
         data = self.context.blobs.tensor_bytes(t, first * dtype.itemsize,
                                             (first + count) * dtype.itemsize)
-        if t.dtype == "bool" and count and int(np.frombuffer(data, np.uint8).max()) > 1:
+        if t.dtype == DType.BOOL and count and int(np.frombuffer(data, np.uint8).max()) > 1:
             # Checked on the host bytes: on a GPU, a check of the device copy waits for it.
             raise FormatError("bool bytes must be 0 or 1 (§1): the file is damaged or was "
                               "written by a non-conforming writer", rule="R27", path=self.label,
