@@ -267,8 +267,9 @@ class MCNCFile:
 
 
 class TensorSlice:
-    """One tensor of an open file, indexed to rebuild a box of it:
-    ``f.get_slice("w")[0:128, :]`` (steps of one, negative bounds, integers, ``...``)."""
+    """One tensor of an open file, indexed to rebuild a part of it:
+    ``f.get_slice("w")[0:128, ::2]`` (slices with positive steps, negative bounds, integer
+    positions, ``...``, ``[]``; out-of-range positions raise ``MCNCIndexError``)."""
 
     def __init__(self, file: MCNCFile, entry: TensorEntry, device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = None) -> None:
@@ -290,9 +291,14 @@ class TensorSlice:
         return TensorSlice(self.file, self.entry, device, dtype)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        box = Box.from_index(self.entry.shape, index, f"{self.file.label}: {self.entry.name}")
+        """The indexed part, as torch indexes (``Box.strided`` lists what an index may hold):
+        the box spanning it is rebuilt, then thinned to the steps."""
+        box, steps = Box.strided(self.entry.shape, index, f"{self.file.label}: {self.entry.name}")
         (_, value), = self.file.stream([self.entry.name], self.device, self.dtype,
                                        boxes={self.entry.name: box})
+        if any(step != 1 for step in steps):
+            kept = [step for dim, step in enumerate(steps) if dim not in box.drop]
+            value = value[tuple(slice(None, None, step) for step in kept)].contiguous()
         return value
 
 
