@@ -298,7 +298,8 @@ class TensorSlice:
                                        boxes={self.entry.name: box})
         if any(step != 1 for step in steps):
             kept = [step for dim, step in enumerate(steps) if dim not in box.drop]
-            value = value[tuple(slice(None, None, step) for step in kept)].contiguous()
+            value = value[tuple(slice(None, None, step) for step in kept)]
+            value = value.clone(memory_format=torch.contiguous_format)  # own, plain strides
         return value
 
 

@@ -249,8 +249,8 @@ class _Layout:
         tensor = tensor.detach()
         if tensor.is_meta:
             raise MetaTensorError(f"{self.source}: {where}: Cannot copy out of meta tensor: it "
-                                  "has no data; materialise it (e.g. load_state_dict) before "
-                                  "saving")
+                                  "is on the meta device and has no data; materialise it "
+                                  "(e.g. load_state_dict) before saving")
         if tensor.is_sparse or tensor.layout != torch.strided:
             raise InvalidTensorError(f"{self.source}: {where}: sparse tensors cannot be "
                                      "stored; call .to_dense() first")

@@ -46,7 +46,7 @@ class Box:
         box, steps = cls.strided(shape, index, label)
         for dim, step in enumerate(steps):
             if step != 1:
-                raise UsageError(f"{label}: dimension {dim}: a box takes slices with step 1, "
+                raise UsageError(f"{label}: dimension {dim}: a box takes steps of 1 only, "
                                  f"got {step}; get_slice(name)[...] takes positive steps")
         return box
 
