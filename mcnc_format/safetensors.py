@@ -28,6 +28,7 @@ import torch
 
 from . import constants as C
 from . import sharing
+from .api import open as open_mcnc
 from .devices import check_device
 from .errors import InvalidTensorError, MCNCError, StateDictMismatchError, UsageError
 from .reader import MCNCFile, TensorSlice
@@ -78,11 +79,12 @@ class SafeSlice:
 
 
 class SafeFile:
-    """An open ``.mcnc`` file with safetensors' handle methods; ``safe_open`` returns it."""
+    """An open ``.mcnc`` file (a path or an ``hf://`` name) with safetensors' handle
+    methods; ``safe_open`` returns it."""
 
     def __init__(self, filename: PathLike, device: Device = "cpu") -> None:
         self._device = check_device(device)
-        self._file: MCNCFile | None = MCNCFile(filename)
+        self._file: MCNCFile | None = open_mcnc(filename)
         self._label = os.fspath(filename)
 
     def _open(self) -> MCNCFile:

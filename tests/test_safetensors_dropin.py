@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import os
 import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
+import mcnc_format as mf
 from mcnc_format import MCNCError
 from mcnc_format import sharing as S
 from mcnc_format.safetensors import (
@@ -46,6 +50,7 @@ from mcnc_format.safetensors import (
     storage_ptr,
     storage_size,
 )
+from mcnc_format.torch import MCNCConfig, reparametrize
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -672,3 +677,87 @@ def test_multithreaded_roundtripping_torch(tmp_path: Path) -> None:
         sys.setswitchinterval(switch)
         barrier.abort()
     assert not failures, failures
+
+
+# -- beyond the peer: what the drop-in adds for .mcnc files ---------------------------------
+VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
+
+
+def test_every_encoding_comes_back_as_tensors() -> None:
+    """load_file and safe_open give the core reader's tensors for every valid vector."""
+    valid = json.loads((VECTORS / "index.json").read_text())["valid"]
+    for vector in valid:
+        if vector["unsupported"]:
+            continue  # load_file loads every tensor; the core names the unknown one
+        path = VECTORS / vector["file"]
+        names = mf.open(path).keys()
+        want = mf.load(path, names=names)
+        got = load_file(path)
+        assert list(got) == names
+        for name in names:
+            assert torch.equal(got[name].view(-1), want[name].view(-1)) or (
+                got[name].isnan().any() and torch.equal(got[name].nan_to_num(0),
+                                                        want[name].nan_to_num(0))), name
+        with safe_open(path, framework="pt") as f:
+            assert f.keys() == sorted(names) and f.offset_keys() == names
+            for name in names:
+                part = f.get_slice(name)
+                assert part.get_dtype() == mf.open(path).entry(name).dtype.upper()
+                assert part.get_shape() == list(want[name].shape)
+
+
+def test_slices_index_as_torch_does(tmp_path: Path) -> None:
+    A = torch.randn(7, 6, 5)
+    save_file({"a": A}, tmp_path / "a.mcnc")
+    with safe_open(tmp_path / "a.mcnc", framework="pt") as f:
+        part = f.get_slice("a")
+        for index in [(slice(1, None, 2),), (slice(None), slice(None, None, 4), 2),
+                      (..., slice(0, 5, 3)), (np.int64(3), torch.tensor(1)), (-1, ..., -2),
+                      [], (slice(-100, 100, 3),), torch.tensor([0, 2]), [1, 3], (None, 0),
+                      A[:, 0, 0] > 0]:
+            assert torch.equal(part[index], A[index]), index
+        for index, error in [((7,), IndexError), ((0, 0, 0, 0), IndexError),
+                             ((slice(None, None, -1),), ValueError)]:
+            with pytest.raises(error):
+                part[index]
+            with pytest.raises(error):
+                A[index]
+
+
+def test_save_file_is_independent_of_dict_order(tmp_path: Path) -> None:
+    a, b = torch.randn(300, 300), torch.randn(3)
+    assert save({"b": b, "a": a}) == save({"a": a, "b": b})
+    save_file({"b": b, "a": a}, tmp_path / "x.mcnc")
+    with safe_open(tmp_path / "x.mcnc", framework="pt") as f:
+        assert f.offset_keys() == ["a", "b"]
+
+
+def test_a_reparametrized_model_is_saved_compressed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+
+    def build() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                   torch.nn.Linear(64, 8))
+
+    model = reparametrize(build(), MCNCConfig(k=4, d=128, hidden=(16, 16), seed=7))
+    save_model(model, tmp_path / "m.mcnc", metadata={"arch": "mlp"})
+    with mf.open(tmp_path / "m.mcnc") as f:
+        assert "mcnc" in {f.tensor_info(n).encoding for n in f.keys()}  # noqa: SIM118
+        assert f.metadata == {"arch": "mlp"}
+    plain = build()
+    missing, unexpected = load_model(plain, tmp_path / "m.mcnc")
+    assert missing == set() and unexpected == []
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
+
+
+def test_safetensors_files_still_load(tmp_path: Path) -> None:
+    """After the switch, existing .safetensors checkpoints are read by safetensors itself."""
+    tensors = {"w": torch.randn(3, 4), "b": torch.arange(5)}
+    safetensors.torch.save_file(tensors, tmp_path / "old.safetensors")
+    loaded = load_file(tmp_path / "old.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert torch.equal(load(safetensors.torch.save(tensors))["w"], tensors["w"])
+    with safe_open(tmp_path / "old.safetensors", framework="pt") as f:
+        assert f.get_slice("w")[1:, ::2].shape == (2, 2)
