@@ -47,6 +47,8 @@ SafetensorError = MCNCError
 PathLike = str | os.PathLike[str]
 Device = str | int | torch.device
 _TORCH_FRAMEWORKS = ("pt", "torch", "pytorch")
+#: safetensors' storage backends; ``.mcnc`` files are always read with ``pread`` by the engine.
+_BACKENDS = ("mmap", "pread")
 
 # safetensors.torch's sharing helpers, under the names other libraries import them by.
 _end_ptr = sharing.end_ptr
@@ -124,23 +126,29 @@ class SafeFile:
         return SafeSlice(file.get_slice(name).to(self._device))
 
 
-def safe_open(filename: PathLike, framework: str = "pt", device: Device = "cpu") -> Any:
+def safe_open(filename: PathLike, framework: str = "pt", device: Device = "cpu", *,
+              backend: str = "mmap") -> Any:
     """Open ``filename`` for reading as ``safetensors.safe_open`` does: use it as a context
     manager. An ``.mcnc`` file gives a ``SafeFile``; a safetensors file is opened by
-    safetensors. Only the torch framework is served for ``.mcnc`` files."""
+    safetensors (``backend`` is passed on to it). Only the torch framework is served for
+    ``.mcnc`` files."""
+    if backend not in _BACKENDS:
+        raise UsageError(f"backend={backend!r} is not one of {', '.join(_BACKENDS)}")
     if not _is_mcnc(filename):
-        return _safetensors.safe_open(os.fspath(filename), framework=framework, device=device)
+        return _safetensors.safe_open(os.fspath(filename), framework=framework, device=device,
+                                      **_backend_option(backend))
     if framework not in _TORCH_FRAMEWORKS:
         raise UsageError(f"framework {framework!r}: .mcnc files are read as torch tensors; "
                          f"pass framework='pt'")
     return SafeFile(filename, device)
 
 
-def load_file(filename: PathLike, device: Device = "cpu") -> dict[str, torch.Tensor]:
+def load_file(filename: PathLike, device: Device = "cpu", *, backend: str = "mmap"
+              ) -> dict[str, torch.Tensor]:
     """Every tensor of a file on ``device``."""
     if not _is_mcnc(filename):
-        return _safetensors_torch.load_file(filename, device=device)
-    with SafeFile(filename, device) as f:
+        return _safetensors_torch.load_file(filename, device=device, **_backend_option(backend))
+    with safe_open(filename, "pt", device, backend=backend) as f:
         return f.get_tensors()
 
 
@@ -203,11 +211,11 @@ def save_model(model: torch.nn.Module, filename: PathLike,
 
 
 def load_model(model: torch.nn.Module, filename: PathLike, strict: bool = True,
-               device: Device = "cpu") -> tuple[set[str], list[str]]:
+               device: Device = "cpu", *, backend: str = "mmap") -> tuple[set[str], list[str]]:
     """Load a file into ``model``; returns ``(missing, unexpected)``. Names the model ties
     (one tensor under several names) need only one of them in the file. With ``strict``, a
     mismatch raises ``StateDictMismatchError`` (a ``RuntimeError``) and loads nothing."""
-    state_dict = load_file(filename, device=device)
+    state_dict = load_file(filename, device=device, backend=backend)
     model_state = model.state_dict()
     ties = _remove_duplicate_names(model_state, preferred_names=list(state_dict))
     expected = set(model_state)
@@ -264,6 +272,12 @@ def _check_for_save(tensors: Any) -> None:
                 f"You are trying to save a non contiguous tensor: `{name}` which is not "
                 "allowed. Save only the full tensors and reslice at load time, or call "
                 "`.contiguous()` on it before saving.")
+
+
+def _backend_option(backend: str) -> dict[str, str]:
+    """``backend=`` for safetensors itself, left out at its default (releases before 0.8 do
+    not take it)."""
+    return {} if backend == "mmap" else {"backend": backend}
 
 
 def _is_mcnc(filename: PathLike) -> bool:
