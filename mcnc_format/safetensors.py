@@ -270,8 +270,8 @@ def _check_for_save(tensors: Any) -> None:
         if not value.is_contiguous():
             raise InvalidTensorError(
                 f"You are trying to save a non contiguous tensor: `{name}` which is not "
-                "allowed. Save only the full tensors and reslice at load time, or call "
-                "`.contiguous()` on it before saving.")
+                "allowed. Save only the full tensors and reslice at load time, call "
+                "`.contiguous()` on it before saving, or save the model with save_model.")
 
 
 def _backend_option(backend: str) -> dict[str, str]:
