@@ -280,11 +280,13 @@ def load_case(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_deserialization_safe(load_case: tuple[Path, Path]) -> None:
     pt_filename, sf_filename = load_case
-    tweights = torch.load(pt_filename)
-    weights = load_file(sf_filename)
+    _assert_close_on(load_file(sf_filename), torch.load(pt_filename), "cpu")
+
+
+def _assert_close_on(weights: dict, tweights: dict, device: str) -> None:
     for k, v in weights.items():
         assert torch.allclose(v, tweights[k])
-        assert v.device == torch.device("cpu")
+        assert v.device == torch.device(device)
 
 
 @cuda
@@ -306,10 +308,7 @@ def test_deserialization_safe_gpu(load_case: tuple[Path, Path]) -> None:
     pt_filename, sf_filename = load_case
     tweights = torch.load(pt_filename, map_location="cuda:0")
     load_file(sf_filename, device=0)
-    weights = load_file(sf_filename, device="cuda:0")
-    for k, v in weights.items():
-        assert torch.allclose(v, tweights[k])
-        assert v.device == torch.device("cuda:0")
+    _assert_close_on(load_file(sf_filename, device="cuda:0"), tweights, "cuda:0")
 
 
 @cuda
@@ -320,9 +319,7 @@ def test_deserialization_safe_gpu_slice(load_case: tuple[Path, Path]) -> None:
         for k in f.keys():  # noqa: SIM118 (safetensors handles have no __iter__)
             weights[k] = f.get_slice(k)[:1]
     tweights = {k: v[:1] for k, v in torch.load(pt_filename, map_location="cuda:0").items()}
-    for k, v in weights.items():
-        assert torch.allclose(v, tweights[k])
-        assert v.device == torch.device("cuda:0")
+    _assert_close_on(weights, tweights, "cuda:0")
 
 
 # -- test_pt_comparison.py: SliceTestCase --------------------------------------------------
@@ -555,24 +552,23 @@ def _assert_same_state(model: torch.nn.Module, model2: torch.nn.Module) -> None:
         torch.testing.assert_close(v, state_dict[k])
 
 
-def test_save(tmp_path: Path) -> None:
-    model = OnesModel()
-    save_model(model, tmp_path / "tmp_ones.mcnc")
-    with safe_open(tmp_path / "tmp_ones.mcnc", framework="pt") as f:
+def _save_tied_model_and_reload(model_class: type[torch.nn.Module], path: Path) -> None:
+    """save_model keeps one name per tie and records the other; load_model ties it back."""
+    model = model_class()
+    save_model(model, path)
+    with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"b.bias": "a.bias", "b.weight": "a.weight"}
-    model2 = OnesModel()
-    load_model(model2, tmp_path / "tmp_ones.mcnc")
+    model2 = model_class()
+    load_model(model2, path)
     _assert_same_state(model, model2)
+
+
+def test_save(tmp_path: Path) -> None:
+    _save_tied_model_and_reload(OnesModel, tmp_path / "tmp_ones.mcnc")
 
 
 def test_workaround(tmp_path: Path) -> None:
-    model = Model()
-    save_model(model, tmp_path / "tmp.mcnc")
-    with safe_open(tmp_path / "tmp.mcnc", framework="pt") as f:
-        assert f.metadata() == {"b.bias": "a.bias", "b.weight": "a.weight"}
-    model2 = Model()
-    load_model(model2, tmp_path / "tmp.mcnc")
-    _assert_same_state(model, model2)
+    _save_tied_model_and_reload(Model, tmp_path / "tmp.mcnc")
 
 
 def test_workaround_different_on_file_names(tmp_path: Path) -> None:
