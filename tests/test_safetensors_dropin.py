@@ -546,7 +546,10 @@ def test_failure(tmp_path: Path) -> None:
         save_file(Model().state_dict(), tmp_path / "tmp.mcnc")
 
 
-def _assert_same_state(model: torch.nn.Module, model2: torch.nn.Module) -> None:
+def _assert_loads_back(model: torch.nn.Module, path: Path) -> None:
+    """load_model of ``path`` into a fresh model of the same class gives ``model``'s state."""
+    model2 = type(model)()
+    load_model(model2, path)
     state_dict = model.state_dict()
     for k, v in model2.state_dict().items():
         torch.testing.assert_close(v, state_dict[k])
@@ -558,9 +561,7 @@ def _save_tied_model_and_reload(model_class: type[torch.nn.Module], path: Path) 
     save_model(model, path)
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"b.bias": "a.bias", "b.weight": "a.weight"}
-    model2 = model_class()
-    load_model(model2, path)
-    _assert_same_state(model, model2)
+    _assert_loads_back(model, path)
 
 
 def test_save(tmp_path: Path) -> None:
@@ -577,9 +578,7 @@ def test_workaround_different_on_file_names(tmp_path: Path) -> None:
     state_dict.pop("a.weight")
     state_dict.pop("a.bias")
     save_file(state_dict, tmp_path / "tmp.mcnc")
-    model2 = Model()
-    load_model(model2, tmp_path / "tmp.mcnc")
-    _assert_same_state(model, model2)
+    _assert_loads_back(model, tmp_path / "tmp.mcnc")
 
 
 def test_workaround_non_contiguous(tmp_path: Path) -> None:
@@ -588,9 +587,7 @@ def test_workaround_non_contiguous(tmp_path: Path) -> None:
         save_model(model, tmp_path / "tmp_c.mcnc", force_contiguous=False)
     assert "use save_model(..., force_contiguous=True)" in str(ctx.value)
     save_model(model, tmp_path / "tmp_c.mcnc", force_contiguous=True)
-    model2 = NonContiguousModel()
-    load_model(model2, tmp_path / "tmp_c.mcnc")
-    _assert_same_state(model, model2)
+    _assert_loads_back(model, tmp_path / "tmp_c.mcnc")
 
 
 def test_workaround_copy(tmp_path: Path) -> None:
@@ -598,9 +595,7 @@ def test_workaround_copy(tmp_path: Path) -> None:
     assert S.find_shared_tensors(model.state_dict()) == [
         {"a.weight"}, {"a.bias"}, {"b.weight"}, {"b.bias"}]
     save_model(model, tmp_path / "tmp.mcnc")
-    model2 = CopyModel()
-    load_model(model2, tmp_path / "tmp.mcnc")
-    _assert_same_state(model, model2)
+    _assert_loads_back(model, tmp_path / "tmp.mcnc")
 
 
 def test_difference_with_torch(tmp_path: Path) -> None:
