@@ -186,17 +186,15 @@ def save_model(model: torch.nn.Module, filename: PathLike,
     """Save a model's state dict, keeping one name of each group of tensors that share memory
     (the dropped names go into the metadata, ``{dropped: kept}``, as safetensors records
     them). A model reparametrized with ``mcnc_format.torch`` is written compressed (MCNC
-    segments, under the plain model's names); any other model as dense tensors."""
+    segments, under the plain model's names; ``export_state_dict`` already stores each tie
+    once, so no names are recorded); any other model as dense tensors."""
     state_dict: dict[str, Any] = dict(model.state_dict())
     reparametrized = any(k == CONFIG_KEY or k.endswith("." + CONFIG_KEY) for k in state_dict)
     if reparametrized:
         state_dict = dict(export_state_dict(state_dict))
-    plain = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    for kept, dropped in _remove_duplicate_names(plain).items():
-        for name in dropped:
-            metadata = dict(metadata or {})
-            metadata.setdefault(name, kept)
-            del state_dict[name]
+    state_dict, dropped = sharing.without_duplicates(state_dict)
+    if dropped:
+        metadata = {**dropped, **(metadata or {})}
     if force_contiguous:
         state_dict = {k: v.contiguous() if isinstance(v, torch.Tensor) else v
                       for k, v in state_dict.items()}

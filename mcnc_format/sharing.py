@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 import torch
 
 from .errors import SharedTensorError
 
 __all__ = ["end_ptr", "find_shared_tensors", "is_complete", "remove_duplicate_names",
-           "storage_ptr", "storage_size"]
+           "storage_ptr", "storage_size", "without_duplicates"]
+
+V = TypeVar("V")
 
 
 def storage_ptr(tensor: torch.Tensor) -> int:
@@ -115,3 +118,17 @@ def remove_duplicate_names(tensors: Mapping[str, torch.Tensor], *,
             if name != keep:
                 removed[keep].append(name)
     return removed
+
+
+def without_duplicates(values: Mapping[str, V], *, keep_first: bool = False
+                       ) -> tuple[dict[str, V], dict[str, str]]:
+    """``values`` less the tensors ``remove_duplicate_names`` drops (only ``torch.Tensor``
+    values are compared; others are kept as they are), in their order, and ``{dropped:
+    kept}``. ``keep_first``: keep each group's first name in ``values``' order where it covers
+    the storage (safetensors' choice, the first in sorted order, otherwise)."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    firsts = ([next(k for k in tensors if k in names) for names in find_shared_tensors(tensors)]
+              if keep_first else None)
+    dropped = {name: kept for kept, names in
+               remove_duplicate_names(tensors, preferred_names=firsts).items() for name in names}
+    return {k: v for k, v in values.items() if k not in dropped}, dropped

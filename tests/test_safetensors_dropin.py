@@ -752,3 +752,38 @@ def test_safetensors_files_still_load(tmp_path: Path) -> None:
     assert torch.equal(load(safetensors.torch.save(tensors))["w"], tensors["w"])
     with safe_open(tmp_path / "old.safetensors", framework="pt") as f:
         assert f.get_slice("w")[1:, ::2].shape == (2, 2)
+
+
+class TiedHeadModel(torch.nn.Module):
+    """An embedding tied to the output layer (as language models tie them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.mid = torch.nn.Linear(16, 300)
+        self.out = torch.nn.Linear(300, 16)
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_ties_left_dense_in_a_reparametrized_model_are_stored_once(tmp_path: Path) -> None:
+    """The tie is not compressed (excluded), so the export holds it as a plain tensor under
+    two names: both save_models store it once and both loaders tie it back."""
+    torch.manual_seed(0)
+    config = MCNCConfig(k=4, d=128, hidden=(8, 8), seed=1, exclude=("emb.weight", "head.weight"))
+    model = reparametrize(TiedHeadModel(), config)
+    tokens = torch.randint(0, 50, (4,))
+    with torch.no_grad():
+        want = model.head(model.out(model.mid(model.emb(tokens))))
+    for path in (mf.save_model(model, tmp_path / "core.mcnc"), tmp_path / "dropin.mcnc"):
+        if path.name == "dropin.mcnc":
+            save_model(model, path)
+        with mf.open(path) as f:
+            assert "emb.weight" in f and "head.weight" not in f
+        for load_into_plain in (lambda m, p: load_model(m, p), mf.load_into):
+            plain = TiedHeadModel()
+            load_into_plain(plain, path)
+            assert plain.head.weight is plain.emb.weight
+            with torch.no_grad():
+                got = plain.head(plain.out(plain.mid(plain.emb(tokens))))
+            torch.testing.assert_close(got, want)
