@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .devices import check_device, check_dtype
+from .devices import check_device, check_dtype, host_defaults
 from .dtypes import to_torch
 from .engine.backend import choose_backend
 from .engine.box import Box
@@ -240,8 +240,11 @@ class MCNCFile:
 
     def _run(self, requests: list[TensorRequest], device: torch.device,
              options: LoadOptions) -> Iterator[tuple[Target, torch.Tensor]]:
-        executor = self._executor(device, options)
-        yield from executor.run(executor.plan(requests))
+        def steps() -> Iterator[tuple[Target, torch.Tensor]]:  # with CPU defaults (host_defaults)
+            executor = self._executor(device, options)
+            yield from executor.run(executor.plan(requests))
+
+        return host_defaults(steps())
 
     # -- verification ----------------------------------------------------------------------
     def check_references(self, names: Iterable[str] | None = None) -> None:

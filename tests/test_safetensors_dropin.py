@@ -787,3 +787,27 @@ def test_ties_left_dense_in_a_reparametrized_model_are_stored_once(tmp_path: Pat
             with torch.no_grad():
                 got = plain.head(plain.out(plain.mid(plain.emb(tokens))))
             torch.testing.assert_close(got, want)
+
+
+def test_a_default_device_does_not_move_loads() -> None:
+    """The peer's CUDA default-device tests, checked on any machine with the meta device as
+    the caller's default: every encoding still loads to the CPU, with the right values."""
+    valid = json.loads((VECTORS / "index.json").read_text())["valid"]
+    for vector in valid:
+        if vector["unsupported"]:
+            continue
+        path = VECTORS / vector["file"]
+        want = load_file(path)
+        try:
+            with torch.device("meta"):
+                got = load_file(path)
+                with safe_open(path, framework="pt") as f:
+                    parts = {name: f.get_slice(name)[...] for name in f.keys()}  # noqa: SIM118
+            torch.set_default_device("meta")
+            core = mf.load(path)
+        finally:
+            torch.set_default_device(None)
+        for name, tensor in want.items():
+            for value in (got[name], parts[name], core[name]):
+                assert value.device.type == "cpu", name
+                assert torch.equal(value.nan_to_num(0), tensor.nan_to_num(0)), name
