@@ -174,7 +174,6 @@ def save_file(tensors: dict[str, torch.Tensor], filename: PathLike,
 
 def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """The bytes ``save_file`` would write."""
-    _check_for_save(tensors)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "data.mcnc"
         save_file(tensors, path, metadata)
