@@ -132,11 +132,10 @@ def safe_open(filename: PathLike, framework: str = "pt", device: Device = "cpu",
     manager. An ``.mcnc`` file gives a ``SafeFile``; a safetensors file is opened by
     safetensors (``backend`` is passed on to it). Only the torch framework is served for
     ``.mcnc`` files."""
-    if backend not in _BACKENDS:
-        raise UsageError(f"backend={backend!r} is not one of {', '.join(_BACKENDS)}")
+    _check_backend(backend)
     if not _is_mcnc(filename):
-        return _safetensors.safe_open(os.fspath(filename), framework=framework, device=device,
-                                      **_backend_option(backend))
+        return _safetensors.safe_open(os.fspath(filename), framework=framework,
+                                      device=_device_name(device), **_backend_option(backend))
     if framework not in _TORCH_FRAMEWORKS:
         raise UsageError(f"framework {framework!r}: .mcnc files are read as torch tensors; "
                          f"pass framework='pt'")
@@ -146,9 +145,12 @@ def safe_open(filename: PathLike, framework: str = "pt", device: Device = "cpu",
 def load_file(filename: PathLike, device: Device = "cpu", *, backend: str = "mmap"
               ) -> dict[str, torch.Tensor]:
     """Every tensor of a file on ``device``."""
+    _check_backend(backend)
     if not _is_mcnc(filename):
-        return _safetensors_torch.load_file(filename, device=device, **_backend_option(backend))
-    with safe_open(filename, "pt", device, backend=backend) as f:
+        loaded: dict[str, torch.Tensor] = _safetensors_torch.load_file(
+            filename, device=_device_name(device), **_backend_option(backend))
+        return loaded
+    with SafeFile(filename, device) as f:
         return f.get_tensors()
 
 
@@ -269,6 +271,16 @@ def _check_for_save(tensors: Any) -> None:
                 f"You are trying to save a non contiguous tensor: `{name}` which is not "
                 "allowed. Save only the full tensors and reslice at load time, call "
                 "`.contiguous()` on it before saving, or save the model with save_model.")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in _BACKENDS:
+        raise UsageError(f"backend={backend!r} is not one of {', '.join(_BACKENDS)}")
+
+
+def _device_name(device: Device) -> str | int:
+    """``device`` as safetensors takes it (a name or a CUDA index)."""
+    return str(device) if isinstance(device, torch.device) else device
 
 
 def _backend_option(backend: str) -> dict[str, str]:

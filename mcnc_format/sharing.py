@@ -42,10 +42,13 @@ def storage_size(tensor: torch.Tensor) -> int:
 
 
 def end_ptr(tensor: torch.Tensor) -> int:
-    """One past the address of the tensor's last element (its start when it is empty)."""
-    if tensor.nelement():
-        return tensor.view(-1)[-1].data_ptr() + tensor.element_size()
-    return tensor.data_ptr()
+    """One past the address of the tensor's last element in memory (its start when it is
+    empty); any strides (a transpose too, which safetensors' ``view(-1)`` cannot take)."""
+    if not tensor.nelement():
+        return tensor.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(),
+                                                          strict=True))
+    return tensor.data_ptr() + (last + 1) * tensor.element_size()
 
 
 def is_complete(tensor: torch.Tensor) -> bool:

@@ -39,8 +39,9 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor],
     compressed tensors are: the format has no alias entry and the writer refuses tensors that
     share memory (SPEC.md §6); ``load_into`` ties the other names again. ``theta0`` overrides
     the theta0 of compressed or LoRA tensors by output name
-    (``{"fc.weight": Theta0.external(...)}``), for files that reference a base checkpoint instead of storing it. Several reparametrized
-    submodules in one state dict are each exported under their prefix.
+    (``{"fc.weight": Theta0.external(...)}``), for files that reference a base checkpoint
+    instead of storing it. Several reparametrized submodules in one state dict are each
+    exported under their prefix.
 
     Raises ``ReparametrizeError`` if the state dict holds no ``mcnc_config`` key, lacks a key
     the manifest names, holds a merged MCNC-LoRA, or an override names no compressed tensor.
