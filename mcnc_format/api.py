@@ -17,7 +17,7 @@ from typing_extensions import Unpack
 
 from .engine.options import LoadOptions, Precision, Progress, Verify
 from .engine.resolve import DefaultResolver, Resolver
-from .errors import MCNCError
+from .errors import MCNCError, StateDictMismatchError
 from .reader import Boxes, MCNCFile
 
 __all__ = ["LoadKeywords", "load", "load_into", "open", "stream"]
@@ -92,6 +92,8 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
               strict: bool = True, dtype: torch.dtype | str | None = None,
               **options: Unpack[LoadKeywords]) -> tuple[list[str], list[str]]:
     """Fill ``module``'s parameters and buffers from a file; returns (missing, unexpected).
+    With ``strict``, names that differ raise ``StateDictMismatchError`` (a ``RuntimeError``,
+    as ``load_state_dict`` raises) before anything is loaded.
 
     A module built on the meta device gets the loaded tensors assigned (``assign=True``), so
     its weights exist only on ``device``; otherwise each tensor is copied into the existing
@@ -113,7 +115,7 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
     missing = sorted(set(targets) - set(shapes) - covered)
     unexpected = sorted(set(shapes) - set(targets))
     if strict and (missing or unexpected):
-        raise MCNCError(
+        raise StateDictMismatchError(
             f"{path}: does not match the module: missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}. Pass strict=False to load what matches."

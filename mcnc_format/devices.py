@@ -8,13 +8,18 @@ tensors of the right shapes and dtypes without reading any data (for planning).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TypeVar
+
 import torch
 
 from . import constants as C
 from .dtypes import to_torch
 from .errors import UsageError
 
-__all__ = ["DTYPE_NAMES", "check_device", "check_dtype"]
+__all__ = ["DTYPE_NAMES", "check_device", "check_dtype", "host_defaults"]
+
+T = TypeVar("T")
 
 #: The spec's names of the floating dtypes, accepted wherever a torch dtype is.
 DTYPE_NAMES = {name: to_torch(name) for name in C.FLOAT_DTYPES}
@@ -64,3 +69,21 @@ def _available() -> str:
     if torch.cuda.is_available():
         names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return f"available here: {', '.join(names)} (and meta, for shapes only)"
+
+
+def host_defaults(steps: Iterator[T]) -> Iterator[T]:
+    """``steps``, each run with torch's default device set to the CPU, its items handed out
+    with the caller's default back in place.
+
+    The engine names the device of every output and device buffer and leaves host buffers to
+    torch's default; a caller's ``torch.set_default_device("cuda")`` or ``with
+    torch.device(...)`` must not move those (safetensors loads to the CPU under either). The
+    default is set around each step, not across a ``yield``: a suspended load does not change
+    the caller's default."""
+    while True:
+        with torch.device("cpu"):
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
+        yield item

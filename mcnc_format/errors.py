@@ -26,9 +26,15 @@ __all__ = [
     "HubFileNotFoundError",
     "HubOfflineError",
     "HubPermissionError",
+    "InvalidTensorError",
     "MCNCError",
+    "MCNCFileNotFoundError",
+    "MCNCIndexError",
     "MappingError",
+    "MetaTensorError",
     "ReparametrizeError",
+    "SharedTensorError",
+    "StateDictMismatchError",
     "UnknownOptionError",
     "UnsafeCheckpointError",
     "UnsupportedFeatureError",
@@ -111,6 +117,23 @@ class WriteError(MCNCError):
     The previous file at the target path, if any, is left untouched."""
 
 
+class InvalidTensorError(WriteError, ValueError):
+    """Raised when a value cannot be written as it is: not a tensor (or the tensors not a
+    dict), sparse or not contiguous. The message says how to turn it into one that can
+    (``.to_dense()``, ``.contiguous()``)."""
+
+
+class MetaTensorError(WriteError, RuntimeError):
+    """Raised when a tensor to write is on the meta device: it has shape and dtype but no
+    data (torch raises a ``RuntimeError`` copying out of it). Materialise it first."""
+
+
+class SharedTensorError(WriteError, RuntimeError):
+    """Raised when tensors given to a plain save share memory (tied weights, views of one
+    buffer): each would be stored on its own and come back untied. ``save_model`` keeps one
+    name of each tie; ``.clone()`` makes them independent."""
+
+
 class DeviceMemoryError(MCNCError, MemoryError):
     """Raised when regenerating weights on a device runs out of memory; the message gives the
     sizes that were requested."""
@@ -160,3 +183,18 @@ class UsageError(MCNCError, ValueError):
 class UnknownOptionError(UsageError, TypeError):
     """Raised when a keyword option is not one the call takes (a misspelling such as
     ``devcie=``): also a ``TypeError``, as Python's own error for an unexpected keyword is."""
+
+
+class MCNCIndexError(UsageError, IndexError):
+    """Raised when an index does not fit its tensor: an integer out of range, more indices
+    than dimensions, an integer or slice on a 0-d tensor (an ``IndexError``, as torch and
+    safetensors raise)."""
+
+
+class MCNCFileNotFoundError(MCNCError, FileNotFoundError):
+    """Raised when a local file to read does not exist."""
+
+
+class StateDictMismatchError(MCNCError, RuntimeError):
+    """Raised by a strict load into a module when the file's names and the module's differ
+    (missing or unexpected names, as ``load_state_dict`` raises a ``RuntimeError``)."""

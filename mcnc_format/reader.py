@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .devices import check_device, check_dtype
+from .devices import check_device, check_dtype, host_defaults
 from .dtypes import to_torch
 from .engine.backend import choose_backend
 from .engine.box import Box
@@ -240,8 +240,11 @@ class MCNCFile:
 
     def _run(self, requests: list[TensorRequest], device: torch.device,
              options: LoadOptions) -> Iterator[tuple[Target, torch.Tensor]]:
-        executor = self._executor(device, options)
-        yield from executor.run(executor.plan(requests))
+        def steps() -> Iterator[tuple[Target, torch.Tensor]]:  # with CPU defaults (host_defaults)
+            executor = self._executor(device, options)
+            yield from executor.run(executor.plan(requests))
+
+        return host_defaults(steps())
 
     # -- verification ----------------------------------------------------------------------
     def check_references(self, names: Iterable[str] | None = None) -> None:
@@ -267,8 +270,9 @@ class MCNCFile:
 
 
 class TensorSlice:
-    """One tensor of an open file, indexed to rebuild a box of it:
-    ``f.get_slice("w")[0:128, :]`` (steps of one, negative bounds, integers, ``...``)."""
+    """One tensor of an open file, indexed to rebuild a part of it:
+    ``f.get_slice("w")[0:128, ::2]`` (slices with positive steps, negative bounds, integer
+    positions, ``...``, ``[]``; out-of-range positions raise ``MCNCIndexError``)."""
 
     def __init__(self, file: MCNCFile, entry: TensorEntry, device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = None) -> None:
@@ -290,9 +294,15 @@ class TensorSlice:
         return TensorSlice(self.file, self.entry, device, dtype)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        box = Box.from_index(self.entry.shape, index, f"{self.file.label}: {self.entry.name}")
+        """The indexed part, as torch indexes (``Box.strided`` lists what an index may hold):
+        the box spanning it is rebuilt, then thinned to the steps."""
+        box, steps = Box.strided(self.entry.shape, index, f"{self.file.label}: {self.entry.name}")
         (_, value), = self.file.stream([self.entry.name], self.device, self.dtype,
                                        boxes={self.entry.name: box})
+        if any(step != 1 for step in steps):
+            kept = [step for dim, step in enumerate(steps) if dim not in box.drop]
+            value = value[tuple(slice(None, None, step) for step in kept)]
+            value = value.clone(memory_format=torch.contiguous_format)  # own, plain strides
         return value
 
 

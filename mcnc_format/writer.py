@@ -34,7 +34,13 @@ from .container import (
     header_level,
 )
 from .dtypes import from_torch
-from .errors import MCNCError, UnsupportedFeatureError, WriteError
+from .errors import (
+    InvalidTensorError,
+    MCNCError,
+    MetaTensorError,
+    UnsupportedFeatureError,
+    WriteError,
+)
 from .generator import GeneratorSpec
 from .header import (
     BlobEntry,
@@ -57,6 +63,7 @@ from .header import (
     UniformTheta0,
     ZerosTheta0,
 )
+from .sharing import refuse_shared
 from .validate import blob_layout, data_start, validate_header
 
 __all__ = ["MCNC", "Dense", "LoRA", "Segment", "Theta0", "save"]
@@ -158,12 +165,17 @@ def save(
 
     Plain tensors are stored dense and raw; those under ``PACK_MAX_TENSOR_BYTES`` (64 KiB:
     norms, biases) share one packed blob (SPEC.md §6.4), which saves a blob entry, a checksum
-    and alignment padding each. ``Dense(t)`` gives a tensor its own blob."""
+    and alignment padding each. ``Dense(t)`` gives a tensor its own blob.
+
+    The file holds the tensors in the order given (segment members are laid out in it): the
+    same tensors in the same order give a byte-identical file. Plain tensors must be
+    contiguous and must not share memory (``InvalidTensorError``, ``SharedTensorError``), as
+    safetensors requires: a tie would be stored twice and load back untied."""
     if sys.byteorder != "little":
         raise WriteError("mcnc-format writes little-endian data and needs a little-endian host")
     target = Path(path)
+    _check_plain_tensors(tensors, str(target))
     layout = _Layout(str(target), alignment)
-    _refuse_shared_memory(tensors, target)
     for name, source in tensors.items():
         try:
             layout.add_tensor(name, source)
@@ -182,31 +194,22 @@ def save(
     return target
 
 
-def _refuse_shared_memory(tensors: Mapping[str, TensorSource], target: Path) -> None:
-    """SPEC.md §6: every tensor entry has its own storage and the format has no alias entry,
-    so tensors whose memory overlaps (tied weights, one tensor under two names, overlapping
-    views) are refused rather than silently stored twice and loaded untied."""
-    spans = []
-    for name, source in tensors.items():
-        tensor = source.tensor if isinstance(source, Dense) else source
-        if not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.is_sparse or \
-                tensor.layout != torch.strided or tensor.numel() == 0:
-            continue
-        extent = 1 + sum((size - 1) * stride for size, stride in
-                         zip(tensor.shape, tensor.stride(), strict=True))
-        start = tensor.data_ptr()
-        spans.append((str(tensor.device), start, start + extent * tensor.element_size(), name))
-    spans.sort()
-    end: dict[str, tuple[int, str]] = {}
-    for device, start, stop, name in spans:
-        last_stop, last_name = end.get(device, (0, ""))
-        if start < last_stop:
-            raise WriteError(
-                f"{target}: tensors {last_name!r} and {name!r} share memory (tied weights?). "
-                "A .mcnc file stores every tensor on its own and has no alias entry (SPEC.md "
-                "§6): save one of them and tie the other after loading, or save a .clone()")
-        if stop > last_stop:
-            end[device] = (stop, name)
+def _check_plain_tensors(tensors: Mapping[str, TensorSource], source: str) -> None:
+    """Refuse a non-mapping, plain (or ``Dense``) tensors that share memory with one another
+    (SPEC.md §6: every tensor entry has its own storage, there is no alias entry) and ones
+    that are not contiguous, in safetensors' order."""
+    if not isinstance(tensors, Mapping):
+        raise InvalidTensorError(f"expected a dict of str to tensors, got "
+                                 f"{type(tensors).__name__}", path=source)
+    plain = {name: value.tensor if isinstance(value, Dense) else value
+             for name, value in tensors.items() if isinstance(value, torch.Tensor | Dense)}
+    refuse_shared(plain, source)  # SPEC.md §6: no alias entry
+    for name, tensor in plain.items():
+        if tensor.layout == torch.strided and not tensor.is_contiguous():
+            raise InvalidTensorError(
+                f"tensor {name!r} is not contiguous (a view such as a transpose or a strided "
+                "slice). Save .contiguous() of it, or use save_model, which stores a model's "
+                "tensors contiguous", path=source)
 
 
 def _strings(values: Mapping[str, str] | None, what: str, source: str) -> dict[str, str]:
@@ -245,10 +248,12 @@ class _Layout:
             raise self.fail(where, f"codec must be one of {C.CODECS}, got {codec!r}")
         tensor = tensor.detach()
         if tensor.is_meta:
-            raise self.fail(where, "the tensor is on the meta device and has no data; "
-                            "materialise it (e.g. load_state_dict) before saving")
+            raise MetaTensorError(f"{self.source}: {where}: Cannot copy out of meta tensor: it "
+                                  "is on the meta device and has no data; materialise it "
+                                  "(e.g. load_state_dict) before saving")
         if tensor.is_sparse or tensor.layout != torch.strided:
-            raise self.fail(where, "sparse tensors cannot be stored; call .to_dense() first")
+            raise InvalidTensorError(f"{self.source}: {where}: sparse tensors cannot be "
+                                     "stored; call .to_dense() first")
         dtype = from_torch(tensor.dtype)
         host = tensor.to("cpu").contiguous()
         raw = host.reshape(-1).view(torch.uint8).numpy().data if host.numel() else b""
@@ -368,8 +373,8 @@ class _Layout:
         elif isinstance(source, LoRA):
             entry = self.lora(name, source, where)
         elif not isinstance(source, torch.Tensor):
-            raise self.fail(where, f"expected a torch.Tensor, Dense, MCNC or LoRA, got "
-                            f"{type(source).__name__}")
+            raise InvalidTensorError(f"{self.source}: {where}: expected a torch.Tensor, Dense, "
+                                     f"MCNC or LoRA, got {type(source).__name__}")
         self.header.tensors.append(entry)
 
     @staticmethod

@@ -13,7 +13,9 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +26,7 @@ from stream_helpers import mixed_file
 import mcnc_format as mf
 from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0
 from mcnc_format.engine.box import Box
-from mcnc_format.errors import UnsupportedFeatureError, UsageError
+from mcnc_format.errors import MCNCIndexError, UnsupportedFeatureError, UsageError
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 VALID = json.loads((VECTORS / "index.json").read_text())["valid"]
@@ -33,18 +35,24 @@ VALID = json.loads((VECTORS / "index.json").read_text())["valid"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _boxes(shape: tuple[int, ...]) -> list[tuple]:
-    """Row blocks, column blocks, negative bounds, integers and ``...`` for a shape."""
+def _boxes(shape: tuple[int, ...]) -> list[Any]:
+    """Row blocks, column blocks, negative bounds, positive steps, integers (also as numpy
+    integers and 0-d tensors), ``...`` and ``[]`` for a shape."""
     if not shape:
         return [(), (...,)]
     first = shape[0]
-    boxes: list[tuple] = [(slice(None),), (slice(first // 3, first - first // 4),),
-                          (slice(-max(first // 2, 1), None),), (...,)]
+    boxes: list[Any] = [(slice(None),), (slice(first // 3, first - first // 4),),
+                        (slice(-max(first // 2, 1), None),), (...,), [],
+                        (slice(None, None, 2),), (slice(1, None, 3),),
+                        (slice(np.int64(0), torch.tensor(first)),)]
     if first:
-        boxes.append((first - 1,))
+        boxes += [(first - 1,), (np.int64(-1),), (torch.tensor(first // 2),)]
+        if len(shape) >= 2:
+            boxes.append((0, slice(None, None, 4)))
     if len(shape) >= 2:
         cols = shape[1]
         boxes += [(slice(None), slice(cols // 4, cols - cols // 3)),
+                  (slice(None, None, 3), slice(1, None, 2)),
                   (slice(1, max(first - 1, 1)), slice(-max(cols // 2, 1), None)),
                   (..., slice(0, max(cols // 5, 1)))]
     if len(shape) >= 3:
@@ -55,8 +63,10 @@ def _boxes(shape: tuple[int, ...]) -> list[tuple]:
 def _assert_bits(got: torch.Tensor, want: torch.Tensor, label: str) -> None:
     """The same dtype, shape and bytes."""
     assert got.dtype == want.dtype and got.shape == want.shape, label
-    assert torch.equal(got.contiguous().reshape(-1).view(torch.uint8),
-                       want.contiguous().reshape(-1).view(torch.uint8)), label
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
+
+    assert torch.equal(raw(got), raw(want)), label
 
 
 def _check_all_boxes(f: mf.MCNCFile, names: list[str], device: str = "cpu") -> None:
@@ -150,9 +160,10 @@ def test_boxes_through_load_and_stream(tmp_path: Path) -> None:
     with pytest.raises(mf.MCNCError, match="does not hold"):
         mf.load(path, boxes={"nope": (slice(0, 1),)})
     with mf.open(path) as f:
-        with pytest.raises(UsageError, match="out of range"):
+        with pytest.raises(IndexError, match="out of bounds") as raised:
             f.get_slice("m0")[10**6]
-        with pytest.raises(UsageError, match="indices for a tensor of rank"):
+        assert isinstance(raised.value, UsageError)  # also ours: MCNCIndexError
+        with pytest.raises(MCNCIndexError, match="too many indices"):
             f.get_slice("m0")[(0,) * 9]
 
 
@@ -264,10 +275,35 @@ def test_boxes_and_options_that_do_not_fit_are_usage_errors(tmp_path: Path) -> N
         with pytest.raises(UsageError):
             mf.load(path, names=["m0"], boxes={"m0": box})
     with mf.open(path) as f:
-        for index in (slice("a", 3), slice(0, 2.5)):
-            with pytest.raises(UsageError, match="integers"):
+        for index in (slice("a", 3), slice(0, 2.5), np.array([1, 2]), 1.0, True, None,
+                      torch.tensor([0, 1])):
+            with pytest.raises(MCNCIndexError, match="integer bounds and a positive step"):
                 f.get_slice("m0")[index]
+        for index in (slice(None, None, -1), slice(None, None, 0)):
+            with pytest.raises(UsageError, match="step"):
+                f.get_slice("m0")[index]
+    for bounds in ((torch.tensor(0), 0), (0.0, 0)):
+        with pytest.raises(UsageError, match="must be Python ints"):
+            mf.load(path, names=["m0"], boxes={"m0": Box(shape, bounds, shape)})
     with pytest.raises(UsageError, match="precision='bogus'"):
         mf.load(path, precision="bogus")
     with pytest.raises(UsageError, match="verify='bogus'"):
         mf.load(path, verify="bogus")
+
+
+def test_zero_dim_tensors_take_only_empty_indices(tmp_path: Path) -> None:
+    path = tmp_path / "scalar.mcnc"
+    mf.save(path, {"s": torch.tensor(2.5)})
+    with mf.open(path) as f:
+        handle = f.get_slice("s")
+        assert handle[()].item() == 2.5 and handle[...].item() == 2.5
+        for index in (0, slice(None), []):
+            with pytest.raises(MCNCIndexError):
+                handle[index]
+
+
+def test_a_missing_file_is_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as raised:
+        mf.open(tmp_path / "absent.mcnc")
+    assert isinstance(raised.value, mf.MCNCFileNotFoundError)
+    assert str(tmp_path / "absent.mcnc") in str(raised.value)

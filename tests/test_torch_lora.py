@@ -209,7 +209,7 @@ def test_a_weight_tied_outside_the_target_is_refused() -> None:
 
 def test_a_reused_linear_gets_one_adapter_stored_once(tmp_path) -> None:
     """A Linear reused under two names gets one adapter at both; the file stores the adapted
-    weight once and ``load_into`` ties the other name to it."""
+    weight and the bias once and ``load_into`` ties the other names to them."""
     torch.manual_seed(SEED)
     model = add_mcnc_lora(_Reused(), MCNCConfig(k=4, d=64, hidden=(8,), seed=SEED & 0xFFFF),
                           target_modules=["a"], rank=2)

@@ -355,8 +355,8 @@ class TiedHead(nn.Module):
 @pytest.mark.parametrize("theta0", ["prng", "module"])
 def test_tied_parameters_stay_tied_and_are_stored_once(theta0: str, tmp_path) -> None:
     """One parametrization for every name of a tied parameter: the names compute one tensor
-    while training, the file stores it once under its first name, and ``load_into`` (meta or
-    built module) ties the other names to it again."""
+    while training, the file stores it once under its first name (compressed or dense), and
+    ``load_into`` (meta or built module) ties the other names to it again."""
     torch.manual_seed(SEED)
     model = reparametrize(TiedHead(), MCNCConfig(k=4, d=64, hidden=(8,), seed=SEED & 0xFFFF,
                                                  theta0=theta0))

@@ -146,6 +146,25 @@ def test_invalid_input_leaves_previous_file(previous: tuple[Path, bytes]) -> Non
     assert _temporaries(path.parent) == []
 
 
+def test_shared_and_non_contiguous_tensors_are_refused(previous: tuple[Path, bytes]) -> None:
+    """As safetensors: a tie would be stored twice and load back untied; the message points
+    to save_model (which keeps one name per tie) and .clone()/.contiguous()."""
+    path, old = previous
+    weight = torch.randn(4, 6)
+    for tensors in ({"a": weight, "b": weight}, {"a": weight, "b": Dense(weight[1:])}):
+        with pytest.raises(mf.SharedTensorError, match="save_model") as raised:
+            mf.save(path, tensors)
+        assert isinstance(raised.value, RuntimeError) and "clone()" in str(raised.value)
+    with pytest.raises(mf.InvalidTensorError, match=r"contiguous\(\)") as refused:
+        mf.save(path, {"t": weight.t()})
+    assert isinstance(refused.value, ValueError)
+    with pytest.raises(mf.InvalidTensorError, match="dict"):
+        mf.save(path, [("a", weight)])  # type: ignore[arg-type]
+    _assert_intact(path, old)
+    mf.save(path, {"a": weight[:2], "b": weight[2:]})  # disjoint views share nothing
+    assert torch.equal(mf.load(path)["b"], weight[2:])
+
+
 def test_failed_first_save_creates_nothing(tmp_path: Path, seed: int,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     _fail_writes(monkeypatch, 3, OSError(errno.ENOSPC, "No space left on device"))

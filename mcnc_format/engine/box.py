@@ -11,13 +11,14 @@ matrix is one run per row.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import MCNCIndexError, UsageError
 
 __all__ = ["Box"]
 
@@ -40,43 +41,61 @@ class Box:
 
     @classmethod
     def from_index(cls, shape: tuple[int, ...], index: Any, label: str = "tensor") -> Box:
-        """The box of a basic index: slices with steps of one (bounds clipped and negative
-        bounds counted from the end, as Python does), integers and one ``...``."""
+        """The box of a basic index with steps of one (``strided`` says what an index may
+        hold); a step other than one is refused, since a box has none."""
+        box, steps = cls.strided(shape, index, label)
+        for dim, step in enumerate(steps):
+            if step != 1:
+                raise UsageError(f"{label}: dimension {dim}: a box takes steps of 1 only, "
+                                 f"got {step}; get_slice(name)[...] takes positive steps")
+        return box
+
+    @classmethod
+    def strided(cls, shape: tuple[int, ...], index: Any, label: str = "tensor"
+                ) -> tuple[Box, tuple[int, ...]]:
+        """The box spanning a basic index, and the step to take within it per dimension of
+        the box (its first element is the first one selected).
+
+        As torch indexes: slices with positive steps (bounds clipped, negative bounds counted
+        from the end; bounds may be numpy integers or 0-d integer tensors), integer positions
+        (``int``, numpy integers, 0-d integer tensors; negative from the end), one ``...`` and
+        ``[]`` (nothing of the first dimension). An integer out of range, more indices than
+        dimensions and an unsupported item raise ``MCNCIndexError`` (an ``IndexError``)."""
+        if isinstance(index, list) and not index:
+            if not shape:
+                raise MCNCIndexError(f"{label}: [] selects along dimension 0, and the tensor "
+                                     "is 0-d; index it with () or ...")
+            return cls(tuple(shape), (0,) * len(shape), (0, *shape[1:])), (1,) * len(shape)
         items = list(index) if isinstance(index, tuple) else [index]
         if sum(item is Ellipsis for item in items) > 1:
-            raise UsageError(f"{label}: an index may hold one '...' only")
-        if Ellipsis in items:
-            at = items.index(Ellipsis)
+            raise MCNCIndexError(f"{label}: an index may hold one '...' only")
+        if any(item is Ellipsis for item in items):
+            at = next(i for i, item in enumerate(items) if item is Ellipsis)
             fill = len(shape) - (len(items) - 1)
             items[at : at + 1] = [slice(None)] * max(fill, 0)
         if len(items) > len(shape):
-            raise UsageError(f"{label}: {len(items)} indices for a tensor of rank {len(shape)}")
+            raise MCNCIndexError(f"{label}: too many indices ({len(items)}) for a tensor of "
+                                 f"rank {len(shape)}")
         items += [slice(None)] * (len(shape) - len(items))
-        starts, stops, drop = [], [], []
+        starts, stops, steps, drop = [], [], [], []
         for dim, (item, size) in enumerate(zip(items, shape, strict=True)):
             if isinstance(item, slice):
-                if item.step not in (None, 1):
-                    raise UsageError(f"{label}: dimension {dim}: only steps of 1 are supported, "
-                                     f"got {item.step}; slice with step 1 and index the result")
-                try:
-                    start, stop, _ = item.indices(size)
-                except TypeError as exc:
-                    raise UsageError(f"{label}: dimension {dim}: slice bounds must be integers, "
-                                     f"got {item}") from exc
+                start, stop, step = _slice_bounds(item, size, f"{label}: dimension {dim}")
+                count = len(range(start, stop, step))
                 starts.append(start)
-                stops.append(max(start, stop))
-            elif isinstance(item, int) and not isinstance(item, bool):
-                position = item + size if item < 0 else item
-                if not 0 <= position < size:
-                    raise UsageError(f"{label}: index {item} is out of range for dimension "
-                                    f"{dim} of size {size}")
-                starts.append(position)
-                stops.append(position + 1)
-                drop.append(dim)
-            else:
-                raise UsageError(f"{label}: dimension {dim}: expected a slice, an integer or "
-                                f"'...', got {type(item).__name__}")
-        return cls(tuple(shape), tuple(starts), tuple(stops), tuple(drop))
+                stops.append(start + (count - 1) * step + 1 if count else start)
+                steps.append(step if count > 1 else 1)
+                continue
+            position = _position(item, f"{label}: dimension {dim}")
+            if not -size <= position < size:
+                raise MCNCIndexError(f"{label}: index {position} is out of bounds for "
+                                     f"dimension {dim} with size {size}")
+            position += size if position < 0 else 0
+            starts.append(position)
+            stops.append(position + 1)
+            steps.append(1)
+            drop.append(dim)
+        return (cls(tuple(shape), tuple(starts), tuple(stops), tuple(drop)), tuple(steps))
 
     @classmethod
     def from_offsets(cls, shape: tuple[int, ...], offsets: tuple[int, ...],
@@ -94,7 +113,13 @@ class Box:
                    tuple(o + n for o, n in zip(offsets, lengths, strict=True)))
 
     def check(self, shape: tuple[int, ...], label: str = "tensor") -> None:
-        """Refuse a box made for another shape, or reaching outside it."""
+        """Refuse a box made for another shape, with bounds that are not Python integers, or
+        reaching outside it."""
+        for what, values in (("starts", self.starts), ("stops", self.stops)):
+            odd = [v for v in values if not isinstance(v, int) or isinstance(v, bool)]
+            if odd:
+                raise UsageError(f"{label}: a Box's {what} must be Python ints, got "
+                                 f"{type(odd[0]).__name__} {odd[0]!r}; convert with int(...)")
         if tuple(shape) != self.shape:
             raise UsageError(f"{label}: a box of a tensor of shape {list(self.shape)} for one of "
                              f"shape {list(shape)}")
@@ -176,6 +201,41 @@ class Box:
         starts = self.run_starts(first_run, stop_run, device)
         within = torch.arange(self.run_length, dtype=torch.int64, device=device)
         return (starts[:, None] + within[None, :]).reshape(-1)
+
+
+#: What an index item may be, for error messages.
+_ALLOWED = ("a slice with integer bounds and a positive step, an integer position (int, numpy "
+            "integer or 0-d integer tensor), '...', or [] for the whole index")
+
+
+def _position(item: Any, where: str) -> int:
+    """An integer index item as an int (bools and arrays of positions are refused)."""
+    boolean = isinstance(item, bool) or str(getattr(item, "dtype", "")) in ("bool",
+                                                                             "torch.bool")
+    if not boolean and getattr(item, "ndim", 0) == 0:
+        try:
+            return operator.index(item)
+        except TypeError:
+            pass
+    kind = type(item).__name__
+    if hasattr(item, "shape"):
+        kind += f" of shape {list(item.shape)}"
+    raise MCNCIndexError(f"{where}: expected {_ALLOWED}; got {kind}. Select positions from "
+                         "the loaded result instead")
+
+
+def _slice_bounds(item: slice, size: int, where: str) -> tuple[int, int, int]:
+    """``slice.indices`` with typed errors: integer bounds and a positive step."""
+    try:
+        start, stop, step = item.indices(size)
+    except TypeError:
+        raise MCNCIndexError(f"{where}: expected {_ALLOWED}; got the slice {item}") from None
+    except ValueError:  # a zero step
+        raise UsageError(f"{where}: slice step cannot be zero") from None
+    if step < 0:
+        raise UsageError(f"{where}: step must be greater than zero (got {step}); slice with a "
+                         "positive step and .flip() the result")
+    return start, stop, step
 
 
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:

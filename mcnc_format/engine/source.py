@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .. import constants as C
 from ..container import Preamble, decode_blob, decode_header, read_preamble
-from ..errors import FormatError, MCNCError
+from ..errors import FormatError, MCNCError, MCNCFileNotFoundError
 from ..header import BlobTheta0, DenseTensor, Header, PackedTensor, TensorEntry
 from ..validate import data_start, validate_header
 from .digests import FileIdentity, identity_of
@@ -65,6 +65,8 @@ def open_regular(path: Path, label: str, error: type[MCNCError] = MCNCError) -> 
     FIFO or a device is refused instead of waiting for a writer."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise MCNCFileNotFoundError(f"No such file or directory: {label}") from exc
     except OSError as exc:
         raise error(f"{label}: cannot open: {exc.strerror or exc}") from exc
     try:

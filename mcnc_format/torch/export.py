@@ -20,6 +20,7 @@ from torch import nn
 from ..dtypes import to_torch
 from ..errors import ReparametrizeError
 from ..header import BlobTheta0
+from ..sharing import without_duplicates
 from ..writer import MCNC, LoRA, Segment, TensorSource, Theta0, save
 from .manifest import CONFIG_KEY, LoRASpec, Manifest, MemberSpec, alpha_key, beta_key
 from .runtime import stored_values
@@ -33,10 +34,14 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor],
 
     Compressed tensors become ``MCNC`` members of segments holding ``clamp(alpha, -L, L)``
     and beta in their storage dtypes; MCNC-LoRA targets become ``LoRA`` entries (theta0 = the
-    base weight, stored); everything else stays a dense tensor. ``theta0`` overrides the theta0
-    of compressed or LoRA tensors by output name (``{"fc.weight": Theta0.external(...)}``),
-    for files that reference a base checkpoint instead of storing it. Several reparametrized
-    submodules in one state dict are each exported under their prefix.
+    base weight, stored); everything else stays a dense tensor. A tensor the model ties (an
+    output layer tied to the embedding) is stored once under its first name, as tied
+    compressed tensors are: the format has no alias entry and the writer refuses tensors that
+    share memory (SPEC.md §6); ``load_into`` ties the other names again. ``theta0`` overrides
+    the theta0 of compressed or LoRA tensors by output name
+    (``{"fc.weight": Theta0.external(...)}``), for files that reference a base checkpoint
+    instead of storing it. Several reparametrized submodules in one state dict are each
+    exported under their prefix.
 
     Raises ``ReparametrizeError`` if the state dict holds no ``mcnc_config`` key, lacks a key
     the manifest names, holds a merged MCNC-LoRA, or an override names no compressed tensor.
@@ -62,24 +67,7 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor],
     if overrides:
         raise ReparametrizeError(f"theta0 overrides {sorted(overrides)} name no compressed or "
                                  f"LoRA tensor; compressed tensors are {_compressed(out)[:8]}")
-    return _tied_once(out)
-
-
-def _tied_once(out: dict[str, TensorSource]) -> dict[str, TensorSource]:
-    """A plain tensor under several names (an output layer tied to the embedding) stored once,
-    under its first name, as tied compressed tensors are: the format has no alias entry and
-    the writer refuses tensors that share memory (SPEC.md §6); ``load_into`` ties the other
-    names again."""
-    first: dict[tuple[object, ...], str] = {}
-    kept: dict[str, TensorSource] = {}
-    for name, value in out.items():
-        if isinstance(value, torch.Tensor) and value.numel() and not value.is_meta and \
-                value.layout == torch.strided:
-            tie = (value.device, value.data_ptr(), value.shape, value.stride(), value.dtype)
-            if first.setdefault(tie, name) != name:
-                continue
-        kept[name] = value
-    return kept
+    return without_duplicates(out, keep_first=True)[0]
 
 
 def save_model(model: nn.Module, path: str | os.PathLike[str], *,
