@@ -77,10 +77,9 @@ class Backend:
     """What every backend does, as the CPU does it: the torch path over host memory.
     Subclasses override where their device differs."""
 
-    #: The fused kernels' capabilities, ``None`` where no kernel runs.
+    #: The fused kernels' capabilities, ``None`` where no kernel runs (the executor then
+    #: builds no kernel job, so the kernel methods below are never called).
     capabilities: KernelCapabilities | None = None
-    #: Whether this backend runs the Triton kernels (the executor then builds kernel jobs).
-    kernel = False
     #: Whether the device's memory is host memory: bytes read from the file are used where
     #: they were read instead of being copied to the device.
     host_memory = True
@@ -132,7 +131,7 @@ class Backend:
         the torch path always multiplies in float32 (IEEE)."""
         return Precision.IEEE
 
-    # -- kernels (only backends with ``kernel`` set) ----------------------------------------
+    # -- kernels (only backends with ``capabilities``) ----------------------------------------
     def kernel_theta0(self, entry: Theta0Entry, shape: tuple[int, ...],
                       base: torch.Tensor | None) -> KernelTheta0:
         raise NotImplementedError(f"{type(self).__name__} runs no kernel")
@@ -205,8 +204,6 @@ class CudaTorch(Backend):
 
 class _TritonKernels(Backend):
     """The fused Triton kernels on top of a torch backend (mixed in first)."""
-
-    kernel = True
 
     def __init__(self, device: torch.device, options: LoadOptions) -> None:
         super().__init__(device, options)

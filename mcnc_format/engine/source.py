@@ -97,10 +97,6 @@ class FileSource:
         self._closed = False
         self._fd, self.size = open_regular(path, label)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     @contextlib.contextmanager
     def _held(self) -> Iterator[int]:
         """The descriptor, kept open until the block ends (even if ``close()`` runs)."""
