@@ -304,15 +304,21 @@ TARGET_AVX2 static void blocks_avx2(uint64_t first, size_t n16, const keys_t *ke
     }
 }
 
-/* Words of arbitrary blocks (8 at a time): words[j][i] is word j of blocks[i]. */
-TARGET_AVX2 static void gather_avx2(const uint64_t *blocks, size_t n, const keys_t *keys,
-                                    uint32_t (*words)[64]) {
+/* Scattered elements, 16 at a time, each in a vector lane of its own (its block drawn
+ * there): out[i] = element index[i] (uniform or normal). */
+TARGET_AVX2 static void at_avx2(const uint64_t *index, size_t n, const keys_t *keys, int normal,
+                                float *out, float bound) {
+    const __m256 scale = _mm256_set1_ps(bound);
+    const unsigned shift = normal ? 1 : 2;
+    const uint64_t mask = normal ? 1 : 3;
     for (size_t i = 0; i < n; i += 16) {
-        uint32_t w0[16], w1[16];
-        for (int q = 0; q < 16; q++) {
-            uint64_t b = i + (size_t)q < n ? blocks[i + (size_t)q] : 0;
-            w0[q] = (uint32_t)b;
-            w1[q] = (uint32_t)(b >> 32);
+        size_t m = n - i < 16 ? n - i : 16;
+        uint32_t w0[16], w1[16], lane[16];
+        for (size_t q = 0; q < 16; q++) {
+            uint64_t e = q < m ? index[i + q] : 0;
+            w0[q] = (uint32_t)(e >> shift);
+            w1[q] = (uint32_t)(e >> (32 + shift));
+            lane[q] = (uint32_t)(e & mask);
         }
         __m256i c[2][4];
         for (int g = 0; g < 2; g++) {
@@ -321,20 +327,43 @@ TARGET_AVX2 static void gather_avx2(const uint64_t *blocks, size_t n, const keys
             c[g][2] = c[g][3] = _mm256_setzero_si256();
         }
         rounds8x2(c, keys);
-        for (int g = 0; g < 2; g++)
-            for (int j = 0; j < 4; j++)
-                _mm256_storeu_si256((__m256i *)(words[j] + i + 8 * (size_t)g), c[g][j]);
+        float values[16];
+        for (int g = 0; g < 2; g++) {
+            __m256i l = _mm256_loadu_si256((const __m256i *)(lane + 8 * g));
+            __m256 v;
+            if (normal) {
+                __m256i odd = _mm256_cmpeq_epi32(l, _mm256_set1_epi32(1));
+                v = normal8(_mm256_blendv_epi8(c[g][0], c[g][2], odd),
+                            _mm256_blendv_epi8(c[g][1], c[g][3], odd));
+            } else {
+                __m256i w = c[g][0];
+                for (int j = 1; j < 4; j++)
+                    w = _mm256_blendv_epi8(w, c[g][j], _mm256_cmpeq_epi32(l, _mm256_set1_epi32(j)));
+                v = uniform8(w, scale);
+            }
+            _mm256_storeu_ps(values + 8 * g, v);
+        }
+        memcpy(out + i, values, m * sizeof(float));
     }
 }
 
-TARGET_AVX2 static void normals_avx2(const uint32_t *xa, const uint32_t *xb, size_t n, float *z) {
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256i a = _mm256_loadu_si256((const __m256i *)(xa + i));
-        __m256i b = _mm256_loadu_si256((const __m256i *)(xb + i));
-        _mm256_storeu_ps(z + i, normal8(a, b));
+/* The end of the run of consecutive indices that starts at i (4 compared per step). */
+TARGET_AVX2 static size_t run_end_avx2(const uint64_t *x, size_t i, size_t n) {
+    size_t j = i + 1;
+    const __m256i step = _mm256_setr_epi64x(1, 2, 3, 4);
+    const __m256i four = _mm256_set1_epi64x(4);
+    while (j + 8 <= n) {
+        __m256i expect = _mm256_add_epi64(_mm256_set1_epi64x((long long)x[j - 1]), step);
+        __m256i a = _mm256_cmpeq_epi64(expect, _mm256_loadu_si256((const __m256i *)(x + j)));
+        __m256i b = _mm256_cmpeq_epi64(_mm256_add_epi64(expect, four),
+                                       _mm256_loadu_si256((const __m256i *)(x + j + 4)));
+        unsigned same = (unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(a))
+                        | (unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(b)) << 4;
+        if (same != 0xFF) return j + (size_t)__builtin_ctz(~same);
+        j += 8;
     }
-    for (; i < n; i++) z[i] = normal_of(xa[i], xb[i]);
+    while (j < n && x[j] == x[j - 1] + 1) j++;
+    return j;
 }
 
 /* ---- AVX-512: the same rounds, 16 blocks per vector --------------------------------------- */
@@ -452,47 +481,64 @@ static void detect_isa(void) {
 #endif
 }
 
-/* Whole blocks first .. first + n - 1; returns how many leading blocks a vector kernel did. */
-static size_t blocks_vector(uint64_t first, size_t n, const keys_t *keys, int kind, void *out,
-                            float bound) {
+/* Blocks per call of the vector kernel for `kind` (0: no vector kernel on this CPU). */
+static size_t vector_group(int kind) {
 #if MCNC_X86
-    if (isa == ISA_AVX512 && kind != 2) {
-        blocks_avx512(first, n / 32, keys, kind, out, bound);
-        return n / 32 * 32;
-    }
-    if (isa >= ISA_AVX2) {
-        blocks_avx2(first, n / 16, keys, kind, out, bound);
-        return n / 16 * 16;
-    }
+    if (isa == ISA_AVX512 && kind != 2) return 32;
+    if (isa >= ISA_AVX2) return 16;
 #else
-    (void)first; (void)n; (void)keys; (void)kind; (void)out; (void)bound;
+    (void)kind;
 #endif
     return 0;
 }
 
-static void gather_words(const uint64_t *blocks, size_t n, const keys_t *keys,
-                         uint32_t (*words)[64]) {
+/* Blocks first .. first + n - 1 (n a multiple of vector_group(kind)) by the vector kernel. */
+static void blocks_vector(uint64_t first, size_t n, const keys_t *keys, int kind, void *out,
+                          float bound) {
 #if MCNC_X86
-    if (isa >= ISA_AVX2) {
-        gather_avx2(blocks, n, keys, words);
-        return;
-    }
+    if (isa == ISA_AVX512 && kind != 2)
+        blocks_avx512(first, n / 32, keys, kind, out, bound);
+    else
+        blocks_avx2(first, n / 16, keys, kind, out, bound);
+#else
+    (void)first; (void)n; (void)keys; (void)kind; (void)out; (void)bound;
 #endif
+}
+
+static void at_scalar(const uint64_t *index, size_t n, const keys_t *keys, int normal,
+                      float *out, float bound) {
     for (size_t i = 0; i < n; i++) {
         uint32_t w[4];
-        block_scalar(blocks[i], keys, w);
-        for (int j = 0; j < 4; j++) words[j][i] = w[j];
+        uint64_t e = index[i];
+        if (normal) {
+            block_scalar(e >> 1, keys, w);
+            out[i] = normal_of(w[2 * (e & 1)], w[2 * (e & 1) + 1]);
+        } else {
+            block_scalar(e >> 2, keys, w);
+            out[i] = uniform_of(w[e & 3], bound);
+        }
     }
 }
 
-static void normals_of(const uint32_t *xa, const uint32_t *xb, size_t n, float *z) {
+static void at_vector(const uint64_t *index, size_t n, const keys_t *keys, int normal,
+                      float *out, float bound) {
 #if MCNC_X86
     if (isa >= ISA_AVX2) {
-        normals_avx2(xa, xb, n, z);
+        at_avx2(index, n, keys, normal, out, bound);
         return;
     }
 #endif
-    for (size_t i = 0; i < n; i++) z[i] = normal_of(xa[i], xb[i]);
+    at_scalar(index, n, keys, normal, out, bound);
+}
+
+static inline size_t run_end(const uint64_t *x, size_t i, size_t n) {
+    if (i + 1 >= n || x[i + 1] != x[i] + 1) return i + 1; /* a single element */
+#if MCNC_X86
+    if (isa >= ISA_AVX2) return run_end_avx2(x, i, n);
+#endif
+    size_t j = i + 1;
+    while (j < n && x[j] == x[j - 1] + 1) j++;
+    return j;
 }
 
 /* ---- the draws --------------------------------------------------------------------------- */
@@ -516,105 +562,80 @@ static inline void emit(kind_t kind, const uint32_t w[4], int lane, void *out, s
 /* `count` elements from element `lane` of block `block` into out[0 .. count). */
 static void draw_range(uint64_t block, int lane, size_t count, const keys_t *keys, kind_t kind,
                        void *out, float bound) {
-    const int per = per_block(kind);
+    const size_t per = (size_t)per_block(kind);
+    const size_t item = kind == KIND_WORDS ? sizeof(int64_t) : sizeof(float);
+    const size_t group = vector_group(kind);
     size_t done = 0;
-    uint32_t w[4];
-    if (lane && count) { /* the head: the rest of a partly wanted block */
-        block_scalar(block, keys, w);
-        for (; lane < per && done < count; lane++, done++) emit(kind, w, lane, out, done, bound);
-        block++;
-    }
-    size_t whole = (count - done) / (size_t)per;
-    size_t item = kind == KIND_WORDS ? sizeof(int64_t) : sizeof(float);
-    size_t vector = blocks_vector(block, whole, keys, kind, (char *)out + done * item, bound);
-    block += vector;
-    done += vector * (size_t)per;
-    for (; done < count; block++) { /* the rest, and the tail's partial block */
-        block_scalar(block, keys, w);
-        for (lane = 0; lane < per && done < count; lane++, done++)
-            emit(kind, w, lane, out, done, bound);
-    }
-}
-
-/* Scattered elements, 64 distinct blocks at a time: a run of elements in one block draws it
- * once. */
-typedef struct {
-    const keys_t *keys;
-    kind_t kind;
-    void *out;
-    float bound;
-    size_t n, nblocks;
-    uint64_t blocks[64];
-    size_t at[256];
-    uint8_t slot[256], lane[256];
-} pending_t;
-
-static void flush(pending_t *p) {
-    if (!p->n) return;
-    uint32_t words[4][64];
-    gather_words(p->blocks, p->nblocks, p->keys, words);
-    if (p->kind == KIND_NORMAL) {
-        uint32_t xa[256], xb[256];
-        float z[256];
-        for (size_t i = 0; i < p->n; i++) {
-            xa[i] = words[2 * p->lane[i]][p->slot[i]];
-            xb[i] = words[2 * p->lane[i] + 1][p->slot[i]];
+    if (!group) { /* the portable scalar C */
+        uint32_t w[4];
+        for (; done < count; block++, lane = 0) {
+            block_scalar(block, keys, w);
+            for (; lane < (int)per && done < count; lane++, done++)
+                emit(kind, w, lane, out, done, bound);
         }
-        normals_of(xa, xb, p->n, z);
-        for (size_t i = 0; i < p->n; i++) ((float *)p->out)[p->at[i]] = z[i];
-    } else {
-        for (size_t i = 0; i < p->n; i++) {
-            uint32_t x = words[p->lane[i]][p->slot[i]];
-            if (p->kind == KIND_WORDS)
-                ((int64_t *)p->out)[p->at[i]] = (int64_t)x;
-            else
-                ((float *)p->out)[p->at[i]] = uniform_of(x, p->bound);
-        }
+        return;
     }
-    p->n = p->nblocks = 0;
-}
-
-static void push(pending_t *p, size_t at, uint64_t element) {
-    const int per = per_block(p->kind);
-    uint64_t block = element / (uint64_t)per;
-    if (!p->nblocks || p->blocks[p->nblocks - 1] != block) {
-        if (p->nblocks == 64 || p->n == 256) flush(p);
-        p->blocks[p->nblocks++] = block;
-    } else if (p->n == 256) {
-        flush(p);
-        p->blocks[p->nblocks++] = block;
-    }
-    p->at[p->n] = at;
-    p->slot[p->n] = (uint8_t)(p->nblocks - 1);
-    p->lane[p->n] = (uint8_t)(element % (uint64_t)per);
-    p->n++;
-}
-
-/* Runs of at least this many consecutive indices are drawn as ranges (the vector kernels). */
-#define RUN_MIN 32
-
-/* out[i] = element index[i] of the stream; returns -1 if an index is negative. */
-static int draw_at(const int64_t *index, size_t n, const keys_t *keys, kind_t kind, void *out,
-                   float bound) {
-    pending_t pending;
-    pending.keys = keys; pending.kind = kind; pending.out = out; pending.bound = bound;
-    pending.n = pending.nblocks = 0;
-    size_t item = kind == KIND_WORDS ? sizeof(int64_t) : sizeof(float);
-    size_t i = 0;
-    while (i < n) {
-        if (index[i] < 0) return -1;
-        size_t j = i + 1;
-        while (j < n && index[j] == index[j - 1] + 1) j++;
-        if (j - i >= RUN_MIN) {
-            uint64_t first = (uint64_t)index[i];
-            draw_range(first / (uint64_t)per_block(kind), (int)(first % (uint64_t)per_block(kind)),
-                       j - i, keys, kind, (char *)out + i * item, bound);
+    /* Whole vector groups straight into out; a partly wanted group (the head when the range
+     * starts inside a block, the tail) through a buffer, so every element is made by the
+     * same vector code (a normal's bits do not depend on where its range starts). */
+    while (done < count) {
+        size_t left = count - done;
+        if (!lane && left >= group * per) {
+            size_t n = left / (group * per) * group;
+            blocks_vector(block, n, keys, kind, (char *)out + done * item, bound);
+            block += n;
+            done += n * per;
         } else {
-            for (size_t t = i; t < j; t++) push(&pending, t, (uint64_t)index[t]);
+            int64_t buffer[32 * 4]; /* a group's values: at most 32 blocks of 4 words */
+            blocks_vector(block, group, keys, kind, buffer, bound);
+            size_t take = group * per - (size_t)lane < left ? group * per - (size_t)lane : left;
+            memcpy((char *)out + done * item, (char *)buffer + (size_t)lane * item, take * item);
+            done += take;
+            block += group;
+            lane = 0;
+        }
+    }
+}
+
+/* Runs of at least this many consecutive indices are drawn as ranges, a block's words once;
+ * shorter ones are gathered, PENDING at a time, and drawn one element per vector lane. */
+#define RUN_MIN 32
+#define PENDING 256
+/* A long run is scanned and drawn this many indices at a time, so its indices are still in
+ * cache when the values are written. */
+#define RUN_STEP 16384
+
+/* out[i] = element index[i] of the stream (uniform or normal values); -1 if an index is
+ * negative. */
+static int draw_at(const int64_t *signed_index, size_t n, const keys_t *keys, kind_t kind,
+                   float *out, float bound) {
+    const uint64_t *index = (const uint64_t *)signed_index;
+    const int normal = kind == KIND_NORMAL;
+    const uint64_t per = (uint64_t)per_block(kind);
+    uint64_t pending[PENDING];
+    size_t at[PENDING], held = 0;
+    float values[PENDING];
+    size_t i = 0;
+    while (i < n || held) {
+        size_t j = i < n ? run_end(index, i, n - i > RUN_STEP ? i + RUN_STEP : n) : i;
+        if (i < n && (signed_index[i] < 0 || signed_index[j - 1] < 0)) return -1;
+        int ranged = j - i >= RUN_MIN;
+        if (ranged) {
+            draw_range(index[i] / per, (int)(index[i] % per), j - i, keys, kind, out + i, bound);
+        } else {
+            for (; i < j && held < PENDING; i++, held++) {
+                pending[held] = index[i];
+                at[held] = i;
+            }
+            j = i; /* what did not fit is taken after the flush */
+        }
+        if (held == PENDING || (j >= n && held)) {
+            at_vector(pending, held, keys, normal, values, bound);
+            for (size_t q = 0; q < held; q++) out[at[q]] = values[q];
+            held = 0;
         }
         i = j;
     }
-    flush(&pending);
     return 0;
 }
 
@@ -702,7 +723,8 @@ static PyObject *indexed_draw(PyObject *args, kind_t kind) {
         status = -2;
     } else {
         Py_BEGIN_ALLOW_THREADS
-        status = draw_at((const int64_t *)index.buf, n, &keys, kind, out.buf, (float)bound);
+        status = draw_at((const int64_t *)index.buf, n, &keys, kind, (float *)out.buf,
+                         (float)bound);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&index);
