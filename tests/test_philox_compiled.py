@@ -307,3 +307,4 @@ def test_environment_variable_picks_the_path() -> None:
     assert _backend_in_subprocess("compiled").stdout.strip().startswith("compiled (")
     refused = _backend_in_subprocess("fortran")
     assert refused.returncode != 0 and "MCNC_PHILOX" in refused.stderr
+
