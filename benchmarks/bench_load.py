@@ -12,7 +12,8 @@ One run measures, and prints with the machine's description:
 (c) regeneration throughput (values per second) of one large tensor, with theta0 zeros (the
     generator alone), ``fan_in_uniform`` (generator plus PRNG draw) and stored (the same values
     read from a blob), the output layer's share of the machine's sgemm rate (measured again
-    just before), and the seeded/stored ratio (target: at most 1.3);
+    just before), and the seeded/stored ratio (target: at most 1.3); then the parts of a
+    rebuild timed alone, which bound that share;
 (f) the PRNG draw alone: ``philox.uniform_signed`` on the library's CPU path (the compiled
     kernels on all cores, or NumPy) against randomgen's compiled single-threaded Philox4x32-10
     in the same run (target: at least 2x, and 1 G values/s on 2 cores), and the
@@ -51,7 +52,8 @@ from rich.table import Table
 
 import mcnc_format as mcnc
 from mcnc_format import constants as C
-from mcnc_format import philox, reference
+from mcnc_format import hostmem, philox, reference
+from mcnc_format.engine.fused import FusedGenerator
 from mcnc_format.engine.theta0 import fan_in_bound
 
 GENERATORS = {
@@ -282,6 +284,38 @@ def regeneration(directory: Path, generator: str, theta0: str, values: int, repe
     return row, path
 
 
+def regeneration_parts(generator: str, values: int, repeats: int, sgemm_gflops: float
+                       ) -> dict[str, Any]:
+    """What bounds (c): the parts of one rebuild of ``values`` values, timed alone on all
+    cores: the left factor (hidden layers and row norms, ``FusedGenerator.coefficients``), the
+    output product accumulated into a buffer already in memory (``accumulate``, as the engine
+    does), a fresh pre-faulted output (``hostmem.zeros``, what every load allocates), and
+    the product into fresh memory. Each as the output layer's share of sgemm it would leave."""
+    spec = GENERATORS[generator]
+    fused = FusedGenerator(spec.weights("cpu"), M)
+    segment = _segment(spec, values, torch.Generator().manual_seed(7))
+    left = fused.coefficients(segment.alpha, segment.beta)
+    rows = left.shape[0]
+    warm = torch.zeros(rows, spec.d)
+
+    def fresh() -> None:
+        fused.accumulate(left, hostmem.zeros(rows * spec.d).view(rows, spec.d))
+
+    parts = {"left factor (coefficients)": lambda: fused.coefficients(segment.alpha,
+                                                                     segment.beta),
+             "output product into a warm buffer": lambda: fused.accumulate(left, warm),
+             "fresh pre-faulted output (hostmem.zeros)": lambda: hostmem.zeros(rows * spec.d),
+             "fresh output + output product": fresh}
+    flops = 2 * rows * spec.d * left.shape[1]
+    out = []
+    for name, fn in parts.items():
+        seconds = _best(fn, repeats)
+        out.append({"part": name, "seconds": seconds,
+                    "sgemm_share_if_alone": flops / seconds / 1e9 / sgemm_gflops})
+    return {"generator": generator, "values": rows * spec.d, "output_gflop": flops / 1e9,
+            "parts": out}
+
+
 def slice_time(directory: Path, values: int, repeats: int) -> dict[str, Any]:
     """A 1/16 row block of a tensor (one rank's shard of FSDP) against the whole tensor."""
     spec = GENERATORS["llama"]
@@ -407,6 +441,10 @@ def run(settings: Settings, directory: Path, console: Console) -> dict[str, Any]
             results["regeneration"].append(row)
             regen_files.append((path, generator, theta0))
     _print_regeneration(console, results["regeneration"], sgemm)
+    results["regeneration_parts"] = [regeneration_parts(g, settings.regen_values,
+                                                        settings.regen_repeats, sgemm)
+                                     for g in GENERATORS]
+    _print_regeneration_parts(console, results["regeneration_parts"])
     results["prng"] = prng_draw(settings.regen_values, settings.regen_repeats)
     _print_prng(console, results["prng"])
     for path, generator, theta0 in regen_files:
@@ -483,6 +521,18 @@ def _print_regeneration(console: Console, rows: list[dict[str, Any]], sgemm: flo
         table.add_row(r["generator"], r["theta0"], f"{r['values']:,}", _ms(r["seconds"]),
                       f"{r['values_per_s'] / 1e9:.3f}", f"{r['output_layer_gflops']:.1f}",
                       f"{r['sgemm_share']:.0%}", ratio)
+    console.print(table)
+
+
+def _print_regeneration_parts(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table(title="(c) what bounds it: the parts of one rebuild, each timed alone, as the "
+                  "output layer's share of sgemm each would leave on its own", title_justify="left")
+    for column in ("generator", "part", "time", "share of sgemm if alone"):
+        table.add_column(column, justify="left" if column in ("generator", "part") else "right")
+    for r in rows:
+        for part in r["parts"]:
+            table.add_row(r["generator"], part["part"], _ms(part["seconds"]),
+                          f"{part['sgemm_share_if_alone']:.0%}")
     console.print(table)
 
 
