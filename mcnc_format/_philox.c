@@ -414,8 +414,62 @@ TARGET_AVX512 static inline __m512 uniform16(__m512i x, __m512 scale) {
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(0x1p-23f)), scale);
 }
 
-/* Words (kind 0) or uniform values (kind 1) of blocks first .. first + 32 n - 1. Normals take
- * the AVX2 kernel: their cost is the transcendental arithmetic, not the rounds. */
+/* log_unit8, cos_turn8 and normal8 on 16 lanes: the same operations in the same order. */
+TARGET_AVX512 static inline __m512 log_unit16(__m512 u) {
+    __m512i i = _mm512_castps_si512(u);
+    __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(i, 23), _mm512_set1_epi32(126));
+    __m512 m = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_and_si512(i, _mm512_set1_epi32(0x007FFFFF)), _mm512_set1_epi32(0x3F000000)));
+    __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(SQRT_HALF), _CMP_LT_OQ);
+    e = _mm512_mask_sub_epi32(e, small, e, _mm512_set1_epi32(1));
+    __m512 one = _mm512_set1_ps(1.0f);
+    __m512 doubled = _mm512_sub_ps(_mm512_add_ps(m, m), one);
+    m = _mm512_mask_blend_ps(small, _mm512_sub_ps(m, one), doubled);
+    __m512 z = _mm512_mul_ps(m, m);
+    __m512 p = _mm512_set1_ps(LOG_P0);
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(LOG_P1));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(LOG_P2));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(LOG_P3));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(LOG_P4));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(LOG_P5));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(LOG_P6));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(LOG_P7));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(LOG_P8));
+    __m512 fe = _mm512_cvtepi32_ps(e);
+    __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, m), z);
+    y = _mm512_fmadd_ps(fe, _mm512_set1_ps(LN2_LO), y);
+    y = _mm512_fmadd_ps(_mm512_set1_ps(-0.5f), z, y);
+    __m512 r = _mm512_add_ps(m, y);
+    return _mm512_fmadd_ps(fe, _mm512_set1_ps(LN2_HI), r);
+}
+
+TARGET_AVX512 static inline __m512 cos_turn16(__m512i j) {
+    __m512i n = _mm512_srli_epi32(_mm512_add_epi32(j, _mm512_set1_epi32(1 << 21)), 22);
+    __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(j, _mm512_slli_epi32(n, 22))),
+                             _mm512_set1_ps(0x1p-24f));
+    __m512 theta = _mm512_mul_ps(t, _mm512_set1_ps(TWO_PI));
+    __m512 z = _mm512_mul_ps(theta, theta);
+    __m512 s = _mm512_fmadd_ps(_mm512_set1_ps(SIN_P0), z, _mm512_set1_ps(SIN_P1));
+    s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(SIN_P2));
+    s = _mm512_fmadd_ps(_mm512_mul_ps(s, z), theta, theta);
+    __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(COS_P0), z, _mm512_set1_ps(COS_P1));
+    c = _mm512_fmadd_ps(c, z, _mm512_set1_ps(COS_P2));
+    c = _mm512_fmadd_ps(_mm512_mul_ps(c, z), z,
+                        _mm512_fmadd_ps(_mm512_set1_ps(-0.5f), z, _mm512_set1_ps(1.0f)));
+    __m512 v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(n, _mm512_set1_epi32(1)), c, s);
+    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(n, _mm512_set1_epi32(1)),
+                                                      _mm512_set1_epi32(2)), 30);
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign));
+}
+
+TARGET_AVX512 static inline __m512 normal16(__m512i xa, __m512i xb) {
+    __m512i a = _mm512_add_epi32(_mm512_srli_epi32(xa, 8), _mm512_set1_epi32(1));
+    __m512 u1 = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(0x1p-24f));
+    __m512 radius = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_unit16(u1)));
+    return _mm512_mul_ps(radius, cos_turn16(_mm512_srli_epi32(xb, 8)));
+}
+
+/* Words (kind 0), uniform (1) or normal values (2) of blocks first .. first + 32 n - 1. */
 TARGET_AVX512 static void blocks_avx512(uint64_t first, size_t n32, const keys_t *keys, int kind,
                                         void *out, float bound) {
     const __m512 scale = _mm512_set1_ps(bound);
@@ -449,6 +503,16 @@ TARGET_AVX512 static void blocks_avx512(uint64_t first, size_t n32, const keys_t
                 store_interleaved16((float *)out + 4 * b, uniform16(c[g][0], scale),
                                     uniform16(c[g][1], scale), uniform16(c[g][2], scale),
                                     uniform16(c[g][3], scale));
+            } else if (kind == 2) { /* element 2 b' + q of block b' is z_q(b') */
+                const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7,
+                                                        20, 21, 22, 23);
+                const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13,
+                                                         14, 15, 28, 29, 30, 31);
+                __m512 za = normal16(c[g][0], c[g][1]), zb = normal16(c[g][2], c[g][3]);
+                __m512 lo = _mm512_unpacklo_ps(za, zb), hi = _mm512_unpackhi_ps(za, zb);
+                float *o = (float *)out + 2 * b;
+                _mm512_storeu_ps(o, _mm512_permutex2var_ps(lo, first, hi));
+                _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(lo, second, hi));
             } else {
                 float words[64];
                 store_interleaved16(words, _mm512_castsi512_ps(c[g][0]),
@@ -481,22 +545,20 @@ static void detect_isa(void) {
 #endif
 }
 
-/* Blocks per call of the vector kernel for `kind` (0: no vector kernel on this CPU). */
-static size_t vector_group(int kind) {
+/* Blocks per call of the vector kernels (0: none on this CPU). */
+static size_t vector_group(void) {
 #if MCNC_X86
-    if (isa == ISA_AVX512 && kind != 2) return 32;
+    if (isa == ISA_AVX512) return 32;
     if (isa >= ISA_AVX2) return 16;
-#else
-    (void)kind;
 #endif
     return 0;
 }
 
-/* Blocks first .. first + n - 1 (n a multiple of vector_group(kind)) by the vector kernel. */
+/* Blocks first .. first + n - 1 (n a multiple of vector_group()) by the vector kernel. */
 static void blocks_vector(uint64_t first, size_t n, const keys_t *keys, int kind, void *out,
                           float bound) {
 #if MCNC_X86
-    if (isa == ISA_AVX512 && kind != 2)
+    if (isa == ISA_AVX512)
         blocks_avx512(first, n / 32, keys, kind, out, bound);
     else
         blocks_avx2(first, n / 16, keys, kind, out, bound);
@@ -564,7 +626,7 @@ static void draw_range(uint64_t block, int lane, size_t count, const keys_t *key
                        void *out, float bound) {
     const size_t per = (size_t)per_block(kind);
     const size_t item = kind == KIND_WORDS ? sizeof(int64_t) : sizeof(float);
-    const size_t group = vector_group(kind);
+    const size_t group = vector_group();
     size_t done = 0;
     if (!group) { /* the portable scalar C */
         uint32_t w[4];
