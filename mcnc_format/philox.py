@@ -289,6 +289,25 @@ def _compiled_cpu(device: torch.device | str) -> ModuleType | None:
     return _COMPILED if _COMPILED is not None and torch.device(device).type == "cpu" else None
 
 
+def _into(out: torch.Tensor, count: int, device: torch.device | str,
+          draw: Callable[[], torch.Tensor], kernel: Callable[[], Callable[..., None] | None],
+          per_block: int, seed: int, stream: int, start: int, *extra: float) -> torch.Tensor:
+    """Write a draw of ``count`` values into ``out``: by the compiled ``kernel()`` in place
+    for a contiguous float32 CPU tensor, else through ``draw()`` and a copy."""
+    if (out.dtype != torch.float32 or out.numel() != count or not out.is_contiguous()
+            or out.device != torch.device(device)):
+        raise ValueError(f"out must be a contiguous float32 tensor of {count} elements on "
+                         f"{device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    compiled = kernel() if out.device.type == "cpu" and count else None
+    if compiled is None:
+        out.view(-1).copy_(draw())
+        return out
+    last_block = (start + count - 1) // per_block
+    _check_blocks(seed, stream, start // per_block, last_block - start // per_block + 1)
+    _compiled_range(compiled, per_block, seed, stream, start, out.view(-1).numpy(), *extra)
+    return out
+
+
 def _check_blocks(seed: int, stream: int, first_block: int, count: int) -> None:
     _check_key(seed, stream)
     # A negative block would silently give non-uint32 "words"; int64 indices stop at 2**63.
@@ -346,20 +365,28 @@ def uniform_signed(
     count: int,
     bound: float,
     device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``bound * s`` for the signed units ``s`` of §8.2: uniform on ``[-bound, bound)``.
 
     ``bound`` is first rounded to float32; the product of two float32 values rounded once
-    to float32 is exact IEEE arithmetic, identical everywhere.
+    to float32 is exact IEEE arithmetic, identical everywhere. ``out`` (a contiguous float32
+    tensor of ``count`` elements on ``device``): the values are written there, and it is
+    returned; on the CPU the compiled kernels write them straight in (a load's output).
     """
+    if out is not None:
+        return _into(out, count, device, lambda: uniform_signed(seed, stream, start, count,
+                                                                bound, device),
+                     lambda: _COMPILED.uniform if _COMPILED else None, 4, seed, stream, start,
+                     float(bound))
     if torch.device(device).type == "cpu" and count > 0:
         first_block = start // 4
         n_blocks = (start + count - 1) // 4 - first_block + 1
         _check_blocks(seed, stream, first_block, n_blocks)
         if _COMPILED is not None:
-            out = np.empty(count, dtype=np.float32)
+            values = np.empty(count, dtype=np.float32)
             return torch.from_numpy(_compiled_range(_COMPILED.uniform, 4, seed, stream, start,
-                                                    out, float(bound)))
+                                                    values, float(bound)))
         values = _draw_numpy(seed, stream, first_block, n_blocks, np.float32,
                              _store_signed_units(np.float32(bound)))
         skip = start - 4 * first_block
@@ -374,14 +401,19 @@ def normal(
     start: int,
     count: int,
     device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Standard normal float32 values by the Box-Muller transform of §8.3.
+    """Standard normal float32 values by the Box-Muller transform of §8.3 (``out``: as for
+    ``uniform_signed``).
 
     Element ``i`` uses words ``2(i mod 2)`` and ``2(i mod 2) + 1`` of block ``i // 2``:
     ``u1 = ((w_a >> 8) + 1) * 2**-24`` in ``(0, 1]`` and ``u2 = (w_b >> 8) * 2**-24``;
     ``z = sqrt(-2 ln u1) * cos(2 pi u2)``. Transcendentals differ by device, so the spec
     states a tolerance (``NORMAL_ATOL``) rather than bit equality.
     """
+    if out is not None:
+        return _into(out, count, device, lambda: normal(seed, stream, start, count, device),
+                     lambda: _COMPILED.normal if _COMPILED else None, 2, seed, stream, start)
     if count <= 0:
         return torch.empty(0, dtype=torch.float32, device=device)
     _check_key(seed, stream)
@@ -390,8 +422,9 @@ def normal(
     compiled = _compiled_cpu(device)
     if compiled is not None:
         _check_blocks(seed, stream, first_block, last_block - first_block + 1)
-        out = np.empty(count, dtype=np.float32)
-        return torch.from_numpy(_compiled_range(compiled.normal, 2, seed, stream, start, out))
+        values = np.empty(count, dtype=np.float32)
+        return torch.from_numpy(_compiled_range(compiled.normal, 2, seed, stream, start,
+                                                values))
     words = blocks(seed, stream, first_block, last_block - first_block + 1, device).reshape(-1, 2)
     skip = start - 2 * first_block
     pairs = words[skip : skip + count]
