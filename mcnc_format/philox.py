@@ -271,7 +271,7 @@ def _compiled_at(kernel: Callable[..., None], seed: int, stream: int, index: tor
                  *extra: float) -> torch.Tensor:
     """Float32 values at the element indices ``index`` (a CPU int64 tensor) by ``kernel``."""
     _check_key(seed, stream)
-    flat = index.reshape(-1).contiguous().numpy()
+    flat = index.reshape(-1).to(torch.int64).contiguous().numpy()
     out = np.empty(flat.size, dtype=np.float32)
 
     def fill(lo: int, hi: int) -> None:

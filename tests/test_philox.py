@@ -303,6 +303,20 @@ def test_normal_uses_words_in_pairs() -> None:
     )
 
 
+def test_draws_into_a_given_tensor() -> None:
+    """``out=``: the same values written into the caller's tensor, which is returned."""
+    out = torch.full((3, 401), float("nan"))
+    assert philox.uniform_signed(5, 6, 7, 1203, 0.25, out=out) is out
+    assert torch.equal(out.reshape(-1), philox.uniform_signed(5, 6, 7, 1203, 0.25))
+    z = torch.empty(999)
+    assert philox.normal(5, 6, 3, 999, out=z) is z
+    assert torch.equal(z, philox.normal(5, 6, 3, 999))
+    for wrong in (torch.empty(1202), torch.empty(1203, dtype=torch.float64),
+                  torch.empty(2406)[::2]):
+        with pytest.raises(ValueError):
+            philox.uniform_signed(5, 6, 7, 1203, 0.25, out=wrong)
+
+
 def test_empty_draws() -> None:
     assert philox.stream_words(1, 2, 5, 0).numel() == 0
     assert philox.normal(1, 2, 5, 0).numel() == 0
