@@ -322,9 +322,9 @@ def blocks(
     _check_blocks(seed, stream, first_block, count)
     compiled = _compiled_cpu(device)
     if compiled is not None:
-        words = np.empty(4 * count, dtype=np.int64)
-        _compiled_range(compiled.words, 4, seed, stream, 4 * first_block, words)
-        return torch.from_numpy(words.reshape(count, 4))
+        flat = np.empty(4 * count, dtype=np.int64)
+        _compiled_range(compiled.words, 4, seed, stream, 4 * first_block, flat)
+        return torch.from_numpy(flat.reshape(count, 4))
     if torch.device(device).type == "cpu":
         words = _draw_numpy(seed, stream, first_block, count, np.uint64, _store_words)
         return torch.from_numpy(words.view(np.int64))
