@@ -10,7 +10,14 @@ One run measures, and prints with the machine's description:
     ``safetensors.torch.load_file`` of its dense export, warm and "cold (fadvise)": the page
     cache dropped for both files with ``posix_fadvise(DONTNEED)`` before each run;
 (c) regeneration throughput (values per second) of one large tensor, with theta0 zeros (the
-    generator alone) and ``fan_in_uniform`` (generator plus PRNG draw), and the PRNG draw alone;
+    generator alone), ``fan_in_uniform`` (generator plus PRNG draw) and stored (the same values
+    read from a blob), the output layer's share of the machine's sgemm rate (measured again
+    just before), and the seeded/stored ratio (target: at most 1.3); then the parts of a
+    rebuild timed alone, which bound that share;
+(f) the PRNG draw alone: ``philox.uniform_signed`` on the library's CPU path (the compiled
+    kernels on all cores, or NumPy) against randomgen's compiled single-threaded Philox4x32-10
+    in the same run (target: at least 2x, and 1 G values/s on 2 cores), and the
+    element-indexed draws (a row box and a column slice) against the contiguous one;
 (d) the error of regenerated chunks against the float64 reference of ``mcnc_format.reference``,
     in units of SPEC.md §10's bound (pass: at most ``REGEN_RTOL``);
 (e) a box: a 1/16 row block of a 100M-value tensor (``get_slice``) against the whole tensor
@@ -45,7 +52,8 @@ from rich.table import Table
 
 import mcnc_format as mcnc
 from mcnc_format import constants as C
-from mcnc_format import philox, reference
+from mcnc_format import hostmem, philox, reference
+from mcnc_format.engine.fused import FusedGenerator
 from mcnc_format.engine.theta0 import fan_in_bound
 
 GENERATORS = {
@@ -60,6 +68,10 @@ MODELS = {"1M": (1024, 128, 4), "10M": (8192, 256, 10), "100M": (32000, 768, 12)
 QUICK_MODELS = {"0.1M": (512, 64, 2)}
 TARGET_OVERHEAD_PCT = 1.0
 TARGET_LLAMA_VALUES_PER_S = 0.5e9
+TARGET_SGEMM_SHARE = 0.6
+TARGET_SEEDED_OVER_STORED = 1.3
+TARGET_PRNG_OVER_RANDOMGEN = 2.0
+TARGET_PRNG_VALUES_PER_S = 1e9
 QUIET_LOAD = 0.5
 M = 1
 ALPHA_BETA_ITEMSIZE = 4  # float32 alpha and beta
@@ -104,6 +116,7 @@ def machine_info() -> dict[str, Any]:
         "mcnc_format": mcnc.__version__,
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "sgemm_gflops": _sgemm_gflops(),
+        "philox": philox.backend(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
 
@@ -241,14 +254,24 @@ def load_times(path: Path, model: str, generator: str, repeats: int) -> dict[str
     return row
 
 
-def regeneration(directory: Path, generator: str, theta0: str, values: int, repeats: int
-                 ) -> tuple[dict[str, Any], Path]:
-    """Values per second of ``get_tensor`` on one ``[values / 1000, 1000]`` tensor."""
+THETA0_KINDS = ("zeros", "fan_in_uniform", "stored")
+
+
+def regeneration(directory: Path, generator: str, theta0: str, values: int, repeats: int,
+                 sgemm_gflops: float) -> tuple[dict[str, Any], Path]:
+    """Values per second of ``get_tensor`` on one ``[values / 1000, 1000]`` tensor. theta0
+    ``stored`` holds the very values ``fan_in_uniform`` draws, in a blob."""
     spec = GENERATORS[generator]
     rows = max(1, values // 1000)
     shape = (rows, 1000)
     segment = _segment(spec, rows * 1000, torch.Generator().manual_seed(7))
-    start = mcnc.Theta0.zeros() if theta0 == "zeros" else mcnc.Theta0.fan_in_uniform(11, 0)
+    if theta0 == "zeros":
+        start = mcnc.Theta0.zeros()
+    elif theta0 == "stored":
+        start = mcnc.Theta0.stored(philox.uniform_signed(11, 0, 0, rows * 1000, fan_in_bound(
+            shape)).reshape(shape))
+    else:
+        start = mcnc.Theta0.fan_in_uniform(11, 0)
     path = directory / f"regen-{generator}-{theta0}.mcnc"
     mcnc.save(path, {"w": mcnc.MCNC(segment, shape, theta0=start)})
     with mcnc.open(path) as f:
@@ -256,8 +279,41 @@ def regeneration(directory: Path, generator: str, theta0: str, values: int, repe
     n = rows * 1000
     flops = 2 * n * (M * spec.hidden[-1] + 1)  # the fused output layer dominates
     row = {"generator": generator, "theta0": theta0, "values": n, "seconds": seconds,
-           "values_per_s": n / seconds, "output_layer_gflops": flops / seconds / 1e9}
+           "values_per_s": n / seconds, "output_layer_gflops": flops / seconds / 1e9,
+           "sgemm_share": flops / seconds / 1e9 / sgemm_gflops}
     return row, path
+
+
+def regeneration_parts(generator: str, values: int, repeats: int, sgemm_gflops: float
+                       ) -> dict[str, Any]:
+    """What bounds (c): the parts of one rebuild of ``values`` values, timed alone on all
+    cores: the left factor (hidden layers and row norms, ``FusedGenerator.coefficients``), the
+    output product accumulated into a buffer already in memory (``accumulate``, as the engine
+    does), a fresh pre-faulted output (``hostmem.zeros``, what every load allocates), and
+    the product into fresh memory. Each as the output layer's share of sgemm it would leave."""
+    spec = GENERATORS[generator]
+    fused = FusedGenerator(spec.weights("cpu"), M)
+    segment = _segment(spec, values, torch.Generator().manual_seed(7))
+    left = fused.coefficients(segment.alpha, segment.beta)
+    rows = left.shape[0]
+    warm = torch.zeros(rows, spec.d)
+
+    def fresh() -> None:
+        fused.accumulate(left, hostmem.zeros(rows * spec.d).view(rows, spec.d))
+
+    parts = {"left factor (coefficients)": lambda: fused.coefficients(segment.alpha,
+                                                                     segment.beta),
+             "output product into a warm buffer": lambda: fused.accumulate(left, warm),
+             "fresh pre-faulted output (hostmem.zeros)": lambda: hostmem.zeros(rows * spec.d),
+             "fresh output + output product": fresh}
+    flops = 2 * rows * spec.d * left.shape[1]
+    out = []
+    for name, fn in parts.items():
+        seconds = _best(fn, repeats)
+        out.append({"part": name, "seconds": seconds,
+                    "sgemm_share_if_alone": flops / seconds / 1e9 / sgemm_gflops})
+    return {"generator": generator, "values": rows * spec.d, "output_gflop": flops / 1e9,
+            "parts": out}
 
 
 def slice_time(directory: Path, values: int, repeats: int) -> dict[str, Any]:
@@ -279,9 +335,47 @@ def slice_time(directory: Path, values: int, repeats: int) -> dict[str, Any]:
 
 
 def prng_draw(values: int, repeats: int) -> dict[str, Any]:
-    """The PRNG alone: ``fan_in_uniform`` theta0 values for ``values`` elements."""
-    seconds = _best(lambda: philox.uniform_signed(11, 0, 0, values, 0.03125), repeats)
-    return {"values": values, "seconds": seconds, "values_per_s": values / seconds}
+    """The PRNG alone, each draw into fresh memory: ``philox.uniform_signed`` (float32 uniform
+    values, the library's CPU path), against randomgen's Philox4x32-10 (C, one thread) giving
+    the same words (``random_raw``: uint64 words; and float32 uniforms through a NumPy
+    ``Generator``); the faster of the two is the baseline. Then element-indexed draws of a row
+    box and of a column slice of a ``[values / 1000, 1000]`` tensor against a contiguous draw
+    of as many values."""
+    import randomgen
+
+    bound = 0.03125
+    ours = _best(lambda: philox.uniform_signed(11, 0, 0, values, bound), repeats)
+    bit_generator = randomgen.Philox(key=11, number=4, width=32, counter=0)
+    raw = _best(lambda: bit_generator.random_raw(values), repeats)
+    floats = np.random.Generator(bit_generator)
+    uniform = _best(lambda: floats.random(values, dtype=np.float32), repeats)
+    baseline = min(raw, uniform)
+    one_thread = None
+    try:
+        from mcnc_format import _philox  # the kernels themselves, on this thread alone
+    except ImportError:
+        pass
+    else:
+        out = np.empty(values, dtype=np.float32)
+        one_thread = values / _best(lambda: _philox.uniform(out, 11, 0, 0, 0, bound), repeats)
+    rows = values // 1000
+    grid = torch.arange(rows * 1000).view(rows, 1000)
+    boxes = {"row box (rows 1/4 .. 3/4)": grid[rows // 4 : 3 * rows // 4].reshape(-1),
+             "column slice (columns 250 .. 750)": grid[:, 250:750].reshape(-1),
+             "column slice (every 2nd column)": grid[:, ::2].reshape(-1)}
+    indexed = []
+    for name, index in boxes.items():
+        n = index.numel()
+        at = _best(lambda index=index: philox.uniform_signed_at(11, 0, index, bound), repeats)
+        contiguous = _best(lambda n=n: philox.uniform_signed(11, 0, 0, n, bound), repeats)
+        indexed.append({"box": name, "values": n, "seconds": at, "contiguous_seconds": contiguous,
+                        "ratio": at / contiguous})
+    return {"values": values, "backend": philox.backend(), "seconds": ours,
+            "values_per_s": values / ours, "one_thread_values_per_s": one_thread,
+            "randomgen_raw_words_per_s": values / raw,
+            "randomgen_float32_per_s": values / uniform,
+            "randomgen_values_per_s": values / baseline, "over_randomgen": baseline / ours,
+            "indexed": indexed}
 
 
 def accuracy(path: Path, generator: str, theta0: str, chunks: int) -> dict[str, Any]:
@@ -339,14 +433,20 @@ def run(settings: Settings, directory: Path, console: Console) -> dict[str, Any]
         path.unlink()
     _print_load(console, results["load"])
     regen_files = []
+    results["sgemm_gflops_at_regeneration"] = sgemm = _sgemm_gflops()
     for generator in GENERATORS:
-        for theta0 in ("zeros", "fan_in_uniform"):
+        for theta0 in THETA0_KINDS:
             row, path = regeneration(directory, generator, theta0, settings.regen_values,
-                                     settings.regen_repeats)
+                                     settings.regen_repeats, sgemm)
             results["regeneration"].append(row)
             regen_files.append((path, generator, theta0))
+    _print_regeneration(console, results["regeneration"], sgemm)
+    results["regeneration_parts"] = [regeneration_parts(g, settings.regen_values,
+                                                        settings.regen_repeats, sgemm)
+                                     for g in GENERATORS]
+    _print_regeneration_parts(console, results["regeneration_parts"])
     results["prng"] = prng_draw(settings.regen_values, settings.regen_repeats)
-    _print_regeneration(console, results["regeneration"], results["prng"])
+    _print_prng(console, results["prng"])
     for path, generator, theta0 in regen_files:
         results["accuracy"].append(accuracy(path, generator, theta0, settings.accuracy_chunks))
         path.unlink()
@@ -359,6 +459,7 @@ def run(settings: Settings, directory: Path, console: Console) -> dict[str, Any]
 def _print_machine(console: Console, m: dict[str, Any]) -> None:
     console.print(f"[bold]machine[/bold]: {m['cpu']}, {m['cores']} cores "
                   f"({m['cores_usable']} usable, torch uses {m['torch_threads']} threads), "
+                  f"Philox {m['philox']}, "
                   f"sgemm {m['sgemm_gflops']:.0f} GFLOP/s; torch {m['torch']}, numpy "
                   f"{m['numpy']}, Python {m['python']}, mcnc-format {m['mcnc_format']}; "
                   f"{m['date_utc']} UTC", soft_wrap=True)
@@ -404,19 +505,69 @@ def _print_load(console: Console, rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-def _print_regeneration(console: Console, rows: list[dict[str, Any]], prng: dict[str, Any]
-                        ) -> None:
-    table = Table(title=f"(c) regeneration, float32 output (target: llama, theta0 zeros >= "
-                  f"{TARGET_LLAMA_VALUES_PER_S / 1e9:g} G values/s)", title_justify="left")
+def _print_regeneration(console: Console, rows: list[dict[str, Any]], sgemm: float) -> None:
+    table = Table(title=f"(c) regeneration, float32 output (targets: llama, theta0 zeros >= "
+                  f"{TARGET_LLAMA_VALUES_PER_S / 1e9:g} G values/s; output layer >= "
+                  f"{TARGET_SGEMM_SHARE:.0%} of sgemm ({sgemm:.0f} GFLOP/s, measured just "
+                  f"before); seeded / stored theta0 <= {TARGET_SEEDED_OVER_STORED})",
+                  title_justify="left")
     for column in ("generator", "theta0", "values", "time", "G values/s",
-                   "output layer GFLOP/s"):
+                   "output layer GFLOP/s", "share of sgemm", "seeded / stored"):
         table.add_column(column, justify="left" if column in ("generator", "theta0") else "right")
+    stored = {r["generator"]: r["seconds"] for r in rows if r["theta0"] == "stored"}
     for r in rows:
+        ratio = (f"{r['seconds'] / stored[r['generator']]:.2f}"
+                 if r["theta0"] == "fan_in_uniform" and r["generator"] in stored else "")
         table.add_row(r["generator"], r["theta0"], f"{r['values']:,}", _ms(r["seconds"]),
-                      f"{r['values_per_s'] / 1e9:.3f}", f"{r['output_layer_gflops']:.1f}")
-    table.add_row("(PRNG alone)", "fan_in_uniform", f"{prng['values']:,}", _ms(prng["seconds"]),
-                  f"{prng['values_per_s'] / 1e9:.3f}", "-")
+                      f"{r['values_per_s'] / 1e9:.3f}", f"{r['output_layer_gflops']:.1f}",
+                      f"{r['sgemm_share']:.0%}", ratio)
     console.print(table)
+
+
+def _print_regeneration_parts(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table(title="(c) what bounds it: the parts of one rebuild, each timed alone, as the "
+                  "output layer's share of sgemm each would leave on its own", title_justify="left")
+    for column in ("generator", "part", "time", "share of sgemm if alone"):
+        table.add_column(column, justify="left" if column in ("generator", "part") else "right")
+    for r in rows:
+        for part in r["parts"]:
+            table.add_row(r["generator"], part["part"], _ms(part["seconds"]),
+                          f"{part['sgemm_share_if_alone']:.0%}")
+    console.print(table)
+
+
+def _print_prng(console: Console, r: dict[str, Any]) -> None:
+    one = r["one_thread_values_per_s"]
+    table = Table(title=f"(f) the PRNG alone, into fresh memory: philox.uniform_signed "
+                  f"({r['backend']}) against randomgen's Philox4x32-10 (one thread; targets: >= "
+                  f"{TARGET_PRNG_OVER_RANDOMGEN:g}x and >= {TARGET_PRNG_VALUES_PER_S / 1e9:g} G "
+                  "values/s)", title_justify="left")
+    for column in ("draw", "values", "time", "G values/s", "x randomgen"):
+        table.add_column(column, justify="left" if column == "draw" else "right")
+    base = r["randomgen_values_per_s"]
+    table.add_row("philox.uniform_signed (all cores)", f"{r['values']:,}", _ms(r["seconds"]),
+                  f"{r['values_per_s'] / 1e9:.3f}", f"{r['over_randomgen']:.2f}")
+    if one is not None:
+        table.add_row("  the compiled kernel, one thread, reused buffer", f"{r['values']:,}",
+                      _ms(r["values"] / one), f"{one / 1e9:.3f}", f"{one / base:.2f}")
+    table.add_row("randomgen Philox random_raw (uint64 words)", f"{r['values']:,}",
+                  _ms(r["values"] / r["randomgen_raw_words_per_s"]),
+                  f"{r['randomgen_raw_words_per_s'] / 1e9:.3f}",
+                  f"{r['randomgen_raw_words_per_s'] / base:.2f}")
+    table.add_row("randomgen Philox Generator.random (float32)", f"{r['values']:,}",
+                  _ms(r["values"] / r["randomgen_float32_per_s"]),
+                  f"{r['randomgen_float32_per_s'] / 1e9:.3f}",
+                  f"{r['randomgen_float32_per_s'] / base:.2f}")
+    console.print(table)
+    boxes = Table(title="(f) element-indexed draws (philox.uniform_signed_at) against a "
+                  "contiguous draw of as many values (target: ratio about 1)",
+                  title_justify="left")
+    for column in ("box", "values", "indexed", "contiguous", "ratio"):
+        boxes.add_column(column, justify="left" if column == "box" else "right")
+    for b in r["indexed"]:
+        boxes.add_row(b["box"], f"{b['values']:,}", _ms(b["seconds"]),
+                      _ms(b["contiguous_seconds"]), f"{b['ratio']:.2f}")
+    console.print(boxes)
 
 
 def _print_slice(console: Console, r: dict[str, Any]) -> None:

@@ -11,7 +11,12 @@ block >> 32, 0, 0)``; element ``i`` of the stream is word ``i mod 4`` of block `
 
 On accelerators all arithmetic is done in torch int64 holding uint32 values; the 32x32-bit
 products are split in 16-bit halves so that no intermediate exceeds 2**63 (signed overflow is
-undefined in C++). On the CPU the same rounds run in NumPy uint64, where a product is exact.
+undefined in C++). On the CPU the draws run in the compiled kernels of ``_philox.c`` (vector
+rounds, chosen for the CPU at run time, in as many threads as there are cores) when the
+extension was built, else the same rounds in NumPy uint64, where a product is exact. Both give
+the same words and uniform values; normal values agree within §8.3's tolerance.
+``MCNC_PHILOX=python`` in the environment forces the NumPy path, ``MCNC_PHILOX=compiled``
+makes a missing extension an error (for CI); ``backend()`` says which one runs.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ from .constants import (
 )
 
 __all__ = [
+    "backend",
     "normal",
     "normal_at",
     "philox4x32",
@@ -89,6 +96,37 @@ def _check_key(seed: int, stream: int) -> None:
         raise ValueError(f"seed must be a uint32 (0..{_MASK32}), got {seed}")
     if not 0 <= stream <= _MASK32:
         raise ValueError(f"stream must be a uint32 (0..{_MASK32}), got {stream}")
+
+
+#: The environment variable that picks the CPU path: ``python``, ``compiled`` or ``auto``.
+BACKEND_VARIABLE = "MCNC_PHILOX"
+
+
+def _load_compiled() -> ModuleType | None:
+    """The compiled kernels, unless the environment asks for the NumPy path."""
+    choice = os.environ.get(BACKEND_VARIABLE, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "python", "compiled"):
+        raise ValueError(f"{BACKEND_VARIABLE}={choice!r}: use 'python' (the NumPy path), "
+                         "'compiled' (the C kernels, an error if they were not built) or 'auto'")
+    if choice == "python":
+        return None
+    try:
+        from . import _philox
+    except ImportError as error:
+        if choice == "compiled":
+            raise ImportError(f"{BACKEND_VARIABLE}=compiled, but mcnc_format._philox was not "
+                              "built: reinstall with a C compiler (pip install -e .)") from error
+        return None
+    return _philox
+
+
+_COMPILED = _load_compiled()
+
+
+def backend() -> str:
+    """The CPU path of the draws: ``"compiled (avx512)"``, ``"compiled (avx2)"``,
+    ``"compiled (scalar)"`` or ``"python"`` (NumPy)."""
+    return f"compiled ({_COMPILED.isa()})" if _COMPILED is not None else "python"
 
 
 _CPU_TILE = 16384  # blocks per tile: six uint64 work arrays of 128 KiB stay in L2
@@ -193,6 +231,83 @@ def _draw_numpy(seed: int, stream: int, first_block: int, count: int, dtype: typ
     return out
 
 
+#: Values per thread below which a compiled draw stays on the calling thread: a hand-off to
+#: the pool costs tens of microseconds, a thread draws about 1.5 values per nanosecond.
+_PARALLEL_MIN = 1 << 17
+
+
+def _in_parallel(count: int, fill: Callable[[int, int], None]) -> None:
+    """``fill(lo, hi)`` over disjoint parts of ``range(count)``, one per core when the parts
+    are large enough; the compiled kernels release the GIL."""
+    parts = min(_usable_cores(), count // _PARALLEL_MIN)
+    if parts <= 1:
+        fill(0, count)
+        return
+    per_part = -(-count // parts)
+    step = -(-per_part // 64) * 64  # whole vectors per part
+    bounds = [(lo, min(lo + step, count)) for lo in range(0, count, step)]
+    jobs = [_cpu_pool().submit(fill, lo, hi) for lo, hi in bounds[1:]]
+    try:
+        fill(*bounds[0])
+    finally:
+        for job in jobs:
+            job.result()
+
+
+def _compiled_range(kernel: Callable[..., None], per_block: int, seed: int, stream: int,
+                    start: int, out: np.ndarray, *extra: float) -> np.ndarray:
+    """``out[i]`` = element ``start + i`` of a stream with ``per_block`` elements per block,
+    by the compiled ``kernel``."""
+
+    def fill(lo: int, hi: int) -> None:
+        block, lane = divmod(start + lo, per_block)
+        kernel(out[lo:hi], seed, stream, block, lane, *extra)
+
+    _in_parallel(out.size, fill)
+    return out
+
+
+def _compiled_at(kernel: Callable[..., None], seed: int, stream: int, index: torch.Tensor,
+                 *extra: float) -> torch.Tensor:
+    """Float32 values at the element indices ``index`` (a CPU int64 tensor) by ``kernel``."""
+    _check_key(seed, stream)
+    flat = index.reshape(-1).to(torch.int64).contiguous().numpy()
+    out = np.empty(flat.size, dtype=np.float32)
+
+    def fill(lo: int, hi: int) -> None:
+        kernel(out[lo:hi], seed, stream, flat[lo:hi], *extra)
+
+    try:
+        _in_parallel(flat.size, fill)
+    except ValueError as error:  # a negative index
+        raise ValueError(f"element indices outside 0 .. 2**63: {error}") from None
+    return torch.from_numpy(out).reshape(index.shape)
+
+
+def _compiled_cpu(device: torch.device | str) -> ModuleType | None:
+    """The compiled kernels when they serve a draw on ``device``."""
+    return _COMPILED if _COMPILED is not None and torch.device(device).type == "cpu" else None
+
+
+def _into(out: torch.Tensor, count: int, device: torch.device | str,
+          draw: Callable[[], torch.Tensor], kernel: Callable[[], Callable[..., None] | None],
+          per_block: int, seed: int, stream: int, start: int, *extra: float) -> torch.Tensor:
+    """Write a draw of ``count`` values into ``out``: by the compiled ``kernel()`` in place
+    for a contiguous float32 CPU tensor, else through ``draw()`` and a copy."""
+    if (out.dtype != torch.float32 or out.numel() != count or not out.is_contiguous()
+            or out.device != torch.device(device)):
+        raise ValueError(f"out must be a contiguous float32 tensor of {count} elements on "
+                         f"{device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    compiled = kernel() if out.device.type == "cpu" and count else None
+    if compiled is None:
+        out.view(-1).copy_(draw())
+        return out
+    last_block = (start + count - 1) // per_block
+    _check_blocks(seed, stream, start // per_block, last_block - start // per_block + 1)
+    _compiled_range(compiled, per_block, seed, stream, start, out.view(-1).numpy(), *extra)
+    return out
+
+
 def _check_blocks(seed: int, stream: int, first_block: int, count: int) -> None:
     _check_key(seed, stream)
     # A negative block would silently give non-uint32 "words"; int64 indices stop at 2**63.
@@ -205,6 +320,11 @@ def blocks(
 ) -> torch.Tensor:
     """Blocks ``first_block .. first_block + count - 1`` of a stream, as int64 ``[count, 4]``."""
     _check_blocks(seed, stream, first_block, count)
+    compiled = _compiled_cpu(device)
+    if compiled is not None:
+        flat = np.empty(4 * count, dtype=np.int64)
+        _compiled_range(compiled.words, 4, seed, stream, 4 * first_block, flat)
+        return torch.from_numpy(flat.reshape(count, 4))
     if torch.device(device).type == "cpu":
         words = _draw_numpy(seed, stream, first_block, count, np.uint64, _store_words)
         return torch.from_numpy(words.view(np.int64))
@@ -245,16 +365,28 @@ def uniform_signed(
     count: int,
     bound: float,
     device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``bound * s`` for the signed units ``s`` of §8.2: uniform on ``[-bound, bound)``.
 
     ``bound`` is first rounded to float32; the product of two float32 values rounded once
-    to float32 is exact IEEE arithmetic, identical everywhere.
+    to float32 is exact IEEE arithmetic, identical everywhere. ``out`` (a contiguous float32
+    tensor of ``count`` elements on ``device``): the values are written there, and it is
+    returned; on the CPU the compiled kernels write them straight in (a load's output).
     """
+    if out is not None:
+        return _into(out, count, device, lambda: uniform_signed(seed, stream, start, count,
+                                                                bound, device),
+                     lambda: _COMPILED.uniform if _COMPILED else None, 4, seed, stream, start,
+                     float(bound))
     if torch.device(device).type == "cpu" and count > 0:
         first_block = start // 4
         n_blocks = (start + count - 1) // 4 - first_block + 1
         _check_blocks(seed, stream, first_block, n_blocks)
+        if _COMPILED is not None:
+            values = np.empty(count, dtype=np.float32)
+            return torch.from_numpy(_compiled_range(_COMPILED.uniform, 4, seed, stream, start,
+                                                    values, float(bound)))
         values = _draw_numpy(seed, stream, first_block, n_blocks, np.float32,
                              _store_signed_units(np.float32(bound)))
         skip = start - 4 * first_block
@@ -269,19 +401,30 @@ def normal(
     start: int,
     count: int,
     device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Standard normal float32 values by the Box-Muller transform of §8.3.
+    """Standard normal float32 values by the Box-Muller transform of §8.3 (``out``: as for
+    ``uniform_signed``).
 
     Element ``i`` uses words ``2(i mod 2)`` and ``2(i mod 2) + 1`` of block ``i // 2``:
     ``u1 = ((w_a >> 8) + 1) * 2**-24`` in ``(0, 1]`` and ``u2 = (w_b >> 8) * 2**-24``;
     ``z = sqrt(-2 ln u1) * cos(2 pi u2)``. Transcendentals differ by device, so the spec
     states a tolerance (``NORMAL_ATOL``) rather than bit equality.
     """
+    if out is not None:
+        return _into(out, count, device, lambda: normal(seed, stream, start, count, device),
+                     lambda: _COMPILED.normal if _COMPILED else None, 2, seed, stream, start)
     if count <= 0:
         return torch.empty(0, dtype=torch.float32, device=device)
     _check_key(seed, stream)
     first_block = start // 2
     last_block = (start + count - 1) // 2
+    compiled = _compiled_cpu(device)
+    if compiled is not None:
+        _check_blocks(seed, stream, first_block, last_block - first_block + 1)
+        values = np.empty(count, dtype=np.float32)
+        return torch.from_numpy(_compiled_range(compiled.normal, 2, seed, stream, start,
+                                                values))
     words = blocks(seed, stream, first_block, last_block - first_block + 1, device).reshape(-1, 2)
     skip = start - 2 * first_block
     pairs = words[skip : skip + count]
@@ -306,6 +449,9 @@ def uniform_signed_at(seed: int, stream: int, index: torch.Tensor, bound: float
     """``uniform_signed`` at the element indices ``index`` (int64, any order, on the device
     where the values are wanted): the same values, element by element, for boxes of a
     tensor whose elements are not one range."""
+    if _compiled_cpu(index.device) is not None:
+        assert _COMPILED is not None
+        return _compiled_at(_COMPILED.uniform_at, seed, stream, index, float(bound))
     words = _words_at(seed, stream, index // 4)
     word = words.gather(1, (index % 4)[:, None]).reshape(-1)
     return words_to_signed_unit(word) * torch.tensor(bound, dtype=torch.float32,
@@ -314,6 +460,9 @@ def uniform_signed_at(seed: int, stream: int, index: torch.Tensor, bound: float
 
 def normal_at(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
     """``normal`` at the element indices ``index`` (int64, any order)."""
+    if _compiled_cpu(index.device) is not None:
+        assert _COMPILED is not None
+        return _compiled_at(_COMPILED.normal_at, seed, stream, index)
     words = _words_at(seed, stream, index // 2)
     lane = 2 * (index % 2)[:, None]
     w_a = words.gather(1, lane).reshape(-1)

@@ -393,7 +393,7 @@ def test_benchmark_quick_run(tmp_path):
     assert {r["layout"] for r in results["sizes"]} == {"one segment per model",
                                                        "one segment per tensor"}
     assert all(r["file_bytes"] > r["ideal_bytes"] > 0 for r in results["sizes"])
-    assert len(results["load"]) == 2 and len(results["regeneration"]) == 4
+    assert len(results["load"]) == 2 and len(results["regeneration"]) == 6
     assert all(r["within_bound"] and r["generator_weights_exact"] for r in results["accuracy"])
 
 

@@ -10,6 +10,7 @@ block and 2**32-block boundaries. Triton's ``tl.randint4x`` is checked in test_p
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -302,6 +303,20 @@ def test_normal_uses_words_in_pairs() -> None:
     )
 
 
+def test_draws_into_a_given_tensor() -> None:
+    """``out=``: the same values written into the caller's tensor, which is returned."""
+    out = torch.full((3, 401), float("nan"))
+    assert philox.uniform_signed(5, 6, 7, 1203, 0.25, out=out) is out
+    assert torch.equal(out.reshape(-1), philox.uniform_signed(5, 6, 7, 1203, 0.25))
+    z = torch.empty(999)
+    assert philox.normal(5, 6, 3, 999, out=z) is z
+    assert torch.equal(z, philox.normal(5, 6, 3, 999))
+    for wrong in (torch.empty(1202), torch.empty(1203, dtype=torch.float64),
+                  torch.empty(2406)[::2]):
+        with pytest.raises(ValueError):
+            philox.uniform_signed(5, 6, 7, 1203, 0.25, out=wrong)
+
+
 def test_empty_draws() -> None:
     assert philox.stream_words(1, 2, 5, 0).numel() == 0
     assert philox.normal(1, 2, 5, 0).numel() == 0
@@ -309,21 +324,31 @@ def test_empty_draws() -> None:
     assert reference.normal_ref(1, 2, 5, 0).size == 0
 
 
+def _numpy_tiles() -> np.ndarray:
+    """The NumPy path's tiled draw: several tiles, so the pool is used."""
+    return philox._draw_numpy(3, 4, 5, 1 << 16, np.uint64, philox._store_words)
+
+
+def _cpu_draw() -> np.ndarray:
+    """The CPU path in use (the compiled kernels, split across the pool, where built)."""
+    return philox.uniform_signed(3, 4, 5, 1 << 20, 0.5).numpy()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_threaded_draws_work_in_a_forked_child() -> None:
+@pytest.mark.parametrize("draw", [_numpy_tiles, _cpu_draw])
+def test_threaded_draws_work_in_a_forked_child(draw: Callable[[], np.ndarray]) -> None:
     """The CPU draw's thread pool is rebuilt in a forked child (DataLoader workers fork).
 
-    The child draws through NumPy only (torch's own thread pools are not fork-safe) and is
-    killed if it does not finish in time, so a regression fails instead of hanging."""
+    The child draws through NumPy or the compiled kernels only (torch's own thread pools are
+    not fork-safe) and is killed if it does not finish in time, so a regression fails instead
+    of hanging."""
     import signal
     import time
 
-    blocks = 1 << 16  # several tiles, so the pool is used
-    store = philox._store_words
-    parent = philox._draw_numpy(3, 4, 5, blocks, np.uint64, store)
+    parent = draw()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
-        child = philox._draw_numpy(3, 4, 5, blocks, np.uint64, store)
+        child = draw()
         os._exit(0 if np.array_equal(parent, child) else 3)
     deadline = time.monotonic() + 60
     while True:
