@@ -393,27 +393,30 @@ class Executor:
             return False
         view = state.tensor[piece.lo : piece.hi].view(rows, d)
         if state.base is not state.tensor:  # else the staged theta0 is there already
+            # A drawn theta0 is drawn straight into the output (no temporary, no copy).
             base = self._theta0(target.member.theta0, target.member.shape, target, piece.lo,
-                                piece.hi, state.base)
-            if base is not None:
+                                piece.hi, state.base, out=view.view(-1))
+            if base is None:
+                if not state.zero:
+                    view.zero_()
+            elif base.data_ptr() != view.data_ptr():
                 view.copy_(base.view(rows, d))
-            elif not state.zero:
-                view.zero_()
         fused.accumulate(left, view)
         return True
 
     def _theta0(self, entry: Theta0Entry, shape: tuple[int, ...], target: Target, lo: int,
-                hi: int, staged: torch.Tensor | None) -> torch.Tensor | None:
+                hi: int, staged: torch.Tensor | None, out: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
         """Float32 theta0 (``entry`` of a tensor of ``shape``) of ``target``'s output elements
         ``[lo, hi)``, from ``staged`` (the box's staged dense theta0) when given; ``None`` for
-        zeros."""
+        zeros. ``out``: where a drawn theta0 of a contiguous range may be written."""
         if staged is not None:
             return staged[lo:hi].to(torch.float32)
         label = f"{target.name}.theta0"
         span = target.element_range(lo, hi)
         if span is not None:
             return self.context.theta0.values(entry, shape, span[0], span[1] - span[0],
-                                              self.device, label)
+                                              self.device, label, out)
         elements = target.elements(lo, hi, self.device)
         return self.context.theta0.values_at(entry, shape, elements, label)
 

@@ -310,12 +310,15 @@ class Theta0Source:
 
     # -- values ---------------------------------------------------------------------------
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-               device: torch.device, label: str) -> torch.Tensor | None:
-        """Float32 theta0 of elements ``start .. start + count - 1``; ``None`` for zeros."""
+               device: torch.device, label: str, out: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
+        """Float32 theta0 of elements ``start .. start + count - 1``; ``None`` for zeros.
+        ``out``: where a drawn kind may write them (``Theta0Behaviour.values``)."""
         if is_stored(entry):
             value = self.dense(entry, shape, start, start + count, label)
             return value.to(device=device, dtype=torch.float32)
-        return prng_values(entry, shape, start, count, device, f"{self.label}: {label}")
+        return prng_values(entry, shape, start, count, device, f"{self.label}: {label}",
+                           out=out)
 
     def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
                   label: str) -> torch.Tensor | None:
@@ -355,11 +358,14 @@ class Theta0Behaviour(ABC):
 
     @abstractmethod
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-               device: torch.device | str, label: str, uniform: DrawUniform | None = None
-               ) -> torch.Tensor | None:
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Float32 values of elements ``start .. start + count - 1``; ``None`` for zeros.
         ``uniform`` (a backend's ``draw_uniform``): a uniform draw from element 0 in one
-        launch (the same bits; torch's Philox takes many small launches on a GPU)."""
+        launch (the same bits; torch's Philox takes many small launches on a GPU). ``out``
+        (contiguous float32, ``count`` elements on ``device``): a drawn kind may write its
+        values there (a load's own output, on the CPU) and return it; callers copy only what
+        comes back elsewhere."""
 
     @abstractmethod
     def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
@@ -374,8 +380,8 @@ class Theta0Behaviour(ABC):
 
 class _Zeros(Theta0Behaviour):
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-               device: torch.device | str, label: str, uniform: DrawUniform | None = None
-               ) -> torch.Tensor | None:
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
         return None
 
     def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
@@ -394,14 +400,15 @@ class _Uniform(Theta0Behaviour):
         return entry.bound
 
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-               device: torch.device | str, label: str, uniform: DrawUniform | None = None
-               ) -> torch.Tensor | None:
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
         assert isinstance(entry, PRNGTheta0)
         bound = self.bound(entry, shape)
         if uniform is not None and start == 0:
             return uniform(entry.seed, entry.stream, count, philox.round_to_f32(bound),
                            torch.device(device))
-        return philox.uniform_signed(entry.seed, entry.stream, start, count, bound, device)
+        return philox.uniform_signed(entry.seed, entry.stream, start, count, bound, device,
+                                     out=out)
 
     def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
                   label: str) -> torch.Tensor | None:
@@ -428,11 +435,11 @@ class _Normal(Theta0Behaviour):
     """``prng`` ``normal`` (§7.2, §8.3)."""
 
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-               device: torch.device | str, label: str, uniform: DrawUniform | None = None
-               ) -> torch.Tensor | None:
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
         assert isinstance(entry, NormalTheta0)
-        return _scale_normal(philox.normal(entry.seed, entry.stream, start, count, device),
-                             entry)
+        return _scale_normal(philox.normal(entry.seed, entry.stream, start, count, device,
+                                           out=out), entry, in_place=out is not None)
 
     def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
                   label: str) -> torch.Tensor | None:
@@ -455,8 +462,8 @@ class _Stored(Theta0Behaviour):
     dense = True
 
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-               device: torch.device | str, label: str, uniform: DrawUniform | None = None
-               ) -> torch.Tensor | None:
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
         raise UsageError(f"{label}: stored theta0 is read from its file (Theta0Source), "
                          "not drawn")
 
@@ -470,8 +477,8 @@ class _Unknown(Theta0Behaviour):
     tensor built on it raises; the file's other tensors stay readable (R70, R71)."""
 
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-               device: torch.device | str, label: str, uniform: DrawUniform | None = None
-               ) -> torch.Tensor | None:
+               device: torch.device | str, label: str, uniform: DrawUniform | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
         what = (f"scheme {entry.scheme!r}" if isinstance(entry, PRNGTheta0)
                 else f"kind {entry.kind!r}")
         raise UnsupportedFeatureError(
@@ -507,11 +514,11 @@ def is_stored(entry: Theta0Entry) -> TypeGuard[BlobTheta0 | ExternalTheta0]:
 
 
 def prng_values(entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-                device: torch.device | str, label: str, uniform: DrawUniform | None = None
-                ) -> torch.Tensor | None:
+                device: torch.device | str, label: str, uniform: DrawUniform | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Float32 values of a zeros or PRNG theta0 (§7.1, §7.2, §8) for elements ``start ..
     start + count - 1``; ``None`` for zeros (``Theta0Behaviour.values``)."""
-    return behaviour(entry).values(entry, shape, start, count, device, label, uniform)
+    return behaviour(entry).values(entry, shape, start, count, device, label, uniform, out)
 
 
 def prng_values_at(entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
@@ -520,7 +527,12 @@ def prng_values_at(entry: Theta0Entry, shape: tuple[int, ...], elements: torch.T
     return behaviour(entry).values_at(entry, shape, elements, label)
 
 
-def _scale_normal(z: torch.Tensor, entry: NormalTheta0) -> torch.Tensor:
+def _scale_normal(z: torch.Tensor, entry: NormalTheta0, in_place: bool = False
+                  ) -> torch.Tensor:
+    """``z * std + mean`` (each rounded to float32, as §7.2 says), into ``z`` itself when
+    ``in_place`` (the same two roundings)."""
     mean = philox.round_to_f32(entry.mean)
     std = philox.round_to_f32(entry.std)
-    return z * std + mean if (mean, std) != (0.0, 1.0) else z
+    if (mean, std) == (0.0, 1.0):
+        return z
+    return z.mul_(std).add_(mean) if in_place else z * std + mean
