@@ -267,6 +267,10 @@ class Method:
     def stored_bytes(self, model: nn.Module, task: Task, work: Path) -> int:
         raise NotImplementedError
 
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """Adam's parameter groups: every trainable parameter at ``lr``."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "lr_start"}  # type: ignore[call-overload]
 
@@ -281,6 +285,7 @@ class McncLora(Method):
     chunking: str = "tensor"
     beta_init: float = 0.0
     targets: tuple[str, ...] | None = None
+    alpha_lr_scale: float = 1.0  # alpha's learning rate = lr * alpha_lr_scale
     lr_start: tuple[float, ...] = (0.1, 0.2, 0.4)
     family: str = "mcnc"
 
@@ -291,7 +296,14 @@ class McncLora(Method):
         extra += "" if self.chunking == "tensor" else " model-chunked"
         extra += "" if self.beta_init == 0.0 else f" beta0={self.beta_init:g}"
         extra += "" if self.targets is None else f" on {','.join(self.targets)}"
+        extra += "" if self.alpha_lr_scale == 1.0 else f" alpha-lr x{self.alpha_lr_scale:g}"
         return f"MCNC-LoRA r{self.rank} k{self.k} d{self.d}{extra}"
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        alpha = [p for n, p in named if n.rpartition(".")[2].startswith("mcnc_alpha_")]
+        rest = [p for n, p in named if not n.rpartition(".")[2].startswith("mcnc_alpha_")]
+        return [{"params": alpha, "lr": lr * self.alpha_lr_scale}, {"params": rest, "lr": lr}]
 
     def build(self, base: nn.Module, task: Task, seed: int) -> nn.Module:
         config = MCNCConfig(k=self.k, d=self.d, hidden=self.hidden, L=self.L, seed=seed,
@@ -395,6 +407,7 @@ def methods(task: str, quick: bool) -> tuple[list[Method], list[Method]]:
         McncLora(rank=8, k=8, d=256, L=5.0),
         McncLora(rank=8, k=8, d=256, hidden=(64, 64)),
         McncLora(rank=8, k=8, d=256, beta_init=0.01),
+        McncLora(rank=8, k=8, d=256, alpha_lr_scale=10.0),
     ]
     if task == "lm":  # width 64, 2 blocks: LoRA rank r on all 5 targets = 2048 r values
         attention = ("q_proj", "v_proj", "o_proj")
@@ -430,6 +443,8 @@ def methods(task: str, quick: bool) -> tuple[list[Method], list[Method]]:
         McncLora(rank=16, k=8, d=128),
         McncLora(rank=32, k=12, d=128),
         McncLora(rank=64, k=16, d=64),
+        McncLora(rank=8, k=8, d=128),                    # ~4 KB, the budget filled
+        McncLora(rank=8, k=16, d=256),
     ], ablations
 
 
@@ -438,8 +453,9 @@ def train_once(task: Task, method: Method, lr: float, seed: int, work: Path) -> 
     """Fine-tune ``task``'s base with ``method``; the validation loss along the way (training
     time only: evaluation is not counted) and what the user would ship."""
     model = method.build(task.base(), task, seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    groups = method.param_groups(model, lr)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.Adam(groups)
     steps, evals = task.schedule.steps, task.schedule.evals
     marks = {round(steps * (i + 1) / evals) for i in range(evals)}
     curve = [(0.0, task.evaluate(model)["loss"])]
@@ -641,6 +657,39 @@ def print_tables(results: Results) -> None:
                   f"{grid} | {r['loss_mean']:.4f} +- {r['loss_std']:.4f} "
                   f"({r['loss_min']:.4f}..{r['loss_max']:.4f}){acc} | "
                   f"{base - r['loss_mean']:.4f} | {r['train_seconds']:.1f} |")
+        print_budgets(name, rows, base)
+
+
+BUDGET_SLACK = 1.25  # "at budget B": stored bytes at most 1.25 B
+
+
+def print_budgets(name: str, rows: list[dict[str, Any]], base: float) -> None:
+    """Per budget, each family's best configuration that fits, and the issue's targets."""
+    families = [f for f in FAMILY_STYLE if any(r["family"] == f for r in rows)]
+    print(f"\n{name}: best mean validation loss within each budget (stored bytes <= "
+          f"{BUDGET_SLACK:g} x budget)")
+    print("| budget | " + " | ".join(FAMILY_STYLE[f][0] for f in families) + " |")
+    print("|---" * (len(families) + 1) + "|")
+    for budget in BUDGETS:
+        cells = []
+        for family in families:
+            fits = [r for r in rows if r["family"] == family
+                    and r["stored_bytes"] <= BUDGET_SLACK * budget]
+            best = min(fits, key=lambda r: r["loss_mean"]) if fits else None
+            cells.append("-" if best is None else
+                         f"{best['loss_mean']:.4f} +- {best['loss_std']:.4f} "
+                         f"({best['label']}, {best['stored_bytes']:,} B)")
+        print(f"| {budget // 1024} KiB | " + " | ".join(cells) + " |")
+    reference = next((r for r in rows if r["label"] == "LoRA r8"), None)
+    if reference is None:
+        return
+    cheap = [r for r in rows if r["family"] == "mcnc"
+             and r["stored_bytes"] * 14 <= reference["stored_bytes"]]
+    for r in sorted(cheap, key=lambda r: r["loss_mean"])[:3]:
+        share = (base - r["loss_mean"]) / (base - reference["loss_mean"])
+        print(f"{r['label']}: {share:.0%} of LoRA r8's gain over the base at "
+              f"{reference['stored_bytes'] / r['stored_bytes']:.1f}x fewer bytes "
+              f"(target: at least 75% at 14x or more)")
 
 
 FAMILY_STYLE = {"mcnc": ("MCNC-LoRA", "tab:red", "o"), "lora": ("LoRA (PEFT)", "tab:blue", "s"),
