@@ -619,6 +619,7 @@ def summarize(results: Results) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for name, info in results.data["tasks"].items():
         rows = []
+        ablations = {m.label for m in methods(name, False)[1]}
         for label, sweep_info in info.get("sweeps", {}).items():
             runs = [r for r in results.data["runs"].values() if r["task"] == name
                     and r["label"] == label and r["lr"] == sweep_info["chosen"]]
@@ -628,11 +629,13 @@ def summarize(results: Results) -> dict[str, list[dict[str, Any]]]:
             mean = sum(losses) / len(losses)
             std = math.sqrt(sum((v - mean) ** 2 for v in losses) / max(len(losses) - 1, 1))
             row = {"label": label, "family": runs[0]["family"], "lr": sweep_info["chosen"],
+                   "ablation": label in ablations,
                    "inside": sweep_info["inside"], "grid": sweep_info["grid"],
                    "seeds": len(runs), "loss_mean": mean, "loss_std": std,
                    "loss_min": min(losses), "loss_max": max(losses),
                    "stored_bytes": runs[0]["stored_bytes"],
                    "trainable_values": runs[0]["trainable_values"],
+                   "payload_bytes": 4 * runs[0]["trainable_values"],
                    "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}
             if "accuracy" in runs[0]:
                 row["accuracy_mean"] = sum(r["accuracy"] for r in runs) / len(runs)
@@ -673,7 +676,7 @@ def print_budgets(name: str, rows: list[dict[str, Any]], base: float) -> None:
     for budget in BUDGETS:
         cells = []
         for family in families:
-            fits = [r for r in rows if r["family"] == family
+            fits = [r for r in rows if r["family"] == family and not r["ablation"]
                     and r["stored_bytes"] <= BUDGET_SLACK * budget]
             best = min(fits, key=lambda r: r["loss_mean"]) if fits else None
             cells.append("-" if best is None else
@@ -683,7 +686,7 @@ def print_budgets(name: str, rows: list[dict[str, Any]], base: float) -> None:
     reference = next((r for r in rows if r["label"] == "LoRA r8"), None)
     if reference is None:
         return
-    cheap = [r for r in rows if r["family"] == "mcnc"
+    cheap = [r for r in rows if r["family"] == "mcnc" and not r["ablation"]
              and r["stored_bytes"] * 14 <= reference["stored_bytes"]]
     for r in sorted(cheap, key=lambda r: r["loss_mean"])[:3]:
         share = (base - r["loss_mean"]) / (base - reference["loss_mean"])
@@ -717,42 +720,23 @@ def plot(results: Results, out_dir: Path) -> list[Path]:
         plt.close(fig)
         return out_dir / filename
 
-    fig, axes = panels()
-    for ax, name in axes:
-        base = results.data["tasks"][name]["base"]["loss"]
-        for family, (label, color, marker) in FAMILY_STYLE.items():
-            rows = [r for r in summary[name] if r["family"] == family]
-            if not rows:
-                continue
-            x = [r["stored_bytes"] for r in rows]
-            y = [r["loss_mean"] for r in rows]
-            err = [[r["loss_mean"] - r["loss_min"] for r in rows],
-                   [r["loss_max"] - r["loss_mean"] for r in rows]]
-            ax.errorbar(x, y, yerr=err, fmt=marker, color=color, label=label, capsize=3,
-                        markersize=6, alpha=0.85)
-            if family != "mcnc":
-                order = sorted(range(len(x)), key=lambda i: x[i])
-                ax.plot([x[i] for i in order], [y[i] for i in order], color=color, alpha=0.4)
-            else:  # the best MCNC configuration at each size: its frontier
-                front = _frontier(rows)
-                ax.plot([r["stored_bytes"] for r in front], [r["loss_mean"] for r in front],
-                        color=color, alpha=0.4)
-        ax.axhline(base, color="gray", linestyle=":", label="base, not fine-tuned")
-        for budget in BUDGETS:
-            ax.axvline(budget, color="gray", alpha=0.15)
-        ax.set_xscale("log")
-        ax.set_xlabel("stored bytes (what a user ships)")
-        ax.set_ylabel("validation loss" + (" (nats/byte)" if name == "lm" else " (cross-entropy)"))
-        ax.set_title(f"{name}: validation loss vs stored bytes (seed min..max)")
-        ax.legend(fontsize=8)
-    written = [save(fig, "quality_loss_vs_bytes.png")]
+    written = []
+    for x_key, x_label, filename in (
+            ("stored_bytes", "stored bytes (what a user ships)", "quality_loss_vs_bytes.png"),
+            ("payload_bytes", "trained numbers x 4 bytes (file headers left out)",
+             "quality_loss_vs_payload.png")):
+        fig, axes = panels()
+        for ax, name in axes:
+            _loss_panel(ax, name, summary[name], results.data["tasks"][name]["base"]["loss"],
+                        x_key, x_label)
+        written.append(save(fig, filename))
 
     fig, axes = panels()
     for ax, name in axes:
         for row in summary[name]:
             if row["label"] not in _time_labels(summary[name]):
                 continue
-            label, color, _ = FAMILY_STYLE[row["family"]]
+            color = FAMILY_STYLE[row["family"]][1]
             runs = [r for r in results.data["runs"].values() if r["task"] == name
                     and r["label"] == row["label"] and r["lr"] == row["lr"]]
             curves = [r["curve"] for r in runs]
@@ -762,17 +746,51 @@ def plot(results: Results, out_dir: Path) -> list[Path]:
             ax.plot(t, v, marker=".", color=color, alpha=0.8,
                     label=f"{row['label']} ({row['stored_bytes'] / 1024:.1f} KiB)")
         ax.set_xlabel("training seconds (1 thread, evaluation excluded; mean over seeds)")
-        ax.set_ylabel("validation loss")
+        ax.set_ylabel("validation loss (log scale)")
+        ax.set_yscale("log")
         ax.set_title(f"{name}: validation loss vs training time")
         ax.legend(fontsize=7)
     written.append(save(fig, "quality_loss_vs_time.png"))
     return written
 
 
-def _frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _loss_panel(ax: Any, name: str, rows: list[dict[str, Any]], base: float, x_key: str,
+                x_label: str) -> None:
+    """Validation loss (mean, seed min..max) against ``x_key`` per family; the ablations
+    hollow; a line through each family's best configurations."""
+    top = max(r["loss_max"] for r in rows)
+    for family, (label, color, marker) in FAMILY_STYLE.items():
+        for ablation in (False, True):
+            mine = [r for r in rows if r["family"] == family and r["ablation"] == ablation]
+            if not mine:
+                continue
+            x = [r[x_key] for r in mine]
+            y = [r["loss_mean"] for r in mine]
+            err = [[r["loss_mean"] - r["loss_min"] for r in mine],
+                   [r["loss_max"] - r["loss_mean"] for r in mine]]
+            ax.errorbar(x, y, yerr=err, fmt=marker, color=color, capsize=3,
+                        markersize=5 if ablation else 6, alpha=0.85,
+                        markerfacecolor="none" if ablation else color,
+                        label=f"{label}, ablations (one config changed)" if ablation else label)
+            if not ablation:
+                front = _frontier(mine, x_key)
+                ax.plot([r[x_key] for r in front], [r["loss_mean"] for r in front],
+                        color=color, alpha=0.4)
+    if base <= 1.5 * top:
+        ax.axhline(base, color="gray", linestyle=":", label="base, not fine-tuned")
+    for budget in BUDGETS if x_key == "stored_bytes" else ():
+        ax.axvline(budget, color="gray", alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("validation loss" + (" (nats/byte)" if name == "lm" else " (cross-entropy)"))
+    ax.set_title(f"{name}: validation loss (base {base:.3f}), seed min..max", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def _frontier(rows: list[dict[str, Any]], x_key: str) -> list[dict[str, Any]]:
     """Rows no cheaper row beats: the best loss reachable at each size."""
     out, best = [], math.inf
-    for r in sorted(rows, key=lambda r: r["stored_bytes"]):
+    for r in sorted(rows, key=lambda r: r[x_key]):
         if r["loss_mean"] < best:
             out.append(r)
             best = r["loss_mean"]
@@ -784,7 +802,7 @@ def _time_labels(rows: list[dict[str, Any]]) -> set[str]:
     budgets, and full fine-tuning."""
     labels = set()
     for family in FAMILY_STYLE:
-        mine = [r for r in rows if r["family"] == family]
+        mine = [r for r in rows if r["family"] == family and not r["ablation"]]
         for budget in (4096, 65536):
             if mine:
                 labels.add(min(mine, key=lambda r: abs(math.log(r["stored_bytes"] / budget)))[
