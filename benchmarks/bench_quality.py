@@ -445,7 +445,8 @@ def methods(task: str, quick: bool) -> tuple[list[Method], list[Method]]:
         McncLora(rank=64, k=16, d=64),
         McncLora(rank=8, k=8, d=128),                    # ~4 KB, the budget filled
         McncLora(rank=8, k=16, d=256),
-    ], ablations
+    ], [*ablations, McncLora(rank=8, k=8, d=256, alpha_lr_scale=0.1),
+        McncLora(rank=8, k=8, d=256, alpha_lr_scale=0.0)]
 
 
 # -- one run -------------------------------------------------------------------------------
