@@ -734,21 +734,25 @@ def plot(results: Results, out_dir: Path) -> list[Path]:
 
     fig, axes = panels()
     for ax, name in axes:
-        for row in summary[name]:
-            if row["label"] not in _time_labels(summary[name]):
-                continue
+        shown = sorted((r for r in summary[name] if r["label"] in _time_labels(summary[name])),
+                       key=lambda r: r["stored_bytes"])
+        seen: set[str] = set()
+        for row in shown:
             color = FAMILY_STYLE[row["family"]][1]
+            style = "--" if row["family"] not in seen else "-"  # the smaller one dashed
+            seen.add(row["family"])
             runs = [r for r in results.data["runs"].values() if r["task"] == name
                     and r["label"] == row["label"] and r["lr"] == row["lr"]]
             curves = [r["curve"] for r in runs]
             n = min(len(c) for c in curves)
             t = [sum(c[i][0] for c in curves) / len(curves) for i in range(n)]
             v = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
-            ax.plot(t, v, marker=".", color=color, alpha=0.8,
+            ax.plot(t, v, marker=".", color=color, alpha=0.8, linestyle=style,
                     label=f"{row['label']} ({row['stored_bytes'] / 1024:.1f} KiB)")
         ax.set_xlabel("training seconds (1 thread, evaluation excluded; mean over seeds)")
-        ax.set_ylabel("validation loss (log scale)")
-        ax.set_yscale("log")
+        if results.data["tasks"][name]["base"]["loss"] > 3 * min(r["loss_min"] for r in shown):
+            ax.set_yscale("log")  # the base far above the fine-tuned losses
+        ax.set_ylabel("validation loss")
         ax.set_title(f"{name}: validation loss vs training time")
         ax.legend(fontsize=7)
     written.append(save(fig, "quality_loss_vs_time.png"))
