@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,8 @@ from torch_helpers import SEED, one_thread  # noqa: F401 (one_thread: autouse fi
 from mcnc_format.errors import ReparametrizeError
 from mcnc_format.torch import (
     LORA_RECIPE,
-    MCNCConfig,
     Manifest,
+    MCNCConfig,
     add_mcnc_lora,
     choose_d,
     lora_factor_sizes,
