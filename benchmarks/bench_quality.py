@@ -657,7 +657,8 @@ def print_tables(results: Results) -> None:
             if not r["inside"]:
                 grid += " EDGE"
             acc = f", acc {r['accuracy_mean']:.3f}" if "accuracy_mean" in r else ""
-            print(f"| {r['label']} | {r['stored_bytes']:,} | {r['trainable_values']:,} | "
+            label = r["label"] + (" (ablation)" if r["ablation"] else "")
+            print(f"| {label} | {r['stored_bytes']:,} | {r['trainable_values']:,} | "
                   f"{grid} | {r['loss_mean']:.4f} +- {r['loss_std']:.4f} "
                   f"({r['loss_min']:.4f}..{r['loss_max']:.4f}){acc} | "
                   f"{base - r['loss_mean']:.4f} | {r['train_seconds']:.1f} |")
