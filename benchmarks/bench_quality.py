@@ -740,7 +740,8 @@ def plot(results: Results, out_dir: Path) -> list[Path]:
         seen: set[str] = set()
         for row in shown:
             color = FAMILY_STYLE[row["family"]][1]
-            style = "--" if row["family"] not in seen else "-"  # the smaller one dashed
+            pair = sum(r["family"] == row["family"] for r in shown) > 1
+            style = "--" if pair and row["family"] not in seen else "-"  # the smaller dashed
             seen.add(row["family"])
             runs = [r for r in results.data["runs"].values() if r["task"] == name
                     and r["label"] == row["label"] and r["lr"] == row["lr"]]
