@@ -81,19 +81,27 @@ def _stored_numbers(model: nn.Module) -> int:
                if n.startswith(("mcnc_alpha_", "mcnc_beta_")))
 
 
-def test_add_mcnc_lora_without_a_config_uses_the_recipe() -> None:
-    rng = random.Random(SEED)
-    widths = (rng.randint(16, 96), rng.randint(16, 96), rng.randint(4, 48))
+@pytest.mark.parametrize("size", ["large", "small"])
+def test_add_mcnc_lora_without_a_config_uses_the_recipe(size: str) -> None:
+    """Layers large enough get the recipe's ratio; layers too small for it get one chunk per
+    factor (the fewest numbers) instead of an error."""
+    rng = random.Random(f"{SEED}-{size}")
+    if size == "large":
+        widths = (rng.randint(64, 160), rng.randint(64, 160), rng.randint(32, 96))
+    else:
+        widths = (rng.randint(2, 12), rng.randint(2, 12), rng.randint(2, 12))
     model = add_mcnc_lora(_TwoLayers(widths), target_modules=["up", "down"])
     config = Manifest.from_tensor(model.mcnc_config, "test").config
     assert (config.k, config.hidden, config.L, config.beta_init) == (
         LORA_RECIPE.k, LORA_RECIPE.hidden, LORA_RECIPE.L, LORA_RECIPE.beta_init)
     assert model.up.lora_A.out_features == LORA_RECIPE.rank
-    values = sum(lora_factor_sizes(_TwoLayers(widths), ["up", "down"], LORA_RECIPE.rank))
-    assert _stored_numbers(model) <= values / LORA_RECIPE.ratio
-    assert config.d == choose_d(lora_factor_sizes(_TwoLayers(widths), ["up", "down"],
-                                                  LORA_RECIPE.rank),
-                                LORA_RECIPE.k, ratio=LORA_RECIPE.ratio)
+    sizes = lora_factor_sizes(_TwoLayers(widths), ["up", "down"], LORA_RECIPE.rank)
+    if size == "large":
+        assert _stored_numbers(model) <= sum(sizes) / LORA_RECIPE.ratio
+        assert config.d == choose_d(sizes, LORA_RECIPE.k, ratio=LORA_RECIPE.ratio)
+    else:
+        assert config.d == max(sizes)
+        assert _stored_numbers(model) == len(sizes) * (LORA_RECIPE.k + 1)
 
 
 @pytest.mark.parametrize("target", ["budget", "ratio"])

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import constants as C
 from ..engine.fused import lora_product
 from ..errors import ReparametrizeError
 from ..header import ZerosTheta0
 from ..writer import Theta0
-from .budget import LORA_RECIPE, choose_d
+from .budget import LORA_RECIPE, choose_d, payload_values
 from .config import CHUNKING_MODEL, CHUNKING_TENSOR, THETA0_STREAM_BASE, MCNCConfig
 from .manifest import LoRASpec
 from .reparam import PlannedMember, check_not_reparametrized, install
@@ -143,21 +144,27 @@ def mcnc_lora_config(model: nn.Module, target_modules: Sequence[str], *,
     """``LORA_RECIPE``'s config for these adapters, with ``d`` chosen for a budget.
 
     ``budget_bytes`` caps the stored alpha/beta (float32; the file's header comes on top);
-    ``ratio`` asks for at least that many adapter values per stored number; with neither, the
-    recipe's ratio. ``choose_d`` picks the smallest ``d`` that fits, per factor segment (or
-    over all factors with ``chunking="model"``). Pass the result to ``add_mcnc_lora`` with the
-    same ``target_modules`` and ``rank``.
+    ``ratio`` asks for at least that many adapter values per stored number. ``choose_d`` picks
+    the smallest ``d`` that fits, per factor segment (or over all factors with
+    ``chunking="model"``), and raises if nothing fits. With neither, the recipe's ratio where
+    the layers allow it, else one chunk per segment (factors too small for that ratio), so the
+    default always works. Pass the result to ``add_mcnc_lora`` with the same
+    ``target_modules`` and ``rank``.
     """
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     _check_rank(rank)
-    if budget_bytes is None and ratio is None:
-        ratio = LORA_RECIPE.ratio
     sizes = lora_factor_sizes(model, target_modules, rank)
     if chunking == CHUNKING_MODEL:
         sizes = [sum(sizes)]
-    d = choose_d(sizes, LORA_RECIPE.k, budget_bytes=budget_bytes, ratio=ratio)
-    return MCNCConfig(k=LORA_RECIPE.k, d=d, hidden=LORA_RECIPE.hidden, L=LORA_RECIPE.L,
+    k = LORA_RECIPE.k
+    if budget_bytes is None and ratio is None:
+        whole = min(max(sizes), C.MAX_D)  # one chunk per segment: the fewest numbers
+        fits = payload_values(sizes, k, whole) <= sum(sizes) // LORA_RECIPE.ratio
+        d = choose_d(sizes, k, ratio=LORA_RECIPE.ratio) if fits else whole
+    else:
+        d = choose_d(sizes, k, budget_bytes=budget_bytes, ratio=ratio)
+    return MCNCConfig(k=k, d=d, hidden=LORA_RECIPE.hidden, L=LORA_RECIPE.L,
                       beta_init=LORA_RECIPE.beta_init, chunking=chunking, seed=seed)
 
 
