@@ -7,19 +7,33 @@ file; ``export_state_dict(state_dict)`` gives the writer's inputs from a saved s
 alone (what ``mcnc-pack`` uses). docs/torch.md covers the choices and the state-dict layout.
 """
 
+from .budget import LORA_RECIPE, LoRARecipe, choose_d, payload_values
 from .config import MCNCConfig
 from .export import export_state_dict, save_model
-from .lora import MCNCLoRALinear, add_mcnc_lora, merge_mcnc_lora, unmerge_mcnc_lora
+from .lora import (
+    MCNCLoRALinear,
+    add_mcnc_lora,
+    lora_factor_sizes,
+    mcnc_lora_config,
+    merge_mcnc_lora,
+    unmerge_mcnc_lora,
+)
 from .manifest import Manifest
 from .reparam import reparametrize
 
 __all__ = [
+    "LORA_RECIPE",
+    "LoRARecipe",
     "MCNCConfig",
     "MCNCLoRALinear",
     "Manifest",
     "add_mcnc_lora",
+    "choose_d",
     "export_state_dict",
+    "lora_factor_sizes",
+    "mcnc_lora_config",
     "merge_mcnc_lora",
+    "payload_values",
     "reparametrize",
     "save_model",
     "unmerge_mcnc_lora",

@@ -19,15 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import constants as C
 from ..engine.fused import lora_product
 from ..errors import ReparametrizeError
 from ..header import ZerosTheta0
 from ..writer import Theta0
-from .config import THETA0_STREAM_BASE, MCNCConfig
+from .budget import LORA_RECIPE, choose_d, payload_values
+from .config import CHUNKING_MODEL, CHUNKING_TENSOR, THETA0_STREAM_BASE, MCNCConfig
 from .manifest import LoRASpec
 from .reparam import PlannedMember, check_not_reparametrized, install
 
-__all__ = ["MCNCLoRALinear", "add_mcnc_lora", "merge_mcnc_lora", "unmerge_mcnc_lora"]
+__all__ = [
+    "MCNCLoRALinear",
+    "add_mcnc_lora",
+    "lora_factor_sizes",
+    "mcnc_lora_config",
+    "merge_mcnc_lora",
+    "unmerge_mcnc_lora",
+]
 
 
 class MCNCLoRALinear(nn.Module):
@@ -84,7 +93,7 @@ class MCNCLoRALinear(nn.Module):
 
 
 def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
-                  target_modules: Sequence[str], rank: int = 16,
+                  target_modules: Sequence[str], rank: int = LORA_RECIPE.rank,
                   lora_alpha: float | None = None) -> nn.Module:
     """Attach MCNC-LoRA adapters to the ``nn.Linear`` layers named by ``target_modules``.
 
@@ -94,14 +103,15 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
     ``scale = lora_alpha / rank`` (``lora_alpha`` defaults to ``rank``). ``config`` supplies
     the generator, ``m``, the seed, the storage dtypes, ``beta_init`` and ``chunking``; its
     ``include``, ``exclude``, ``theta0`` and ``train_dense`` do not apply: everything but alpha
-    and beta is frozen. Modifies ``model`` in place and returns it.
+    and beta is frozen. Without a config, ``mcnc_lora_config(model, target_modules, rank=
+    rank)``: the measured recipe (``LORA_RECIPE``; train with Adam at its ``learning_rate``).
+    Modifies ``model`` in place and returns it.
     """
-    config = config or MCNCConfig()
     check_not_reparametrized(model)
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ReparametrizeError(f"add_mcnc_lora: rank must be a positive integer, got {rank!r}")
+    _check_rank(rank)
+    config = config or mcnc_lora_config(model, target_modules, rank=rank)
     scale = (rank if lora_alpha is None else float(lora_alpha)) / rank
     order = tuple(model.state_dict().keys())
     targets = _targets(model, target_modules)
@@ -125,6 +135,51 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
                                      ZerosTheta0()))
     install(model, config, planned, loras, order)
     return model
+
+
+def mcnc_lora_config(model: nn.Module, target_modules: Sequence[str], *,
+                     rank: int = LORA_RECIPE.rank, budget_bytes: int | None = None,
+                     ratio: float | None = None, chunking: str = CHUNKING_TENSOR,
+                     seed: int = 0) -> MCNCConfig:
+    """``LORA_RECIPE``'s config for these adapters, with ``d`` chosen for a budget.
+
+    ``budget_bytes`` caps the stored alpha/beta (float32; the file's header comes on top);
+    ``ratio`` asks for at least that many adapter values per stored number. ``choose_d`` picks
+    the smallest ``d`` that fits, per factor segment (or over all factors with
+    ``chunking="model"``), and raises if nothing fits. With neither, the recipe's ratio where
+    the layers allow it, else one chunk per segment (factors too small for that ratio), so the
+    default always works. Pass the result to ``add_mcnc_lora`` with the same
+    ``target_modules`` and ``rank``.
+    """
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    _check_rank(rank)
+    sizes = lora_factor_sizes(model, target_modules, rank)
+    if chunking == CHUNKING_MODEL:
+        sizes = [sum(sizes)]
+    k = LORA_RECIPE.k
+    if budget_bytes is None and ratio is None:
+        whole = min(max(sizes), C.MAX_D)  # one chunk per segment: the fewest numbers
+        fits = payload_values(sizes, k, whole) <= sum(sizes) // LORA_RECIPE.ratio
+        d = choose_d(sizes, k, ratio=LORA_RECIPE.ratio) if fits else whole
+    else:
+        d = choose_d(sizes, k, budget_bytes=budget_bytes, ratio=ratio)
+    return MCNCConfig(k=k, d=d, hidden=LORA_RECIPE.hidden, L=LORA_RECIPE.L,
+                      beta_init=LORA_RECIPE.beta_init, chunking=chunking, seed=seed)
+
+
+def lora_factor_sizes(model: nn.Module, target_modules: Sequence[str], rank: int) -> list[int]:
+    """The values of each factor ``add_mcnc_lora`` would create (A then B, per target, in
+    module order): the segment sizes of ``chunking="tensor"``."""
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    return [n for _, linear, _ in _targets(model, target_modules)
+            for n in (rank * linear.in_features, linear.out_features * rank)]
+
+
+def _check_rank(rank: object) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ReparametrizeError(f"add_mcnc_lora: rank must be a positive integer, got {rank!r}")
 
 
 # Owners whose forward may read a child Linear's ``weight`` without calling the child.
