@@ -124,7 +124,7 @@ PEER_TESTS: list[tuple[str, str | None, int, bool]] = [
      "test_save_model_overlapping_storage", 5, False),
     ("simple::test_get_correctly_dropped", "test_get_correctly_dropped", 1, False),
     ("simple::test_file_not_found", "test_file_not_found", 2, False),
-    ("simple::test_numpy_example", "test_numpy_example", 6, True),
+    ("simple::test_numpy_example", "test_numpy_example", 4, True),
     ("simple::test_numpy_bool", "test_numpy_bool", 4, True),
     ("simple::test_torch_example", "test_torch_example", 4, False),
     ("simple::test_exception", None, 0, False),  # the Rust binding's TensorSpec/serialize
