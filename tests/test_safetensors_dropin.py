@@ -1076,7 +1076,7 @@ def test_numpy_refusals(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape("Key `t` is invalid, expected np.ndarray "
                                                    "but received <class 'torch.Tensor'>")):
         mcnc_np.save({"t": torch.zeros(2)})  # type: ignore[dict-item]
-    for dtype in (np.complex64, np.uint32):
+    for dtype in (np.complex64, np.uint32, np.str_):
         with pytest.raises(MCNCError, match="cannot be stored"):
             mcnc_np.save({"c": np.zeros(2, dtype=dtype)})
     mcnc_np.save_file({"a": np.zeros(2)}, tmp_path / "x.mcnc")

@@ -20,6 +20,7 @@ import safetensors.numpy as _safetensors_numpy
 import safetensors.torch as _safetensors_torch
 import torch
 
+from ..constants import DType
 from ..devices import check_device
 from ..errors import (
     InvalidTensorError,
@@ -246,9 +247,10 @@ def _tensor_of(name: str, array: npt.NDArray[Any]) -> torch.Tensor:
     try:
         return torch.from_numpy(array)
     except TypeError:
+        stored = ", ".join(dtype.value.upper() for dtype in DType)
         raise WriteError(f"tensor {name!r}: numpy dtype {array.dtype} cannot be stored in an "
-                         ".mcnc file; convert the array to float64, float32, float16, "
-                         "bfloat16, int64, int32, int16, int8, uint8 or bool") from None
+                         f".mcnc file, which stores {stored}; convert the array to one of "
+                         "those") from None
 
 
 def _numpy_path_index(index: Any, shape: list[int]) -> tuple[int | slice, ...]:
