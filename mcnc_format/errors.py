@@ -32,6 +32,7 @@ __all__ = [
     "MCNCIndexError",
     "MappingError",
     "MetaTensorError",
+    "NumpyDtypeError",
     "ReparametrizeError",
     "SharedTensorError",
     "StateDictMismatchError",
@@ -189,6 +190,12 @@ class MCNCIndexError(UsageError, IndexError):
     """Raised when an index does not fit its tensor: an integer out of range, more indices
     than dimensions, an integer or slice on a 0-d tensor (an ``IndexError``, as torch and
     safetensors raise)."""
+
+
+class NumpyDtypeError(MCNCError, TypeError):
+    """Raised when a tensor is asked for as a numpy array and numpy has no dtype for it:
+    bf16 unless ``ml_dtypes`` (which registers numpy's ``bfloat16``) is imported, the
+    ``TypeError`` safetensors' numpy path raises too."""
 
 
 class MCNCFileNotFoundError(MCNCError, FileNotFoundError):
