@@ -24,12 +24,14 @@ remaining names share (``model.``) is taken off, each said in the notes.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mcnc_format.converters.checkpoint import TRAINING_STATE_MARKS, WRAPPER_KEYS, Checkpoint
@@ -140,8 +142,11 @@ class _Reader:
         reader = _AllowListReader(self.folder, self.metadata)
         target = torch.empty(info.shape, dtype=info.dtype)
         try:
-            dcp.load({fqn: target}, storage_reader=reader, no_dist=True)
-        except Exception as exc:  # DCP wraps its readers' failures in CheckpointException
+            with warnings.catch_warnings():  # DCP warns that it loads in one process: intended
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({fqn: target}, storage_reader=reader, no_dist=True)
+        except (CheckpointException, Exception) as exc:  # a BaseException: DCP wraps its
+            # readers' failures (a truncated chunk's EOFError) in it
             raise MCNCError(f"{self.folder}: cannot read tensor {fqn!r} ({exc}); is a "
                             "*.distcp file missing or truncated?") from exc
         return target

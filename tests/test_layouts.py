@@ -59,6 +59,9 @@ def test_dcp_from_one_process_with_optimizer_state(seed: int, tmp_path: Path,
     assert "dropped the training state saved beside the model: optim" in err
     assert "packed the state dict under 'model'" in err
     _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+    next(folder.glob("*.distcp")).write_bytes(b"")
+    with pytest.raises(MCNCError, match="cannot read tensor"):
+        pack(folder, tmp_path / "again.mcnc")
 
 
 def test_dcp_metadata_naming_another_class_is_refused_unexecuted(seed: int, tmp_path: Path
