@@ -275,3 +275,23 @@ def test_lora_shard_set_packs_against_its_base(seed: int, tmp_path: Path) -> Non
     pack(tmp_path / "shards", tmp_path / "shards.mcnc", base=tmp_path / "base.safetensors")
     assert (tmp_path / "shards.mcnc").read_bytes() == (tmp_path / "plain.mcnc").read_bytes()
     assert mf.open(tmp_path / "shards.mcnc").info["base_model"] == "base.safetensors"
+
+
+def test_mapping_file_over_a_folder_layout(seed: int, tmp_path: Path) -> None:
+    """``--mapping`` renames what a layout converter reads: a foreign MCNC state dict saved
+    by DCP packs to the tensors the same state dict gives as a ``.pt`` file."""
+    import json
+
+    from test_converters import FOREIGN_MAPPING, _foreign_checkpoint
+
+    path, expected, _ = _foreign_checkpoint(seed, tmp_path)
+    state = torch.load(path, weights_only=True)["model"]
+    dcp.save(state, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps({**FOREIGN_MAPPING, "strip_prefix": "net."}))
+    result = pack(tmp_path / "ckpt", tmp_path / "out.mcnc", mapping=mapping)
+    assert result.converter == "mapping"
+    loaded = mf.load(tmp_path / "out.mcnc")
+    assert set(loaded) == set(expected)
+    for name, value in expected.items():
+        assert torch.allclose(loaded[name], value, atol=1e-5 * (value.norm().item() + 1)), name
