@@ -96,11 +96,12 @@ class DistributedCheckpoint(LayoutBase):
         if not isinstance(entries, dict):
             raise MCNCError(f"{path / METADATA}: holds no state_dict_metadata; not DCP "
                             "metadata")
+        stored = _stored_bytes(path, metadata)
         infos: dict[str, TensorInfo] = {}
         skipped: list[str] = []
         for fqn, entry in entries.items():
             if isinstance(entry, TensorStorageMetadata):
-                infos[fqn] = TensorInfo(tuple(entry.size), entry.properties.dtype)
+                infos[fqn] = _checked(path, fqn, entry, stored.get(fqn, 0))
             else:
                 skipped.append(fqn)
         infos, prefix, notes = _unwrapped(infos)
@@ -111,6 +112,51 @@ class DistributedCheckpoint(LayoutBase):
         tensors = LazyTensors(infos, lambda name: reader.tensor(prefix + name, infos[name]),
                               str(path))
         return Checkpoint(path, tensors, notes=notes)
+
+
+def _stored_bytes(folder: Path, metadata: Any) -> dict[str, int]:
+    """Bytes the chunks of each tensor occupy, after checking that every chunk lies in a
+    ``.distcp`` file of the folder (a file name, no path) and within it."""
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise MCNCError(f"{folder / METADATA}: holds no storage_data; not DCP metadata")
+    sizes: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    for index, where in storage.items():
+        name = getattr(where, "relative_path", None)
+        offset, length = getattr(where, "offset", None), getattr(where, "length", None)
+        if not isinstance(name, str) or Path(name).name != name or not (
+                isinstance(offset, int) and isinstance(length, int) and offset >= 0
+                and length >= 0):
+            raise MCNCError(f"{folder / METADATA}: a chunk of {getattr(index, 'fqn', '?')!r} "
+                            f"lies at {name!r} [{offset}, +{length}]; chunks lie in files of "
+                            "the checkpoint's folder")
+        if name not in sizes:
+            file = folder / name
+            sizes[name] = file.stat().st_size if file.is_file() else -1
+        if offset + length > sizes[name]:
+            raise MCNCError(f"{folder / name}: missing or shorter than the chunk of "
+                            f"{getattr(index, 'fqn', '?')!r} the metadata places at "
+                            f"[{offset}, +{length}]; is the checkpoint complete?")
+        fqn = str(getattr(index, "fqn", ""))
+        totals[fqn] = totals.get(fqn, 0) + length
+    return totals
+
+
+def _checked(folder: Path, fqn: str, entry: Any, stored: int) -> TensorInfo:
+    """The tensor's shape and dtype, once they are plausible: integers, a torch dtype, and no
+    more bytes than its chunks occupy on disk (nothing is allocated from an unchecked size)."""
+    shape, dtype = entry.size, getattr(entry.properties, "dtype", None)
+    if not isinstance(dtype, torch.dtype) or not all(
+            isinstance(n, int) and n >= 0 for n in shape):
+        raise MCNCError(f"{folder / METADATA}: tensor {fqn!r} has shape {shape!r} and dtype "
+                        f"{dtype!r}; not DCP metadata of a tensor")
+    info = TensorInfo(tuple(shape), dtype)
+    if info.nbytes > stored:
+        raise MCNCError(f"{folder / METADATA}: tensor {fqn!r} ({dtype} {list(shape)}, "
+                        f"{info.nbytes} bytes) is larger than its chunks on disk ({stored} "
+                        "bytes); the metadata is damaged")
+    return info
 
 
 def _unwrapped(infos: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], str, list[str]]:

@@ -59,8 +59,12 @@ def test_dcp_from_one_process_with_optimizer_state(seed: int, tmp_path: Path,
     assert "dropped the training state saved beside the model: optim" in err
     assert "packed the state dict under 'model'" in err
     _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
-    next(folder.glob("*.distcp")).write_bytes(b"")
+    chunks = next(folder.glob("*.distcp"))
+    chunks.write_bytes(bytes(chunks.stat().st_size))  # same length, no torch archive
     with pytest.raises(MCNCError, match="cannot read tensor"):
+        pack(folder, tmp_path / "again.mcnc")
+    chunks.write_bytes(b"")
+    with pytest.raises(MCNCError, match="missing or shorter than the chunk"):
         pack(folder, tmp_path / "again.mcnc")
 
 
@@ -295,3 +299,28 @@ def test_mapping_file_over_a_folder_layout(seed: int, tmp_path: Path) -> None:
     assert set(loaded) == set(expected)
     for name, value in expected.items():
         assert torch.allclose(loaded[name], value, atol=1e-5 * (value.norm().item() + 1)), name
+
+
+def test_dcp_metadata_sizes_and_paths_are_checked(seed: int, tmp_path: Path) -> None:
+    """A shape larger than the chunks on disk, or a chunk outside the folder, is refused
+    before anything is allocated or read."""
+    from dataclasses import replace
+
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    model, _ = trained(seed, steps=1)
+    folder = tmp_path / "ckpt"
+    dcp.save(model.state_dict(), checkpoint_id=folder, no_dist=True)
+    original = FileSystemReader(folder).read_metadata()  # our own test file
+    for damage, match in (("size", "larger than its chunks"), ("path", "lie in files of")):
+        metadata = pickle.loads(pickle.dumps(original))
+        if damage == "size":
+            entry = metadata.state_dict_metadata["mcnc_alpha_0"]
+            entry.size = torch.Size([10**12, *entry.size[1:]])
+        else:
+            index = next(iter(metadata.storage_data))
+            info = metadata.storage_data[index]
+            metadata.storage_data[index] = replace(info, relative_path="../elsewhere.distcp")
+        (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+        with pytest.raises(MCNCError, match=match):
+            pack(folder, tmp_path / "out.mcnc")

@@ -65,11 +65,11 @@ def pack(
     ``mapping`` names a mapping file (foreign layouts); ``converter`` picks a registered
     converter by name; with neither, the registered converters are asked in turn: a layout
     converter that recognises the path reads it, and a folder none recognises is refused,
-    naming the known layouts. ``base``
-    names the base checkpoint (a safetensors file in or below the output's folder) of an
-    adapter: theta0 then references it, sha256-pinned, and tensors it holds unchanged are left
-    out (``base_ref.py``). An existing ``output_path`` is replaced only with ``force`` (and
-    never when it is the checkpoint itself); the write itself is atomic.
+    naming the known layouts. ``base`` names the base checkpoint (a safetensors file in or
+    below the output's folder) of an adapter: theta0 then references it, sha256-pinned, and
+    tensors it holds unchanged are left out (``base_ref.py``). An existing ``output_path`` is
+    replaced only with ``force`` (and never when it is the checkpoint itself); the write
+    itself is atomic.
     """
     output = Path(output_path)
     refuse_same_file(checkpoint_path, output)
@@ -82,6 +82,7 @@ def pack(
         recognise_layout(source) if forced is None else None)
     if layout is not None:
         checkpoint = layout.read(source)
+        total = _size(checkpoint)
     elif source.is_dir():
         raise _unrecognised_folder(source)
     else:
@@ -92,7 +93,6 @@ def pack(
                 progress("read", nbytes, total)
 
         checkpoint = read_checkpoint(source, on_tensor, unwrap=mapping is None)
-    total = _size(checkpoint)
     chosen = _choose(checkpoint, mapping, forced, layout, output)
     if progress is not None:
         progress("convert", 0, 0)
@@ -128,6 +128,7 @@ def _unrecognised_folder(path: Path) -> MCNCError:
 
 
 def _size(checkpoint: Checkpoint) -> int:
+    """The bytes of the checkpoint's tensors, without reading lazily read ones."""
     if isinstance(checkpoint.tensors, LazyTensors):
         return checkpoint.tensors.nbytes
     return checkpoint.nbytes
