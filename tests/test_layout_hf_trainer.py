@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 import mcnc_format as mf
 from mcnc_format.converters.pack import pack
+from mcnc_format.errors import MCNCError
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
 
 VOCAB = 64
@@ -104,6 +105,9 @@ def test_mcnc_lora_trainer_checkpoint_with_base(seed: int, tmp_path: Path) -> No
     checkpoint = _train(model, seed, tmp_path / "run")
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     pack(tmp_path / "plain.pt", tmp_path / "plain.mcnc", base=tmp_path / "base.safetensors")
+    with pytest.raises(MCNCError, match=f"holds checkpoints rather than being one: "
+                       f"checkpoint-{STEPS} \\(hf-trainer\\)"):
+        pack(tmp_path / "run", tmp_path / "adapter.mcnc")
     result = pack(checkpoint, tmp_path / "adapter.mcnc", base=tmp_path / "base.safetensors")
     assert result.converter == "hf-trainer"
     assert (tmp_path / "adapter.mcnc").read_bytes() == (tmp_path / "plain.mcnc").read_bytes()

@@ -119,9 +119,18 @@ def recognise_layout(path: Path) -> LayoutConverter | None:
 
 
 def _unrecognised_folder(path: Path) -> MCNCError:
-    converters = [make() for make in available_converters().values()]
-    layouts = [f"{c.name} ({c.description})" for c in converters
-               if isinstance(c, LayoutConverter)]
+    converters = [c for c in (make() for make in available_converters().values())
+                  if isinstance(c, LayoutConverter)]
+    inside = []
+    for child in sorted(path.iterdir()):
+        found = recognise_layout(child) if child.is_dir() else None
+        if found is not None:
+            inside.append(f"{child.name} ({found.name})")
+    if inside:  # a training run's output folder: point at its checkpoints
+        return MCNCError(f"{path}: holds checkpoints rather than being one: "
+                         f"{', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}; "
+                         "pack one of them")
+    layouts = [f"{c.name} ({c.description})" for c in converters]
     return MCNCError(f"{path}: a folder no converter recognises; known layouts: "
                      f"{'; '.join(layouts) or 'none installed'}. Pass a checkpoint file, or "
                      "--converter NAME to read the folder as that layout")
