@@ -86,36 +86,46 @@ def test_dcp_metadata_naming_another_class_is_refused_unexecuted(seed: int, tmp_
 WORLD = 2
 
 
-def test_dcp_fsdp2_shards_from_gloo_ranks(seed: int, tmp_path: Path) -> None:
-    """Two ranks shard the trained model with FSDP2 (alpha, beta and theta0 become DTensors,
-    dim 0 split over the ranks) and save it collectively; the folder packs to the file
-    ``save_model`` writes for the unsharded model."""
+def test_dcp_fsdp2_and_tp_shards_from_gloo_ranks(seed: int, tmp_path: Path) -> None:
+    """Two gloo ranks save the trained model collectively, sharded two ways: FSDP2
+    (``fully_shard``: alpha, beta and theta0 become DTensors split on dim 0) and tensor-parallel
+    style (every float tensor a DTensor split on its last dim, alpha along ``k``). Each folder
+    packs to the file ``save_model`` writes for the unsharded model."""
     model, _ = trained(seed)
     torch.save(model.state_dict(), tmp_path / "trained.pt")
-    folder = tmp_path / "ckpt"
-    mp.start_processes(_fsdp2_rank, args=(seed, str(tmp_path)), nprocs=WORLD, join=True,
+    mp.start_processes(_sharding_rank, args=(seed, str(tmp_path)), nprocs=WORLD, join=True,
                        start_method="spawn")
-    metadata = pickle.loads((folder / ".metadata").read_bytes())  # our own test file
-    alpha = metadata.state_dict_metadata["mcnc_alpha_0"]
-    assert len(alpha.chunks) == WORLD, "alpha was not saved in shards by both ranks"
-    assert len(list(folder.glob("*.distcp"))) == WORLD
-    result = pack(folder, tmp_path / "out.mcnc")
-    assert result.converter == "torch-dcp"
-    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+    save_model(model, tmp_path / "direct.mcnc")
+    for name, dim in (("fsdp2", 0), ("tp", 2)):
+        folder = tmp_path / name
+        metadata = pickle.loads((folder / ".metadata").read_bytes())  # our own test file
+        chunks = metadata.state_dict_metadata["mcnc_alpha_0"].chunks
+        assert len(chunks) == WORLD, f"{name}: alpha was not saved in shards by both ranks"
+        assert {c.offsets[dim] for c in chunks} != {0}, f"{name}: not split on dim {dim}"
+        assert len(list(folder.glob("*.distcp"))) == WORLD
+        result = pack(folder, tmp_path / f"{name}.mcnc")
+        assert result.converter == "torch-dcp"
+        assert (tmp_path / f"{name}.mcnc").read_bytes() == (tmp_path / "direct.mcnc").read_bytes()
 
 
-def _fsdp2_rank(rank: int, seed: int, directory: str) -> None:
+def _sharding_rank(rank: int, seed: int, directory: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     init_gloo(rank, WORLD, f"{directory}/store")
     try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        trained_state = torch.load(f"{directory}/trained.pt", weights_only=True)
         model = reparametrize(mlp(seed), config(seed))
-        model.load_state_dict(torch.load(f"{directory}/trained.pt", weights_only=True))
-        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        model.load_state_dict(trained_state)
+        fully_shard(model, mesh=mesh)
         state = model.state_dict()
         assert type(state["mcnc_alpha_0"]).__name__ == "DTensor"
-        dcp.save(state, checkpoint_id=f"{directory}/ckpt")
+        dcp.save(state, checkpoint_id=f"{directory}/fsdp2")
+        split = {k: distribute_tensor(v, mesh, [Shard(v.dim() - 1)])
+                 if v.is_floating_point() and v.dim() else v for k, v in trained_state.items()}
+        dcp.save(split, checkpoint_id=f"{directory}/tp")
     finally:
         torch.distributed.destroy_process_group()
 
