@@ -392,7 +392,8 @@ class _Layout:
                                      "stored; call .to_dense() first")
         dtype = from_torch(tensor.dtype)
         host = tensor.to("cpu").contiguous()
-        raw = memoryview(host.reshape(-1).view(torch.uint8).numpy() if host.numel() else b"")
+        raw = memoryview(host.reshape(-1).view(torch.uint8).numpy().data if host.numel()
+                         else b"")
         # raw blobs are the tensor's own bytes: spooled from its memory, not from a copy
         stored = raw if codec == C.Codec.RAW else encode_blob(raw, codec)
         decoded = host.numel() * C.DTYPE_SIZES[dtype]
