@@ -1,6 +1,6 @@
 """The writer streams: ``save`` takes a ``TensorStream`` of ``(name, source)`` pairs read one
-at a time, spools the encoded blobs (in memory, then in an unnamed file beside the output) and writes the bytes an
-in-memory write gives, whatever the spool threshold."""
+at a time, spools the encoded blobs (in memory, then in an unnamed file beside the output)
+and writes the bytes an in-memory write gives, whatever the spool threshold."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..atomic import refuse_overwrite, refuse_same_file
 from ..errors import MCNCError, WriteError
-from ..writer import TensorSource, save
+from ..writer import TensorSource, TensorStream, save
 from .base_ref import reference_base
 from .checkpoint import Checkpoint, read_checkpoint
 from .lazy import LazyTensors
@@ -104,7 +104,8 @@ def pack(
     if progress is not None:
         progress("write", 0, 0)
     counted = _Counted(tensors)
-    save(output, counted, metadata=conversion.metadata, info=conversion.info, overwrite=force)
+    save(output, TensorStream(counted), metadata=conversion.metadata, info=conversion.info,
+         overwrite=force)
     return PackResult(output, chosen.name, counted.count, total, output.stat().st_size,
                       tuple(checkpoint.notes))
 
