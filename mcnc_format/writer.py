@@ -1,11 +1,19 @@
 """Writing ``.mcnc`` files: declarative inputs in, one atomic, deterministic file out.
 
 A caller describes what to store with small value types (``Segment``, ``MCNC``, ``LoRA``,
-``Dense``, ``Theta0``) and calls ``save``. The writer checks every input up front, lays the
-file out exactly as SPEC.md §2-§4 prescribe, validates its own header with the reader's rules,
-and writes through ``atomic.atomic_path``: the file appears under its name only once complete
-and fsynced, so an interrupted write (crash, Ctrl-C, SIGKILL) leaves any previous file
-untouched and no temporary behind.
+``Dense``, ``Theta0``) and calls ``save``. The writer checks every input, lays the file out
+exactly as SPEC.md §2-§4 prescribe, validates its own header with the reader's rules, and
+writes through ``atomic.atomic_path``: the file appears under its name only once complete and
+fsynced, so an interrupted write (crash, Ctrl-C, SIGKILL) leaves any previous file untouched
+and no temporary behind.
+
+The inputs may be a mapping or an iterable of ``(name, source)`` pairs that reads each tensor
+only when asked (``mcnc pack`` of a folder checkpoint). Each tensor's blob is encoded and
+spooled as soon as its tensor is added (``_BlobSpool``), and the writer keeps no reference to
+the tensor: memory holds the tensor being encoded, alpha and beta (the header needs their
+shapes), the small tensors of the pack blob and a bounded spool buffer. The header comes first
+in the file but depends on every blob's length and checksum, so blobs are spooled in order
+and copied behind the header once it is settled; the bytes are those of an in-memory write.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Mapping
+import tempfile
+import weakref
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +31,7 @@ from typing import Any
 import torch
 
 from . import constants as C
-from .atomic import atomic_path
+from .atomic import atomic_path, describe_os_error
 from .container import (
     HEADER_LEVEL_ATTEMPTS,
     Preamble,
@@ -66,7 +76,7 @@ from .header import (
 from .sharing import refuse_shared
 from .validate import blob_layout, data_start, validate_header
 
-__all__ = ["MCNC", "Dense", "LoRA", "Segment", "Theta0", "save"]
+__all__ = ["MCNC", "Dense", "LoRA", "Segment", "TensorStream", "Theta0", "save"]
 
 
 @dataclass(frozen=True)
@@ -149,11 +159,25 @@ class Dense:
 
 
 TensorSource = torch.Tensor | Dense | MCNC | LoRA
+# Encoded blobs up to this many bytes in all stay in memory; beyond it they go to a file.
+SPOOL_MEMORY_BYTES = 64 << 20
+# The buffer that copies spooled blobs behind the header.
+SPOOL_COPY_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class TensorStream:
+    """``save``'s inputs as ``(name, source)`` pairs in storage order, taken one at a time: a
+    generator that reads each tensor from disk when asked keeps one in memory (``mcnc pack``
+    of a large checkpoint). A plain list or dict items are not a stream: ``save`` takes a
+    mapping, as safetensors' ``save_file`` does."""
+
+    pairs: Iterable[tuple[str, TensorSource]]
 
 
 def save(
     path: str | os.PathLike[str],
-    tensors: Mapping[str, TensorSource],
+    tensors: Mapping[str, TensorSource] | TensorStream,
     *,
     metadata: Mapping[str, str] | None = None,
     info: Mapping[str, str] | None = None,
@@ -163,6 +187,10 @@ def save(
     """Write ``tensors`` to ``path`` atomically; with ``overwrite=False`` an existing ``path``
     (also one created by someone else while this file was written) is a ``WriteError``.
 
+    ``tensors`` is a mapping, or a ``TensorStream`` of ``(name, source)`` pairs that reads
+    each tensor when the writer asks for it (one tensor in memory at a time); either way each
+    blob is encoded and spooled as its tensor is added.
+
     Plain tensors are stored dense and raw; those under ``PACK_MAX_TENSOR_BYTES`` (64 KiB:
     norms, biases) share one packed blob (SPEC.md §6.4), which saves a blob entry, a checksum
     and alignment padding each. ``Dense(t)`` gives a tensor its own blob.
@@ -170,27 +198,40 @@ def save(
     The file holds the tensors in the order given (segment members are laid out in it): the
     same tensors in the same order give a byte-identical file. Plain tensors must be
     contiguous and must not share memory (``InvalidTensorError``, ``SharedTensorError``), as
-    safetensors requires: a tie would be stored twice and load back untied."""
+    safetensors requires: a tie would be stored twice and load back untied (a stream's tensor
+    is checked against the earlier ones that are still alive)."""
     if sys.byteorder != "little":
         raise WriteError("mcnc-format writes little-endian data and needs a little-endian host")
     target = Path(path)
-    _check_plain_tensors(tensors, str(target))
-    layout = _Layout(str(target), alignment)
-    for name, source in tensors.items():
-        try:
-            layout.add_tensor(name, source)
-        except UnsupportedFeatureError as exc:  # a dtype the format cannot store
-            raise WriteError(f"{target}: tensor {name!r}: {exc}") from exc
-    layout.header.metadata = _strings(metadata, "metadata", str(target))
-    layout.header.info = _strings(info, "info", str(target))
-    unknown_info = sorted(set(layout.header.info) - set(C.INFO_KEYS))
+    header_metadata = _strings(metadata, "metadata", str(target))
+    header_info = _strings(info, "info", str(target))
+    unknown_info = sorted(set(header_info) - set(C.INFO_KEYS))
     if unknown_info:
         raise WriteError(f"{target}: info accepts {', '.join(C.INFO_KEYS)}; got "
                          f"{', '.join(unknown_info)}. Put free-form facts in metadata.")
-    layout.finish_segments()
-    layout.finish_pack()
-    header_codec, header_bytes = layout.place_blobs()
-    _atomic_write(target, layout, header_codec, header_bytes, overwrite)
+    pairs: Iterable[tuple[str, TensorSource]]
+    live: _LiveTensors | None
+    if isinstance(tensors, TensorStream):
+        pairs, live = tensors.pairs, _LiveTensors(str(target))
+    else:
+        _check_plain_tensors(tensors, str(target))
+        pairs, live = tensors.items(), None
+    with _BlobSpool(target) as spool:
+        layout = _Layout(str(target), alignment, spool)
+        for name, source in pairs:
+            if live is not None:
+                live.add(name, source)
+            try:
+                layout.add_tensor(name, source)
+            except UnsupportedFeatureError as exc:  # a dtype the format cannot store
+                raise WriteError(f"{target}: tensor {name!r}: {exc}") from exc
+            del source  # an iterable's tensor is freed before the next one is read
+        layout.header.metadata = header_metadata
+        layout.header.info = header_info
+        layout.finish_segments()
+        layout.finish_pack()
+        header_codec, header_bytes = layout.place_blobs()
+        _atomic_write(target, layout, header_codec, header_bytes, overwrite)
     return target
 
 
@@ -212,6 +253,26 @@ def _check_plain_tensors(tensors: Mapping[str, TensorSource], source: str) -> No
                 "tensors contiguous", path=source)
 
 
+
+class _LiveTensors:
+    """``_check_plain_tensors`` for a stream, pair by pair: each plain tensor must be
+    contiguous and must not share memory with an earlier one that is still alive (one freed
+    since shares nothing with it, though its address may be reused)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.earlier: list[tuple[str, weakref.ref[torch.Tensor]]] = []
+
+    def add(self, name: str, value: TensorSource) -> None:
+        if not isinstance(value, torch.Tensor | Dense):
+            return
+        tensor = value.tensor if isinstance(value, Dense) else value
+        alive = {n: t for n, ref in self.earlier if (t := ref()) is not None}
+        self.earlier = [(n, weakref.ref(t)) for n, t in alive.items()]
+        _check_plain_tensors({**alive, name: tensor}, self.source)
+        self.earlier.append((name, weakref.ref(tensor)))
+
+
 def _strings(values: Mapping[str, str] | None, what: str, source: str) -> dict[str, str]:
     out = dict(values or {})
     for k, v in out.items():
@@ -220,17 +281,92 @@ def _strings(values: Mapping[str, str] | None, what: str, source: str) -> dict[s
     return out
 
 
+class _BlobSpool:
+    """The encoded blobs in blob order, until they are copied behind the header.
+
+    Blobs stay in memory until ``SPOOL_MEMORY_BYTES`` in all, then move to an unnamed temporary
+    file in the output's folder (the output's disk, not a possibly RAM-backed /tmp; nothing is
+    left behind by a crash). A blob whose bytes are only known at the end (the pack blob) is
+    reserved and set later. ``OSError``s of the spool file become ``WriteError``s.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.memory = bytearray()
+        self.file: Any = None
+        self.size = 0
+        # (start, length) in the spool, or the bytes of a blob set by ``set``
+        self.entries: list[tuple[int, int] | bytes] = []
+
+    def __enter__(self) -> _BlobSpool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e) if isinstance(e, bytes) else e[1] for e in self.entries]
+
+    def append(self, data: bytes | memoryview) -> int:
+        length = len(memoryview(data).cast("B"))
+        try:
+            if self.file is None and len(self.memory) + length > SPOOL_MEMORY_BYTES:
+                directory = self.target.parent if str(self.target.parent) else Path(".")
+                self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (__exit__)
+                self.file.write(self.memory)
+                self.memory = bytearray()
+            if self.file is None:
+                self.memory += data
+            else:
+                self.file.write(data)
+        except OSError as exc:
+            raise WriteError(f"{self.target}: cannot spool the encoded tensors beside the "
+                             f"output: {describe_os_error(exc)}") from exc
+        self.entries.append((self.size, length))
+        self.size += length
+        return len(self.entries) - 1
+
+    def reserve(self) -> int:
+        self.entries.append(b"")
+        return len(self.entries) - 1
+
+    def set(self, index: int, data: bytes) -> None:
+        self.entries[index] = data
+
+    def copy(self, index: int, out: Any) -> None:
+        """Write blob ``index`` to ``out`` through a ``SPOOL_COPY_BYTES`` buffer."""
+        entry = self.entries[index]
+        if isinstance(entry, bytes):
+            out.write(entry)
+            return
+        start, length = entry
+        if self.file is None:
+            out.write(memoryview(self.memory)[start:start + length])
+            return
+        self.file.seek(start)
+        buffer = bytearray(min(SPOOL_COPY_BYTES, length))
+        while length:
+            view = memoryview(buffer)[:min(len(buffer), length)]
+            got = self.file.readinto(view)
+            if not got:
+                raise WriteError(f"{self.target}: the spooled blobs were truncated on disk")
+            out.write(view[:got])
+            length -= got
+
+
 class _Layout:
     """Turns the inputs into header entries and encoded blobs, in first-reference order."""
 
-    def __init__(self, source: str, alignment: int) -> None:
+    def __init__(self, source: str, alignment: int, spool: _BlobSpool) -> None:
         power_of_two = alignment & (alignment - 1) == 0
         if not (C.MIN_ALIGNMENT <= alignment <= C.MAX_ALIGNMENT and power_of_two):
             raise WriteError(f"{source}: alignment must be a power of two in "
                              f"[{C.MIN_ALIGNMENT}, {C.MAX_ALIGNMENT}], got {alignment}")
         self.source = source
         self.header = Header(alignment=alignment)
-        self.payloads: list[bytes] = []
+        self.spool = spool
         self.blob_meta: list[tuple[str, str, tuple[int, ...], int]] = []
         self.generators: dict[Any, int] = {}
         self.segments: dict[int, int] = {}
@@ -256,15 +392,16 @@ class _Layout:
                                      "stored; call .to_dense() first")
         dtype = from_torch(tensor.dtype)
         host = tensor.to("cpu").contiguous()
-        raw = host.reshape(-1).view(torch.uint8).numpy().data if host.numel() else b""
-        stored = encode_blob(memoryview(raw), codec)
+        raw = memoryview(host.reshape(-1).view(torch.uint8).numpy().data if host.numel()
+                         else b"")
+        # raw blobs are the tensor's own bytes: spooled from its memory, not from a copy
+        stored = raw if codec == C.Codec.RAW else encode_blob(raw, codec)
         decoded = host.numel() * C.DTYPE_SIZES[dtype]
         if codec == C.Codec.ZSTD and decoded > max(C.MAX_ZSTD_RATIO * len(stored),
                                                    C.ZSTD_MIN_DECODED_ALLOWANCE):
-            codec, stored = C.Codec.RAW, encode_blob(memoryview(raw), C.Codec.RAW)
-        self.payloads.append(stored)
+            codec, stored = C.Codec.RAW, raw
         self.blob_meta.append((codec, dtype, tuple(host.shape), checksum(stored)))
-        return len(self.payloads) - 1
+        return self.spool.append(stored)
 
     # -- generators and segments -----------------------------------------------------------
     def add_generator(self, spec: GeneratorSpec, where: str) -> int:
@@ -318,7 +455,7 @@ class _Layout:
     def finish_pack(self) -> None:
         if self.pack_blob is not None:
             stored = bytes(self.pack_bytes)
-            self.payloads[self.pack_blob] = stored
+            self.spool.set(self.pack_blob, stored)
             self.blob_meta[self.pack_blob] = (C.Codec.RAW, C.PACK_DTYPE, (len(stored),),
                                               checksum(stored))
 
@@ -388,9 +525,8 @@ class _Layout:
         first packed tensor (so it sits there in blob order) and filled in by ``finish_pack``."""
         dtype = from_torch(tensor.dtype)
         if self.pack_blob is None:
-            self.payloads.append(b"")
             self.blob_meta.append((C.Codec.RAW, C.PACK_DTYPE, (0,), 0))
-            self.pack_blob = len(self.payloads) - 1
+            self.pack_blob = self.spool.reserve()
         host = tensor.detach().to("cpu").contiguous()
         start = len(self.pack_bytes)
         if host.numel():
@@ -417,7 +553,7 @@ class _Layout:
         length depends on the offsets, so iterate to a fixpoint. A compressed header's size can
         keep moving the data start back and forth across an alignment boundary: then the next
         zstd level is tried (§11), and plain msgpack, whose size only grows, last."""
-        lengths = [len(p) for p in self.payloads]
+        lengths = self.spool.lengths
         self.header.minor = self.header.required_minor()  # §13: the lowest that fits
         for attempt in (*range(HEADER_LEVEL_ATTEMPTS), None):
             stored = self._settle(lengths, attempt)
@@ -480,9 +616,9 @@ def _atomic_write(target: Path, layout: _Layout, header_codec: int, header_bytes
         out.write(encode_preamble(header_bytes, layout.header.minor, header_codec))
         out.write(header_bytes)
         position = C.PREAMBLE_SIZE + len(header_bytes)
-        for blob, payload in zip(layout.header.blobs, layout.payloads, strict=True):
+        for index, blob in enumerate(layout.header.blobs):
             out.write(bytes(blob.offset - position))
-            out.write(payload)
-            position = blob.offset + len(payload)
-        if not layout.payloads:
+            layout.spool.copy(index, out)
+            position = blob.offset + blob.length
+        if not layout.header.blobs:
             out.write(bytes(data_start(len(header_bytes), layout.header.alignment) - position))

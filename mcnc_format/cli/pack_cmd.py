@@ -1,9 +1,11 @@
 """``mcnc pack CHECKPOINT OUT.mcnc`` (also the ``mcnc-pack`` command).
 
-Reads a ``.pt`` / ``.safetensors`` state dict of a reparametrized model or MCNC-LoRA adapter
-(never executing pickled code), recognises its layout and writes an ``.mcnc`` file. Inputs
-larger than ``PROGRESS_MIN_BYTES`` get a progress display on stderr; an existing OUT is kept
-unless ``--force``.
+Reads a checkpoint file or folder of a reparametrized model or MCNC-LoRA adapter (a state
+dict, a distributed checkpoint, a Trainer / Accelerate folder, a shard set, a Lightning
+``.ckpt``; never executing pickled code), says which converter recognised it and writes an
+``.mcnc`` file. ``--list-converters`` lists the installed converters. Inputs larger than
+``PROGRESS_MIN_BYTES`` get a progress display on stderr; an existing OUT is kept unless
+``--force``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
 
 from ..converters.pack import ProgressCallback, pack
+from ..converters.registry import LayoutConverter, available_converters
 from .safe_text import printable
 
 __all__ = ["PROGRESS_MIN_BYTES", "main", "pack_command"]
@@ -27,8 +30,8 @@ _STAGES = {"read": "reading checkpoint", "convert": "converting", "write": "writ
 
 
 @click.command("pack", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path), required=False)
 @click.option("--mapping", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON mapping file for MCNC checkpoints trained by other code "
                    "(docs/converters.md).")
@@ -40,10 +43,19 @@ _STAGES = {"read": "reading checkpoint", "convert": "converting", "write": "writ
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress (default: for inputs over 64 MiB on a terminal).")
-def pack_command(checkpoint: Path, out: Path, mapping: Path | None, converter: str | None,
-                 base: Path | None, force: bool, progress: bool | None) -> None:
-    """Pack CHECKPOINT (.pt or .safetensors state dict) into the .mcnc file OUT."""
-    size = checkpoint.stat().st_size if checkpoint.is_file() else 0
+@click.option("--list-converters", "list_converters", is_flag=True,
+              help="List the installed converters and the layouts they read, then exit.")
+def pack_command(checkpoint: Path | None, out: Path | None, mapping: Path | None,
+                 converter: str | None, base: Path | None, force: bool, progress: bool | None,
+                 list_converters: bool) -> None:
+    """Pack CHECKPOINT (a state dict file, or a checkpoint folder or file that a converter
+    recognises: see --list-converters) into the .mcnc file OUT."""
+    if list_converters:
+        _list_converters()
+        return
+    if checkpoint is None or out is None:
+        raise click.UsageError("pass CHECKPOINT and OUT (or --list-converters)")
+    size = _input_size(checkpoint)
     show = progress if progress is not None else (
         size >= PROGRESS_MIN_BYTES and sys.stderr.isatty())
     with _progress(show) as report:
@@ -56,6 +68,19 @@ def pack_command(checkpoint: Path, out: Path, mapping: Path | None, converter: s
     click.echo(f"wrote {printable(result.output)} ({result.output_bytes:,} bytes, "
                f"{result.tensors} tensors, converter {printable(result.converter)}; "
                f"{ratio:,.1f}x smaller than the checkpoint)")
+
+
+def _list_converters() -> None:
+    for name, make in available_converters().items():
+        converter = make()
+        kind = "files/folders" if isinstance(converter, LayoutConverter) else "state dicts"
+        click.echo(f"{printable(name)}\t{kind}\t{printable(converter.description)}")
+
+
+def _input_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size if path.is_file() else 0
 
 
 @contextmanager

@@ -2,8 +2,10 @@
 
 ``pack`` reads a ``.pt`` or ``.safetensors`` checkpoint without executing pickled code and
 writes an ``.mcnc`` file; converters recognise checkpoint layouts (plug-ins register under the
-entry-point group ``mcnc_format.converters``) and mapping files describe MCNC checkpoints of
-other code; ``export_peft`` writes a PEFT LoRA adapter folder. docs/converters.md is the guide.
+entry-point group ``mcnc_format.converters``; the folder layouts of training stacks ship as
+``mcnc_format.layouts``, from the top-level ``converters/`` folder) and mapping files describe
+MCNC checkpoints of other code; ``export_peft`` writes a PEFT LoRA adapter folder.
+docs/converters.md is the guide.
 """
 
 from .checkpoint import Checkpoint, read_checkpoint
@@ -14,6 +16,7 @@ from .registry import (
     ENTRY_POINT_GROUP,
     Conversion,
     Converter,
+    LayoutConverter,
     available_converters,
     find_converter,
     get_converter,
@@ -24,6 +27,7 @@ __all__ = [
     "Checkpoint",
     "Conversion",
     "Converter",
+    "LayoutConverter",
     "MappingConverter",
     "PackResult",
     "PeftExport",

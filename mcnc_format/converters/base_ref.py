@@ -11,7 +11,7 @@ it needs the base file beside it, and the pinned hashes catch a different base.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,42 +27,47 @@ __all__ = ["reference_base"]
 
 
 def reference_base(
-    tensors: Mapping[str, TensorSource],
+    tensors: Mapping[str, TensorSource] | Iterable[tuple[str, TensorSource]],
     base_path: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
-) -> tuple[dict[str, TensorSource], str]:
+) -> tuple[Iterator[tuple[str, TensorSource]], str]:
     """The writer inputs with theta0 referencing ``base_path`` and base-only tensors removed,
     and the reference's URI (``base_path`` relative to ``output_dir``)."""
-    from safetensors import SafetensorError
-
     base = Path(base_path)
     uri = _relative_uri(base, Path(output_dir))
+    _readable(base, lambda f: f.keys())
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
+    return _reference(pairs, base, uri), uri
+
+
+def _readable(base: Path, use: Any) -> Any:
+    """``use(safe_open(base))``, a damaged base an ``ExternalReferenceError``."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        return _reference(tensors, base, uri), uri
+        with safe_open(str(base), framework="pt") as f:
+            return use(f)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         if isinstance(exc, MCNCError):
             raise
         raise ExternalReferenceError(f"{base}: not a readable safetensors file: {exc}") from exc
 
 
-def _reference(tensors: Mapping[str, TensorSource], base: Path, uri: str
-               ) -> dict[str, TensorSource]:
-    from safetensors import safe_open
-
-    out: dict[str, TensorSource] = {}
-    with safe_open(str(base), framework="pt") as f:
-        names = set(f.keys())
-        for name, source in tensors.items():
-            if isinstance(source, torch.Tensor):
-                if name in names and _same(source, f.get_tensor(name)):
-                    continue
-                out[name] = source
-            elif isinstance(source, MCNC | LoRA) and isinstance(source.theta0.entry, BlobTheta0):
-                out[name] = replace(source, theta0=_external(name, source.theta0, names, f,
-                                                             uri, base))
-            else:
-                out[name] = source
-    return out
+def _reference(pairs: Iterable[tuple[str, TensorSource]], base: Path, uri: str
+               ) -> Iterator[tuple[str, TensorSource]]:
+    names = set(_readable(base, lambda f: f.keys()))
+    for name, source in pairs:
+        if isinstance(source, torch.Tensor):
+            if name in names and _readable(base, lambda f, n=name, s=source:
+                                           _same(s, f.get_tensor(n))):
+                continue
+            yield name, source
+        elif isinstance(source, MCNC | LoRA) and isinstance(source.theta0.entry, BlobTheta0):
+            theta0 = _readable(base, lambda f, n=name, s=source:
+                               _external(n, s.theta0, names, f, uri, base))
+            yield name, replace(source, theta0=theta0)
+        else:
+            yield name, source
 
 
 def _relative_uri(base: Path, output_dir: Path) -> str:

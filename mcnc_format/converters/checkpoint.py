@@ -28,7 +28,7 @@ import pickle
 import pickletools
 import struct
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,8 @@ class Checkpoint:
     """The tensors and plain values of one checkpoint file, under flat dotted names."""
 
     path: Path
-    tensors: dict[str, torch.Tensor]
+    # a dict, or ``lazy.LazyTensors`` (folder layouts: each tensor read when indexed)
+    tensors: Mapping[str, torch.Tensor]
     extras: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     # What reading changed so the names fit (a wrapper taken off, entries dropped), for users.
@@ -78,16 +79,27 @@ class Checkpoint:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+# A global a weights-only pickle may name beyond tensors and plain containers, and what it
+# is rebuilt as (``torch.serialization.safe_globals``' ``(object, "module.name")`` form).
+AllowedGlobal = tuple[Callable[..., Any], str]
+
+
 def read_checkpoint(
     path: str | os.PathLike[str],
     on_tensor: Callable[[str, int], None] | None = None,
     *,
     unwrap: bool = True,
+    entry: str | None = None,
+    allowed_globals: Sequence[AllowedGlobal] = (),
 ) -> Checkpoint:
     """Read a ``.pt`` / ``.pth`` / ``.bin`` (torch) or ``.safetensors`` checkpoint safely.
 
     ``unwrap=False`` keeps wrappers and shared prefixes in the names: mapping files name the
     checkpoint's keys as stored (and take prefixes off with their own ``strip_prefix``).
+    ``entry`` names the top-level entry of a torch checkpoint that holds the state dict (a
+    layout that knows it, such as Lightning's ``state_dict``); the other entries are dropped.
+    ``allowed_globals`` extends torch's weights-only allow-list by explicit, harmless
+    stand-ins for classes a layout's pickle names (Lightning's ``AttributeDict``).
 
     ``on_tensor(name, nbytes)`` is called after each tensor is read (progress reporting).
     Raises ``UnsafeCheckpointError`` when a torch file holds anything but tensors and plain
@@ -98,7 +110,7 @@ def read_checkpoint(
         raise MCNCError(f"{source}: no such checkpoint file")
     if source.suffix.lower() in SAFETENSORS_SUFFIXES:
         return _read_safetensors(source, on_tensor, unwrap)
-    return _read_torch(source, on_tensor, unwrap)
+    return _read_torch(source, on_tensor, unwrap, entry, allowed_globals)
 
 
 def _read_safetensors(source: Path, on_tensor: Callable[[str, int], None] | None,
@@ -123,9 +135,12 @@ def _read_safetensors(source: Path, on_tensor: Callable[[str, int], None] | None
 
 
 def _read_torch(source: Path, on_tensor: Callable[[str, int], None] | None,
-                unwrap: bool) -> Checkpoint:
+                unwrap: bool, entry: str | None = None,
+                allowed_globals: Sequence[AllowedGlobal] = ()) -> Checkpoint:
     try:
-        obj = torch.load(source, map_location="cpu", weights_only=True, mmap=_is_zip(source))
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            obj = torch.load(source, map_location="cpu", weights_only=True,
+                             mmap=_is_zip(source))
     except pickle.UnpicklingError as exc:
         reason = _torch_reason(exc)
         if _refuses_code(reason, source):
@@ -144,7 +159,10 @@ def _read_torch(source: Path, on_tensor: Callable[[str, int], None] | None,
             f"{source}: expected a state dict (a mapping of names to tensors), got "
             f"{type(obj).__name__}; save model.state_dict() rather than the model"
         )
-    obj, notes = _unwrap(obj, source) if unwrap else (obj, [])
+    if entry is not None:
+        obj, notes = _entry(obj, entry, source)
+    else:
+        obj, notes = _unwrap(obj, source) if unwrap else (obj, [])
     tensors: dict[str, torch.Tensor] = {}
     extras: dict[str, Any] = {}
     _flatten(obj, "", tensors, extras, source)
@@ -174,11 +192,24 @@ def _unwrap(obj: Mapping[Any, Any], source: Path) -> tuple[Mapping[Any, Any], li
             raise MCNCError(f"{source}: holds tensors under {', '.join([*found, *others])}, so "
                             f"it is unclear which is the model's state dict; save the one to "
                             f"pack on its own, e.g. torch.save(ckpt[{found[0]!r}], path)")
-        dropped = [str(k) for k in obj if k != found[0]]
-        notes.append(f"packed the state dict under {found[0]!r}"
-                     + (f"; dropped the other entries: {', '.join(dropped)}" if dropped else ""))
+        notes.append(_packed_note(obj, found[0]))
         obj = obj[found[0]]
     return obj, notes
+
+
+def _entry(obj: Mapping[Any, Any], entry: str, source: Path
+           ) -> tuple[Mapping[Any, Any], list[str]]:
+    """The state dict under ``entry``, and the note naming what was dropped."""
+    if not isinstance(obj.get(entry), Mapping):
+        raise MCNCError(f"{source}: holds no state dict under {entry!r} (top-level entries: "
+                        f"{', '.join(map(str, obj))}); is it a checkpoint of this layout?")
+    return obj[entry], [_packed_note(obj, entry)]
+
+
+def _packed_note(obj: Mapping[Any, Any], entry: str) -> str:
+    dropped = [str(k) for k in obj if k != entry]
+    return (f"packed the state dict under {entry!r}"
+            + (f"; dropped the other entries: {', '.join(dropped)}" if dropped else ""))
 
 
 def _holds_tensors(value: Any) -> bool:

@@ -11,13 +11,20 @@ the entry-point group ``mcnc_format.converters``, without any change here::
 
 The entry point names a ``Converter`` instance or a class whose no-argument call makes one.
 Layouts that need no code at all are described by a mapping file instead (``mapping.py``).
+
+A converter that also reads its own files (a folder, a Lightning ``.ckpt``) is a
+``LayoutConverter``: ``recognises(path)`` and ``read(path)`` besides ``detect`` and
+``convert``. The layouts mcnc-format ships (the top-level ``converters/`` folder of the source
+tree, imported as ``mcnc_format.layouts``) register this way, through the same entry-point
+group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import MCNCError
@@ -28,6 +35,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "Conversion",
     "Converter",
+    "LayoutConverter",
     "available_converters",
     "find_converter",
     "get_converter",
@@ -41,9 +49,10 @@ MCNC_NAME_MARK = "mcnc_"
 @dataclass
 class Conversion:
     """What a converter hands to the writer: ``mcnc_format.save(path, tensors, metadata=,
-    info=)``, tensors in the order they are to be stored."""
+    info=)``, tensors in the order they are to be stored (a mapping, or pairs that read each
+    tensor when the writer asks: ``lazy.planned``)."""
 
-    tensors: dict[str, TensorSource]
+    tensors: Mapping[str, TensorSource] | Iterable[tuple[str, TensorSource]]
     metadata: dict[str, str] = field(default_factory=dict)
     info: dict[str, str] = field(default_factory=dict)
 
@@ -61,6 +70,22 @@ class Converter(Protocol):
 
     def convert(self, checkpoint: Checkpoint) -> Conversion:
         """The writer's inputs; raise an ``MCNCError`` naming the key at fault otherwise."""
+        ...
+
+
+@runtime_checkable
+class LayoutConverter(Converter, Protocol):
+    """A converter that reads its own layout of files (``mcnc pack PATH``, PATH a folder or a
+    file ``read_checkpoint`` does not read)."""
+
+    def recognises(self, path: Path) -> bool:
+        """True when ``path`` (a file or folder) is in this layout; looks at names and small
+        JSON files only."""
+        ...
+
+    def read(self, path: Path) -> Checkpoint:
+        """The checkpoint's tensors (``lazy.LazyTensors`` for large layouts) and ``notes``
+        saying what was left out; never unpickles anything but tensors."""
         ...
 
 

@@ -1,0 +1,40 @@
+"""Accelerate ``save_state`` folders.
+
+Layout (``accelerate.Accelerator.save_state(output_dir)``)::
+
+    output_dir/
+      model.safetensors          the first prepared model (pytorch_model.bin with
+                                 safe_serialization=False); model_1.safetensors, ... for more
+      optimizer.bin, scheduler.bin, sampler.bin    pickles: never opened
+      random_states_0.pkl, scaler.pt               pickles: never opened
+      custom_checkpoint_0.pkl                      registered objects: never opened
+
+The first model's weights are packed (``--converter`` cannot pick another: pack a second
+model from its own ``model_1.safetensors`` file). Everything else is training state in
+pickles, skipped unopened and named in the notes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mcnc_format.converters.checkpoint import Checkpoint
+from mcnc_format.converters.layout import LayoutBase, left_out, model_weights, require_weights
+
+__all__ = ["AccelerateState"]
+
+# What save_state writes besides the models (a folder with a model file and one of these).
+STATE_FILES = ("random_states_0.pkl", "optimizer.bin", "scheduler.bin")
+
+
+class AccelerateState(LayoutBase):
+    name = "accelerate-state"
+    description = "Accelerate save_state folders (model.safetensors, random_states_0.pkl, ...)"
+
+    def recognises(self, path: Path) -> bool:
+        return (path.is_dir() and not (path / "trainer_state.json").exists()
+                and any((path / f).is_file() for f in STATE_FILES))
+
+    def read(self, path: Path) -> Checkpoint:
+        tensors, used = require_weights(model_weights(path), path, "save_state")
+        return Checkpoint(path, tensors, notes=left_out(path, used))

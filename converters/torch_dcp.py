@@ -1,0 +1,209 @@
+"""``torch.distributed.checkpoint`` folders (DCP), from one process or many ranks.
+
+Layout (``torch.distributed.checkpoint.save`` with its ``FileSystemWriter``)::
+
+    ckpt/
+      .metadata            a pickle of DCP's ``Metadata``: every tensor's global shape and
+                           dtype, the chunks each rank saved (FSDP2 / tensor-parallel
+                           ``DTensor`` shards), and where each chunk lies
+      __0_0.distcp ...     one file per rank (and writer thread): each chunk a ``torch.save``
+                           archive at the offset ``.metadata`` gives
+
+``.metadata`` is the layout's own index and a pickle, and DCP reads it with plain
+``pickle.load``. Here it is read by an unpickler with an explicit allow-list (``ALLOWED``):
+DCP's metadata dataclasses, ``torch.Size``, torch dtypes and layouts, ``pathlib`` paths and
+nothing else; building those runs no code beyond setting their fields. The chunks are read by
+DCP itself (``torch.distributed.checkpoint.load`` into a full-size tensor, one tensor at a
+time, no process group), which unpickles them with torch's weights-only unpickler and
+reassembles the shards. Non-tensor entries (DCP's "bytes" items, such as a step counter) are
+pickles of arbitrary objects and are never read; the entries of an optimizer state saved
+beside the model (``{"model": ..., "optim": ...}``) are dropped, and a wrapper prefix all
+remaining names share (``model.``) is taken off, each said in the notes.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from mcnc_format.converters.checkpoint import TRAINING_STATE_MARKS, WRAPPER_KEYS, Checkpoint
+from mcnc_format.converters.layout import LayoutBase
+from mcnc_format.converters.lazy import LazyTensors, TensorInfo
+from mcnc_format.errors import MCNCError, UnsafeCheckpointError
+
+__all__ = ["DistributedCheckpoint"]
+
+METADATA = ".metadata"
+_DCP = "torch.distributed.checkpoint.metadata"
+ALLOWED = frozenset({
+    (_DCP, "Metadata"), (_DCP, "TensorStorageMetadata"), (_DCP, "BytesStorageMetadata"),
+    (_DCP, "ChunkStorageMetadata"), (_DCP, "MetadataIndex"), (_DCP, "StorageMeta"),
+    (_DCP, "TensorProperties"), (_DCP, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+})
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Rebuilds only what ``ALLOWED`` names, and torch dtypes; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) not in ALLOWED:
+            raise UnsafeCheckpointError(
+                f"refusing to load: the DCP metadata names {module}.{name}, which is not "
+                "among the classes DCP writes there; mcnc never runs pickled code")
+        return super().find_class(module, name)
+
+
+def read_metadata(folder: Path) -> Any:
+    """DCP's ``Metadata`` of ``folder``, unpickled with the allow-list."""
+    path = folder / METADATA
+    try:
+        with path.open("rb") as f:
+            return _AllowListUnpickler(f).load()
+    except UnsafeCheckpointError as exc:
+        raise UnsafeCheckpointError(f"{path}: {exc.message}") from None
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError) as exc:
+        raise MCNCError(f"{path}: not readable DCP metadata ({exc}); is the checkpoint "
+                        "damaged or truncated?") from exc
+
+
+class DistributedCheckpoint(LayoutBase):
+    name = "torch-dcp"
+    description = ("torch.distributed.checkpoint folders (.metadata + *.distcp), one process "
+                   "or sharded over ranks (FSDP2, tensor parallel)")
+
+    def recognises(self, path: Path) -> bool:
+        return (path.is_dir() and (path / METADATA).is_file()
+                and any(path.glob("*.distcp")))
+
+    def read(self, path: Path) -> Checkpoint:
+        metadata = read_metadata(path)
+        entries = getattr(metadata, "state_dict_metadata", None)
+        if not isinstance(entries, dict):
+            raise MCNCError(f"{path / METADATA}: holds no state_dict_metadata; not DCP "
+                            "metadata")
+        stored = _stored_bytes(path, metadata)
+        infos: dict[str, TensorInfo] = {}
+        skipped: list[str] = []
+        for fqn, entry in entries.items():
+            if isinstance(entry, TensorStorageMetadata):
+                infos[fqn] = _checked(path, fqn, entry, stored.get(fqn, 0))
+            else:
+                skipped.append(fqn)
+        infos, prefix, notes = _unwrapped(infos)
+        if skipped:
+            notes.append(f"not read: the non-tensor entries {', '.join(skipped[:8])}"
+                         f"{' ...' if len(skipped) > 8 else ''} (DCP stores them as pickles)")
+        reader = _Reader(path, metadata)
+        tensors = LazyTensors(infos, lambda name: reader.tensor(prefix + name, infos[name]),
+                              str(path))
+        return Checkpoint(path, tensors, notes=notes)
+
+
+def _stored_bytes(folder: Path, metadata: Any) -> dict[str, int]:
+    """Bytes the chunks of each tensor occupy, after checking that every chunk lies in a
+    ``.distcp`` file of the folder (a file name, no path) and within it."""
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise MCNCError(f"{folder / METADATA}: holds no storage_data; not DCP metadata")
+    sizes: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    for index, where in storage.items():
+        name = getattr(where, "relative_path", None)
+        offset, length = getattr(where, "offset", None), getattr(where, "length", None)
+        if not isinstance(name, str) or Path(name).name != name or not (
+                isinstance(offset, int) and isinstance(length, int) and offset >= 0
+                and length >= 0):
+            raise MCNCError(f"{folder / METADATA}: a chunk of {getattr(index, 'fqn', '?')!r} "
+                            f"lies at {name!r} [{offset}, +{length}]; chunks lie in files of "
+                            "the checkpoint's folder")
+        if name not in sizes:
+            file = folder / name
+            sizes[name] = file.stat().st_size if file.is_file() else -1
+        if offset + length > sizes[name]:
+            raise MCNCError(f"{folder / name}: missing or shorter than the chunk of "
+                            f"{getattr(index, 'fqn', '?')!r} the metadata places at "
+                            f"[{offset}, +{length}]; is the checkpoint complete?")
+        fqn = str(getattr(index, "fqn", ""))
+        totals[fqn] = totals.get(fqn, 0) + length
+    return totals
+
+
+def _checked(folder: Path, fqn: str, entry: Any, stored: int) -> TensorInfo:
+    """The tensor's shape and dtype, once they are plausible: integers, a torch dtype, and no
+    more bytes than its chunks occupy on disk (nothing is allocated from an unchecked size)."""
+    shape, dtype = entry.size, getattr(entry.properties, "dtype", None)
+    if not isinstance(dtype, torch.dtype) or not all(
+            isinstance(n, int) and n >= 0 for n in shape):
+        raise MCNCError(f"{folder / METADATA}: tensor {fqn!r} has shape {shape!r} and dtype "
+                        f"{dtype!r}; not DCP metadata of a tensor")
+    info = TensorInfo(tuple(shape), dtype)
+    if info.nbytes > stored:
+        raise MCNCError(f"{folder / METADATA}: tensor {fqn!r} ({dtype} {list(shape)}, "
+                        f"{info.nbytes} bytes) is larger than its chunks on disk ({stored} "
+                        "bytes); the metadata is damaged")
+    return info
+
+
+def _unwrapped(infos: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], str, list[str]]:
+    """Drop top-level groups of training state (``optim.*``); then, if every name lies under
+    one wrapper key (``model.*``), take that prefix off. Returns the names left, the prefix
+    taken off and notes saying both."""
+    notes: list[str] = []
+    groups = {name.split(".", 1)[0] for name in infos}
+    training = sorted(g for g in groups if any(m in g.lower() for m in TRAINING_STATE_MARKS))
+    if training and len(groups) > len(training):
+        infos = {n: i for n, i in infos.items() if n.split(".", 1)[0] not in training}
+        notes.append(f"dropped the training state saved beside the model: {', '.join(training)}")
+    groups = {name.split(".", 1)[0] for name in infos}
+    if len(groups) == 1 and (wrapper := groups.pop()) in WRAPPER_KEYS and all(
+            "." in n for n in infos):
+        notes.append(f"packed the state dict under {wrapper!r}")
+        return {n[len(wrapper) + 1:]: i for n, i in infos.items()}, wrapper + ".", notes
+    return infos, "", notes
+
+
+class _Reader:
+    """Reads one full tensor through DCP, with the allow-listed metadata."""
+
+    def __init__(self, folder: Path, metadata: Any) -> None:
+        self.folder = folder
+        self.metadata = metadata
+
+    def tensor(self, fqn: str, info: TensorInfo) -> torch.Tensor:
+        reader = _AllowListReader(self.folder, self.metadata)
+        target = torch.empty(info.shape, dtype=info.dtype)
+        try:
+            with warnings.catch_warnings():  # DCP warns that it loads in one process: intended
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({fqn: target}, storage_reader=reader, no_dist=True)
+        except (CheckpointException, Exception) as exc:  # a BaseException: DCP wraps its
+            # readers' failures (a truncated chunk's EOFError) in it
+            raise MCNCError(f"{self.folder}: cannot read tensor {fqn!r} ({exc}); is a "
+                            "*.distcp file missing or truncated?") from exc
+        return target
+
+
+class _AllowListReader(FileSystemReader):
+    """DCP's file reader with the metadata read once, by the allow-list unpickler."""
+
+    def __init__(self, folder: Path, metadata: Any) -> None:
+        super().__init__(folder)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        return self._metadata

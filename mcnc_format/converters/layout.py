@@ -1,0 +1,88 @@
+"""What the shipped layout converters share: native conversion, weight files, skipped files.
+
+The layouts of the top-level ``converters/`` folder (``mcnc_format.layouts``) differ in how the
+tensors lie on disk, not in what they are: a model trained with ``mcnc_format.torch`` inside
+any of those stacks has the native state dict (``native.py``). So each layout only reads, and
+``LayoutBase`` converts through ``NativeConverter`` (streamed for lazily read checkpoints).
+
+``model_weights`` finds the weights that ``save_pretrained`` (and Trainer, Accelerate) write in
+a folder, and ``left_out`` says which files of the folder were not read: optimizer, scheduler,
+RNG and training-argument files are pickles of arbitrary objects, so they are never opened.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import MCNCError
+from .checkpoint import Checkpoint, read_checkpoint
+from .lazy import LazyTensors, TensorInfo, read_shard_index, safetensors_tensors
+from .native import NativeConverter
+from .registry import Conversion
+
+__all__ = ["LayoutBase", "left_out", "model_weights", "require_weights", "tensors_in_memory"]
+
+
+class LayoutBase:
+    """A layout converter whose tensors are in ``mcnc_format.torch``'s naming; subclasses
+    set ``name`` and ``description`` and implement ``recognises`` and ``read``."""
+
+    name = ""
+    description = ""
+
+    def detect(self, checkpoint: Checkpoint) -> bool:
+        return NativeConverter().detect(checkpoint)
+
+    def convert(self, checkpoint: Checkpoint) -> Conversion:
+        return NativeConverter().convert(checkpoint)
+
+
+def model_weights(folder: Path, stem: str = "model") -> tuple[LazyTensors, list[Path]] | None:
+    """The tensors of ``{stem}.safetensors``, of the shards ``{stem}.safetensors.index.json``
+    names, or of ``pytorch_{stem}.bin`` / its index (read with torch's weights-only
+    unpickler), and the files read; ``None`` when the folder has none of them."""
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = read_shard_index(index)
+        return safetensors_tensors(shards), [index, *shards]
+    if single.is_file():
+        return safetensors_tensors([single]), [single]
+    bin_index = folder / f"pytorch_{stem}.bin.index.json"
+    bins = read_shard_index(bin_index) if bin_index.is_file() else [
+        p for p in [folder / f"pytorch_{stem}.bin"] if p.is_file()]
+    if not bins:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    for path in bins:
+        tensors.update(read_checkpoint(path, unwrap=False).tensors)
+    used = [bin_index, *bins] if bin_index.is_file() else bins
+    return tensors_in_memory(tensors, str(folder)), used
+
+
+def tensors_in_memory(tensors: dict[str, torch.Tensor], source: str) -> LazyTensors:
+    """Tensors already read (memory-mapped by ``torch.load``) behind the lazy interface."""
+    infos = {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    return LazyTensors(infos, tensors.__getitem__, source)
+
+
+def left_out(folder: Path, used: list[Path]) -> list[str]:
+    """A note naming the files of ``folder`` that were not read, if any."""
+    read = {p.resolve() for p in used}
+    skipped = sorted(p.name for p in folder.iterdir() if p.resolve() not in read)
+    if not skipped:
+        return []
+    return [f"not read: {', '.join(skipped)} (training state, configs and pickles: only the "
+            "model's weights are packed, and pickled objects are never unpickled)"]
+
+
+def require_weights(found: tuple[LazyTensors, list[Path]] | None, folder: Path, layout: str
+                    ) -> tuple[LazyTensors, list[Path]]:
+    """``found``, or the error saying which weight files the layout was expected to hold."""
+    if found is None:
+        raise MCNCError(f"{folder}: looks like a {layout} folder but holds no model weights "
+                        "(model.safetensors, model.safetensors.index.json with its shards, or "
+                        "pytorch_model.bin); save the model with the checkpoint")
+    return found

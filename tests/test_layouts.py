@@ -1,0 +1,336 @@
+"""``mcnc pack PATH`` for the layouts training stacks write, each written here by the real tool:
+torch.distributed.checkpoint (one process, and FSDP2 shards from two gloo ranks), a
+``save_pretrained`` shard set, an Accelerate ``save_state`` folder and a Lightning ``.ckpt``.
+Each packs to the bytes ``save_model`` writes for the same model; training state is dropped
+and said; pickles of training state are never unpickled; unknown folders are refused with the
+known layouts.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from dist_helpers import init_gloo
+from layout_helpers import batch, booby_trapped_pickle, config, mlp, run_pack, trained
+from safetensors.torch import save_file
+from torch import nn
+
+import mcnc_format as mf
+from mcnc_format.converters.pack import pack
+from mcnc_format.errors import MCNCError, UnsafeCheckpointError
+from mcnc_format.torch import add_mcnc_lora, reparametrize, save_model
+
+
+@pytest.fixture
+def seed() -> int:
+    value = int(os.environ.get("MCNC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"MCNC_TEST_SEED={value}")
+    return value
+
+
+@pytest.fixture(autouse=True)
+def _quiet_dcp() -> None:
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+
+
+def _same_as_save_model(model: nn.Module, packed: Path, tmp_path: Path) -> None:
+    save_model(model, tmp_path / "direct.mcnc")
+    assert packed.read_bytes() == (tmp_path / "direct.mcnc").read_bytes()
+
+
+# -- torch.distributed.checkpoint ------------------------------------------------------------
+def test_dcp_from_one_process_with_optimizer_state(seed: int, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    model, optimizer = trained(seed)
+    folder = tmp_path / "ckpt"
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict(), "step": 3},
+             checkpoint_id=folder, no_dist=True)
+    code, out, err = run_pack([str(folder), str(tmp_path / "out.mcnc")], monkeypatch, capsys)
+    assert code == 0, err
+    assert "converter torch-dcp" in out
+    assert "dropped the training state saved beside the model: optim" in err
+    assert "packed the state dict under 'model'" in err
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+    chunks = next(folder.glob("*.distcp"))
+    chunks.write_bytes(bytes(chunks.stat().st_size))  # same length, no torch archive
+    with pytest.raises(MCNCError, match="cannot read tensor"):
+        pack(folder, tmp_path / "again.mcnc")
+    chunks.write_bytes(b"")
+    with pytest.raises(MCNCError, match="missing or shorter than the chunk"):
+        pack(folder, tmp_path / "again.mcnc")
+
+
+def test_dcp_metadata_naming_another_class_is_refused_unexecuted(seed: int, tmp_path: Path
+                                                                 ) -> None:
+    model, _ = trained(seed, steps=1)
+    folder = tmp_path / "ckpt"
+    dcp.save(model.state_dict(), checkpoint_id=folder, no_dist=True)
+    marker = tmp_path / "ran"
+    booby_trapped_pickle(folder / ".metadata", marker)
+    with pytest.raises(UnsafeCheckpointError, match=r"(posix|os)\.system"):
+        pack(folder, tmp_path / "out.mcnc")
+    assert not marker.exists()
+    (folder / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(MCNCError, match="not readable DCP metadata"):
+        pack(folder, tmp_path / "out.mcnc")
+
+
+WORLD = 2
+
+
+def test_dcp_fsdp2_and_tp_shards_from_gloo_ranks(seed: int, tmp_path: Path) -> None:
+    """Two gloo ranks save the trained model collectively, sharded two ways: FSDP2
+    (``fully_shard``: alpha, beta and theta0 become DTensors split on dim 0) and tensor-parallel
+    style (every float tensor a DTensor split on its last dim, alpha along ``k``). Each folder
+    packs to the file ``save_model`` writes for the unsharded model."""
+    model, _ = trained(seed)
+    torch.save(model.state_dict(), tmp_path / "trained.pt")
+    mp.start_processes(_sharding_rank, args=(seed, str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    save_model(model, tmp_path / "direct.mcnc")
+    for name, dim in (("fsdp2", 0), ("tp", 2)):
+        folder = tmp_path / name
+        metadata = pickle.loads((folder / ".metadata").read_bytes())  # our own test file
+        chunks = metadata.state_dict_metadata["mcnc_alpha_0"].chunks
+        assert len(chunks) == WORLD, f"{name}: alpha was not saved in shards by both ranks"
+        assert {c.offsets[dim] for c in chunks} != {0}, f"{name}: not split on dim {dim}"
+        assert len(list(folder.glob("*.distcp"))) == WORLD
+        result = pack(folder, tmp_path / f"{name}.mcnc")
+        assert result.converter == "torch-dcp"
+        assert (tmp_path / f"{name}.mcnc").read_bytes() == (tmp_path / "direct.mcnc").read_bytes()
+
+
+def _sharding_rank(rank: int, seed: int, directory: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    init_gloo(rank, WORLD, f"{directory}/store")
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        trained_state = torch.load(f"{directory}/trained.pt", weights_only=True)
+        model = reparametrize(mlp(seed), config(seed))
+        model.load_state_dict(trained_state)
+        fully_shard(model, mesh=mesh)
+        state = model.state_dict()
+        assert type(state["mcnc_alpha_0"]).__name__ == "DTensor"
+        dcp.save(state, checkpoint_id=f"{directory}/fsdp2")
+        split = {k: distribute_tensor(v, mesh, [Shard(v.dim() - 1)])
+                 if v.is_floating_point() and v.dim() else v for k, v in trained_state.items()}
+        dcp.save(split, checkpoint_id=f"{directory}/tp")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# -- save_pretrained shard sets ----------------------------------------------------------------
+@pytest.mark.parametrize("path", ["folder", "index"])
+def test_safetensors_shard_set(path: str, seed: int, tmp_path: Path) -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    model, _ = trained(seed)
+    folder = tmp_path / "model"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    folder.mkdir()
+    save_torch_state_dict(state, folder, max_shard_size=300)
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2 and (folder / "model.safetensors.index.json").is_file()
+    source = folder if path == "folder" else folder / "model.safetensors.index.json"
+    result = pack(source, tmp_path / "out.mcnc")
+    assert result.converter == "safetensors-shards"
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+    shards[1].unlink()
+    with pytest.raises(MCNCError, match="missing; copy the whole checkpoint folder"):
+        pack(source, tmp_path / "again.mcnc")
+
+
+# -- Accelerate ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_accelerate_save_state(safe: bool, seed: int, tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = reparametrize(mlp(seed), config(seed))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    x, y = batch(seed)
+    for _ in range(2):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        accelerator.backward(loss)
+        optimizer.step()
+    folder = tmp_path / "state"
+    accelerator.save_state(folder, safe_serialization=safe)
+    marker = tmp_path / "ran"
+    for name in ("random_states_0.pkl", "optimizer.bin"):
+        assert (folder / name).is_file()
+        booby_trapped_pickle(folder / name, marker)
+    result = pack(folder, tmp_path / "out.mcnc")
+    assert result.converter == "accelerate-state"
+    assert any("optimizer.bin" in note and "random_states_0.pkl" in note
+               for note in result.notes)
+    assert not marker.exists()
+    _same_as_save_model(accelerator.unwrap_model(model), tmp_path / "out.mcnc", tmp_path)
+
+
+# -- Lightning -------------------------------------------------------------------------------------
+def test_lightning_ckpt(seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    import lightning
+
+    class Module(lightning.LightningModule):
+        def __init__(self, lr: float = 0.05) -> None:
+            super().__init__()
+            self.save_hyperparameters()  # an AttributeDict in the checkpoint
+            self.model = reparametrize(mlp(seed), config(seed))
+
+        def training_step(self, data: list[torch.Tensor], _index: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self.model(data[0]), data[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam([p for p in self.parameters() if p.requires_grad],
+                                    lr=self.hparams.lr)
+
+    module = Module()
+    x, y = batch(seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = lightning.Trainer(max_steps=2, accelerator="cpu", logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    capsys.readouterr()
+    code, out, err = run_pack([str(tmp_path / "last.ckpt"), str(tmp_path / "out.mcnc")],
+                              monkeypatch, capsys)
+    assert code == 0, err
+    assert "converter lightning-ckpt" in out
+    assert "optimizer_states" in err and "hyper_parameters" in err
+    _same_as_save_model(module, tmp_path / "out.mcnc", tmp_path)
+    assert torch.equal(mf.load(tmp_path / "out.mcnc")["model.2.bias"], module.model[2].bias)
+
+
+def test_lightning_ckpt_with_another_class_is_refused(seed: int, tmp_path: Path) -> None:
+    model, _ = trained(seed, steps=1)
+    torch.save({"state_dict": model.state_dict(), "callbacks": {"x": nn.Identity()}},
+               tmp_path / "bad.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
+        pack(tmp_path / "bad.ckpt", tmp_path / "out.mcnc")
+
+
+# -- the command -----------------------------------------------------------------------------
+def test_list_converters(monkeypatch: pytest.MonkeyPatch,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_pack(["--list-converters"], monkeypatch, capsys)
+    assert code == 0
+    names = [line.split("\t")[0] for line in out.splitlines()]
+    assert names[0] == "mcnc-torch"
+    assert {"torch-dcp", "hf-trainer", "accelerate-state", "lightning-ckpt",
+            "safetensors-shards"} <= set(names)
+
+
+def test_unrecognised_folder_is_refused_with_the_known_layouts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("hello")
+    code, out, err = run_pack([str(tmp_path / "stuff"), str(tmp_path / "out.mcnc")],
+                              monkeypatch, capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    for name in ("torch-dcp", "hf-trainer", "accelerate-state", "safetensors-shards"):
+        assert name in err
+    code, _, err = run_pack([], monkeypatch, capsys)
+    assert code == 2 and "CHECKPOINT and OUT" in err
+
+
+def test_converter_option_forces_a_layout(seed: int, tmp_path: Path) -> None:
+    """A folder without its layout's marker file reads as that layout when named."""
+    model, _ = trained(seed)
+    folder = tmp_path / "state"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              folder / "model.safetensors")
+    (folder / "model.safetensors").rename(folder / "renamed.bin")
+    with pytest.raises(MCNCError, match="no converter recognises"):
+        pack(folder, tmp_path / "out.mcnc")
+    (folder / "renamed.bin").rename(folder / "model.safetensors")
+    result = pack(folder, tmp_path / "out.mcnc", converter="accelerate-state")
+    assert result.converter == "accelerate-state"
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+    with pytest.raises(MCNCError, match="holds no model weights"):
+        pack(tmp_path, tmp_path / "other.mcnc", converter="hf-trainer")
+
+
+def test_lora_shard_set_packs_against_its_base(seed: int, tmp_path: Path) -> None:
+    """An MCNC-LoRA model's shard set with ``--base`` gives the file a plain state dict gives
+    with ``--base``: the adapter alone."""
+    from huggingface_hub import save_torch_state_dict
+
+    base = mlp(seed)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()},
+              tmp_path / "base.safetensors")
+    model = add_mcnc_lora(base, config(seed), target_modules=["0", "2"], rank=3, lora_alpha=6)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "mcnc_alpha" in name:
+                parameter.add_(0.1)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    (tmp_path / "shards").mkdir()
+    save_torch_state_dict(state, tmp_path / "shards", max_shard_size=400)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    pack(tmp_path / "plain.pt", tmp_path / "plain.mcnc", base=tmp_path / "base.safetensors")
+    pack(tmp_path / "shards", tmp_path / "shards.mcnc", base=tmp_path / "base.safetensors")
+    assert (tmp_path / "shards.mcnc").read_bytes() == (tmp_path / "plain.mcnc").read_bytes()
+    assert mf.open(tmp_path / "shards.mcnc").info["base_model"] == "base.safetensors"
+
+
+def test_mapping_file_over_a_folder_layout(seed: int, tmp_path: Path) -> None:
+    """``--mapping`` renames what a layout converter reads: a foreign MCNC state dict saved
+    by DCP packs to the tensors the same state dict gives as a ``.pt`` file."""
+    import json
+
+    from test_converters import FOREIGN_MAPPING, _foreign_checkpoint
+
+    path, expected, _ = _foreign_checkpoint(seed, tmp_path)
+    state = torch.load(path, weights_only=True)["model"]
+    dcp.save(state, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps({**FOREIGN_MAPPING, "strip_prefix": "net."}))
+    result = pack(tmp_path / "ckpt", tmp_path / "out.mcnc", mapping=mapping)
+    assert result.converter == "mapping"
+    loaded = mf.load(tmp_path / "out.mcnc")
+    assert set(loaded) == set(expected)
+    for name, value in expected.items():
+        assert torch.allclose(loaded[name], value, atol=1e-5 * (value.norm().item() + 1)), name
+
+
+def test_dcp_metadata_sizes_and_paths_are_checked(seed: int, tmp_path: Path) -> None:
+    """A shape larger than the chunks on disk, or a chunk outside the folder, is refused
+    before anything is allocated or read."""
+    from dataclasses import replace
+
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    model, _ = trained(seed, steps=1)
+    folder = tmp_path / "ckpt"
+    dcp.save(model.state_dict(), checkpoint_id=folder, no_dist=True)
+    original = FileSystemReader(folder).read_metadata()  # our own test file
+    for damage, match in (("size", "larger than its chunks"), ("path", "lie in files of")):
+        metadata = pickle.loads(pickle.dumps(original))
+        if damage == "size":
+            entry = metadata.state_dict_metadata["mcnc_alpha_0"]
+            entry.size = torch.Size([10**12, *entry.size[1:]])
+        else:
+            index = next(iter(metadata.storage_data))
+            info = metadata.storage_data[index]
+            metadata.storage_data[index] = replace(info, relative_path="../elsewhere.distcp")
+        (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+        with pytest.raises(MCNCError, match=match):
+            pack(folder, tmp_path / "out.mcnc")
