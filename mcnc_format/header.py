@@ -499,17 +499,13 @@ class UnknownSchemeTheta0(PRNGTheta0):
 
 @dataclass(frozen=True)
 class BlobTheta0(Theta0Entry):
-    """``blob`` theta0 (§7.3). ``blob`` is None only in a writer's input (``Theta0.stored``),
-    before the tensor is given a blob."""
+    """``blob`` theta0 (§7.3): the index of the blob holding the values."""
 
     kind: ClassVar[Theta0Kind] = Theta0Kind.BLOB
-    blob: int | None = None
+    blob: int
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind.value}
-        if self.blob is not None:
-            out["blob"] = self.blob
-        return dict(sorted(out.items()))
+        return {"blob": self.blob, "kind": self.kind.value}
 
     @classmethod
     def parse(cls, m: _Map) -> BlobTheta0:

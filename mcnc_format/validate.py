@@ -239,7 +239,6 @@ class _Checker:
         if not theta0.known:
             return False
         if isinstance(theta0, BlobTheta0):
-            assert theta0.blob is not None
             blob = self.use_blob(theta0.blob, f"{path}.blob")
             if blob.dtype not in C.FLOAT_DTYPES or blob.shape != shape:
                 raise self.error(f"{path}.blob", f"expected a float blob of shape {list(shape)}, "

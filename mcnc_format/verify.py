@@ -329,7 +329,7 @@ def _blobs_of(header: Header, t: TensorEntry) -> list[int]:
         blobs += [seg.alpha, seg.beta]
         blobs += header.generators[seg.generator].blobs or ()
     blobs += [th.blob for _, th in _theta0s(t)
-              if isinstance(th, BlobTheta0) and th.blob is not None]
+              if isinstance(th, BlobTheta0)]
     return blobs
 
 

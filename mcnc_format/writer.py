@@ -76,43 +76,65 @@ from .header import (
 from .sharing import refuse_shared
 from .validate import blob_layout, data_start, validate_header
 
-__all__ = ["MCNC", "Dense", "LoRA", "Segment", "TensorStream", "Theta0", "save"]
+__all__ = [
+    "MCNC",
+    "DeclaredTheta0",
+    "Dense",
+    "LoRA",
+    "Segment",
+    "StoredTheta0",
+    "TensorStream",
+    "Theta0",
+    "save",
+]
+
+
+class Theta0:
+    """Where an mcnc tensor's base values come from (SPEC.md §7): the writer's input, one
+    class per variant (``DeclaredTheta0``: stated in the header in full; ``StoredTheta0``:
+    values the writer stores in a blob of their own), built by these constructors."""
+
+    @staticmethod
+    def zeros() -> DeclaredTheta0:
+        return DeclaredTheta0(ZerosTheta0())
+
+    @staticmethod
+    def uniform(bound: float, seed: int, stream: int) -> DeclaredTheta0:
+        return DeclaredTheta0(UniformTheta0(seed, stream, float(bound)))
+
+    @staticmethod
+    def fan_in_uniform(seed: int, stream: int) -> DeclaredTheta0:
+        """PyTorch's default init of Linear and Conv weights, drawn from the spec's PRNG."""
+        return DeclaredTheta0(FanInUniformTheta0(seed, stream))
+
+    @staticmethod
+    def normal(seed: int, stream: int, mean: float = 0.0, std: float = 1.0) -> DeclaredTheta0:
+        """PyTorch's default init of Embedding weights (mean 0, std 1) from the spec's PRNG."""
+        return DeclaredTheta0(NormalTheta0(seed, stream, float(mean), float(std)))
+
+    @staticmethod
+    def stored(tensor: torch.Tensor) -> StoredTheta0:
+        """theta0 stored inline as a blob (any float dtype)."""
+        return StoredTheta0(tensor)
+
+    @staticmethod
+    def external(uri: str, tensor: str, sha256: str) -> DeclaredTheta0:
+        """A tensor in a safetensors file next to the .mcnc file or on the Hub, sha256-pinned."""
+        return DeclaredTheta0(ExternalTheta0(uri, tensor, sha256))
 
 
 @dataclass(frozen=True)
-class Theta0:
-    """Where an mcnc tensor's base values come from (SPEC.md §7)."""
+class DeclaredTheta0(Theta0):
+    """A theta0 the header states in full: zeros, a PRNG draw or an external reference."""
 
     entry: Theta0Entry
-    tensor: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
-    @classmethod
-    def zeros(cls) -> Theta0:
-        return cls(ZerosTheta0())
 
-    @classmethod
-    def uniform(cls, bound: float, seed: int, stream: int) -> Theta0:
-        return cls(UniformTheta0(seed, stream, float(bound)))
+@dataclass(frozen=True)
+class StoredTheta0(Theta0):
+    """theta0 values the writer stores in a blob (§7.3); the header entry gets its index."""
 
-    @classmethod
-    def fan_in_uniform(cls, seed: int, stream: int) -> Theta0:
-        """PyTorch's default init of Linear and Conv weights, drawn from the spec's PRNG."""
-        return cls(FanInUniformTheta0(seed, stream))
-
-    @classmethod
-    def normal(cls, seed: int, stream: int, mean: float = 0.0, std: float = 1.0) -> Theta0:
-        """PyTorch's default init of Embedding weights (mean 0, std 1) from the spec's PRNG."""
-        return cls(NormalTheta0(seed, stream, float(mean), float(std)))
-
-    @classmethod
-    def stored(cls, tensor: torch.Tensor) -> Theta0:
-        """theta0 stored inline as a blob (any float dtype)."""
-        return cls(BlobTheta0(), tensor)
-
-    @classmethod
-    def external(cls, uri: str, tensor: str, sha256: str) -> Theta0:
-        """A tensor in a safetensors file next to the .mcnc file or on the Hub, sha256-pinned."""
-        return cls(ExternalTheta0(uri, tensor, sha256))
+    tensor: torch.Tensor = field(compare=False, repr=False)
 
 
 @dataclass(eq=False)
@@ -471,9 +493,11 @@ class _Layout:
 
     # -- tensors ---------------------------------------------------------------------------
     def theta0(self, theta0: Theta0, shape: tuple[int, ...], where: str) -> Theta0Entry:
-        if not isinstance(theta0.entry, BlobTheta0):
+        if isinstance(theta0, DeclaredTheta0):
             return theta0.entry
-        assert theta0.tensor is not None
+        if not isinstance(theta0, StoredTheta0):
+            raise self.fail(where, f"theta0 must be a Theta0 (Theta0.zeros(), .stored(...), "
+                            f"...), got {type(theta0).__name__}")
         if tuple(theta0.tensor.shape) != shape or not theta0.tensor.is_floating_point():
             raise self.fail(where, f"a stored theta0 must be a float tensor of shape "
                             f"{list(shape)}, got {theta0.tensor.dtype} {list(theta0.tensor.shape)}")

@@ -43,7 +43,6 @@ from mcnc_format import constants as C
 from mcnc_format import reference
 from mcnc_format.container import checksum
 from mcnc_format.header import (
-    BlobTheta0,
     ExternalTheta0,
     FanInUniformTheta0,
     Header,
@@ -52,6 +51,7 @@ from mcnc_format.header import (
     ZerosTheta0,
 )
 from mcnc_format.validate import align_up
+from mcnc_format.writer import DeclaredTheta0, StoredTheta0
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "vectors"
 INVALID_DIR = "invalid"
@@ -121,6 +121,9 @@ def _delta64(segment: mf.Segment) -> np.ndarray:
 def _theta0_64(theta0: mf.Theta0, shape: tuple[int, ...],
                externals: dict[tuple[str, str], torch.Tensor]) -> np.ndarray:
     """theta0 of §7 in float64: exact PRNG maps, ``z64`` for normals, widened blobs."""
+    if isinstance(theta0, StoredTheta0):
+        return theta0.tensor.to(torch.float64).reshape(-1).numpy()
+    assert isinstance(theta0, DeclaredTheta0)
     e = theta0.entry
     n = math.prod(shape)
     if isinstance(e, ZerosTheta0):
@@ -131,9 +134,6 @@ def _theta0_64(theta0: mf.Theta0, shape: tuple[int, ...],
     if isinstance(e, NormalTheta0):
         z64 = reference.normal_ref(e.seed, e.stream, 0, n)
         return float(np.float32(e.mean)) + float(np.float32(e.std)) * z64
-    if isinstance(e, BlobTheta0):
-        assert theta0.tensor is not None
-        return theta0.tensor.to(torch.float64).reshape(-1).numpy()
     assert isinstance(e, ExternalTheta0)
     return externals[(e.uri, e.tensor)].to(torch.float64).reshape(-1).numpy()
 

@@ -38,13 +38,13 @@ import mcnc_format as mf
 from mcnc_format import MCNC, Dense, GeneratorSpec, LoRA, Segment, Theta0, philox
 from mcnc_format import constants as C
 from mcnc_format.header import (
-    BlobTheta0,
     ExternalTheta0,
     FanInUniformTheta0,
     NormalTheta0,
     UniformTheta0,
     ZerosTheta0,
 )
+from mcnc_format.writer import DeclaredTheta0, StoredTheta0
 
 # -- the independent computation ------------------------------------------------------------
 
@@ -60,13 +60,13 @@ def phi_unfused(spec: GeneratorSpec, alpha: torch.Tensor) -> torch.Tensor:
 
 def theta0_64(theta0: Theta0, shape: tuple[int, ...], directory: Path) -> torch.Tensor:
     """A member's theta0 (§7) as flat float64, from the Philox functions or stored tensors."""
-    entry = theta0.entry
     numel = math.prod(shape)
+    if isinstance(theta0, StoredTheta0):
+        return theta0.tensor.reshape(-1).float().double()
+    assert isinstance(theta0, DeclaredTheta0)
+    entry = theta0.entry
     if isinstance(entry, ZerosTheta0):
         return torch.zeros(numel, dtype=torch.float64)
-    if isinstance(entry, BlobTheta0):
-        assert theta0.tensor is not None
-        return theta0.tensor.reshape(-1).float().double()
     if isinstance(entry, ExternalTheta0):
         return load_file(str(directory / entry.uri))[entry.tensor].reshape(-1).float().double()
     if isinstance(entry, NormalTheta0):

@@ -105,7 +105,6 @@ def theta0_ref(f: mf.MCNCFile, entry: Theta0Entry, shape: tuple[int, ...]
         values = reference.uniform_signed_ref(entry.seed, entry.stream, 0, n, bound)
         return values.astype(np.float64), zeros
     if isinstance(entry, BlobTheta0):
-        assert entry.blob is not None
         return f.blob_tensor(entry.blob).to(torch.float64).reshape(-1).numpy(), zeros
     assert isinstance(entry, ExternalTheta0)
     with safe_open(str(f.path.parent / entry.uri), framework="pt") as base:

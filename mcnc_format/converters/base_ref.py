@@ -19,9 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import ExternalReferenceError, MCNCError
-from ..header import BlobTheta0
 from ..reader import tensor_sha256
-from ..writer import MCNC, LoRA, TensorSource, Theta0
+from ..writer import MCNC, LoRA, StoredTheta0, TensorSource, Theta0
 
 __all__ = ["reference_base"]
 
@@ -62,9 +61,9 @@ def _reference(pairs: Iterable[tuple[str, TensorSource]], base: Path, uri: str
                                            _same(s, f.get_tensor(n))):
                 continue
             yield name, source
-        elif isinstance(source, MCNC | LoRA) and isinstance(source.theta0.entry, BlobTheta0):
-            theta0 = _readable(base, lambda f, n=name, s=source:
-                               _external(n, s.theta0, names, f, uri, base))
+        elif isinstance(source, MCNC | LoRA) and isinstance(source.theta0, StoredTheta0):
+            theta0 = _readable(base, lambda f, n=name, t=source.theta0:
+                               _external(n, t, names, f, uri, base))
             yield name, replace(source, theta0=theta0)
         else:
             yield name, source
@@ -82,9 +81,8 @@ def _relative_uri(base: Path, output_dir: Path) -> str:
     return relative.as_posix()
 
 
-def _external(name: str, theta0: Theta0, names: set[str], f: Any, uri: str, base: Path
+def _external(name: str, theta0: StoredTheta0, names: set[str], f: Any, uri: str, base: Path
               ) -> Theta0:
-    assert theta0.tensor is not None
     if name not in names:
         raise MCNCError(f"{base}: holds no tensor {name!r}, the base weight of the adapted "
                         f"tensor {name!r}; pass the base checkpoint the adapter was trained on")

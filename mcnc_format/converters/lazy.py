@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MCNCError
-from ..writer import Dense, LoRA, TensorSource, Theta0
+from ..writer import Dense, LoRA, StoredTheta0, TensorSource, Theta0
 
 __all__ = ["LazyTensors", "TensorInfo", "planned", "read_shard_index", "safetensors_tensors"]
 
@@ -173,7 +173,7 @@ def planned(tensors: LazyTensors, plan: Callable[[Mapping[str, torch.Tensor]],
         if isinstance(source, Dense):
             return replace(source, tensor=read(source.tensor))
         theta0 = source.theta0
-        if theta0.tensor is not None:
+        if isinstance(theta0, StoredTheta0):
             theta0 = Theta0.stored(read(theta0.tensor))
         if isinstance(source, LoRA):
             return replace(source, A=resolved(source.A), B=resolved(source.B), theta0=theta0)

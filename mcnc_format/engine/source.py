@@ -305,7 +305,7 @@ def blob_labels(header: Header) -> dict[int, str]:
         elif isinstance(t, DenseTensor):
             labels[t.blob] = f"tensor {t.name!r} data"
         for part, theta0 in zip(("", ":A", ":B"), t.theta0s(), strict=False):
-            if isinstance(theta0, BlobTheta0) and theta0.blob is not None:
+            if isinstance(theta0, BlobTheta0):
                 labels[theta0.blob] = f"tensor {t.name + part!r} theta0"
     for blob, names in packed.items():
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

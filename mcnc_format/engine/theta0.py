@@ -155,7 +155,6 @@ class Theta0Source:
                     ) -> torch.dtype:
         """The stored dtype of a blob or external theta0."""
         if isinstance(entry, BlobTheta0):
-            assert entry.blob is not None
             return to_torch(self.blobs.header.blobs[entry.blob].dtype)
         return self.reference(entry, shape).entry.dtype
 
@@ -167,7 +166,6 @@ class Theta0Source:
         dtype = self.dense_dtype(entry, shape)
         first, nbytes = start * dtype.itemsize, (stop - start) * dtype.itemsize
         if isinstance(entry, BlobTheta0):
-            assert entry.blob is not None
             return DenseRead(dtype, nbytes, self.blobs.range_reader(
                 entry.blob, first, first + nbytes, label))
         reference = self.reference(entry, shape)

@@ -19,10 +19,17 @@ from torch import nn
 
 from ..dtypes import to_torch
 from ..errors import ReparametrizeError
-from ..header import BlobTheta0
 from ..sharing import without_duplicates
-from ..writer import MCNC, LoRA, Segment, TensorSource, Theta0, save
-from .manifest import CONFIG_KEY, LoRASpec, Manifest, MemberSpec, alpha_key, beta_key
+from ..writer import MCNC, DeclaredTheta0, LoRA, Segment, TensorSource, Theta0, save
+from .manifest import (
+    CONFIG_KEY,
+    LoRASpec,
+    Manifest,
+    MemberSpec,
+    StateDictTheta0,
+    alpha_key,
+    beta_key,
+)
 from .runtime import stored_values
 
 __all__ = ["export_state_dict", "save_model"]
@@ -155,10 +162,10 @@ class _Section:
         self.next_offset[member.segment] += member.numel
         if override is not None:
             theta0 = override
-        elif isinstance(member.theta0, BlobTheta0):
+        elif isinstance(member.theta0, StateDictTheta0):
             theta0 = Theta0.stored(self.get(member.theta0_key))
         else:
-            theta0 = Theta0(member.theta0)
+            theta0 = DeclaredTheta0(member.theta0)
         return MCNC(self.segments[member.segment], member.shape, to_torch(member.dtype), theta0)
 
     def lora_part(self, lora: LoRASpec, attribute: str) -> TensorSource:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .. import constants as C
 from ..constants import Theta0Kind
 from ..errors import ReparametrizeError
-from ..header import BlobTheta0, MemberEntry, Theta0Entry
+from ..header import MemberEntry, Theta0Entry
 from .config import MCNCConfig
 
 __all__ = [
@@ -92,10 +92,22 @@ def _aliases(d: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(a) for a in d.get("aliases", ()))
 
 
+@dataclass(frozen=True)
+class StateDictTheta0(Theta0Entry):
+    """A member whose theta0 values are kept in the state dict, under its ``theta0_key``
+    (written ``{kind: "blob"}`` without an index): the export stores them in a blob of their
+    own (``writer.Theta0.stored``), which gives the file's ``BlobTheta0`` its index."""
+
+    kind: ClassVar[Theta0Kind] = Theta0Kind.BLOB
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value}
+
+
 def _theta0(value: dict[str, Any]) -> Theta0Entry:
     """A member's theta0; ``{kind: "blob"}`` without an index means "in the state dict"."""
     if value.get("kind") == Theta0Kind.BLOB and "blob" not in value:
-        return BlobTheta0()
+        return StateDictTheta0()
     return Theta0Entry.from_dict(value, "MCNC manifest")
 
 

@@ -27,7 +27,7 @@ from .. import philox
 from ..dtypes import from_torch
 from ..engine.theta0 import fan_in_bound, prng_values
 from ..errors import ReparametrizeError
-from ..header import BlobTheta0, Theta0Entry, ZerosTheta0
+from ..header import Theta0Entry, ZerosTheta0
 from ..writer import Theta0
 from .config import (
     ALPHA_INIT_STREAM_BASE,
@@ -36,7 +36,15 @@ from .config import (
     THETA0_STREAM_BASE,
     MCNCConfig,
 )
-from .manifest import CONFIG_KEY, LoRASpec, Manifest, MemberSpec, alpha_key, beta_key
+from .manifest import (
+    CONFIG_KEY,
+    LoRASpec,
+    Manifest,
+    MemberSpec,
+    StateDictTheta0,
+    alpha_key,
+    beta_key,
+)
 from .runtime import MCNCMember, MCNCRuntime
 
 __all__ = [
@@ -182,7 +190,7 @@ def _plan(places: tuple[Place, ...], param: nn.Parameter, config: MCNCConfig,
     current values, stored. A tied parameter takes the scheme of its first place."""
     name, module, attribute = places[0].name, places[0].module, places[0].attribute
     shape = tuple(param.shape)
-    theta0: Theta0Entry = BlobTheta0()
+    theta0: Theta0Entry = StateDictTheta0()
     weight = getattr(module, "weight", None)
     if config.theta0 != THETA0_MODULE:
         if isinstance(module, _FAN_IN_MODULES) and attribute == "weight" and len(shape) >= 2:
@@ -192,7 +200,7 @@ def _plan(places: tuple[Place, ...], param: nn.Parameter, config: MCNCConfig,
         elif (isinstance(module, _FAN_IN_MODULES) and attribute == "bias"
               and isinstance(weight, torch.Tensor) and weight.dim() >= 2):
             theta0 = Theta0.uniform(fan_in_bound(tuple(weight.shape)), config.seed, stream).entry
-    stored = param.detach() if isinstance(theta0, BlobTheta0) else None
+    stored = param.detach() if isinstance(theta0, StateDictTheta0) else None
     return PlannedMember(name, module, attribute, shape, param.dtype, param.device, theta0,
                          stored, places[1:])
 
@@ -223,7 +231,7 @@ def install(model: nn.Module, config: MCNCConfig, planned: Sequence[PlannedMembe
     runtime = MCNCRuntime(model, manifest)
     for index, (member, plan) in enumerate(zip(members, planned, strict=True)):
         theta0 = _theta0_tensor(member, plan)
-        stored = isinstance(member.theta0, BlobTheta0)
+        stored = isinstance(member.theta0, StateDictTheta0)
         done: set[tuple[int, str]] = set()
         for place in (Place(plan.name, plan.module, plan.attribute), *plan.aliases):
             if (id(place.module), place.attribute) in done:
@@ -270,7 +278,7 @@ def _layout(config: MCNCConfig, planned: Sequence[PlannedMember]
 
 
 def _theta0_tensor(member: MemberSpec, plan: PlannedMember) -> torch.Tensor:
-    if isinstance(member.theta0, BlobTheta0):
+    if isinstance(member.theta0, StateDictTheta0):
         assert plan.stored is not None
         return plan.stored
     if isinstance(member.theta0, ZerosTheta0):
