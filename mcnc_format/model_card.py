@@ -14,11 +14,15 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import MCNCError
 from .header import ExternalTheta0, Header, InlineWeights, LoRATensor
-from .reader import MCNCFile
+from .summary import opened_summary, read_file_header
 from .uri import SCHEME, HubURI, parse_uri
+
+if TYPE_CHECKING:
+    from .reader import MCNCFile
 
 __all__ = [
     "LIBRARY_NAME",
@@ -93,8 +97,18 @@ class FileFacts:
 
     @classmethod
     def of(cls, path_in_repo: str, mcnc_file: MCNCFile) -> FileFacts:
-        summary = mcnc_file.summary()
-        header = mcnc_file.header
+        """The facts of an open file."""
+        return cls.from_header(path_in_repo, mcnc_file.header, mcnc_file.summary())
+
+    @classmethod
+    def read(cls, path_in_repo: str, local: Path) -> FileFacts:
+        """The facts of the local file ``local``, from its header alone (no torch)."""
+        opened = read_file_header(local, str(local))
+        return cls.from_header(path_in_repo, opened.header, opened_summary(opened))
+
+    @classmethod
+    def from_header(cls, path_in_repo: str, header: Header, summary: dict[str, Any]
+                    ) -> FileFacts:
         return cls(
             path=path_in_repo,
             parameters=summary["parameters"],

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from ..converters.peft_export import export_peft
 from .safe_text import printable
 
 __all__ = ["export_peft_command"]
@@ -30,6 +29,8 @@ __all__ = ["export_peft_command"]
 def export_peft_command(file: str, out_dir: Path, base_model: str | None,
                         task_type: str | None, skip_non_lora: bool, force: bool) -> None:
     """Export the lora tensors of FILE as a PEFT LoRA adapter folder OUT_DIR."""
+    from ..converters.peft_export import export_peft  # torch: the factors are rebuilt
+
     result = export_peft(file, out_dir, base_model=base_model, task_type=task_type,
                          skip_non_lora=skip_non_lora, force=force)
     click.echo(f"wrote {printable(result.folder)} ({len(result.modules)} modules, r={result.rank}, "

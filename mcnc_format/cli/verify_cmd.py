@@ -8,13 +8,16 @@ this reader does not implement). The work is ``mcnc_format.verify.verify_file``.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 
 from ..engine.resolve import DefaultResolver
-from ..verify import VerifyReport, verify_file
 from .safe_text import markup_safe
+
+if TYPE_CHECKING:
+    from ..verify import VerifyReport
 
 __all__ = ["verify"]
 
@@ -32,6 +35,8 @@ def verify(ctx: click.Context, file: str, as_json: bool) -> None:
 
     Exits 0 when the file is valid, 1 when it is not, 2 when it could not be checked.
     """
+    from ..verify import verify_file  # torch: tensors are rebuilt
+
     report = verify_file(file, resolver=DefaultResolver())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))

@@ -68,11 +68,11 @@ def open_regular(path: Path, label: str, error: type[MCNCError] = MCNCError) -> 
     except FileNotFoundError as exc:
         raise MCNCFileNotFoundError(f"No such file or directory: {label}") from exc
     except OSError as exc:
-        raise error(f"{label}: cannot open: {exc.strerror or exc}") from exc
+        raise error(f"cannot open: {exc.strerror or exc}", path=label) from exc
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
-            raise error(f"{label}: not a regular file; give the path of a file")
+            raise error("not a regular file; give the path of a file", path=label)
     except BaseException:
         os.close(fd)
         raise
