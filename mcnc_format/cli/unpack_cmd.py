@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import Progress
 
 from .. import constants as C
 from ..atomic import refuse_overwrite, refuse_same_file
 from ..engine.options import Progress as LoadProgress
-from .safe_text import markup_safe, printable
+from ..progress import ProgressBar
+from .safe_text import printable
 
 if TYPE_CHECKING:
     import torch
@@ -46,17 +45,10 @@ def unpack(file: str, out: Path, dtype: str | None, force: bool) -> None:
     """Write every tensor of FILE, regenerated and dense, to OUT.safetensors.
 
     The whole dense model is held in memory while it is written (safetensors writes a file
-    in one call).
+    in one call). A progress bar shows on a terminal.
     """
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("regenerating", total=None)
-
-        def report(p: LoadProgress) -> None:
-            bar.update(task, total=p.bytes_total, completed=p.bytes_done,
-                       description=markup_safe(p.name))
-
-        written = export_safetensors(file, out, dtype=dtype, overwrite=force, progress=report)
+    written = export_safetensors(file, out, dtype=dtype, overwrite=force,
+                                 progress=ProgressBar("unpacking"))
     click.echo(f"wrote {printable(out)} ({written:,} bytes)")
 
 

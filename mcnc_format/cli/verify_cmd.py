@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 
 from ..engine.resolve import DefaultResolver
+from ..progress import ProgressBar
 from .safe_text import markup_safe
 
 if TYPE_CHECKING:
@@ -37,7 +38,11 @@ def verify(ctx: click.Context, file: str, as_json: bool) -> None:
     """
     from ..verify import verify_file  # torch: tensors are rebuilt
 
-    report = verify_file(file, resolver=DefaultResolver())
+    bar = ProgressBar("verifying")
+    try:
+        report = verify_file(file, resolver=DefaultResolver(), progress=bar)
+    finally:
+        bar.close()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
