@@ -19,6 +19,7 @@ from .. import constants as C
 from ..atomic import refuse_overwrite, refuse_same_file
 from ..engine.options import Progress as LoadProgress
 from ..progress import ProgressBar
+from .json_out import emit_json, errors_as_json
 from .safe_text import printable
 
 if TYPE_CHECKING:
@@ -41,14 +42,20 @@ INFO_PREFIX = "mcnc.info."
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Cast floating-point tensors to this dtype (default: each tensor's own).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def unpack(file: str, out: Path, dtype: str | None, force: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (errors too) instead of text.")
+def unpack(file: str, out: Path, dtype: str | None, force: bool, as_json: bool) -> None:
     """Write every tensor of FILE, regenerated and dense, to OUT.safetensors.
 
     The whole dense model is held in memory while it is written (safetensors writes a file
     in one call). A progress bar shows on a terminal.
     """
-    written = export_safetensors(file, out, dtype=dtype, overwrite=force,
-                                 progress=ProgressBar("unpacking"))
+    with errors_as_json(as_json, file=file, out=out):
+        written = export_safetensors(file, out, dtype=dtype, overwrite=force,
+                                     progress=ProgressBar("unpacking"))
+    if as_json:
+        emit_json({"file": file, "out": str(out), "bytes": written, "dtype": dtype})
+        return
     click.echo(f"wrote {printable(out)} ({written:,} bytes)")
 
 

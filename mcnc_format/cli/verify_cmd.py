@@ -15,6 +15,7 @@ from rich.console import Console
 
 from ..engine.resolve import DefaultResolver
 from ..progress import ProgressBar
+from .json_out import errors_as_json
 from .safe_text import markup_safe
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ def verify(ctx: click.Context, file: str, as_json: bool) -> None:
 
     bar = ProgressBar("verifying")
     try:
-        report = verify_file(file, resolver=DefaultResolver(), progress=bar)
+        with errors_as_json(as_json, path=file):
+            report = verify_file(file, resolver=DefaultResolver(), progress=bar)
     finally:
         bar.close()
     if as_json:
