@@ -37,7 +37,9 @@ from .engine.source import sweep_bytes
 from .errors import (
     ChecksumError,
     ExternalReferenceError,
+    ExternalReferenceMissing,
     FormatError,
+    HubOfflineError,
     MCNCError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
@@ -59,23 +61,33 @@ __all__ = ["Problem", "VerifyReport", "verify_file"]
 DEFAULT_BATCH_VALUES = 1 << 25  # 128 MiB of float32 output per regeneration batch
 
 
+#: Checks whose problems say the file could not be judged here, not that it is damaged.
+UNSUPPORTED = "unsupported"
+UNAVAILABLE = "unavailable"
+
+
 @dataclass(frozen=True)
 class Problem:
     """One broken rule. ``check`` names the stage that found it: ``structure`` (preamble,
     header, blob placement), ``checksum``, ``padding``, ``regeneration``, ``finite``,
-    ``external`` or ``unsupported`` (a feature this reader does not implement, so the file
-    could not be judged). ``rule`` (the SPEC.md rule number), ``field`` (the header field path)
-    and ``tensor`` are the error's own fields (``MCNCError``), ``None`` where it has none."""
+    ``external`` (a base checkpoint that is not the pinned one, or lacks the tensor),
+    ``unavailable`` (a base checkpoint that cannot be opened here, so the tensors built on it
+    could not be checked) or ``unsupported`` (a feature this reader does not implement, so the
+    file could not be judged). ``rule`` (the SPEC.md rule number), ``field`` (the header field
+    path) and ``tensor`` are the error's own fields (``MCNCError``), ``None`` where it has
+    none; ``tensors`` lists every tensor the same problem was found in (one missing base
+    checkpoint is one problem, whatever the number of tensors built on it)."""
 
     check: str
     message: str
     rule: str | None = None
     field: str | None = None
     tensor: str | None = None
+    tensors: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"check": self.check, "message": self.message, "rule": self.rule,
-                "field": self.field, "tensor": self.tensor}
+                "field": self.field, "tensor": self.tensor, "tensors": list(self.tensors)}
 
 
 @dataclass
@@ -101,23 +113,37 @@ class VerifyReport:
 
     @property
     def status(self) -> str:
-        """``valid``, ``invalid``, or ``unverifiable`` when the only problems are features
-        this reader does not implement (a newer file: upgrade and verify again)."""
-        if not self.problems:
+        """``valid``; ``invalid`` (the file breaks a rule); ``incomplete`` when the only
+        problems are base checkpoints that cannot be opened here (the file's own bytes hold:
+        verify again where its bases are); ``unverifiable`` when the only problems are
+        features this reader does not implement (a newer file: upgrade and verify again),
+        with or without unavailable bases."""
+        checks = {p.check for p in self.problems}
+        if not checks:
             return "valid"
-        if all(p.check == "unsupported" for p in self.problems):
+        if checks == {UNAVAILABLE}:
+            return "incomplete"
+        if checks <= {UNSUPPORTED, UNAVAILABLE}:
             return "unverifiable"
         return "invalid"
 
     def add(self, check: str, exc_or_message: BaseException | str, tensor: str | None = None
             ) -> None:
-        """A problem from an ``MCNCError`` (its fields), or from a message about ``tensor``."""
+        """A problem from an ``MCNCError`` (its fields), or from a message about ``tensor``;
+        the same problem found again for another tensor adds that tensor to it."""
         if isinstance(exc_or_message, MCNCError):
             exc = exc_or_message
-            self.problems.append(Problem(check, str(exc), exc.rule, exc.field,
-                                         exc.tensor or tensor))
+            problem = Problem(check, str(exc), exc.rule, exc.field, exc.tensor or tensor)
         else:
-            self.problems.append(Problem(check, str(exc_or_message), tensor=tensor))
+            problem = Problem(check, str(exc_or_message), tensor=tensor)
+        for i, seen in enumerate(self.problems):
+            if (seen.check, seen.message, seen.rule, seen.field) == (
+                    problem.check, problem.message, problem.rule, problem.field):
+                if problem.tensor is not None and problem.tensor not in seen.tensors:
+                    self.problems[i] = replace(seen, tensors=(*seen.tensors, problem.tensor))
+                return
+        self.problems.append(replace(problem, tensors=(problem.tensor,) if problem.tensor
+                                     else ()))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -162,7 +188,7 @@ def _open(path: str | os.PathLike[str], report: VerifyReport, resolver: Resolver
     try:
         return MCNCFile(path, verify=Verify.FULL, resolver=resolver)
     except (UnsupportedVersionError, UnsupportedFeatureError) as exc:
-        report.add("unsupported", exc)
+        report.add(UNSUPPORTED, exc)
     except FormatError as exc:
         report.add("checksum" if isinstance(exc, ChecksumError) else "structure", exc)
     except OSError as exc:
@@ -216,7 +242,7 @@ class _Verifier:
         groups: dict[object, list[TensorEntry]] = {}
         for t in self.header.tensors:
             if isinstance(t, UnknownTensor):
-                self.report.add("unsupported", t.unsupported(self.f.label))
+                self.report.add(UNSUPPORTED, t.unsupported(self.f.label))
                 continue
             if self.bad_blobs & set(_blobs_of(self.header, t)):
                 self.report.counts["skipped_tensors"] += 1
@@ -335,10 +361,12 @@ def _dense_bytes(t: TensorEntry) -> int:
 
 
 def _check_of(exc: BaseException) -> str:
+    if isinstance(exc, ExternalReferenceMissing | HubOfflineError):
+        return UNAVAILABLE
     if isinstance(exc, ExternalReferenceError):
         return "external"
     if isinstance(exc, UnsupportedFeatureError):
-        return "unsupported"
+        return UNSUPPORTED
     if isinstance(exc, ChecksumError):
         return "checksum"
     if isinstance(exc, FormatError):
