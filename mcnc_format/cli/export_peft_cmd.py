@@ -33,7 +33,7 @@ def export_peft_command(file: str, out_dir: Path, base_model: str | None,
                         task_type: str | None, skip_non_lora: bool, force: bool,
                         as_json: bool) -> None:
     """Export the lora tensors of FILE as a PEFT LoRA adapter folder OUT_DIR."""
-    with errors_as_json(as_json, file=file, out_dir=out_dir):
+    with errors_as_json(as_json, file, file=file, out_dir=out_dir):
         from ..converters.peft_export import export_peft  # torch: the factors are rebuilt
 
         result = export_peft(file, out_dir, base_model=base_model, task_type=task_type,

@@ -35,7 +35,7 @@ def push_command(path: Path, repo_id: str, revision: str | None, private: bool,
                  tags: tuple[str, ...], no_card: bool, as_json: bool) -> None:
     """Upload PATH (an .mcnc file, or a folder) to the Hub repository REPO_ID in one commit,
     with a model card, and print the pinned hf:// URI of each file."""
-    with errors_as_json(as_json, path=path, repo_id=repo_id, revision=revision):
+    with errors_as_json(as_json, path, path=path, repo_id=repo_id, revision=revision):
         result = push(path, repo_id, revision, private, path_in_repo=path_in_repo,
                       commit_message=message, base_model=base_model, tags=tags,
                       model_card=not no_card)

@@ -48,7 +48,7 @@ _PIPED_WIDTH = 160
               help="Print one JSON object (stable keys, see README) instead of tables.")
 def inspect(file: str, as_json: bool) -> None:
     """Show the tensors, sizes, generators and segments of an .mcnc FILE (header only)."""
-    with errors_as_json(as_json, file=file):
+    with errors_as_json(as_json, file, file=file):
         path = DefaultResolver().local_path(file)
         facts = describe(str(path), read_file_header(path, file))
     if as_json:

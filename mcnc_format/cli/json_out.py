@@ -39,15 +39,20 @@ def error_fields(exc: MCNCError | OSError) -> dict[str, str | None]:
 
 
 @contextmanager
-def errors_as_json(as_json: bool, **context: object) -> Iterator[None]:
+def errors_as_json(as_json: bool, subject: object = None, **context: object
+                   ) -> Iterator[None]:
     """With ``as_json``, a failure inside the block prints ``{**context, "error": fields}`` on
-    stdout before it propagates to ``main.py``'s one-line report and exit status 2."""
+    stdout before it propagates to ``main.py``'s one-line report and exit status 2. An error
+    that names no path gets ``subject``'s, the file the command was given."""
     try:
         yield
     except (MCNCError, OSError) as exc:
         if as_json:
+            fields = error_fields(exc)
+            if fields["path"] is None and subject is not None:
+                fields["path"] = str(subject)
             emit_json({**{key: _plain(value) for key, value in context.items()},
-                       "error": error_fields(exc)})
+                       "error": fields})
         raise
 
 

@@ -50,7 +50,7 @@ def unpack(file: str, out: Path, dtype: str | None, force: bool, as_json: bool) 
     The whole dense model is held in memory while it is written (safetensors writes a file
     in one call). A progress bar shows on a terminal.
     """
-    with errors_as_json(as_json, file=file, out=out):
+    with errors_as_json(as_json, file, file=file, out=out):
         written = export_safetensors(file, out, dtype=dtype, overwrite=force,
                                      progress=ProgressBar("unpacking"))
     if as_json:

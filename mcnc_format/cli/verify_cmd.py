@@ -48,7 +48,7 @@ def verify(ctx: click.Context, file: str, as_json: bool) -> None:
 
     bar = ProgressBar("verifying")
     try:
-        with errors_as_json(as_json, path=file):
+        with errors_as_json(as_json, file, path=file):
             report = verify_file(file, resolver=DefaultResolver(), progress=bar)
     finally:
         bar.close()

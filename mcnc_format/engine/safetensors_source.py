@@ -66,7 +66,8 @@ class SafetensorsFile:
         except FormatError as exc:
             raise self._error(str(exc)) from exc
         except Exception as exc:  # cannot open: missing, a directory, a FIFO
-            reason = exc.message if isinstance(exc, MCNCError) else str(exc)
+            reason = ("no such file" if isinstance(exc, FileNotFoundError) else
+                      exc.message if isinstance(exc, MCNCError) else str(exc))
             raise ExternalReferenceMissing(
                 f"{label} ({path}) cannot be read: {reason}. Put the base checkpoint there, "
                 "next to the .mcnc file", rule="R75") from exc
