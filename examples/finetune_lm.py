@@ -21,8 +21,10 @@ import argparse
 import copy
 import inspect
 import json
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -161,17 +163,22 @@ def add_plain_lora(model: nn.Module, rank: int, scale: float) -> nn.Module:
 
 # -- training and evaluation ---------------------------------------------------------------
 def train(model: nn.Module, tokens: torch.Tensor, size: Size, steps: int, lr: float,
-          seed: int) -> float:
-    """Adam on the trainable parameters; returns seconds taken."""
+          seed: int, label: str, log: Callable[[str], None]) -> float:
+    """Adam on the trainable parameters; returns seconds taken. Every tenth of the steps is
+    reported to ``log`` with the batch's loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     start = time.perf_counter()
+    every = max(1, steps // 10)
     model.train()
-    for x, y in batches(tokens, size, steps, seed):
+    for step, (x, y) in enumerate(batches(tokens, size, steps, seed), 1):
         loss = F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if step % every == 0 or step == steps:
+            log(f"  {label}: step {step}/{steps}, loss {loss.item():.3f}, "
+                f"{time.perf_counter() - start:.1f} s")
     model.eval()
     return time.perf_counter() - start
 
@@ -191,17 +198,20 @@ def trainable(model: nn.Module) -> int:
 
 
 # -- the example ---------------------------------------------------------------------------
-def run(size_name: str, out_dir: Path, seed: int = 0) -> dict[str, object]:
-    """The whole example; files go to ``out_dir``. Returns the figures."""
+def run(size_name: str, out_dir: Path, seed: int = 0,
+        log: Callable[[str], None] = lambda line: None) -> dict[str, object]:
+    """The whole example; files go to ``out_dir``. Returns the figures; each step is told to
+    ``log`` as it runs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matrices: on a shared CPU, more threads only wait
     try:
-        return _run(SIZES[size_name], size_name, out_dir, seed)
+        return _run(SIZES[size_name], size_name, out_dir, seed, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(size: Size, size_name: str, out_dir: Path, seed: int) -> dict[str, object]:
+def _run(size: Size, size_name: str, out_dir: Path, seed: int,
+         log: Callable[[str], None]) -> dict[str, object]:
     code, english = texts()
     pretrain_tokens = as_tokens(code)
     english_tokens = as_tokens(english)
@@ -210,8 +220,9 @@ def _run(size: Size, size_name: str, out_dir: Path, seed: int) -> dict[str, obje
 
     torch.manual_seed(seed)
     base = TinyLM(size)
+    log(f"1/5 pretraining the base model on code ({size.pretrain_steps} steps)")
     pretrain_seconds = train(base, pretrain_tokens, size, size.pretrain_steps, size.pretrain_lr,
-                             seed)
+                             seed, "pretrain", log)
     save_file(base.state_dict(), out_dir / "base.safetensors")
 
     config = MCNCConfig(k=size.k, d=size.d, hidden=(32, 32), seed=seed)
@@ -219,15 +230,19 @@ def _run(size: Size, size_name: str, out_dir: Path, seed: int) -> dict[str, obje
     mcnc_model = add_mcnc_lora(copy.deepcopy(base), config, target_modules=TARGETS,
                                rank=size.rank, lora_alpha=scale * size.rank)
     lora_model = add_plain_lora(copy.deepcopy(base), size.rank, scale)
+    log(f"2/5 fine-tuning MCNC-LoRA and plain LoRA on English ({size.finetune_steps} steps "
+        "each)")
     mcnc_seconds = train(mcnc_model, finetune_tokens, size, size.finetune_steps, size.mcnc_lr,
-                         seed + 1)
+                         seed + 1, "MCNC-LoRA", log)
     lora_seconds = train(lora_model, finetune_tokens, size, size.finetune_steps, size.lora_lr,
-                         seed + 1)
+                         seed + 1, "LoRA", log)
 
+    log("3/5 packing the MCNC-LoRA adapter into adapter.mcnc (theta0: base.safetensors)")
     torch.save(mcnc_model.state_dict(), out_dir / "adapter.pt")
     packed = pack(out_dir / "adapter.pt", out_dir / "adapter.mcnc",
                   base=out_dir / "base.safetensors", force=True)
 
+    log("4/5 loading base + adapter into a fresh model and comparing logits")
     start = time.perf_counter()
     restored = TinyLM(size)
     restored.load_state_dict(load_file(out_dir / "base.safetensors"))
@@ -239,6 +254,7 @@ def _run(size: Size, size_name: str, out_dir: Path, seed: int) -> dict[str, obje
     if difference > 1e-4:
         raise SystemExit(f"base + adapter logits differ from the trained model by {difference}")
 
+    log("5/5 measuring validation loss")
     return {
         "size": size_name,
         "settings": asdict(size),
@@ -261,6 +277,11 @@ def _run(size: Size, size_name: str, out_dir: Path, seed: int) -> dict[str, obje
     }
 
 
+def _to_stderr(line: str) -> None:
+    """Steps go to stderr, so ``--json``'s stdout stays one JSON object."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
@@ -270,10 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        result = run(args.size, args.out, args.seed)
+        result = run(args.size, args.out, args.seed, log=_to_stderr)
     else:
         with tempfile.TemporaryDirectory(prefix="mcnc-finetune-") as tmp:
-            result = run(args.size, Path(tmp), args.seed)
+            result = run(args.size, Path(tmp), args.seed, log=_to_stderr)
     if args.json:
         print(json.dumps(result, indent=2))
         return

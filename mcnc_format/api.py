@@ -42,7 +42,7 @@ class LoadKeywords(TypedDict, total=False):
     use_triton: bool | None
     precision: Precision | str
     verify: bool | str | Verify
-    progress: Callable[[Progress], None] | None
+    progress: Callable[[Progress], None] | bool | None
     resolver: Resolver | None
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "DeviceMemoryError",
     "ExternalReferenceDamaged",
     "ExternalReferenceError",
+    "ExternalReferenceMissing",
     "FormatError",
     "HeaderError",
     "HubError",
@@ -111,6 +112,12 @@ class ExternalReferenceError(MCNCError):
 class ExternalReferenceDamaged(ExternalReferenceError):
     """Raised when a referenced base file is unreadable or its bytes do not match the pinned
     sha256 (damage, not a wrong reference): a fresh download may help."""
+
+
+class ExternalReferenceMissing(ExternalReferenceError):
+    """Raised when a referenced base checkpoint cannot be opened where the reference points
+    (no such file, or not a regular file): the referencing file itself may be intact. Put the
+    base there, or open the file where its base is."""
 
 
 class WriteError(MCNCError):

@@ -14,16 +14,21 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import MCNCError
 from .header import ExternalTheta0, Header, InlineWeights, LoRATensor
-from .reader import MCNCFile
+from .summary import opened_summary, read_file_header
 from .uri import SCHEME, HubURI, parse_uri
+
+if TYPE_CHECKING:
+    from .reader import MCNCFile
 
 __all__ = [
     "LIBRARY_NAME",
     "SECTION_BEGIN",
     "SECTION_END",
+    "SECTION_MARK",
     "FileFacts",
     "TransformersUsage",
     "render_card",
@@ -31,7 +36,12 @@ __all__ = [
 
 LIBRARY_NAME = "mcnc-format"
 TAGS = ("mcnc",)
-SECTION_BEGIN = "<!-- mcnc-format:begin (written by `mcnc push`; edits here are replaced) -->"
+#: Where the section begins; the rest of the comment names the writer (``section_begin``).
+SECTION_MARK = "<!-- mcnc-format:begin"
+#: Who writes the section: ``mcnc push`` (``mcnc_format.hub.push``), or ``save_pretrained``
+#: for a folder not pushed yet.
+PUSH_WRITER = "`mcnc push` (mcnc_format.hub.push)"
+SAVE_PRETRAINED_WRITER = "`mcnc_format.transformers.save_pretrained`"
 SECTION_END = "<!-- mcnc-format:end -->"
 _ROW = re.compile(r"^\| `(?P<path>[^`]+)` \|.*$", re.MULTILINE)
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -85,6 +95,7 @@ class FileFacts:
     path: str
     parameters: int
     file_ratio: float
+    weights_ratio: float
     generators: str
     file_bytes: int
     dense_bytes: int
@@ -93,12 +104,23 @@ class FileFacts:
 
     @classmethod
     def of(cls, path_in_repo: str, mcnc_file: MCNCFile) -> FileFacts:
-        summary = mcnc_file.summary()
-        header = mcnc_file.header
+        """The facts of an open file."""
+        return cls.from_header(path_in_repo, mcnc_file.header, mcnc_file.summary())
+
+    @classmethod
+    def read(cls, path_in_repo: str, local: Path) -> FileFacts:
+        """The facts of the local file ``local``, from its header alone (no torch)."""
+        opened = read_file_header(local, str(local))
+        return cls.from_header(path_in_repo, opened.header, opened_summary(opened))
+
+    @classmethod
+    def from_header(cls, path_in_repo: str, header: Header, summary: dict[str, Any]
+                    ) -> FileFacts:
         return cls(
             path=path_in_repo,
             parameters=summary["parameters"],
             file_ratio=summary["file_ratio"],
+            weights_ratio=summary["weights_ratio"],
             generators=_describe_generators(header),
             file_bytes=summary["file_bytes"],
             dense_bytes=summary["dense_bytes"],
@@ -108,8 +130,8 @@ class FileFacts:
 
     def row(self) -> str:
         cells = [f"`{self.path.replace('|', _PIPE)}`", f"{self.parameters:,}",
-                 f"{self.file_ratio:.1f}x", self.generators, _size(self.file_bytes),
-                 _size(self.dense_bytes)]
+                 f"{self.file_ratio:.1f}x", f"{self.weights_ratio:.1f}x", self.generators,
+                 _size(self.file_bytes), _size(self.dense_bytes)]
         return "| " + " | ".join(cells) + " |"
 
 
@@ -124,7 +146,8 @@ def render_card(existing: str | None, repo_id: str, facts: Sequence[FileFacts], 
     in ``keep_rows_for`` (still in the repo) but not pushed now are kept. The loading example
     names ``revision`` unless it is the default branch; with ``transformers`` it builds the
     model with ``mcnc_format.transformers.from_pretrained``, from ``local_folder`` when the
-    card describes a folder not yet pushed (``save_pretrained``). ``base_model``
+    card describes a folder not yet pushed (``save_pretrained``, which the section then names
+    as its writer; otherwise ``mcnc push``). ``base_model``
     given here wins over the card's value, which wins over one found in the files (an
     ``hf://`` theta0 reference, or ``info.base_model`` when it looks like a repo id).
     """
@@ -151,6 +174,14 @@ def render_card(existing: str | None, repo_id: str, facts: Sequence[FileFacts], 
     return str(card)
 
 
+def section_begin(writer: str) -> str:
+    """The comment that opens the section, naming who wrote it."""
+    return f"{SECTION_MARK} (written by {writer}; edits here are replaced) -->"
+
+
+SECTION_BEGIN = section_begin(PUSH_WRITER)
+
+
 def _section(repo_id: str, revision: str | None, text: str, facts: Sequence[FileFacts],
              keep_rows_for: Collection[str], transformers: TransformersUsage | None,
              local_folder: str | None) -> str:
@@ -158,12 +189,16 @@ def _section(repo_id: str, revision: str | None, text: str, facts: Sequence[File
             if (path := match["path"].replace(_PIPE, "|")) in keep_rows_for}
     rows.update({f.path: f.row() for f in facts})
     intro = [
-        SECTION_BEGIN,
+        section_begin(SAVE_PRETRAINED_WRITER if local_folder else PUSH_WRITER),
         "## MCNC files",
         "",
         "Weights in the `.mcnc` format of the `mcnc-format` library: each chunk of a "
         "compressed tensor is rebuilt from a few coefficients by a small random generator "
-        "network, so the files are much smaller than the dense weights.",
+        "network, so the files are much smaller than the dense weights. `file_ratio` is the "
+        "dense bytes over the file's bytes (what shipping the file saves, everything "
+        "included); `weights_ratio` is the compressed parameters over the stored alpha-beta "
+        "values (how much MCNC shrinks the weights it compresses), as `mcnc inspect` reports "
+        "them.",
         "",
     ]
     if not rows:  # e.g. a push of a folder holding only config files
@@ -177,8 +212,8 @@ def _section(repo_id: str, revision: str | None, text: str, facts: Sequence[File
         usage = ["import mcnc_format", "", f'state_dict = mcnc_format.load("{example}")']
     return "\n".join([
         *intro,
-        "| File | Parameters | Compression | Generator | File size | Dense size |",
-        "|---|---:|---:|---|---:|---:|",
+        "| File | Parameters | file_ratio | weights_ratio | Generator | File size | Dense size |",
+        "|---|---:|---:|---:|---|---:|---:|",
         *(rows[path] for path in paths),
         "",
         "```python",
@@ -189,14 +224,14 @@ def _section(repo_id: str, revision: str | None, text: str, facts: Sequence[File
 
 
 def _old_section(text: str) -> str:
-    start = text.find(SECTION_BEGIN)
+    start = text.find(SECTION_MARK)
     end = text.find(SECTION_END, start)
     return text[start:end] if start >= 0 and end >= 0 else ""
 
 
 def _with_section(text: str, section: str) -> str:
     """Replace the marked section in place, or append it: idempotent by construction."""
-    start = text.find(SECTION_BEGIN)
+    start = text.find(SECTION_MARK)
     end = text.find(SECTION_END, start)
     if start >= 0 and end >= 0:
         return text[:start] + section + text[end + len(SECTION_END):]

@@ -19,6 +19,7 @@ from torch import nn
 from .api import open as open_file
 from .converters.peft_export import peft_adapter
 from .errors import MCNCError, UsageError
+from .extras import require
 from .header import LoRATensor
 
 __all__ = ["load_adapter"]
@@ -36,6 +37,7 @@ def load_adapter(model: nn.Module, path_or_hf_uri: str | os.PathLike[str],
     lora are not compared with ``model``'s. Raises ``MCNCError`` when the file holds no lora
     tensor or names a module ``model`` lacks.
     """
+    require("peft", "peft", "mcnc_format.peft.load_adapter")
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

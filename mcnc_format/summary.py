@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import constants as C
+from .engine.source import FileSource, OpenedHeader, read_header
 from .header import DenseTensor, Header, LoRATensor, MCNCTensor, PackedTensor, TensorEntry
 
-__all__ = ["TensorInfo", "file_summary", "tensor_info"]
+__all__ = ["TensorInfo", "file_summary", "opened_summary", "read_file_header", "tensor_info"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +92,19 @@ def file_summary(header: Header, file_size: int, header_length: int, minor: int
         "generators": len(header.generators),
         "format_version": f"{C.FORMAT_MAJOR}.{minor}",
     }
+
+
+def read_file_header(path: Path, label: str) -> OpenedHeader:
+    """The checked preamble and header of the local file ``path`` (``label`` names it in
+    errors); the file is closed again. What ``mcnc inspect`` and the Hub's model card read."""
+    source = FileSource(path, label)
+    try:
+        return read_header(source, label)
+    finally:
+        source.close()
+
+
+def opened_summary(opened: OpenedHeader) -> dict[str, Any]:
+    """``file_summary`` of a header read by ``read_header``."""
+    return file_summary(opened.header, opened.file_size, opened.preamble.header_length,
+                        opened.preamble.minor)

@@ -22,21 +22,24 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import constants as C
 from .engine.box import Box
-from .engine.options import Verify
+from .engine.options import Progress, Verify
 from .engine.resolve import Resolver
 from .engine.source import sweep_bytes
 from .errors import (
     ChecksumError,
     ExternalReferenceError,
+    ExternalReferenceMissing,
     FormatError,
+    HubOfflineError,
     MCNCError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
@@ -58,23 +61,33 @@ __all__ = ["Problem", "VerifyReport", "verify_file"]
 DEFAULT_BATCH_VALUES = 1 << 25  # 128 MiB of float32 output per regeneration batch
 
 
+#: Checks whose problems say the file could not be judged here, not that it is damaged.
+UNSUPPORTED = "unsupported"
+UNAVAILABLE = "unavailable"
+
+
 @dataclass(frozen=True)
 class Problem:
     """One broken rule. ``check`` names the stage that found it: ``structure`` (preamble,
     header, blob placement), ``checksum``, ``padding``, ``regeneration``, ``finite``,
-    ``external`` or ``unsupported`` (a feature this reader does not implement, so the file
-    could not be judged). ``rule`` (the SPEC.md rule number), ``field`` (the header field path)
-    and ``tensor`` are the error's own fields (``MCNCError``), ``None`` where it has none."""
+    ``external`` (a base checkpoint that is not the pinned one, or lacks the tensor),
+    ``unavailable`` (a base checkpoint that cannot be opened here, so the tensors built on it
+    could not be checked) or ``unsupported`` (a feature this reader does not implement, so the
+    file could not be judged). ``rule`` (the SPEC.md rule number), ``field`` (the header field
+    path) and ``tensor`` are the error's own fields (``MCNCError``), ``None`` where it has
+    none; ``tensors`` lists every tensor the same problem was found in (one missing base
+    checkpoint is one problem, whatever the number of tensors built on it)."""
 
     check: str
     message: str
     rule: str | None = None
     field: str | None = None
     tensor: str | None = None
+    tensors: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"check": self.check, "message": self.message, "rule": self.rule,
-                "field": self.field, "tensor": self.tensor}
+                "field": self.field, "tensor": self.tensor, "tensors": list(self.tensors)}
 
 
 @dataclass
@@ -100,23 +113,37 @@ class VerifyReport:
 
     @property
     def status(self) -> str:
-        """``valid``, ``invalid``, or ``unverifiable`` when the only problems are features
-        this reader does not implement (a newer file: upgrade and verify again)."""
-        if not self.problems:
+        """``valid``; ``invalid`` (the file breaks a rule); ``incomplete`` when the only
+        problems are base checkpoints that cannot be opened here (the file's own bytes hold:
+        verify again where its bases are); ``unverifiable`` when the only problems are
+        features this reader does not implement (a newer file: upgrade and verify again),
+        with or without unavailable bases."""
+        checks = {p.check for p in self.problems}
+        if not checks:
             return "valid"
-        if all(p.check == "unsupported" for p in self.problems):
+        if checks == {UNAVAILABLE}:
+            return "incomplete"
+        if checks <= {UNSUPPORTED, UNAVAILABLE}:
             return "unverifiable"
         return "invalid"
 
     def add(self, check: str, exc_or_message: BaseException | str, tensor: str | None = None
             ) -> None:
-        """A problem from an ``MCNCError`` (its fields), or from a message about ``tensor``."""
+        """A problem from an ``MCNCError`` (its fields), or from a message about ``tensor``;
+        the same problem found again for another tensor adds that tensor to it."""
         if isinstance(exc_or_message, MCNCError):
             exc = exc_or_message
-            self.problems.append(Problem(check, str(exc), exc.rule, exc.field,
-                                         exc.tensor or tensor))
+            problem = Problem(check, str(exc), exc.rule, exc.field, exc.tensor or tensor)
         else:
-            self.problems.append(Problem(check, str(exc_or_message), tensor=tensor))
+            problem = Problem(check, str(exc_or_message), tensor=tensor)
+        for i, seen in enumerate(self.problems):
+            if (seen.check, seen.message, seen.rule, seen.field) == (
+                    problem.check, problem.message, problem.rule, problem.field):
+                if problem.tensor is not None and problem.tensor not in seen.tensors:
+                    self.problems[i] = replace(seen, tensors=(*seen.tensors, problem.tensor))
+                return
+        self.problems.append(replace(problem, tensors=(problem.tensor,) if problem.tensor
+                                     else ()))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,8 +158,11 @@ class VerifyReport:
 
 
 def verify_file(path: str | os.PathLike[str], *, batch_values: int = DEFAULT_BATCH_VALUES,
-                resolver: Resolver | None = None) -> VerifyReport:
+                resolver: Resolver | None = None,
+                progress: Callable[[Progress], None] | None = None) -> VerifyReport:
     """Check everything about the ``.mcnc`` file at ``path`` and report what is wrong.
+    ``progress`` is called after each tensor is rebuilt and checked, with the counts of the
+    whole file (a ``mcnc_format.progress.ProgressBar`` draws them).
 
     A damaged or non-conforming file gives a report with problems; this raises
     ``MCNCError`` only when the check cannot run at all (the path cannot be opened or read,
@@ -146,7 +176,7 @@ def verify_file(path: str | os.PathLike[str], *, batch_values: int = DEFAULT_BAT
     mcnc_file = _open(path, report, resolver)
     if mcnc_file is not None:
         with mcnc_file:
-            _Verifier(mcnc_file, report, batch_values).run()
+            _Verifier(mcnc_file, report, batch_values, progress).run()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -158,7 +188,7 @@ def _open(path: str | os.PathLike[str], report: VerifyReport, resolver: Resolver
     try:
         return MCNCFile(path, verify=Verify.FULL, resolver=resolver)
     except (UnsupportedVersionError, UnsupportedFeatureError) as exc:
-        report.add("unsupported", exc)
+        report.add(UNSUPPORTED, exc)
     except FormatError as exc:
         report.add("checksum" if isinstance(exc, ChecksumError) else "structure", exc)
     except OSError as exc:
@@ -169,13 +199,19 @@ def _open(path: str | os.PathLike[str], report: VerifyReport, resolver: Resolver
 class _Verifier:
     """One verification pass over an open file, recording problems in ``report``."""
 
-    def __init__(self, f: MCNCFile, report: VerifyReport, batch_values: int) -> None:
+    def __init__(self, f: MCNCFile, report: VerifyReport, batch_values: int,
+                 progress: Callable[[Progress], None] | None = None) -> None:
         self.f = f
         self.header: Header = f.header
         self.report = report
         self.batch_values = max(1, batch_values)
         self.bad_blobs: set[int] = set()
         self.checked: set[str] = set()
+        self.progress = progress
+        self.bytes_total = sum(_dense_bytes(t) for t in self.header.tensors)
+        self.bytes_done = 0
+        self.chunks = 0  # regenerated by the streams before the current one
+        self.stream_chunks = 0  # regenerated by the current stream so far
 
     def run(self) -> None:
         self.check_bytes()
@@ -206,7 +242,7 @@ class _Verifier:
         groups: dict[object, list[TensorEntry]] = {}
         for t in self.header.tensors:
             if isinstance(t, UnknownTensor):
-                self.report.add("unsupported", t.unsupported(self.f.label))
+                self.report.add(UNSUPPORTED, t.unsupported(self.f.label))
                 continue
             if self.bad_blobs & set(_blobs_of(self.header, t)):
                 self.report.counts["skipped_tensors"] += 1
@@ -233,7 +269,7 @@ class _Verifier:
             if len(batch) == 1 and batch[0].numel > self.batch_values:
                 self.regenerate_in_boxes(batch[0])
             else:
-                for name, value in self.f.stream([t.name for t in batch], "cpu"):
+                for name, value in self.stream([t.name for t in batch]):
                     self.check_values(self.f.entry(name), value)
         except MemoryError as exc:  # DeviceMemoryError too: the check cannot run
             raise MCNCError(f"{self.f.label}: verification ran out of memory: {exc}") from exc
@@ -254,13 +290,34 @@ class _Verifier:
         values) and checked as it goes: memory stays bounded whatever its declared size."""
         nonfinite = 0
         for box in _boxes_within(t.shape, self.batch_values):
-            for _, value in self.f.stream([t.name], "cpu", boxes={t.name: box}):
+            for _, value in self.stream([t.name], {t.name: box}):
                 if value.is_floating_point():
                     nonfinite += int((~torch.isfinite(value)).sum())
         self.checked.add(t.name)
         self.report.counts["tensors"] += 1
         self.report.counts["values"] += t.numel
         self.report_nonfinite(t, nonfinite)
+        self.report_progress(t)
+
+    def stream(self, names: list[str], boxes: dict[str, Box] | None = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The engine's stream of ``names`` on the CPU, its chunks counted for ``progress``."""
+        self.chunks += self.stream_chunks
+        self.stream_chunks = 0
+        options = self.f.options
+        if self.progress is not None:
+            options = replace(options, progress=self.count_chunks)
+        return self.f.stream(names, "cpu", boxes=boxes, options=options)
+
+    def count_chunks(self, progress: Progress) -> None:
+        self.stream_chunks = progress.chunks_regenerated
+
+    def report_progress(self, t: TensorEntry) -> None:
+        self.bytes_done += _dense_bytes(t)
+        if self.progress is not None:
+            self.progress(Progress(t.name, self.report.counts["tensors"], len(self.header.tensors),
+                                   self.bytes_done, self.bytes_total,
+                                   self.chunks + self.stream_chunks))
 
     def check_values(self, t: TensorEntry, value: torch.Tensor) -> None:
         if t.name in self.checked:  # already checked before a retry of its batch
@@ -268,9 +325,9 @@ class _Verifier:
         self.checked.add(t.name)
         self.report.counts["tensors"] += 1
         self.report.counts["values"] += value.numel()
-        if not value.is_floating_point():
-            return
-        self.report_nonfinite(t, int((~torch.isfinite(value)).sum()))
+        if value.is_floating_point():
+            self.report_nonfinite(t, int((~torch.isfinite(value)).sum()))
+        self.report_progress(t)
 
     def report_nonfinite(self, t: TensorEntry, nonfinite: int) -> None:
         if not nonfinite:
@@ -299,11 +356,17 @@ def _boxes_within(shape: tuple[int, ...], limit: int) -> Iterator[Box]:
                       (*(i + 1 for i in outer), stop, *shape[dim + 1 :]))
 
 
+def _dense_bytes(t: TensorEntry) -> int:
+    return t.numel * C.DTYPE_SIZES.get(t.dtype, 4)
+
+
 def _check_of(exc: BaseException) -> str:
+    if isinstance(exc, ExternalReferenceMissing | HubOfflineError):
+        return UNAVAILABLE
     if isinstance(exc, ExternalReferenceError):
         return "external"
     if isinstance(exc, UnsupportedFeatureError):
-        return "unsupported"
+        return UNSUPPORTED
     if isinstance(exc, ChecksumError):
         return "checksum"
     if isinstance(exc, FormatError):

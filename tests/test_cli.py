@@ -233,6 +233,41 @@ def test_verify_checks_external_references(runner, tmp_path):
     assert re.search(r"^  x R75 external: .*sha256", result.output, re.M), result.output
 
 
+def test_verify_of_an_adapter_whose_base_is_missing_exits_3_with_one_line(runner, tmp_path):
+    """A missing base is one problem, not one per tensor, and not damage: exit 3."""
+    gen = torch.Generator().manual_seed(SEED + 3)
+    bases = {f"layers.{i}.weight": torch.randn(8, 12, generator=gen) for i in range(4)}
+    save_file(bases, str(tmp_path / "base.safetensors"))
+    spec = mcnc.GeneratorSpec(k=3, d=32, hidden=(8,), seed=SEED % 2**32)
+    path = tmp_path / "adapter.mcnc"
+    mcnc.save(path, {name: mcnc.MCNC(_segment(spec, 96, 1, gen), (8, 12),
+                                     theta0=mcnc.Theta0.external("base.safetensors", name,
+                                                                 tensor_sha256(value)))
+                     for name, value in bases.items()})
+    (tmp_path / "base.safetensors").unlink()
+    result = runner.invoke(cli, ["verify", str(path)])
+    assert result.exit_code == 3, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("  x ")]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("  x R75 unavailable: ") and not lines[0].endswith("(R75)")
+    assert lines[0].count("adapter.mcnc") == 1 and lines[0].count("base.safetensors") == 2
+    assert "(tensors layers.0.weight, layers.1.weight, layers.2.weight and 1 more)" in lines[0]
+    report = json.loads(runner.invoke(cli, ["verify", "--json", str(path)]).stdout)
+    assert report["status"] == "incomplete"
+    (problem,) = report["problems"]
+    assert problem["check"] == "unavailable" and problem["tensors"] == list(bases)
+    with pytest.raises(mcnc.ExternalReferenceMissing):
+        mcnc.load(path)
+
+
+def test_inspect_json_of_a_missing_file_names_it(runner, tmp_path):
+    missing = str(tmp_path / "nosuch.mcnc")
+    result = runner.invoke(cli, ["inspect", "--json", missing])
+    assert result.exit_code == 2
+    facts = json.loads(result.stdout)
+    assert facts["file"] == missing and facts["error"]["path"] == missing
+
+
 def test_verify_exit_2_for_features_this_reader_does_not_know(runner, model_file, tmp_path):
     """A newer minor version with an unknown encoding cannot be judged: exit 2, not 1. Here
     the two packed tensors' encoding is renamed, which also leaves their pack blob unclaimed."""

@@ -66,7 +66,11 @@ def test_finetune_example_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     example = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "finetune_lm", example)  # dataclasses look it up
     spec.loader.exec_module(example)
-    result = example.run("tiny", tmp_path)
+    steps: list[str] = []
+    result = example.run("tiny", tmp_path, log=steps.append)
+    assert [line[:3] for line in steps if not line.startswith(" ")] == [
+        "1/5", "2/5", "3/5", "4/5", "5/5"]
+    assert any("MCNC-LoRA: step 10/10" in line for line in steps)  # training reports its steps
     counts = result["trainable_parameters"]
     assert 0 < counts["mcnc_lora"] < counts["lora"]
     assert result["max_logit_difference"] <= 1e-4

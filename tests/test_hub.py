@@ -35,7 +35,14 @@ from mcnc_format.errors import (
     UnsupportedVersionError,
     WriteError,
 )
-from mcnc_format.model_card import SECTION_BEGIN, FileFacts, render_card
+from mcnc_format.model_card import (
+    SAVE_PRETRAINED_WRITER,
+    SECTION_BEGIN,
+    SECTION_MARK,
+    FileFacts,
+    render_card,
+    section_begin,
+)
 from mcnc_format.reader import tensor_sha256
 
 REPO = "alice/model"
@@ -521,7 +528,8 @@ def test_model_card_written_then_merged_keeping_user_text(
     card = hub.file_bytes(REPO, "README.md").decode()
     assert card.startswith("---\n")
     for line in ("library_name: mcnc-format", "base_model: org/llm", "- mcnc", "- vision",
-                 "| `first.mcnc` | 72 |", "| File | Parameters | Compression | Generator"):
+                 "| `first.mcnc` | 72 |",
+                 "| File | Parameters | file_ratio | weights_ratio | Generator"):
         assert line in card, line
 
     # The owner edits the card on the Hub: new metadata and text around our section.
@@ -539,6 +547,28 @@ def test_model_card_written_then_merged_keeping_user_text(
 
     mhub.push(second, REPO, token=WRITE_TOKEN, tags=["extra"])
     assert hub.file_bytes(REPO, "README.md").decode() == merged  # idempotent
+
+
+def test_card_reports_both_ratios_and_names_its_writer(tmp_path: Path, seed: int) -> None:
+    local = _make_mcnc(tmp_path / "m.mcnc", seed)
+    facts = FileFacts.read("m.mcnc", local)
+    with mcnc_format.open(local) as f:
+        summary = f.summary()
+        assert FileFacts.of("m.mcnc", f) == facts
+    assert (facts.file_ratio, facts.weights_ratio) == (summary["file_ratio"],
+                                                       summary["weights_ratio"])
+    pushed = render_card(None, "org/r", [facts])
+    header = "| File | Parameters | file_ratio | weights_ratio | Generator | File size |"
+    assert header in pushed and "Compression" not in pushed
+    assert f"| {summary['file_ratio']:.1f}x | {summary['weights_ratio']:.1f}x |" in pushed
+    assert SECTION_BEGIN in pushed and "`mcnc push`" in SECTION_BEGIN
+    saved = render_card(None, "local/r", [facts], local_folder=str(tmp_path))
+    assert section_begin(SAVE_PRETRAINED_WRITER) in saved and SECTION_BEGIN not in saved
+    # A card written before the writer was named: its section is replaced, not repeated.
+    old = "<!-- mcnc-format:begin (written by `mcnc push`; edits here are replaced) -->"
+    again = render_card(saved.replace(section_begin(SAVE_PRETRAINED_WRITER), old), "org/r",
+                        [facts])
+    assert again.count(SECTION_MARK) == 1 and SECTION_BEGIN in again
 
 
 def test_card_for_a_push_without_mcnc_files_and_on_a_branch(

@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 import mcnc_format as mf
@@ -61,3 +62,27 @@ def test_public_names_resolve_lazily() -> None:
     for name in mf.__all__:
         assert getattr(mf, name) is not None
     assert sorted(dir(mf)) == sorted(mf.__all__)
+
+
+@pytest.mark.parametrize(("call", "extra"), [
+    ("from mcnc_format.transformers import from_pretrained; from_pretrained(folder)",
+     "transformers"),
+    ("import torch; from mcnc_format.peft import load_adapter; "
+     "load_adapter(torch.nn.Linear(2, 2), folder)", "peft"),
+])
+def test_a_missing_integration_names_its_extra(tmp_path: Path, call: str, extra: str) -> None:
+    """Without the library (simulated: ``sys.modules[name] = None`` makes its import fail as
+    an absent package's does), the call says which extra installs it."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules[{extra!r}] = None
+        folder = {str(tmp_path)!r}
+        from mcnc_format.errors import UsageError
+        try:
+            {call}
+        except UsageError as exc:
+            print(exc)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert f"pip install 'mcnc-format[{extra}]'" in run.stdout, run.stdout + run.stderr

@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from ..demo import DemoResult, DemoSettings, run_demo
 from .inspect_cmd import inspect
 from .safe_text import markup_safe
+
+if TYPE_CHECKING:
+    from ..demo import DemoResult
 
 __all__ = ["demo"]
 
@@ -30,6 +33,8 @@ __all__ = ["demo"]
 @click.pass_context
 def demo(ctx: click.Context, out_dir: Path | None, as_json: bool, quick: bool) -> None:
     """Train a digits MLP densely and with MCNC, pack it, inspect it, load it back."""
+    from ..demo import DemoSettings, run_demo  # torch: only when the demo runs
+
     settings = DemoSettings().quick() if quick else DemoSettings()
     folder = out_dir if out_dir is not None else _temporary_folder(ctx)
     if as_json:

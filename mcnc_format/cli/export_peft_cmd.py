@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..converters.peft_export import export_peft
+from .json_out import emit_json, errors_as_json
 from .safe_text import printable
 
 __all__ = ["export_peft_command"]
@@ -27,11 +27,22 @@ __all__ = ["export_peft_command"]
 @click.option("--skip-non-lora", is_flag=True,
               help="Leave out tensors that are not lora instead of failing.")
 @click.option("--force", is_flag=True, help="Overwrite an adapter already in OUT_DIR.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (errors too) instead of text.")
 def export_peft_command(file: str, out_dir: Path, base_model: str | None,
-                        task_type: str | None, skip_non_lora: bool, force: bool) -> None:
+                        task_type: str | None, skip_non_lora: bool, force: bool,
+                        as_json: bool) -> None:
     """Export the lora tensors of FILE as a PEFT LoRA adapter folder OUT_DIR."""
-    result = export_peft(file, out_dir, base_model=base_model, task_type=task_type,
-                         skip_non_lora=skip_non_lora, force=force)
+    with errors_as_json(as_json, file, file=file, out_dir=out_dir):
+        from ..converters.peft_export import export_peft  # torch: the factors are rebuilt
+
+        result = export_peft(file, out_dir, base_model=base_model, task_type=task_type,
+                             skip_non_lora=skip_non_lora, force=force)
+    if as_json:
+        emit_json({"file": file, "out_dir": str(result.folder), "modules": list(result.modules),
+                   "rank": result.rank, "lora_alpha": result.lora_alpha,
+                   "skipped": list(result.skipped)})
+        return
     click.echo(f"wrote {printable(result.folder)} ({len(result.modules)} modules, r={result.rank}, "
                f"lora_alpha={result.lora_alpha})")
     if result.skipped:

@@ -1,12 +1,12 @@
 """``mcnc inspect FILE``: what a file holds and how small it is, read from the header alone.
 
-No blob is read, so inspecting a multi-gigabyte file is instant. ``--json`` prints the same
-facts as one JSON object whose keys are documented in README.md ("mcnc inspect --json").
+No blob is read, so inspecting a multi-gigabyte file is instant, and neither is torch imported
+(``summary.read_file_header``: msgpack, zstandard and xxhash). ``--json`` prints the same facts
+as one JSON object whose keys are documented in README.md ("mcnc inspect --json").
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -15,10 +15,11 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .. import constants as C
-from ..api import open as open_file
-from ..errors import MCNCError
+from ..engine.resolve import DefaultResolver
+from ..engine.source import OpenedHeader
 from ..header import GeneratorEntry, Header, LoRATensor, PRNGTheta0, TensorEntry
-from ..reader import MCNCFile
+from ..summary import opened_summary, read_file_header, tensor_info
+from .json_out import emit_json, errors_as_json
 from .safe_text import markup_safe
 
 __all__ = ["describe", "inspect"]
@@ -47,39 +48,34 @@ _PIPED_WIDTH = 160
               help="Print one JSON object (stable keys, see README) instead of tables.")
 def inspect(file: str, as_json: bool) -> None:
     """Show the tensors, sizes, generators and segments of an .mcnc FILE (header only)."""
-    try:
-        with open_file(file) as f:
-            facts = describe(f)
-    except MCNCError as exc:
-        if as_json:  # the fields on stdout; the one-line error and exit 2 as for every command
-            click.echo(json.dumps({"file": file, "error": exc.to_dict()}, indent=2,
-                                  ensure_ascii=False))
-        raise
+    with errors_as_json(as_json, file, file=file):
+        path = DefaultResolver().local_path(file)
+        facts = describe(str(path), read_file_header(path, file))
     if as_json:
-        click.echo(json.dumps(facts, indent=2, ensure_ascii=False))
+        emit_json(facts)
         return
     _print_tables(facts)
 
 
-def describe(f: MCNCFile) -> dict[str, Any]:
-    """Everything ``inspect`` shows, as plain JSON-ready values."""
-    header = f.header
-    summary = f.summary()
+def describe(path: str, opened: OpenedHeader) -> dict[str, Any]:
+    """Everything ``inspect`` shows of the file at ``path``, as plain JSON-ready values."""
+    header = opened.header
+    summary = opened_summary(opened)
     return {
-        "file": str(f.path),
+        "file": path,
         "format_version": summary["format_version"],
         "alignment": header.alignment,
         "summary": {key: summary[key] for key in SUMMARY_KEYS},
-        "metadata": f.metadata,
-        "info": f.info,
-        "tensors": [_tensor_facts(f, t) for t in header.tensors],
+        "metadata": dict(header.metadata),
+        "info": dict(header.info),
+        "tensors": [_tensor_facts(header, t) for t in header.tensors],
         "generators": [_generator_facts(i, g) for i, g in enumerate(header.generators)],
         "segments": _segment_facts(header),
     }
 
 
-def _tensor_facts(f: MCNCFile, t: TensorEntry) -> dict[str, Any]:
-    info = f.tensor_info(t.name)
+def _tensor_facts(header: Header, t: TensorEntry) -> dict[str, Any]:
+    info = tensor_info(header, t)
     theta0 = t.theta0s()[0] if t.theta0s() else None
     facts: dict[str, Any] = {
         "name": t.name,

@@ -5,10 +5,17 @@ registers them and owns the error-to-exit-code policy: an ``MCNCError`` or an ``
 missing file, a full or read-only disk, a name too long, a path through a file) prints
 ``error: <message>`` as one line on stderr and exits with status 2, no traceback unless
 ``--debug``.
+
+Why commands are loaded by name: ``mcnc --version``, ``--help`` and the header-level commands
+(``inspect``, ``push``, ``pull``) must start at once, without importing torch (seconds). The
+group lists each command with its one-line summary from ``COMMANDS`` and imports a command's
+module only when that command runs; each module imports its heavy dependencies inside the
+command.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import NoReturn
 
@@ -32,8 +39,55 @@ def exit_with_error(exc: BaseException) -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
+#: Each command: its module (in this package), the click command's name there, and the one-line
+#: summary ``mcnc --help`` shows (the command's own short help: a test keeps them equal).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("demo_cmd", "demo",
+             "Train a digits MLP densely and with MCNC, pack it, inspect it, load it back."),
+    "export-peft": ("export_peft_cmd", "export_peft_command",
+                    "Export the lora tensors of FILE as a PEFT LoRA adapter folder OUT_DIR."),
+    "inspect": ("inspect_cmd", "inspect",
+                "Show the tensors, sizes, generators and segments of an .mcnc FILE (header "
+                "only)."),
+    "pack": ("pack_cmd", "pack_command",
+             "Pack CHECKPOINT (a state dict file, or a checkpoint folder or file that a "
+             "converter recognises: see --list-converters) into the .mcnc file OUT."),
+    "pull": ("hub_cmd", "pull_command",
+             "Download FILENAME (or the whole repository) from REPO_ID and print its local "
+             "path."),
+    "push": ("hub_cmd", "push_command",
+             "Upload PATH (an .mcnc file, or a folder) to the Hub repository REPO_ID in one "
+             "commit, with a model card, and print the pinned hf:// URI of each file."),
+    "unpack": ("unpack_cmd", "unpack",
+               "Write every tensor of FILE, regenerated and dense, to OUT.safetensors."),
+    "verify": ("verify_cmd", "verify",
+               "Verify an .mcnc FILE: checksums of the header and every blob, structure, "
+               "padding, a full regeneration of every tensor on the CPU, and external "
+               "references."),
+}
+
+
 class _Group(click.Group):
-    """A click group that reports library errors as one line instead of a traceback."""
+    """A click group that loads each command when it runs and reports library errors as one
+    line instead of a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, name, _ = COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        rows = [(name, click.utils.make_default_short_help(COMMANDS[name][2], limit))
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -51,30 +105,6 @@ class _Group(click.Group):
 def cli(ctx: click.Context, debug: bool) -> None:
     """Store, inspect, verify and convert MCNC-compressed neural networks (.mcnc files)."""
     ctx.meta["mcnc.debug"] = debug
-
-
-def _register() -> None:
-    from . import (
-        demo_cmd,
-        export_peft_cmd,
-        hub_cmd,
-        inspect_cmd,
-        pack_cmd,
-        unpack_cmd,
-        verify_cmd,
-    )
-
-    cli.add_command(demo_cmd.demo)
-    cli.add_command(inspect_cmd.inspect)
-    cli.add_command(verify_cmd.verify)
-    cli.add_command(unpack_cmd.unpack)
-    cli.add_command(pack_cmd.pack_command)
-    cli.add_command(export_peft_cmd.export_peft_command)
-    cli.add_command(hub_cmd.push_command)
-    cli.add_command(hub_cmd.pull_command)
-
-
-_register()
 
 
 def main() -> None:

@@ -11,24 +11,26 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
-from rich.console import Console
-from rich.progress import Progress
 
 from .. import constants as C
-from ..api import open as open_file
-from ..api import stream
 from ..atomic import refuse_overwrite, refuse_same_file
 from ..engine.options import Progress as LoadProgress
-from ..reader import MCNCFile
-from ..safetensors_out import save_safetensors
-from .safe_text import markup_safe, printable
+from ..progress import ProgressBar
+from .json_out import emit_json, errors_as_json
+from .safe_text import printable
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..reader import MCNCFile
 
 __all__ = ["export_safetensors", "provenance_metadata", "unpack"]
 
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+#: ``--dtype`` names (``devices.DTYPE_NAMES``).
+DTYPES = ("bf16", "f16", "f32")
 FORMAT_VERSION_KEY = "mcnc.format_version"
 SOURCE_KEY = "mcnc.source"
 INFO_PREFIX = "mcnc.info."
@@ -37,25 +39,23 @@ INFO_PREFIX = "mcnc.info."
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Cast floating-point tensors to this dtype (default: each tensor's own).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def unpack(file: str, out: Path, dtype: str | None, force: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (errors too) instead of text.")
+def unpack(file: str, out: Path, dtype: str | None, force: bool, as_json: bool) -> None:
     """Write every tensor of FILE, regenerated and dense, to OUT.safetensors.
 
     The whole dense model is held in memory while it is written (safetensors writes a file
-    in one call).
+    in one call). A progress bar shows on a terminal.
     """
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("regenerating", total=None)
-
-        def report(p: LoadProgress) -> None:
-            bar.update(task, total=p.bytes_total, completed=p.bytes_done,
-                       description=markup_safe(p.name))
-
-        written = export_safetensors(file, out, dtype=DTYPES[dtype] if dtype else None,
-                                     overwrite=force, progress=report)
+    with errors_as_json(as_json, file, file=file, out=out):
+        written = export_safetensors(file, out, dtype=dtype, overwrite=force,
+                                     progress=ProgressBar("unpacking"))
+    if as_json:
+        emit_json({"file": file, "out": str(out), "bytes": written, "dtype": dtype})
+        return
     click.echo(f"wrote {printable(out)} ({written:,} bytes)")
 
 
@@ -72,11 +72,16 @@ def provenance_metadata(f: MCNCFile) -> dict[str, str]:
 
 
 def export_safetensors(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                       dtype: torch.dtype | None = None, overwrite: bool = False,
+                       dtype: torch.dtype | str | None = None, overwrite: bool = False,
                        progress: Callable[[LoadProgress], None] | None = None) -> int:
     """Write the dense tensors of the ``.mcnc`` file ``source`` to the safetensors file
-    ``out`` atomically; ``dtype`` casts floating-point tensors; ``progress`` is called after
-    each tensor is regenerated. Returns the bytes written."""
+    ``out`` atomically; ``dtype`` casts floating-point tensors (a torch dtype or its name,
+    ``f16``); ``progress`` is called after each tensor is regenerated. Returns the bytes
+    written."""
+    from ..api import open as open_file
+    from ..api import stream
+    from ..safetensors_out import save_safetensors
+
     target = Path(out)
     refuse_same_file(source, target)
     refuse_overwrite([target], overwrite)

@@ -130,7 +130,8 @@ class LoadOptions:
     ``precision``: the kernel's output-layer product (``Precision``; ``AUTO`` by default).
     ``verify``: what is checked of the bytes read (``Verify``; ``True`` is ``CACHED``, the
     default, ``False`` is ``NONE``).
-    ``progress``: called with a ``Progress`` after each tensor.
+    ``progress``: called with a ``Progress`` after each tensor (the keyword also takes
+    ``True``: a progress bar on a terminal, ``mcnc_format.progress.ProgressBar``).
     """
 
     staging_bytes: int = DEFAULT_STAGING_BYTES
@@ -153,7 +154,8 @@ class LoadOptions:
         """The options given as keywords to ``call`` (``load``, ``stream``, ``MCNCFile`` ...),
         which may also take the ``accepted`` keywords of its own; any other keyword is
         refused (``check_keywords``). Values are checked here (``Precision.of``,
-        ``Verify.of``), so every entry point accepts the same spellings."""
+        ``Verify.of``, ``progress_callback``), so every entry point accepts the same
+        spellings."""
         names = [f.name for f in fields(cls)]
         check_keywords(call, keywords, (*names, *accepted))
         given = {name: keywords[name] for name in names if name in keywords}
@@ -161,6 +163,10 @@ class LoadOptions:
             given["precision"] = Precision.of(given["precision"])
         if "verify" in given:
             given["verify"] = Verify.of(given["verify"])
+        if "progress" in given:
+            from ..progress import progress_callback  # rich: only when asked for
+
+            given["progress"] = progress_callback(given["progress"])
         if given.get("staging_bytes") is None:
             given.pop("staging_bytes", None)
         return cls(**given)

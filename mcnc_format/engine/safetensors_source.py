@@ -21,7 +21,13 @@ import torch
 
 from .. import constants as C
 from ..dtypes import to_torch
-from ..errors import ExternalReferenceDamaged, ExternalReferenceError, FormatError
+from ..errors import (
+    ExternalReferenceDamaged,
+    ExternalReferenceError,
+    ExternalReferenceMissing,
+    FormatError,
+    MCNCError,
+)
 from .digests import FileIdentity
 from .source import FileSource
 
@@ -60,9 +66,11 @@ class SafetensorsFile:
         except FormatError as exc:
             raise self._error(str(exc)) from exc
         except Exception as exc:  # cannot open: missing, a directory, a FIFO
-            raise ExternalReferenceDamaged(
-                f"{label} ({path}) cannot be read: {exc}. Put the base checkpoint next to the "
-                ".mcnc file", rule="R75") from exc
+            reason = ("no such file" if isinstance(exc, FileNotFoundError) else
+                      exc.message if isinstance(exc, MCNCError) else str(exc))
+            raise ExternalReferenceMissing(
+                f"{label} ({path}) cannot be read: {reason}. Put the base checkpoint there, "
+                "next to the .mcnc file", rule="R75") from exc
         try:
             self._entries, self._data_start = self._parse(self._file.size)
         except BaseException:

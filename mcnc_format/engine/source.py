@@ -1,5 +1,8 @@
 """Bytes of an open ``.mcnc`` file, read with ``pread`` into the buffers that need them.
 
+Platforms: Linux and macOS read with ``os.preadv``; elsewhere ``positional_reader`` falls back
+to ``os.pread``, or to ``lseek`` and ``read`` under a lock (Windows).
+
 Why not a memory map: a file truncated by another process while mapped kills the reader with
 SIGBUS the moment a vanished page is touched. ``pread`` reports the short read instead, which
 becomes a ``FormatError``, and it lets the executor read exactly the byte range a box needs.
@@ -51,6 +54,40 @@ _READERS: list[ThreadPoolExecutor] = []
 if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads
     os.register_at_fork(after_in_child=_READERS.clear)
 
+#: Reads up to ``len(view)`` bytes of ``fd`` at ``offset`` into ``view``; returns the count.
+PositionalRead = Callable[[int, memoryview, int], int]
+
+
+def positional_reader() -> PositionalRead:
+    """The best positional read this platform has. ``os.preadv`` (Linux, macOS, the BSDs)
+    reads straight into the caller's buffer; ``os.pread`` (other Unixes) reads into a new
+    bytes object first; where neither exists (Windows) the descriptor is positioned with
+    ``lseek`` and read, under one lock, since the position is shared by every thread."""
+    if hasattr(os, "preadv"):
+        return lambda fd, view, offset: os.preadv(fd, [view], offset)
+    if hasattr(os, "pread"):
+        return _copy_into(os.pread)
+    lock = threading.Lock()
+
+    def seek_and_read(fd: int, length: int, offset: int) -> bytes:
+        with lock:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, length)
+
+    return _copy_into(seek_and_read)
+
+
+def _copy_into(read: Callable[[int, int, int], bytes]) -> PositionalRead:
+    def read_into(fd: int, view: memoryview, offset: int) -> int:
+        data = read(fd, len(view), offset)
+        view[: len(data)] = data
+        return len(data)
+
+    return read_into
+
+
+_pread_into = positional_reader()
+
 
 def _readers() -> ThreadPoolExecutor:
     """The process's reader threads (created on first use; pread needs no per-file state)."""
@@ -64,15 +101,16 @@ def open_regular(path: Path, label: str, error: type[MCNCError] = MCNCError) -> 
     """``(descriptor, size)`` of a regular file opened for reading. Opened non-blocking, so a
     FIFO or a device is refused instead of waiting for a writer."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)  # Windows opens text mode otherwise
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
         raise MCNCFileNotFoundError(f"No such file or directory: {label}") from exc
     except OSError as exc:
-        raise error(f"{label}: cannot open: {exc.strerror or exc}") from exc
+        raise error(f"cannot open: {exc.strerror or exc}", path=label) from exc
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
-            raise error(f"{label}: not a regular file; give the path of a file")
+            raise error("not a regular file; give the path of a file", path=label)
     except BaseException:
         os.close(fd)
         raise
@@ -138,7 +176,7 @@ class FileSource:
         done = start
         while done < stop:
             try:
-                n = os.preadv(fd, [buffer[done:stop]], offset + done)
+                n = _pread_into(fd, buffer[done:stop], offset + done)
             except OSError as exc:
                 raise FormatError(f"{self.label}: cannot read bytes {offset + done} .. "
                                   f"{offset + stop}: {exc.strerror or exc}") from exc

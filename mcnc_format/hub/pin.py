@@ -8,14 +8,16 @@ tensor's bytes, which the reader checks before use (R74, R75).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from huggingface_hub import constants
 
 from ..errors import ExternalReferenceError, HubOfflineError
-from ..reader import tensor_sha256
 from ..uri import parse_uri
-from ..writer import Theta0
 from .download import download, pinned
+
+if TYPE_CHECKING:
+    from ..writer import Theta0
 
 __all__ = ["theta0_reference", "theta0_references"]
 
@@ -30,7 +32,11 @@ def theta0_reference(reference: str, tensor: str, *, token: str | None = None,
 def theta0_references(reference: str, tensors: Iterable[str], *, token: str | None = None,
                       endpoint: str | None = None) -> dict[str, Theta0]:
     """``theta0_reference`` for many tensors of one file: one commit lookup, one download."""
+    # torch only here: ``mcnc push`` and ``mcnc pull`` import this package without it
     from safetensors import SafetensorError, safe_open
+
+    from ..reader import tensor_sha256
+    from ..writer import Theta0
 
     target = parse_uri(reference, error=ExternalReferenceError)
     if constants.HF_HUB_OFFLINE and not target.pinned:  # a cached ref may be out of date

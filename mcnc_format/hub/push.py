@@ -13,16 +13,11 @@ import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from ..errors import MCNCError
-from ..reader import MCNCFile
-
-if TYPE_CHECKING:
-    from ..model_card import FileFacts
 from ..uri import HubURI
 from .error_map import hub_errors
 from .integrity import check_mcnc_bytes
@@ -60,12 +55,12 @@ def push(path: str | os.PathLike[str], repo_id: str, revision: str | None = None
     folder is the starting text instead of the one on the Hub.
     """
     # model_card imports this package: import it when used
-    from ..model_card import CONFIG_FILE, TransformersUsage, render_card
+    from ..model_card import CONFIG_FILE, FileFacts, TransformersUsage, render_card
 
     files = _files_to_push(Path(path), path_in_repo)
     local_card = files.pop(CARD_NAME) if model_card and CARD_NAME in files else None
-    facts = [_facts(repo_path, local) for repo_path, local in files.items()
-             if repo_path.endswith(".mcnc")]
+    facts = [FileFacts.read(repo_path, check_mcnc_bytes(local))
+             for repo_path, local in files.items() if repo_path.endswith(".mcnc")]
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(f"push to {repo_id}", repo_id, revision, endpoint):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -104,14 +99,6 @@ def _files_to_push(source: Path, path_in_repo: str | None) -> dict[str, Path]:
     if not files:
         raise MCNCError(f"{source}: the folder holds no files to push (hidden ones are skipped)")
     return files
-
-
-def _facts(repo_path: str, local: Path) -> FileFacts:
-    from ..model_card import FileFacts
-
-    check_mcnc_bytes(local)
-    with MCNCFile(local) as mcnc_file:
-        return FileFacts.of(repo_path, mcnc_file)
 
 
 def _remote_card(api: HfApi, repo_id: str, revision: str | None) -> str | None:

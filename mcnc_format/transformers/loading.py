@@ -22,6 +22,7 @@ from torch import nn
 from ..api import load_into
 from ..devices import check_device, check_dtype
 from ..errors import HubFileNotFoundError, MCNCError, UsageError
+from ..extras import require
 from ..uri import SCHEME, parse_uri
 
 __all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "MODEL_FILE", "from_pretrained",
@@ -49,6 +50,7 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     one. Raises ``MCNCError`` naming the file when ``config.json`` or ``model.mcnc`` is
     missing or unreadable, or when the file's tensors do not match the model the config builds.
     """
+    require("transformers", "transformers", "mcnc_format.transformers.from_pretrained")
     from transformers import AutoConfig, GenerationConfig
 
     device = check_device(device)
