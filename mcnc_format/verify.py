@@ -11,9 +11,10 @@ file can be checked after a download or before it is published. It checks
 - that every tensor regenerates on the CPU, with finite values for mcnc and lora tensors,
 - that external theta0 references resolve and match their pinned SHA-256 (R75).
 
-Regeneration runs in batches of at most ``batch_values`` output values (more only for a single
-larger tensor), and results are dropped as soon as they are checked, so memory stays bounded
-whatever the model's size.
+Regeneration is one load through the engine whose outputs are checked and dropped as they are
+handed out (the engine's own batches, in its smallest workspace); a tensor of more than
+``batch_values`` values is rebuilt box by box. Memory stays bounded whatever the model's
+size.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from . import constants as C
 from .engine.box import Box
-from .engine.options import Progress, Verify
+from .engine.options import MIN_WORKSPACE_BYTES, Progress, Verify
 from .engine.resolve import Resolver
 from .engine.source import sweep_bytes
 from .errors import (
@@ -233,57 +234,45 @@ class _Verifier:
 
     # -- tensors ---------------------------------------------------------------------------
     def regenerate_all(self) -> None:
-        for batch in self.batches():
-            self.regenerate(batch)
-
-    def batches(self) -> list[list[TensorEntry]]:
-        """Tensors grouped by segment (so shared chunks are computed once), each group cut
-        into runs of at most ``batch_values`` output values."""
-        groups: dict[object, list[TensorEntry]] = {}
+        """Every tensor the bytes allow, through the engine as one load whose outputs are
+        checked and dropped as they are handed out (the engine's batches bound its memory: a
+        small workspace, the tensors in flight); a tensor larger than ``batch_values`` values
+        is rebuilt box by box. A tensor that fails is reported on its own: the load stops
+        there and the tensors not yet checked are rebuilt one by one."""
+        pending: list[TensorEntry] = []
         for t in self.header.tensors:
             if isinstance(t, UnknownTensor):
                 self.report.add(UNSUPPORTED, t.unsupported(self.f.label))
-                continue
-            if self.bad_blobs & set(_blobs_of(self.header, t)):
+            elif self.bad_blobs & set(_blobs_of(self.header, t)):
                 self.report.counts["skipped_tensors"] += 1
-                continue
-            groups.setdefault(_segment_key(t), []).append(t)
-        batches: list[list[TensorEntry]] = []
-        for key, members in groups.items():
-            if key is None:  # dense tensors are decoded one by one anyway
-                batches += [[t] for t in members]
-                continue
-            current: list[TensorEntry] = []
-            size = 0
-            for t in members:
-                if current and size + t.numel > self.batch_values:
-                    batches.append(current)
-                    current, size = [], 0
-                current.append(t)
-                size += t.numel
-            batches.append(current)
-        return batches
-
-    def regenerate(self, batch: list[TensorEntry]) -> None:
-        try:
-            if len(batch) == 1 and batch[0].numel > self.batch_values:
-                self.regenerate_in_boxes(batch[0])
+            elif t.numel > self.batch_values:
+                self.rebuild(t, self.regenerate_in_boxes)
             else:
-                for name, value in self.stream([t.name for t in batch]):
-                    self.check_values(self.f.entry(name), value)
+                pending.append(t)
+        try:
+            for name, value in self.stream([t.name for t in pending]):
+                self.check_values(self.f.entry(name), value)
         except MemoryError as exc:  # DeviceMemoryError too: the check cannot run
             raise MCNCError(f"{self.f.label}: verification ran out of memory: {exc}") from exc
+        except (MCNCError, RuntimeError, ValueError):
+            for t in pending:  # find which fail: the rest one by one
+                if t.name not in self.checked:
+                    self.rebuild(t, self.regenerate_one)
+
+    def rebuild(self, t: TensorEntry, how: Callable[[TensorEntry], None]) -> None:
+        """Rebuild ``t`` alone with ``how``; a failure is reported as ``t``'s problem."""
+        try:
+            how(t)
+        except MemoryError as exc:
+            raise MCNCError(f"{self.f.label}: verification ran out of memory: {exc}") from exc
         except (MCNCError, RuntimeError, ValueError) as exc:
-            if len(batch) > 1:  # find which tensor fails: retry them one by one
-                for t in batch:
-                    self.regenerate([t])
-                return
             self.report.add(_check_of(exc), exc if isinstance(exc, MCNCError) else
-                            f"{self.f.label}: tensor {batch[0].name!r} cannot be rebuilt: "
-                            f"{type(exc).__name__}: {exc}", batch[0].name)
-            return
-        for t in batch:
-            self.report.counts["external_references"] += _external_count(t)
+                            f"{self.f.label}: tensor {t.name!r} cannot be rebuilt: "
+                            f"{type(exc).__name__}: {exc}", t.name)
+
+    def regenerate_one(self, t: TensorEntry) -> None:
+        for _, value in self.stream([t.name]):
+            self.check_values(t, value)
 
     def regenerate_in_boxes(self, t: TensorEntry) -> None:
         """A tensor larger than a batch, rebuilt box by box (each at most ``batch_values``
@@ -295,16 +284,19 @@ class _Verifier:
                     nonfinite += int((~torch.isfinite(value)).sum())
         self.checked.add(t.name)
         self.report.counts["tensors"] += 1
+        self.report.counts["external_references"] += _external_count(t)
         self.report.counts["values"] += t.numel
         self.report_nonfinite(t, nonfinite)
         self.report_progress(t)
 
     def stream(self, names: list[str], boxes: dict[str, Box] | None = None
                ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The engine's stream of ``names`` on the CPU, its chunks counted for ``progress``."""
+        """The engine's stream of ``names`` on the CPU, in a workspace of its smallest size
+        (memory stays bounded whatever the file's size), its chunks counted for
+        ``progress``."""
         self.chunks += self.stream_chunks
         self.stream_chunks = 0
-        options = self.f.options
+        options = replace(self.f.options, workspace_bytes=MIN_WORKSPACE_BYTES)
         if self.progress is not None:
             options = replace(options, progress=self.count_chunks)
         return self.f.stream(names, "cpu", boxes=boxes, options=options)
@@ -320,10 +312,9 @@ class _Verifier:
                                    self.chunks + self.stream_chunks))
 
     def check_values(self, t: TensorEntry, value: torch.Tensor) -> None:
-        if t.name in self.checked:  # already checked before a retry of its batch
-            return
         self.checked.add(t.name)
         self.report.counts["tensors"] += 1
+        self.report.counts["external_references"] += _external_count(t)
         self.report.counts["values"] += value.numel()
         if value.is_floating_point():
             self.report_nonfinite(t, int((~torch.isfinite(value)).sum()))
@@ -372,11 +363,6 @@ def _check_of(exc: BaseException) -> str:
     if isinstance(exc, FormatError):
         return "structure"
     return "regeneration"
-
-
-def _segment_key(t: TensorEntry) -> int | None:
-    members = t.members()
-    return members[0].segment if members else None
 
 
 def _theta0s(t: TensorEntry) -> list[tuple[str, Theta0Entry]]:
