@@ -467,3 +467,16 @@ def test_repeated_placeholder_must_match_the_same_text(seed: int) -> None:
     doc = _set("tensors.0.alpha", "{x}.alpha.{x}")
     conversion = MappingConverter(doc).convert(Checkpoint(Path("rep.pt"), tensors))
     assert set(conversion.tensors) == {"a.weight"}  # "b.alpha.c": the two {x} differ
+
+
+def test_a_safetensors_file_is_read_tensor_by_tensor(tmp_path: Path) -> None:
+    """``mcnc pack model.safetensors`` holds one tensor at a time, not the file: the
+    checkpoint lists names and shapes up front and reads each tensor when it is asked for
+    (under a shared prefix taken off, too)."""
+    save_file({"module.a": torch.ones(3), "module.b": torch.zeros(2, 2)},
+              tmp_path / "c.safetensors")
+    seen: list[tuple[str, int]] = []
+    ckpt = read_checkpoint(tmp_path / "c.safetensors", lambda n, b: seen.append((n, b)))
+    assert sorted(ckpt.tensors) == ["a", "b"] and seen == []
+    assert torch.equal(ckpt.tensors["b"], torch.zeros(2, 2))
+    assert seen == [("module.b", 16)]

@@ -115,23 +115,24 @@ def read_checkpoint(
 
 def _read_safetensors(source: Path, on_tensor: Callable[[str, int], None] | None,
                       unwrap: bool) -> Checkpoint:
+    """A safetensors file's tensors, each read from disk when it is asked for (packing holds
+    one at a time, whatever the file's size)."""
     from safetensors import SafetensorError, safe_open
 
-    tensors: dict[str, torch.Tensor] = {}
+    from .lazy import safetensors_tensors
+
     try:
         with safe_open(str(source), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                tensor = f.get_tensor(name)
-                tensors[name] = tensor
-                if on_tensor is not None:
-                    on_tensor(name, tensor.numel() * tensor.element_size())
     except (SafetensorError, OSError) as exc:
         raise MCNCError(f"{source}: not a readable safetensors file: {exc}") from exc
+    tensors = safetensors_tensors([source])
+    if on_tensor is not None:
+        tensors = tensors.observed(on_tensor)
     if not unwrap:
         return Checkpoint(source, tensors, {}, metadata)
-    tensors, extras, notes = _strip_shared_prefix(tensors, {})
-    return Checkpoint(source, tensors, extras, metadata, notes)
+    stripped, extras, notes = _strip_shared_prefix(tensors, {})
+    return Checkpoint(source, stripped, extras, metadata, notes)
 
 
 def _read_torch(source: Path, on_tensor: Callable[[str, int], None] | None,
@@ -218,17 +219,22 @@ def _holds_tensors(value: Any) -> bool:
     return isinstance(value, Mapping) and any(_holds_tensors(v) for v in value.values())
 
 
-def _strip_shared_prefix(tensors: dict[str, torch.Tensor], extras: dict[str, Any]
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+def _strip_shared_prefix(tensors: Mapping[str, torch.Tensor], extras: dict[str, Any]
+                         ) -> tuple[Mapping[str, torch.Tensor], dict[str, Any], list[str]]:
     """Remove a ``SHARED_PREFIXES`` prefix that every tensor name has (repeatedly: DDP around
-    a compiled model gives ``module._orig_mod.``)."""
+    a compiled model gives ``module._orig_mod.``); lazily read tensors stay unread."""
+    from .lazy import LazyTensors
+
     notes: list[str] = []
     while tensors:
         prefix = next((p for p in SHARED_PREFIXES if all(n.startswith(p) for n in tensors)),
                       None)
         if prefix is None:
             break
-        tensors = {n[len(prefix):]: t for n, t in tensors.items()}
+        if isinstance(tensors, LazyTensors):
+            tensors = tensors.renamed(lambda n, p=prefix: n[len(p):])
+        else:
+            tensors = {n[len(prefix):]: t for n, t in tensors.items()}
         extras = {n.removeprefix(prefix): v for n, v in extras.items()}
         notes.append(f"removed the prefix {prefix!r} that every name had")
     return tensors, extras, notes

@@ -79,6 +79,22 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def nbytes(self) -> int:
         return sum(info.nbytes for info in self.infos.values())
 
+    def renamed(self, rename: Callable[[str], str]) -> LazyTensors:
+        """The same tensors under ``rename(name)``, still read only when asked for."""
+        original = {rename(name): name for name in self.infos}
+        return LazyTensors({new: self.infos[old] for new, old in original.items()},
+                           lambda name: self._read(original[name]), self.source)
+
+    def observed(self, on_read: Callable[[str, int], None]) -> LazyTensors:
+        """The same tensors, ``on_read(name, nbytes)`` called after each is read."""
+
+        def read(name: str) -> torch.Tensor:
+            tensor = self._read(name)
+            on_read(name, tensor.numel() * tensor.element_size())
+            return tensor
+
+        return LazyTensors(self.infos, read, self.source)
+
 
 def read_shard_index(index: Path) -> list[Path]:
     """The shard files a ``*.safetensors.index.json`` (``save_pretrained``'s
