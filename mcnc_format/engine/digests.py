@@ -28,6 +28,16 @@ __all__ = ["DigestCache", "FileIdentity", "default_cache_directory", "identity_o
 
 _WRITING = threading.Lock()
 
+
+def _after_fork_in_child() -> None:
+    """A lock held by a thread of the parent at fork time would stay held in the child."""
+    global _WRITING
+    _WRITING = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 #: What identifies a file's contents without reading them.
 FileIdentity = tuple[int, int, int, int, int]
 

@@ -136,8 +136,25 @@ class DenseRead:
             self.hash.abort()
 
 
+#: Every open file's theta0 source, for the fork handler below.
+_SOURCES: weakref.WeakSet[Theta0Source] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: each source forgets its workers and
+    the checks they were running (``Theta0Source._forked``)."""
+    for source in list(_SOURCES):
+        source._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Theta0Source:
-    """Evaluates the theta0 entries of one open file."""
+    """Evaluates the theta0 entries of one open file. Usable in a forked child of the process
+    that opened it (``multiprocessing``, DataLoader workers): the child starts workers of its
+    own and checks again what the parent's workers had not finished checking."""
 
     def __init__(self, blobs: BlobStore, resolver: Resolver, label: str,
                  verify: Verify = Verify.CACHED, digests: DigestCache | None = None) -> None:
@@ -149,6 +166,16 @@ class Theta0Source:
         self._references: dict[tuple[str, str], _Reference] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._hashes: weakref.WeakSet[StreamHash] = weakref.WeakSet()  # fed as bytes pass
+        _SOURCES.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's workers do not exist here, so a check they had
+        pending would never finish; forget both (the next load arranges the check again)."""
+        self._pool = None
+        self._hashes = weakref.WeakSet()
+        for reference in self._references.values():
+            if reference.check is not None and not reference.check.done():
+                reference.arranged, reference.check = False, None
 
     # -- dense kinds ---------------------------------------------------------------------
     def dense_dtype(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...]
