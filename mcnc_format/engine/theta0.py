@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -166,6 +167,11 @@ class Theta0Source:
         self._references: dict[tuple[str, str], _Reference] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._hashes: weakref.WeakSet[StreamHash] = weakref.WeakSet()  # fed as bytes pass
+        # Guards opening a base (threads touching it first open it once) and arranging its
+        # check (once per load), and ``_closed``.
+        self._lock = threading.Lock()
+        self._claim = threading.Lock()  # a check is arranged by one thread (``_judge``)
+        self._closed = False
         _SOURCES.add(self)
 
     def _forked(self) -> None:
@@ -173,6 +179,7 @@ class Theta0Source:
         pending would never finish; forget both (the next load arranges the check again)."""
         self._pool = None
         self._hashes = weakref.WeakSet()
+        self._lock, self._claim = threading.Lock(), threading.Lock()
         for reference in self._references.values():
             if reference.check is not None and not reference.check.done():
                 reference.arranged, reference.check = False, None
@@ -241,11 +248,19 @@ class Theta0Source:
         return reference.check
 
     def reference(self, entry: ExternalTheta0, shape: tuple[int, ...]) -> _Reference:
-        """The external base of ``entry``, opened and shape-checked once (R75). A base from
-        the Hub is checked at once: a damaged download is fetched again."""
+        """The external base of ``entry``, opened and shape-checked once (R75), however many
+        threads ask first; after ``close()`` a ``UsageError``. A base from the Hub is checked
+        at once: a damaged download is fetched again."""
         key = (entry.uri, entry.tensor)
-        if key in self._references:
+        with self._lock:
+            if self._closed:
+                raise UsageError(f"{self.label}: the file is closed; open it again",
+                                 path=self.label)
+            if key not in self._references:
+                self._references[key] = self._open_reference(entry, shape)
             return self._references[key]
+
+    def _open_reference(self, entry: ExternalTheta0, shape: tuple[int, ...]) -> _Reference:
         label = f"{self.label}: theta0 reference {entry.uri}"
         fetched = entry.uri.startswith(HUB_SCHEME) or self.label.startswith(HUB_SCHEME)
 
@@ -265,8 +280,7 @@ class Theta0Source:
                 raise
             return reference
 
-        self._references[key] = self.resolver.reference(entry.uri, self.label, read)
-        return self._references[key]
+        return self.resolver.reference(entry.uri, self.label, read)
 
     def _arrange_check(self, reference: _Reference, wait: bool = False) -> None:
         """Check the pin once per reference, as ``verify`` says, by reading the tensor: on a
@@ -305,9 +319,10 @@ class Theta0Source:
         """Mark the reference's check arranged and return what judges its digest, or ``None``
         when none is needed: already arranged, ``verify`` off, or (``CACHED``) the digest
         cache knows this very file holds the pinned digest."""
-        if reference.arranged:
-            return None
-        reference.arranged = True
+        with self._claim:
+            if reference.arranged:
+                return None
+            reference.arranged = True
         if self.verify is Verify.NONE:
             return None
         file, found, pinned = reference.file, reference.entry, reference.pinned
@@ -361,14 +376,17 @@ class Theta0Source:
         is aborted first: its queued pieces are released and its verdict says the check did
         not finish, so whatever still waits on them (a load's clean-up) does not wait on
         workers that are gone."""
+        with self._lock:
+            self._closed = True
+            references = list(self._references.values())
+            self._references.clear()
         for hasher in list(self._hashes):
             hasher.abort()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        for reference in self._references.values():
+        for reference in references:
             reference.file.close()
-        self._references.clear()
 
 
 class Theta0Behaviour(ABC):
