@@ -236,6 +236,20 @@ class Theta0Source:
             return torch.empty(0, dtype=dtype)
         return torch.frombuffer(bytearray(data) if data.readonly else data, dtype=dtype)
 
+    def begin_load(self) -> None:
+        """A load call begins: each base it reads is checked again as ``verify`` says (the
+        file may have changed since the last load). ``FULL`` hashes it again; ``CACHED``
+        reads its identity again, and hashes it only if that changed (or the cache has no
+        record). A check still running for a concurrent load is kept."""
+        if self.verify is Verify.NONE:
+            return
+        with self._lock:
+            references = list(self._references.values())
+        with self._claim:
+            for reference in references:
+                if reference.check is None or reference.check.done():
+                    reference.arranged, reference.check = False, None
+
     def pending_check(self, entry: Theta0Entry) -> Future[None] | None:
         """The SHA-256 verdict of an external base (R75) the caller must await before handing
         out what it built from the base; ``None`` when there is nothing to wait for."""
