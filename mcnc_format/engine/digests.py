@@ -11,7 +11,8 @@ current time), which is why it is part of the key.
 The trade-off: a process with write access to the file system could alter a file and restore
 its times only by changing the system clock; ``Verify.FULL`` hashes every load for those who
 need that. Entries live under ``$XDG_CACHE_HOME/mcnc-format/verified`` (default
-``~/.cache``), one small JSON file per file identity; a damaged or unreadable entry is a miss.
+``~/.cache``), one small JSON file per file identity; a damaged, unreadable, oversized or
+hostile entry (a FIFO, a symlink, a device) is a miss.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -38,6 +40,10 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
+#: The largest entry read. A real one takes about 95 bytes per base tensor (a 7B base's is
+#: about 28 KB); anything larger is not one this library wrote.
+MAX_ENTRY_BYTES = 4 << 20
+
 #: What identifies a file's contents without reading them.
 FileIdentity = tuple[int, int, int, int, int]
 
@@ -47,6 +53,33 @@ def identity_of(fd: int) -> FileIdentity:
     status = os.fstat(fd)
     return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns,
             status.st_ctime_ns)
+
+
+def _read_entry(path: Path) -> bytes | None:
+    """The bytes of a regular file at ``path`` (not through a symlink; a FIFO or device is
+    refused without blocking), or ``None`` when it is anything else or over the cap."""
+    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or status.st_size > MAX_ENTRY_BYTES:
+            return None
+        pieces, size = [], 0
+        while size <= MAX_ENTRY_BYTES:  # the file may grow after the fstat
+            piece = os.read(fd, MAX_ENTRY_BYTES + 1 - size)
+            if not piece:
+                break
+            pieces.append(piece)
+            size += len(piece)
+        return b"".join(pieces) if size <= MAX_ENTRY_BYTES else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def default_cache_directory() -> Path:
@@ -65,13 +98,19 @@ class DigestCache:
         return self.directory / key[:2] / key
 
     def _read(self, identity: FileIdentity) -> dict[str, str]:
+        """The entry of ``identity``; anything but a regular file of at most
+        ``MAX_ENTRY_BYTES`` holding a JSON object is a miss (``{}``): the cache folder is
+        the user's, and whatever another program left there must not hang or exhaust a load."""
+        data = _read_entry(self._entry(identity))
+        if data is None:
+            return {}
         try:
-            entries = json.loads(self._entry(identity).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            entries = json.loads(data)
+        except (ValueError, RecursionError):  # bad UTF-8 or JSON, absurd nesting
             return {}
         if not isinstance(entries, dict):
             return {}
-        return {k: v for k, v in entries.items() if isinstance(v, str)}
+        return {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, str)}
 
     def known(self, identity: FileIdentity, name: str, digest: str) -> bool:
         """Whether ``name`` of the file ``identity`` was verified to have ``digest``."""
