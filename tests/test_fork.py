@@ -103,7 +103,8 @@ def test_dataloader_workers_read_an_open_file(tmp_path: Path) -> None:
         loader = DataLoader(_Tensors(f, names), batch_size=None, num_workers=2,
                             multiprocessing_context="fork", timeout=PATIENCE)
         got = list(loader)
-    assert all(torch.equal(g, want[n].reshape(-1)[:4].float()) for g, n in zip(got, names, strict=True))
+    assert all(torch.equal(g, want[n].reshape(-1)[:4].float())
+               for g, n in zip(got, names, strict=True))
 
 
 def _child_asks_cuda(out: multiprocessing.Queue) -> None:
