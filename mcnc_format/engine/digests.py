@@ -8,6 +8,11 @@ mtime and ctime, and a replaced file has another inode, so a changed or replaced
 hashed again. The ctime cannot be set back by a user (``touch`` and ``utime`` set it to the
 current time), which is why it is part of the key.
 
+A file modified within the kernel's dirty-writeback window (``racy_window_ns``) before it was
+hashed is not recorded (git's racy-entry rule): a page of a shared memory map dirtied before
+the hash can be written again, changing the bytes, without moving mtime or ctime until
+writeback cleans it.
+
 The trade-off: a process with write access to the file system could alter a file and restore
 its times only by changing the system clock; ``Verify.FULL`` hashes every load for those who
 need that. Entries live under ``$XDG_CACHE_HOME/mcnc-format/verified`` (default
@@ -26,7 +31,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["DigestCache", "FileIdentity", "default_cache_directory", "identity_of"]
+__all__ = ["DigestCache", "FileIdentity", "default_cache_directory", "identity_of", "racy",
+           "racy_window_ns"]
 
 _WRITING = threading.Lock()
 
@@ -43,6 +49,8 @@ if hasattr(os, "register_at_fork"):
 #: The largest entry read. A real one takes about 95 bytes per base tensor (a 7B base's is
 #: about 28 KB); anything larger is not one this library wrote.
 MAX_ENTRY_BYTES = 4 << 20
+
+_MIN_RACY_WINDOW_NS = 30 * 1_000_000_000
 
 #: What identifies a file's contents without reading them.
 FileIdentity = tuple[int, int, int, int, int]
@@ -82,6 +90,25 @@ def _read_entry(path: Path) -> bytes | None:
         os.close(fd)
 
 
+def racy_window_ns() -> int:
+    """How long before a hash a file must have been still for its identity to stand for its
+    bytes: the kernel's dirty-page expiry (``/proc/sys/vm/dirty_expire_centisecs``), and at
+    least 30 s. A page of a shared map written before a hash stays writable until writeback
+    cleans it, so writes to it in that time change the bytes but not the times."""
+    expiry = 0
+    with (contextlib.suppress(OSError, ValueError),
+          open("/proc/sys/vm/dirty_expire_centisecs", encoding="ascii") as f):
+        expiry = int(f.read()) * 10_000_000
+    return max(expiry, _MIN_RACY_WINDOW_NS)
+
+
+def racy(identity: FileIdentity, hashed_at_ns: int) -> bool:
+    """Whether the file was modified (mtime or ctime) within the racy window before
+    ``hashed_at_ns``."""
+    modified = max(identity[3], identity[4])
+    return modified > hashed_at_ns - racy_window_ns()
+
+
 def default_cache_directory() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mcnc-format" / "verified"
@@ -116,10 +143,16 @@ class DigestCache:
         """Whether ``name`` of the file ``identity`` was verified to have ``digest``."""
         return self._read(identity).get(name) == digest
 
-    def remember(self, identity: FileIdentity, name: str, digest: str) -> None:
-        """Record a verified digest. Best effort: a cache that cannot be written (read-only
-        home, full disk), or an entry another process rewrote at the same moment, only means
-        hashing again next time."""
+    def remember(self, identity: FileIdentity, name: str, digest: str,
+                 hashed_at_ns: int | None = None) -> None:
+        """Record a verified digest of bytes read from ``hashed_at_ns`` (wall clock) on.
+        Not recorded when the file was modified less than ``racy_window_ns()`` before that
+        (git's racy-entry rule): writes through a shared memory map can still be pending
+        then without moving mtime or ctime. Best effort: a cache that cannot be written
+        (read-only home, full disk), or an entry another process rewrote at the same moment,
+        only means hashing again next time."""
+        if hashed_at_ns is not None and racy(identity, hashed_at_ns):
+            return
         with _WRITING:  # hashing threads of one process record into one entry in turn
             self._write(identity, name, digest)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -340,6 +341,7 @@ class Theta0Source:
         if self.verify is Verify.NONE:
             return None
         file, found, pinned = reference.file, reference.entry, reference.pinned
+        hashed_at = time.time_ns()  # before any byte of this check is read
         identity = file.identity()
         name = f"{found.offset}:{found.nbytes}"  # the tensor's byte range in that file
         if self.verify is Verify.CACHED and self.digests.known(identity, name, pinned):
@@ -351,7 +353,7 @@ class Theta0Source:
                 raise ExternalReferenceDamaged(
                     f"{label} has sha256 {digest}, the file pins {pinned}: the base checkpoint "
                     "differs from the one this file was made against", rule="R75")
-            self.digests.remember(identity, name, pinned)
+            self.digests.remember(identity, name, pinned, hashed_at)
 
         return judge
 
