@@ -56,13 +56,24 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def refuse_overwrite(outputs: list[Path], overwrite: bool) -> None:
-    """Fail early (before any expensive work) when an output exists and may not be replaced;
-    ``atomic_path`` checks again at the final link, where it counts."""
-    existing = [str(path) for path in outputs if path.exists()]
+    """Fail early (before any expensive work) when an output exists (a dangling symlink
+    too) and may not be replaced; ``atomic_path`` checks again at the final link, where it
+    counts."""
+    existing = [path for path in outputs if os.path.lexists(path)]
     if existing and not overwrite:
-        verb = "exists" if len(existing) == 1 else "exist"
-        raise WriteError(f"{', '.join(existing)}: already {verb}; pass --force (force=True) to "
-                         "overwrite")
+        raise WriteError("; ".join(f"{path}: {_existing(path, early=True)}"
+                                   for path in existing)
+                         + "; pass --force (force=True) to overwrite")
+
+
+def _existing(path: Path, early: bool = False) -> str:
+    """What is in the way at ``path``: a dangling symbolic link, or a file that exists (and,
+    found at the final link, appeared while the new file was being written)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"is a symbolic link to {os.readlink(path)}, which does not exist; remove "
+                "the link or write elsewhere")
+    return "already exists" if early else ("already exists (it appeared while this file was "
+                                           "being written)")
 
 
 def refuse_same_file(source: str | os.PathLike[str], target: Path) -> None:
@@ -142,8 +153,8 @@ def _publish(fd: int, named: Path | None, target: Path, directory: Path,
     try:
         _link(source, target)
     except FileExistsError:
-        raise WriteError(f"{target}: already exists (it appeared while this file was being "
-                         "written); pass --force (force=True) to overwrite") from None
+        raise WriteError(f"{target}: {_existing(target)}; pass --force (force=True) to "
+                         "overwrite") from None
     if named is not None:
         named.unlink()
 
@@ -188,12 +199,16 @@ def _alive(pid: int) -> bool:
 
 
 def _mode_for(target: Path) -> int:
-    """The replaced file's permissions, or what a plain ``open`` would give under the umask
-    (temporary files are created 0600)."""
+    """The replaced file's permissions (a regular file's, also through a symlink), or what a
+    plain ``open`` would give under the umask (temporary files are created 0600): a device
+    or FIFO the target links to lends nothing (``/dev/full`` is 0666)."""
     try:
-        return stat.S_IMODE(os.stat(target).st_mode)
+        status = os.stat(target)
     except OSError:
-        return 0o666 & ~_umask()
+        status = None
+    if status is not None and stat.S_ISREG(status.st_mode):
+        return stat.S_IMODE(status.st_mode)
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:
