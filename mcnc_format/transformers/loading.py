@@ -176,9 +176,7 @@ def check_config(cls: Any, config: Any, weights: Path) -> None:
     if reduced:
         probe_config.num_hidden_layers = 1
     try:
-        with torch.device("meta"):
-            probe = (cls.from_config(probe_config) if hasattr(cls, "from_config")
-                     else cls(probe_config))
+        probe = _probe(cls, probe_config)
     except Exception as exc:  # transformers' constructors raise what they meet
         raise ConfigError(f"transformers cannot build {getattr(cls, '__name__', cls)} from "
                           f"this config: {exc}. Fix config.json", path=label) from exc
@@ -196,6 +194,21 @@ def check_config(cls: Any, config: Any, weights: Path) -> None:
                               "sizes of config.json)", path=label, tensor=name)
     if reduced:
         _check_layer_count(wanted, stored, layers, label)
+
+
+def _probe(cls: Any, config: Any) -> nn.Module:
+    """``cls`` built from ``config`` with nothing allocated: everything on the meta device,
+    or, for a constructor that computes with its buffers (which meta tensors cannot), real
+    buffers and meta parameters."""
+    def build() -> nn.Module:
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except Exception:
+        with _parameters_on_meta():
+            return build()
 
 
 _NUMBERED = re.compile(r"^(.*?)\.(\d+)\.(.*)$")
