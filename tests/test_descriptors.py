@@ -58,3 +58,30 @@ def test_check_references_after_close_raises(tmp_path: Path) -> None:
         with pytest.raises(MCNCError, match="closed"):
             f.get_tensor("m2")
     assert _descriptors() == before
+
+
+def test_close_racing_loads_that_await_a_base_check_raises_mcnc_errors(tmp_path: Path
+                                                                         ) -> None:
+    """A load waiting on a base's SHA-256 check when another thread closes the file gets an
+    ``MCNCError``, not the ``CancelledError`` of the check the close cancelled."""
+    path = mixed_file(tmp_path)
+    errors: list[BaseException] = []
+    for _ in range(30):
+        f = mf.open(path, verify="full")
+
+        def load(f: mf.MCNCFile = f) -> None:
+            try:
+                for _ in range(5):
+                    f.get_slice("m2")[0:1]  # a box: its check reads the base on a worker
+                    f.get_tensor("m5")
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        f.close()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+    assert all(isinstance(exc, MCNCError) for exc in errors), {type(e) for e in errors}
