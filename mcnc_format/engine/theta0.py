@@ -12,6 +12,7 @@ out.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -19,10 +20,10 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, TypeGuard
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard, TypeVar
 
 import torch
 
@@ -53,6 +54,8 @@ from .source import BlobStore
 
 if TYPE_CHECKING:
     from .backend import DrawUniform
+
+T = TypeVar("T")
 
 __all__ = [
     "BEHAVIOURS",
@@ -153,6 +156,40 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _Workers(Executor):
+    """The SHA-256 threads of one open file, started on first use. One thread per base tensor
+    being hashed: SHA-256 is sequential within a tensor. After ``shutdown`` (the file was
+    closed) ``submit`` raises ``UsageError``, not the pool's ``RuntimeError``."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        with self._lock:
+            if self._closed:
+                raise UsageError(f"{self.label}: the file is closed; open it again",
+                                 path=self.label)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                                thread_name_prefix="mcnc-sha256")
+            return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def forked(self) -> None:
+        """In a forked child: the parent's threads (and whoever held the lock) are gone."""
+        self._lock = threading.Lock()
+        self._pool = None
+
+
 class Theta0Source:
     """Evaluates the theta0 entries of one open file. Usable in a forked child of the process
     that opened it (``multiprocessing``, DataLoader workers): the child starts workers of its
@@ -166,7 +203,7 @@ class Theta0Source:
         self.verify = verify
         self.digests = digests or DigestCache()
         self._references: dict[tuple[str, str], _Reference] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool = _Workers(label)
         self._hashes: weakref.WeakSet[StreamHash] = weakref.WeakSet()  # fed as bytes pass
         # Guards opening a base (threads touching it first open it once) and arranging its
         # check (once per load), and ``_closed``.
@@ -178,7 +215,7 @@ class Theta0Source:
     def _forked(self) -> None:
         """In a forked child: the parent's workers do not exist here, so a check they had
         pending would never finish; forget both (the next load arranges the check again)."""
-        self._pool = None
+        self._pool.forked()
         self._hashes = weakref.WeakSet()
         self._lock, self._claim = threading.Lock(), threading.Lock()
         for reference in self._references.values():
@@ -305,14 +342,28 @@ class Theta0Source:
         if judge is None:
             return
         file, found = reference.file, reference.entry
+        if wait:
+            judge(file.sha256(found))
+            return
+        # A future of its own, not the pool's: close() fails it with a UsageError, where the
+        # pool's would be cancelled (a CancelledError for whoever awaits it).
+        verdict: Future[None] = Future()
 
         def check() -> None:
-            judge(file.sha256(found))
+            try:
+                judge(file.sha256(found))
+            except BaseException as exc:
+                outcome: BaseException | None = exc
+            else:
+                outcome = None
+            with contextlib.suppress(InvalidStateError):  # unless close() failed it first
+                if outcome is None:
+                    verdict.set_result(None)
+                else:
+                    verdict.set_exception(outcome)
 
-        if wait:
-            check()
-        else:
-            reference.check = self._workers().submit(check)
+        reference.check = verdict
+        self._pool.submit(check)
 
     def _stream_check(self, reference: _Reference) -> StreamHash | None:
         """A hash to feed the tensor's bytes as they are read, when its pin is to be checked
@@ -325,7 +376,7 @@ class Theta0Source:
         def aborted() -> None:
             reference.arranged, reference.check = False, None
 
-        hasher = StreamHash(self._workers(), reference.entry.nbytes, judge, aborted)
+        hasher = StreamHash(self._pool, reference.entry.nbytes, judge, aborted)
         reference.check = hasher.verdict
         self._hashes.add(hasher)
         return hasher
@@ -356,13 +407,6 @@ class Theta0Source:
             self.digests.remember(identity, name, pinned, hashed_at)
 
         return judge
-
-    def _workers(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            # One thread per base tensor being hashed: SHA-256 is sequential within a tensor.
-            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                            thread_name_prefix="mcnc-sha256")
-        return self._pool
 
     # -- values ---------------------------------------------------------------------------
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
@@ -398,10 +442,13 @@ class Theta0Source:
             self._references.clear()
         for hasher in list(self._hashes):
             hasher.abort()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
         for reference in references:
+            if reference.check is not None:
+                with contextlib.suppress(InvalidStateError):  # unless it finished
+                    reference.check.set_exception(UsageError(
+                        f"{self.label}: the file was closed before the SHA-256 check of a "
+                        "base it reads finished; open it again", path=self.label))
             reference.file.close()
 
 
