@@ -19,7 +19,7 @@ from transformers_helpers import llama, train
 import mcnc_format
 from mcnc_format import Theta0
 from mcnc_format import peft as mpeft
-from mcnc_format.errors import ExternalReferenceError
+from mcnc_format.errors import ExternalReferenceError, UsageError
 from mcnc_format.header import LoRATensor
 from mcnc_format.peft import load_adapter
 from mcnc_format.reader import tensor_sha256
@@ -88,3 +88,10 @@ def test_a_tensor_is_hashed_once_per_version(pinned: tuple[Path, list[str]],
         weight.mul_(1.0001)  # changed in place: a new version
     with pytest.raises(ExternalReferenceError, match="sha256"):
         load_adapter(model, path, adapter_name="three")
+
+
+def test_a_base_on_the_meta_device_cannot_be_checked(pinned: tuple[Path, list[str]]) -> None:
+    path, _ = pinned
+    empty = base().to("meta")
+    with pytest.raises(UsageError, match="meta"):
+        load_adapter(empty, path)
