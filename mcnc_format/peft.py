@@ -49,6 +49,10 @@ def load_adapter(model: nn.Module, path_or_hf_uri: str | os.PathLike[str],
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     source = os.fspath(path_or_hf_uri)
+    if device.type == "meta":
+        raise UsageError(f"{source}: the model's parameters are on the meta device; load its "
+                         "base weights first (the adapter is built on their device)",
+                         path=source)
     with open_file(source) as f:
         adapter = peft_adapter(f, source, device)
         shapes = {t.name.removesuffix(".weight"): t.shape for t in f.header.tensors
@@ -115,6 +119,11 @@ def _check_pins(base: torch.nn.Module, pins: dict[str, ExternalTheta0], source: 
         module = base.get_submodule(name.removesuffix(".weight"))
         if hasattr(module, "get_base_layer"):
             module = module.get_base_layer()
+        if module.weight.is_meta:
+            raise UsageError(f"{source}: the model's {name!r} is on the meta device, so it "
+                             "cannot be checked against the adapter's base: load the base "
+                             "weights first, or pass check_base=False", path=source,
+                             tensor=name)
         digest = _digest(module.weight)
         if digest != pin.sha256:
             raise ExternalReferenceError(
