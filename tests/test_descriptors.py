@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,28 @@ from stream_helpers import mixed_file
 
 import mcnc_format as mf
 from mcnc_format.errors import MCNCError
+
+
+def _in_threads(count: int, work: Callable[[], None], meanwhile: Callable[[], None] = lambda: None
+                ) -> list[BaseException]:
+    """Run ``work`` on ``count`` threads (``meanwhile`` on this one once they started); what
+    they raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    meanwhile()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    return errors
 
 
 def _descriptors() -> int:
@@ -26,22 +49,12 @@ def test_threads_opening_a_base_together_open_it_once(tmp_path: Path) -> None:
     for _ in range(30):
         with mf.open(path, verify="none") as f:
             start = threading.Barrier(8)
-            errors: list[BaseException] = []
 
-            def touch(f: mf.MCNCFile = f, start: threading.Barrier = start,
-                      errors: list[BaseException] = errors) -> None:
+            def touch(f: mf.MCNCFile = f, start: threading.Barrier = start) -> None:
                 start.wait()
-                try:
-                    f.get_tensor("m2")
-                except BaseException as exc:
-                    errors.append(exc)
+                f.get_tensor("m2")
 
-            threads = [threading.Thread(target=touch) for _ in range(8)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            assert not errors
+            assert not _in_threads(8, touch)
     assert _descriptors() <= before
 
 
@@ -70,18 +83,9 @@ def test_close_racing_loads_that_await_a_base_check_raises_mcnc_errors(tmp_path:
         f = mf.open(path, verify="full")
 
         def load(f: mf.MCNCFile = f) -> None:
-            try:
-                for _ in range(5):
-                    f.get_slice("m2")[0:1]  # a box: its check reads the base on a worker
-                    f.get_tensor("m5")
-            except BaseException as exc:
-                errors.append(exc)
+            for _ in range(5):
+                f.get_slice("m2")[0:1]  # a box: its check reads the base on a worker
+                f.get_tensor("m5")
 
-        threads = [threading.Thread(target=load) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        f.close()
-        for thread in threads:
-            thread.join(60)
-        assert not any(thread.is_alive() for thread in threads)
+        errors += _in_threads(3, load, meanwhile=f.close)
     assert all(isinstance(exc, MCNCError) for exc in errors), {type(e) for e in errors}

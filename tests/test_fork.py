@@ -31,6 +31,19 @@ def _child_reads(f: mf.MCNCFile, name: str, out: multiprocessing.Queue) -> None:
     out.put(f.get_tensor(name).float().tolist())  # plain values: the child exits
 
 
+def _read_in_child(f: mf.MCNCFile, name: str) -> list:
+    """Tensor ``name`` as a forked child of this process reads it from ``f``."""
+    out = FORK.Queue()
+    child = FORK.Process(target=_child_reads, args=(f, name, out))
+    child.start()
+    child.join(PATIENCE)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung reading a base tensor")
+    assert child.exitcode == 0
+    return out.get(timeout=5)
+
+
 @pytest.mark.parametrize("verify", ["full", "cached"])
 def test_a_forked_child_reads_a_base_its_parent_was_hashing(tmp_path: Path,
                                                              verify: str) -> None:
@@ -38,15 +51,7 @@ def test_a_forked_child_reads_a_base_its_parent_was_hashing(tmp_path: Path,
     want = mf.load(path, verify="none")
     with mf.open(path, verify=verify) as f:
         f.get_tensor("m2")  # the parent's SHA-256 workers exist now
-        out = FORK.Queue()
-        child = FORK.Process(target=_child_reads, args=(f, "m5", out))
-        child.start()
-        child.join(PATIENCE)
-        if child.is_alive():
-            child.kill()
-            pytest.fail("the forked child hung reading a base tensor")
-        assert child.exitcode == 0
-        assert out.get(timeout=5) == want["m5"].float().tolist()
+        assert _read_in_child(f, "m5") == want["m5"].float().tolist()
 
 
 def test_a_child_forked_while_a_parent_thread_reads(tmp_path: Path) -> None:
@@ -65,15 +70,7 @@ def test_a_child_forked_while_a_parent_thread_reads(tmp_path: Path) -> None:
             reader.start()
         try:
             for _ in range(5):
-                out = FORK.Queue()
-                child = FORK.Process(target=_child_reads, args=(f, "m5", out))
-                child.start()
-                child.join(PATIENCE)
-                if child.is_alive():
-                    child.kill()
-                    pytest.fail("the forked child hung")
-                assert child.exitcode == 0
-                assert out.get(timeout=5) == want["m5"].float().tolist()
+                assert _read_in_child(f, "m5") == want["m5"].float().tolist()
         finally:
             stop.set()
             for reader in readers:
