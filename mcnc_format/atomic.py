@@ -64,21 +64,26 @@ def refuse_overwrite(outputs: list[Path], overwrite: bool) -> None:
     """Fail early (before any expensive work) when an output exists (a dangling symlink
     too) and may not be replaced; ``atomic_path`` checks again at the final link, where it
     counts."""
-    existing = [path for path in outputs if os.path.lexists(path)]
-    if existing and not overwrite:
-        raise WriteError("; ".join(f"{path}: {_existing(path, early=True)}"
-                                   for path in existing)
-                         + "; pass --force (force=True) to overwrite")
+    if overwrite:
+        return
+    dangling = [path for path in outputs if os.path.islink(path) and not path.exists()]
+    if dangling:
+        raise WriteError(f"{dangling[0]}: {_existing(dangling[0])}")
+    existing = [str(path) for path in outputs if path.exists()]
+    if existing:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise WriteError(f"{', '.join(existing)}: already {verb}; pass --force (force=True) to "
+                         "overwrite")
 
 
-def _existing(path: Path, early: bool = False) -> str:
-    """What is in the way at ``path``: a dangling symbolic link, or a file that exists (and,
-    found at the final link, appeared while the new file was being written)."""
+def _existing(path: Path) -> str:
+    """What is in the way at ``path`` at the final link: a dangling symbolic link, or a file
+    that appeared while the new file was being written."""
     if os.path.islink(path) and not os.path.exists(path):
         return (f"is a symbolic link to {os.readlink(path)}, which does not exist; remove "
-                "the link or write elsewhere")
-    return "already exists" if early else ("already exists (it appeared while this file was "
-                                           "being written)")
+                "the link, or pass --force (force=True) to replace it")
+    return ("already exists (it appeared while this file was being written); pass --force "
+            "(force=True) to overwrite")
 
 
 def refuse_same_file(source: str | os.PathLike[str], target: Path) -> None:
@@ -212,8 +217,7 @@ def _publish(fd: int, named: Path | None, target: Path, directory: Path,
     try:
         _link(source, target)
     except FileExistsError:
-        raise WriteError(f"{target}: {_existing(target)}; pass --force (force=True) to "
-                         "overwrite") from None
+        raise WriteError(f"{target}: {_existing(target)}") from None
     if named is not None:
         named.unlink()
 
