@@ -30,7 +30,7 @@ def _outcome(call: Callable[[], object]) -> dict[str, str]:
     try:
         call()
     except MCNCError as exc:
-        return {"raised": type(exc).__name__, "message": str(exc)}
+        return {"raised": type(exc).__name__, "message": str(exc), "mcnc": "yes"}
     except CheckpointException as exc:
         inner = [type(f[0]).__name__ for _, f in sorted(exc.failures.items())]
         return {"raised": "CheckpointException", "failures": ",".join(inner),
@@ -79,10 +79,11 @@ def test_one_ranks_unreadable_file_reaches_every_rank_as_the_mcnc_error(
     bad = (other / "model.mcnc" if fault == "missing"
            else _corrupt(good, other / "model.mcnc"))
     results = _run(tmp_path, [good, bad])
-    expected = "MCNCError" if fault == "missing" else "ChecksumError"
+    expected = results[1]["load"]["raised"]  # the failing rank's own error
+    assert expected == ("MCNCFileNotFoundError" if fault == "missing" else "ChecksumError")
     for rank in range(WORLD):
         got = results[rank]["load"]
-        assert got["raised"] == expected, (rank, got)
+        assert got["raised"] == expected and got.get("mcnc") == "yes", (rank, got)
         assert str(bad) in got["message"]
         direct = results[rank]["dcp"]
         assert direct["raised"] == "CheckpointException", (rank, direct)
