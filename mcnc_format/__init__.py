@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ChecksumError,
+    ConfigError,
     DeviceMemoryError,
     ExternalReferenceDamaged,
     ExternalReferenceError,
@@ -87,6 +88,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "MCNC",
     "ChecksumError",
+    "ConfigError",
     "Dense",
     "DeviceMemoryError",
     "ExternalReferenceDamaged",

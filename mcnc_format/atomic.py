@@ -10,6 +10,9 @@ adapters, the demo's files). Three promises:
   lacks ``O_TMPFILE`` a named temporary ``.NAME.<pid>.<random>.tmp`` is used (replacing a file
   also names the finished file so for a moment before the rename), and temporaries of writers
   that no longer run on this machine are removed by the next write to that target.
+* A set of files (``atomic_files``: a model folder's weights, config and card) is written to a
+  temporary folder beside them, and moved into place one atomic rename each only once all
+  were written and fsynced: a failure half-way leaves every old file as it was.
 * Without ``overwrite`` the target is created only if it still does not exist at the moment the
   finished file is linked into place (``link`` fails with ``EEXIST``): of two writers racing to
   the same new path exactly one succeeds. With ``overwrite`` the target is replaced by a
@@ -22,6 +25,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -29,7 +33,8 @@ from pathlib import Path
 
 from .errors import WriteError
 
-__all__ = ["atomic_path", "describe_os_error", "refuse_overwrite", "refuse_same_file"]
+__all__ = ["atomic_files", "atomic_path", "describe_os_error", "refuse_overwrite",
+           "refuse_same_file"]
 
 # Room left in a 255-byte file name for the temporary name's dot, pid, random part and suffix.
 _NAME_CHARS = 120
@@ -56,13 +61,29 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def refuse_overwrite(outputs: list[Path], overwrite: bool) -> None:
-    """Fail early (before any expensive work) when an output exists and may not be replaced;
-    ``atomic_path`` checks again at the final link, where it counts."""
+    """Fail early (before any expensive work) when an output exists (a dangling symlink
+    too) and may not be replaced; ``atomic_path`` checks again at the final link, where it
+    counts."""
+    if overwrite:
+        return
+    dangling = [path for path in outputs if os.path.islink(path) and not path.exists()]
+    if dangling:
+        raise WriteError(f"{dangling[0]}: {_existing(dangling[0])}")
     existing = [str(path) for path in outputs if path.exists()]
-    if existing and not overwrite:
+    if existing:
         verb = "exists" if len(existing) == 1 else "exist"
         raise WriteError(f"{', '.join(existing)}: already {verb}; pass --force (force=True) to "
                          "overwrite")
+
+
+def _existing(path: Path) -> str:
+    """What is in the way at ``path`` at the final link: a dangling symbolic link, or a file
+    that appeared while the new file was being written."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"is a symbolic link to {os.readlink(path)}, which does not exist; remove "
+                "the link, or pass --force (force=True) to replace it")
+    return ("already exists (it appeared while this file was being written); pass --force "
+            "(force=True) to overwrite")
 
 
 def refuse_same_file(source: str | os.PathLike[str], target: Path) -> None:
@@ -105,6 +126,60 @@ def atomic_path(target: Path, *, overwrite: bool) -> Iterator[Path]:
     _fsync_directory(directory)
 
 
+#: The temporary folder of ``atomic_files`` is named like a temporary of a file of this name.
+_STAGING = "mcnc-staging"
+
+
+@contextlib.contextmanager
+def atomic_files(folder: Path) -> Iterator[Path]:
+    """Yield a temporary folder to write a set of files into; when the block succeeds, each
+    file written there replaces the file of its name in ``folder`` (keeping that file's
+    mode, as ``atomic_path`` does), by a rename, after all of them were written and fsynced.
+    On any exception nothing is moved and the temporary folder is removed; an ``OSError``
+    becomes a ``WriteError`` naming the folder and the fix. Files only: a subfolder written
+    there is a ``WriteError``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"{folder}: cannot create the folder: {describe_os_error(exc)}"
+                         ) from exc
+    stand_in = folder / _STAGING
+    _remove_stale_temporaries(stand_in, folder)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(stand_in) + f"{os.getpid()}.",
+                                        suffix=".tmp", dir=folder))
+    except OSError as exc:
+        raise WriteError(f"{folder}: cannot create a temporary folder: "
+                         f"{describe_os_error(exc)}") from exc
+    try:
+        yield staging
+        written = sorted(staging.iterdir())
+        folders = [p.name for p in written if p.is_dir()]
+        if folders:
+            raise WriteError(f"{folder}: the save wrote folders {folders}; only files can be "
+                             "moved into place together")
+        for path in written:
+            _finish(path, folder / path.name)
+        for path in written:
+            os.replace(path, folder / path.name)
+        _fsync_directory(folder)
+    except OSError as exc:
+        raise WriteError(f"{folder}: write failed: {describe_os_error(exc)}; the files "
+                         "already there are unchanged") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish(path: Path, target: Path) -> None:
+    """Make a written file durable and give it the mode of the file it replaces."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.fchmod(fd, _mode_for(target))
+    finally:
+        os.close(fd)
+
+
 def _create(target: Path, directory: Path) -> tuple[int, Path | None]:
     """An open descriptor of the new file, and its name (``None`` for an ``O_TMPFILE``)."""
     try:
@@ -142,8 +217,7 @@ def _publish(fd: int, named: Path | None, target: Path, directory: Path,
     try:
         _link(source, target)
     except FileExistsError:
-        raise WriteError(f"{target}: already exists (it appeared while this file was being "
-                         "written); pass --force (force=True) to overwrite") from None
+        raise WriteError(f"{target}: {_existing(target)}") from None
     if named is not None:
         named.unlink()
 
@@ -174,7 +248,10 @@ def _remove_stale_temporaries(target: Path, directory: Path) -> None:
             if (entry.name.startswith(prefix) and len(parts) == 3 and parts[2] == "tmp"
                     and parts[0].isdigit() and not _alive(int(parts[0]))):
                 with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):  # an ``atomic_files`` folder
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
 
 
 def _alive(pid: int) -> bool:
@@ -188,12 +265,16 @@ def _alive(pid: int) -> bool:
 
 
 def _mode_for(target: Path) -> int:
-    """The replaced file's permissions, or what a plain ``open`` would give under the umask
-    (temporary files are created 0600)."""
+    """The replaced file's permissions (a regular file's, also through a symlink), or what a
+    plain ``open`` would give under the umask (temporary files are created 0600): a device
+    or FIFO the target links to lends nothing (``/dev/full`` is 0666)."""
     try:
-        return stat.S_IMODE(os.stat(target).st_mode)
+        status = os.stat(target)
     except OSError:
-        return 0o666 & ~_umask()
+        status = None
+    if status is not None and stat.S_ISREG(status.st_mode):
+        return stat.S_IMODE(status.st_mode)
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -8,6 +8,7 @@ tensors of the right shapes and dtypes without reading any data (for planning).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -23,6 +24,22 @@ T = TypeVar("T")
 
 #: The spec's names of the floating dtypes, accepted wherever a torch dtype is.
 DTYPE_NAMES = {name: to_torch(name) for name in C.FLOAT_DTYPES}
+
+
+#: Whether CUDA was initialised in the parent this process was forked from (set in the child).
+_FORKED_AFTER_CUDA = [False, False]  # [in the parent at the last fork, in this child]
+
+
+def _before_fork() -> None:
+    _FORKED_AFTER_CUDA[0] = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+
+
+def _after_fork_in_child() -> None:
+    _FORKED_AFTER_CUDA[1] = _FORKED_AFTER_CUDA[0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -51,6 +68,12 @@ def check_device(device: torch.device | str | int) -> torch.device:
     if dev.type in ("cpu", "meta"):
         return dev
     if dev.type == "cuda":
+        if _FORKED_AFTER_CUDA[1]:
+            raise UsageError(
+                f"{device!r}: this process was forked from one that had used CUDA, and CUDA "
+                "cannot run in such a child. Start workers with the 'spawn' or 'forkserver' "
+                "start method (multiprocessing_context='spawn' for a DataLoader), or load on "
+                "the CPU here")
         if not torch.cuda.is_available():
             raise UsageError(f"{device!r}: this machine has no CUDA device; {_available()}")
         index = torch.cuda.current_device() if dev.index is None else dev.index

@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "ChecksumError",
+    "ConfigError",
     "DeviceMemoryError",
     "ExternalReferenceDamaged",
     "ExternalReferenceError",
@@ -149,6 +150,11 @@ class DeviceMemoryError(MCNCError, MemoryError):
 
 class MappingError(MCNCError, ValueError):
     """A mapping file that is malformed or does not fit the checkpoint it is applied to."""
+
+
+class ConfigError(MCNCError, ValueError):
+    """A model config (transformers' ``config.json``) that names no model class of its model
+    type, or that describes a model other than the one its weights file holds."""
 
 
 class ReparametrizeError(MCNCError, ValueError):

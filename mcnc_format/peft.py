@@ -11,6 +11,7 @@ and what comes back is an ordinary ``PeftModel`` (train it further, ``merge_and_
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -18,15 +19,16 @@ from torch import nn
 
 from .api import open as open_file
 from .converters.peft_export import peft_adapter
-from .errors import MCNCError, UsageError
+from .errors import ExternalReferenceError, MCNCError, UsageError
 from .extras import require
-from .header import LoRATensor
+from .header import ExternalTheta0, LoRATensor
+from .reader import tensor_sha256
 
 __all__ = ["load_adapter"]
 
 
 def load_adapter(model: nn.Module, path_or_hf_uri: str | os.PathLike[str],
-                 adapter_name: str = "default") -> Any:
+                 adapter_name: str = "default", *, check_base: bool = True) -> Any:
     """Attach the lora tensors of ``path_or_hf_uri`` to ``model`` as PEFT adapter
     ``adapter_name``; returns the ``PeftModel`` (``model`` itself when it already is one, the
     adapter added beside the others).
@@ -34,20 +36,33 @@ def load_adapter(model: nn.Module, path_or_hf_uri: str | os.PathLike[str],
     The factors are created on the device of ``model``'s parameters, in float32 (PEFT keeps
     LoRA weights in float32 over a lower-precision base too). Only the adapter is loaded: the
     file's theta0 (the base weight the adapter was trained on) and its tensors that are not
-    lora are not compared with ``model``'s. Raises ``MCNCError`` when the file holds no lora
-    tensor or names a module ``model`` lacks.
+    lora are not compared with ``model``'s, except that ``check_base`` (the default) checks
+    each adapted weight of ``model`` against the SHA-256 pin the file records of the base
+    weight the adapter was trained on (external theta0, SPEC.md §7.4): a model with another
+    base raises ``ExternalReferenceError`` before PEFT touches it. Pass ``check_base=False``
+    for the same base in another dtype (its bytes differ). Each weight is hashed once per
+    version (an in-place change is hashed again). Raises ``MCNCError`` when the file holds
+    no lora tensor or names a module ``model`` lacks.
     """
     require("peft", "peft", "mcnc_format.peft.load_adapter")
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     source = os.fspath(path_or_hf_uri)
+    if device.type == "meta":
+        raise UsageError(f"{source}: the model's parameters are on the meta device; load its "
+                         "base weights first (the adapter is built on their device)",
+                         path=source)
     with open_file(source) as f:
         adapter = peft_adapter(f, source, device)
         shapes = {t.name.removesuffix(".weight"): t.shape for t in f.header.tensors
                   if isinstance(t, LoRATensor)}
+        pins = {t.name: t.theta0 for t in f.header.tensors
+                if isinstance(t, LoRATensor) and isinstance(t.theta0, ExternalTheta0)}
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     _check_targets(base, shapes, source)
+    if check_base:
+        _check_pins(base, pins, source)
     if isinstance(model, PeftModel) and adapter_name in model.peft_config:
         raise UsageError(f"{source}: the model already has an adapter named {adapter_name!r}; "
                          "pass another adapter_name")
@@ -96,3 +111,44 @@ def _check_targets(base: torch.nn.Module, shapes: dict[str, tuple[int, ...]], so
             raise MCNCError(f"{source}: {name!r} is one Linear reused at "
                             f"{paths[id(module)]}; PEFT would adapt it at one path only. Use "
                             "mcnc_format.load_into (the merged weights) for such a model")
+
+
+def _check_pins(base: torch.nn.Module, pins: dict[str, ExternalTheta0], source: str) -> None:
+    """Each adapted Linear's weight has the bytes the adapter's base reference pins."""
+    for name, pin in pins.items():
+        module = base.get_submodule(name.removesuffix(".weight"))
+        if hasattr(module, "get_base_layer"):
+            module = module.get_base_layer()
+        if module.weight.is_meta:
+            raise UsageError(f"{source}: the model's {name!r} is on the meta device, so it "
+                             "cannot be checked against the adapter's base: load the base "
+                             "weights first, or pass check_base=False", path=source,
+                             tensor=name)
+        digest = _digest(module.weight)
+        if digest != pin.sha256:
+            raise ExternalReferenceError(
+                f"{source}: the model's {name!r} has sha256 {digest[:12]}..., the adapter "
+                f"was trained on a base whose {pin.tensor!r} ({pin.uri}) has sha256 "
+                f"{pin.sha256[:12]}...: attach it to that base (pass check_base=False if it "
+                "is the same base in another dtype)", rule="R75", path=source, tensor=name)
+
+
+#: SHA-256 of tensors already hashed, by ``id``: (the tensor, weakly; its version counter and
+#: data pointer when hashed; the digest). A tensor changed in place has another version.
+_DIGESTS: dict[int, tuple[weakref.ref[torch.Tensor], int, int, str]] = {}
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """``tensor_sha256`` of ``tensor``, computed once per version of its data."""
+    key, version, pointer = id(tensor), tensor._version, tensor.data_ptr()
+    known = _DIGESTS.get(key)
+    if known is not None and known[0]() is tensor and known[1:3] == (version, pointer):
+        return known[3]
+    digest = tensor_sha256(tensor)
+
+    def forget(ref: weakref.ref[torch.Tensor], key: int = key) -> None:
+        if key in _DIGESTS and _DIGESTS[key][0] is ref:
+            del _DIGESTS[key]
+
+    _DIGESTS[key] = (weakref.ref(tensor, forget), version, pointer, digest)
+    return digest

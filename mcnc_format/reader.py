@@ -241,6 +241,7 @@ class MCNCFile:
     def _run(self, requests: list[TensorRequest], device: torch.device,
              options: LoadOptions) -> Iterator[tuple[Target, torch.Tensor]]:
         def steps() -> Iterator[tuple[Target, torch.Tensor]]:  # with CPU defaults (host_defaults)
+            self.context.theta0.begin_load()  # each load checks its bases again (R75)
             executor = self._executor(device, options)
             yield from executor.run(executor.plan(requests))
 
@@ -253,6 +254,7 @@ class MCNCFile:
         process can check for many that then find the record (``MCNCStorageReader`` does so
         on the coordinator)."""
         theta0 = self.context.theta0
+        theta0.begin_load()
         for name in dict.fromkeys(self.keys() if names is None else names):
             t = self.entry(name)
             members = t.members()

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from hub_fixtures import hub  # noqa: F401  (re-exported pytest fixture)
 
+from mcnc_format.engine import digests
 from mcnc_format.engine.digests import DigestCache
 
 
@@ -18,15 +19,23 @@ def _own_cache_directory(tmp_path_factory: pytest.TempPathFactory,
     return directory
 
 
+@pytest.fixture(autouse=True)
+def _no_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests hash bases they wrote a moment ago: the racy-entry rule (test_racy_digests.py)
+    would keep every such hash out of the cache."""
+    monkeypatch.setattr(digests, "racy_window_ns", lambda: 0, raising=False)
+
+
 @pytest.fixture
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names recorded in the digest cache: one per successful hash."""
     seen: list[str] = []
     real = DigestCache.remember
 
-    def remember(self: DigestCache, identity: tuple, name: str, digest: str) -> None:
+    def remember(self: DigestCache, identity: tuple, name: str, digest: str,
+                 *args: object) -> None:
         seen.append(name)
-        real(self, identity, name, digest)
+        real(self, identity, name, digest, *args)
 
     monkeypatch.setattr(DigestCache, "remember", remember)
     return seen

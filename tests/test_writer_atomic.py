@@ -293,3 +293,28 @@ def test_replacement_keeps_the_old_mode_and_new_files_follow_the_umask(tmp_path:
     finally:
         os.umask(old)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+
+
+def test_an_output_symlink_to_a_device_gives_the_new_file_the_umask_mode(
+        tmp_path: Path, seed: int) -> None:
+    """The link is replaced by the new file; its mode is not the device's 0666."""
+    link = tmp_path / "model.mcnc"
+    link.symlink_to("/dev/full")
+    old = os.umask(0o022)
+    try:
+        mf.save(link, _inputs(seed, 1))
+    finally:
+        os.umask(old)
+    assert not link.is_symlink() and link.is_file()
+    assert stat.S_IMODE(link.stat().st_mode) == 0o644
+    assert stat.S_IMODE(os.stat("/dev/full").st_mode) == 0o666  # the device is untouched
+
+
+def test_a_dangling_symlink_as_output_is_named_as_such(tmp_path: Path, seed: int) -> None:
+    link = tmp_path / "model.mcnc"
+    link.symlink_to(tmp_path / "nowhere" / "x.mcnc")
+    with pytest.raises(mf.WriteError, match="symbolic link") as caught:
+        mf.save(link, _inputs(seed, 1), overwrite=False)
+    assert "appeared while" not in str(caught.value)
+    assert "nowhere" in str(caught.value)
+    assert link.is_symlink() and sorted(tmp_path.iterdir()) == [link]

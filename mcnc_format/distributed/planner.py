@@ -92,7 +92,8 @@ def load(state_dict: dict[str, Any], path: str | os.PathLike[str], *, strict: bo
     ``torch.distributed.checkpoint.load`` with ``MCNCStorageReader`` and ``MCNCLoadPlanner``;
     ``strict``, ``cast``, ``options`` and ``resolver`` as ``MCNCStorageReader`` takes them
     (``strict=False`` also lets the state dict hold tensors the file lacks). A state dict that
-    does not fit the file raises ``UsageError`` on every rank.
+    does not fit the file raises ``UsageError`` on every rank; a file that cannot be read on
+    some rank (missing, damaged) raises that rank's ``MCNCError`` on every rank.
     """
     reader = MCNCStorageReader(path, strict=strict, cast=cast, options=options,
                                resolver=resolver)

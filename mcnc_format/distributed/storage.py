@@ -37,7 +37,7 @@ from ..dtypes import to_torch
 from ..engine.box import Box
 from ..engine.options import LoadOptions, Progress, Verify
 from ..engine.resolve import Resolver
-from ..errors import UsageError
+from ..errors import MCNCError, UsageError
 from ..reader import MCNCFile
 
 __all__ = ["MCNCStorageReader", "ReadStats"]
@@ -100,10 +100,20 @@ class MCNCStorageReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Every tensor of the file as one chunk of its whole shape (tensors of an encoding
-        this reader does not know are left out: they cannot be read, R46)."""
+        this reader does not know are left out: they cannot be read, R46).
+
+        A file that cannot be read does not raise here: DCP retries a raising
+        ``read_metadata`` and then reports only ``AssertionError("metadata is None")``, which
+        loses the error. It comes back as metadata declaring nothing, with the ``MCNCError``
+        in ``storage_data``; ``set_up_storage_reader``, DCP's next call on this rank, raises
+        it, and DCP hands it to every rank intact (docs/distributed.md, Errors)."""
         declared: dict[str, Any] = {}
-        with self._opened() as f:
-            tensors = f.header.tensors
+        try:
+            with self._opened() as f:
+                tensors = f.header.tensors
+        except MCNCError as exc:
+            return Metadata(state_dict_metadata={}, storage_data=exc,
+                            storage_meta=StorageMeta(checkpoint_id=self.path))
         for t in tensors:
             if not t.known:
                 continue
@@ -116,6 +126,9 @@ class MCNCStorageReader(StorageReader):
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
                               **kwargs: Any) -> None:
+        """Raises the error ``read_metadata`` met reading the file, if any."""
+        if isinstance(metadata.storage_data, MCNCError):
+            raise metadata.storage_data
         self.is_coordinator = is_coordinator
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:

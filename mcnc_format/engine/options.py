@@ -87,12 +87,15 @@ def _member(kind: type[E], value: object, what: str) -> E:
 class Verify(str, enum.Enum):
     """What a load checks of the bytes it reads (SPEC.md §4 R24, §7.4 R75)."""
 
-    #: Every blob's XXH3-64 on first use, and every external base's SHA-256 on every load.
+    #: Every blob's XXH3-64 on first use, and every external base's SHA-256 on every load
+    #: call (``get_tensor``, a ``get_slice`` box, ``tensors``, ``stream``, one DCP load) that
+    #: reads it, also while the file stays open.
     FULL = "full"
     #: Blob checksums as FULL; an external base's SHA-256 only when the digest cache
     #: (``engine/digests.py``) has no record of this very file (device, inode, size, mtime,
-    #: ctime) holding the pinned digest. The default: a changed or replaced base is always
-    #: hashed again; see docs/gpu.md for what it trusts.
+    #: ctime) holding the pinned digest; that identity is read again at every load call.
+    #: The default: a changed or replaced base is hashed again; see docs/gpu.md for what it
+    #: trusts and what it cannot see.
     CACHED = "cached"
     #: Nothing: for files this process wrote itself.
     NONE = "none"

@@ -20,6 +20,7 @@ import contextlib
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,8 +52,16 @@ _READER_THREADS = min(8, os.cpu_count() or 1)
 _READERS: list[ThreadPoolExecutor] = []
 
 
-if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads
-    os.register_at_fork(after_in_child=_READERS.clear)
+#: Every open source, for the fork handler below.
+_SOURCES: weakref.WeakSet[FileSource] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads: no reader pool, and no thread that
+    holds a source's lock or descriptor."""
+    _READERS.clear()
+    for source in list(_SOURCES):
+        source._forked()
 
 #: Reads up to ``len(view)`` bytes of ``fd`` at ``offset`` into ``view``; returns the count.
 PositionalRead = Callable[[int, memoryview, int], int]
@@ -134,6 +143,15 @@ class FileSource:
         self._holders = 0
         self._closed = False
         self._fd, self.size = open_regular(path, label)
+        _SOURCES.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's threads that held the lock or the descriptor do
+        not exist here (the descriptor itself is the child's own copy)."""
+        self._lock = threading.Lock()
+        self._holders = 0
+        if self._closed:
+            self._release()
 
     @contextlib.contextmanager
     def _held(self) -> Iterator[int]:
@@ -206,6 +224,10 @@ class FileSource:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass(frozen=True)

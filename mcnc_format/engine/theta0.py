@@ -12,15 +12,18 @@ out.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, TypeGuard
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard, TypeVar
 
 import torch
 
@@ -51,6 +54,8 @@ from .source import BlobStore
 
 if TYPE_CHECKING:
     from .backend import DrawUniform
+
+T = TypeVar("T")
 
 __all__ = [
     "BEHAVIOURS",
@@ -136,8 +141,59 @@ class DenseRead:
             self.hash.abort()
 
 
+#: Every open file's theta0 source, for the fork handler below.
+_SOURCES: weakref.WeakSet[Theta0Source] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: each source forgets its workers and
+    the checks they were running (``Theta0Source._forked``)."""
+    for source in list(_SOURCES):
+        source._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Workers(Executor):
+    """The SHA-256 threads of one open file, started on first use. One thread per base tensor
+    being hashed: SHA-256 is sequential within a tensor. After ``shutdown`` (the file was
+    closed) ``submit`` raises ``UsageError``, not the pool's ``RuntimeError``."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        with self._lock:
+            if self._closed:
+                raise UsageError(f"{self.label}: the file is closed; open it again",
+                                 path=self.label)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                                thread_name_prefix="mcnc-sha256")
+            return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def forked(self) -> None:
+        """In a forked child: the parent's threads (and whoever held the lock) are gone."""
+        self._lock = threading.Lock()
+        self._pool = None
+
+
 class Theta0Source:
-    """Evaluates the theta0 entries of one open file."""
+    """Evaluates the theta0 entries of one open file. Usable in a forked child of the process
+    that opened it (``multiprocessing``, DataLoader workers): the child starts workers of its
+    own and checks again what the parent's workers had not finished checking."""
 
     def __init__(self, blobs: BlobStore, resolver: Resolver, label: str,
                  verify: Verify = Verify.CACHED, digests: DigestCache | None = None) -> None:
@@ -147,8 +203,24 @@ class Theta0Source:
         self.verify = verify
         self.digests = digests or DigestCache()
         self._references: dict[tuple[str, str], _Reference] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool = _Workers(label)
         self._hashes: weakref.WeakSet[StreamHash] = weakref.WeakSet()  # fed as bytes pass
+        # Guards opening a base (threads touching it first open it once) and arranging its
+        # check (once per load), and ``_closed``.
+        self._lock = threading.Lock()
+        self._claim = threading.Lock()  # a check is arranged by one thread (``_judge``)
+        self._closed = False
+        _SOURCES.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's workers do not exist here, so a check they had
+        pending would never finish; forget both (the next load arranges the check again)."""
+        self._pool.forked()
+        self._hashes = weakref.WeakSet()
+        self._lock, self._claim = threading.Lock(), threading.Lock()
+        for reference in self._references.values():
+            if reference.check is not None and not reference.check.done():
+                reference.arranged, reference.check = False, None
 
     # -- dense kinds ---------------------------------------------------------------------
     def dense_dtype(self, entry: BlobTheta0 | ExternalTheta0, shape: tuple[int, ...]
@@ -202,6 +274,20 @@ class Theta0Source:
             return torch.empty(0, dtype=dtype)
         return torch.frombuffer(bytearray(data) if data.readonly else data, dtype=dtype)
 
+    def begin_load(self) -> None:
+        """A load call begins: each base it reads is checked again as ``verify`` says (the
+        file may have changed since the last load). ``FULL`` hashes it again; ``CACHED``
+        reads its identity again, and hashes it only if that changed (or the cache has no
+        record). A check still running for a concurrent load is kept."""
+        if self.verify is Verify.NONE:
+            return
+        with self._lock:
+            references = list(self._references.values())
+        with self._claim:
+            for reference in references:
+                if reference.check is None or reference.check.done():
+                    reference.arranged, reference.check = False, None
+
     def pending_check(self, entry: Theta0Entry) -> Future[None] | None:
         """The SHA-256 verdict of an external base (R75) the caller must await before handing
         out what it built from the base; ``None`` when there is nothing to wait for."""
@@ -214,11 +300,19 @@ class Theta0Source:
         return reference.check
 
     def reference(self, entry: ExternalTheta0, shape: tuple[int, ...]) -> _Reference:
-        """The external base of ``entry``, opened and shape-checked once (R75). A base from
-        the Hub is checked at once: a damaged download is fetched again."""
+        """The external base of ``entry``, opened and shape-checked once (R75), however many
+        threads ask first; after ``close()`` a ``UsageError``. A base from the Hub is checked
+        at once: a damaged download is fetched again."""
         key = (entry.uri, entry.tensor)
-        if key in self._references:
+        with self._lock:
+            if self._closed:
+                raise UsageError(f"{self.label}: the file is closed; open it again",
+                                 path=self.label)
+            if key not in self._references:
+                self._references[key] = self._open_reference(entry, shape)
             return self._references[key]
+
+    def _open_reference(self, entry: ExternalTheta0, shape: tuple[int, ...]) -> _Reference:
         label = f"{self.label}: theta0 reference {entry.uri}"
         fetched = entry.uri.startswith(HUB_SCHEME) or self.label.startswith(HUB_SCHEME)
 
@@ -238,8 +332,7 @@ class Theta0Source:
                 raise
             return reference
 
-        self._references[key] = self.resolver.reference(entry.uri, self.label, read)
-        return self._references[key]
+        return self.resolver.reference(entry.uri, self.label, read)
 
     def _arrange_check(self, reference: _Reference, wait: bool = False) -> None:
         """Check the pin once per reference, as ``verify`` says, by reading the tensor: on a
@@ -249,14 +342,28 @@ class Theta0Source:
         if judge is None:
             return
         file, found = reference.file, reference.entry
+        if wait:
+            judge(file.sha256(found))
+            return
+        # A future of its own, not the pool's: close() fails it with a UsageError, where the
+        # pool's would be cancelled (a CancelledError for whoever awaits it).
+        verdict: Future[None] = Future()
 
         def check() -> None:
-            judge(file.sha256(found))
+            try:
+                judge(file.sha256(found))
+            except BaseException as exc:
+                outcome: BaseException | None = exc
+            else:
+                outcome = None
+            with contextlib.suppress(InvalidStateError):  # unless close() failed it first
+                if outcome is None:
+                    verdict.set_result(None)
+                else:
+                    verdict.set_exception(outcome)
 
-        if wait:
-            check()
-        else:
-            reference.check = self._workers().submit(check)
+        reference.check = verdict
+        self._pool.submit(check)
 
     def _stream_check(self, reference: _Reference) -> StreamHash | None:
         """A hash to feed the tensor's bytes as they are read, when its pin is to be checked
@@ -269,7 +376,7 @@ class Theta0Source:
         def aborted() -> None:
             reference.arranged, reference.check = False, None
 
-        hasher = StreamHash(self._workers(), reference.entry.nbytes, judge, aborted)
+        hasher = StreamHash(self._pool, reference.entry.nbytes, judge, aborted)
         reference.check = hasher.verdict
         self._hashes.add(hasher)
         return hasher
@@ -278,12 +385,14 @@ class Theta0Source:
         """Mark the reference's check arranged and return what judges its digest, or ``None``
         when none is needed: already arranged, ``verify`` off, or (``CACHED``) the digest
         cache knows this very file holds the pinned digest."""
-        if reference.arranged:
-            return None
-        reference.arranged = True
+        with self._claim:
+            if reference.arranged:
+                return None
+            reference.arranged = True
         if self.verify is Verify.NONE:
             return None
         file, found, pinned = reference.file, reference.entry, reference.pinned
+        hashed_at = time.time_ns()  # before any byte of this check is read
         identity = file.identity()
         name = f"{found.offset}:{found.nbytes}"  # the tensor's byte range in that file
         if self.verify is Verify.CACHED and self.digests.known(identity, name, pinned):
@@ -295,16 +404,9 @@ class Theta0Source:
                 raise ExternalReferenceDamaged(
                     f"{label} has sha256 {digest}, the file pins {pinned}: the base checkpoint "
                     "differs from the one this file was made against", rule="R75")
-            self.digests.remember(identity, name, pinned)
+            self.digests.remember(identity, name, pinned, hashed_at)
 
         return judge
-
-    def _workers(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            # One thread per base tensor being hashed: SHA-256 is sequential within a tensor.
-            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                            thread_name_prefix="mcnc-sha256")
-        return self._pool
 
     # -- values ---------------------------------------------------------------------------
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
@@ -334,14 +436,20 @@ class Theta0Source:
         is aborted first: its queued pieces are released and its verdict says the check did
         not finish, so whatever still waits on them (a load's clean-up) does not wait on
         workers that are gone."""
+        with self._lock:
+            self._closed = True
+            references = list(self._references.values())
+            self._references.clear()
         for hasher in list(self._hashes):
             hasher.abort()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        for reference in self._references.values():
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for reference in references:
+            if reference.check is not None:
+                with contextlib.suppress(InvalidStateError):  # unless it finished
+                    reference.check.set_exception(UsageError(
+                        f"{self.label}: the file was closed before the SHA-256 check of a "
+                        "base it reads finished; open it again", path=self.label))
             reference.file.close()
-        self._references.clear()
 
 
 class Theta0Behaviour(ABC):

@@ -10,6 +10,7 @@ copy fetched again (a new file) is checked again.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..engine.digests import DigestCache
@@ -25,6 +26,7 @@ def check_mcnc_bytes(path: Path) -> Path:
     """Return ``path`` if every checksum holds; raise ``FormatError``/``ChecksumError`` if
     not (the reader's own errors, so callers can tell damage from other failures)."""
     cache = DigestCache()
+    checked_at = time.time_ns()  # a file modified just before is not recorded (racy)
     source = FileSource(path, str(path))
     try:
         opened = read_header(source, str(path))
@@ -37,5 +39,5 @@ def check_mcnc_bytes(path: Path) -> Path:
                 raise problem
     finally:
         source.close()
-    cache.remember(identity, CHECKED, "ok")
+    cache.remember(identity, CHECKED, "ok", checked_at)
     return path

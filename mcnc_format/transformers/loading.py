@@ -10,8 +10,10 @@ sent to meta, through PyTorch's public parameter-registration hook.
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,14 @@ import torch
 from torch import nn
 
 from ..api import load_into
+from ..api import open as open_file
 from ..devices import check_device, check_dtype
-from ..errors import HubFileNotFoundError, MCNCError, UsageError
+from ..errors import ConfigError, HubFileNotFoundError, MCNCError, UsageError
 from ..extras import require
 from ..uri import SCHEME, parse_uri
 
-__all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "MODEL_FILE", "from_pretrained",
-           "resolve_folder"]
+__all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "MODEL_FILE", "check_config",
+           "from_pretrained", "resolve_folder"]
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -45,9 +48,11 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     ``config.json``'s ``architectures`` names, or ``model_class`` (a model class, or an
     ``AutoModel*`` class). ``dtype`` converts floating weights (default: as stored; a floating
     torch dtype or one of ``f32``, ``bf16``, ``f16``, ``f64``).
-    ``config_overrides`` go to ``AutoConfig.from_pretrained``. Tied weights
-    (``tie_word_embeddings``) are tied; the generation config is loaded when the folder has
-    one. Raises ``MCNCError`` naming the file when ``config.json`` or ``model.mcnc`` is
+    ``config_overrides`` go to ``AutoConfig.from_pretrained``. The class is looked up only
+    among transformers' model classes of the config's model type, and the config is checked
+    against the file's tensor names and shapes before the model is built (``ConfigError``).
+    Tied weights (``tie_word_embeddings``) are tied; the generation config is loaded when the
+    folder has one. Raises ``MCNCError`` naming the file when ``config.json`` or ``model.mcnc`` is
     missing or unreadable, or when the file's tensors do not match the model the config builds.
     """
     require("transformers", "transformers", "mcnc_format.transformers.from_pretrained")
@@ -67,6 +72,7 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     except (OSError, ValueError, KeyError) as exc:
         raise MCNCError(f"{config_path}: transformers cannot read this config ({exc})") from exc
     cls = model_class or _architecture(config, config_path)
+    check_config(cls, config, weights)
     with _default_dtype(dtype), _parameters_on_meta():
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     load_into(model, weights, device=device, dtype=dtype)
@@ -107,17 +113,128 @@ def resolve_folder(repo_or_dir: str | os.PathLike[str], revision: str | None = N
 
 
 def _architecture(config: Any, source: Path) -> Any:
+    """The model class ``architectures`` names, looked up only among the classes
+    transformers' auto-model registries list for the config's model type: whatever else a
+    ``config.json`` says (a function, a submodule, a dunder, another model type's class) is
+    refused, never fetched from the package."""
     import transformers
 
     names = getattr(config, "architectures", None) or []
     if not names:
-        raise MCNCError(f"{source}: names no architecture; pass model_class= (for example "
-                        "transformers.AutoModelForCausalLM)")
-    cls = getattr(transformers, names[0], None)
-    if cls is None:
-        raise MCNCError(f"{source}: architecture {names[0]!r} is not in this transformers "
-                        f"({transformers.__version__}); upgrade it or pass model_class=")
+        raise ConfigError(f"{source}: names no architecture; pass model_class= (for example "
+                          "transformers.AutoModelForCausalLM)", path=str(source))
+    name, model_type = names[0], getattr(config, "model_type", None)
+    registered = _registered_classes(model_type)
+    if not isinstance(name, str) or name not in registered:
+        listed = ", ".join(sorted(registered)[:8]) or "none"
+        raise ConfigError(
+            f"{source}: architecture {name!r} is not a model class of model type "
+            f"{model_type!r} in transformers {transformers.__version__} (its classes: "
+            f"{listed}); fix config.json or pass model_class=", path=str(source))
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ConfigError(f"{source}: architecture {name!r} is not in this transformers "
+                          f"({transformers.__version__}); upgrade it or pass model_class=",
+                          path=str(source))
     return cls
+
+
+def _registered_classes(model_type: object) -> set[str]:
+    """Names of the model classes transformers' auto-model registries
+    (``MODEL_*_MAPPING_NAMES``: model type to class name) list for ``model_type``."""
+    from transformers.models.auto import modeling_auto
+
+    found: set[str] = set()
+    for attribute, mapping in vars(modeling_auto).items():
+        if not (attribute.startswith("MODEL_") and attribute.endswith("_MAPPING_NAMES")
+                and isinstance(mapping, Mapping)):
+            continue
+        value = mapping.get(model_type) if isinstance(model_type, str) else None
+        if isinstance(value, str):
+            found.add(value)
+        elif isinstance(value, tuple | list):
+            found.update(v for v in value if isinstance(v, str))
+    return found
+
+
+def check_config(cls: Any, config: Any, weights: Path) -> None:
+    """Before the model is built: the config's sizes are not negative, and a probe of it
+    (one layer, on the meta device: no memory, no time) has every tensor of the file with
+    the file's shape, and as many layers as the file holds. A config that does not describe
+    the file raises ``ConfigError`` instead of building a model of any size first."""
+    label = str(weights)
+    for key, value in config.to_dict().items():
+        if (isinstance(value, int) and not isinstance(value, bool) and value < 0
+                and (key.endswith("_size") or key.startswith(("num_", "n_")))):
+            raise ConfigError(f"the config gives {key}={value}; sizes and counts cannot be "
+                              "negative. Fix config.json", path=label, field=key)
+    with open_file(weights) as f:
+        stored = {t.name: t.shape for t in f.header.tensors}
+    layers = getattr(config, "num_hidden_layers", None)
+    probe_config = copy.deepcopy(config)
+    reduced = isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1
+    if reduced:
+        probe_config.num_hidden_layers = 1
+    try:
+        probe = _probe(cls, probe_config)
+    except Exception as exc:  # transformers' constructors raise what they meet
+        raise ConfigError(f"transformers cannot build {getattr(cls, '__name__', cls)} from "
+                          f"this config: {exc}. Fix config.json", path=label) from exc
+    wanted = {name: tuple(t.shape) for name, t in probe.state_dict().items()}
+    want_shapes = {_pattern(name): shape for name, shape in wanted.items()}
+    for name, shape in stored.items():
+        want = want_shapes.get(_pattern(name))
+        if want is None:
+            raise ConfigError(f"the file holds {name!r}, which {cls.__name__} built from "
+                              "this config does not have: the config is not the one saved "
+                              "with the file", path=label, tensor=name)
+        if want != tuple(shape):
+            raise ConfigError(f"{name!r} has shape {list(shape)} in the file; the config "
+                              f"gives it shape {list(want)} (check hidden_size and the other "
+                              "sizes of config.json)", path=label, tensor=name)
+    if reduced:
+        _check_layer_count(wanted, stored, layers, label)
+
+
+def _probe(cls: Any, config: Any) -> nn.Module:
+    """``cls`` built from ``config`` with nothing allocated: everything on the meta device,
+    or, for a constructor that computes with its buffers (which meta tensors cannot), real
+    buffers and meta parameters."""
+    def build() -> nn.Module:
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except Exception:
+        with _parameters_on_meta():
+            return build()
+
+
+_NUMBERED = re.compile(r"^(.*?)\.(\d+)\.(.*)$")
+
+
+def _pattern(name: str) -> str:
+    """``name`` with its first index replaced: one pattern per tensor of every layer."""
+    match = _NUMBERED.match(name)
+    return name if match is None else f"{match[1]}.#.{match[3]}"
+
+
+def _check_layer_count(wanted: dict[str, tuple[int, ...]], stored: dict[str, Any],
+                       layers: int, label: str) -> None:
+    """Each stack the one-layer probe holds once holds ``layers`` layers in the file."""
+    indices: dict[str, set[int]] = {}
+    for name in stored:
+        match = _NUMBERED.match(name)
+        if match is not None:
+            indices.setdefault(match[1], set()).add(int(match[2]))
+    for prefix in {m[1] for m in map(_NUMBERED.match, wanted) if m is not None}:
+        probed = {int(m[2]) for m in map(_NUMBERED.match, wanted) if m and m[1] == prefix}
+        found = indices.get(prefix, set())
+        if probed == {0} and found != set(range(layers)):
+            raise ConfigError(f"the config gives num_hidden_layers={layers}; the file holds "
+                              f"{len(found)} layers under {prefix!r}: the config is not the "
+                              "one saved with the file", path=label, field="num_hidden_layers")
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..atomic import atomic_files
 from ..errors import MCNCError, WriteError
 from ..reader import MCNCFile
 from ..torch import save_model
@@ -38,8 +39,11 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str],
     """Write ``model`` (reparametrized with ``mcnc_format.torch.reparametrize`` or given
     MCNC-LoRA adapters) to the folder ``save_directory``; returns the folder.
 
-    Files of the same names are replaced, as transformers' ``save_pretrained`` does; a
-    README.md already there is kept as the card's text, with the mcnc-format section updated.
+    Files of the same names are replaced, as transformers' ``save_pretrained`` does, all of
+    them or none: every file is written to a temporary folder first and moved into place
+    only once all were written, so a failure (a full disk) raises ``WriteError`` and leaves
+    the folder as it was. A README.md already there is kept as the card's text, with the
+    mcnc-format section updated.
     Raises ``ReparametrizeError`` for a model that is not reparametrized, ``MCNCError`` for
     one without a transformers ``config``, and ``WriteError`` for a folder holding dense
     weights of an earlier plain save (``DENSE_WEIGHT_FILES``), which transformers would load
@@ -57,24 +61,25 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str],
         raise WriteError(f"{folder}: holds {stale} from an earlier save; plain transformers "
                          "would load those weights instead of model.mcnc. Remove them, or "
                          "save into another folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, folder / MODEL_FILE, metadata=metadata)
-    config = copy.deepcopy(config)
-    config.architectures = [parametrize.type_before_parametrizations(model).__name__]
-    config.save_pretrained(folder)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and model.can_generate():
-        generation.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
     card = folder / CARD_FILE
     existing = card.read_text(encoding="utf-8") if card.is_file() else None
-    with MCNCFile(folder / MODEL_FILE) as mcnc_file:
-        facts = [FileFacts.of(MODEL_FILE, mcnc_file)]
-    paths = {p.name for p in folder.iterdir()}
-    card.write_text(render_card(existing, f"local/{folder.resolve().name}", facts,
-                                transformers=TransformersUsage.detect(paths, folder / CONFIG_FILE),
-                                local_folder=str(folder)), encoding="utf-8")
+    with atomic_files(folder) as staging:  # every file, or none, is replaced
+        save_model(model, staging / MODEL_FILE, metadata=metadata)
+        config = copy.deepcopy(config)
+        config.architectures = [parametrize.type_before_parametrizations(model).__name__]
+        config.save_pretrained(staging)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and model.can_generate():
+            generation.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        with MCNCFile(staging / MODEL_FILE) as mcnc_file:
+            facts = [FileFacts.of(MODEL_FILE, mcnc_file)]
+        paths = {p.name for p in folder.iterdir()} | {p.name for p in staging.iterdir()}
+        usage = TransformersUsage.detect(paths, staging / CONFIG_FILE)
+        (staging / CARD_FILE).write_text(
+            render_card(existing, f"local/{folder.resolve().name}", facts, transformers=usage,
+                        local_folder=str(folder)), encoding="utf-8")
     return folder
 
 
