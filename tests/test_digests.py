@@ -107,3 +107,42 @@ def test_a_hub_download_is_checked_once(hub: HubServer, tmp_path: Path,
     second = mf.load("hf://alice/plain/plain.mcnc")
     assert checks == [1]
     assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_a_check_one_thread_claimed_is_awaited_by_another(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """R75 under threads: while one thread has claimed a base's pin check but not yet
+    started it (reading the file's identity), another thread asking for the check gets the
+    pending verdict to wait on, never "no check" (it would hand out a tensor built on an
+    unverified base)."""
+    import threading
+
+    from mcnc_format.engine.safetensors_source import SafetensorsFile
+    from mcnc_format.header import ExternalTheta0
+
+    path = mixed_file(tmp_path)
+    with mf.open(path, verify="full") as f:
+        t = next(t for t in f.header.tensors
+                 if any(isinstance(th, ExternalTheta0) for th in t.theta0s()))
+        member = t.members()[0]
+        entry = member.theta0
+        assert isinstance(entry, ExternalTheta0)
+        theta0 = f.context.theta0
+        theta0.reference(entry, member.shape)
+        entered, release = threading.Event(), threading.Event()
+        real = SafetensorsFile.identity
+
+        def slow_identity(self: SafetensorsFile):  # type: ignore[no-untyped-def]
+            entered.set()
+            assert release.wait(10)
+            return real(self)
+
+        monkeypatch.setattr(SafetensorsFile, "identity", slow_identity)
+        first = threading.Thread(target=theta0.pending_check, args=(entry,))
+        first.start()
+        assert entered.wait(10)
+        check = theta0.pending_check(entry)  # asked while the first thread holds the claim
+        assert check is not None and not check.done()
+        release.set()
+        first.join(10)
+        check.result(timeout=60)

@@ -571,3 +571,26 @@ def test_damaged_hub_base_is_read_again_after_its_fresh_download(
         "layer.weight": base["layer.weight"] + 1})))
     assert_close(load(path, "cpu"), want)
     assert cached.read_bytes() == safetensors_bytes(base)  # the good copy is kept
+
+
+def test_accelerators_other_than_cuda_get_device_memory(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that is neither the CPU nor CUDA (``mps``, ``xpu``) gets ``DeviceTorch``:
+    outputs and staging in device memory, not the host pages of ``CpuTorch``. Run on the CPU
+    as if it were such a device, its loads equal the CPU's bit for bit."""
+    import mcnc_format.reader as reader
+    from mcnc_format.engine.backend import DeviceTorch, choose_backend
+
+    for kind in ("mps", "xpu"):
+        backend = choose_backend(torch.device(kind), LoadOptions())
+        assert type(backend) is DeviceTorch and not backend.host_memory
+    with pytest.raises(mf.UsageError, match="CUDA"):
+        choose_backend(torch.device("mps"), LoadOptions(use_triton=True))
+    path = mixed_file(tmp_path)
+    want = load(path, "cpu", workspace_bytes=900)
+    monkeypatch.setattr(reader, "choose_backend", DeviceTorch)
+    got = load(path, "cpu", workspace_bytes=900)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert want[name].dtype == got[name].dtype
+        assert torch.equal(want[name].view(torch.uint8), got[name].view(torch.uint8)), name

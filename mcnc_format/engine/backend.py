@@ -10,6 +10,7 @@ reads, not a callback into the executor).
 - ``CpuTorch``: the torch path on the CPU (the reference every other backend is tested
   against). A compiled CPU path would be one more class here.
 - ``CudaTorch``: the same arithmetic with torch on a GPU; pinned staging and a copy stream.
+- ``DeviceTorch``: the same on any other accelerator torch offers (``mps``, ``xpu``).
 - ``CudaTriton``: ``CudaTorch`` with the fused regeneration kernel (``triton_kernels``).
 - ``InterpretedTriton``: the Triton kernels on the CPU under ``TRITON_INTERPRET=1`` (tests).
 
@@ -45,6 +46,7 @@ __all__ = [
     "CpuTorch",
     "CudaTorch",
     "CudaTriton",
+    "DeviceTorch",
     "InterpretedTriton",
     "KernelCapabilities",
     "choose_backend",
@@ -169,16 +171,11 @@ class CpuTorch(Backend):
     """The torch path on the CPU: the reference every other backend is tested against."""
 
 
-class CudaTorch(Backend):
-    """The torch path on a CUDA device: pinned staging, a copy stream, device memory."""
+class DeviceTorch(Backend):
+    """The torch path on an accelerator other than CUDA (``mps``, ``xpu``, ...): device
+    memory for outputs and staging, synchronous copies."""
 
     host_memory = False
-
-    def copy_engine(self) -> CopyEngine:
-        return CudaCopyEngine(self.device)
-
-    def on_device(self) -> contextlib.AbstractContextManager[object]:
-        return torch.cuda.device(self.device)
 
     def output(self, numel: int, dtype: torch.dtype, engine: CopyEngine
                ) -> tuple[torch.Tensor, bool]:
@@ -186,6 +183,16 @@ class CudaTorch(Backend):
 
     def workspace_bytes(self, output_bytes: int) -> int:
         return self.options.workspace_for(output_bytes, False)
+
+
+class CudaTorch(DeviceTorch):
+    """The torch path on a CUDA device: pinned staging, a copy stream, device memory."""
+
+    def copy_engine(self) -> CopyEngine:
+        return CudaCopyEngine(self.device)
+
+    def on_device(self) -> contextlib.AbstractContextManager[object]:
+        return torch.cuda.device(self.device)
 
     def free_bytes(self) -> int | None:
         """Free device memory, counting what torch's allocator holds in reserve."""
@@ -286,13 +293,13 @@ def choose_backend(device: torch.device, options: LoadOptions) -> Backend:
     if use:
         from . import triton_kernels
 
-        if triton_kernels.compiled():
+        if triton_kernels.compiled() or device.type != "cpu":
             raise UsageError(
                 f"use_triton=True on {device}: the Triton kernels run on CUDA devices (or on "
                 "the CPU under TRITON_INTERPRET=1, for tests); load onto a CUDA device or "
                 "leave use_triton unset")
         return InterpretedTriton(device, options)
-    return CpuTorch(device, options)
+    return CpuTorch(device, options) if device.type == "cpu" else DeviceTorch(device, options)
 
 
 def default_backend(device: torch.device) -> Backend:

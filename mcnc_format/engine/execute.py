@@ -416,7 +416,8 @@ class Executor:
         span = target.element_range(lo, hi)
         if span is not None:
             return self.context.theta0.values(entry, shape, span[0], span[1] - span[0],
-                                              self.device, label, out)
+                                              self.device, label, out,
+                                              self.backend.draw_uniform())
         elements = target.elements(lo, hi, self.device)
         return self.context.theta0.values_at(entry, shape, elements, label)
 

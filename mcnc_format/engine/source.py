@@ -22,6 +22,7 @@ import stat
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,9 @@ class FileSource:
                 jobs = [_readers().submit(self._read_into, fd, buffer, offset, start,
                                           min(start + piece, length))
                         for start in range(0, length, piece)]
+                # Every piece ends before the descriptor is let go (a failed one included):
+                # a piece still reading after close() could read a reused descriptor number.
+                futures.wait(jobs)
                 for job in jobs:
                     job.result()
             return buffer[:length]

@@ -338,16 +338,23 @@ class Theta0Source:
         """Check the pin once per reference, as ``verify`` says, by reading the tensor: on a
         worker unless ``wait`` (bytes read for a load are hashed as they pass instead:
         ``_stream_check``)."""
-        judge = self._judge(reference)
-        if judge is None:
+        claimed = self._judge(reference)
+        if claimed is None:
             return
+        judge, verdict = claimed
         file, found = reference.file, reference.entry
         if wait:
-            judge(file.sha256(found))
+            try:
+                judge(file.sha256(found))
+            except BaseException as exc:
+                with contextlib.suppress(InvalidStateError):
+                    verdict.set_exception(exc)
+                raise
+            with contextlib.suppress(InvalidStateError):
+                verdict.set_result(None)
             return
-        # A future of its own, not the pool's: close() fails it with a UsageError, where the
-        # pool's would be cancelled (a CancelledError for whoever awaits it).
-        verdict: Future[None] = Future()
+        # The verdict is a future of its own, not the pool's: close() fails it with a
+        # UsageError, where the pool's would be cancelled (a CancelledError for its waiters).
 
         def check() -> None:
             try:
@@ -362,40 +369,54 @@ class Theta0Source:
                 else:
                     verdict.set_exception(outcome)
 
-        reference.check = verdict
         self._pool.submit(check)
 
     def _stream_check(self, reference: _Reference) -> StreamHash | None:
         """A hash to feed the tensor's bytes as they are read, when its pin is to be checked
         (once per reference, as ``verify`` says). If the read stops short, the reference is
         left to be checked by the next load."""
-        judge = self._judge(reference)
-        if judge is None:
+        claimed = self._judge(reference)
+        if claimed is None:
             return None
+        judge, verdict = claimed
 
         def aborted() -> None:
             reference.arranged, reference.check = False, None
 
         hasher = StreamHash(self._pool, reference.entry.nbytes, judge, aborted)
-        reference.check = hasher.verdict
+        hasher.verdict.add_done_callback(lambda done: _settle(verdict, done))
         self._hashes.add(hasher)
         return hasher
 
-    def _judge(self, reference: _Reference) -> Callable[[str], None] | None:
-        """Mark the reference's check arranged and return what judges its digest, or ``None``
-        when none is needed: already arranged, ``verify`` off, or (``CACHED``) the digest
-        cache knows this very file holds the pinned digest."""
+    def _judge(self, reference: _Reference
+               ) -> tuple[Callable[[str], None], Future[None]] | None:
+        """Mark the reference's check arranged and return what judges its digest with the
+        verdict its caller settles, or ``None`` when this thread has nothing to check:
+        already arranged, ``verify`` off, or (``CACHED``) the digest cache knows this very
+        file holds the pinned digest. The verdict is ``reference.check`` from the moment the
+        check is claimed, so a thread that asks meanwhile waits for it (R75) instead of
+        finding no check yet."""
         with self._claim:
             if reference.arranged:
                 return None
             reference.arranged = True
+            verdict: Future[None] = Future()
+            reference.check = verdict
         if self.verify is Verify.NONE:
+            verdict.set_result(None)
             return None
         file, found, pinned = reference.file, reference.entry, reference.pinned
         hashed_at = time.time_ns()  # before any byte of this check is read
-        identity = file.identity()
-        name = f"{found.offset}:{found.nbytes}"  # the tensor's byte range in that file
-        if self.verify is Verify.CACHED and self.digests.known(identity, name, pinned):
+        try:
+            identity = file.identity()
+            name = f"{found.offset}:{found.nbytes}"  # the tensor's byte range in that file
+            known = self.verify is Verify.CACHED and self.digests.known(identity, name, pinned)
+        except BaseException as exc:
+            with contextlib.suppress(InvalidStateError):
+                verdict.set_exception(exc)
+            raise
+        if known:
+            verdict.set_result(None)
             return None
         label = f"{self.label}: theta0 reference {file.path}"
 
@@ -406,19 +427,20 @@ class Theta0Source:
                     "differs from the one this file was made against", rule="R75")
             self.digests.remember(identity, name, pinned, hashed_at)
 
-        return judge
+        return judge, verdict
 
     # -- values ---------------------------------------------------------------------------
     def values(self, entry: Theta0Entry, shape: tuple[int, ...], start: int, count: int,
-               device: torch.device, label: str, out: torch.Tensor | None = None
-               ) -> torch.Tensor | None:
+               device: torch.device, label: str, out: torch.Tensor | None = None,
+               uniform: DrawUniform | None = None) -> torch.Tensor | None:
         """Float32 theta0 of elements ``start .. start + count - 1``; ``None`` for zeros.
-        ``out``: where a drawn kind may write them (``Theta0Behaviour.values``)."""
+        ``out`` and ``uniform`` (the backend's one-launch draw): as
+        ``Theta0Behaviour.values``."""
         if is_stored(entry):
             value = self.dense(entry, shape, start, start + count, label)
             return value.to(device=device, dtype=torch.float32)
         return prng_values(entry, shape, start, count, device, f"{self.label}: {label}",
-                           out=out)
+                           uniform, out)
 
     def values_at(self, entry: Theta0Entry, shape: tuple[int, ...], elements: torch.Tensor,
                   label: str) -> torch.Tensor | None:
@@ -631,6 +653,17 @@ def prng_values_at(entry: Theta0Entry, shape: tuple[int, ...], elements: torch.T
                    label: str) -> torch.Tensor | None:
     """``prng_values`` at the element indices ``elements`` (int64, any order)."""
     return behaviour(entry).values_at(entry, shape, elements, label)
+
+
+def _settle(verdict: Future[None], done: Future[None]) -> None:
+    """Give ``verdict`` the outcome of ``done`` (unless ``close()`` settled it first)."""
+    with contextlib.suppress(InvalidStateError):
+        if done.cancelled():
+            verdict.set_exception(UsageError("the check was cancelled: the file was closed"))
+        elif done.exception() is not None:
+            verdict.set_exception(done.exception())
+        else:
+            verdict.set_result(None)
 
 
 def _scale_normal(z: torch.Tensor, entry: NormalTheta0, in_place: bool = False
