@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -118,3 +119,17 @@ def init_gloo(rank: int, world: int, store: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                                          world_size=world)
+
+
+def leave_gloo() -> None:
+    """End a rank that succeeded: every rank leaves the group together, then the process
+    ends at once. Tearing gloo down while a peer's collective threads still run, or letting
+    C++ static destructors run after its threads, aborted a rank now and then (SIGABRT,
+    "terminate called without an active exception") although its work had succeeded;
+    ``os._exit`` skips those destructors. A rank that fails raises instead, and its error
+    reaches the parent through torch.multiprocessing as usual."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from dist_helpers import TinyLM, init_gloo, write_model_file
+from dist_helpers import TinyLM, init_gloo, leave_gloo, write_model_file
 from stream_helpers import SEED
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
@@ -195,10 +195,7 @@ def _rank_main(rank: int, path: str, store: str) -> None:
             _fsdp2(rank, f, want)
             _tp_by_dp(f, want)
             _errors_reach_every_rank(path)
-        # Every rank leaves together: a rank tearing gloo down while a peer's collective
-        # threads still run aborted the process now and then ("terminate called without an
-        # active exception").
-        dist.barrier()
+        leave_gloo()
     finally:
         dist.destroy_process_group()
 

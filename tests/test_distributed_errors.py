@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from dist_helpers import TinyLM, init_gloo, write_model_file
+from dist_helpers import TinyLM, init_gloo, leave_gloo, write_model_file
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
@@ -50,7 +50,7 @@ def _rank_main(rank: int, paths: list[str], store: str, out: str) -> None:
                                              storage_reader=MCNCStorageReader(path))),
         }
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.barrier()
+        leave_gloo()
     finally:
         dist.destroy_process_group()
 

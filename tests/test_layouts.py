@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from dist_helpers import init_gloo
+from dist_helpers import init_gloo, leave_gloo
 from layout_helpers import batch, booby_trapped_pickle, config, mlp, run_pack, trained
 from safetensors.torch import save_file
 from torch import nn
@@ -126,6 +126,7 @@ def _sharding_rank(rank: int, seed: int, directory: str) -> None:
         split = {k: distribute_tensor(v, mesh, [Shard(v.dim() - 1)])
                  if v.is_floating_point() and v.dim() else v for k, v in trained_state.items()}
         dcp.save(split, checkpoint_id=f"{directory}/tp")
+        leave_gloo()
     finally:
         torch.distributed.destroy_process_group()
 
