@@ -14,14 +14,17 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
 
-from ..converters.pack import ProgressCallback, pack
-from ..converters.registry import LayoutConverter, available_converters
+from .main import REPORTED, exit_with_error, version_option
 from .safe_text import printable
+
+if TYPE_CHECKING:
+    from ..converters.pack import ProgressCallback
 
 __all__ = ["PROGRESS_MIN_BYTES", "main", "pack_command"]
 
@@ -45,11 +48,14 @@ _STAGES = {"read": "reading checkpoint", "convert": "converting", "write": "writ
               help="Show progress (default: for inputs over 64 MiB on a terminal).")
 @click.option("--list-converters", "list_converters", is_flag=True,
               help="List the installed converters and the layouts they read, then exit.")
+@version_option
 def pack_command(checkpoint: Path | None, out: Path | None, mapping: Path | None,
                  converter: str | None, base: Path | None, force: bool, progress: bool | None,
                  list_converters: bool) -> None:
     """Pack CHECKPOINT (a state dict file, or a checkpoint folder or file that a converter
     recognises: see --list-converters) into the .mcnc file OUT."""
+    from ..converters.pack import pack  # torch: checkpoints are read (--help, --version: not)
+
     if list_converters:
         _list_converters()
         return
@@ -71,6 +77,8 @@ def pack_command(checkpoint: Path | None, out: Path | None, mapping: Path | None
 
 
 def _list_converters() -> None:
+    from ..converters.registry import LayoutConverter, available_converters
+
     for name, make in available_converters().items():
         converter = make()
         kind = "files/folders" if isinstance(converter, LayoutConverter) else "state dicts"
@@ -106,8 +114,6 @@ def _progress(show: bool) -> Iterator[ProgressCallback | None]:
 def main() -> None:
     """Entry point of the ``mcnc-pack`` console script: ``mcnc pack`` with the same error
     policy as ``mcnc`` (one line on stderr, exit status 2)."""
-    from .main import REPORTED, exit_with_error
-
     try:
         pack_command(standalone_mode=False)
     except click.exceptions.Abort:
