@@ -9,6 +9,7 @@ its base checkpoint by sha256-pinned reference and loads back onto it.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 
 import mcnc_format as mf
 from mcnc_format.cli import pack_cmd
+from mcnc_format.cli.main import cli
 from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
@@ -120,6 +122,31 @@ def test_pack_command_reports_and_shows_progress(seed: int, tmp_path: Path) -> N
     pack(tmp_path / "m.pt", tmp_path / "m.mcnc", force=True,
          progress=lambda stage, done, total: seen.append(stage))
     assert seen[0] == "read" and seen[-2:] == ["convert", "write"]
+
+
+def test_pack_reports_the_ratios_inspect_reports(seed: int, tmp_path: Path) -> None:
+    """The checkpoint holds the same alpha and beta as the file, so "smaller than the
+    checkpoint" said nothing: pack reports ``file_ratio`` and ``weights_ratio`` as ``mcnc
+    inspect`` does, in its line and in ``--json`` (issue 22, item 6)."""
+    model = _trained(seed, MCNCConfig(k=4, d=256, hidden=(16, 16), seed=seed % 2**32))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    out = tmp_path / "m.mcnc"
+    result = CliRunner().invoke(cli, ["pack", str(tmp_path / "m.pt"), str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    inspected = json.loads(CliRunner().invoke(cli, ["inspect", str(out), "--json"]).stdout)
+    for key in ("file_ratio", "weights_ratio", "dense_bytes", "file_bytes"):
+        assert facts[key] == inspected["summary"][key]
+    assert facts["file_ratio"] > 1 and facts["weights_ratio"] > 1
+    assert facts["checkpoint_bytes"] == (tmp_path / "m.pt").stat().st_size
+    assert (facts["converter"], facts["tensors"]) == ("mcnc-torch", 4)
+    line = CliRunner().invoke(cli, ["pack", str(tmp_path / "m.pt"), str(out), "--force"]).output
+    assert f"file_ratio {facts['file_ratio']:,.1f}x" in line
+    assert f"weights_ratio {facts['weights_ratio']:,.1f}x" in line
+    assert "checkpoint)" not in line
+    failed = CliRunner().invoke(cli, ["pack", str(tmp_path / "m.pt"), str(out), "--json"])
+    assert failed.exit_code == 2
+    assert "already exists" in json.loads(failed.stdout)["error"]["message"]
 
 
 def test_unsafe_checkpoint_exits_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
