@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
+import random
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -156,6 +159,36 @@ def test_unsafe_checkpoint_exits_with_one_line(tmp_path: Path, monkeypatch: pyte
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "o.mcnc").exists()
+
+
+def test_an_mcnc_file_as_checkpoint_is_named_as_one(seed: int, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Packing an .mcnc file says it is one and what to do, not "Unsupported operand 67"
+    (issue 22, item 8)."""
+    model = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8)))
+    save_model(model, tmp_path / "m.mcnc")
+    assert _run_pack([str(tmp_path / "m.mcnc"), str(tmp_path / "o.mcnc")], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already an .mcnc file" in err
+    assert f"mcnc inspect {tmp_path / 'm.mcnc'}" in err and "mcnc unpack" in err
+    assert "operand" not in err and not (tmp_path / "o.mcnc").exists()
+
+
+def test_a_plain_pickle_is_one_line_without_torch_warnings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's weights-only reader warns in several lines of a protocol-4 pickle before it
+    refuses it: pack says one line, naming what the file is (issue 22, item 8)."""
+    state = {"w": [random.random() for _ in range(4)], "step": random.randrange(100)}
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps(state, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = _run_pack([str(tmp_path / "plain.pkl"), str(tmp_path / "o.mcnc")], monkeypatch)
+    assert code == 2
+    assert [str(w.message) for w in caught] == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a pickle that torch.save did not write" in err
 
 
 class TinyNet(nn.Module):
