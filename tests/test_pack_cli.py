@@ -20,14 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 import mcnc_format as mf
 from mcnc_format.cli import pack_cmd
 from mcnc_format.cli.main import cli
+from mcnc_format.converters.base_ref import reference_base
 from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError
+from mcnc_format.reader import tensor_sha256
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
 from mcnc_format.verify import verify_file
 
@@ -202,17 +205,23 @@ class TinyNet(nn.Module):
         return self.down(torch.relu(self.norm(self.up(x))))
 
 
-def test_lora_adapter_against_base_checkpoint(seed: int, tmp_path: Path) -> None:
-    torch.manual_seed(seed)
-    base = TinyNet()
-    save_file(base.state_dict(), tmp_path / "base.safetensors")
+def _adapted(base: nn.Module, targets: list[str], seed: int) -> nn.Module:
+    """An MCNC-LoRA copy of ``base`` whose betas are random, so the adapter changes it."""
     model = add_mcnc_lora(copy.deepcopy(base),
                           MCNCConfig(k=3, d=32, hidden=(8, 8), seed=seed % 2**32),
-                          target_modules=["up", "down"], rank=2, lora_alpha=4)
+                          target_modules=targets, rank=2, lora_alpha=4)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("mcnc_beta"):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
+def test_lora_adapter_against_base_checkpoint(seed: int, tmp_path: Path) -> None:
+    torch.manual_seed(seed)
+    base = TinyNet()
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    model = _adapted(base, ["up", "down"], seed)
     torch.save(model.state_dict(), tmp_path / "adapter.pt")
     result = pack(tmp_path / "adapter.pt", tmp_path / "adapter.mcnc",
                   base=tmp_path / "base.safetensors")
@@ -233,6 +242,66 @@ def test_lora_adapter_against_base_checkpoint(seed: int, tmp_path: Path) -> None
     save_file(other.state_dict(), tmp_path / "other.safetensors")
     with pytest.raises(MCNCError, match="trained on another base"):
         pack(tmp_path / "adapter.pt", tmp_path / "x.mcnc", base=tmp_path / "other.safetensors")
+
+
+def test_tied_base_saved_with_safetensors_is_followed(seed: int, tmp_path: Path) -> None:
+    """A tied Llama's base saved by ``save_pretrained`` holds ``model.embed_tokens.weight``
+    but no ``lm_head.weight``; the adapter's checkpoint, saved with safetensors too, holds both
+    as separate copies. ``lm_head.weight`` is the base's embedding: left out with a note, not
+    stored dense (issue 22, item 7); and the adapter loads back onto the tied base."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         max_position_embeddings=32, tie_word_embeddings=True)
+    base = LlamaForCausalLM(config)
+    base.save_pretrained(tmp_path)  # model.safetensors: the tie saved under one name
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # noqa: SIM118
+    model = _adapted(base, ["q_proj", "v_proj"], seed)
+    save_file({k: v.clone() for k, v in model.state_dict().items()},
+              tmp_path / "adapter.safetensors")
+    result = CliRunner().invoke(cli, ["pack", str(tmp_path / "adapter.safetensors"),
+                                      str(tmp_path / "adapter.mcnc"), "--base",
+                                      str(tmp_path / "model.safetensors")])
+    assert result.exit_code == 0, result.output
+    lm_head_bytes = 512 * 32 * 4
+    assert (f"note: left out 'lm_head.weight' ({lm_head_bytes:,} bytes): model.safetensors "
+            "holds it as 'model.embed_tokens.weight'") in result.stderr
+    assert (tmp_path / "adapter.mcnc").stat().st_size < lm_head_bytes / 8
+    with mf.open(tmp_path / "adapter.mcnc") as f:
+        names = f.keys()
+        assert "lm_head.weight" not in names and len(names) == 4
+        adapter = f.tensors()
+    restored = LlamaForCausalLM.from_pretrained(tmp_path)
+    restored.load_state_dict(adapter, strict=False)
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(ids).logits, model(ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_theta0_of_a_tied_weight_references_the_base_name(seed: int, tmp_path: Path) -> None:
+    """A stored theta0 whose name the base lacks but whose values it holds under another
+    name references that name, pinned by its SHA-256 (issue 22, item 7)."""
+    gen = torch.Generator().manual_seed(seed)
+    embedding = torch.randn(16, 8, generator=gen)
+    save_file({"embed.weight": embedding, "other.weight": torch.randn(16, 8, generator=gen)},
+              tmp_path / "base.safetensors")
+    segment = mf.Segment(mf.GeneratorSpec(k=2, d=32, hidden=(4,), seed=seed % 2**32),
+                         torch.rand(4, 1, 2, generator=gen), torch.rand(4, 1, generator=gen))
+    head = mf.MCNC(segment, (16, 8), theta0=mf.Theta0.stored(embedding.clone()))
+    inputs, uri, _ = reference_base({"head.weight": head}, tmp_path / "base.safetensors",
+                                    tmp_path)
+    [(name, referenced)] = list(inputs)
+    assert name == "head.weight" and isinstance(referenced, mf.MCNC)
+    assert referenced.theta0 == mf.Theta0.external(uri, "embed.weight",
+                                                   tensor_sha256(embedding))
+    stranger = mf.MCNC(segment, (16, 8), theta0=mf.Theta0.stored(torch.randn(16, 8)))
+    with pytest.raises(MCNCError, match="nor its values under another name"):
+        list(reference_base({"head.weight": stranger}, tmp_path / "base.safetensors",
+                            tmp_path)[0])
 
 
 def test_two_packs_racing_to_the_same_new_output(seed: int, tmp_path: Path,
