@@ -287,14 +287,16 @@ def test_theta0_of_a_tied_weight_references_the_base_name(seed: int, tmp_path: P
     name references that name, pinned by its SHA-256 (issue 22, item 7)."""
     gen = torch.Generator().manual_seed(seed)
     embedding = torch.randn(16, 8, generator=gen)
-    save_file({"embed.weight": embedding, "other.weight": torch.randn(16, 8, generator=gen)},
-              tmp_path / "base.safetensors")
+    save_file({"embed.weight": embedding, "other.weight": torch.randn(16, 8, generator=gen),
+               "norm.weight": torch.ones(8)}, tmp_path / "base.safetensors")
     segment = mf.Segment(mf.GeneratorSpec(k=2, d=32, hidden=(4,), seed=seed % 2**32),
                          torch.rand(4, 1, 2, generator=gen), torch.rand(4, 1, generator=gen))
     head = mf.MCNC(segment, (16, 8), theta0=mf.Theta0.stored(embedding.clone()))
-    inputs, uri, _ = reference_base({"head.weight": head}, tmp_path / "base.safetensors",
-                                    tmp_path)
-    [(name, referenced)] = list(inputs)
+    new_norm = torch.ones(8)  # equal to the base's norm.weight, but constant: no tie
+    inputs, uri, notes = reference_base({"head.weight": head, "new_norm.weight": new_norm},
+                                        tmp_path / "base.safetensors", tmp_path)
+    [(name, referenced), kept] = list(inputs)
+    assert kept == ("new_norm.weight", new_norm) and notes == []
     assert name == "head.weight" and isinstance(referenced, mf.MCNC)
     assert referenced.theta0 == mf.Theta0.external(uri, "embed.weight",
                                                    tensor_sha256(embedding))

@@ -88,6 +88,9 @@ def _held_as(name: str, tensor: torch.Tensor, shapes: Mapping[str, tuple[int, ..
     other name the base was saved under); ``None`` when the base does not hold it."""
     if name in shapes:
         return name if _same(tensor, f.get_tensor(name)) else None
+    flat = tensor.flatten()
+    if flat.numel() < 2 or bool((flat == flat[0]).all()):
+        return None  # constant values (a fresh norm's ones) tell nothing of a tie
     return next((other for other, shape in shapes.items()
                  if shape == tuple(tensor.shape) and _same(tensor, f.get_tensor(other))), None)
 
