@@ -24,13 +24,16 @@ from mcnc_format.cli.main import COMMANDS, cli
 HEAVY = ("torch", "transformers", "peft", "triton", "safetensors.torch")
 
 
-def _run_cli(args: list[str]) -> tuple[int, str, list[str]]:
-    """``mcnc ARGS`` in a fresh interpreter: exit status, stdout, heavy modules loaded."""
+def _run_cli(args: list[str], script_name: str = "mcnc") -> tuple[int, str, list[str]]:
+    """``mcnc ARGS`` (or the ``mcnc-pack`` script's) in a fresh interpreter: exit status,
+    stdout, heavy modules loaded."""
+    module, command = {"mcnc": ("main", "cli"), "mcnc-pack": ("pack_cmd", "pack_command")
+                       }[script_name]
     script = textwrap.dedent(f"""
         import json, sys
-        from mcnc_format.cli.main import cli
+        from mcnc_format.cli.{module} import {command} as cli
         try:
-            cli.main({args!r}, prog_name="mcnc")
+            cli.main({args!r}, prog_name={script_name!r})
         except SystemExit as exc:
             code = exc.code or 0
         else:
@@ -53,11 +56,25 @@ def _small_file(path: Path) -> Path:
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["push", "--help"],
                                   ["pull", "--help"], ["verify", "--help"],
-                                  ["unpack", "--help"], ["demo", "--help"]])
+                                  ["unpack", "--help"], ["demo", "--help"],
+                                  ["pack", "--help"]])
 def test_version_and_help_import_no_torch(args: list[str]) -> None:
     code, output, heavy = _run_cli(args)
     assert code == 0, output
     assert heavy == []
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"]])
+def test_mcnc_pack_script_has_version_and_help_without_torch(args: list[str]) -> None:
+    """The ``mcnc-pack`` script answers ``--version`` as ``mcnc`` does (issue 22, item 4)."""
+    code, output, heavy = _run_cli(args, "mcnc-pack")
+    assert code == 0, output
+    assert heavy == []
+    if args == ["--version"]:
+        assert output == f"mcnc-pack, version {mf.__version__}"
+    _, mcnc_output, _ = _run_cli(args)
+    if args == ["--version"]:
+        assert mcnc_output == output.replace("mcnc-pack", "mcnc")
 
 
 def test_inspect_imports_no_torch(tmp_path: Path) -> None:

@@ -9,20 +9,28 @@ its base checkpoint by sha256-pinned reference and loads back onto it.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import pickle
+import random
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 import mcnc_format as mf
 from mcnc_format.cli import pack_cmd
+from mcnc_format.cli.main import cli
+from mcnc_format.converters.base_ref import reference_base
 from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError
+from mcnc_format.reader import tensor_sha256
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
 from mcnc_format.verify import verify_file
 
@@ -122,6 +130,31 @@ def test_pack_command_reports_and_shows_progress(seed: int, tmp_path: Path) -> N
     assert seen[0] == "read" and seen[-2:] == ["convert", "write"]
 
 
+def test_pack_reports_the_ratios_inspect_reports(seed: int, tmp_path: Path) -> None:
+    """The checkpoint holds the same alpha and beta as the file, so "smaller than the
+    checkpoint" said nothing: pack reports ``file_ratio`` and ``weights_ratio`` as ``mcnc
+    inspect`` does, in its line and in ``--json`` (issue 22, item 6)."""
+    model = _trained(seed, MCNCConfig(k=4, d=256, hidden=(16, 16), seed=seed % 2**32))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    out = tmp_path / "m.mcnc"
+    result = CliRunner().invoke(cli, ["pack", str(tmp_path / "m.pt"), str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    inspected = json.loads(CliRunner().invoke(cli, ["inspect", str(out), "--json"]).stdout)
+    for key in ("file_ratio", "weights_ratio", "dense_bytes", "file_bytes"):
+        assert facts[key] == inspected["summary"][key]
+    assert facts["file_ratio"] > 1 and facts["weights_ratio"] > 1
+    assert facts["checkpoint_bytes"] == (tmp_path / "m.pt").stat().st_size
+    assert (facts["converter"], facts["tensors"]) == ("mcnc-torch", 4)
+    line = CliRunner().invoke(cli, ["pack", str(tmp_path / "m.pt"), str(out), "--force"]).output
+    assert f"file_ratio {facts['file_ratio']:,.1f}x" in line
+    assert f"weights_ratio {facts['weights_ratio']:,.1f}x" in line
+    assert "checkpoint)" not in line
+    failed = CliRunner().invoke(cli, ["pack", str(tmp_path / "m.pt"), str(out), "--json"])
+    assert failed.exit_code == 2
+    assert "already exists" in json.loads(failed.stdout)["error"]["message"]
+
+
 def test_unsafe_checkpoint_exits_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bad.pt").write_bytes(b"\x80\x04definitely not a state dict")
@@ -129,6 +162,36 @@ def test_unsafe_checkpoint_exits_with_one_line(tmp_path: Path, monkeypatch: pyte
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "o.mcnc").exists()
+
+
+def test_an_mcnc_file_as_checkpoint_is_named_as_one(seed: int, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Packing an .mcnc file says it is one and what to do, not "Unsupported operand 67"
+    (issue 22, item 8)."""
+    model = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8)))
+    save_model(model, tmp_path / "m.mcnc")
+    assert _run_pack([str(tmp_path / "m.mcnc"), str(tmp_path / "o.mcnc")], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already an .mcnc file" in err
+    assert f"mcnc inspect {tmp_path / 'm.mcnc'}" in err and "mcnc unpack" in err
+    assert "operand" not in err and not (tmp_path / "o.mcnc").exists()
+
+
+def test_a_plain_pickle_is_one_line_without_torch_warnings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's weights-only reader warns in several lines of a protocol-4 pickle before it
+    refuses it: pack says one line, naming what the file is (issue 22, item 8)."""
+    state = {"w": [random.random() for _ in range(4)], "step": random.randrange(100)}
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps(state, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = _run_pack([str(tmp_path / "plain.pkl"), str(tmp_path / "o.mcnc")], monkeypatch)
+    assert code == 2
+    assert [str(w.message) for w in caught] == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a pickle that torch.save did not write" in err
 
 
 class TinyNet(nn.Module):
@@ -142,17 +205,23 @@ class TinyNet(nn.Module):
         return self.down(torch.relu(self.norm(self.up(x))))
 
 
-def test_lora_adapter_against_base_checkpoint(seed: int, tmp_path: Path) -> None:
-    torch.manual_seed(seed)
-    base = TinyNet()
-    save_file(base.state_dict(), tmp_path / "base.safetensors")
+def _adapted(base: nn.Module, targets: list[str], seed: int) -> nn.Module:
+    """An MCNC-LoRA copy of ``base`` whose betas are random, so the adapter changes it."""
     model = add_mcnc_lora(copy.deepcopy(base),
                           MCNCConfig(k=3, d=32, hidden=(8, 8), seed=seed % 2**32),
-                          target_modules=["up", "down"], rank=2, lora_alpha=4)
+                          target_modules=targets, rank=2, lora_alpha=4)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("mcnc_beta"):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
+def test_lora_adapter_against_base_checkpoint(seed: int, tmp_path: Path) -> None:
+    torch.manual_seed(seed)
+    base = TinyNet()
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    model = _adapted(base, ["up", "down"], seed)
     torch.save(model.state_dict(), tmp_path / "adapter.pt")
     result = pack(tmp_path / "adapter.pt", tmp_path / "adapter.mcnc",
                   base=tmp_path / "base.safetensors")
@@ -173,6 +242,68 @@ def test_lora_adapter_against_base_checkpoint(seed: int, tmp_path: Path) -> None
     save_file(other.state_dict(), tmp_path / "other.safetensors")
     with pytest.raises(MCNCError, match="trained on another base"):
         pack(tmp_path / "adapter.pt", tmp_path / "x.mcnc", base=tmp_path / "other.safetensors")
+
+
+def test_tied_base_saved_with_safetensors_is_followed(seed: int, tmp_path: Path) -> None:
+    """A tied Llama's base saved by ``save_pretrained`` holds ``model.embed_tokens.weight``
+    but no ``lm_head.weight``; the adapter's checkpoint, saved with safetensors too, holds both
+    as separate copies. ``lm_head.weight`` is the base's embedding: left out with a note, not
+    stored dense (issue 22, item 7); and the adapter loads back onto the tied base."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         max_position_embeddings=32, tie_word_embeddings=True)
+    base = LlamaForCausalLM(config)
+    base.save_pretrained(tmp_path)  # model.safetensors: the tie saved under one name
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # noqa: SIM118
+    model = _adapted(base, ["q_proj", "v_proj"], seed)
+    save_file({k: v.clone() for k, v in model.state_dict().items()},
+              tmp_path / "adapter.safetensors")
+    result = CliRunner().invoke(cli, ["pack", str(tmp_path / "adapter.safetensors"),
+                                      str(tmp_path / "adapter.mcnc"), "--base",
+                                      str(tmp_path / "model.safetensors")])
+    assert result.exit_code == 0, result.output
+    lm_head_bytes = 512 * 32 * 4
+    assert (f"note: left out 'lm_head.weight' ({lm_head_bytes:,} bytes): model.safetensors "
+            "holds it as 'model.embed_tokens.weight'") in result.stderr
+    assert (tmp_path / "adapter.mcnc").stat().st_size < lm_head_bytes / 8
+    with mf.open(tmp_path / "adapter.mcnc") as f:
+        names = f.keys()
+        assert "lm_head.weight" not in names and len(names) == 4
+        adapter = f.tensors()
+    restored = LlamaForCausalLM.from_pretrained(tmp_path)
+    restored.load_state_dict(adapter, strict=False)
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(ids).logits, model(ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_theta0_of_a_tied_weight_references_the_base_name(seed: int, tmp_path: Path) -> None:
+    """A stored theta0 whose name the base lacks but whose values it holds under another
+    name references that name, pinned by its SHA-256 (issue 22, item 7)."""
+    gen = torch.Generator().manual_seed(seed)
+    embedding = torch.randn(16, 8, generator=gen)
+    save_file({"embed.weight": embedding, "other.weight": torch.randn(16, 8, generator=gen),
+               "norm.weight": torch.ones(8)}, tmp_path / "base.safetensors")
+    segment = mf.Segment(mf.GeneratorSpec(k=2, d=32, hidden=(4,), seed=seed % 2**32),
+                         torch.rand(4, 1, 2, generator=gen), torch.rand(4, 1, generator=gen))
+    head = mf.MCNC(segment, (16, 8), theta0=mf.Theta0.stored(embedding.clone()))
+    new_norm = torch.ones(8)  # equal to the base's norm.weight, but constant: no tie
+    inputs, uri, notes = reference_base({"head.weight": head, "new_norm.weight": new_norm},
+                                        tmp_path / "base.safetensors", tmp_path)
+    [(name, referenced), kept] = list(inputs)
+    assert kept == ("new_norm.weight", new_norm) and notes == []
+    assert name == "head.weight" and isinstance(referenced, mf.MCNC)
+    assert referenced.theta0 == mf.Theta0.external(uri, "embed.weight",
+                                                   tensor_sha256(embedding))
+    stranger = mf.MCNC(segment, (16, 8), theta0=mf.Theta0.stored(torch.randn(16, 8)))
+    with pytest.raises(MCNCError, match="nor its values under another name"):
+        list(reference_base({"head.weight": stranger}, tmp_path / "base.safetensors",
+                            tmp_path)[0])
 
 
 def test_two_packs_racing_to_the_same_new_output(seed: int, tmp_path: Path,

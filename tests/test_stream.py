@@ -467,7 +467,9 @@ def _torch_kernels() -> SimpleNamespace:
                                out, b, a, scale, base, 1 << 20),
                            regenerate_members=regenerate_members,
                            fused_regenerate=fused_regenerate, calls=calls,
-                           draw_generator_weights=lambda spec, device: spec.weights(device))
+                           draw_generator_weights=lambda spec, device: spec.weights(device),
+                           philox_uniform=lambda seed, stream, count, bound, device:
+                           philox.uniform_signed(seed, stream, 0, count, bound, device))
 
 
 def _use_kernels(monkeypatch: pytest.MonkeyPatch, kernels: object) -> None:

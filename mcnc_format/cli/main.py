@@ -29,6 +29,8 @@ EXIT_ERROR = 2
 # What a command reports as one line: the library's errors, and the OS's (an OSError that is
 # not an MCNCError has no message for users yet: describe_os_error adds path and fix).
 REPORTED = (MCNCError, OSError)
+#: ``--version`` of ``mcnc`` and of the ``mcnc-pack`` script: the installed distribution's.
+version_option = click.version_option(package_name="mcnc-format")
 
 
 def exit_with_error(exc: BaseException) -> NoReturn:
@@ -100,7 +102,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-@click.version_option(package_name="mcnc-format")
+@version_option
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Store, inspect, verify and convert MCNC-compressed neural networks (.mcnc files)."""

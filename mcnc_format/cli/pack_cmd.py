@@ -3,7 +3,10 @@
 Reads a checkpoint file or folder of a reparametrized model or MCNC-LoRA adapter (a state
 dict, a distributed checkpoint, a Trainer / Accelerate folder, a shard set, a Lightning
 ``.ckpt``; never executing pickled code), says which converter recognised it and writes an
-``.mcnc`` file. ``--list-converters`` lists the installed converters. Inputs larger than
+``.mcnc`` file. ``--list-converters`` lists the installed converters. The summary line gives
+``file_ratio`` and ``weights_ratio`` as ``mcnc inspect`` does (``summary.file_summary``): the
+checkpoint holds the same alpha and beta as the file, so its size says nothing of the
+compression. ``--json`` prints the result as one object (``json_out.py``). Inputs larger than
 ``PROGRESS_MIN_BYTES`` get a progress display on stderr; an existing OUT is kept unless
 ``--force``.
 """
@@ -14,14 +17,19 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
 
-from ..converters.pack import ProgressCallback, pack
-from ..converters.registry import LayoutConverter, available_converters
+from ..summary import opened_summary, read_file_header
+from .json_out import emit_json, errors_as_json
+from .main import REPORTED, exit_with_error, version_option
 from .safe_text import printable
+
+if TYPE_CHECKING:
+    from ..converters.pack import ProgressCallback
 
 __all__ = ["PROGRESS_MIN_BYTES", "main", "pack_command"]
 
@@ -45,32 +53,49 @@ _STAGES = {"read": "reading checkpoint", "convert": "converting", "write": "writ
               help="Show progress (default: for inputs over 64 MiB on a terminal).")
 @click.option("--list-converters", "list_converters", is_flag=True,
               help="List the installed converters and the layouts they read, then exit.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (errors too) instead of text.")
+@version_option
 def pack_command(checkpoint: Path | None, out: Path | None, mapping: Path | None,
                  converter: str | None, base: Path | None, force: bool, progress: bool | None,
-                 list_converters: bool) -> None:
+                 list_converters: bool, as_json: bool) -> None:
     """Pack CHECKPOINT (a state dict file, or a checkpoint folder or file that a converter
     recognises: see --list-converters) into the .mcnc file OUT."""
+    from ..converters.pack import pack  # torch: checkpoints are read (--help, --version: not)
+
     if list_converters:
         _list_converters()
         return
     if checkpoint is None or out is None:
         raise click.UsageError("pass CHECKPOINT and OUT (or --list-converters)")
-    size = _input_size(checkpoint)
-    show = progress if progress is not None else (
-        size >= PROGRESS_MIN_BYTES and sys.stderr.isatty())
-    with _progress(show) as report:
-        result = pack(checkpoint, out, mapping=mapping, converter=converter, base=base,
-                      force=force,
-                      progress=report)
+    with errors_as_json(as_json, checkpoint, checkpoint=checkpoint, out=out):
+        size = _input_size(checkpoint)
+        show = progress if progress is not None else (
+            size >= PROGRESS_MIN_BYTES and sys.stderr.isatty())
+        with _progress(show) as report:
+            result = pack(checkpoint, out, mapping=mapping, converter=converter, base=base,
+                          force=force, progress=report)
+        summary = opened_summary(read_file_header(result.output, str(result.output)))
     for note in result.notes:
         click.echo(f"note: {printable(note)}", err=True)
-    ratio = result.input_bytes / result.output_bytes if result.output_bytes else 0.0
+    if as_json:
+        emit_json({"checkpoint": str(checkpoint), "out": str(result.output),
+                   "converter": result.converter, "tensors": result.tensors,
+                   "checkpoint_bytes": result.input_bytes, "file_bytes": result.output_bytes,
+                   "dense_bytes": summary["dense_bytes"],
+                   "file_ratio": summary["file_ratio"],
+                   "weights_ratio": summary["weights_ratio"], "notes": list(result.notes)})
+        return
     click.echo(f"wrote {printable(result.output)} ({result.output_bytes:,} bytes, "
-               f"{result.tensors} tensors, converter {printable(result.converter)}; "
-               f"{ratio:,.1f}x smaller than the checkpoint)")
+               f"{result.tensors} tensors, converter {printable(result.converter)}); "
+               f"file_ratio {summary['file_ratio']:,.1f}x (dense bytes / file bytes), "
+               f"weights_ratio {summary['weights_ratio']:,.1f}x (compressed parameters / "
+               "stored alpha-beta values)")
 
 
 def _list_converters() -> None:
+    from ..converters.registry import LayoutConverter, available_converters
+
     for name, make in available_converters().items():
         converter = make()
         kind = "files/folders" if isinstance(converter, LayoutConverter) else "state dicts"
@@ -106,8 +131,6 @@ def _progress(show: bool) -> Iterator[ProgressCallback | None]:
 def main() -> None:
     """Entry point of the ``mcnc-pack`` console script: ``mcnc pack`` with the same error
     policy as ``mcnc`` (one line on stderr, exit status 2)."""
-    from .main import REPORTED, exit_with_error
-
     try:
         pack_command(standalone_mode=False)
     except click.exceptions.Abort:

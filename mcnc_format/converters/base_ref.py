@@ -6,6 +6,14 @@ safetensors file next to the output, ``reference_base`` replaces each stored the
 sha256-pinned reference to the same tensor in that file (SPEC.md §7.4) and drops the dense
 tensors the base file already holds unchanged. What is left is the adapter alone; loading
 it needs the base file beside it, and the pinned hashes catch a different base.
+
+Tied weights are followed: a base saved with safetensors (``save_pretrained``) keeps one name
+of a tie, so it holds ``model.embed_tokens.weight`` but no ``lm_head.weight``, while the
+adapter's checkpoint may hold both (each its own copy once the tie is lost, as when saved
+with safetensors too). A tensor the base lacks by name but holds under another, with the same
+dtype, shape and values, is that tensor: a dense one is left out like any unchanged base
+tensor (the model ties it again on loading, and a note says so), and a theta0 references the
+base's name, pinned by its SHA-256.
 """
 
 from __future__ import annotations
@@ -29,14 +37,16 @@ def reference_base(
     tensors: Mapping[str, TensorSource] | Iterable[tuple[str, TensorSource]],
     base_path: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
-) -> tuple[Iterator[tuple[str, TensorSource]], str]:
+) -> tuple[Iterator[tuple[str, TensorSource]], str, list[str]]:
     """The writer inputs with theta0 referencing ``base_path`` and base-only tensors removed,
-    and the reference's URI (``base_path`` relative to ``output_dir``)."""
+    the reference's URI (``base_path`` relative to ``output_dir``), and the notes for users
+    (tied tensors followed), filled as the inputs are consumed."""
     base = Path(base_path)
     uri = _relative_uri(base, Path(output_dir))
     _readable(base, lambda f: f.keys())
     pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
-    return _reference(pairs, base, uri), uri
+    notes: list[str] = []
+    return _reference(pairs, base, uri, notes), uri, notes
 
 
 def _readable(base: Path, use: Any) -> Any:
@@ -52,21 +62,44 @@ def _readable(base: Path, use: Any) -> Any:
         raise ExternalReferenceError(f"{base}: not a readable safetensors file: {exc}") from exc
 
 
-def _reference(pairs: Iterable[tuple[str, TensorSource]], base: Path, uri: str
-               ) -> Iterator[tuple[str, TensorSource]]:
-    names = set(_readable(base, lambda f: f.keys()))
+def _reference(pairs: Iterable[tuple[str, TensorSource]], base: Path, uri: str,
+               notes: list[str]) -> Iterator[tuple[str, TensorSource]]:
+    shapes: dict[str, tuple[int, ...]] = _readable(base, lambda f: {
+        n: tuple(f.get_slice(n).get_shape()) for n in f.keys()})  # noqa: SIM118
     for name, source in pairs:
         if isinstance(source, torch.Tensor):
-            if name in names and _readable(base, lambda f, n=name, s=source:
-                                           _same(s, f.get_tensor(n))):
-                continue
-            yield name, source
+            held = _readable(base, lambda f, n=name, s=source: _held_as(n, s, shapes, f))
+            if held is None:
+                yield name, source
+            elif held != name:
+                notes.append(_tie_note(name, held, source, base))
         elif isinstance(source, MCNC | LoRA) and isinstance(source.theta0, StoredTheta0):
             theta0 = _readable(base, lambda f, n=name, t=source.theta0:
-                               _external(n, t, names, f, uri, base))
+                               _external(n, t, shapes, f, uri, base))
             yield name, replace(source, theta0=theta0)
         else:
             yield name, source
+
+
+def _held_as(name: str, tensor: torch.Tensor, shapes: Mapping[str, tuple[int, ...]], f: Any
+             ) -> str | None:
+    """The base's name for ``tensor``: its own when the base holds it unchanged there; when
+    the base has no such name, another name holding the same values (a tied weight whose
+    other name the base was saved under); ``None`` when the base does not hold it."""
+    if name in shapes:
+        return name if _same(tensor, f.get_tensor(name)) else None
+    flat = tensor.flatten()
+    if flat.numel() < 2 or bool((flat == flat[0]).all()):
+        return None  # constant values (a fresh norm's ones) tell nothing of a tie
+    return next((other for other, shape in shapes.items()
+                 if shape == tuple(tensor.shape) and _same(tensor, f.get_tensor(other))), None)
+
+
+def _tie_note(name: str, held: str, tensor: torch.Tensor, base: Path) -> str:
+    size = tensor.numel() * tensor.element_size()
+    return (f"left out {name!r} ({size:,} bytes): {base.name} holds it as {held!r}, tied to "
+            f"it; tie {name!r} to {held!r} again after loading (transformers does so for "
+            "tie_word_embeddings)")
 
 
 def _relative_uri(base: Path, output_dir: Path) -> str:
@@ -81,16 +114,17 @@ def _relative_uri(base: Path, output_dir: Path) -> str:
     return relative.as_posix()
 
 
-def _external(name: str, theta0: StoredTheta0, names: set[str], f: Any, uri: str, base: Path
-              ) -> Theta0:
-    if name not in names:
+def _external(name: str, theta0: StoredTheta0, shapes: Mapping[str, tuple[int, ...]], f: Any,
+              uri: str, base: Path) -> Theta0:
+    held = _held_as(name, theta0.tensor, shapes, f)
+    if held is not None:
+        return Theta0.external(uri, held, tensor_sha256(f.get_tensor(held)))
+    if name not in shapes:
         raise MCNCError(f"{base}: holds no tensor {name!r}, the base weight of the adapted "
-                        f"tensor {name!r}; pass the base checkpoint the adapter was trained on")
-    value = f.get_tensor(name)
-    if not _same(theta0.tensor, value):
-        raise MCNCError(f"{base}: tensor {name!r} differs from the base weight stored in the "
-                        "checkpoint; the adapter was trained on another base")
-    return Theta0.external(uri, name, tensor_sha256(value))
+                        f"tensor {name!r}, nor its values under another name; pass the base "
+                        "checkpoint the adapter was trained on")
+    raise MCNCError(f"{base}: tensor {name!r} differs from the base weight stored in the "
+                    "checkpoint; the adapter was trained on another base")
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -27,6 +27,7 @@ import os
 import pickle
 import pickletools
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .. import constants as C
 from ..errors import MCNCError, UnsafeCheckpointError
 
 __all__ = ["Checkpoint", "read_checkpoint"]
@@ -108,9 +110,20 @@ def read_checkpoint(
     source = Path(path)
     if not source.is_file():
         raise MCNCError(f"{source}: no such checkpoint file")
+    _refuse_mcnc_file(source)
     if source.suffix.lower() in SAFETENSORS_SUFFIXES:
         return _read_safetensors(source, on_tensor, unwrap)
     return _read_torch(source, on_tensor, unwrap, entry, allowed_globals)
+
+
+def _refuse_mcnc_file(source: Path) -> None:
+    """An ``.mcnc`` file given as the checkpoint is said to be one, with what to do instead
+    (torch would call it a damaged pickle)."""
+    with source.open("rb") as file:
+        if file.read(len(C.MAGIC)) == C.MAGIC:
+            raise MCNCError(f"{source} is already an .mcnc file, not a checkpoint to pack; "
+                            f"'mcnc inspect {source}' shows it, 'mcnc unpack {source} "
+                            "OUT.safetensors' writes its dense tensors")
 
 
 def _read_safetensors(source: Path, on_tensor: Callable[[str, int], None] | None,
@@ -139,7 +152,12 @@ def _read_torch(source: Path, on_tensor: Callable[[str, int], None] | None,
                 unwrap: bool, entry: str | None = None,
                 allowed_globals: Sequence[AllowedGlobal] = ()) -> Checkpoint:
     try:
-        with torch.serialization.safe_globals(list(allowed_globals)):
+        with torch.serialization.safe_globals(list(allowed_globals)), \
+                warnings.catch_warnings():
+            # torch warns (several lines) of a pickle protocol it may not read before it fails
+            # on it: the failure is reported below as one line
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    module=r"torch\._weights_only_unpickler")
             obj = torch.load(source, map_location="cpu", weights_only=True,
                              mmap=_is_zip(source))
     except pickle.UnpicklingError as exc:
@@ -151,6 +169,11 @@ def _read_torch(source: Path, on_tensor: Callable[[str, int], None] | None,
                 "Re-save it as a plain state dict (torch.save(model.state_dict(), path)) or "
                 "as safetensors (safetensors.torch.save_file)."
             ) from None
+        if _plain_pickle_opcodes(reason, source):
+            raise MCNCError(f"{source} is a pickle that torch.save did not write (pickle.dump?), "
+                            "which torch's weights-only reader refuses; save the state dict "
+                            "with torch.save(state_dict, path) or "
+                            "safetensors.torch.save_file") from None
         raise _unreadable(source, reason) from None
     except DAMAGED_PICKLE_ERRORS as exc:
         raise _unreadable(source, str(exc).strip().split("\n")[0] or type(exc).__name__
@@ -253,14 +276,21 @@ def _is_zip(source: Path) -> bool:
 def _refuses_code(reason: str, source: Path) -> bool:
     """Whether torch refused a global, class or call (an unsafe checkpoint) rather than bytes
     it could not parse. torch's unpickler stops at the first opcode it does not know, so a
-    plain ``pickle.dumps`` (protocol 4+: FRAME first) is refused before any global is seen.
-    Then the pickle's opcodes are listed (``pickletools.genops`` decodes, it never runs
-    anything): a pickle that parses up to its STOP and imports or calls something is unsafe;
+    plain ``pickle.dumps`` (protocol 4+: FRAME first) is refused before any global is seen:
+    then a pickle that parses up to its STOP and imports or calls something is unsafe;
     random or damaged bytes fail to parse."""
     if any(phrase in reason for phrase in GLOBAL_REFUSALS):
         return True
+    return bool(_plain_pickle_opcodes(reason, source) & CODE_OPCODES)
+
+
+def _plain_pickle_opcodes(reason: str, source: Path) -> frozenset[str]:
+    """The opcodes of a whole pickle that torch's unpickler stopped reading at an opcode it
+    does not know (one not written by ``torch.save``); nothing for anything else. The
+    pickle's opcodes are listed by ``pickletools.genops``, which decodes and never runs
+    anything."""
     if not reason.startswith("Unsupported operand") or _is_zip(source):
-        return False
+        return frozenset()
     names: set[str] = set()
     try:
         with source.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ
@@ -268,8 +298,8 @@ def _refuses_code(reason: str, source: Path) -> bool:
             # mmap's read(n) returns what is there; a file object's would allocate n bytes
             names.update(op.name for op, _arg, _pos in pickletools.genops(stream))
     except (ValueError, EOFError):
-        return False
-    return "STOP" in names and bool(names & CODE_OPCODES)
+        return frozenset()
+    return frozenset(names) if "STOP" in names else frozenset()
 
 
 def _torch_reason(exc: pickle.UnpicklingError) -> str:

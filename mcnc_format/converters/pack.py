@@ -47,7 +47,8 @@ class PackResult:
     tensors: int
     input_bytes: int
     output_bytes: int
-    notes: tuple[str, ...] = ()  # how the checkpoint was unwrapped (checkpoint.py)
+    # how the checkpoint was unwrapped (checkpoint.py), tied tensors followed (base_ref.py)
+    notes: tuple[str, ...] = ()
 
 
 def pack(
@@ -98,16 +99,19 @@ def pack(
         progress("convert", 0, 0)
     conversion = chosen.convert(checkpoint)
     tensors = conversion.tensors
+    notes = list(checkpoint.notes)
     if base is not None:
-        tensors, uri = reference_base(tensors, base, output.parent)
+        tensors, uri, base_notes = reference_base(tensors, base, output.parent)
         conversion.info.setdefault("base_model", uri)
     if progress is not None:
         progress("write", 0, 0)
     counted = _Counted(tensors)
     save(output, TensorStream(counted), metadata=conversion.metadata, info=conversion.info,
          overwrite=force)
+    if base is not None:
+        notes += base_notes  # filled while the writer consumed the tensors
     return PackResult(output, chosen.name, counted.count, total, output.stat().st_size,
-                      tuple(checkpoint.notes))
+                      tuple(notes))
 
 
 def recognise_layout(path: Path) -> LayoutConverter | None:
