@@ -25,9 +25,12 @@ from .engine.box import Box
 from .engine.context import FileContext, blob_tensor, open_context
 from .engine.digests import FileIdentity
 from .engine.execute import Executor
+from .engine.fused import FusedGenerator
 from .engine.options import LoadOptions, Verify
 from .engine.plan import Plan, Target, TensorRequest
 from .engine.resolve import DefaultResolver, Resolver
+from .engine.source import BlobStore
+from .engine.theta0 import Theta0Source
 from .errors import MCNCError
 from .generator import GeneratorSpec
 from .header import ExternalTheta0, Header, LoRATensor, MCNCTensor, TensorEntry, UnknownTensor
@@ -84,6 +87,26 @@ class MCNCFile:
         warnings.warn("MCNCFile.source is deprecated; use MCNCFile.label (the same name)",
                       DeprecationWarning, stacklevel=2)
         return self.label
+
+    @property
+    def blobs(self) -> BlobStore:
+        """Deprecated: ``context.blobs`` (the engine owns the file's parts)."""
+        warnings.warn("MCNCFile.blobs is deprecated; use MCNCFile.context.blobs",
+                      DeprecationWarning, stacklevel=2)
+        return self.context.blobs
+
+    @property
+    def theta0(self) -> Theta0Source:
+        """Deprecated: ``context.theta0`` (the engine owns the file's parts)."""
+        warnings.warn("MCNCFile.theta0 is deprecated; use MCNCFile.context.theta0",
+                      DeprecationWarning, stacklevel=2)
+        return self.context.theta0
+
+    def fused_generator(self, index: int, m: int, device: torch.device) -> FusedGenerator:
+        """Deprecated: ``context.generators.fused`` (the engine owns the file's parts)."""
+        warnings.warn("MCNCFile.fused_generator is deprecated; use "
+                      "MCNCFile.context.generators.fused", DeprecationWarning, stacklevel=2)
+        return self.context.generators.fused(index, m, device)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:

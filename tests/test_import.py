@@ -86,3 +86,26 @@ def test_a_missing_integration_names_its_extra(tmp_path: Path, call: str, extra:
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, check=True)
     assert f"pip install 'mcnc-format[{extra}]'" in run.stdout, run.stdout + run.stderr
+
+
+def test_removed_names_warn_for_one_release(tmp_path: Path) -> None:
+    """Names moved by the engine refactor keep working for one release with a
+    DeprecationWarning naming the new spelling (CHANGELOG.md)."""
+    import pytest
+
+    path = tmp_path / "m.mcnc"
+    spec = mf.GeneratorSpec(k=2, d=16, hidden=(4,), seed=1)
+    mf.save(path, {"w": mf.MCNC(mf.Segment(spec, torch.zeros(2, 1, 2), torch.zeros(2, 1)),
+                                (4, 8))})
+    with mf.open(path) as f:
+        for old, new in (("blobs", f.context.blobs), ("theta0", f.context.theta0)):
+            with pytest.warns(DeprecationWarning, match=f"context.{old}"):
+                assert getattr(f, old) is new
+        with pytest.warns(DeprecationWarning, match="context.generators.fused"):
+            assert f.fused_generator(0, 1, torch.device("cpu")) is not None
+        with pytest.warns(DeprecationWarning, match="label"):
+            assert f.source == f.label
+        with pytest.warns(DeprecationWarning, match="stream"):
+            assert dict(f.iter_tensors()).keys() == {"w"}
+    with pytest.warns(DeprecationWarning, match="keyword"):
+        assert mf.LoadOptions is not None
