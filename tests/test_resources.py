@@ -59,11 +59,13 @@ _MAKE = """
 def test_verify_and_meta_load_are_bounded_in_memory(tmp_path: Path) -> None:
     """One child: verify a 2^26-value file, then a 2^28-value one through the CLI; the peak
     RSS may not grow by a quarter of the 768 MiB the second tensor adds (a verifier that held
-    the tensor once would add all of it), and stays below 1.5 GiB in all. Then a file that
-    declares 2^30 values loads onto ``meta`` without moving the peak. About 25 s on 2 cores;
-    the 2^30 file itself takes about 50 s to verify, with the same peak (0.9 GiB)."""
+    the tensor once would add all of it), and stays within 1.25 GiB of what the imports took (a
+    CUDA build of torch maps several hundred MiB more than a CPU build before any work). Then
+    a file that declares 2^30 values loads onto ``meta`` without moving the peak. About 25 s
+    on 2 cores; the 2^30 file itself takes about 50 s to verify, with the same peak."""
     code = _MAKE + """
     from mcnc_format.cli.main import cli
+    print("peak", peak_bytes())
     small, large, huge = (sys.argv[1] + f"/{n}.mcnc" for n in ("small", "large", "huge"))
     make(small, 26)
     make(large, 28)
@@ -81,10 +83,10 @@ def test_verify_and_meta_load_are_bounded_in_memory(tmp_path: Path) -> None:
     assert child.stdout.count("valid:") == 2, child.stdout
     peaks = [int(line.split()[1]) for line in child.stdout.splitlines()
              if line.startswith("peak")]
-    small, large, after_meta = peaks
+    imported, small, large, after_meta = peaks
     added = (2**28 - 2**26) * 4
     assert large - small < added // 4, (small, large)
-    assert large < 1.5 * 2**30, large
+    assert large - imported < 1.25 * 2**30, (imported, large)
     assert after_meta - large < 64 << 20, "loading onto meta allocated the tensor"
     assert (tmp_path / "huge.mcnc").stat().st_size < 2048
 
