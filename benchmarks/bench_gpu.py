@@ -56,19 +56,11 @@ from mcnc_format.engine.options import Precision
 from mcnc_format.engine.safetensors_source import SafetensorsFile
 from mcnc_format.engine.theta0 import fan_in_bound
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_targets import TARGETS, gpu_peak_allowed
+
 LLAMA = GeneratorSpec(k=5, d=5000, hidden=(32, 32), seed=20240628)
 VISION = GeneratorSpec(k=16, d=1600, hidden=(256, 256), seed=20240628)
-#: Issue 12's targets (same-run ratios against safetensors).
-TARGETS = {
-    "fused_llama_params_per_s": 1.0e12,
-    "warm_ratio": 1 / 30,
-    "cold_ratio": 1 / 100,
-    "delta_ratio": 1 / 3,  # base + delta, the base's digest cached
-    "delta_ratio_full": 1 / 2,  # base + delta, hashing every byte of the base
-    "delta_cold_ratio": 1.1,  # base + delta, page cache dropped: the disk is the bound
-    "fp32_rel_error": 1e-5,  # SPEC.md §10.1: REGEN_RTOL
-    "narrow_rel_error": 1e-4,  # REGEN_RTOL_16: f16 and bf16 outputs, before their rounding
-}
 TILES = [(64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4)]
 #: The kernel's output-layer products (``Precision`` less ``AUTO``).
 PRECISIONS = ("ieee", "bf16x3", "tf32x3")
@@ -667,7 +659,7 @@ def markdown(report: dict[str, Any]) -> str:
         for who in ("mcnc", "safetensors"):
             mem = r.get(f"{who}_memory", {})
             peak, weights = mem.get("gpu_peak_bytes"), r.get("weights_bytes")
-            allowed = weights and weights + max(64 << 20, weights * 0.02)
+            allowed = weights and gpu_peak_allowed(weights)
             add(f"{label}: {who} GPU peak", peak and float(peak), "GiB",
                 "<= weights + max(64 MiB, 2 %)" if who == "mcnc" else "",
                 None if who != "mcnc" or not peak or not allowed else peak <= allowed)

@@ -1,9 +1,11 @@
 """Shared pytest fixtures: the local Hub-protocol server for Hub tests, a digest cache of
-each test's own (no test reads or writes the user's ``~/.cache``), and the hashes it records."""
+each test's own (no test reads or writes the user's ``~/.cache``), and the hashes it records;
+and gpu_marks.py's hook, which copies ``gpu_path`` marks into the junit report."""
 
 from pathlib import Path
 
 import pytest
+from gpu_marks import pytest_collection_modifyitems  # noqa: F401  (the gpu_path hook)
 from hub_fixtures import hub  # noqa: F401  (re-exported pytest fixture)
 
 from mcnc_format.engine import digests

@@ -13,15 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from gpu_marks import needs_cuda, proves
 from stream_helpers import SEED, assert_close, mixed_file
 from torch import nn
 
 import mcnc_format as mf
 from mcnc_format.api import load_into, stream
+from mcnc_format.engine.options import GpuPath
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-TRITON = [False, *([True] if importlib.util.find_spec("triton") else [])]
+pytestmark = needs_cuda
+#: The fused route, asked for by name: every Triton path (``GpuPath``) where the file needs it.
+FUSED = pytest.param(True, marks=proves(GpuPath.KERNEL_IEEE, GpuPath.PHILOX_KERNEL,
+                                        GpuPath.LORA_MERGE_KERNEL))
+TRITON = [False, *([FUSED] if importlib.util.find_spec("triton") else [])]
 
 
 @pytest.mark.parametrize("use_triton", TRITON, ids=lambda t: "fused" if t else "eager")
@@ -128,6 +133,7 @@ def test_mcnc_lora_trained_on_cuda_loads_as_the_adapted_model(tmp_path: Path) ->
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@proves(GpuPath.KERNEL_IEEE, GpuPath.PHILOX_KERNEL)
 def test_kernel_loads_wait_for_no_stream(tmp_path: Path) -> None:
     """Issue 12: inside a load on the kernel path nothing waits for the GPU's streams (no
     ``.item()``, no copy from pageable memory): ``set_sync_debug_mode("error")`` turns any

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from gpu_marks import requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -178,7 +179,7 @@ def test_torch_int64_rounds_on_arbitrary_counters(data: st.DataObject) -> None:
     assert [tuple(row) for row in got] == [reference.philox4x32_ref(c, key) for c in counters]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 def test_cuda_stream_matches_reference() -> None:
     rng, rng_seed = _fresh_rng()
     for start in EDGE_STARTS:

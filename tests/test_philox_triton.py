@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from gpu_marks import proves, requires_cuda
 
 from mcnc_format import philox, reference
+from mcnc_format.engine.options import GpuPath
 
 # Written to a file, not passed with -c: @triton.jit reads the kernel's source from its file.
 _CHILD = """
@@ -139,7 +140,8 @@ def test_randint4x_interpreted_matches_stream() -> None:
     _check(_INTERPRETED.results(), _INTERPRETED.cases, _INTERPRETED.rng_seed)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
+@proves(GpuPath.PHILOX_KERNEL)
 def test_randint4x_compiled_matches_stream() -> None:
     child = _Child("cuda", interpret=False)
     _check(child.results(), child.cases, child.rng_seed)

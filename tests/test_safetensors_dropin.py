@@ -45,6 +45,7 @@ import safetensors
 import safetensors.numpy
 import safetensors.torch
 import torch
+from gpu_marks import requires_cuda
 
 import mcnc_format as mf
 import mcnc_format.safetensors.numpy as mcnc_np
@@ -68,7 +69,7 @@ HAS_TWO_GPUS = torch.cuda.device_count() >= 2
 HAS_MPS = torch.backends.mps.is_available()
 HAS_NPU = importlib.util.find_spec("torch_npu") is not None
 HAS_HPU = importlib.util.find_spec("habana_frameworks") is not None
-cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+cuda = requires_cuda
 
 #: (peer file::test, our test or None when excluded (reason), applicable assertions, numpy)
 PEER_TESTS: list[tuple[str, str | None, int, bool]] = [
@@ -404,6 +405,7 @@ def test_deserialization_safe_gpu_slice(load_case: tuple[Path, Path]) -> None:
     _assert_close_on(weights, tweights, "cuda:0")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TWO_GPUS, reason="needs two GPUs")
 def test_deserialization_safe_device_1(load_case: tuple[Path, Path]) -> None:
     pt_filename, sf_filename = load_case

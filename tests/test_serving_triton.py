@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 import torch
+from gpu_marks import requires_cuda
 from serving_helpers import make_bank, make_tokens, merged_model, serve
 from torch_helpers import SEED, assert_same_outputs, one_thread  # noqa: F401 (autouse)
 from triton_helpers import requires_nvidia_backend, requires_triton
@@ -351,7 +352,7 @@ def test_the_triton_route_refuses_layers_off_the_bank_device():
         hook(layer, (x,), torch.empty(1, DIMS[1], device="meta"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 def test_kernels_compiled_equal_the_torch_route():
     for case in _cases():
         _check_case(case, run_case(case, "cuda"))

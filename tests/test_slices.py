@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from gpu_marks import needs_cuda
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import file_plans, materialize
@@ -32,7 +33,7 @@ VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 VALID = json.loads((VECTORS / "index.json").read_text())["valid"]
 #: On CUDA the fused kernel rebuilds boxes (contiguous ones in place, others gathered from
 #: whole chunk rows): a box must still equal the whole tensor's elements bit for bit.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def _boxes(shape: tuple[int, ...]) -> list[Any]:

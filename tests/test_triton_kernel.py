@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gpu_marks import proves, requires_cuda
 from triton_helpers import requires_nvidia_backend, requires_triton
 
 import mcnc_format as mf
@@ -31,7 +32,7 @@ from mcnc_format import GeneratorSpec, philox, reference
 from mcnc_format.constants import NORMAL_ATOL, REGEN_RTOL, REGEN_RTOL_16
 from mcnc_format.engine.backend import KernelCapabilities
 from mcnc_format.engine.fused import FusedGenerator
-from mcnc_format.engine.options import LoadOptions
+from mcnc_format.engine.options import GpuPath, LoadOptions
 from mcnc_format.engine.plan import plan_load
 from mcnc_format.generator import ieee_fp32
 from mcnc_format.philox import round_to_f32
@@ -395,13 +396,21 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path,
     assert "sqrt.rn.f32" in ptx[1]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_kernel_compiled(tmp_path: Path) -> None:
-    from mcnc_format.api import load
+@requires_cuda
+@pytest.mark.parametrize("precision", [
+    pytest.param("ieee", marks=proves(GpuPath.KERNEL_IEEE)),
+    pytest.param("bf16x3", marks=proves(GpuPath.KERNEL_BF16X3)),
+    "tf32x3",
+])
+def test_kernel_compiled(precision: str) -> None:
+    """The interpreted test's cases of one output-layer product, compiled: each product's
+    verdict stands alone in a GPU run's record (benchmarks/gpu_record.py)."""
     from mcnc_format.engine import triton_kernels as tk
 
     rng = np.random.default_rng(SEED)
-    for case in _cases(rng):
+    cases = [case for case in _cases(rng) if case["precision"] == precision]
+    assert cases, precision
+    for case in cases:
         buffer = case["buffer"].cuda()
         dest = buffer[GUARD:-GUARD]
         theta = dict(case["theta0"])
@@ -414,6 +423,18 @@ def test_kernel_compiled(tmp_path: Path) -> None:
                             case["first_local"], tk.KernelTheta0(**theta), case["precision"])
         _check_case(case, buffer.cpu())
         _check_against_eager(case, buffer.cpu())
+
+
+@requires_cuda
+@proves(GpuPath.PHILOX_KERNEL, GpuPath.KERNEL_IEEE)
+def test_draws_and_loads_compiled(tmp_path: Path) -> None:
+    """The interpreted test's Philox draws and whole-file loads (members of every theta0 kind
+    in one launch per batch), compiled."""
+    from mcnc_format.api import load
+    from mcnc_format.engine import triton_kernels as tk
+
+    rng = np.random.default_rng(SEED)
+    _cases(rng)  # the draws follow the cases in the interpreted test's stream
     draws = _draws(rng)
     _check_draws(draws, [tk.philox_uniform(s, t, n, b, torch.device("cuda"))
                          for s, t, n, b in draws])
@@ -584,7 +605,8 @@ def test_lora_merge_kernel_interpreted_equals_the_torch_merge(tmp_path: Path) ->
                            want.view(torch.int32)), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
+@proves(GpuPath.LORA_MERGE_KERNEL)
 def test_lora_merge_kernel_compiled_equals_the_torch_merge() -> None:
     """Compiled, the merge kernel rounds to nearest where the interpreter truncates: on the
     device its bits equal the torch merge's for every output dtype the kernel stores."""

@@ -28,12 +28,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from gpu_marks import needs_cuda, proves
 from safetensors.torch import load_file, safe_open
 
 import mcnc_format as mf
 from mcnc_format import constants as C
 from mcnc_format import errors, philox, reference
 from mcnc_format.api import stream
+from mcnc_format.engine.options import GpuPath
 from mcnc_format.header import (
     BlobTheta0,
     ExternalTheta0,
@@ -61,8 +63,11 @@ print(f"test_vectors: workspace seed {_SEED}")
 WORKSPACES = [None, random.Random(_SEED).randrange(64, 4096)]
 # On a machine with a GPU the same vectors check the device paths: the reader's (on-device
 # theta0), and the pipelined loader's, eager and through the fused Triton kernel.
-DEVICES = ["cpu", *(["cuda", "cuda-stream-eager", "cuda-stream-fused"]
-                    if torch.cuda.is_available() else [])]
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda),
+           pytest.param("cuda-stream-eager", marks=needs_cuda),
+           pytest.param("cuda-stream-fused", marks=[
+               *needs_cuda, proves(GpuPath.KERNEL_IEEE, GpuPath.PHILOX_KERNEL,
+                                   GpuPath.LORA_MERGE_KERNEL)])]
 
 
 # --------------------------------------------------------------------------------------------
