@@ -11,7 +11,6 @@ and what comes back is an ordinary ``PeftModel`` (train it further, ``merge_and_
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from .converters.peft_export import peft_adapter
 from .errors import ExternalReferenceError, MCNCError, UsageError
 from .extras import require
 from .header import ExternalTheta0, LoRATensor
-from .reader import tensor_sha256
+from .reader import cached_tensor_sha256
 
 __all__ = ["load_adapter"]
 
@@ -124,7 +123,7 @@ def _check_pins(base: torch.nn.Module, pins: dict[str, ExternalTheta0], source: 
                              "cannot be checked against the adapter's base: load the base "
                              "weights first, or pass check_base=False", path=source,
                              tensor=name)
-        digest = _digest(module.weight)
+        digest = cached_tensor_sha256(module.weight)
         if digest != pin.sha256:
             raise ExternalReferenceError(
                 f"{source}: the model's {name!r} has sha256 {digest[:12]}..., the adapter "
@@ -133,22 +132,3 @@ def _check_pins(base: torch.nn.Module, pins: dict[str, ExternalTheta0], source: 
                 "is the same base in another dtype)", rule="R75", path=source, tensor=name)
 
 
-#: SHA-256 of tensors already hashed, by ``id``: (the tensor, weakly; its version counter and
-#: data pointer when hashed; the digest). A tensor changed in place has another version.
-_DIGESTS: dict[int, tuple[weakref.ref[torch.Tensor], int, int, str]] = {}
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    """``tensor_sha256`` of ``tensor``, computed once per version of its data."""
-    key, version, pointer = id(tensor), tensor._version, tensor.data_ptr()
-    known = _DIGESTS.get(key)
-    if known is not None and known[0]() is tensor and known[1:3] == (version, pointer):
-        return known[3]
-    digest = tensor_sha256(tensor)
-
-    def forget(ref: weakref.ref[torch.Tensor], key: int = key) -> None:
-        if key in _DIGESTS and _DIGESTS[key][0] is ref:
-            del _DIGESTS[key]
-
-    _DIGESTS[key] = (weakref.ref(tensor, forget), version, pointer, digest)
-    return digest

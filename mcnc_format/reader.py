@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -334,7 +335,31 @@ class TensorSlice:
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's raw little-endian C-order bytes, as pinned by §7.4."""
     flat = tensor.detach().contiguous().reshape(-1).cpu()
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()
+
+
+#: Digests already computed, by ``id`` of the tensor: (the tensor, weakly; its version counter
+#: and data pointer when hashed; the digest). A tensor changed in place has another version,
+#: a parameter replaced is another tensor: neither is taken for the one hashed.
+_DIGESTS: dict[int, tuple[weakref.ref[torch.Tensor], int, int, str]] = {}
+
+
+def cached_tensor_sha256(tensor: torch.Tensor) -> str:
+    """``tensor_sha256``, computed once per version of a tensor's data: integrations that
+    check a live model's weights against pins on every adapter (PEFT, the adapter bank) hash
+    each weight once, and again only after it changed."""
+    key, version, pointer = id(tensor), tensor._version, tensor.data_ptr()
+    known = _DIGESTS.get(key)
+    if known is not None and known[0]() is tensor and known[1:3] == (version, pointer):
+        return known[3]
+    digest = tensor_sha256(tensor)
+
+    def forget(ref: weakref.ref[torch.Tensor], key: int = key) -> None:
+        if key in _DIGESTS and _DIGESTS[key][0] is ref:
+            del _DIGESTS[key]
+
+    _DIGESTS[key] = (weakref.ref(tensor, forget), version, pointer, digest)
+    return digest
 
 
 def open_file(path: PathLike, *, verify: bool | str | Verify = Verify.CACHED,

@@ -17,8 +17,7 @@ from torch_helpers import one_thread  # noqa: F401 (autouse fixture)
 from transformers_helpers import llama, train
 
 import mcnc_format
-from mcnc_format import Theta0
-from mcnc_format import peft as mpeft
+from mcnc_format import Theta0, reader
 from mcnc_format.errors import ExternalReferenceError, UsageError
 from mcnc_format.header import LoRATensor
 from mcnc_format.peft import load_adapter
@@ -71,13 +70,13 @@ def test_a_tensor_is_hashed_once_per_version(pinned: tuple[Path, list[str]],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     path, names = pinned
     hashed: list[int] = []
-    real = mpeft.tensor_sha256
+    real = reader.tensor_sha256
 
     def counting(tensor: torch.Tensor) -> str:
         hashed.append(1)
         return real(tensor)
 
-    monkeypatch.setattr(mpeft, "tensor_sha256", counting)
+    monkeypatch.setattr(reader, "tensor_sha256", counting)
     model = load_adapter(base(), path, adapter_name="one")
     assert len(hashed) == len(names)
     load_adapter(model, path, adapter_name="two")

@@ -147,6 +147,29 @@ def test_an_adapter_for_another_base_is_refused(served, tmp_path):
         bank(make_tokens(2, 3, 0), adapters=["a"])
 
 
+def test_a_base_changed_after_an_add_is_checked_again(served):
+    """The bank hashes a base weight once per version of its data: after the base model is
+    changed in place, or a weight replaced, the next adapter pinned to the old base is
+    refused (it was accepted when the first digest was kept by name)."""
+    import copy
+
+    _, files, _ = served
+    base = copy.deepcopy(served[0])
+    bank = AdapterBank(base, device="cpu", factor_cache_bytes=1 << 20)
+    bank.add("a", files["a"])
+    q_proj = base.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.weight.add_(0.01)
+    with pytest.raises(MCNCError, match="another base"):
+        bank.add("again", files["a"])
+    original = served[0].model.layers[0].self_attn.q_proj.weight
+    q_proj.weight = torch.nn.Parameter(original.detach().clone())  # the old bytes again
+    bank.add("again", files["a"])
+    q_proj.weight = torch.nn.Parameter(q_proj.weight.detach() * 2)
+    with pytest.raises(MCNCError, match="another base"):
+        bank.add("twice", files["a"])
+
+
 def test_benchmark_quick_run(tmp_path):
     """The benchmark's smoke run completes and the bank agrees with PEFT (timings unchecked);
     with Triton, under ``TRITON_INTERPRET=1``, so that its Triton route's code runs too."""

@@ -30,7 +30,7 @@ from ..engine.members import MemberRun, rebuild_members
 from ..engine.theta0 import prng_values
 from ..errors import MCNCError
 from ..header import BlobTheta0, ExternalTheta0, LoRATensor, MemberEntry, Theta0Entry
-from ..reader import MCNCFile, tensor_sha256
+from ..reader import MCNCFile, cached_tensor_sha256
 
 __all__ = ["Factors", "GeneratorKey", "ResidentAdapter"]
 
@@ -258,5 +258,6 @@ class _Reader:
 
 
 def base_sha256(base: nn.Module, name: str) -> str:
-    """SHA-256 of a base parameter's bytes, as external theta0 pins it (SPEC.md §7.4)."""
-    return tensor_sha256(base.get_parameter(name).detach())
+    """SHA-256 of a base parameter's bytes, as external theta0 pins it (SPEC.md §7.4): hashed
+    again only when the parameter was changed in place or replaced."""
+    return cached_tensor_sha256(base.get_parameter(name))

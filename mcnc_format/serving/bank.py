@@ -84,7 +84,6 @@ class AdapterBank:
         # (the entry's factors are None) so that one launch reaches every adapter's.
         self._cache: OrderedDict[str, tuple[Factors | None, int]] = OrderedDict()
         self._slabs = FactorSlabs()
-        self._base_sha256: dict[str, str] = {}
         self._rebuilds = 0
 
     # -- adapters --------------------------------------------------------------------------
@@ -101,8 +100,8 @@ class AdapterBank:
         try:
             adapter = ResidentAdapter.load(
                 name, source, self.base_model, self.device,
-                lambda f, index, m: self._generator(load, f, index, m), self._sha256,
-                check_base)
+                lambda f, index, m: self._generator(load, f, index, m),
+                lambda name: base_sha256(self.base_model, name), check_base)
         except BaseException:
             self._drop_unused_generators()  # those this failed load registered
             raise
@@ -244,11 +243,6 @@ class AdapterBank:
         used = {g.generator for a in self._adapters.values() for g in a.groups}
         for key in [k for k in self._generators if k not in used]:
             del self._generators[key]
-
-    def _sha256(self, name: str) -> str:
-        if name not in self._base_sha256:
-            self._base_sha256[name] = base_sha256(self.base_model, name)
-        return self._base_sha256[name]
 
 
 def _check_triton(device: torch.device) -> None:
