@@ -8,7 +8,6 @@ reader gives, within the loader tolerance of ``stream_helpers.assert_close``.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,11 @@ import torch
 from gpu_marks import needs_cuda, proves
 from stream_helpers import SEED, assert_close, mixed_file
 from torch import nn
+from triton_helpers import requires_triton
 
 import mcnc_format as mf
 from mcnc_format.api import load_into, stream
+from mcnc_format.engine.backend import triton_available
 from mcnc_format.engine.options import GpuPath
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
 
@@ -26,7 +27,7 @@ pytestmark = needs_cuda
 #: The fused route, asked for by name: every Triton path (``GpuPath``) where the file needs it.
 FUSED = pytest.param(True, marks=proves(GpuPath.KERNEL_IEEE, GpuPath.PHILOX_KERNEL,
                                         GpuPath.LORA_MERGE_KERNEL))
-TRITON = [False, *([FUSED] if importlib.util.find_spec("triton") else [])]
+TRITON = [False, *([FUSED] if triton_available() else [])]
 
 
 @pytest.mark.parametrize("use_triton", TRITON, ids=lambda t: "fused" if t else "eager")
@@ -132,7 +133,7 @@ def test_mcnc_lora_trained_on_cuda_loads_as_the_adapted_model(tmp_path: Path) ->
         _same(plain(_tokens(3)), model(_tokens(3)))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@requires_triton
 @proves(GpuPath.KERNEL_IEEE, GpuPath.PHILOX_KERNEL)
 def test_kernel_loads_wait_for_no_stream(tmp_path: Path) -> None:
     """Issue 12: inside a load on the kernel path nothing waits for the GPU's streams (no

@@ -12,7 +12,6 @@ uses the interpreter (any machine); where CUDA is present a second child runs it
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 from gpu_marks import proves, requires_cuda
 
 from mcnc_format import philox, reference
+from mcnc_format.engine.backend import triton_available
 from mcnc_format.engine.options import GpuPath
 
 # Written to a file, not passed with -c: @triton.jit reads the kernel's source from its file.
@@ -118,7 +118,7 @@ class _Child:
         self._dir.cleanup()
 
 
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_HAVE_TRITON = triton_available()
 _INTERPRETED = _Child("cpu", interpret=True) if _HAVE_TRITON else None
 
 

@@ -173,15 +173,16 @@ def test_a_base_changed_after_an_add_is_checked_again(served):
 def test_benchmark_quick_run(tmp_path):
     """The benchmark's smoke run completes and the bank agrees with PEFT (timings unchecked);
     with Triton, under ``TRITON_INTERPRET=1``, so that its Triton route's code runs too."""
-    import importlib.util
     import json
     import os
     import subprocess
     import sys
 
+    from mcnc_format.engine.backend import triton_available
+
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adapters.py"
     out = tmp_path / "out.json"
-    triton = importlib.util.find_spec("triton") is not None
+    triton = triton_available()
     env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if triton else {}))
     subprocess.run([sys.executable, str(script), "--size", "quick", "--threads", "1", "--json",
                     str(out)], check=True, capture_output=True, timeout=300, env=env)

@@ -330,7 +330,7 @@ def test_the_triton_route_is_refused_where_it_cannot_run(monkeypatch):
             AdapterBank(base, device="cpu", factor_cache_bytes=1 << 20, route=Route.TRITON)
     with pytest.raises(UsageError, match="route must be a Route"):
         AdapterBank(base, device="cpu", factor_cache_bytes=1 << 20, route="triton")
-    monkeypatch.setattr("mcnc_format.serving.bank.triton_available", lambda: False)
+    monkeypatch.setattr("mcnc_format.engine.backend.installed_triton", lambda: None)
     with pytest.raises(UsageError, match=r"mcnc-format\[gpu\]"):
         AdapterBank(base, device="cpu", factor_cache_bytes=1 << 20, route=Route.TRITON)
     assert AdapterBank(base, device="cpu", factor_cache_bytes=1).stats().slab_bytes == 0

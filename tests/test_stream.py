@@ -12,7 +12,6 @@ share the ring logic tested here against an engine that defers every copy, as a 
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -29,6 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from strategies import file_plans, materialize
 from stream_helpers import SEED, assert_close, mixed_file
+from triton_helpers import requires_triton
 
 import mcnc_format as mf
 from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0, philox
@@ -311,9 +311,31 @@ def test_load_into_mismatch(tmp_path: Path) -> None:
 def test_forced_triton_without_triton(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import mcnc_format.engine.backend as backend
 
-    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    monkeypatch.setattr(backend, "installed_triton", lambda: None)
     with pytest.raises(MCNCError, match=r"mcnc-format\[gpu\]"):
         load(_net_file(tmp_path), "cpu", use_triton=True)
+
+
+def test_a_triton_older_than_the_kernels_is_not_used(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    """torch 2.3's CUDA builds install Triton 2.3, which lacks what the kernels import: a
+    CUDA load then takes the torch path (it failed at the kernels' import), and asking for
+    the kernels names the version needed."""
+    import mcnc_format.engine.backend as backend
+    from mcnc_format.serving import AdapterBank, Route
+
+    assert [backend.triton_too_old(v) for v in ("2.3.1", "2.99", "3.0.0", "3.6.0+git9f3a",
+                                                "10.1", "", "nightly")] == [
+        True, True, False, False, False, False, False]
+    monkeypatch.setattr(backend, "installed_triton", lambda: "2.3.1")
+    assert not backend.triton_available()
+    chosen = backend.choose_backend(torch.device("cuda"), LoadOptions())
+    assert type(chosen) is backend.CudaTorch
+    with pytest.raises(MCNCError, match=r"Triton 3\.0 or newer.*Triton 2\.3\.1"):
+        load(_net_file(tmp_path), "cpu", use_triton=True)
+    with pytest.raises(MCNCError, match=r"Route\.TRITON needs Triton 3\.0 or newer"):
+        AdapterBank(torch.nn.Linear(2, 2), device="cpu", factor_cache_bytes=1 << 20,
+                    route=Route.TRITON)
 
 
 def test_damaged_base_file(tmp_path: Path) -> None:
@@ -485,7 +507,7 @@ def _use_kernels(monkeypatch: pytest.MonkeyPatch, kernels: object) -> None:
     monkeypatch.setattr(reader, "choose_backend", StandIn)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@requires_triton
 def test_mixed_segment_batches_fit_the_workspace(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """One eager member (float64 output) makes its segment's batches eager-sized, so the

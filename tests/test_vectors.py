@@ -35,6 +35,7 @@ import mcnc_format as mf
 from mcnc_format import constants as C
 from mcnc_format import errors, philox, reference
 from mcnc_format.api import stream
+from mcnc_format.engine.backend import triton_available
 from mcnc_format.engine.options import GpuPath
 from mcnc_format.header import (
     BlobTheta0,
@@ -308,7 +309,7 @@ def test_valid_vector(vector: dict, workspace: int | None, device: str) -> None:
                 f.get_tensor(name)
         if device.startswith("cuda-stream"):
             fused = device.endswith("fused")
-            if fused and importlib.util.find_spec("triton") is None:
+            if fused and not triton_available():
                 pytest.skip("triton is not installed")
             got = dict(stream(f.path, "cuda", names=list(expected), workspace_bytes=workspace,
                               use_triton=fused))

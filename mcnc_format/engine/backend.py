@@ -22,7 +22,10 @@ run on a GPU is used only when asked for by name.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import importlib.util
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from .triton_kernels import MemberJob
 
 __all__ = [
+    "MIN_TRITON",
     "Backend",
     "CpuTorch",
     "CudaTorch",
@@ -51,13 +55,56 @@ __all__ = [
     "KernelCapabilities",
     "choose_backend",
     "default_backend",
+    "installed_triton",
     "triton_available",
+    "triton_refusal",
+    "triton_too_old",
 ]
 
 
+#: The oldest Triton the kernels are written for (``libdevice``, the NVIDIA backend package):
+#: the ``mcnc-format[gpu]`` extra's floor. torch 2.3's CUDA builds install Triton 2.3.
+MIN_TRITON = (3, 0)
+#: The distributions that install the ``triton`` package (release and PyTorch's own builds).
+_TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton")
+
+
+@functools.cache
+def installed_triton() -> str | None:
+    """The installed Triton's version, read without importing it (``None``: not installed;
+    ``""``: importable but without a distribution's metadata, such as a source checkout)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    for name in _TRITON_DISTRIBUTIONS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(name)
+    return ""
+
+
+def triton_too_old(version: str) -> bool:
+    """Whether Triton ``version`` predates ``MIN_TRITON`` (an unreadable version is taken to
+    be new enough: a source checkout is a developer's)."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return found is not None and (int(found[1]), int(found[2])) < MIN_TRITON
+
+
+def triton_refusal(feature: str) -> str | None:
+    """Why the Triton kernels cannot serve ``feature`` here, as an error message's start, or
+    ``None`` where they can."""
+    version = installed_triton()
+    if version is None:
+        return f"{feature} needs Triton: pip install 'mcnc-format[gpu]'"
+    if triton_too_old(version):
+        floor = ".".join(map(str, MIN_TRITON))
+        return (f"{feature} needs Triton {floor} or newer, and Triton {version} is installed "
+                f"(torch 2.3 installs 2.3): pip install 'triton>={floor}'")
+    return None
+
+
 def triton_available() -> bool:
-    """Whether the optional ``mcnc-format[gpu]`` extra (Triton) is importable."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton new enough for the kernels (``MIN_TRITON``, the ``mcnc-format[gpu]``
+    extra) is installed: ``use_triton=None`` on CUDA takes the torch path otherwise."""
+    return triton_refusal("") is None
 
 
 @dataclass(frozen=True)
@@ -283,9 +330,10 @@ def choose_backend(device: torch.device, options: LoadOptions) -> Backend:
     installed (``use_triton=None``) or when asked for (``True``; on the CPU only under the
     interpreter), the torch path otherwise."""
     use = options.use_triton
-    if use and not triton_available():
-        raise UsageError("use_triton=True needs Triton: pip install 'mcnc-format[gpu]', or "
-                         "pass use_triton=False (or leave it unset) for the torch path")
+    refusal = triton_refusal("use_triton=True") if use else None
+    if refusal is not None:
+        raise UsageError(f"{refusal}; or pass use_triton=False (or leave it unset) for the "
+                         "torch path")
     if device.type == "cuda":
         if use is False or (use is None and not triton_available()):
             return CudaTorch(device, options)

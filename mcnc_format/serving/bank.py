@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..devices import check_device
-from ..engine.backend import default_backend, triton_available
+from ..engine.backend import default_backend, triton_refusal
 from ..engine.fused import FusedGenerator
 from ..errors import UsageError
 from ..reader import MCNCFile
@@ -248,9 +248,9 @@ class AdapterBank:
 def _check_triton(device: torch.device) -> None:
     """Route.TRITON needs Triton, and compiled kernels need a CUDA device (the interpreter,
     ``TRITON_INTERPRET=1`` at Triton's import, runs them on any device: tests)."""
-    if not triton_available():
-        raise UsageError("Route.TRITON needs Triton: pip install 'mcnc-format[gpu]', or use "
-                         "Route.TORCH")
+    refusal = triton_refusal("Route.TRITON")
+    if refusal is not None:
+        raise UsageError(f"{refusal}; or use Route.TORCH")
     from ..engine import triton_kernels
 
     if device.type != "cuda" and triton_kernels.compiled():
