@@ -175,3 +175,26 @@ def test_kernel_loads_wait_for_no_stream(tmp_path: Path) -> None:
     assert_close(got, want)
     for name, box in boxes.items():
         assert torch.equal(cut[name], got[name][box]), name
+
+
+@requires_triton
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_draws_launch_on_their_device_whichever_is_current() -> None:
+    """Triton launches on the current device. ``AdapterBank`` draws its generators and
+    theta0 through the backend's ``draw_weights``/``draw_uniform`` outside any load, so a
+    bank on ``cuda:1`` draws while ``cuda:0`` is current: the draw must still run on
+    ``cuda:1`` (a launch on ``cuda:0`` would write ``cuda:1``'s memory from the wrong GPU)."""
+    from mcnc_format import philox
+    from mcnc_format.engine import triton_kernels as tk
+    from mcnc_format.generator import GeneratorSpec
+
+    with torch.cuda.device(0):
+        drawn = tk.philox_uniform(7, 3, 5000, 0.5, torch.device("cuda:1"))
+        spec = GeneratorSpec(k=5, d=100, hidden=(32, 32), seed=SEED % 2**32)
+        weights = tk.draw_generator_weights(spec, torch.device("cuda:1"))
+    torch.cuda.synchronize(1)
+    assert drawn.device == torch.device("cuda:1")
+    assert torch.equal(drawn.cpu(), philox.uniform_signed(7, 3, 0, 5000, 0.5))
+    for got, want in zip(weights.flat(), spec.weights("cpu").flat(), strict=True):
+        assert torch.equal(got.cpu(), want)
+
