@@ -175,3 +175,54 @@ def test_kernel_loads_wait_for_no_stream(tmp_path: Path) -> None:
     assert_close(got, want)
     for name, box in boxes.items():
         assert torch.equal(cut[name], got[name][box]), name
+
+
+@requires_triton
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_draws_launch_on_their_device_whichever_is_current() -> None:
+    """Triton launches on the current device. ``AdapterBank`` draws its generators and
+    theta0 through the backend's ``draw_weights``/``draw_uniform`` outside any load, so a
+    bank on ``cuda:1`` draws while ``cuda:0`` is current: the draw must still run on
+    ``cuda:1`` (a launch on ``cuda:0`` would write ``cuda:1``'s memory from the wrong GPU)."""
+    from mcnc_format import philox
+    from mcnc_format.engine import triton_kernels as tk
+    from mcnc_format.generator import GeneratorSpec
+
+    with torch.cuda.device(0):
+        drawn = tk.philox_uniform(7, 3, 5000, 0.5, torch.device("cuda:1"))
+        spec = GeneratorSpec(k=5, d=100, hidden=(32, 32), seed=SEED % 2**32)
+        weights = tk.draw_generator_weights(spec, torch.device("cuda:1"))
+    torch.cuda.synchronize(1)
+    assert drawn.device == torch.device("cuda:1")
+    assert torch.equal(drawn.cpu(), philox.uniform_signed(7, 3, 0, 5000, 0.5))
+    for got, want in zip(weights.flat(), spec.weights("cpu").flat(), strict=True):
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize(("k", "hidden", "m"), [(5, (32, 32), 1), (16, (256, 256), 1),
+                                                (5, (32, 32), 2)],
+                         ids=["llama", "vision", "two-components"])
+def test_a_chunks_left_factor_does_not_depend_on_its_batch(k: int, hidden: tuple[int, ...],
+                                                           m: int) -> None:
+    """What every box test on CUDA (``test_slices``, ``test_kernel_loads_wait_for_no_stream``,
+    bench_gpu's ``bit_equal``) rests on, checked alone: a chunk's left factor (hidden layers
+    and row norm, cuBLAS products) has the same bits whatever the batch that computed it. A box
+    is rebuilt in batches of other sizes than the whole tensor's; cuBLAS picks its kernel
+    (tile, split-K) by the product's shape, which can change a row's summation order. If
+    this fails, box tests fail with it, and the kernel is not at fault."""
+    from mcnc_format.engine.fused import FusedGenerator
+    from mcnc_format.generator import GeneratorSpec
+
+    spec = GeneratorSpec(k=k, d=1000, hidden=hidden, seed=SEED % 2**32)
+    fused = FusedGenerator(spec.weights("cuda"), m)
+    g = torch.Generator().manual_seed(SEED)
+    chunks = 8192
+    alpha = ((torch.rand(chunks, m, k, generator=g) * 2 - 1) * spec.L).cuda()
+    beta = (torch.randn(chunks, m, generator=g) * 0.05).cuda()
+    whole = fused.coefficients(alpha, beta)
+    for start, count in ((0, 8), (8, 16), (40, 13), (1000, 64), (2048, 1024), (8, 8176)):
+        part = fused.coefficients(alpha[start : start + count], beta[start : start + count])
+        same = part[:count] == whole[start : start + count]
+        assert bool(same.all()), (
+            f"seed {SEED}: rows {start}..{start + count}: {int((~same.all(1)).sum())} of "
+            f"{count} rows differ from the same rows of a {chunks}-row batch")

@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import file_plans, materialize
 from stream_helpers import mixed_file
+from triton_helpers import requires_triton
 
 import mcnc_format as mf
 from mcnc_format import MCNC, GeneratorSpec, Segment, Theta0
@@ -146,6 +148,52 @@ def test_a_row_block_rebuilds_its_share_of_chunks(tmp_path: Path, theta0: Theta0
         assert plan.chunks == 400
         _assert_bits(handle[:, 0:50], whole[:, 0:50], "columns")
         _assert_bits(handle[3:300, 120:170], whole[3:300, 120:170], "a block")
+
+
+def _peak_bytes(device: str, run: Callable[[], dict[str, torch.Tensor]]
+                ) -> tuple[int, dict[str, torch.Tensor]]:
+    """The most bytes ``device``'s allocator held during ``run`` beyond what it held before
+    (on the CPU: from the profiler's allocation events), and what ``run`` returned."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        got = run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start, got
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = run()
+    live = peak = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events()
+                         if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak, got
+
+
+@pytest.mark.parametrize(("device", "use_triton"), [
+    ("cpu", None), pytest.param("cuda", False, marks=needs_cuda),
+    pytest.param("cuda", True, marks=[*needs_cuda, requires_triton])])
+def test_a_column_box_holds_at_most_its_workspace_beyond_its_output(
+        tmp_path: Path, device: str, use_triton: bool | None) -> None:
+    """A box that is not one range is gathered from whole chunk rows, through the int64
+    positions of its values: they are part of the workspace (``plan.batch_rows``), so the
+    load holds its output and at most the workspace (it held 1.5 times the workspace when
+    the positions were computed out of place)."""
+    spec = GeneratorSpec(k=5, d=1000, hidden=(32, 32), seed=5)
+    g = torch.Generator().manual_seed(0)
+    segment = Segment(spec, torch.rand(600, 1, 5, generator=g) * 2 - 1,
+                      torch.randn(600, 1, generator=g) * 0.1)
+    path = tmp_path / "w.mcnc"
+    mf.save(path, {"w": MCNC(segment, (600, 1000), torch.float32, Theta0.zeros())})
+    workspace = 4 << 20
+    box = {"w": (slice(None), slice(1, None))}
+    with mf.MCNCFile(path, workspace_bytes=workspace, use_triton=use_triton) as f:
+        dict(f.stream(["w"], device, boxes=box))  # the generator drawn, kernels compiled
+        peak, got = _peak_bytes(device, lambda: dict(f.stream(["w"], device, boxes=box)))
+    assert peak - got["w"].nbytes <= workspace, (peak, got["w"].nbytes, workspace)
 
 
 def test_boxes_through_load_and_stream(tmp_path: Path) -> None:

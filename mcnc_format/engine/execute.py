@@ -435,13 +435,18 @@ class Executor:
         return self._positions(piece, step, d), base
 
     def _positions(self, piece: Piece, step: BatchStep, d: int) -> torch.Tensor:
-        """Where a piece's values lie in the ``[chunks, d]`` rows of its batch, flat."""
+        """Where a piece's values lie in the ``[chunks, d]`` rows of its batch, flat. In
+        place: at most three int64 per value live at once (what ``plan.batch_rows`` counts
+        for a gathered batch), not the six of the same arithmetic out of place."""
         target = piece.target
-        values = target.member.offset + target.elements(piece.lo, piece.hi, self.device)
-        chunk = values // d
-        rank = (chunk - step.first if step.ids is None
-                else torch.searchsorted(to_device_async(step.ids, self.device), chunk))
-        return rank * d + values % d
+        values = target.elements(piece.lo, piece.hi, self.device)  # a fresh tensor
+        values += target.member.offset
+        rank = values // d
+        if step.ids is None:
+            rank -= step.first
+        else:
+            rank = torch.searchsorted(to_device_async(step.ids, self.device), rank)
+        return rank.mul_(d).add_(values.remainder_(d))
 
     def _workspace(self, workspace: list[torch.Tensor], rows: int, d: int) -> torch.Tensor:
         """A float32 ``[rows, d]`` scratch tensor, reused across batches."""

@@ -27,6 +27,7 @@ The hidden layers never run here, so §10.1's IEEE rule for them is untouched.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -324,12 +325,15 @@ def philox_uniform(seed: int, stream: int, count: int, bound: float, device: tor
                    ) -> torch.Tensor:
     """``philox.uniform_signed(seed, stream, 0, count, bound)`` in one launch: exact, the
     same bits. Generator weights are drawn with it (the torch version takes hundreds of
-    small launches on a GPU)."""
+    small launches on a GPU). Launched on ``device`` whichever device is current: Triton
+    launches on the current one, and callers outside a load (``AdapterBank`` on ``cuda:1``)
+    make none current."""
     out = torch.empty(count, dtype=torch.float32, device=device)
     if count:
         block = 1024
-        _uniform_kernel[(triton.cdiv(count, block),)](out, count, seed | (stream << 32), bound,
-                                                     BLOCK=block)
+        with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+            _uniform_kernel[(triton.cdiv(count, block),)](out, count, seed | (stream << 32),
+                                                         bound, BLOCK=block)
     return out
 
 
