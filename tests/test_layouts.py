@@ -25,7 +25,7 @@ from torch import nn
 import mcnc_format as mf
 from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError, UnsafeCheckpointError
-from mcnc_format.torch import add_mcnc_lora, reparametrize, save_model
+from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
 
 
 @pytest.fixture
@@ -130,6 +130,41 @@ def _sharding_rank(rank: int, seed: int, directory: str) -> None:
     finally:
         torch.distributed.destroy_process_group()
 
+
+
+@pytest.mark.parametrize("tie", ["dense", "compressed"])
+def test_dcp_of_a_tied_model_packs_as_its_state_dict(tie: str, seed: int, tmp_path: Path
+                                                      ) -> None:
+    """A Llama with ``tie_word_embeddings``: ``lm_head.weight`` is the embedding's weight.
+    Kept dense (trained, not compressed) the state dict holds it under both names, and DCP,
+    which knows nothing of ties, saves two copies; compressed, the state dict holds its alpha
+    and beta once. Either way the folder packs to the bytes a packed ``torch.save`` of the
+    same state dict and ``save_model`` give: the tie stored once, under its first name, and
+    tied again by ``load_into``. The untrained norms (all ones, equal but not tied) stay."""
+    from transformers_helpers import llama, train
+
+    torch.manual_seed(seed)
+    include = ["*.q_proj.weight", "*.v_proj.weight"] if tie == "dense" else None
+    model = train(reparametrize(llama(), MCNCConfig(k=4, d=32, hidden=(16,),
+                                                    seed=seed % 2**32, include=include,
+                                                    train_dense=tie == "dense")), steps=1)
+    state = model.state_dict()
+    dcp.save(state, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    saved = pickle.loads((tmp_path / "ckpt" / ".metadata").read_bytes())  # our own test file
+    twice = {"model.embed_tokens.weight", "lm_head.weight"} <= set(saved.state_dict_metadata)
+    assert twice == (tie == "dense")
+    torch.save(state, tmp_path / "state.pt")
+    pack(tmp_path / "state.pt", tmp_path / "plain.mcnc")
+    result = pack(tmp_path / "ckpt", tmp_path / "dcp.mcnc")
+    _same_as_save_model(model, tmp_path / "dcp.mcnc", tmp_path)
+    assert (tmp_path / "dcp.mcnc").read_bytes() == (tmp_path / "plain.mcnc").read_bytes()
+    with mf.open(tmp_path / "dcp.mcnc") as f:
+        assert "lm_head.weight" not in f and "model.norm.weight" in f
+    assert any("'lm_head.weight'" in note for note in result.notes) == (tie == "dense")
+    fresh = llama()
+    mf.load_into(fresh, tmp_path / "dcp.mcnc")
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
 
 # -- save_pretrained shard sets ----------------------------------------------------------------
 @pytest.mark.parametrize("path", ["folder", "index"])
