@@ -19,12 +19,20 @@ reassembles the shards. Non-tensor entries (DCP's "bytes" items, such as a step 
 pickles of arbitrary objects and are never read; the entries of an optimizer state saved
 beside the model (``{"model": ..., "optim": ...}``) are dropped, and a wrapper prefix all
 remaining names share (``model.``) is taken off, each said in the notes.
+
+DCP saves every name of the state dict and knows nothing of tied weights: an output layer tied
+to the embedding, which a state dict in memory holds under two names sharing one tensor, is
+written twice. Sharing cannot be seen in the folder, so a tie is told from values: two tensors
+of the same shape, dtype and bytes, not constant, are one (``LazyTensors.ties``), and the file
+stores it once, as ``save_model`` does. Telling them costs one extra read of each tensor whose
+shape and dtype another tensor shares.
 """
 
 from __future__ import annotations
 
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,8 @@ from mcnc_format.converters.checkpoint import TRAINING_STATE_MARKS, WRAPPER_KEYS
 from mcnc_format.converters.layout import LayoutBase
 from mcnc_format.converters.lazy import LazyTensors, TensorInfo
 from mcnc_format.errors import MCNCError, UnsafeCheckpointError
+from mcnc_format.reader import tensor_sha256
+from mcnc_format.sharing import is_constant
 
 __all__ = ["DistributedCheckpoint"]
 
@@ -109,9 +119,14 @@ class DistributedCheckpoint(LayoutBase):
             notes.append(f"not read: the non-tensor entries {', '.join(skipped[:8])}"
                          f"{' ...' if len(skipped) > 8 else ''} (DCP stores them as pickles)")
         reader = _Reader(path, metadata)
-        tensors = LazyTensors(infos, lambda name: reader.tensor(prefix + name, infos[name]),
-                              str(path))
-        return Checkpoint(path, tensors, notes=notes)
+
+        def read(name: str) -> torch.Tensor:
+            return reader.tensor(prefix + name, infos[name])
+
+        ties = _ties(infos, read)
+        notes += [f"{alias!r} holds the values of {held!r}: one tied weight, which DCP saved "
+                  "under both names" for alias, held in ties.items()]
+        return Checkpoint(path, LazyTensors(infos, read, str(path), ties), notes=notes)
 
 
 def _stored_bytes(folder: Path, metadata: Any) -> dict[str, int]:
@@ -175,6 +190,29 @@ def _unwrapped(infos: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], str
         notes.append(f"packed the state dict under {wrapper!r}")
         return {n[len(wrapper) + 1:]: i for n, i in infos.items()}, wrapper + ".", notes
     return infos, "", notes
+
+
+def _ties(infos: dict[str, TensorInfo], read: Callable[[str], torch.Tensor]
+          ) -> dict[str, str]:
+    """``{name: earlier name}`` for the tensors DCP saved twice because they are one tensor
+    (tied weights; DCP writes every name of the state dict, and keeps no sharing): same shape,
+    dtype and bytes, and not constant (equal ones of fresh norms tell nothing of a tie). Only
+    tensors that share their shape and dtype with another are read here, one at a time."""
+    groups: dict[TensorInfo, list[str]] = {}
+    for name, info in infos.items():
+        groups.setdefault(info, []).append(name)
+    ties: dict[str, str] = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        first: dict[str, str] = {}
+        for name in names:
+            tensor = read(name)
+            if not is_constant(tensor):
+                held = first.setdefault(tensor_sha256(tensor), name)
+                if held != name:
+                    ties[name] = held
+    return ties
 
 
 class _Reader:

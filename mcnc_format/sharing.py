@@ -19,8 +19,8 @@ import torch
 
 from .errors import SharedTensorError
 
-__all__ = ["end_ptr", "find_shared_tensors", "is_complete", "remove_duplicate_names",
-           "storage_ptr", "storage_size", "without_duplicates"]
+__all__ = ["end_ptr", "find_shared_tensors", "is_complete", "is_constant",
+           "remove_duplicate_names", "storage_ptr", "storage_size", "without_duplicates"]
 
 V = TypeVar("V")
 
@@ -55,6 +55,14 @@ def is_complete(tensor: torch.Tensor) -> bool:
     """Whether the tensor covers its whole storage, from its first byte."""
     return (tensor.data_ptr() == storage_ptr(tensor)
             and tensor.nelement() * tensor.element_size() == storage_size(tensor))
+
+
+def is_constant(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds one value throughout (or fewer than two values). Where a tie
+    has to be told from values (a checkpoint that lost the sharing), such a tensor tells
+    nothing: a fresh norm's ones or a zero bias equal others that are not tied to it."""
+    flat = tensor.flatten()
+    return flat.numel() < 2 or bool((flat == flat[0]).all())
 
 
 def find_shared_tensors(tensors: Mapping[str, torch.Tensor]) -> list[set[str]]:

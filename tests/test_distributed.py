@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from dist_helpers import TinyLM, init_gloo, leave_gloo, write_model_file
+from dist_helpers import VOCAB, TinyLM, init_gloo, leave_gloo, write_model_file
 from stream_helpers import SEED
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
@@ -273,6 +273,72 @@ def _assert_own_share(rank: int, f: mf.MCNCFile, stats: ReadStats,
     boundary = 2 * sum(1 for name, _ in stats.boxes if f.entry(name).encoding != "dense")
     share = math.ceil(file_chunks(f) / WORLD)
     assert stats.chunks_regenerated <= share + 2 * boundary, (rank, stats.chunks_regenerated)
+
+
+# -- two gloo ranks, tensor parallel only --------------------------------------------------------
+TP_WORLD = 2
+
+
+def test_tensor_parallel_ranks_each_rebuild_their_own_shards(model_file: Path,
+                                                            tmp_path: Path) -> None:
+    """What a serving stack does: a model built on the meta device, ``parallelize_module``'d
+    over two gloo ranks (embedding ``RowwiseParallel``, ``up``/``gate`` and the output layer
+    ``ColwiseParallel``, ``down`` ``RowwiseParallel``), filled by DCP's own ``load`` from the
+    ``.mcnc`` file. Each rank's local shard of every tensor (compressed ones of every theta0
+    kind, lora, dense) equals its part of the whole tensor ``mf.load`` gives, byte for byte;
+    each rank asked the engine for exactly its boxes and regenerated only their chunks; the
+    sharded model computes what the whole one computes."""
+    mp.start_processes(_tensor_parallel_rank, args=(str(model_file), str(tmp_path / "store")),
+                       nprocs=TP_WORLD, join=True, start_method="spawn")
+
+
+def _tensor_parallel_rank(rank: int, path: str, store: str) -> None:
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    init_gloo(rank, TP_WORLD, store)
+    try:
+        mesh = init_device_mesh("cpu", (TP_WORLD,))
+        with torch.device("meta"):
+            model = TinyLM()
+        parallelize_module(model, mesh, {
+            "embed": RowwiseParallel(input_layouts=Replicate()),
+            "layers.*.up": ColwiseParallel(), "layers.*.gate": ColwiseParallel(),
+            "layers.*.down": RowwiseParallel(),
+            "head": ColwiseParallel(output_layouts=Replicate())})
+        model.to_empty(device="cpu")
+        reader = MCNCStorageReader(path)
+        dcp.load(model.state_dict(), storage_reader=reader)
+
+        want = mf.load(path)
+        sharded = {name for name, value in model.state_dict().items()
+                   if isinstance(value, DTensor) and value.placements != (Replicate(),)}
+        assert {"embed.weight", "head.weight", "layers.0.down.weight",
+                "layers.1.gate.weight", "layers.1.up.weight"} <= sharded
+        boxes = dict(reader.stats.boxes)
+        assert len(boxes) == len(reader.stats.boxes)  # one box per tensor on this rank
+        for name, value in model.state_dict().items():
+            local = value.to_local() if isinstance(value, DTensor) else value
+            placements = value.placements if isinstance(value, DTensor) else (Replicate(),)
+            own = distribute_tensor(want[name], mesh, placements, src_data_rank=None)
+            assert_box_close(local, own.to_local(), name)
+            box = boxes[name]
+            part = want[name][tuple(slice(a, b) for a, b in zip(box.starts, box.stops,
+                                                                   strict=True))]
+            assert_box_close(local, part, name)  # the box read is this rank's shard
+
+        with mf.open(path) as f:
+            bound = sum(chunk_bound(f, name, box) for name, box in reader.stats.boxes)
+            assert reader.stats.chunks_regenerated <= bound  # only its boxes' chunks
+            assert reader.stats.chunks_regenerated < file_chunks(f)  # not the whole file
+        assert reader.stats.engine_calls == 1
+        whole = TinyLM()
+        mf.load_into(whole, path)
+        tokens = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.allclose(model(tokens), whole(tokens), rtol=1e-5, atol=1e-5)
+        leave_gloo()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_tied_model_loads_through_dcp(tmp_path: Path) -> None:

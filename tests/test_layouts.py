@@ -1,9 +1,9 @@
 """``mcnc pack PATH`` for the layouts training stacks write, each written here by the real tool:
-torch.distributed.checkpoint (one process, and FSDP2 shards from two gloo ranks), a
-``save_pretrained`` shard set, an Accelerate ``save_state`` folder and a Lightning ``.ckpt``.
-Each packs to the bytes ``save_model`` writes for the same model; training state is dropped
-and said; pickles of training state are never unpickled; unknown folders are refused with the
-known layouts.
+torch.distributed.checkpoint (one process; FSDP2 shards and a tensor-parallel model from two
+gloo ranks; a model with tied weights), a ``save_pretrained`` shard set, an Accelerate
+``save_state`` folder and a Lightning ``.ckpt``. Each packs to the bytes ``save_model``
+writes for the same model; training state is dropped and said; pickles of training state
+are never unpickled; unknown folders are refused with the known layouts.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 import mcnc_format as mf
 from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError, UnsafeCheckpointError
-from mcnc_format.torch import add_mcnc_lora, reparametrize, save_model
+from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
 
 
 @pytest.fixture
@@ -88,9 +88,10 @@ WORLD = 2
 
 def test_dcp_fsdp2_and_tp_shards_from_gloo_ranks(seed: int, tmp_path: Path) -> None:
     """Two gloo ranks save the trained model collectively, sharded two ways: FSDP2
-    (``fully_shard``: alpha, beta and theta0 become DTensors split on dim 0) and tensor-parallel
-    style (every float tensor a DTensor split on its last dim, alpha along ``k``). Each folder
-    packs to the file ``save_model`` writes for the unsharded model."""
+    (``fully_shard``: alpha, beta and theta0 become DTensors split on dim 0) and every float
+    tensor a DTensor split on its last dim (alpha along ``k``, which no tensor-parallel plan
+    does; ``parallelize_module`` itself is the next test). Each folder packs to the file
+    ``save_model`` writes for the unsharded model."""
     model, _ = trained(seed)
     torch.save(model.state_dict(), tmp_path / "trained.pt")
     mp.start_processes(_sharding_rank, args=(seed, str(tmp_path)), nprocs=WORLD, join=True,
@@ -130,6 +131,115 @@ def _sharding_rank(rank: int, seed: int, directory: str) -> None:
     finally:
         torch.distributed.destroy_process_group()
 
+
+
+def test_dcp_of_a_tensor_parallel_model_packs_as_the_unsharded_model(seed: int, tmp_path: Path
+                                                                    ) -> None:
+    """Real tensor parallelism: a transformer-like model whose embedding and output layer are
+    compressed (alpha and beta, replicated on both ranks) and whose blocks train dense,
+    ``parallelize_module``'d over two gloo ranks (``up``/``gate`` ``ColwiseParallel``, ``down``
+    ``RowwiseParallel``), trains two steps and saves its state dict with DCP. The folder holds
+    each rank's row block of ``up``, column block of ``down`` and one copy of the replicated
+    tensors, and packs to the bytes ``save_model`` writes for the unsharded model holding the
+    same values (gathered by rank 0)."""
+    mp.start_processes(_tensor_parallel_rank, args=(seed, str(tmp_path)), nprocs=WORLD,
+                       join=True, start_method="spawn")
+    saved = pickle.loads((tmp_path / "tp" / ".metadata").read_bytes())  # our own test file
+    chunks = {name: [tuple(c.offsets) for c in entry.chunks]
+              for name, entry in saved.state_dict_metadata.items()}
+    assert sorted(chunks["layers.0.up.weight"]) == [(0, 0), (20, 0)]  # rows: colwise
+    assert sorted(chunks["layers.1.down.weight"]) == [(0, 0), (0, 20)]  # columns: rowwise
+    assert chunks["layers.0.down.bias"] == [(0,)] and chunks["mcnc_alpha_0"] == [(0, 0, 0)]
+    result = pack(tmp_path / "tp", tmp_path / "tp.mcnc")
+    assert result.converter == "torch-dcp"
+    assert (tmp_path / "tp.mcnc").read_bytes() == (tmp_path / "direct.mcnc").read_bytes()
+
+
+def _tensor_parallel_config(seed: int) -> MCNCConfig:
+    return MCNCConfig(k=4, d=64, hidden=(16,), seed=seed % 2**32,
+                      include=["embed.weight", "head.weight"], train_dense=True)
+
+
+def _tensor_parallel_rank(rank: int, seed: int, directory: str) -> None:
+    from dist_helpers import VOCAB, TinyLM
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    init_gloo(rank, WORLD, f"{directory}/store")
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        torch.manual_seed(seed)
+        model = reparametrize(TinyLM(), _tensor_parallel_config(seed))
+        torch.manual_seed(seed)
+        unsharded = reparametrize(TinyLM(), _tensor_parallel_config(seed))
+        for layer in model.layers:
+            parallelize_module(layer, mesh, {"up": ColwiseParallel(), "gate": ColwiseParallel(),
+                                             "down": RowwiseParallel()})
+        state = model.state_dict()
+        assert state["layers.0.up.weight"].placements == (Shard(0),)
+        assert state["layers.0.down.weight"].placements == (Shard(1),)
+        assert state["layers.0.down.bias"].placements == (Replicate(),)
+        assert not isinstance(state["mcnc_alpha_0"], DTensor)
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, VOCAB, (4, 6), generator=g)
+        with torch.no_grad():
+            assert torch.allclose(model(tokens), unsharded(tokens), atol=1e-5)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                     lr=0.05)
+        for _ in range(2):
+            loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        state = model.state_dict()
+        full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+        if rank == 0:
+            unsharded.load_state_dict(full)
+            save_model(unsharded, f"{directory}/direct.mcnc")
+        dcp.save(state, checkpoint_id=f"{directory}/tp")
+        leave_gloo()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("tie", ["dense", "compressed"])
+def test_dcp_of_a_tied_model_packs_as_its_state_dict(tie: str, seed: int, tmp_path: Path
+                                                      ) -> None:
+    """A Llama with ``tie_word_embeddings``: ``lm_head.weight`` is the embedding's weight.
+    Kept dense (trained, not compressed) the state dict holds it under both names, and DCP,
+    which knows nothing of ties, saves two copies; compressed, the state dict holds its alpha
+    and beta once. Either way the folder packs to the bytes a packed ``torch.save`` of the
+    same state dict and ``save_model`` give: the tie stored once, under its first name, and
+    tied again by ``load_into``. The untrained norms (all ones, equal but not tied) stay."""
+    from transformers_helpers import llama, train
+
+    torch.manual_seed(seed)
+    include = ["*.q_proj.weight", "*.v_proj.weight"] if tie == "dense" else None
+    model = train(reparametrize(llama(), MCNCConfig(k=4, d=32, hidden=(16,),
+                                                    seed=seed % 2**32, include=include,
+                                                    train_dense=tie == "dense")), steps=1)
+    state = model.state_dict()
+    dcp.save(state, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    saved = pickle.loads((tmp_path / "ckpt" / ".metadata").read_bytes())  # our own test file
+    twice = {"model.embed_tokens.weight", "lm_head.weight"} <= set(saved.state_dict_metadata)
+    assert twice == (tie == "dense")
+    torch.save(state, tmp_path / "state.pt")
+    pack(tmp_path / "state.pt", tmp_path / "plain.mcnc")
+    result = pack(tmp_path / "ckpt", tmp_path / "dcp.mcnc")
+    _same_as_save_model(model, tmp_path / "dcp.mcnc", tmp_path)
+    assert (tmp_path / "dcp.mcnc").read_bytes() == (tmp_path / "plain.mcnc").read_bytes()
+    with mf.open(tmp_path / "dcp.mcnc") as f:
+        assert "lm_head.weight" not in f and "model.norm.weight" in f
+    assert any("'lm_head.weight'" in note for note in result.notes) == (tie == "dense")
+    fresh = llama()
+    mf.load_into(fresh, tmp_path / "dcp.mcnc")
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
 
 # -- save_pretrained shard sets ----------------------------------------------------------------
 @pytest.mark.parametrize("path", ["folder", "index"])

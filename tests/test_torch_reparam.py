@@ -418,3 +418,57 @@ def test_trained_weights_equal_the_loaded_ones_bit_for_bit(tmp_path, name):
     for n in compressed:
         assert torch.equal(outside[n], loaded[n]), n
         assert torch.equal(inside[n], loaded[n]), n
+
+
+def test_sharded_weights_are_refused_and_dense_sharded_layers_left_alone(tmp_path) -> None:
+    """On two gloo ranks: a weight already sharded (a DTensor of ``fully_shard`` or of
+    ``parallelize_module``) cannot become one computed from alpha and beta, so reparametrize
+    and add_mcnc_lora refuse it, naming it and the order that works, where they accepted it
+    before and the first forward failed inside torch (mixed Tensor and DTensor, or FSDP's
+    missing ``_local_tensor``). Layers tensor-parallelized before reparametrize are fine when
+    MCNC compresses others: the model runs as the unsharded one does."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_sharded_rank, args=(SEED, str(tmp_path / "store")), nprocs=2,
+                       join=True, start_method="spawn")
+
+
+def _sharded_rank(rank: int, seed: int, store: str) -> None:
+    from dist_helpers import VOCAB, TinyLM, init_gloo, leave_gloo
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    from mcnc_format.torch import add_mcnc_lora
+
+    init_gloo(rank, 2, store)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        plan = {"up": ColwiseParallel(), "gate": ColwiseParallel(), "down": RowwiseParallel()}
+        config = MCNCConfig(k=4, d=64, hidden=(16,), include=["embed.weight", "head.weight"])
+        sharded = fully_shard(TinyLM())
+        with pytest.raises(ReparametrizeError, match=r"'embed\.weight' is sharded.*Shard\(dim=0\)"
+                                                     r".*fully_shard after reparametrize"):
+            reparametrize(sharded, config)
+        torch.manual_seed(seed)
+        model = TinyLM()
+        for layer in model.layers:
+            parallelize_module(layer, mesh, plan)
+        with pytest.raises(ReparametrizeError, match=r"'layers\.0\.up\.weight' is sharded"):
+            reparametrize(model, MCNCConfig(k=4, d=64, hidden=(16,)))
+        with pytest.raises(ReparametrizeError, match=r"'layers\.0\.up\.weight' is sharded"):
+            add_mcnc_lora(model, config, target_modules=["up"], rank=2)
+
+        reparametrize(model, config)  # the sharded layers stay dense
+        torch.manual_seed(seed)
+        whole = reparametrize(TinyLM(), config)
+        tokens = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            assert torch.allclose(model(tokens), whole(tokens), atol=1e-5)
+        leave_gloo()
+    finally:
+        torch.distributed.destroy_process_group()

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import ExternalReferenceError, MCNCError
 from ..reader import tensor_sha256
+from ..sharing import is_constant
 from ..writer import MCNC, LoRA, StoredTheta0, TensorSource, Theta0
 
 __all__ = ["reference_base"]
@@ -88,9 +89,8 @@ def _held_as(name: str, tensor: torch.Tensor, shapes: Mapping[str, tuple[int, ..
     other name the base was saved under); ``None`` when the base does not hold it."""
     if name in shapes:
         return name if _same(tensor, f.get_tensor(name)) else None
-    flat = tensor.flatten()
-    if flat.numel() < 2 or bool((flat == flat[0]).all()):
-        return None  # constant values (a fresh norm's ones) tell nothing of a tie
+    if is_constant(tensor):
+        return None
     return next((other for other, shape in shapes.items()
                  if shape == tuple(tensor.shape) and _same(tensor, f.get_tensor(other))), None)
 

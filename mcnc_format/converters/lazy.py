@@ -52,13 +52,17 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     ``read(name)`` returns the tensor; it is checked against the index's shape and dtype, so
     a file that disagrees with its own index is an ``MCNCError``, not a wrong tensor.
+    ``ties`` maps a name to an earlier name holding the same tensor (a tied weight the layout
+    saved twice, losing the sharing a state dict in memory has): ``planned`` gives both one
+    stand-in, so the tensor is stored once, as for tensors sharing memory.
     """
 
     def __init__(self, infos: Mapping[str, TensorInfo], read: Callable[[str], torch.Tensor],
-                 source: str) -> None:
+                 source: str, ties: Mapping[str, str] | None = None) -> None:
         self.infos = dict(infos)
         self._read = read
         self.source = source
+        self.ties = dict(ties or {})
 
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.infos[name]
@@ -83,7 +87,8 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         """The same tensors under ``rename(name)``, still read only when asked for."""
         original = {rename(name): name for name in self.infos}
         return LazyTensors({new: self.infos[old] for new, old in original.items()},
-                           lambda name: self._read(original[name]), self.source)
+                           lambda name: self._read(original[name]), self.source,
+                           {rename(alias): rename(held) for alias, held in self.ties.items()})
 
     def observed(self, on_read: Callable[[str, int], None]) -> LazyTensors:
         """The same tensors, ``on_read(name, nbytes)`` called after each is read."""
@@ -93,7 +98,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             on_read(name, tensor.numel() * tensor.element_size())
             return tensor
 
-        return LazyTensors(self.infos, read, self.source)
+        return LazyTensors(self.infos, read, self.source, self.ties)
 
 
 def read_shard_index(index: Path) -> list[Path]:
@@ -163,16 +168,21 @@ def planned(tensors: LazyTensors, plan: Callable[[Mapping[str, torch.Tensor]],
     the manifest) are read, every other one is a shape-and-dtype-only ``meta`` tensor that the
     plan may place but not compute with. The returned iterator yields the plan's entries with
     each stand-in replaced by its tensor, read at that moment; planning errors surface here,
-    before anything is written.
+    before anything is written. Tied names (``tensors.ties``) share one stand-in, and a dense
+    entry is yielded at the first of its places only: a tie is stored once, under its first
+    name in the plan's order, as ``export_state_dict`` stores tensors that share memory.
     """
     stand_ins: dict[str, torch.Tensor] = {}
     names: dict[int, str] = {}
     for name, info in tensors.infos.items():
+        if name in tensors.ties:
+            continue
         if read_now(name):
             stand_ins[name] = tensors[name]
         else:
             stand_ins[name] = torch.empty(info.shape, dtype=info.dtype, device="meta")
             names[id(stand_ins[name])] = name
+    stand_ins = {name: stand_ins[tensors.ties.get(name, name)] for name in tensors.infos}
     outputs = plan(stand_ins)
 
     def read(value: torch.Tensor) -> torch.Tensor:
@@ -196,7 +206,12 @@ def planned(tensors: LazyTensors, plan: Callable[[Mapping[str, torch.Tensor]],
         return replace(source, theta0=theta0)
 
     def entries() -> Iterator[tuple[str, TensorSource]]:
+        placed: set[int] = set()
         for name, source in outputs.items():
+            if isinstance(source, torch.Tensor) and source.is_meta:
+                if id(source) in placed:
+                    continue  # a tie's later name
+                placed.add(id(source))
             yield name, resolved(source)
 
     return entries()

@@ -27,7 +27,7 @@ from ..writer import Theta0
 from .budget import LORA_RECIPE, choose_d, payload_values
 from .config import CHUNKING_MODEL, CHUNKING_TENSOR, THETA0_STREAM_BASE, MCNCConfig
 from .manifest import LoRASpec
-from .reparam import PlannedMember, check_not_reparametrized, install
+from .reparam import PlannedMember, check_not_reparametrized, install, refuse_sharded
 
 __all__ = [
     "MCNCLoRALinear",
@@ -115,6 +115,8 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
     scale = (rank if lora_alpha is None else float(lora_alpha)) / rank
     order = tuple(model.state_dict().keys())
     targets = _targets(model, target_modules)
+    for name, linear, _ in targets:
+        refuse_sharded(f"{name}.weight", linear.weight)
     for param in model.parameters():
         param.requires_grad_(False)
     planned: list[PlannedMember] = []

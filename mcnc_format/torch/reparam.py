@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ __all__ = [
     "check_not_reparametrized",
     "install",
     "places_by_tensor",
+    "refuse_sharded",
     "reparametrize",
     "runtime_of",
 ]
@@ -129,6 +131,21 @@ def check_not_reparametrized(model: nn.Module) -> None:
                 "reparametrized (or given MCNC-LoRA adapters) once. Start from a plain model.")
 
 
+def refuse_sharded(name: str, param: torch.Tensor) -> None:
+    """Refuse a parameter that is already sharded: a ``DTensor`` of ``fully_shard`` or
+    ``parallelize_module``. MCNC replaces it by a plain tensor computed from alpha and beta,
+    which its sharding does not cover, so the model's first forward would fail inside torch.
+    (No parameter is a ``DTensor`` before ``torch.distributed.tensor`` is imported.)"""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(param, dtensor.DTensor):
+        raise ReparametrizeError(
+            f"parameter {name!r} is sharded (a DTensor placed {list(param.placements)}); MCNC "
+            "computes the weights it compresses from alpha and beta, which that sharding "
+            "cannot split. Reparametrize (or add_mcnc_lora to) the plain model and shard it "
+            "then: fully_shard after reparametrize; parallelize_module only the layers MCNC "
+            "leaves dense (docs/torch.md, Limits)")
+
+
 def runtime_of(model: nn.Module) -> MCNCRuntime:
     """The runtime of a reparametrized ``model`` (the module ``reparametrize`` was given)."""
     runtime = getattr(model, RUNTIME_ATTRIBUTE, None)
@@ -167,6 +184,7 @@ def _select(model: nn.Module, config: MCNCConfig
                                      "module); run one forward pass before reparametrize")
         if not param.is_floating_point() or param.numel() == 0:
             continue
+        refuse_sharded(first.name, param)
         out.append((tuple(places), param))
     if not out:
         raise ReparametrizeError(
