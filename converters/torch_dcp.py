@@ -48,6 +48,7 @@ from mcnc_format.converters.lazy import LazyTensors, TensorInfo
 from mcnc_format.errors import MCNCError, UnsafeCheckpointError
 from mcnc_format.reader import tensor_sha256
 from mcnc_format.sharing import is_constant
+from mcnc_format.torch_compat import require_checkpoint_api
 
 __all__ = ["DistributedCheckpoint"]
 
@@ -101,6 +102,7 @@ class DistributedCheckpoint(LayoutBase):
                 and any(path.glob("*.distcp")))
 
     def read(self, path: Path) -> Checkpoint:
+        require_checkpoint_api(f"packing the DCP folder {path}")
         metadata = read_metadata(path)
         entries = getattr(metadata, "state_dict_metadata", None)
         if not isinstance(entries, dict):

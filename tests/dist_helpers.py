@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -21,6 +22,29 @@ from torch import nn
 import mcnc_format as mf
 from mcnc_format import MCNC, Dense, GeneratorSpec, LoRA, Segment, Theta0
 from mcnc_format.reader import tensor_sha256
+
+
+def _current_distributed() -> bool:
+    """Whether this torch has what the sharded tests use: DCP's current API (what
+    mcnc_format.distributed needs), FSDP2's public ``fully_shard`` and public ``DTensor``."""
+    from torch.distributed import fsdp
+
+    from mcnc_format.errors import UsageError
+    from mcnc_format.torch_compat import require_checkpoint_api
+
+    try:
+        require_checkpoint_api("the sharded tests")
+        from torch.distributed.tensor import DTensor  # noqa: F401
+    except (UsageError, ImportError):
+        return False
+    return hasattr(fsdp, "fully_shard")
+
+
+#: Why the sharded tests skip on an older torch (.ci/floor runs the suite on torch 2.3).
+OLD_DISTRIBUTED = ("needs torch's current distributed API (DCP's StorageMeta and no_dist, "
+                   "FSDP2's public fully_shard, torch.distributed.tensor.DTensor)")
+requires_current_distributed = pytest.mark.skipif(not _current_distributed(),
+                                                  reason=OLD_DISTRIBUTED)
 
 VOCAB, DIM, HIDDEN, LAYERS = 90, 24, 40, 2
 D = 100

@@ -29,6 +29,7 @@ from mcnc_format.engine.safetensors_source import SafetensorsFile
 from mcnc_format.engine.sha256 import StreamHash
 from mcnc_format.engine.staging import StagingRing, SyncCopyEngine
 from mcnc_format.reader import tensor_sha256
+from mcnc_format.torch_compat import OUT_OF_MEMORY
 
 #: Slot size of the streaming test engine: odd, so pieces straddle elements.
 SLOT = 333
@@ -294,7 +295,7 @@ def test_a_failed_allocation_leaves_the_pin_check_to_the_next_load(
     path, _ = _adapter(tmp_path, g, torch.bfloat16, 4)
     want = mf.load(path)["q_f32"]
     real = SyncCopyEngine.device_empty
-    failures = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+    failures = [OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB")]
 
     def flaky(self: SyncCopyEngine, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if failures:

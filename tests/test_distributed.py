@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_api  # noqa: F401 (skips this module on an older torch)
 import pytest
 import torch
 import torch.distributed as dist

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import dist_api  # noqa: F401 (skips this module on an older torch)
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp

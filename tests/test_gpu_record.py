@@ -61,6 +61,7 @@ def test_every_cuda_test_is_in_the_gpu_selection_and_every_path_has_a_proof(
         tmp_path: Path) -> None:
     """What ``pytest -m gpu`` collects: a test skipped for want of a GPU that is not marked
     ``gpu`` would never run on a lent one; a path no test proves could never be recorded."""
+    pytest.importorskip("transformers")  # collecting every module needs every test extra
     (tmp_path / "collect_plugin.py").write_text(_COLLECT_PLUGIN)
     out = tmp_path / "collected.json"
     env = _env()
@@ -179,6 +180,7 @@ def test_a_record_follows_the_reports(gpu_out: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("tool", ["lora", "adapters"])
 def test_the_extras_reports_give_their_figures(tmp_path: Path, tool: str) -> None:
     """The lora and adapter benchmarks' real JSON (quick sizes, on the CPU) fill their keys."""
+    pytest.importorskip("transformers")  # the benchmarks' models
     report = tmp_path / f"bench_{tool}.json"
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"bench_{tool}.py"), "--size",
                            "quick", "--json", str(report)], cwd=ROOT, env=_env(),
@@ -227,6 +229,7 @@ def test_the_check_runs_end_to_end_and_leaves_what_the_device_tool_returns(
     """``gpu_check.sh`` at toy sizes, as a lent GPU would run it: its tests all skip here, so
     its record proves nothing, but every step runs and $OUT stays within the tool's eight
     files."""
+    pytest.importorskip("transformers")  # collecting every module needs every test extra
     out = tmp_path / "out"
     env = {**_env(), "OUT": str(out), "BENCH_ARGS": "--small", "MCNC_COMMIT": "dry",
            "GPU_INSTALL": "0", "PYTHON": sys.executable, "SCRATCH": str(tmp_path / "scratch")}

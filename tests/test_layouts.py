@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from dist_helpers import init_gloo, leave_gloo
+from dist_helpers import init_gloo, leave_gloo, requires_current_distributed
 from layout_helpers import batch, booby_trapped_pickle, config, mlp, run_pack, trained
 from safetensors.torch import save_file
 from torch import nn
@@ -26,6 +26,11 @@ import mcnc_format as mf
 from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError, UnsafeCheckpointError
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
+
+#: Lightning's checkpoints name classes beyond tensors, which an older torch's weights-only
+#: reader cannot be told to allow (torch_compat.safe_globals refuses them there).
+needs_safe_globals = pytest.mark.skipif(not hasattr(torch.serialization, "safe_globals"),
+                                        reason="needs torch.serialization.safe_globals")
 
 
 @pytest.fixture
@@ -46,6 +51,7 @@ def _same_as_save_model(model: nn.Module, packed: Path, tmp_path: Path) -> None:
 
 
 # -- torch.distributed.checkpoint ------------------------------------------------------------
+@requires_current_distributed
 def test_dcp_from_one_process_with_optimizer_state(seed: int, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,6 +74,7 @@ def test_dcp_from_one_process_with_optimizer_state(seed: int, tmp_path: Path,
         pack(folder, tmp_path / "again.mcnc")
 
 
+@requires_current_distributed
 def test_dcp_metadata_naming_another_class_is_refused_unexecuted(seed: int, tmp_path: Path
                                                                  ) -> None:
     model, _ = trained(seed, steps=1)
@@ -86,6 +93,7 @@ def test_dcp_metadata_naming_another_class_is_refused_unexecuted(seed: int, tmp_
 WORLD = 2
 
 
+@requires_current_distributed
 def test_dcp_fsdp2_and_tp_shards_from_gloo_ranks(seed: int, tmp_path: Path) -> None:
     """Two gloo ranks save the trained model collectively, sharded two ways: FSDP2
     (``fully_shard``: alpha, beta and theta0 become DTensors split on dim 0) and every float
@@ -133,6 +141,7 @@ def _sharding_rank(rank: int, seed: int, directory: str) -> None:
 
 
 
+@requires_current_distributed
 def test_dcp_of_a_tensor_parallel_model_packs_as_the_unsharded_model(seed: int, tmp_path: Path
                                                                     ) -> None:
     """Real tensor parallelism: a transformer-like model whose embedding and output layer are
@@ -207,6 +216,7 @@ def _tensor_parallel_rank(rank: int, seed: int, directory: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@requires_current_distributed
 @pytest.mark.parametrize("tie", ["dense", "compressed"])
 def test_dcp_of_a_tied_model_packs_as_its_state_dict(tie: str, seed: int, tmp_path: Path
                                                       ) -> None:
@@ -292,6 +302,7 @@ def test_accelerate_save_state(safe: bool, seed: int, tmp_path: Path) -> None:
 
 
 # -- Lightning -------------------------------------------------------------------------------------
+@needs_safe_globals
 def test_lightning_ckpt(seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                         capsys: pytest.CaptureFixture[str]) -> None:
     import lightning
@@ -327,6 +338,7 @@ def test_lightning_ckpt(seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert torch.equal(mf.load(tmp_path / "out.mcnc")["model.2.bias"], module.model[2].bias)
 
 
+@needs_safe_globals
 def test_lightning_ckpt_with_another_class_is_refused(seed: int, tmp_path: Path) -> None:
     model, _ = trained(seed, steps=1)
     torch.save({"state_dict": model.state_dict(), "callbacks": {"x": nn.Identity()}},
@@ -402,6 +414,7 @@ def test_lora_shard_set_packs_against_its_base(seed: int, tmp_path: Path) -> Non
     assert mf.open(tmp_path / "shards.mcnc").info["base_model"] == "base.safetensors"
 
 
+@requires_current_distributed
 def test_mapping_file_over_a_folder_layout(seed: int, tmp_path: Path) -> None:
     """``--mapping`` renames what a layout converter reads: a foreign MCNC state dict saved
     by DCP packs to the tensors the same state dict gives as a ``.pt`` file."""
@@ -422,6 +435,7 @@ def test_mapping_file_over_a_folder_layout(seed: int, tmp_path: Path) -> None:
         assert torch.allclose(loaded[name], value, atol=1e-5 * (value.norm().item() + 1)), name
 
 
+@requires_current_distributed
 def test_dcp_metadata_sizes_and_paths_are_checked(seed: int, tmp_path: Path) -> None:
     """A shape larger than the chunks on disk, or a chunk outside the folder, is refused
     before anything is allocated or read."""

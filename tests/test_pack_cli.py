@@ -249,7 +249,8 @@ def test_tied_base_saved_with_safetensors_is_followed(seed: int, tmp_path: Path)
     but no ``lm_head.weight``; the adapter's checkpoint, saved with safetensors too, holds both
     as separate copies. ``lm_head.weight`` is the base's embedding: left out with a note, not
     stored dense (issue 22, item 7); and the adapter loads back onto the tied base."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    transformers = pytest.importorskip("transformers")
+    LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

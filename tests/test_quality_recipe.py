@@ -155,6 +155,7 @@ def test_a_config_for_a_budget_trains_within_it(chunking: str) -> None:
 def test_the_quality_benchmark_quick_run(tmp_path: Path) -> None:
     """``benchmarks/bench_quality.py --quick``: every method trains, sweeps and is sized; the
     JSON holds a chosen rate strictly inside its grid or says it is not."""
+    pytest.importorskip("peft")  # the LoRA and VeRA it compares with
     out = tmp_path / "quality.json"
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_quality.py"),
                           "--quick", "--results", str(out)],

@@ -150,6 +150,11 @@ def test_a_row_block_rebuilds_its_share_of_chunks(tmp_path: Path, theta0: Theta0
         _assert_bits(handle[3:300, 120:170], whole[3:300, 120:170], "a block")
 
 
+def _start(event: Any) -> int:
+    """A profiler event's start (older torch gives it in microseconds only)."""
+    return event.start_ns() if hasattr(event, "start_ns") else 1000 * event.start_us()
+
+
 def _peak_bytes(device: str, run: Callable[[], dict[str, torch.Tensor]]
                 ) -> tuple[int, dict[str, torch.Tensor]]:
     """The most bytes ``device``'s allocator held during ``run`` beyond what it held before
@@ -167,7 +172,7 @@ def _peak_bytes(device: str, run: Callable[[], dict[str, torch.Tensor]]
         got = run()
     live = peak = 0
     for event in sorted((e for e in prof.profiler.kineto_results.events()
-                         if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+                         if e.name() == "[memory]"), key=_start):
         live += event.nbytes()
         peak = max(peak, live)
     return peak, got

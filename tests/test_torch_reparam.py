@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from dist_helpers import requires_current_distributed
 from torch import nn
 from torch_helpers import (  # noqa: F401 (one_thread: autouse fixture)
     SEED,
@@ -420,6 +421,7 @@ def test_trained_weights_equal_the_loaded_ones_bit_for_bit(tmp_path, name):
         assert torch.equal(inside[n], loaded[n]), n
 
 
+@requires_current_distributed
 def test_sharded_weights_are_refused_and_dense_sharded_layers_left_alone(tmp_path) -> None:
     """On two gloo ranks: a weight already sharded (a DTensor of ``fully_shard`` or of
     ``parallelize_module``) cannot become one computed from alpha and beta, so reparametrize

@@ -38,6 +38,7 @@ import torch
 
 from .. import constants as C
 from ..errors import MCNCError, UnsafeCheckpointError
+from ..torch_compat import safe_globals
 
 __all__ = ["Checkpoint", "read_checkpoint"]
 
@@ -48,7 +49,8 @@ PLAIN_VALUE_TYPES = (str, int, float, bool, type(None))
 REASON_STARTS = ("Unsupported", "Trying to", "Can only", "``torch", "String is too long",
                  "persistent_load", "Only persistent_load", "unsupported persistent id")
 GLOBAL_REFUSALS = ("GLOBAL", "global", "Can only create new object", "Can only build",
-                   "Trying to call reduce", "must be imported to load")
+                   "Trying to call reduce", "must be imported to load",
+                   "Unsupported class")  # torch before 2.4's words for a refused global
 # What else torch.load raises on damaged bytes (its unpickler indexes and decodes unchecked).
 DAMAGED_PICKLE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError,
                          AssertionError, struct.error, TypeError, AttributeError, OverflowError,
@@ -82,7 +84,8 @@ class Checkpoint:
 
 
 # A global a weights-only pickle may name beyond tensors and plain containers, and what it
-# is rebuilt as (``torch.serialization.safe_globals``' ``(object, "module.name")`` form).
+# is rebuilt as (``torch.serialization.safe_globals``' ``(object, "module.name")`` form;
+# ``torch_compat.safe_globals``).
 AllowedGlobal = tuple[Callable[..., Any], str]
 
 
@@ -151,9 +154,9 @@ def _read_safetensors(source: Path, on_tensor: Callable[[str, int], None] | None
 def _read_torch(source: Path, on_tensor: Callable[[str, int], None] | None,
                 unwrap: bool, entry: str | None = None,
                 allowed_globals: Sequence[AllowedGlobal] = ()) -> Checkpoint:
+    allowed = safe_globals(allowed_globals)  # refuses what this torch cannot allow
     try:
-        with torch.serialization.safe_globals(list(allowed_globals)), \
-                warnings.catch_warnings():
+        with allowed, warnings.catch_warnings():
             # torch warns (several lines) of a pickle protocol it may not read before it fails
             # on it: the failure is reported below as one line
             warnings.filterwarnings("ignore", category=UserWarning,

@@ -11,7 +11,11 @@ An integration: the core never imports this package, and ``import mcnc_format`` 
 import ``torch.distributed``.
 """
 
-from .planner import MCNCLoadPlanner, load
-from .storage import MCNCStorageReader, ReadStats
+from ..torch_compat import require_checkpoint_api
+
+require_checkpoint_api("mcnc_format.distributed")
+
+from .planner import MCNCLoadPlanner, load  # noqa: E402 (after the torch check)
+from .storage import MCNCStorageReader, ReadStats  # noqa: E402
 
 __all__ = ["MCNCLoadPlanner", "MCNCStorageReader", "ReadStats", "load"]

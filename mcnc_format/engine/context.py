@@ -13,6 +13,7 @@ read and validated there (R1-R75 but blob bytes), and only then are blobs reacha
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError
 from ..generator import GeneratorSpec, GeneratorWeights
 from ..header import GeneratorEntry, Header
+from ..torch_compat import OUT_OF_MEMORY
 from .fused import FusedGenerator
 from .options import Verify
 from .resolve import Resolver
@@ -36,6 +38,7 @@ __all__ = [
     "GeneratorCache",
     "blob_tensor",
     "open_context",
+    "out_of_memory",
     "spec_of",
 ]
 
@@ -75,7 +78,7 @@ class GeneratorCache:
                            else spec.weights(device))
                 self._prepared[key] = FusedGenerator(weights, m)
             except (RuntimeError, MemoryError) as exc:
-                if not isinstance(exc, torch.OutOfMemoryError | MemoryError):
+                if not out_of_memory(exc):
                     raise
                 g = self.header.generators[index]
                 params = sum(math.prod(s) for s in g.parameter_shapes())
@@ -143,3 +146,11 @@ def open_context(path: Path | str | os.PathLike[str], label: str, resolver: Reso
         source.close()
         raise
 
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` reports an allocation that failed: torch reports a failed CPU
+    allocation as a plain ``RuntimeError`` (or the mapping's ``OSError``), an accelerator's
+    as its own type."""
+    return isinstance(exc, OUT_OF_MEMORY | MemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)) or (
+        isinstance(exc, OSError) and exc.errno == errno.ENOMEM)

@@ -28,7 +28,6 @@ ring + the largest decoded (zstd) blob.
 
 from __future__ import annotations
 
-import errno
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from ..dtypes import to_torch
 from ..errors import DeviceMemoryError, FormatError
 from ..header import BlobTheta0, ExternalTheta0, MemberEntry, Theta0Entry
 from .backend import Backend
-from .context import FileContext
+from .context import FileContext, out_of_memory
 from .fused import FusedGenerator
 from .options import Precision, Progress
 from .plan import (
@@ -135,7 +134,7 @@ class Executor:
                                                        total_bytes, self.chunks_regenerated))
                     yield target, value
         except (RuntimeError, MemoryError, OSError) as exc:
-            if not _out_of_memory(exc):
+            if not out_of_memory(exc):
                 raise
             outputs.clear()
             raise self._oom(plan) from exc
@@ -537,8 +536,3 @@ class Executor:
         state.base = None
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """torch reports a failed CPU allocation as a plain RuntimeError, CUDA's as its own."""
-    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)) or (
-        isinstance(exc, OSError) and exc.errno == errno.ENOMEM)

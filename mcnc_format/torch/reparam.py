@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from ..dtypes import from_torch
 from ..engine.theta0 import fan_in_bound, prng_values
 from ..errors import ReparametrizeError
 from ..header import Theta0Entry, ZerosTheta0
+from ..torch_compat import is_dtensor, register_load_state_dict_pre_hook
 from ..writer import Theta0
 from .config import (
     ALPHA_INIT_STREAM_BASE,
@@ -135,9 +135,8 @@ def refuse_sharded(name: str, param: torch.Tensor) -> None:
     """Refuse a parameter that is already sharded: a ``DTensor`` of ``fully_shard`` or
     ``parallelize_module``. MCNC replaces it by a plain tensor computed from alpha and beta,
     which its sharding does not cover, so the model's first forward would fail inside torch.
-    (No parameter is a ``DTensor`` before ``torch.distributed.tensor`` is imported.)"""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is not None and isinstance(param, dtensor.DTensor):
+    """
+    if is_dtensor(param):
         raise ReparametrizeError(
             f"parameter {name!r} is sharded (a DTensor placed {list(param.placements)}); MCNC "
             "computes the weights it compresses from alpha and beta, which that sharding "
@@ -260,7 +259,7 @@ def install(model: nn.Module, config: MCNCConfig, planned: Sequence[PlannedMembe
     object.__setattr__(model, RUNTIME_ATTRIBUTE, runtime)
     model.register_forward_pre_hook(runtime.enter)
     model.register_forward_hook(runtime.leave, always_call=True)
-    model.register_load_state_dict_pre_hook(runtime.check_incoming)
+    register_load_state_dict_pre_hook(model, runtime.check_incoming)
     trained = {id(getattr(model, f(s))) for s in range(len(chunks)) for f in (alpha_key, beta_key)}
     for param in model.parameters():
         if id(param) not in trained and not config.train_dense:
