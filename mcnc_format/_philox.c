@@ -666,6 +666,19 @@ static void draw_range(uint64_t block, int lane, size_t count, const keys_t *key
 /* A long run is scanned and drawn this many indices at a time, so its indices are still in
  * cache when the values are written. */
 #define RUN_STEP 16384
+/* A stretch of at least RUN_MIN ascending indices whose steps are at most a block's elements
+ * (every second column of a box, say) is drawn as the range it spans, at most SPAN_MAX values
+ * at a time, through a buffer: no more blocks than one per index, and all of them by the
+ * range's vector code rather than one gathered lane per index. */
+#define SPAN_MAX 4096
+
+/* The end of the stretch of ascending indices from i whose steps are at most `gap` and whose
+ * span is at most SPAN_MAX values. */
+static inline size_t stretch_end(const uint64_t *x, size_t i, size_t n, uint64_t gap) {
+    size_t j = i + 1;
+    while (j < n && x[j] > x[j - 1] && x[j] - x[j - 1] <= gap && x[j] - x[i] < SPAN_MAX) j++;
+    return j;
+}
 
 /* out[i] = element index[i] of the stream (uniform or normal values); -1 if an index is
  * negative. */
@@ -678,12 +691,29 @@ static int draw_at(const int64_t *signed_index, size_t n, const keys_t *keys, ki
     size_t at[PENDING], held = 0;
     float values[PENDING];
     size_t i = 0;
+    size_t probed = 0; /* a stretch from an index below this one is known to be too short */
     while (i < n || held) {
-        size_t j = i < n ? run_end(index, i, n - i > RUN_STEP ? i + RUN_STEP : n) : i;
+        size_t limit = n - i > RUN_STEP ? i + RUN_STEP : n;
+        size_t j = i < n ? run_end(index, i, limit) : i;
         if (i < n && (signed_index[i] < 0 || signed_index[j - 1] < 0)) return -1;
         int ranged = j - i >= RUN_MIN;
+        size_t spread = i;
+        if (!ranged && i < n && i >= probed) {
+            spread = stretch_end(index, i, limit, per);
+            /* too short: so is every stretch from inside it (it ended at a step, not at
+             * SPAN_MAX, which fewer than RUN_MIN steps of at most a block cannot reach) */
+            if (spread - i < RUN_MIN) probed = spread;
+        }
         if (ranged) {
             draw_range(index[i] / per, (int)(index[i] % per), j - i, keys, kind, out + i, bound);
+        } else if (spread - i >= RUN_MIN) {
+            float span[SPAN_MAX];
+            uint64_t first = index[i];
+            if (signed_index[spread - 1] < 0) return -1;
+            draw_range(first / per, (int)(first % per), (size_t)(index[spread - 1] - first) + 1,
+                       keys, kind, span, bound);
+            for (size_t q = i; q < spread; q++) out[q] = span[index[q] - first];
+            j = spread;
         } else {
             for (; i < j && held < PENDING; i++, held++) {
                 pending[held] = index[i];

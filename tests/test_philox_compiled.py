@@ -212,12 +212,14 @@ def test_instruction_sets_agree_with_scalar_c(isa: str) -> None:
 @st.composite
 def index_sets(draw: st.DrawFn) -> np.ndarray:
     """Element indices as a box or a scattered read makes them: runs (rows of a box, column
-    slices), single elements, repeats, any order, near 2**32 blocks and near the top."""
+    slices), ascending indices a few apart (every second or fourth column: drawn as the range
+    they span, in stretches), single elements, repeats, any order, near 2**32 blocks and near
+    the top."""
     base = draw(st.one_of(st.integers(0, 1000), st.integers(4 * (2**32 - 300), 4 * 2**32),
                           st.integers(0, 2**62)))
     pieces = []
     for _ in range(draw(st.integers(1, 6))):
-        kind = draw(st.sampled_from(["run", "strided", "scatter", "repeat"]))
+        kind = draw(st.sampled_from(["run", "strided", "spaced", "scatter", "repeat"]))
         at = base + draw(st.integers(0, 5000))
         if kind == "run":
             pieces.append(np.arange(at, at + draw(st.integers(1, 300))))
@@ -225,6 +227,13 @@ def index_sets(draw: st.DrawFn) -> np.ndarray:
             width, stride = draw(st.integers(1, 40)), draw(st.integers(41, 200))
             rows = draw(st.integers(1, 30))
             pieces.append((at + stride * np.arange(rows)[:, None] + np.arange(width)).ravel())
+        elif kind == "spaced":  # steps of 2 .. 5 (within a block of 4 uniforms or not), fixed
+            widest = draw(st.integers(2, 5))  # or mixed with shorter ones
+            count = draw(st.integers(1, 3000))
+            mixed = np.random.default_rng(draw(st.integers(0, 2**32)))
+            steps = (mixed.integers(1, widest + 1, size=count) if draw(st.booleans())
+                     else np.full(count, widest))
+            pieces.append(at + np.cumsum(steps))
         elif kind == "scatter":
             pieces.append(np.array(draw(st.lists(st.integers(base, base + 10_000), max_size=80))))
         else:
