@@ -15,28 +15,23 @@ from typing import TypedDict
 import torch
 from typing_extensions import Unpack
 
+from .devices import check_device
 from .engine.options import LoadOptions, Precision, Progress, Verify
 from .engine.resolve import DefaultResolver, Resolver
-from .errors import MCNCError, StateDictMismatchError
+from .errors import MCNCError, StateDictMismatchError, UsageError
 from .reader import Boxes, MCNCFile
 
-__all__ = ["LoadKeywords", "load", "load_into", "open", "stream"]
+__all__ = ["LoadKeywords", "ModuleLoadKeywords", "load", "load_into", "open", "stream"]
 
 PathLike = str | os.PathLike[str]
 
 
-class LoadKeywords(TypedDict, total=False):
-    """The options of ``load``, ``stream`` and ``load_into``.
-
-    ``names``: the tensors to load (all by default). ``boxes``: a box per name
-    (``{"w": (slice(0, 128), slice(None))}``) to load only that part. ``staging_bytes``,
-    ``workspace_bytes``, ``use_triton``, ``precision``, ``verify``, ``progress``: as
-    ``engine.options.LoadOptions`` says. ``resolver``: where names and theta0 references are
-    read from.
+class ModuleLoadKeywords(TypedDict, total=False):
+    """The options of ``load_into``: ``staging_bytes``, ``workspace_bytes``, ``use_triton``,
+    ``precision``, ``verify``, ``progress``: as ``engine.options.LoadOptions`` says.
+    ``resolver``: where names and theta0 references are read from.
     """
 
-    names: Iterable[str] | None
-    boxes: Boxes | None
     staging_bytes: int
     workspace_bytes: int | None
     use_triton: bool | None
@@ -44,6 +39,15 @@ class LoadKeywords(TypedDict, total=False):
     verify: bool | str | Verify
     progress: Callable[[Progress], None] | bool | None
     resolver: Resolver | None
+
+
+class LoadKeywords(ModuleLoadKeywords, total=False):
+    """The options of ``load`` and ``stream``: those of ``load_into``, and ``names`` (the
+    tensors to load, all by default) and ``boxes`` (a box per name,
+    ``{"w": (slice(0, 128), slice(None))}``, to load only that part)."""
+
+    names: Iterable[str] | None
+    boxes: Boxes | None
 
 
 #: Keywords of the verbs that are not ``LoadOptions`` fields (and their named parameters,
@@ -69,15 +73,16 @@ def stream(path: PathLike, device: torch.device | str = "cpu",
     overrides float dtypes. On CUDA, tensors are ordered on the current stream of
     ``device``. Unknown keywords are refused before anything is opened."""
     load_options = _load_options("stream", options)
-    return _stream(path, device, dtype, options, load_options)
+    return _stream(path, device, dtype, load_options, options.get("resolver"),
+                   options.get("names"), options.get("boxes"))
 
 
 def _stream(path: PathLike, device: torch.device | str, dtype: torch.dtype | str | None,
-            options: LoadKeywords, load_options: LoadOptions
+            load_options: LoadOptions, resolver: Resolver | None,
+            names: Iterable[str] | None = None, boxes: Boxes | None = None
             ) -> Iterator[tuple[str, torch.Tensor]]:
-    with open(path, verify=load_options.verify, resolver=options.get("resolver")) as f:
-        yield from f.stream(options.get("names"), device, dtype, boxes=options.get("boxes"),
-                            options=load_options)
+    with open(path, verify=load_options.verify, resolver=resolver) as f:
+        yield from f.stream(names, device, dtype, boxes=boxes, options=load_options)
 
 
 def load(path: PathLike, device: torch.device | str = "cpu",
@@ -85,12 +90,13 @@ def load(path: PathLike, device: torch.device | str = "cpu",
          ) -> dict[str, torch.Tensor]:
     """Every tensor (or ``names``, or ``boxes`` of them) of a file on ``device``."""
     load_options = _load_options("load", options)
-    return dict(_stream(path, device, dtype, options, load_options))
+    return dict(_stream(path, device, dtype, load_options, options.get("resolver"),
+                        options.get("names"), options.get("boxes")))
 
 
 def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | str = "cpu",
               strict: bool = True, dtype: torch.dtype | str | None = None,
-              **options: Unpack[LoadKeywords]) -> tuple[list[str], list[str]]:
+              **options: Unpack[ModuleLoadKeywords]) -> tuple[list[str], list[str]]:
     """Fill ``module``'s parameters and buffers from a file; returns (missing, unexpected).
     With ``strict``, names that differ raise ``StateDictMismatchError`` (a ``RuntimeError``,
     as ``load_state_dict`` raises) before anything is loaded.
@@ -105,9 +111,17 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
     ``mcnc_format.torch`` writes for a tied compressed tensor), and after loading every name
     holds the tensor loaded under the first name the file has.
     """
+    for keyword, refusal in _NOT_INTO.items():
+        if keyword in options:
+            raise UsageError(f"load_into() {refusal}")
     load_options = LoadOptions.from_keywords("load_into", options,
                                              (*_REQUEST_KEYWORDS, "module", "strict"))
     targets = module.state_dict(keep_vars=True)
+    on_meta = any(t.is_meta for t in targets.values())
+    if check_device(device).type == "meta" and not on_meta:
+        raise UsageError("load_into(device='meta') gives shapes only, with no values to copy "
+                         "into the module's parameters; load onto the device that will use "
+                         "them (a module built on the meta device takes device='meta')")
     with open(path, verify=False, resolver=options.get("resolver")) as f:
         shapes = {t.name: t.shape for t in f.header.tensors}
     ties = [names for names in _tied_names(module, targets) if set(names) & set(shapes)]
@@ -125,9 +139,7 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
         if tuple(targets[name].shape) != shapes[name]:
             raise MCNCError(f"{path}: tensor {name!r} has shape {list(shapes[name])}, the "
                             f"module expects {list(targets[name].shape)}")
-    on_meta = any(t.is_meta for t in targets.values())
-    options["names"] = wanted
-    loaded = _stream(path, device, dtype, options, load_options)
+    loaded = _stream(path, device, dtype, load_options, options.get("resolver"), wanted)
     if on_meta:
         module.load_state_dict(dict(loaded), strict=False, assign=True)
         for names in ties:
@@ -137,6 +149,17 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
             for name, tensor in loaded:
                 targets[name].copy_(tensor)
     return missing, unexpected
+
+
+#: What ``load_into`` refuses although ``load`` takes it, and why: it fills whole parameters.
+_NOT_INTO = {
+    "boxes": "fills whole parameters and takes no boxes= (a box would be broadcast into its "
+             "parameter); load parts of tensors with mcnc_format.load(path, boxes=...), or "
+             "shards into a sharded model with mcnc_format.distributed",
+    "names": "loads every tensor the file and the module share and takes no names=; give "
+             "strict=False to load into a module that holds only some of the file's tensors, "
+             "or use mcnc_format.load(path, names=...) for a dict",
+}
 
 
 def _tied_names(module: torch.nn.Module, targets: dict[str, torch.Tensor]) -> list[list[str]]:

@@ -133,3 +133,27 @@ def test_non_strict_reports_and_loads_the_rest(meta: bool, seed: int, tmp_path: 
     for key in state.keys() - {"0.bias"}:
         assert torch.equal(state[key], expected[key]), key
     assert state["0.bias"].is_meta == meta
+
+
+def test_what_would_not_fill_whole_parameters_is_refused_before_loading(seed: int,
+                                                                         tmp_path: Path) -> None:
+    """``load_into`` fills whole parameters. A box of a tensor was broadcast into its
+    parameter by ``copy_`` (one row copied into every row, no error); ``names`` was ignored
+    (every tensor loaded); ``device="meta"`` failed inside torch copying out of a meta
+    tensor. Each is a ``UsageError`` naming what to use, and the module is left as it was."""
+    path = tmp_path / "mlp.mcnc"
+    save_model(mlp(), path, seed)
+    model = mlp()
+    before = {k: v.clone() for k, v in _state(model).items()}
+    refusals = [({"boxes": {"0.weight": (slice(0, 1),)}}, "boxes=.*mcnc_format.load"),
+                ({"names": ["0.bias"]}, "names=.*strict=False"),
+                ({"device": "meta"}, "meta")]
+    for keywords, message in refusals:
+        with pytest.raises(mf.UsageError, match=message):
+            mf.load_into(model, path, **keywords)  # type: ignore[arg-type]
+        after = _state(model)
+        assert all(torch.equal(before[k], after[k]) for k in before), keywords
+    with torch.device("meta"):
+        on_meta = mlp()
+    assert mf.load_into(on_meta, path, "meta") == ([], [])  # shapes only: nothing to copy
+    assert all(v.is_meta for v in _state(on_meta).values())
