@@ -32,7 +32,7 @@ from .engine.plan import Plan, Target, TensorRequest
 from .engine.resolve import DefaultResolver, Resolver
 from .engine.source import BlobStore
 from .engine.theta0 import Theta0Source
-from .errors import MCNCError
+from .errors import MCNCError, UsageError
 from .generator import GeneratorSpec
 from .header import ExternalTheta0, Header, LoRATensor, MCNCTensor, TensorEntry, UnknownTensor
 from .summary import TensorInfo, file_summary, tensor_info
@@ -137,6 +137,15 @@ class MCNCFile:
     def __len__(self) -> int:
         return len(self.header.tensors)
 
+    def _name_list(self, names: Iterable[str] | None) -> list[str]:
+        """``names`` in order, each once (every tensor's for ``None``). A string is refused,
+        not taken as the names of its letters."""
+        if isinstance(names, str | bytes) or not isinstance(names, Iterable | None):
+            shown = f"names=[{names!r}]" if isinstance(names, str) else "a list of names"
+            raise UsageError(f"{self.label}: names takes the tensor names as a list, got "
+                             f"{type(names).__name__} {names!r}; give {shown}")
+        return list(dict.fromkeys(self.keys() if names is None else names))
+
     def entry(self, name: str) -> TensorEntry:
         try:
             return self._by_name[name]
@@ -199,7 +208,7 @@ class MCNCFile:
     def tensors(self, names: Iterable[str] | None = None, device: torch.device | str = "cpu",
                 dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
         """Many tensors at once, in request order; each chunk is regenerated once."""
-        names = list(dict.fromkeys(self.keys() if names is None else names))
+        names = self._name_list(names)
         found = dict(self.stream(names, device, dtype))
         return {name: found[name] for name in names}
 
@@ -231,13 +240,16 @@ class MCNCFile:
                  boxes: Boxes | None = None) -> list[TensorRequest]:
         """The typed request for ``names`` (R46 checked up front)."""
         want = check_dtype(dtype)
+        if not isinstance(boxes, Mapping | None):
+            raise UsageError(f"{self.label}: boxes takes a dict of a box per tensor name "
+                             f"({{'w': (slice(0, 128),)}}), got {type(boxes).__name__}")
         boxes = dict(boxes or {})
         unknown = sorted(set(boxes) - set(self._by_name))
         if unknown:
             raise MCNCError(f"{self.label}: boxes name tensors the file does not hold: "
                             f"{unknown[:5]}")
         out = []
-        for name in dict.fromkeys(self.keys() if names is None else names):
+        for name in self._name_list(names):
             t = self.entry(name)
             if isinstance(t, UnknownTensor):
                 raise t.unsupported(self.label)
@@ -279,7 +291,7 @@ class MCNCFile:
         on the coordinator)."""
         theta0 = self.context.theta0
         theta0.begin_load()
-        for name in dict.fromkeys(self.keys() if names is None else names):
+        for name in self._name_list(names):
             t = self.entry(name)
             members = t.members()
             for entry, shape in [*((m.theta0, m.shape) for m in members),

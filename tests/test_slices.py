@@ -361,3 +361,36 @@ def test_a_missing_file_is_file_not_found(tmp_path: Path) -> None:
         mf.open(tmp_path / "absent.mcnc")
     assert isinstance(raised.value, mf.MCNCFileNotFoundError)
     assert str(tmp_path / "absent.mcnc") in str(raised.value)
+
+
+def test_option_values_of_the_wrong_kind_are_usage_errors(tmp_path: Path) -> None:
+    """Byte counts that are not positive integers, a ``use_triton`` that is not a bool,
+    ``names`` that is a string or no iterable and ``boxes`` that is no mapping are refused
+    up front by every entry point, naming the option. Before, a string byte count failed deep
+    in the planner (``TypeError: unsupported operand type(s) for //``), a negative one loaded
+    as if it were the smallest, ``use_triton="no"`` forced the kernels, and ``names="m0"``
+    asked for the tensors ``'m'`` and ``'0'``."""
+    path = mixed_file(tmp_path)
+    refused: list[tuple[dict[str, Any], str]] = [
+        *(({option: value}, option)
+          for option in ("workspace_bytes", "staging_bytes")
+          for value in ("64MiB", 1e6, -1, 0, True)),
+        *(({"use_triton": value}, "use_triton") for value in ("no", 0, 1)),
+        ({"names": "m0"}, r"names=\['m0'\]"), ({"names": 3}, "names"),
+        ({"boxes": [("m0", (slice(0, 1),))]}, "boxes"),
+    ]
+    for keywords, message in refused:
+        with pytest.raises(UsageError, match=message):
+            mf.load(path, **keywords)
+        with pytest.raises(UsageError, match=message):
+            next(mf.stream(path, **keywords))
+        options = {k: v for k, v in keywords.items() if k not in ("names", "boxes")}
+        if options:
+            with pytest.raises(UsageError, match=message):
+                mf.MCNCFile(path, **options)
+    with mf.open(path) as f, pytest.raises(UsageError, match=r"names=\['m0'\]"):
+        f.tensors("m0")
+    want = mf.load(path, names=["m0"])["m0"]
+    for value in (np.int64(50_000), 50_000):  # any integer, numpy's too
+        got = mf.load(path, names=("m0",), workspace_bytes=value, staging_bytes=value)["m0"]
+        _assert_bits(got, want, str(type(value)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
@@ -125,7 +126,8 @@ class Progress:
 class LoadOptions:
     """Knobs of a load; the defaults suit a CPU, or a GPU with a few GB to spare.
 
-    ``staging_bytes``: pinned host memory for the staging buffers together (CUDA).
+    ``staging_bytes``: pinned host memory for the staging buffers together (CUDA). Byte
+    counts are positive ints (``from_keywords`` checks them).
     ``workspace_bytes``: memory beyond the outputs that sizes the regeneration batches
     (default ``max(32 MiB, 2 % of the outputs)`` on the CPU, ``max(64 MiB, 2 %)`` elsewhere).
     ``use_triton``: ``None`` picks the fused kernel on CUDA when Triton is installed; ``True``
@@ -162,6 +164,13 @@ class LoadOptions:
         names = [f.name for f in fields(cls)]
         check_keywords(call, keywords, (*names, *accepted))
         given = {name: keywords[name] for name in names if name in keywords}
+        for name in ("staging_bytes", "workspace_bytes"):
+            if given.get(name) is not None:
+                given[name] = _byte_count(name, given[name])
+        if not isinstance(given.get("use_triton"), bool | None):
+            raise UsageError(f"use_triton={given['use_triton']!r}: give True (the Triton "
+                             "kernels), False (the torch path) or None (the kernels where "
+                             "they are measured)")
         if "precision" in given:
             given["precision"] = Precision.of(given["precision"])
         if "verify" in given:
@@ -173,6 +182,20 @@ class LoadOptions:
         if given.get("staging_bytes") is None:
             given.pop("staging_bytes", None)
         return cls(**given)
+
+
+def _byte_count(name: str, value: Any) -> int:
+    """``value`` as a positive number of bytes (any integer: numpy's too), or a
+    ``UsageError``: a string or float would fail deep inside the planner, and a negative
+    count would silently load as the smallest."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
+        raise UsageError(f"{name}={value!r}: give a positive number of bytes as an int "
+                         f"({name}=64 << 20 for 64 MiB)")
+    return count
 
 
 def check_keywords(call: str, given: Iterable[str], allowed: Iterable[str]) -> None:
