@@ -201,7 +201,7 @@ class MCNCFile:
             as_tensor = MCNCTensor(label, member.shape, member.dtype, member.segment,
                                    member.offset, member.theta0)
             request = TensorRequest(as_tensor, Box.full(member.shape), to_torch(member.dtype))
-            (_, value), = self._run([request], check_device(device), self.options)
+            (_, value), = self._results([request], check_device(device), self.options)
             factors.append(value if want is None else value.to(want))
         return factors[0], factors[1], float(t.scale or 0.0)
 
@@ -227,14 +227,8 @@ class MCNCFile:
         is produced once), each the box ``boxes[name]`` when given, as each is complete (a
         segment's tensors complete in the order of their values in the segment)."""
         dev = check_device(device)
-        requests = self.requests(names, dtype, boxes)
-        if dev.type == "meta":  # shapes and dtypes only, for planning
-            for request in requests:
-                yield request.entry.name, torch.empty(request.box.result_shape,
-                                                      dtype=request.dtype, device=dev)
-            return
-        for target, value in self._run(requests, dev, options or self.options):
-            yield target.name, value
+        yield from self._results(self.requests(names, dtype, boxes), dev,
+                                 options or self.options)
 
     def requests(self, names: Iterable[str] | None = None, dtype: torch.dtype | str | None = None,
                  boxes: Boxes | None = None) -> list[TensorRequest]:
@@ -270,6 +264,18 @@ class MCNCFile:
         """The plan the engine would run for ``requests`` (no I/O): its steps and the number
         of chunks it regenerates."""
         return self._executor(check_device(device), options or self.options).plan(requests)
+
+    def _results(self, requests: list[TensorRequest], device: torch.device,
+                 options: LoadOptions) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of each request as it completes; on the meta device, tensors of
+        the requested shapes and dtypes without reading anything (for planning)."""
+        if device.type == "meta":
+            for request in requests:
+                yield request.entry.name, torch.empty(request.box.result_shape,
+                                                      dtype=request.dtype, device=device)
+            return
+        for target, value in self._run(requests, device, options):
+            yield target.name, value
 
     def _executor(self, device: torch.device, options: LoadOptions) -> Executor:
         return Executor(self.context, choose_backend(device, options))

@@ -746,3 +746,23 @@ def test_big_header_stays_compressed_when_level_3_does_not_settle(tmp_path: Path
     mf.save(path, tensors, metadata={"pad": "x" * 600001, "pad2": "y" * 500000})
     codec, stored = _header_codec_and_bytes(path)
     assert codec == C.HEADER_CODEC_ZSTD, f"a {len(stored)}-byte header was left uncompressed"
+
+
+def test_lora_factors_on_the_meta_device_are_shapes_and_dtypes(seed: int,
+                                                               tmp_path: Path) -> None:
+    """``get_lora_factors(name, "meta")`` gives the factors' shapes and dtypes, as every other
+    read onto the meta device does (it failed inside the engine: "unsupported scalarType")."""
+    plan = _plan(seed, lora=True)
+    path = tmp_path / "lora.mcnc"
+    mf.save(path, materialize(plan, tmp_path))
+    with mf.open(path) as f:
+        names = [n for n in f.keys() if f.tensor_info(n).encoding == "lora"]  # noqa: SIM118
+        assert names
+        for name in names:
+            for dtype in (None, torch.float64):
+                a, b, scale = f.get_lora_factors(name, dtype=dtype)
+                meta_a, meta_b, meta_scale = f.get_lora_factors(name, "meta", dtype)
+                for meta, value in ((meta_a, a), (meta_b, b)):
+                    assert meta.is_meta and (meta.shape, meta.dtype) == (value.shape,
+                                                                        value.dtype)
+                assert meta_scale == scale
