@@ -42,6 +42,7 @@ from .errors import (
     FormatError,
     HubOfflineError,
     MCNCError,
+    MCNCFileNotFoundError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
@@ -160,15 +161,19 @@ class VerifyReport:
 
 def verify_file(path: str | os.PathLike[str], *, batch_values: int = DEFAULT_BATCH_VALUES,
                 resolver: Resolver | None = None,
-                progress: Callable[[Progress], None] | None = None) -> VerifyReport:
+                progress: Callable[[Progress], None] | bool | None = None) -> VerifyReport:
     """Check everything about the ``.mcnc`` file at ``path`` and report what is wrong.
     ``progress`` is called after each tensor is rebuilt and checked, with the counts of the
-    whole file (a ``mcnc_format.progress.ProgressBar`` draws them).
+    whole file; ``True`` draws them as a bar on a terminal, as for a load
+    (``mcnc_format.progress.ProgressBar``).
 
     A damaged or non-conforming file gives a report with problems; this raises
     ``MCNCError`` only when the check cannot run at all (the path cannot be opened or read,
     or memory runs out).
     """
+    from .progress import progress_callback  # rich: not imported with this module
+
+    callback = progress_callback(progress, "verifying")
     started = time.perf_counter()
     report = VerifyReport(str(path))
     report.counts = dict.fromkeys(
@@ -177,7 +182,7 @@ def verify_file(path: str | os.PathLike[str], *, batch_values: int = DEFAULT_BAT
     mcnc_file = _open(path, report, resolver)
     if mcnc_file is not None:
         with mcnc_file:
-            _Verifier(mcnc_file, report, batch_values, progress).run()
+            _Verifier(mcnc_file, report, batch_values, callback).run()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -192,6 +197,8 @@ def _open(path: str | os.PathLike[str], report: VerifyReport, resolver: Resolver
         report.add(UNSUPPORTED, exc)
     except FormatError as exc:
         report.add("checksum" if isinstance(exc, ChecksumError) else "structure", exc)
+    except MCNCFileNotFoundError:  # a FileNotFoundError already, naming the file
+        raise
     except OSError as exc:
         raise MCNCError(f"{path}: cannot read: {exc}") from exc
     return None

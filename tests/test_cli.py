@@ -206,6 +206,16 @@ def test_verify_fails_on_a_truncated_file(model_file, tmp_path):
     assert [(p.check, p.rule) for p in report.problems] == [("structure", "R21")]
 
 
+def test_verify_of_a_missing_file_is_file_not_found(tmp_path):
+    """As ``open`` raises for it (it was a plain ``MCNCError``: ``except FileNotFoundError``
+    missed it), naming the file once."""
+    missing = tmp_path / "missing.mcnc"
+    with pytest.raises(FileNotFoundError) as raised:
+        verify_file(missing)
+    assert isinstance(raised.value, mcnc.MCNCFileNotFoundError)
+    assert str(raised.value).count(str(missing)) == 1
+
+
 def test_verify_reports_nonfinite_regenerated_values(runner, tmp_path):
     bad = _write_model(tmp_path / "nan.mcnc", SEED + 1, beta_nan=True)
     result = runner.invoke(cli, ["verify", str(bad)])

@@ -99,3 +99,15 @@ def test_verify_reports_the_whole_file(tmp_path: Path) -> None:
     assert seen[-1].bytes_done == seen[-1].bytes_total
     chunks = [p.chunks_regenerated for p in seen]
     assert chunks == sorted(chunks) and chunks[-1] >= 5  # summed over the batches' streams
+
+
+def test_verify_takes_progress_as_load_does(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``verify_file(progress=True)`` is a bar (off a terminal: nothing), as for a load; it
+    failed with ``TypeError: 'bool' object is not callable`` after the first tensor."""
+    path = _file(tmp_path / "m.mcnc")
+    for value in (True, False, None):
+        assert verify_file(path, progress=value).ok
+    assert capsys.readouterr().err == ""
+    with pytest.raises(UsageError, match="progress="):
+        verify_file(path, progress="yes")  # type: ignore[arg-type]
