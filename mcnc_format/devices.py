@@ -64,6 +64,10 @@ def check_device(device: torch.device | str | int) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
+        if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+            raise UsageError(f"{device!r}: an integer device is an accelerator's index "
+                             f"(cuda:{device}), and this machine has no CUDA device nor "
+                             f"another accelerator; {_available()}") from exc
         raise UsageError(f"{device!r} is not a device name; {_available()}") from exc
     if dev.type in ("cpu", "meta"):
         return dev

@@ -256,6 +256,17 @@ def test_missing_devices_are_refused_up_front(tmp_path: Path, device: str) -> No
         mf.load(path, device)
 
 
+def test_an_integer_device_is_a_cuda_index(tmp_path: Path) -> None:
+    """``device=0`` is ``cuda:0`` (torch's and safetensors' reading). Where there is no CUDA
+    device the refusal says so; it said "0 is not a device name"."""
+    path = mixed_file(tmp_path)
+    if torch.cuda.is_available():
+        assert mf.load(path, 0, names=["m0"])["m0"].device == torch.device("cuda", 0)
+        return
+    with pytest.raises(UsageError, match=r"cuda:0.*no CUDA device.*available here: cpu"):
+        mf.load(path, 0)
+
+
 def test_meta_device_gives_shapes_and_dtypes(tmp_path: Path) -> None:
     path = mixed_file(tmp_path)
     whole = mf.load(path)
