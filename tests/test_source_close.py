@@ -13,7 +13,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from stream_helpers import mixed_file
 
+import mcnc_format as mf
 from mcnc_format.engine import source as source_module
 from mcnc_format.engine.source import FileSource
 from mcnc_format.errors import MCNCError
@@ -87,3 +89,17 @@ def test_threads_reading_while_another_closes(tmp_path: Path) -> None:
         assert not wrong
     if before is not None:
         assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_reads_after_close_name_the_file_once(tmp_path: Path) -> None:
+    """Every read of a closed file, the external bases' included, is an ``MCNCError`` whose
+    text names the file once (the bases' said ``PATH: PATH: the file is closed``)."""
+    path = mixed_file(tmp_path)
+    f = mf.open(path)
+    f.get_tensor("first_dense")
+    f.close()
+    for read in (lambda: f.get_tensor("m2"), f.check_references,
+                 lambda: f.get_slice("m5")[1:]):
+        with pytest.raises(MCNCError, match="closed") as raised:
+            read()
+        assert str(raised.value).count(str(path)) == 1, str(raised.value)

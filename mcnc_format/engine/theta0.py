@@ -170,8 +170,7 @@ class _Workers(Executor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         with self._lock:
             if self._closed:
-                raise UsageError(f"{self.label}: the file is closed; open it again",
-                                 path=self.label)
+                raise UsageError("the file is closed; open it again", path=self.label)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                                 thread_name_prefix="mcnc-sha256")
@@ -306,8 +305,7 @@ class Theta0Source:
         key = (entry.uri, entry.tensor)
         with self._lock:
             if self._closed:
-                raise UsageError(f"{self.label}: the file is closed; open it again",
-                                 path=self.label)
+                raise UsageError("the file is closed; open it again", path=self.label)
             if key not in self._references:
                 self._references[key] = self._open_reference(entry, shape)
             return self._references[key]
@@ -469,8 +467,8 @@ class Theta0Source:
             if reference.check is not None:
                 with contextlib.suppress(InvalidStateError):  # unless it finished
                     reference.check.set_exception(UsageError(
-                        f"{self.label}: the file was closed before the SHA-256 check of a "
-                        "base it reads finished; open it again", path=self.label))
+                        "the file was closed before the SHA-256 check of a base it reads "
+                        "finished; open it again", path=self.label))
             reference.file.close()
 
 
