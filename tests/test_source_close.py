@@ -8,11 +8,13 @@ during the read takes effect when the read ends, and reads that begin after it r
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from pathlib import Path
 
 import pytest
+import torch
 from stream_helpers import mixed_file
 
 import mcnc_format as mf
@@ -103,3 +105,20 @@ def test_reads_after_close_name_the_file_once(tmp_path: Path) -> None:
         with pytest.raises(MCNCError, match="closed") as raised:
             read()
         assert str(raised.value).count(str(path)) == 1, str(raised.value)
+
+
+def test_a_file_left_open_releases_its_descriptors_when_collected(tmp_path: Path) -> None:
+    """``mf.open(path).get_tensor(name)`` without ``close()`` (or ``with``) kept the file's
+    descriptor, and its base's, for the life of the process: a loop of them ran out of
+    descriptors (EMFILE). As a Python file object does, a source closes its descriptor when
+    it is collected."""
+    path = mixed_file(tmp_path)
+    want = mf.load(path, names=["m2"])["m2"]
+    fds = Path("/proc/self/fd")
+    if not fds.exists():
+        pytest.skip("needs /proc/self/fd to count descriptors")
+    before = len(list(fds.iterdir()))
+    for _ in range(20):
+        assert torch.equal(mf.open(path).get_tensor("m2"), want)  # reads the base too
+    gc.collect()
+    assert len(list(fds.iterdir())) <= before

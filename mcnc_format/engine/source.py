@@ -134,7 +134,8 @@ class FileSource:
     it uses it, and ``close()`` only marks the source closed; the last holder closes the
     descriptor. A plain check-then-``pread`` would race ``close()``: the number freed there can
     be reused by another ``open`` before the ``pread`` runs, which then returns *another
-    file's* bytes. Reads that begin after ``close()`` raise.
+    file's* bytes. Reads that begin after ``close()`` raise. A source collected without
+    ``close()`` closes its descriptor then.
     """
 
     def __init__(self, path: Path, label: str) -> None:
@@ -144,6 +145,9 @@ class FileSource:
         self._holders = 0
         self._closed = False
         self._fd, self.size = open_regular(path, label)
+        # A source never closed (``mf.open(path).get_tensor(...)``) closes its descriptor
+        # when collected, as a Python file does; ``_release`` detaches this first.
+        self._collected = weakref.finalize(self, os.close, self._fd)
         _SOURCES.add(self)
 
     def _forked(self) -> None:
@@ -226,6 +230,7 @@ class FileSource:
     def _release(self) -> None:
         """Close the descriptor (the lock held, the source closed, no holder left)."""
         if self._fd >= 0:
+            self._collected.detach()
             os.close(self._fd)
             self._fd = -1
 
