@@ -1170,3 +1170,20 @@ def test_numpy_reads_safetensors_files(tmp_path: Path) -> None:
         assert all(np.array_equal(loaded[k], v) for k, v in arrays.items())
     with safe_open(tmp_path / "old.safetensors", framework="np") as f:
         assert np.array_equal(f.get_slice("w")[1:, ::2], arrays["w"][1:, ::2])
+
+
+def test_device_none_is_the_cpu_as_in_safetensors(tmp_path: Path) -> None:
+    """safetensors reads ``device=None`` as the CPU (``load_file`` and ``safe_open``, both
+    frameworks); the drop-in refused it ("None is not a device name")."""
+    tensors = {"w": torch.randn(3, 4), "b": torch.arange(5)}
+    safetensors.torch.save_file(tensors, tmp_path / "x.safetensors")
+    save_file(tensors, tmp_path / "x.mcnc")
+    for path in (tmp_path / "x.safetensors", tmp_path / "x.mcnc"):
+        loaded = load_file(path, device=None)  # type: ignore[arg-type]
+        assert all(torch.equal(loaded[k], v) for k, v in tensors.items()), path
+        with safe_open(path, framework="pt", device=None) as f:  # type: ignore[arg-type]
+            assert f.get_tensor("w").device.type == "cpu"
+            assert torch.equal(f.get_slice("w")[1:], tensors["w"][1:])
+        with safe_open(path, framework="np", device=None) as f:  # type: ignore[arg-type]
+            assert np.array_equal(f.get_tensor("b"), tensors["b"].numpy())
+        assert np.array_equal(mcnc_np.load_file(path)["w"], tensors["w"].numpy())

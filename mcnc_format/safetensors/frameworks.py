@@ -36,7 +36,8 @@ __all__ = ["NUMPY", "TORCH", "Device", "Framework", "Numpy", "PathLike", "Torch"
            "safetensors_device"]
 
 PathLike = str | os.PathLike[str]
-Device = str | int | torch.device
+#: A device as safetensors takes it; ``None`` is the CPU, as there.
+Device = str | int | torch.device | None
 
 
 class Framework(ABC):
@@ -115,7 +116,7 @@ class Torch(Framework):
         return values
 
     def check_device(self, device: Device) -> torch.device:
-        return check_device(device)
+        return check_device("cpu" if device is None else device)
 
     def from_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -159,7 +160,7 @@ class Numpy(Framework):
 
     def check_device(self, device: Device) -> torch.device:
         """Only the CPU (``SafetensorError`` from safetensors for any other device)."""
-        if str(device) != "cpu":
+        if device is not None and str(device) != "cpu":
             shown = f"cuda:{device}" if isinstance(device, int) else device
             raise UsageError(f"Device {shown} is not supported for framework numpy: numpy "
                              "arrays live on the CPU; pass device='cpu' (or read with "
@@ -212,6 +213,8 @@ def named(name: str) -> Framework:
 
 def safetensors_device(device: Device) -> str | int:
     """``device`` as safetensors takes it (a name or a CUDA index)."""
+    if device is None:
+        return "cpu"
     return str(device) if isinstance(device, torch.device) else device
 
 
