@@ -18,7 +18,7 @@ from typing_extensions import Unpack
 from .devices import check_device
 from .engine.options import LoadOptions, Precision, Progress, Verify
 from .engine.resolve import DefaultResolver, Resolver
-from .errors import MCNCError, StateDictMismatchError, UsageError
+from .errors import StateDictMismatchError, UsageError
 from .reader import Boxes, MCNCFile
 
 __all__ = ["LoadKeywords", "ModuleLoadKeywords", "load", "load_into", "open", "stream"]
@@ -137,8 +137,9 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
     wanted = [n for n in shapes if n in targets]
     for name in wanted:
         if tuple(targets[name].shape) != shapes[name]:
-            raise MCNCError(f"{path}: tensor {name!r} has shape {list(shapes[name])}, the "
-                            f"module expects {list(targets[name].shape)}")
+            raise StateDictMismatchError(
+                f"{path}: tensor {name!r} has shape {list(shapes[name])}, the module expects "
+                f"{list(targets[name].shape)}")
     loaded = _stream(path, device, dtype, load_options, options.get("resolver"), wanted)
     if on_meta:
         module.load_state_dict(dict(loaded), strict=False, assign=True)

@@ -216,5 +216,6 @@ class MCNCFileNotFoundError(MCNCError, FileNotFoundError):
 
 
 class StateDictMismatchError(MCNCError, RuntimeError):
-    """Raised by a strict load into a module when the file's names and the module's differ
-    (missing or unexpected names, as ``load_state_dict`` raises a ``RuntimeError``)."""
+    """Raised by a load into a module when the file's names and the module's differ (missing
+    or unexpected names, with ``strict``) or a tensor's shape differs from its parameter's
+    (strict or not), as ``load_state_dict`` raises a ``RuntimeError``."""

@@ -157,3 +157,19 @@ def test_what_would_not_fill_whole_parameters_is_refused_before_loading(seed: in
         on_meta = mlp()
     assert mf.load_into(on_meta, path, "meta") == ([], [])  # shapes only: nothing to copy
     assert all(v.is_meta for v in _state(on_meta).values())
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_shape_that_differs_is_a_runtime_error_as_in_load_state_dict(
+        strict: bool, seed: int, tmp_path: Path) -> None:
+    """``load_state_dict`` raises ``RuntimeError`` for a size mismatch, strict or not; so does
+    ``load_into`` (a ``StateDictMismatchError``; it was a plain ``MCNCError``), naming the
+    tensor and both shapes, before anything is loaded."""
+    path = tmp_path / "mlp.mcnc"
+    save_model(mlp(), path, seed)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+    before = {k: v.clone() for k, v in _state(model).items()}
+    with pytest.raises(RuntimeError, match=r"'2.weight' has shape \[4, 16\].*\[5, 16\]") as raised:
+        mf.load_into(model, path, strict=strict)
+    assert isinstance(raised.value, mf.StateDictMismatchError)
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
