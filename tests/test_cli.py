@@ -517,3 +517,39 @@ def test_strings_from_files_cannot_drive_the_terminal(runner, tmp_path):
         result = runner.invoke(cli, args, terminal_width=400)
         _assert_terminal_safe(result.output)
         assert "\\x1b]0;pwned\\x07" in result.output, result.output
+
+
+#: What ``json.dumps(..., ensure_ascii=False)`` leaves raw: DEL, a C1 control (U+009B is a
+#: one-character CSI), a bidi override that reorders what follows, a line separator.
+JSON_HOSTILE = "\x1b[2J\x7f\u009b31m\u202eevil\u2028x"
+
+
+def _assert_printable_json(text: str) -> None:
+    assert all(ch == "\n" or ch.isprintable() for ch in text), repr(text)
+
+
+def test_json_output_cannot_drive_the_terminal(runner, tmp_path):
+    """``--json`` of inspect, verify (a problem naming a tensor that is not finite) and of a
+    failure (an error quoting the output path) escapes every character a terminal would act
+    on, and still decodes to the exact strings of the file."""
+    name = f"w{JSON_HOSTILE}"
+    spec = mcnc.GeneratorSpec(k=3, d=32, hidden=(8,), seed=SEED % 2**32)
+    segment = _segment(spec, 64, 1, torch.Generator().manual_seed(SEED))
+    segment.beta[0, 0] = float("nan")
+    path = mcnc.save(tmp_path / "m.mcnc", {name: mcnc.MCNC(segment, (8, 8))},
+                     metadata={"k": JSON_HOSTILE})
+    result = runner.invoke(cli, ["inspect", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    _assert_printable_json(result.stdout)
+    facts = json.loads(result.stdout)
+    assert facts["tensors"][0]["name"] == name and facts["metadata"] == {"k": JSON_HOSTILE}
+    result = runner.invoke(cli, ["verify", "--json", str(path)])
+    assert result.exit_code == 1, result.output
+    _assert_printable_json(result.stdout)
+    assert json.loads(result.stdout)["problems"][0]["tensors"] == [name]
+    out = tmp_path / f"o{JSON_HOSTILE}.safetensors"
+    out.write_bytes(b"kept")
+    result = runner.invoke(cli, ["unpack", "--json", str(path), str(out)])
+    assert result.exit_code == 2, result.output
+    _assert_printable_json(result.stdout)
+    assert json.loads(result.stdout)["out"] == str(out)
