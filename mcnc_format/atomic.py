@@ -17,6 +17,9 @@ adapters, the demo's files). Three promises:
   finished file is linked into place (``link`` fails with ``EEXIST``): of two writers racing to
   the same new path exactly one succeeds. With ``overwrite`` the target is replaced by a
   rename, atomically.
+* Only a regular file (or a symbolic link, which the new file replaces) is ever replaced: a
+  rename over a device, FIFO or socket would put a regular file in its place (``/dev/null``,
+  for a writer running as root), so such a target, and a folder, is refused up front.
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ def describe_os_error(exc: OSError) -> str:
 
 def refuse_overwrite(outputs: list[Path], overwrite: bool) -> None:
     """Fail early (before any expensive work) when an output exists (a dangling symlink
-    too) and may not be replaced; ``atomic_path`` checks again at the final link, where it
-    counts."""
+    too) and may not be replaced, or is no file at all; ``atomic_path`` checks again at the
+    final link, where it counts."""
+    for path in outputs:
+        _refuse_non_file(path)
     if overwrite:
         return
     dangling = [path for path in outputs if os.path.islink(path) and not path.exists()]
@@ -74,6 +79,21 @@ def refuse_overwrite(outputs: list[Path], overwrite: bool) -> None:
         verb = "exists" if len(existing) == 1 else "exist"
         raise WriteError(f"{', '.join(existing)}: already {verb}; pass --force (force=True) to "
                          "overwrite")
+
+
+def _refuse_non_file(path: Path) -> None:
+    """Refuse a target that is neither a regular file nor a symbolic link (the link itself,
+    not what it points to: the new file replaces the link)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # nothing there (or unreachable: creating the file reports why)
+        return
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return
+    what = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+    raise WriteError(f"{path}: is {what}, not a file; it cannot be replaced by one. Name a "
+                     "file to write")
 
 
 def _existing(path: Path) -> str:
@@ -106,6 +126,7 @@ def atomic_path(target: Path, *, overwrite: bool) -> Iterator[Path]:
     target and the fix. Without ``overwrite`` an existing ``target`` (even one that appeared
     while writing) is a ``WriteError``.
     """
+    _refuse_non_file(target)
     directory = target.parent if str(target.parent) else Path(".")
     _remove_stale_temporaries(target, directory)
     fd, named = _create(target, directory)
@@ -159,6 +180,7 @@ def atomic_files(folder: Path) -> Iterator[Path]:
             raise WriteError(f"{folder}: the save wrote folders {folders}; only files can be "
                              "moved into place together")
         for path in written:
+            _refuse_non_file(folder / path.name)
             _finish(path, folder / path.name)
         for path in written:
             os.replace(path, folder / path.name)

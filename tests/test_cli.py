@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -460,6 +461,26 @@ def test_os_errors_of_every_command_are_one_line(runner, model_file, tmp_path):
     _assert_one_line_error(result, "plain.txt/demo: Not a directory")
     assert plain.read_text() == "a file, not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt"]
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_unpack_to_a_fifo_is_refused_before_any_work(runner, model_file, tmp_path,
+                                                    monkeypatch, force):
+    """OUT a FIFO (or a device: ``/dev/null`` as root) is one line naming it, before a tensor
+    is rebuilt, and stays what it was; it is not replaced by a regular file with --force, nor
+    does the error suggest --force."""
+    from mcnc_format import api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("unpack rebuilt tensors before refusing its output")
+
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(api, "stream", no_work)
+    result = runner.invoke(cli, ["unpack", *force, str(model_file), str(fifo)])
+    _assert_one_line_error(result, "out.safetensors: is a FIFO (named pipe), not a file")
+    assert "--force" not in result.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 @pytest.mark.parametrize(("code", "needle"), [

@@ -318,3 +318,23 @@ def test_a_dangling_symlink_as_output_is_named_as_such(tmp_path: Path, seed: int
     assert "appeared while" not in str(caught.value)
     assert "nowhere" in str(caught.value)
     assert link.is_symlink() and sorted(tmp_path.iterdir()) == [link]
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_fifo_or_folder_at_the_output_path_is_refused_not_replaced(
+        tmp_path: Path, seed: int, overwrite: bool) -> None:
+    """A rename over a FIFO or a device would put a regular file in its place (``mcnc unpack
+    --force m.mcnc /dev/null`` run as root replaced /dev/null): such a target is refused,
+    named for what it is, and left as it was; so is a folder (without overwrite it was said to
+    have appeared while the file was written)."""
+    fifo = tmp_path / "model.mcnc"
+    os.mkfifo(fifo)
+    with pytest.raises(mf.WriteError, match="is a FIFO") as caught:
+        mf.save(fifo, _inputs(seed), overwrite=overwrite)
+    assert "--force" not in str(caught.value)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    folder = tmp_path / "folder.mcnc"
+    folder.mkdir()
+    with pytest.raises(mf.WriteError, match="is a folder"):
+        mf.save(folder, _inputs(seed), overwrite=overwrite)
+    assert folder.is_dir() and sorted(tmp_path.iterdir()) == [folder, fifo]
