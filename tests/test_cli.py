@@ -392,6 +392,19 @@ def test_console_script_runs_for_real(model_file):
     assert run.stderr == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["inspect", "--help"]])
+def test_help_and_version_on_a_full_stdout_are_one_line(args):
+    """``mcnc --help`` and ``--version`` print while click parses, outside the commands'
+    error handling: a full stdout (or any OSError there) is one ``error:`` line, exit 2."""
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([_mcnc_script(), *args], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == [
+        "error: No space left on device; free some space or write to another disk"]
+
+
 # -- README and benchmark ----------------------------------------------------------------------
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
