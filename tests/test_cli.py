@@ -310,6 +310,21 @@ def test_unpack_writes_safetensors_equal_to_load(runner, model_file, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("metadata", [{}, {"task": "tests"}])
+def test_unpack_of_a_tensor_named_like_the_safetensors_metadata_is_refused(runner, tmp_path,
+                                                                          metadata):
+    """``__metadata__`` is a legal .mcnc tensor name but the key of safetensors' metadata:
+    written as a tensor entry it made a file no safetensors reader opens (reported as
+    written). It is one error line, and nothing is written."""
+    values = torch.randn(4, generator=torch.Generator().manual_seed(SEED))
+    path = mcnc.save(tmp_path / "m.mcnc", {"__metadata__": values, "w": torch.ones(2)},
+                     metadata=metadata)
+    out = tmp_path / "dense.safetensors"
+    result = runner.invoke(cli, ["unpack", str(path), str(out)])
+    _assert_one_line_error(result, "tensor '__metadata__': safetensors reserves this name")
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
 def test_unpack_refuses_to_overwrite_without_force_and_casts_dtype(runner, model_file, tmp_path):
     out = tmp_path / "dense.safetensors"
     out.write_bytes(b"precious")
