@@ -369,6 +369,27 @@ def test_pack_refuses_to_write_over_its_own_checkpoint(link: str, seed: int, tmp
     assert checkpoint.read_bytes() == before
 
 
+def test_pack_refuses_to_write_over_its_base_or_mapping(seed: int, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """OUT the --base checkpoint (or the --mapping file) is refused as OUT the checkpoint is:
+    with --force it replaced the base by an adapter pinned to the base it destroyed."""
+    torch.manual_seed(seed)
+    base = TinyNet()
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    torch.save(_adapted(base, ["up"], seed).state_dict(), tmp_path / "adapter.pt")
+    (tmp_path / "map.json").write_text('{"mcnc_mapping": 1}')
+    inputs = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    for option, path in (("--base", "base.safetensors"), ("--mapping", "map.json")):
+        args = ["--force", str(tmp_path / "adapter.pt"), str(tmp_path / path), option,
+                str(tmp_path / path)]
+        assert _run_pack(args, monkeypatch) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is the input file" in err[0], err
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == inputs
+
+
 @pytest.mark.parametrize("content", ["binary", "deep"])
 def test_mapping_that_is_no_json_text_is_a_one_line_mapping_error(
         content: str, seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

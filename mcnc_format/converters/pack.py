@@ -69,11 +69,13 @@ def pack(
     naming the known layouts. ``base`` names the base checkpoint (a safetensors file in or
     below the output's folder) of an adapter: theta0 then references it, sha256-pinned, and
     tensors it holds unchanged are left out (``base_ref.py``). An existing ``output_path`` is
-    replaced only with ``force`` (and never when it is the checkpoint itself); the write
-    itself is atomic.
+    replaced only with ``force`` (and never when it is the checkpoint, the base or the mapping
+    file itself); the write itself is atomic.
     """
     output = Path(output_path)
-    refuse_same_file(checkpoint_path, output)
+    for read in (checkpoint_path, base, mapping):  # each is an input the output would destroy
+        if read is not None:
+            refuse_same_file(read, output)
     refuse_overwrite([output], force)
     if mapping is not None and converter is not None:
         raise WriteError("pass either a mapping file or a converter name, not both")
