@@ -390,6 +390,26 @@ def test_pack_refuses_to_write_over_its_base_or_mapping(seed: int, tmp_path: Pat
     assert {path: path.read_bytes() for path in tmp_path.iterdir()} == inputs
 
 
+def test_names_that_are_not_utf8_text_are_one_line_errors(seed: int, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """A pickle may hold a str with a lone surrogate (a name decoded with surrogateescape);
+    as a tensor name msgpack could not encode it and pack ended in a UnicodeEncodeError
+    traceback. It is one line naming the tensor; save refuses such metadata the same way."""
+    state = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict()
+    state["extra\udc80"] = torch.zeros(2)
+    torch.save(state, tmp_path / "m.pt")
+    assert _run_pack([str(tmp_path / "m.pt"), str(tmp_path / "m.mcnc")], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'extra\\udc80'" in err[0] and "UTF-8" in err[0], err
+    for field in ("metadata", "info"):
+        with pytest.raises(mf.WriteError, match="UTF-8"):
+            mf.save(tmp_path / "m.mcnc", {"w": torch.zeros(2)},
+                    **{field: {"producer": "x\udc80"}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
 @pytest.mark.parametrize("content", ["binary", "deep"])
 def test_mapping_that_is_no_json_text_is_a_one_line_mapping_error(
         content: str, seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
