@@ -310,6 +310,22 @@ def test_unpack_writes_safetensors_equal_to_load(runner, model_file, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_unpack_of_a_file_whose_name_is_not_utf8_writes_a_readable_file(runner, model_file,
+                                                                         tmp_path):
+    """A file name that is not UTF-8 (a str with a lone surrogate in Python) went into the
+    ``mcnc.source`` metadata as a surrogate escape, which safetensors refuses to read: the
+    export was reported written but no safetensors reader opened it."""
+    from safetensors import safe_open
+
+    source = _copy(model_file, tmp_path / os.fsdecode(b"m\xff.mcnc"))
+    out = tmp_path / "dense.safetensors"
+    result = runner.invoke(cli, ["unpack", str(source), str(out)])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["mcnc.source"] == "m\ufffd.mcnc"
+    assert load_file(str(out)).keys() == mcnc.load(model_file).keys()
+
+
 @pytest.mark.parametrize("metadata", [{}, {"task": "tests"}])
 def test_unpack_of_a_tensor_named_like_the_safetensors_metadata_is_refused(runner, tmp_path,
                                                                           metadata):
