@@ -410,6 +410,32 @@ def test_names_that_are_not_utf8_text_are_one_line_errors(seed: int, tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_checkpoint_path_that_is_not_utf8_is_named_as_such(suffix: str, seed: int,
+                                                             tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    """torch and safetensors open only UTF-8 paths: a .pt whose name is not UTF-8 was called
+    "not a readable torch checkpoint ... damaged or truncated?". The one line says what is
+    wrong with it and what to do; the --base checkpoint too."""
+    state = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict()
+    good = tmp_path / f"m{suffix}"
+    if suffix == ".pt":
+        torch.save(state, good)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, good)
+    odd = tmp_path / os.fsdecode(b"m\xff" + suffix.encode())
+    odd.write_bytes(good.read_bytes())
+    for args in ([str(odd), str(tmp_path / "o.mcnc")],
+                 [str(good), str(tmp_path / "o.mcnc"), "--base", str(odd)]):
+        assert _run_pack(args, monkeypatch) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not valid UTF-8" in err[0] and "rename it" in err[0], err
+        assert "damaged" not in err[0]
+    assert not (tmp_path / "o.mcnc").exists()
+
+
 @pytest.mark.parametrize("content", ["binary", "deep"])
 def test_mapping_that_is_no_json_text_is_a_one_line_mapping_error(
         content: str, seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -79,6 +79,8 @@ def pack(
     refuse_overwrite([output], force)
     if mapping is not None and converter is not None:
         raise WriteError("pass either a mapping file or a converter name, not both")
+    for read in (checkpoint_path, base):
+        _refuse_undecodable(read)
     source = Path(checkpoint_path)
     forced = get_converter(converter) if converter is not None else None
     layout = forced if isinstance(forced, LayoutConverter) else (
@@ -114,6 +116,18 @@ def pack(
         notes += base_notes  # filled while the writer consumed the tensors
     return PackResult(output, chosen.name, counted.count, total, output.stat().st_size,
                       tuple(notes))
+
+
+def _refuse_undecodable(path: str | os.PathLike[str] | None) -> None:
+    """torch and safetensors open only paths that are UTF-8 text; a name that is not (a
+    Latin-1 file name, say) would fail in them with a message blaming the file's bytes."""
+    if path is None:
+        return
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MCNCError(f"{path}: the path is not valid UTF-8, and torch and safetensors open "
+                        "only UTF-8 paths; rename it (or link it under a UTF-8 name)") from None
 
 
 def recognise_layout(path: Path) -> LayoutConverter | None:
