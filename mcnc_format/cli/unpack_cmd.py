@@ -47,8 +47,8 @@ INFO_PREFIX = "mcnc.info."
 def unpack(file: str, out: Path, dtype: str | None, force: bool, as_json: bool) -> None:
     """Write every tensor of FILE, regenerated and dense, to OUT.safetensors.
 
-    The whole dense model is held in memory while it is written (safetensors writes a file
-    in one call). A progress bar shows on a terminal.
+    Every tensor is rebuilt before the file is written, so the whole dense model is held in
+    memory. A progress bar shows on a terminal.
     """
     with errors_as_json(as_json, file, file=file, out=out):
         written = export_safetensors(file, out, dtype=dtype, overwrite=force,
