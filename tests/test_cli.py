@@ -584,6 +584,27 @@ def test_strings_from_files_cannot_drive_the_terminal(runner, tmp_path):
         assert "\\x1b]0;pwned\\x07" in result.output, result.output
 
 
+def test_usage_errors_quoting_arguments_cannot_drive_the_terminal(runner, model_file,
+                                                                   monkeypatch, capsys):
+    """A file name from a glob (``mcnc inspect *.mcnc`` in a downloaded folder) shows in
+    click's usage error for an extra argument, which click does not escape: it is escaped,
+    in ``mcnc`` and in the ``mcnc-pack`` script."""
+    from mcnc_format.cli import pack_cmd
+
+    extra = f"x{HOSTILE}.mcnc"
+    result = runner.invoke(cli, ["inspect", str(model_file), extra])
+    assert result.exit_code == 2
+    _assert_terminal_safe(result.output)
+    assert "\\x1b]0;pwned\\x07" in result.output, result.output
+    monkeypatch.setattr(sys, "argv", ["mcnc-pack", "a.pt", "b.mcnc", extra])
+    with pytest.raises(SystemExit) as exited:
+        pack_cmd.main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    _assert_terminal_safe(err)
+    assert "\\x1b]0;pwned\\x07" in err, err
+
+
 #: What ``json.dumps(..., ensure_ascii=False)`` leaves raw: DEL, a C1 control (U+009B is a
 #: one-character CSI), a bidi override that reorders what follows, a line separator.
 JSON_HOSTILE = "\x1b[2J\x7f\u009b31m\u202eevil\u2028x"

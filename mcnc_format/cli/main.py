@@ -107,6 +107,16 @@ class _Group(click.Group):
             if ctx.meta.get("mcnc.debug"):
                 raise
             exit_with_error(exc)
+        except click.UsageError as exc:
+            escaped(exc)
+            raise
+
+
+def escaped(exc: click.ClickException) -> click.ClickException:
+    """``exc`` with its message made safe to print: click quotes most values it names with
+    escapes, but not extra arguments (``mcnc inspect *.mcnc`` over hostile file names)."""
+    exc.message = printable(exc.message)
+    return exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
