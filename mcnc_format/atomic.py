@@ -7,9 +7,11 @@ adapters, the demo's files). Three promises:
   file and only appear under the target's name once complete and fsynced.
 * A writer killed at any moment (even SIGKILL) leaves nothing behind: on Linux the file is
   created with ``O_TMPFILE`` (no name until it is linked into place). Where the file system
-  lacks ``O_TMPFILE`` a named temporary ``.NAME.<pid>.<random>.tmp`` is used (replacing a file
-  also names the finished file so for a moment before the rename), and temporaries of writers
-  that no longer run on this machine are removed by the next write to that target.
+  lacks ``O_TMPFILE`` a named temporary ``.NAME.<pid>.<host>.<random>.tmp`` is used (replacing
+  a file also names the finished file so for a moment before the rename), and temporaries of
+  writers that no longer run on this machine are removed by the next write to that target.
+  ``<host>`` tells this machine's temporaries from those of other machines writing the same
+  folder (NFS has no ``O_TMPFILE``), whose process ids say nothing here.
 * A set of files (``atomic_files``: a model folder's weights, config and card) is written to a
   temporary folder beside them, and moved into place one atomic rename each only once all
   were written and fsynced: a failure half-way leaves every old file as it was.
@@ -17,15 +19,20 @@ adapters, the demo's files). Three promises:
   finished file is linked into place (``link`` fails with ``EEXIST``): of two writers racing to
   the same new path exactly one succeeds. With ``overwrite`` the target is replaced by a
   rename, atomically.
+* Only a regular file (or a symbolic link, which the new file replaces) is ever replaced: a
+  rename over a device, FIFO or socket would put a regular file in its place (``/dev/null``,
+  for a writer running as root), so such a target, and a folder, is refused up front.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -62,8 +69,10 @@ def describe_os_error(exc: OSError) -> str:
 
 def refuse_overwrite(outputs: list[Path], overwrite: bool) -> None:
     """Fail early (before any expensive work) when an output exists (a dangling symlink
-    too) and may not be replaced; ``atomic_path`` checks again at the final link, where it
-    counts."""
+    too) and may not be replaced, or is no file at all; ``atomic_path`` checks again at the
+    final link, where it counts."""
+    for path in outputs:
+        _refuse_non_file(path)
     if overwrite:
         return
     dangling = [path for path in outputs if os.path.islink(path) and not path.exists()]
@@ -74,6 +83,21 @@ def refuse_overwrite(outputs: list[Path], overwrite: bool) -> None:
         verb = "exists" if len(existing) == 1 else "exist"
         raise WriteError(f"{', '.join(existing)}: already {verb}; pass --force (force=True) to "
                          "overwrite")
+
+
+def _refuse_non_file(path: Path) -> None:
+    """Refuse a target that is neither a regular file nor a symbolic link (the link itself,
+    not what it points to: the new file replaces the link)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # nothing there (or unreachable: creating the file reports why)
+        return
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return
+    what = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+    raise WriteError(f"{path}: is {what}, not a file; it cannot be replaced by one. Name a "
+                     "file to write")
 
 
 def _existing(path: Path) -> str:
@@ -106,6 +130,7 @@ def atomic_path(target: Path, *, overwrite: bool) -> Iterator[Path]:
     target and the fix. Without ``overwrite`` an existing ``target`` (even one that appeared
     while writing) is a ``WriteError``.
     """
+    _refuse_non_file(target)
     directory = target.parent if str(target.parent) else Path(".")
     _remove_stale_temporaries(target, directory)
     fd, named = _create(target, directory)
@@ -146,8 +171,8 @@ def atomic_files(folder: Path) -> Iterator[Path]:
     stand_in = folder / _STAGING
     _remove_stale_temporaries(stand_in, folder)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(stand_in) + f"{os.getpid()}.",
-                                        suffix=".tmp", dir=folder))
+        staging = Path(tempfile.mkdtemp(prefix=_writer_prefix(stand_in), suffix=".tmp",
+                                        dir=folder))
     except OSError as exc:
         raise WriteError(f"{folder}: cannot create a temporary folder: "
                          f"{describe_os_error(exc)}") from exc
@@ -159,6 +184,7 @@ def atomic_files(folder: Path) -> Iterator[Path]:
             raise WriteError(f"{folder}: the save wrote folders {folders}; only files can be "
                              "moved into place together")
         for path in written:
+            _refuse_non_file(folder / path.name)
             _finish(path, folder / path.name)
         for path in written:
             os.replace(path, folder / path.name)
@@ -191,8 +217,8 @@ def _create(target: Path, directory: Path) -> tuple[int, Path | None]:
             raise WriteError(f"{target}: cannot create the file: "
                              f"{describe_os_error(exc)}") from exc
     try:
-        fd, name = tempfile.mkstemp(prefix=_temporary_prefix(target) + f"{os.getpid()}.",
-                                    suffix=".tmp", dir=directory)
+        fd, name = tempfile.mkstemp(prefix=_writer_prefix(target), suffix=".tmp",
+                                    dir=directory)
     except OSError as exc:
         raise WriteError(f"{target}: cannot create a temporary file: "
                          f"{describe_os_error(exc)}") from exc
@@ -205,8 +231,7 @@ def _publish(fd: int, named: Path | None, target: Path, directory: Path,
     source = named if named is not None else Path(f"/proc/self/fd/{fd}")
     if overwrite:
         if named is None:  # an unnamed file cannot be renamed: name it first, then rename
-            named = directory / f"{_temporary_prefix(target)}{os.getpid()}." \
-                                f"{secrets.token_hex(4)}.tmp"
+            named = directory / f"{_writer_prefix(target)}{secrets.token_hex(4)}.tmp"
             _link(source, named)
         try:
             os.replace(named, target)
@@ -238,15 +263,27 @@ def _temporary_prefix(target: Path) -> str:
     return f".{target.name[:_NAME_CHARS]}."
 
 
+def _writer_prefix(target: Path) -> str:
+    """``.NAME.<pid>.<host>.``: what this process's temporaries for ``target`` start with."""
+    return f"{_temporary_prefix(target)}{os.getpid()}.{_host()}."
+
+
+def _host() -> str:
+    """This machine, as 8 hex digits (a host name may hold dots and is of any length)."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
 def _remove_stale_temporaries(target: Path, directory: Path) -> None:
-    """Remove ``.NAME.<pid>.*.tmp`` files whose writer process no longer exists: what a
-    writer killed before it could clean up left behind (only named temporaries can be left)."""
-    prefix = _temporary_prefix(target)
+    """Remove ``.NAME.<pid>.<host>.*.tmp`` files of this machine whose writer process no
+    longer exists: what a writer killed before it could clean up left behind (only named
+    temporaries can be left). Another machine's are its own to remove."""
+    prefix, host = _temporary_prefix(target), _host()
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             parts = entry.name[len(prefix):].split(".")
-            if (entry.name.startswith(prefix) and len(parts) == 3 and parts[2] == "tmp"
-                    and parts[0].isdigit() and not _alive(int(parts[0]))):
+            if (entry.name.startswith(prefix) and len(parts) == 4 and parts[3] == "tmp"
+                    and parts[1] == host and parts[0].isdigit()
+                    and not _alive(int(parts[0]))):
                 with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=False):  # an ``atomic_files`` folder
                         shutil.rmtree(entry.path)

@@ -24,6 +24,8 @@ from .errors import UnsupportedFeatureError, WriteError
 __all__ = ["save_safetensors"]
 
 _HEADER_ALIGNMENT = 8
+# The header key of safetensors' string metadata: no tensor can have this name.
+_METADATA_KEY = "__metadata__"
 
 
 def save_safetensors(target: Path, tensors: Mapping[str, torch.Tensor],
@@ -34,9 +36,13 @@ def save_safetensors(target: Path, tensors: Mapping[str, torch.Tensor],
         raise WriteError("safetensors files are little-endian; this host is not")
     header: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = dict(metadata)
+        header[_METADATA_KEY] = dict(metadata)
     offset = 0
     for name, tensor in tensors.items():
+        if name == _METADATA_KEY:  # its entry would stand where readers expect the metadata
+            raise WriteError(f"{target}: tensor {name!r}: safetensors reserves this name for "
+                             "the file's metadata, so no safetensors file can hold the tensor; "
+                             "rename it (load the tensors and save them under other names)")
         try:
             dtype = from_torch(tensor.dtype).upper()  # the spec names are safetensors' own
         except UnsupportedFeatureError as exc:

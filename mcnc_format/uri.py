@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-__all__ = ["SCHEME", "HubURI", "is_commit_hash", "parse_uri"]
+__all__ = ["SCHEME", "HubURI", "check_repo_path", "is_commit_hash", "parse_uri"]
 
 SCHEME = "hf://"
 _HEX = frozenset("0123456789abcdef")
@@ -72,6 +72,23 @@ def parse_uri(uri: str, *, require_path: bool = True,
     return HubURI(f"{org}/{name}", unquote(revision) if at else None, path)
 
 
+def check_repo_path(path: str, error: type[Exception] = ValueError) -> str:
+    """``path`` if a reference may name it as a file in a repository, else ``error``: a
+    FILENAME or path in the repository given on its own (``mcnc pull ORG/REPO FILENAME``,
+    ``push --path-in-repo``) passes the check an ``hf://`` reference's path passes, so it
+    cannot reach outside the repository (``..``, ``/etc/passwd``) and its pushed URI parses."""
+    if _path_problem(path):
+        raise error(f"{path!r} is not a path inside a repository: {_path_problem(path)}")
+    return path
+
+
+def _path_problem(path: str) -> str | None:
+    parts = path.split("/") if path else []
+    if any(part in ("", ".", "..") for part in parts):
+        return "the path must not have empty, '.' or '..' components"
+    return None
+
+
 def _problem(org: str, slash: str, name: str, at: str, revision: str, path: str,
              require_path: bool) -> str | None:
     """What is wrong with the parts of a reference, or None."""
@@ -86,7 +103,4 @@ def _problem(org: str, slash: str, name: str, at: str, revision: str, path: str,
         return "'@' must be followed by a revision"
     if require_path and not path:
         return "a file path inside the repository is missing"
-    parts = path.split("/") if path else []
-    if any(part in ("", ".", "..") for part in parts):
-        return "the path must not have empty, '.' or '..' components"
-    return None
+    return _path_problem(path)

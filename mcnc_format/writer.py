@@ -300,7 +300,25 @@ def _strings(values: Mapping[str, str] | None, what: str, source: str) -> dict[s
     for k, v in out.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise WriteError(f"{source}: {what} must map str to str; got {k!r}: {type(v).__name__}")
+        for text in (k, v):
+            if not _is_utf8(text):
+                raise WriteError(f"{source}: {what} {k!r}: {text!r} is {_NOT_UTF8}")
     return out
+
+
+# A str can hold what UTF-8 cannot encode: lone surrogates, such as a name that was not
+# UTF-8 decoded with ``surrogateescape`` (os.listdir) or read from a pickle. The header is
+# msgpack, whose strings are UTF-8.
+_NOT_UTF8 = ("not valid UTF-8 text (it holds a lone surrogate, as a name that was not UTF-8 "
+             "decodes to); the header stores only UTF-8: rename it")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _BlobSpool:
@@ -518,6 +536,8 @@ class _Layout:
     def add_tensor(self, name: str, source: TensorSource) -> None:
         if not isinstance(name, str) or not name:
             raise self.fail(repr(name), "tensor names must be non-empty strings")
+        if not _is_utf8(name):
+            raise self.fail(f"tensor {name!r}", f"the name is {_NOT_UTF8}")
         where = f"tensor {name!r}"
         entry: TensorEntry
         if isinstance(source, torch.Tensor) and self.packable(source):

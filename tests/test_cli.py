@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -319,6 +320,37 @@ def test_unpack_writes_safetensors_equal_to_load(runner, model_file, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_unpack_of_a_file_whose_name_is_not_utf8_writes_a_readable_file(runner, model_file,
+                                                                         tmp_path):
+    """A file name that is not UTF-8 (a str with a lone surrogate in Python) went into the
+    ``mcnc.source`` metadata as a surrogate escape, which safetensors refuses to read: the
+    export was reported written but no safetensors reader opened it."""
+    from safetensors import safe_open
+
+    source = _copy(model_file, tmp_path / os.fsdecode(b"m\xff.mcnc"))
+    out = tmp_path / "dense.safetensors"
+    result = runner.invoke(cli, ["unpack", str(source), str(out)])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["mcnc.source"] == "m\ufffd.mcnc"
+    assert load_file(str(out)).keys() == mcnc.load(model_file).keys()
+
+
+@pytest.mark.parametrize("metadata", [{}, {"task": "tests"}])
+def test_unpack_of_a_tensor_named_like_the_safetensors_metadata_is_refused(runner, tmp_path,
+                                                                          metadata):
+    """``__metadata__`` is a legal .mcnc tensor name but the key of safetensors' metadata:
+    written as a tensor entry it made a file no safetensors reader opens (reported as
+    written). It is one error line, and nothing is written."""
+    values = torch.randn(4, generator=torch.Generator().manual_seed(SEED))
+    path = mcnc.save(tmp_path / "m.mcnc", {"__metadata__": values, "w": torch.ones(2)},
+                     metadata=metadata)
+    out = tmp_path / "dense.safetensors"
+    result = runner.invoke(cli, ["unpack", str(path), str(out)])
+    _assert_one_line_error(result, "tensor '__metadata__': safetensors reserves this name")
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
 def test_unpack_refuses_to_overwrite_without_force_and_casts_dtype(runner, model_file, tmp_path):
     out = tmp_path / "dense.safetensors"
     out.write_bytes(b"precious")
@@ -401,6 +433,19 @@ def test_console_script_runs_for_real(model_file):
     assert run.stderr == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["inspect", "--help"]])
+def test_help_and_version_on_a_full_stdout_are_one_line(args):
+    """``mcnc --help`` and ``--version`` print while click parses, outside the commands'
+    error handling: a full stdout (or any OSError there) is one ``error:`` line, exit 2."""
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([_mcnc_script(), *args], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == [
+        "error: No space left on device; free some space or write to another disk"]
+
+
 # -- README and benchmark ----------------------------------------------------------------------
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
@@ -472,6 +517,26 @@ def test_os_errors_of_every_command_are_one_line(runner, model_file, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt"]
 
 
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_unpack_to_a_fifo_is_refused_before_any_work(runner, model_file, tmp_path,
+                                                    monkeypatch, force):
+    """OUT a FIFO (or a device: ``/dev/null`` as root) is one line naming it, before a tensor
+    is rebuilt, and stays what it was; it is not replaced by a regular file with --force, nor
+    does the error suggest --force."""
+    from mcnc_format import api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("unpack rebuilt tensors before refusing its output")
+
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(api, "stream", no_work)
+    result = runner.invoke(cli, ["unpack", *force, str(model_file), str(fifo)])
+    _assert_one_line_error(result, "out.safetensors: is a FIFO (named pipe), not a file")
+    assert "--force" not in result.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
 @pytest.mark.parametrize(("code", "needle"), [
     (errno.ENOSPC, "No space left on device; free some space"),
     (errno.EROFS, "Read-only file system; write somewhere else"),
@@ -527,3 +592,60 @@ def test_strings_from_files_cannot_drive_the_terminal(runner, tmp_path):
         result = runner.invoke(cli, args, terminal_width=400)
         _assert_terminal_safe(result.output)
         assert "\\x1b]0;pwned\\x07" in result.output, result.output
+
+
+def test_usage_errors_quoting_arguments_cannot_drive_the_terminal(runner, model_file,
+                                                                   monkeypatch, capsys):
+    """A file name from a glob (``mcnc inspect *.mcnc`` in a downloaded folder) shows in
+    click's usage error for an extra argument, which click does not escape: it is escaped,
+    in ``mcnc`` and in the ``mcnc-pack`` script."""
+    from mcnc_format.cli import pack_cmd
+
+    extra = f"x{HOSTILE}.mcnc"
+    result = runner.invoke(cli, ["inspect", str(model_file), extra])
+    assert result.exit_code == 2
+    _assert_terminal_safe(result.output)
+    assert "\\x1b]0;pwned\\x07" in result.output, result.output
+    monkeypatch.setattr(sys, "argv", ["mcnc-pack", "a.pt", "b.mcnc", extra])
+    with pytest.raises(SystemExit) as exited:
+        pack_cmd.main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    _assert_terminal_safe(err)
+    assert "\\x1b]0;pwned\\x07" in err, err
+
+
+#: What ``json.dumps(..., ensure_ascii=False)`` leaves raw: DEL, a C1 control (U+009B is a
+#: one-character CSI), a bidi override that reorders what follows, a line separator.
+JSON_HOSTILE = "\x1b[2J\x7f\u009b31m\u202eevil\u2028x"
+
+
+def _assert_printable_json(text: str) -> None:
+    assert all(ch == "\n" or ch.isprintable() for ch in text), repr(text)
+
+
+def test_json_output_cannot_drive_the_terminal(runner, tmp_path):
+    """``--json`` of inspect, verify (a problem naming a tensor that is not finite) and of a
+    failure (an error quoting the output path) escapes every character a terminal would act
+    on, and still decodes to the exact strings of the file."""
+    name = f"w{JSON_HOSTILE}"
+    spec = mcnc.GeneratorSpec(k=3, d=32, hidden=(8,), seed=SEED % 2**32)
+    segment = _segment(spec, 64, 1, torch.Generator().manual_seed(SEED))
+    segment.beta[0, 0] = float("nan")
+    path = mcnc.save(tmp_path / "m.mcnc", {name: mcnc.MCNC(segment, (8, 8))},
+                     metadata={"k": JSON_HOSTILE})
+    result = runner.invoke(cli, ["inspect", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    _assert_printable_json(result.stdout)
+    facts = json.loads(result.stdout)
+    assert facts["tensors"][0]["name"] == name and facts["metadata"] == {"k": JSON_HOSTILE}
+    result = runner.invoke(cli, ["verify", "--json", str(path)])
+    assert result.exit_code == 1, result.output
+    _assert_printable_json(result.stdout)
+    assert json.loads(result.stdout)["problems"][0]["tensors"] == [name]
+    out = tmp_path / f"o{JSON_HOSTILE}.safetensors"
+    out.write_bytes(b"kept")
+    result = runner.invoke(cli, ["unpack", "--json", str(path), str(out)])
+    assert result.exit_code == 2, result.output
+    _assert_printable_json(result.stdout)
+    assert json.loads(result.stdout)["out"] == str(out)

@@ -657,6 +657,44 @@ def test_cli_push_and_pull(hub: HubServer, tmp_path: Path, seed: int) -> None:
     assert isinstance(no_token.exception, HubPermissionError)
 
 
+def test_paths_outside_the_repository_are_one_line_errors(hub: HubServer, tmp_path: Path,
+                                                          seed: int) -> None:
+    """A FILENAME or --path-in-repo with '..' (or absolute) is refused as it is in an hf://
+    URI, as a HubError naming the path: the client's ValueError gave a traceback (and told a
+    user who mistyped a path to ask the repository owner to rename the file)."""
+    from mcnc_format.cli.main import cli
+
+    local = _make_mcnc(tmp_path / "model.mcnc", seed)
+    head = hub.create_repo(REPO, files={"model.mcnc": local.read_bytes()})
+    runner = CliRunner()
+    for args in (["pull", REPO, "../../evil.mcnc", "--local-dir", str(tmp_path / "d")],
+                 ["pull", REPO, "/etc/passwd"],
+                 ["push", str(local), REPO, "--path-in-repo", "../x.mcnc"]):
+        result = runner.invoke(cli, args, env={"HF_TOKEN": WRITE_TOKEN})
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+        assert "'.' or '..' components" in result.stderr, result.stderr
+    assert not (tmp_path / "d").exists() and not (tmp_path / "evil.mcnc").exists()
+    assert hub.head(REPO) == head
+
+
+def test_a_repository_file_named_outside_it_is_a_one_line_error(hub: HubServer,
+                                                               tmp_path: Path,
+                                                               seed: int) -> None:
+    """A repository holding a file named '../evil.mcnc': the client refuses to write it with
+    a plain ValueError, which was a traceback; it is a HubError naming the repository."""
+    from mcnc_format.cli.main import cli
+
+    data = _make_mcnc(tmp_path / "model.mcnc", seed).read_bytes()
+    hub.create_repo(REPO, files={"model.mcnc": data, "../evil.mcnc": data})
+    for args in (["pull", REPO], ["pull", REPO, "--local-dir", str(tmp_path / "d" / "e")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith(f"error: hf://{REPO}") and "'..'" in lines[-1], lines
+    assert not any(tmp_path.rglob("evil.mcnc"))
+
+
 def test_cli_inspect_verify_unpack_accept_hf_uris(hub: HubServer, tmp_path: Path,
                                                   seed: int) -> None:
     """``hf://`` URIs work wherever the CLI takes an .mcnc file, not only in Python."""

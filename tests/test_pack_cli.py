@@ -369,6 +369,73 @@ def test_pack_refuses_to_write_over_its_own_checkpoint(link: str, seed: int, tmp
     assert checkpoint.read_bytes() == before
 
 
+def test_pack_refuses_to_write_over_its_base_or_mapping(seed: int, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """OUT the --base checkpoint (or the --mapping file) is refused as OUT the checkpoint is:
+    with --force it replaced the base by an adapter pinned to the base it destroyed."""
+    torch.manual_seed(seed)
+    base = TinyNet()
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    torch.save(_adapted(base, ["up"], seed).state_dict(), tmp_path / "adapter.pt")
+    (tmp_path / "map.json").write_text('{"mcnc_mapping": 1}')
+    inputs = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    for option, path in (("--base", "base.safetensors"), ("--mapping", "map.json")):
+        args = ["--force", str(tmp_path / "adapter.pt"), str(tmp_path / path), option,
+                str(tmp_path / path)]
+        assert _run_pack(args, monkeypatch) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is the input file" in err[0], err
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == inputs
+
+
+def test_names_that_are_not_utf8_text_are_one_line_errors(seed: int, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """A pickle may hold a str with a lone surrogate (a name decoded with surrogateescape);
+    as a tensor name msgpack could not encode it and pack ended in a UnicodeEncodeError
+    traceback. It is one line naming the tensor; save refuses such metadata the same way."""
+    state = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict()
+    state["extra\udc80"] = torch.zeros(2)
+    torch.save(state, tmp_path / "m.pt")
+    assert _run_pack([str(tmp_path / "m.pt"), str(tmp_path / "m.mcnc")], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'extra\\udc80'" in err[0] and "UTF-8" in err[0], err
+    for field in ("metadata", "info"):
+        with pytest.raises(mf.WriteError, match="UTF-8"):
+            mf.save(tmp_path / "m.mcnc", {"w": torch.zeros(2)},
+                    **{field: {"producer": "x\udc80"}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_checkpoint_path_that_is_not_utf8_is_named_as_such(suffix: str, seed: int,
+                                                             tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    """torch and safetensors open only UTF-8 paths: a .pt whose name is not UTF-8 was called
+    "not a readable torch checkpoint ... damaged or truncated?". The one line says what is
+    wrong with it and what to do; the --base checkpoint too."""
+    state = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8))).state_dict()
+    good = tmp_path / f"m{suffix}"
+    if suffix == ".pt":
+        torch.save(state, good)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, good)
+    odd = tmp_path / os.fsdecode(b"m\xff" + suffix.encode())
+    odd.write_bytes(good.read_bytes())
+    for args in ([str(odd), str(tmp_path / "o.mcnc")],
+                 [str(good), str(tmp_path / "o.mcnc"), "--base", str(odd)]):
+        assert _run_pack(args, monkeypatch) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not valid UTF-8" in err[0] and "rename it" in err[0], err
+        assert "damaged" not in err[0]
+    assert not (tmp_path / "o.mcnc").exists()
+
+
 @pytest.mark.parametrize("content", ["binary", "deep"])
 def test_mapping_that_is_no_json_text_is_a_one_line_mapping_error(
         content: str, seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

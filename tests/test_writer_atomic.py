@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 import mcnc_format as mf
-from mcnc_format import MCNC, Dense, GeneratorSpec, Segment
+from mcnc_format import MCNC, Dense, GeneratorSpec, Segment, atomic
 from mcnc_format import writer as writer_module
 
 KILL_WAIT_S = 120  # generous: the child imports torch on a busy machine
@@ -238,22 +239,57 @@ def test_sigkill_while_writing_leaves_no_temporary(previous: tuple[Path, bytes],
         "blocked.flag", "model.mcnc", "ready.flag"]
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has finished (not reused this soon)."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    return int(finished.stdout)
+
+
+def _open_temporary(path: Path, pid: int, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path]:
+    """A named temporary of a writer with process id ``pid`` (this machine's unless the host
+    name is patched), still being written: the open ``atomic_path`` and its path."""
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "getpid", lambda: pid)
+        writing = atomic.atomic_path(path, overwrite=True)
+        temporary = writing.__enter__()
+    return writing, temporary
+
+
 def test_without_o_tmpfile_stale_temporaries_of_dead_writers_are_removed(
         previous: tuple[Path, bytes], seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The named-temporary fallback: a temporary of a process that no longer exists is
     removed by the next write to the same target; one of a running process (pid 1) is not."""
     path, _old = previous
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True)
-    dead = path.parent / f".model.mcnc.{int(finished.stdout)}.k2x9q0ab.tmp"
-    alive = path.parent / ".model.mcnc.1.r8t7y6u5.tmp"
+    monkeypatch.delattr(os, "O_TMPFILE")
+    _, dead = _open_temporary(path, _dead_pid(), monkeypatch)
+    alive_writer, alive = _open_temporary(path, 1, monkeypatch)
     dead.write_bytes(b"left by a killed writer")
     alive.write_bytes(b"being written")
-    monkeypatch.delattr(os, "O_TMPFILE")
     mf.save(path, _inputs(seed + 1), metadata={"version": "new"})
     assert not dead.exists() and alive.exists()
     assert mf.open(path).metadata == {"version": "new"}
-    alive.unlink()
+    alive_writer.__exit__(ValueError, ValueError("abandoned"), None)
+    assert _temporaries(path.parent) == []
+
+
+def test_a_temporary_of_a_writer_on_another_machine_is_left_alone(
+        previous: tuple[Path, bytes], seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without O_TMPFILE (NFS, a folder several machines write to) a process id says nothing
+    about another machine's writers: node-b's save removed the named temporary of node-a's
+    writer, whose pid is not running on node-b, and node-a's save then failed. Each machine
+    removes only its own dead writers' temporaries."""
+    path, _old = previous
+    monkeypatch.delattr(os, "O_TMPFILE")
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    node_a, temporary = _open_temporary(path, _dead_pid(), monkeypatch)
+    temporary.write_bytes(b"node-a's file")
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-b")
+    mf.save(path, _inputs(seed + 1), metadata={"version": "node-b"})
+    assert temporary.exists()
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    node_a.__exit__(None, None, None)
+    assert path.read_bytes() == b"node-a's file"
     assert _temporaries(path.parent) == []
 
 
@@ -318,3 +354,23 @@ def test_a_dangling_symlink_as_output_is_named_as_such(tmp_path: Path, seed: int
     assert "appeared while" not in str(caught.value)
     assert "nowhere" in str(caught.value)
     assert link.is_symlink() and sorted(tmp_path.iterdir()) == [link]
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_fifo_or_folder_at_the_output_path_is_refused_not_replaced(
+        tmp_path: Path, seed: int, overwrite: bool) -> None:
+    """A rename over a FIFO or a device would put a regular file in its place (``mcnc unpack
+    --force m.mcnc /dev/null`` run as root replaced /dev/null): such a target is refused,
+    named for what it is, and left as it was; so is a folder (without overwrite it was said to
+    have appeared while the file was written)."""
+    fifo = tmp_path / "model.mcnc"
+    os.mkfifo(fifo)
+    with pytest.raises(mf.WriteError, match="is a FIFO") as caught:
+        mf.save(fifo, _inputs(seed), overwrite=overwrite)
+    assert "--force" not in str(caught.value)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    folder = tmp_path / "folder.mcnc"
+    folder.mkdir()
+    with pytest.raises(mf.WriteError, match="is a folder"):
+        mf.save(folder, _inputs(seed), overwrite=overwrite)
+    assert folder.is_dir() and sorted(tmp_path.iterdir()) == [folder, fifo]

@@ -5,6 +5,10 @@ fails, the command's arguments that say what it worked on and ``error`` (the fie
 ``MCNCError``: ``error`` its class, ``message``, ``rule``, ``path``, ``field``, ``tensor``).
 The failure is then reported as every failure is (``main.py``: one ``error:`` line on stderr,
 exit status 2), so scripts read stdout and the exit status, people read stderr.
+
+The object is printed with every character a terminal acts on escaped (``json_text``): names
+and metadata come from files, and ``json.dumps(..., ensure_ascii=False)`` escapes only the C0
+controls, leaving DEL, C1 controls (``U+009B`` is a one-character CSI) and bidi overrides raw.
 """
 
 from __future__ import annotations
@@ -19,12 +23,24 @@ import click
 from ..atomic import describe_os_error
 from ..errors import MCNCError
 
-__all__ = ["emit_json", "error_fields", "errors_as_json"]
+__all__ = ["emit_json", "error_fields", "errors_as_json", "json_text"]
 
 
 def emit_json(facts: dict[str, Any]) -> None:
     """Print ``facts`` as the command's one JSON object."""
-    click.echo(json.dumps(facts, indent=2, ensure_ascii=False))
+    click.echo(json_text(facts))
+
+
+def json_text(facts: dict[str, Any]) -> str:
+    """``facts`` as indented JSON that reads the same on a terminal as it decodes: readable
+    text stays as it is (names in any script), and each non-printable character (only ever
+    inside a string: the indentation is newlines and spaces) becomes its ``\\uXXXX`` escape,
+    which decodes to the same string."""
+    text = json.dumps(facts, indent=2, ensure_ascii=False)
+    if all(line.isprintable() for line in text.split("\n")):
+        return text
+    return "".join(ch if ch == "\n" or ch.isprintable() else json.dumps(ch)[1:-1]
+                   for ch in text)
 
 
 def error_fields(exc: MCNCError | OSError) -> dict[str, str | None]:

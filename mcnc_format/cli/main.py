@@ -91,6 +91,15 @@ class _Group(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """``mcnc --help`` and ``--version`` print while the group's options are parsed,
+        before ``invoke``: an ``OSError`` there (a full stdout) is one line too (click itself
+        handles only a closed pipe)."""
+        try:
+            return super().parse_args(ctx, args)
+        except OSError as exc:
+            exit_with_error(exc)
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
@@ -98,6 +107,16 @@ class _Group(click.Group):
             if ctx.meta.get("mcnc.debug"):
                 raise
             exit_with_error(exc)
+        except click.UsageError as exc:
+            escaped(exc)
+            raise
+
+
+def escaped(exc: click.ClickException) -> click.ClickException:
+    """``exc`` with its message made safe to print: click quotes most values it names with
+    escapes, but not extra arguments (``mcnc inspect *.mcnc`` over hostile file names)."""
+    exc.message = printable(exc.message)
+    return exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

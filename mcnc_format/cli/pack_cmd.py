@@ -25,7 +25,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Te
 
 from ..summary import opened_summary, read_file_header
 from .json_out import emit_json, errors_as_json
-from .main import REPORTED, exit_with_error, version_option
+from .main import REPORTED, escaped, exit_with_error, version_option
 from .safe_text import printable
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def main() -> None:
         click.echo("aborted", err=True)
         sys.exit(1)
     except click.ClickException as exc:
-        exc.show()
+        escaped(exc).show()
         sys.exit(exc.exit_code)
     except REPORTED as exc:
         exit_with_error(exc)

@@ -5,7 +5,8 @@ characters: ``ESC [2J`` clears the screen, ``ESC ]0;...BEL`` retitles the window
 is a one-character CSI, bidi overrides reorder what the user reads. Rich would also read
 ``[bold]`` or ``[link=...]`` in such a string as markup. Every human (non ``--json``) output
 of the CLI passes such strings through ``printable`` (plain ``click.echo``) or ``markup_safe``
-(rich); ``--json`` output is exact, as ``json.dumps`` already escapes control characters.
+(rich); ``--json`` output escapes them as JSON does (``json_out.json_text``), so it decodes
+to the exact strings.
 """
 
 from __future__ import annotations

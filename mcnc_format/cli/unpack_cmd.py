@@ -47,8 +47,8 @@ INFO_PREFIX = "mcnc.info."
 def unpack(file: str, out: Path, dtype: str | None, force: bool, as_json: bool) -> None:
     """Write every tensor of FILE, regenerated and dense, to OUT.safetensors.
 
-    The whole dense model is held in memory while it is written (safetensors writes a file
-    in one call). A progress bar shows on a terminal.
+    Every tensor is rebuilt before the file is written, so the whole dense model is held in
+    memory. A progress bar shows on a terminal.
     """
     with errors_as_json(as_json, file, file=file, out=out):
         written = export_safetensors(file, out, dtype=dtype, overwrite=force,
@@ -62,12 +62,14 @@ def unpack(file: str, out: Path, dtype: str | None, force: bool, as_json: bool) 
 def provenance_metadata(f: MCNCFile) -> dict[str, str]:
     """The safetensors ``__metadata__`` for an export of ``f``: the file's metadata, its
     ``info`` under ``mcnc.info.*``, ``mcnc.format_version`` and ``mcnc.source`` (these win
-    over metadata keys of the same name), and ``format: pt`` unless the metadata sets it
+    over metadata keys of the same name; a source name that is not UTF-8 gets U+FFFD for each
+    byte that is not), and ``format: pt`` unless the metadata sets it
     (older transformers releases refuse safetensors files without it)."""
     metadata = {"format": "pt", **f.metadata}
     metadata.update({INFO_PREFIX + key: value for key, value in f.info.items()})
     metadata[FORMAT_VERSION_KEY] = f"{C.FORMAT_MAJOR}.{f.minor}"
-    metadata[SOURCE_KEY] = f.path.name
+    # A file name that is not UTF-8 holds lone surrogates, which safetensors cannot read back.
+    metadata[SOURCE_KEY] = os.fsencode(f.path.name).decode("utf-8", "replace")
     return metadata
 
 

@@ -9,7 +9,6 @@ references cannot be opened here, so the tensors built on it were not checked. T
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import click
@@ -17,7 +16,7 @@ from rich.console import Console
 
 from ..engine.resolve import DefaultResolver
 from ..progress import ProgressBar
-from .json_out import errors_as_json
+from .json_out import emit_json, errors_as_json
 from .safe_text import markup_safe
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ def verify(ctx: click.Context, file: str, as_json: bool) -> None:
     finally:
         bar.close()
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        emit_json(report.to_dict())
     else:
         _print(report)
     if report.status != "valid":

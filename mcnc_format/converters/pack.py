@@ -69,14 +69,18 @@ def pack(
     naming the known layouts. ``base`` names the base checkpoint (a safetensors file in or
     below the output's folder) of an adapter: theta0 then references it, sha256-pinned, and
     tensors it holds unchanged are left out (``base_ref.py``). An existing ``output_path`` is
-    replaced only with ``force`` (and never when it is the checkpoint itself); the write
-    itself is atomic.
+    replaced only with ``force`` (and never when it is the checkpoint, the base or the mapping
+    file itself); the write itself is atomic.
     """
     output = Path(output_path)
-    refuse_same_file(checkpoint_path, output)
+    for read in (checkpoint_path, base, mapping):  # each is an input the output would destroy
+        if read is not None:
+            refuse_same_file(read, output)
     refuse_overwrite([output], force)
     if mapping is not None and converter is not None:
         raise WriteError("pass either a mapping file or a converter name, not both")
+    for read in (checkpoint_path, base):
+        _refuse_undecodable(read)
     source = Path(checkpoint_path)
     forced = get_converter(converter) if converter is not None else None
     layout = forced if isinstance(forced, LayoutConverter) else (
@@ -112,6 +116,18 @@ def pack(
         notes += base_notes  # filled while the writer consumed the tensors
     return PackResult(output, chosen.name, counted.count, total, output.stat().st_size,
                       tuple(notes))
+
+
+def _refuse_undecodable(path: str | os.PathLike[str] | None) -> None:
+    """torch and safetensors open only paths that are UTF-8 text; a name that is not (a
+    Latin-1 file name, say) would fail in them with a message blaming the file's bytes."""
+    if path is None:
+        return
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MCNCError(f"{path}: the path is not valid UTF-8, and torch and safetensors open "
+                        "only UTF-8 paths; rename it (or link it under a UTF-8 name)") from None
 
 
 def recognise_layout(path: Path) -> LayoutConverter | None:

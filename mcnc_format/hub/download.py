@@ -38,7 +38,7 @@ from ..errors import (
     MCNCError,
     UnsupportedVersionError,
 )
-from ..uri import SCHEME, HubURI, parse_uri
+from ..uri import SCHEME, HubURI, check_repo_path, parse_uri
 from .error_map import hub_errors
 from .integrity import check_mcnc_bytes
 
@@ -104,7 +104,7 @@ def pull(repo_id: str, filename: str | None = None, revision: str | None = None,
     are left alone."""
     options: dict[str, Any] = {"token": token, "endpoint": endpoint, "local_dir": local_dir}
     if filename is not None:
-        target = HubURI(repo_id, revision, filename)
+        target = HubURI(repo_id, revision, check_repo_path(filename, HubError))
         local = download(target, **options)
         if not filename.endswith(".mcnc"):
             return local

@@ -17,8 +17,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-from ..errors import MCNCError
-from ..uri import HubURI
+from ..errors import HubError, MCNCError
+from ..uri import HubURI, check_repo_path
 from .error_map import hub_errors
 from .integrity import check_mcnc_bytes
 
@@ -58,6 +58,8 @@ def push(path: str | os.PathLike[str], repo_id: str, revision: str | None = None
     from ..model_card import CONFIG_FILE, FileFacts, TransformersUsage, render_card
 
     files = _files_to_push(Path(path), path_in_repo)
+    for repo_path in files:
+        check_repo_path(repo_path, HubError)
     local_card = files.pop(CARD_NAME) if model_card and CARD_NAME in files else None
     facts = [FileFacts.read(repo_path, check_mcnc_bytes(local))
              for repo_path, local in files.items() if repo_path.endswith(".mcnc")]
