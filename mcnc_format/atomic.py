@@ -12,9 +12,10 @@ adapters, the demo's files). Three promises:
   writers that no longer run on this machine are removed by the next write to that target.
   ``<host>`` tells this machine's temporaries from those of other machines writing the same
   folder (NFS has no ``O_TMPFILE``), whose process ids say nothing here.
-* A set of files (``atomic_files``: a model folder's weights, config and card) is written to a
-  temporary folder beside them, and moved into place one atomic rename each only once all
-  were written and fsynced: a failure half-way leaves every old file as it was.
+* A set of files (``atomic_files``: a model folder's weights, config and card, a PEFT
+  adapter's weights and config) is written to a temporary folder beside them, and moved into
+  place one atomic rename each only once all were written and fsynced: a failure half-way
+  leaves every old file as it was.
 * Without ``overwrite`` the target is created only if it still does not exist at the moment the
   finished file is linked into place (``link`` fails with ``EEXIST``): of two writers racing to
   the same new path exactly one succeeds. With ``overwrite`` the target is replaced by a
@@ -156,13 +157,18 @@ _STAGING = "mcnc-staging"
 
 
 @contextlib.contextmanager
-def atomic_files(folder: Path) -> Iterator[Path]:
+def atomic_files(folder: Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder to write a set of files into; when the block succeeds, each
     file written there replaces the file of its name in ``folder`` (keeping that file's
     mode, as ``atomic_path`` does), by a rename, after all of them were written and fsynced.
     On any exception nothing is moved and the temporary folder is removed; an ``OSError``
     becomes a ``WriteError`` naming the folder and the fix. Files only: a subfolder written
-    there is a ``WriteError``."""
+    there is a ``WriteError``.
+
+    Without ``overwrite`` the files are linked into place instead (``link`` fails if a name
+    exists): the first existing name, even one that appeared while writing, is a
+    ``WriteError``, and the files this call already placed are taken back, so of two writers
+    racing to the same new set exactly one succeeds and neither leaves a mixed set."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -186,14 +192,35 @@ def atomic_files(folder: Path) -> Iterator[Path]:
         for path in written:
             _refuse_non_file(folder / path.name)
             _finish(path, folder / path.name)
-        for path in written:
-            os.replace(path, folder / path.name)
+        if overwrite:
+            for path in written:
+                os.replace(path, folder / path.name)
+        else:
+            _link_all(written, folder)
         _fsync_directory(folder)
     except OSError as exc:
         raise WriteError(f"{folder}: write failed: {describe_os_error(exc)}; the files "
                          "already there are unchanged") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_all(written: list[Path], folder: Path) -> None:
+    """Link each written file into ``folder`` under its name, all or none: on the first name
+    that exists, unlink the ones placed so far (only those still this call's files: a name
+    another writer has since replaced is left to it)."""
+    placed: list[Path] = []
+    for path in written:
+        target = folder / path.name
+        try:
+            _link(path, target)
+        except FileExistsError:
+            for mine in placed:
+                with contextlib.suppress(OSError):
+                    if os.path.samefile(mine, folder / mine.name):
+                        (folder / mine.name).unlink()
+            raise WriteError(f"{target}: {_existing(target)}") from None
+        placed.append(path)
 
 
 def _finish(path: Path, target: Path) -> None:

@@ -11,6 +11,7 @@ suffix (``q``, ``blk.q``) checks that each setting reaches its own module only.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import re
@@ -24,11 +25,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mcnc_format as mf
+import mcnc_format.converters.peft_export as peft_export_module
 from mcnc_format import MCNC, LoRA, Segment, Theta0
 from mcnc_format.cli.export_peft_cmd import export_peft_command
 from mcnc_format.converters.pack import pack
 from mcnc_format.converters.peft_export import export_peft
-from mcnc_format.errors import MCNCError
+from mcnc_format.errors import MCNCError, WriteError
 from mcnc_format.generator import GeneratorSpec
 from mcnc_format.reader import tensor_sha256
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora
@@ -202,3 +204,55 @@ def test_modules_sharing_a_suffix_keep_their_own_rank(seed: int, tmp_path: Path)
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x), merged(x), rtol=1e-5, atol=1e-5)
         assert (peft_model(x) - base(x)).abs().max() > 1e-3
+
+
+def _adapter_file(tmp_path: Path, name: str, seed: int) -> Path:
+    """A one-module lora file on base.safetensors (written once), factors drawn from ``seed``."""
+    torch.manual_seed(0)
+    base = SharedSuffix()
+    if not (tmp_path / "base.safetensors").exists():
+        save_file(base.state_dict(), tmp_path / "base.safetensors")
+    spec = GeneratorSpec(k=4, d=64, hidden=(8,), seed=seed % 2**32)
+    g = torch.Generator().manual_seed(seed)
+    path = tmp_path / name
+    mf.save(path, {"q.weight": _lora("q.weight", 4, 1.0, base.q.weight.detach(), spec, g)})
+    return path
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_forced_export_leaves_the_old_adapter_whole(
+        seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both files are written before either replaces its predecessor: a write failing after
+    the weights (here the config's, with a full disk) keeps the old weights beside the old
+    config, and no temporary is left in the folder."""
+    export_peft(_adapter_file(tmp_path, "old.mcnc", seed), tmp_path / "peft")
+    before = _folder_bytes(tmp_path / "peft")
+    newer = _adapter_file(tmp_path, "new.mcnc", seed + 1)
+
+    def full_disk(*args: object, **kwargs: object) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(peft_export_module.json, "dumps", full_disk)
+    with pytest.raises(WriteError, match="free some space"):
+        export_peft(newer, tmp_path / "peft", force=True)
+    assert _folder_bytes(tmp_path / "peft") == before
+
+
+def test_an_adapter_appearing_during_an_export_keeps_its_files(
+        seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --force, a config another writer placed while this export ran is refused when
+    the files are placed, and the weights this export had already placed are taken back: the
+    folder holds the other writer's files only, never a mixed pair."""
+    folder = tmp_path / "peft"
+    real_dumps = json.dumps
+
+    def racing_writer(*args: object, **kwargs: object) -> str:
+        folder.mkdir(exist_ok=True)
+        (folder / "adapter_config.json").write_text("{}\n")
+        return real_dumps(*args, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(peft_export_module.json, "dumps", racing_writer)
+    with pytest.raises(WriteError, match=r"adapter_config\.json.*already exists"):
+        export_peft(_adapter_file(tmp_path, "a.mcnc", seed), folder)
+    assert _folder_bytes(folder) == {"adapter_config.json": b"{}\n"}

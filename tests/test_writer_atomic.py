@@ -374,3 +374,18 @@ def test_a_fifo_or_folder_at_the_output_path_is_refused_not_replaced(
     with pytest.raises(mf.WriteError, match="is a folder"):
         mf.save(folder, _inputs(seed), overwrite=overwrite)
     assert folder.is_dir() and sorted(tmp_path.iterdir()) == [folder, fifo]
+
+
+def test_of_two_sets_racing_to_new_names_one_is_placed_whole(tmp_path: Path) -> None:
+    """``atomic_files(overwrite=False)``: the set finished second finds a name taken, and the
+    names it had already placed are taken back; the folder holds the first set only."""
+    first, second = os.urandom(64), os.urandom(64)
+    with pytest.raises(mf.MCNCError, match=r"b\.bin.*already exists"), \
+            atomic.atomic_files(tmp_path, overwrite=False) as late:
+        (late / "a.bin").write_bytes(second)
+        (late / "b.bin").write_bytes(second)
+        with atomic.atomic_files(tmp_path, overwrite=False) as early:
+            (early / "b.bin").write_bytes(first)
+            (early / "c.bin").write_bytes(first)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {
+        "b.bin": first, "c.bin": first}

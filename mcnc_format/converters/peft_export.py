@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..api import open as open_file
-from ..atomic import atomic_path, refuse_overwrite, refuse_same_file
+from ..atomic import atomic_files, refuse_overwrite, refuse_same_file
 from ..errors import MCNCError
 from ..header import LoRATensor
 from ..reader import MCNCFile
@@ -140,13 +140,13 @@ def export_peft(
         base = base_model if base_model is not None else f.info.get("base_model")
     config = {**adapter.config, "task_type": task_type, "base_model_name_or_path": base,
               "revision": None, "inference_mode": True}
-    folder.mkdir(parents=True, exist_ok=True)
-    # Each file replaces its predecessor atomically: an interrupted export never leaves a
-    # half-written file (the two files are replaced one after the other, not together).
-    save_safetensors(folder / ADAPTER_WEIGHTS, adapter.weights, {"format": "pt"},
-                     overwrite=force)
-    with atomic_path(folder / ADAPTER_CONFIG, overwrite=force) as tmp:
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # Both files are written before either is placed: an interrupted or failed export leaves
+    # the old adapter whole, never new weights beside an old config.
+    with atomic_files(folder, overwrite=force) as staging:
+        save_safetensors(staging / ADAPTER_WEIGHTS, adapter.weights, {"format": "pt"},
+                         overwrite=False)
+        (staging / ADAPTER_CONFIG).write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return PeftExport(folder, tuple(sorted(adapter.ranks)), config["r"], config["lora_alpha"],
                       others if skip_non_lora else ())
 
