@@ -507,6 +507,26 @@ def test_io_failures_and_endpoint_credentials_in_errors(
     assert "s3cret" not in str(excinfo.value)
 
 
+@pytest.mark.parametrize("hostile", ["../escape.mcnc", "/tmp/escape.mcnc", "C:escape.mcnc"])
+def test_file_names_that_would_escape_the_folder_are_a_hub_error(
+        hub: HubServer, tmp_path: Path, seed: int, hostile: str) -> None:
+    """A repository holding a name the client refuses to write (``..``, absolute, a drive) is a
+    ``HubError`` naming the file and the fix, not the client's bare ``ValueError`` (a
+    traceback from ``mcnc pull``); nothing is written outside the folder."""
+    local = _make_mcnc(tmp_path / "model.mcnc", seed)
+    hub.create_repo(REPO, files={"model.mcnc": local.read_bytes(), hostile: b"\x89MCNC"})
+    out = tmp_path / "out" / "in"
+    for pull in (lambda: mhub.pull(REPO), lambda: mhub.pull(REPO, local_dir=out),
+                 lambda: mhub.pull(REPO, hostile, local_dir=out)):
+        with pytest.raises(HubError, match="rename this file") as excinfo:
+            pull()
+        assert REPO in str(excinfo.value) and hostile in str(excinfo.value)
+    assert not (tmp_path / "out" / "escape.mcnc").exists()
+    pulled = CliRunner().invoke(pull_command, [f"hf://{REPO}"])
+    assert isinstance(pulled.exception, HubError), pulled.output
+    assert mhub.pull(REPO, "model.mcnc").read_bytes() == local.read_bytes()
+
+
 def test_push_refuses_a_damaged_file(hub: HubServer, tmp_path: Path, seed: int) -> None:
     local = _make_mcnc(tmp_path / "model.mcnc", seed)
     damaged = tmp_path / "damaged.mcnc"

@@ -4,8 +4,10 @@ Why: the client's exceptions describe HTTP; a user needs to know whether to log 
 name, go online or retry. Order matters: ``GatedRepoError`` is a ``RepositoryNotFoundError``,
 and ``LocalEntryNotFoundError`` (offline, nothing cached) is also an ``EntryNotFoundError``.
 Anything else the client's I/O raises (a full disk, an HTTP-library error outside its
-``HTTPError``) still becomes a ``HubError`` naming the file, so the command-line policy of
-one-line ``MCNCError`` messages holds. Endpoints are printed without ``user:password@``.
+``HTTPError``) still becomes a ``HubError`` naming the file, and so does a ``ValueError`` the
+client raises itself (a repository file name it refuses to write, such as ``../x``), so the
+command-line policy of one-line ``MCNCError`` messages holds. Endpoints are printed without
+``user:password@``.
 """
 
 from __future__ import annotations
@@ -110,9 +112,22 @@ def _translate(exc: BaseException, where: str, repo_id: str, revision: str,
     if isinstance(exc, ValueError) and exc.__cause__ is not None:
         # hf_hub_download(force_download=True) wraps the failed metadata request this way.
         return _translate(exc.__cause__, where, repo_id, revision, endpoint)
+    if isinstance(exc, ValueError) and _raised_by_client(exc):
+        # The client refusing what the repository holds: a file name that would escape the
+        # cache or local_dir ("../x", "/etc/x", "C:x") names its fix (ask the owner).
+        return HubError(f"{where}: {_text(exc)}")
     if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _HTTP_LIBRARIES:
         return HubError(f"{where}: {_text(exc)}")
     return None
+
+
+def _raised_by_client(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside ``huggingface_hub`` (its innermost frame)."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    module = frame.tb_frame.f_globals.get("__name__", "") if frame is not None else ""
+    return isinstance(module, str) and module.split(".")[0] == "huggingface_hub"
 
 
 def _text(exc: BaseException) -> str:
