@@ -104,6 +104,25 @@ def test_push_to_hub_then_load_by_uri_and_repo_id(hub: HubServer, tmp_path: Path
         from_pretrained(f"hf://{REPO}@main", revision="other")
 
 
+def test_a_model_without_generation_config_loads_offline_once_pulled(
+        hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An encoder has no ``generation_config.json``: offline, the cache's record that the
+    commit lacks it is trusted, so a model pulled once by repo id or URI loads without the
+    Hub, as one that generates does."""
+    from huggingface_hub import constants
+
+    model = trained("bert")
+    push_to_hub(model, "alice/encoder", token=WRITE_TOKEN)
+    ids = tokens(6)
+    want = output(model, ids)
+    assert_same_outputs(output(from_pretrained("alice/encoder"), ids), want)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.clear_requests()
+    for name in ("alice/encoder", "hf://alice/encoder"):
+        assert_same_outputs(output(from_pretrained(name), ids), want)
+    assert hub.requests == []
+
+
 def test_dtype_and_device_are_honoured(tmp_path: Path) -> None:
     model = trained("llama")
     folder = save_pretrained(model, tmp_path / "m")
