@@ -139,6 +139,33 @@ def test_dtype_and_device_are_honoured(tmp_path: Path) -> None:
         from_pretrained(folder, device="cuda:9")
 
 
+def test_transformers_spellings_of_dtype_and_device_are_honoured_or_refused(
+        tmp_path: Path) -> None:
+    """What users pass to transformers' own from_pretrained: ``torch_dtype`` converts the
+    weights (it did not: the config said bfloat16 over float32 weights), a ``device_map``
+    naming one device places them, ``dtype="auto"`` keeps them as stored; a ``device_map``
+    spreading the model, download options and keywords that are no config field are refused
+    instead of dropped."""
+    folder = save_pretrained(trained("llama"), tmp_path / "m")
+    half = from_pretrained(folder, torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.config.dtype == torch.bfloat16
+    assert {p.dtype for p in from_pretrained(folder, dtype="auto").parameters()} == {
+        torch.float32}
+    for device_map in ("meta", {"": "meta"}, torch.device("meta")):
+        assert all(p.is_meta for p in from_pretrained(folder, device_map=device_map).parameters())
+    assert not from_pretrained(folder, low_cpu_mem_usage=True).training
+    for keywords, message in [({"device_map": "auto"}, "spreads the model"),
+                              ({"device_map": {"model": "cpu", "lm_head": "meta"}}, "spreads"),
+                              ({"device_map": "cpu", "device": "meta"}, "different devices"),
+                              ({"dtype": torch.float16, "torch_dtype": torch.bfloat16}, "give"),
+                              ({"subfolder": "sub"}, "download options"),
+                              ({"local_files_only": True}, "download options"),
+                              ({"num_hidden_layer": 1}, r"\['num_hidden_layer'\]")]:
+        with pytest.raises(UsageError, match=message):
+            from_pretrained(folder, **keywords)
+
+
 def test_plain_transformers_takes_the_loaded_state_dict(tmp_path: Path) -> None:
     """What transformers offers without a hook: the state dict handed to from_pretrained."""
     model = trained("gpt2")

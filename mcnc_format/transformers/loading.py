@@ -47,8 +47,10 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     ``token`` and ``endpoint`` as in ``mcnc_format.hub``). The model class is the one
     ``config.json``'s ``architectures`` names, or ``model_class`` (a model class, or an
     ``AutoModel*`` class). ``dtype`` converts floating weights (default: as stored; a floating
-    torch dtype or one of ``f32``, ``bf16``, ``f16``, ``f64``).
-    ``config_overrides`` go to ``AutoConfig.from_pretrained``. The class is looked up only
+    torch dtype or one of ``f32``, ``bf16``, ``f16``, ``f64``); transformers' ``torch_dtype``,
+    ``dtype="auto"`` and a ``device_map`` naming one device work as there (``_placement``).
+    ``config_overrides`` go to ``AutoConfig.from_pretrained``; one that is no config field is
+    a ``UsageError``. The class is looked up only
     among transformers' model classes of the config's model type, and the config is checked
     against the file's tensor names and shapes before the model is built (``ConfigError``).
     Tied weights (``tie_word_embeddings``) are tied; the generation config is loaded when the
@@ -58,8 +60,7 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     require("transformers", "transformers", "mcnc_format.transformers.from_pretrained")
     from transformers import AutoConfig, GenerationConfig
 
-    device = check_device(device)
-    dtype = check_dtype(dtype)
+    device, dtype = _placement(device, dtype, config_overrides)
     folder = resolve_folder(repo_or_dir, revision, token=token, endpoint=endpoint)
     config_path, weights = folder / CONFIG_FILE, folder / MODEL_FILE
     for required in (config_path, weights):
@@ -68,9 +69,14 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
                             "mcnc_format.transformers.save_pretrained holds config.json and "
                             "model.mcnc")
     try:
-        config = AutoConfig.from_pretrained(folder, **config_overrides)
+        config, unused = AutoConfig.from_pretrained(folder, return_unused_kwargs=True,
+                                                    **config_overrides)
     except (OSError, ValueError, KeyError) as exc:
         raise MCNCError(f"{config_path}: transformers cannot read this config ({exc})") from exc
+    if unused:
+        raise UsageError(f"from_pretrained got {sorted(unused)}, which are neither its own "
+                         f"options nor fields of this config ({type(config).__name__}), where "
+                         "other keywords go: check the spelling, or leave them out")
     cls = model_class or _architecture(config, config_path)
     check_config(cls, config, weights)
     with _default_dtype(dtype), _parameters_on_meta():
@@ -83,6 +89,63 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     if (folder / GENERATION_CONFIG_FILE).is_file() and model.can_generate():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()
+
+
+#: transformers' download options: ``AutoConfig.from_pretrained`` would apply them to
+#: ``config.json`` alone (``model.mcnc`` comes through ``mcnc_format.hub``).
+_DOWNLOAD_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies", "subfolder",
+                     "gguf_file")
+#: ``device_map`` values that spread a model over several devices.
+_SPREAD = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device: torch.device | str, dtype: torch.dtype | str | None,
+               overrides: dict[str, Any]) -> tuple[torch.device, torch.dtype | None]:
+    """The checked device and dtype, taking transformers' spellings out of ``overrides``:
+    ``torch_dtype`` (its deprecated name of ``dtype``), ``dtype="auto"`` (as stored) and a
+    ``device_map`` naming one device; ``low_cpu_mem_usage`` is dropped (building on meta is
+    what it asks for; transformers 5 ignores it too). Left there, ``AutoConfig`` would drop
+    ``device_map`` and record ``torch_dtype`` in the config without converting a weight.
+    Download options, which would reach the config only, and a ``device_map`` spreading the
+    model are refused."""
+    if "torch_dtype" in overrides:
+        alias = overrides.pop("torch_dtype")
+        if dtype is not None and alias is not None:
+            raise UsageError("dtype= and torch_dtype= were both given; give dtype= only "
+                             "(torch_dtype is transformers' old name for it)")
+        dtype = dtype if alias is None else alias
+    if isinstance(dtype, str) and dtype == "auto":  # transformers' "as the weights are"
+        dtype = None
+    if "device_map" in overrides:
+        device = _one_device(overrides.pop("device_map"), check_device(device))
+    overrides.pop("low_cpu_mem_usage", None)
+    download = [name for name in _DOWNLOAD_OPTIONS if name in overrides]
+    if download:
+        raise UsageError(
+            f"from_pretrained does not take transformers' download options {download}: the "
+            "files come through mcnc_format.hub and huggingface_hub's cache. Name a subfolder "
+            "in the URI (hf://ORG/REPO/SUBFOLDER), and use HF_HUB_OFFLINE=1 or HF_HUB_CACHE "
+            "for the cache")
+    return check_device(device), check_dtype(dtype)
+
+
+def _one_device(device_map: object, device: torch.device) -> torch.device:
+    """The one device ``device_map`` names (a device, or ``{"": device}``, accelerate's map
+    of the whole model); ``device`` when given too must be the same one."""
+    target = device_map
+    if isinstance(device_map, Mapping):
+        target = device_map[""] if set(device_map) == {""} else None
+    if (not isinstance(target, str | int | torch.device) or isinstance(target, bool)
+            or target in _SPREAD):
+        raise UsageError(
+            f"device_map={device_map!r} spreads the model over devices; from_pretrained "
+            "loads every weight onto one device: pass device= (or device_map naming one "
+            "device)")
+    mapped = check_device(target)
+    if device not in (torch.device("cpu"), mapped):
+        raise UsageError(f"device={str(device)!r} and device_map={device_map!r} name different "
+                         "devices; give one")
+    return mapped
 
 
 def resolve_folder(repo_or_dir: str | os.PathLike[str], revision: str | None = None, *,
