@@ -218,6 +218,44 @@ def test_push_folder_with_relative_base_and_card_from_folder(
                      mcnc_format.load(folder / "model.mcnc"))
 
 
+def test_a_relative_base_comes_from_the_commit_of_the_file_that_names_it(
+        hub: HubServer, tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file opened by branch names its base relatively; a push of a new base and file
+    landing while the first is being read must not pair the old file with the new base (its
+    hash differs: that was reported as a damaged download, and the good new base evicted).
+    The base is fetched at the commit the file came from, not by the branch's name."""
+    from mcnc_format.hub import download
+
+    def release(offset: int) -> dict[str, bytes]:
+        folder = tmp_path / f"release{offset}"
+        folder.mkdir()
+        base = _base_tensors(seed + offset)
+        (folder / "base.safetensors").write_bytes(safetensors_bytes(base))
+        theta0 = mcnc_format.Theta0.external("base.safetensors", "layer.weight",
+                                             tensor_sha256(base["layer.weight"]))
+        _make_mcnc(folder / "sub" / "model.mcnc", seed + offset, theta0)
+        (folder / "sub" / "base.safetensors").write_bytes(safetensors_bytes(base))
+        return {path.relative_to(folder).as_posix(): path.read_bytes()
+                for path in folder.rglob("*") if path.is_file()}
+
+    first, second = release(0), release(1)
+    hub.create_repo(REPO, files=first)
+    expected = mcnc_format.load(tmp_path / "release0" / "sub" / "model.mcnc")
+    checked = download.check_mcnc_bytes
+
+    def push_meanwhile(path: Path) -> Path:
+        monkeypatch.setattr(download, "check_mcnc_bytes", checked)
+        hub.commit(REPO, second)
+        return checked(path)
+
+    monkeypatch.setattr(download, "check_mcnc_bytes", push_meanwhile)
+    hub.clear_requests()
+    _assert_same(mcnc_format.load(f"hf://{REPO}/sub/model.mcnc"), expected)
+    assert not any(r.path.endswith("/resolve/main/sub/base.safetensors") for r in hub.requests)
+    _assert_same(mcnc_format.load(f"hf://{REPO}@main/sub/model.mcnc"),
+                 mcnc_format.load(tmp_path / "release1" / "sub" / "model.mcnc"))
+
+
 def test_whole_repo_pull_into_a_folder_checks_only_the_repos_files(
         hub: HubServer, tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     local = _make_mcnc(tmp_path / "src" / "model.mcnc", seed)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from huggingface_hub import (
@@ -43,7 +43,8 @@ from ..uri import SCHEME, HubURI, parse_uri
 from .error_map import hub_errors, no_such_file
 from .integrity import check_mcnc_bytes
 
-__all__ = ["pinned", "pull", "read_reference", "resolve_path", "resolve_reference"]
+__all__ = ["opened_at", "pinned", "pull", "read_reference", "resolve_path",
+           "resolve_reference"]
 
 T = TypeVar("T")
 PathLike = str | os.PathLike[str]
@@ -94,6 +95,22 @@ def resolve_path(path_or_uri: PathLike, *, token: str | None = None,
     local = download(target, **options)
     _refuse_other_formats(target, local)
     return _checked(target, local, check_mcnc_bytes, MCNC_DAMAGE, options)
+
+
+def opened_at(name: str, local: Path) -> str:
+    """``name`` (an ``hf://`` URI) pinned to the commit its downloaded copy ``local`` came
+    from, so that references relative to it are fetched from that same snapshot even if the
+    branch moves meanwhile. The client's cache keeps a file of commit ``C`` at
+    ``.../snapshots/C/PATH``; a copy found elsewhere leaves ``name`` as it is."""
+    target = parse_uri(name, error=HubError)
+    if target.pinned:
+        return name
+    depth = len(PurePosixPath(target.path).parts)
+    snapshot = local.parents[depth - 1] if 0 < depth < len(local.parents) else None
+    if (snapshot is None or snapshot.parent.name != "snapshots"
+            or not HubURI(target.repo_id, snapshot.name, target.path).pinned):
+        return name
+    return str(target.with_revision(snapshot.name))
 
 
 def pull(repo_id: str, filename: str | None = None, revision: str | None = None, *,
