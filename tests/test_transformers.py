@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from transformers_helpers import MODELS, llama, output, tokenizer, tokens, train
 
 import mcnc_format
-from mcnc_format.errors import MCNCError, ReparametrizeError, UsageError
+from mcnc_format.errors import HubError, MCNCError, ReparametrizeError, UsageError
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize
 from mcnc_format.transformers import from_pretrained, push_to_hub, save_pretrained
 
@@ -121,6 +121,20 @@ def test_a_model_without_generation_config_loads_offline_once_pulled(
     for name in ("alice/encoder", "hf://alice/encoder"):
         assert_same_outputs(output(from_pretrained(name), ids), want)
     assert hub.requests == []
+
+
+def test_push_to_a_repository_holding_dense_weights_is_refused(hub: HubServer) -> None:
+    """As ``save_pretrained`` refuses a folder with ``model.safetensors``: the pushed config
+    beside another model's dense weights, which plain transformers loads first, would give a
+    repository that loads wrong. Nothing is committed, on the branch or a new one."""
+    hub.create_repo(REPO, files={"model.safetensors": b"dense weights of another model"})
+    head = hub.head(REPO)
+    for revision in (None, "mcnc"):
+        with pytest.raises(HubError, match=r"\['model\.safetensors'\]"):
+            push_to_hub(trained("llama"), REPO, revision=revision, token=WRITE_TOKEN)
+    assert hub.head(REPO) == head
+    with pytest.raises(KeyError):  # no branch was created
+        hub.head(REPO, "mcnc")
 
 
 def test_dtype_and_device_are_honoured(tmp_path: Path) -> None:
