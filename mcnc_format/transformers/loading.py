@@ -58,7 +58,7 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     missing or unreadable, or when the file's tensors do not match the model the config builds.
     """
     require("transformers", "transformers", "mcnc_format.transformers.from_pretrained")
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig
 
     device, dtype = _placement(device, dtype, config_overrides)
     folder = resolve_folder(repo_or_dir, revision, token=token, endpoint=endpoint)
@@ -71,13 +71,15 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     try:
         config, unused = AutoConfig.from_pretrained(folder, return_unused_kwargs=True,
                                                     **config_overrides)
-    except (OSError, ValueError, KeyError) as exc:
-        raise MCNCError(f"{config_path}: transformers cannot read this config ({exc})") from exc
+    except Exception as exc:  # transformers raises whatever a broken config.json makes it meet
+        raise ConfigError(f"transformers cannot read this config ({exc}); fix config.json",
+                          path=str(config_path)) from exc
     if unused:
         raise UsageError(f"from_pretrained got {sorted(unused)}, which are neither its own "
                          f"options nor fields of this config ({type(config).__name__}), where "
                          "other keywords go: check the spelling, or leave them out")
     cls = model_class or _architecture(config, config_path)
+    generation = _generation_config(folder / GENERATION_CONFIG_FILE)
     check_config(cls, config, weights)
     with _default_dtype(dtype), _parameters_on_meta():
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
@@ -86,9 +88,24 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     model.tie_weights()
     if dtype is not None:
         model.config.dtype = dtype
-    if (folder / GENERATION_CONFIG_FILE).is_file() and model.can_generate():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+    if generation is not None and model.can_generate():
+        model.generation_config = generation
     return model.eval()
+
+
+def _generation_config(path: Path) -> Any:
+    """The ``GenerationConfig`` in ``path``, if there is one, read before the model is built:
+    a broken one is a ``ConfigError`` at once, not whatever transformers meets after the
+    weights were loaded."""
+    from transformers import GenerationConfig
+
+    if not path.is_file():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(path.parent, path.name)
+    except Exception as exc:  # as for config.json
+        raise ConfigError(f"transformers cannot read this generation config ({exc}); fix or "
+                          "remove generation_config.json", path=str(path)) from exc
 
 
 #: transformers' download options: ``AutoConfig.from_pretrained`` would apply them to
@@ -183,20 +200,22 @@ def _architecture(config: Any, source: Path) -> Any:
     import transformers
 
     names = getattr(config, "architectures", None) or []
+    if isinstance(names, str):  # one name, not a list of them
+        names = [names]
     if not names:
-        raise ConfigError(f"{source}: names no architecture; pass model_class= (for example "
+        raise ConfigError("names no architecture; pass model_class= (for example "
                           "transformers.AutoModelForCausalLM)", path=str(source))
     name, model_type = names[0], getattr(config, "model_type", None)
     registered = _registered_classes(model_type)
     if not isinstance(name, str) or name not in registered:
         listed = ", ".join(sorted(registered)[:8]) or "none"
         raise ConfigError(
-            f"{source}: architecture {name!r} is not a model class of model type "
-            f"{model_type!r} in transformers {transformers.__version__} (its classes: "
-            f"{listed}); fix config.json or pass model_class=", path=str(source))
+            f"architecture {name!r} is not a model class of model type {model_type!r} in "
+            f"transformers {transformers.__version__} (its classes: {listed}); fix "
+            "config.json or pass model_class=", path=str(source))
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ConfigError(f"{source}: architecture {name!r} is not in this transformers "
+        raise ConfigError(f"architecture {name!r} is not in this transformers "
                           f"({transformers.__version__}); upgrade it or pass model_class=",
                           path=str(source))
     return cls
