@@ -104,6 +104,38 @@ def test_push_to_hub_then_load_by_uri_and_repo_id(hub: HubServer, tmp_path: Path
         from_pretrained(f"hf://{REPO}@main", revision="other")
 
 
+def test_a_base_beside_the_file_is_fetched_from_the_repository(hub: HubServer,
+                                                              tmp_path: Path) -> None:
+    """A ``model.mcnc`` whose adapted weights reference the base checkpoint beside it
+    (``base.safetensors``, SHA-256 pinned) loads from its folder, and from the Hub too, with
+    the token given (a private repository): the base is fetched from the repository at the
+    file's commit. It was looked for in the cache's snapshot, where nothing had fetched it."""
+    from safetensors.torch import save_file
+
+    from mcnc_format import Theta0
+    from mcnc_format import hub as mhub
+    from mcnc_format.reader import tensor_sha256
+    from mcnc_format.torch import save_model
+
+    torch.manual_seed(0)
+    model = add_mcnc_lora(llama(), CONFIG, target_modules=["q_proj"], rank=2)
+    names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+    weights = {n: model.get_submodule(n.removesuffix(".weight")).weight.detach().clone()
+               for n in names}
+    model = train(model)
+    folder = save_pretrained(model, tmp_path / "m")
+    save_file(weights, str(folder / "base.safetensors"))
+    save_model(model, folder / "model.mcnc", theta0={
+        n: Theta0.external("base.safetensors", n, tensor_sha256(w)) for n, w in weights.items()})
+    ids = tokens(7)
+    want = output(model, ids)
+    assert_same_outputs(output(from_pretrained(folder), ids), want)
+    pushed = mhub.push(folder, REPO, private=True, token=WRITE_TOKEN)
+    assert "base.safetensors" in pushed.paths
+    for name in (REPO, f"hf://{REPO}@{pushed.commit}"):
+        assert_same_outputs(output(from_pretrained(name, token=WRITE_TOKEN), ids), want)
+
+
 def test_a_model_without_generation_config_loads_offline_once_pulled(
         hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """An encoder has no ``generation_config.json``: offline, the cache's record that the

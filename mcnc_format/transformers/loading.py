@@ -61,7 +61,7 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     from transformers import AutoConfig
 
     device, dtype = _placement(device, dtype, config_overrides)
-    folder = resolve_folder(repo_or_dir, revision, token=token, endpoint=endpoint)
+    folder, source = resolve_folder(repo_or_dir, revision, token=token, endpoint=endpoint)
     config_path, weights = folder / CONFIG_FILE, folder / MODEL_FILE
     for required in (config_path, weights):
         if not required.is_file():
@@ -83,7 +83,8 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     check_config(cls, config, weights)
     with _default_dtype(dtype), _parameters_on_meta():
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    load_into(model, weights, device=device, dtype=dtype)
+    load_into(model, source, device=device, dtype=dtype, resolver=_resolver(source, token,
+                                                                          endpoint))
     model.to(device)  # the buffers computed while building (parameters are there already)
     model.tie_weights()
     if dtype is not None:
@@ -166,13 +167,16 @@ def _one_device(device_map: object, device: torch.device) -> torch.device:
 
 
 def resolve_folder(repo_or_dir: str | os.PathLike[str], revision: str | None = None, *,
-                   token: str | None = None, endpoint: str | None = None) -> Path:
+                   token: str | None = None, endpoint: str | None = None) -> tuple[Path, str]:
     """A local folder holding the model's files: the folder itself, or the Hub snapshot of
     ``config.json``, ``model.mcnc`` and (if present) ``generation_config.json`` at one
-    commit (the branch or tag is resolved once, so the files cannot come from two commits)."""
+    commit (the branch or tag is resolved once, so the files cannot come from two commits);
+    and the name to load ``model.mcnc`` by: its path, or its ``hf://`` URI at that commit, so
+    that a theta0 reference beside it (``base.safetensors``) is fetched from the repository
+    as well, as a local folder's is read from the folder."""
     text = os.fspath(repo_or_dir)
     if os.path.isdir(text):
-        return Path(text)
+        return Path(text), str(Path(text) / MODEL_FILE)
     if not text.startswith(SCHEME) and (text.count("/") != 1 or os.path.exists(text)):
         raise MCNCError(f"{text}: no such folder, and not a Hub repo id ORG/REPO or an "
                         "hf://ORG/REPO URI")
@@ -189,7 +193,17 @@ def resolve_folder(repo_or_dir: str | os.PathLike[str], revision: str | None = N
     pull(target.repo_id, prefix + MODEL_FILE, target.revision, **options)
     with suppress(HubFileNotFoundError):  # optional: models that do not generate have none
         pull(target.repo_id, prefix + GENERATION_CONFIG_FILE, target.revision, **options)
-    return config.parent
+    return config.parent, str(target.with_path(prefix + MODEL_FILE))
+
+
+def _resolver(source: str, token: str | None, endpoint: str | None) -> Any:
+    """The Hub resolver with the caller's token and endpoint for an ``hf://`` source (its
+    references are fetched with them too); None (the default) for a local file."""
+    if not source.startswith(SCHEME):
+        return None
+    from ..hub import HubResolver
+
+    return HubResolver(token=token, endpoint=endpoint)
 
 
 def _architecture(config: Any, source: Path) -> Any:
