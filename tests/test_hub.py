@@ -38,6 +38,7 @@ from mcnc_format.errors import (
 from mcnc_format.model_card import (
     SAVE_PRETRAINED_WRITER,
     SECTION_BEGIN,
+    SECTION_END,
     SECTION_MARK,
     FileFacts,
     render_card,
@@ -686,6 +687,32 @@ def test_render_card_drops_rows_of_deleted_files_and_parses_plain_readme(seed: i
     only_a = render_card(with_b, "org/r", [facts], keep_rows_for=kept)
     assert "| `b.mcnc` |" not in only_a and "| `odd\\|name.mcnc` |" in only_a
     assert render_card(only_a, "org/r", [facts], keep_rows_for=kept) == only_a
+
+
+def test_file_names_cannot_break_the_card(seed: int, tmp_path: Path) -> None:
+    """A file named with the section's end marker, a backtick, a newline or a percent sign
+    (anyone with write access can push one) stays inside its table cell: the card keeps one
+    section, its rows come back on the next push, pushing again changes nothing, and the
+    example is valid Python naming a plain file. The end marker in a name used to end the
+    section early, so every later push appended the rest again."""
+    import ast
+
+    path = _make_mcnc(tmp_path / "a.mcnc", seed)
+    names = ["a.mcnc", f"{SECTION_END}.mcnc", "back`tick.mcnc", "new\nline.mcnc",
+             "50%7C.mcnc", "pi|pe.mcnc"]
+    with mcnc_format.open(path) as f:
+        facts = [FileFacts.of(name, f) for name in names]
+    card = render_card(None, "org/r", facts)
+    again = render_card(card, "org/r", facts[:1], keep_rows_for=set(names))
+    assert again == card and render_card(again, "org/r", facts) == card
+    assert card.count(SECTION_MARK) == 1 and card.count(SECTION_END) == 1
+    rows = [line for line in card.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(names)
+    code = card.split("```python\n")[1].split("```")[0]
+    ast.parse(code)
+    assert 'load("hf://org/r/a.mcnc")' in code  # the first name with nothing to escape
+    dropped = render_card(card, "org/r", facts[:1], keep_rows_for={"a.mcnc", "50%7C.mcnc"})
+    assert len([line for line in dropped.splitlines() if line.startswith("| `")]) == 2
 
 
 # --------------------------------------------------------------------------- CLI
