@@ -246,6 +246,23 @@ def test_a_folder_that_does_not_fit_names_the_file(tmp_path: Path) -> None:
         save_pretrained(llama(), tmp_path / "plain")
 
 
+def test_a_file_missing_weights_says_what_to_do_instead(tmp_path: Path) -> None:
+    """A ``model.mcnc`` holding part of the model (what ``mcnc pack --base`` writes: the
+    adapter alone) is refused naming the missing weights, with a fix from_pretrained's caller
+    can apply, not load_into's "pass strict=False", which from_pretrained does not take."""
+    from mcnc_format.errors import StateDictMismatchError
+
+    folder = save_pretrained(trained("llama"), tmp_path / "m")
+    weights = mcnc_format.load(folder / "model.mcnc")
+    del weights["model.norm.weight"]
+    (folder / "model.mcnc").unlink()
+    mcnc_format.save(folder / "model.mcnc", weights)
+    with pytest.raises(StateDictMismatchError, match=r"'model\.norm\.weight'") as excinfo:
+        from_pretrained(folder)
+    assert "strict=False to load what matches" not in str(excinfo.value)
+    assert "load_adapter" in str(excinfo.value)
+
+
 def test_dtypes_that_are_not_floating_are_refused_before_building(tmp_path: Path) -> None:
     model = reparametrize(llama(), MCNCConfig(k=4, d=32, hidden=(16, 16)))
     save_pretrained(model, tmp_path / "m")

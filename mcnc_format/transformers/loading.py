@@ -21,10 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import load_into
+from ..api import STRICT_HINT, load_into
 from ..api import open as open_file
 from ..devices import check_device, check_dtype
-from ..errors import ConfigError, HubFileNotFoundError, MCNCError, UsageError
+from ..errors import (
+    ConfigError,
+    HubFileNotFoundError,
+    MCNCError,
+    StateDictMismatchError,
+    UsageError,
+)
 from ..extras import require
 from ..uri import SCHEME, parse_uri
 
@@ -83,8 +89,16 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     check_config(cls, config, weights)
     with _default_dtype(dtype), _parameters_on_meta():
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    load_into(model, source, device=device, dtype=dtype, resolver=_resolver(source, token,
-                                                                          endpoint))
+    try:
+        load_into(model, source, device=device, dtype=dtype,
+                  resolver=_resolver(source, token, endpoint))
+    except StateDictMismatchError as exc:  # its hint names a strict= from_pretrained lacks
+        raise StateDictMismatchError(
+            f"{exc.message.removesuffix(STRICT_HINT)} model.mcnc must hold every weight of the "
+            f"{type(model).__name__} its config builds: a file packed against a base "
+            "(mcnc pack --base) holds the adapter alone; attach it to the base with "
+            "mcnc_format.peft.load_adapter, or build the base and mcnc_format.load_into it "
+            "with strict=False", path=exc.path) from exc
     model.to(device)  # the buffers computed while building (parameters are there already)
     model.tie_weights()
     if dtype is not None:
