@@ -21,9 +21,12 @@ from .engine.resolve import DefaultResolver, Resolver
 from .errors import StateDictMismatchError, UsageError
 from .reader import Boxes, MCNCFile
 
-__all__ = ["LoadKeywords", "ModuleLoadKeywords", "load", "load_into", "open", "stream"]
+__all__ = ["STRICT_HINT", "LoadKeywords", "ModuleLoadKeywords", "load", "load_into", "open",
+           "stream"]
 
 PathLike = str | os.PathLike[str]
+#: How a strict ``load_into`` mismatch ends; callers without ``strict`` replace it.
+STRICT_HINT = " Pass strict=False to load what matches."
 
 
 class ModuleLoadKeywords(TypedDict, total=False):
@@ -132,8 +135,7 @@ def load_into(module: torch.nn.Module, path: PathLike, device: torch.device | st
         raise StateDictMismatchError(
             f"{path}: does not match the module: missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}. Pass strict=False to load what matches."
-        )
+            f"{'...' if len(unexpected) > 5 else ''}.{STRICT_HINT}")
     wanted = [n for n in shapes if n in targets]
     for name in wanted:
         if tuple(targets[name].shape) != shapes[name]:

@@ -15,6 +15,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from .errors import MCNCError
 from .header import ExternalTheta0, Header, InlineWeights, LoRATensor
@@ -47,6 +48,8 @@ _ROW = re.compile(r"^\| `(?P<path>[^`]+)` \|.*$", re.MULTILINE)
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _PIPE = "\\|"  # a "|" inside a table cell
+#: Characters of a path that Markdown or the card's own markers would read (``_cell_path``).
+_UNSAFE = re.compile(r"[%`<>\x00-\x1f\x7f]")
 _DEFAULT_BRANCH = "main"
 # The files of a transformers model saved by mcnc_format.transformers.save_pretrained.
 CONFIG_FILE = "config.json"
@@ -129,7 +132,7 @@ class FileFacts:
         )
 
     def row(self) -> str:
-        cells = [f"`{self.path.replace('|', _PIPE)}`", f"{self.parameters:,}",
+        cells = [f"`{_cell_path(self.path)}`", f"{self.parameters:,}",
                  f"{self.file_ratio:.1f}x", f"{self.weights_ratio:.1f}x", self.generators,
                  _size(self.file_bytes), _size(self.dense_bytes)]
         return "| " + " | ".join(cells) + " |"
@@ -186,7 +189,7 @@ def _section(repo_id: str, revision: str | None, text: str, facts: Sequence[File
              keep_rows_for: Collection[str], transformers: TransformersUsage | None,
              local_folder: str | None) -> str:
     rows = {path: match.group(0) for match in _ROW.finditer(_old_section(text))
-            if (path := match["path"].replace(_PIPE, "|")) in keep_rows_for}
+            if (path := unquote(match["path"].replace(_PIPE, "|"))) in keep_rows_for}
     rows.update({f.path: f.row() for f in facts})
     intro = [
         section_begin(SAVE_PRETRAINED_WRITER if local_folder else PUSH_WRITER),
@@ -208,8 +211,9 @@ def _section(repo_id: str, revision: str | None, text: str, facts: Sequence[File
     if transformers is not None:
         usage = transformers.lines(local_folder or repo_id, None if local_folder else branch)
     else:
-        example = HubURI(repo_id, branch, paths[0])
-        usage = ["import mcnc_format", "", f'state_dict = mcnc_format.load("{example}")']
+        shown = next((path for path in paths if not _UNSAFE.search(path)), paths[0])
+        example = json.dumps(str(HubURI(repo_id, branch, shown)), ensure_ascii=False)
+        usage = ["import mcnc_format", "", f"state_dict = mcnc_format.load({example})"]
     return "\n".join([
         *intro,
         "| File | Parameters | file_ratio | weights_ratio | Generator | File size | Dense size |",
@@ -237,6 +241,15 @@ def _with_section(text: str, section: str) -> str:
         return text[:start] + section + text[end + len(SECTION_END):]
     body = text.rstrip("\n")
     return f"{body}\n\n{section}\n" if body.strip() else f"\n{section}\n"
+
+
+def _cell_path(path: str) -> str:
+    """A repository path as the table shows it, inert in Markdown: ``%``, backticks, ``<``,
+    ``>`` and control characters percent-encoded (a file named with the section's end
+    marker, a backtick or a newline would otherwise end the section, the code span or the
+    row), ``|`` escaped; ``unquote`` after unescaping ``|`` gives the path back."""
+    encoded = _UNSAFE.sub(lambda match: f"%{ord(match[0]):02X}", path)
+    return encoded.replace("|", _PIPE)
 
 
 def _describe_generators(header: Header) -> str:

@@ -21,7 +21,7 @@ from .converters.peft_export import peft_adapter
 from .errors import ExternalReferenceError, MCNCError, UsageError
 from .extras import require
 from .header import ExternalTheta0, LoRATensor
-from .reader import cached_tensor_sha256
+from .reader import MCNCFile, cached_tensor_sha256
 
 __all__ = ["load_adapter"]
 
@@ -33,13 +33,14 @@ def load_adapter(model: nn.Module, path_or_hf_uri: str | os.PathLike[str],
     adapter added beside the others).
 
     The factors are created on the device of ``model``'s parameters, in float32 (PEFT keeps
-    LoRA weights in float32 over a lower-precision base too). Only the adapter is loaded: the
-    file's theta0 (the base weight the adapter was trained on) and its tensors that are not
-    lora are not compared with ``model``'s, except that ``check_base`` (the default) checks
-    each adapted weight of ``model`` against the SHA-256 pin the file records of the base
-    weight the adapter was trained on (external theta0, SPEC.md §7.4): a model with another
-    base raises ``ExternalReferenceError`` before PEFT touches it. Pass ``check_base=False``
-    for the same base in another dtype (its bytes differ). Each weight is hashed once per
+    LoRA weights in float32 over a lower-precision base too). Only the adapter is loaded; with
+    ``check_base`` (the default) the rest of the file is checked against ``model`` before PEFT
+    touches it: each adapted weight against the SHA-256 pin the file records of the base
+    weight the adapter was trained on (external theta0, SPEC.md §7.4; another base raises
+    ``ExternalReferenceError``), and each tensor that is not lora against ``model``'s, in its
+    dtype (one trained beside the adapter, or one ``model`` lacks, raises ``MCNCError``: the
+    factors alone would not give the model trained). Pass ``check_base=False`` for the same
+    base in another dtype (its bytes differ). Each weight is hashed once per
     version (an in-place change is hashed again). Raises ``MCNCError`` when the file holds
     no lora tensor or names a module ``model`` lacks.
     """
@@ -52,16 +53,17 @@ def load_adapter(model: nn.Module, path_or_hf_uri: str | os.PathLike[str],
         raise UsageError(f"{source}: the model's parameters are on the meta device; load its "
                          "base weights first (the adapter is built on their device)",
                          path=source)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
     with open_file(source) as f:
         adapter = peft_adapter(f, source, device)
         shapes = {t.name.removesuffix(".weight"): t.shape for t in f.header.tensors
                   if isinstance(t, LoRATensor)}
         pins = {t.name: t.theta0 for t in f.header.tensors
                 if isinstance(t, LoRATensor) and isinstance(t.theta0, ExternalTheta0)}
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    _check_targets(base, shapes, source)
-    if check_base:
-        _check_pins(base, pins, source)
+        _check_targets(base, shapes, source)
+        if check_base:
+            _check_pins(base, pins, source)
+            _check_others(base, f, adapter.others, source)
     if isinstance(model, PeftModel) and adapter_name in model.peft_config:
         raise UsageError(f"{source}: the model already has an adapter named {adapter_name!r}; "
                          "pass another adapter_name")
@@ -110,6 +112,45 @@ def _check_targets(base: torch.nn.Module, shapes: dict[str, tuple[int, ...]], so
             raise MCNCError(f"{source}: {name!r} is one Linear reused at "
                             f"{paths[id(module)]}; PEFT would adapt it at one path only. Use "
                             "mcnc_format.load_into (the merged weights) for such a model")
+
+
+def _check_others(base: torch.nn.Module, f: MCNCFile, names: tuple[str, ...], source: str
+                  ) -> None:
+    """Each tensor of the file that is not lora holds the model's values (compared in the
+    model's dtype): a ``save_model`` file carries the whole base, which is fine; a tensor
+    trained beside the adapter (an unfrozen norm or head) or another base's is not, since
+    attaching only the LoRA factors would give a model other than the one trained."""
+    absent, differ = [], []
+    for name in names:
+        mine = _model_tensor(base, name)
+        if mine is None:
+            absent.append(name)
+        elif mine.is_meta or tuple(mine.shape) != f.tensor_info(name).shape or not torch.equal(
+                f.get_tensor(name, mine.device).to(mine.dtype), mine.detach()):
+            differ.append(name)
+    if absent or differ:
+        what = (f"holds {absent[:5]}, which {type(base).__name__} does not have" if absent
+                else f"holds {differ[:5]} with values other than the model's")
+        raise MCNCError(
+            f"{what} (tensors that are not lora: {len(absent) + len(differ)}): the "
+            "file changes weights besides its LoRA adapter (trained beside it, or the "
+            "adapter's base is another model), which a PEFT LoRA adapter cannot carry. Load "
+            "the whole model with mcnc_format.load_into, or pass check_base=False to attach "
+            "the LoRA factors alone", path=source, tensor=(absent or differ)[0])
+
+
+def _model_tensor(base: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The parameter or buffer of ``base`` that the plain model names ``name`` (through
+    PEFT's wrapper of an adapted layer), or None."""
+    owner, _, attribute = name.rpartition(".")
+    try:
+        module = base.get_submodule(owner)
+    except AttributeError:
+        return None
+    if hasattr(module, "get_base_layer"):
+        module = module.get_base_layer()
+    found = getattr(module, attribute, None)
+    return found if isinstance(found, torch.Tensor) else None
 
 
 def _check_pins(base: torch.nn.Module, pins: dict[str, ExternalTheta0], source: str) -> None:

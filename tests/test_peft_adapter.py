@@ -142,3 +142,36 @@ def test_targets_are_checked_before_peft_touches_the_model(tmp_path: Path) -> No
     with pytest.raises(UsageError, match="already has an adapter named 'default'"):
         load_adapter(peft_model, path)
     assert isinstance(load_adapter(peft_model, path, adapter_name="second"), PeftModel)
+
+
+def test_a_tensor_trained_beside_the_adapter_is_refused_not_dropped(adapter: Path,
+                                                                     tmp_path: Path) -> None:
+    """A norm unfrozen and trained with the adapter is stored dense beside the lora tensors;
+    attaching only the factors gave a model other than the trained one, silently. It is
+    refused before PEFT touches the model (``check_base=False`` attaches the factors alone).
+    Dense tensors equal to the model's (a ``save_model`` file's base) pass, also compared in
+    a bfloat16 model's dtype and under a PEFT wrapper (``modules_to_save``)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = add_mcnc_lora(base(), CONFIG, target_modules=["q_proj", "v_proj"], rank=4,
+                          lora_alpha=8)
+    model.model.norm.weight.requires_grad_(True)
+    trained = save_model(train(model), tmp_path / "with_norm.mcnc")
+    plain = base()
+    with pytest.raises(MCNCError, match=r"'model\.norm\.weight'") as excinfo:
+        load_adapter(plain, trained)
+    assert excinfo.value.tensor == "model.norm.weight"
+    assert not any(isinstance(m, PeftModel) or hasattr(m, "lora_A") for m in plain.modules())
+    assert isinstance(load_adapter(base(), trained, check_base=False), PeftModel)
+    without_norm = base()
+    without_norm.model.norm = nn.Identity()
+    with pytest.raises(MCNCError, match="does not have"):
+        load_adapter(without_norm, adapter)
+
+    half = load_adapter(base().to(torch.bfloat16), adapter)
+    assert half.peft_config["default"].r == 4
+    wrapped = get_peft_model(base(), LoraConfig(r=2, target_modules=["k_proj"],
+                                                modules_to_save=["norm"]), adapter_name="own")
+    ids = tokens(5)
+    assert_same_outputs(output(load_adapter(wrapped, adapter).eval(), ids),
+                        output(merged(adapter), ids))

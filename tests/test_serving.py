@@ -121,6 +121,40 @@ def test_generate_with_mixed_adapters_equals_each_adapters_own(served):
             _assert_same_sequence(beams[i], alone[0], (name, "beams"))
 
 
+def test_adapters_cannot_change_while_a_call_is_served(served):
+    """Adding, removing or preparing adapters from inside a call (a generate callback, or
+    another thread) is refused: with Route.TRITON the call reads slab slots at every step, so
+    an eviction switched a row to another adapter, or to none, mid-generation. The call goes
+    on with the adapters it began with; after it, the bank changes as usual."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    bank = make_bank(served, cache=1 << 20)
+    bank.remove("c")
+    refused: list[str] = []
+
+    class Churn(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            for change in (lambda: bank.add("c", served[1]["c"]), lambda: bank.remove("a"),
+                           lambda: bank.prepare(["b"]), lambda: bank.factors("a"),
+                           lambda: bank(input_ids, adapters=["a"] * len(input_ids))):
+                with pytest.raises(UsageError, match="while the bank serves a call") as excinfo:
+                    change()
+                refused.append(str(excinfo.value))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    rows, prompts = ["a", "b"], make_tokens(2, 5, 400)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        want = bank.generate(prompts, adapters=rows, **kwargs)
+        churned = bank.generate(prompts, adapters=rows, **kwargs,
+                                stopping_criteria=StoppingCriteriaList([Churn()]))
+    assert torch.equal(churned, want) and len(refused) == 5 * 3
+    assert bank.names() == ["a", "b"]
+    bank.add("c", served[1]["c"])
+    bank.remove("a")
+    assert bank.names() == ["b", "c"]
+
+
 def test_an_adapter_for_another_base_is_refused(served, tmp_path):
     files = served[1]
     wider = AdapterBank(make_llama(hidden=48), device="cpu", factor_cache_bytes=1 << 20)

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from transformers_helpers import MODELS, llama, output, tokenizer, tokens, train
 
 import mcnc_format
-from mcnc_format.errors import MCNCError, ReparametrizeError, UsageError
+from mcnc_format.errors import HubError, MCNCError, ReparametrizeError, UsageError
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize
 from mcnc_format.transformers import from_pretrained, push_to_hub, save_pretrained
 
@@ -104,6 +104,71 @@ def test_push_to_hub_then_load_by_uri_and_repo_id(hub: HubServer, tmp_path: Path
         from_pretrained(f"hf://{REPO}@main", revision="other")
 
 
+def test_a_base_beside_the_file_is_fetched_from_the_repository(hub: HubServer,
+                                                              tmp_path: Path) -> None:
+    """A ``model.mcnc`` whose adapted weights reference the base checkpoint beside it
+    (``base.safetensors``, SHA-256 pinned) loads from its folder, and from the Hub too, with
+    the token given (a private repository): the base is fetched from the repository at the
+    file's commit. It was looked for in the cache's snapshot, where nothing had fetched it."""
+    from safetensors.torch import save_file
+
+    from mcnc_format import Theta0
+    from mcnc_format import hub as mhub
+    from mcnc_format.reader import tensor_sha256
+    from mcnc_format.torch import save_model
+
+    torch.manual_seed(0)
+    model = add_mcnc_lora(llama(), CONFIG, target_modules=["q_proj"], rank=2)
+    names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+    weights = {n: model.get_submodule(n.removesuffix(".weight")).weight.detach().clone()
+               for n in names}
+    model = train(model)
+    folder = save_pretrained(model, tmp_path / "m")
+    save_file(weights, str(folder / "base.safetensors"))
+    save_model(model, folder / "model.mcnc", theta0={
+        n: Theta0.external("base.safetensors", n, tensor_sha256(w)) for n, w in weights.items()})
+    ids = tokens(7)
+    want = output(model, ids)
+    assert_same_outputs(output(from_pretrained(folder), ids), want)
+    pushed = mhub.push(folder, REPO, private=True, token=WRITE_TOKEN)
+    assert "base.safetensors" in pushed.paths
+    for name in (REPO, f"hf://{REPO}@{pushed.commit}"):
+        assert_same_outputs(output(from_pretrained(name, token=WRITE_TOKEN), ids), want)
+
+
+def test_a_model_without_generation_config_loads_offline_once_pulled(
+        hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An encoder has no ``generation_config.json``: offline, the cache's record that the
+    commit lacks it is trusted, so a model pulled once by repo id or URI loads without the
+    Hub, as one that generates does."""
+    from huggingface_hub import constants
+
+    model = trained("bert")
+    push_to_hub(model, "alice/encoder", token=WRITE_TOKEN)
+    ids = tokens(6)
+    want = output(model, ids)
+    assert_same_outputs(output(from_pretrained("alice/encoder"), ids), want)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.clear_requests()
+    for name in ("alice/encoder", "hf://alice/encoder"):
+        assert_same_outputs(output(from_pretrained(name), ids), want)
+    assert hub.requests == []
+
+
+def test_push_to_a_repository_holding_dense_weights_is_refused(hub: HubServer) -> None:
+    """As ``save_pretrained`` refuses a folder with ``model.safetensors``: the pushed config
+    beside another model's dense weights, which plain transformers loads first, would give a
+    repository that loads wrong. Nothing is committed, on the branch or a new one."""
+    hub.create_repo(REPO, files={"model.safetensors": b"dense weights of another model"})
+    head = hub.head(REPO)
+    for revision in (None, "mcnc"):
+        with pytest.raises(HubError, match=r"\['model\.safetensors'\]"):
+            push_to_hub(trained("llama"), REPO, revision=revision, token=WRITE_TOKEN)
+    assert hub.head(REPO) == head
+    with pytest.raises(KeyError):  # no branch was created
+        hub.head(REPO, "mcnc")
+
+
 def test_dtype_and_device_are_honoured(tmp_path: Path) -> None:
     model = trained("llama")
     folder = save_pretrained(model, tmp_path / "m")
@@ -118,6 +183,33 @@ def test_dtype_and_device_are_honoured(tmp_path: Path) -> None:
     assert all(p.is_meta for p in shapes.parameters())
     with pytest.raises(UsageError, match="device"):
         from_pretrained(folder, device="cuda:9")
+
+
+def test_transformers_spellings_of_dtype_and_device_are_honoured_or_refused(
+        tmp_path: Path) -> None:
+    """What users pass to transformers' own from_pretrained: ``torch_dtype`` converts the
+    weights (it did not: the config said bfloat16 over float32 weights), a ``device_map``
+    naming one device places them, ``dtype="auto"`` keeps them as stored; a ``device_map``
+    spreading the model, download options and keywords that are no config field are refused
+    instead of dropped."""
+    folder = save_pretrained(trained("llama"), tmp_path / "m")
+    half = from_pretrained(folder, torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.config.dtype == torch.bfloat16
+    assert {p.dtype for p in from_pretrained(folder, dtype="auto").parameters()} == {
+        torch.float32}
+    for device_map in ("meta", {"": "meta"}, torch.device("meta")):
+        assert all(p.is_meta for p in from_pretrained(folder, device_map=device_map).parameters())
+    assert not from_pretrained(folder, low_cpu_mem_usage=True).training
+    for keywords, message in [({"device_map": "auto"}, "spreads the model"),
+                              ({"device_map": {"model": "cpu", "lm_head": "meta"}}, "spreads"),
+                              ({"device_map": "cpu", "device": "meta"}, "different devices"),
+                              ({"dtype": torch.float16, "torch_dtype": torch.bfloat16}, "give"),
+                              ({"subfolder": "sub"}, "download options"),
+                              ({"local_files_only": True}, "download options"),
+                              ({"num_hidden_layer": 1}, r"\['num_hidden_layer'\]")]:
+        with pytest.raises(UsageError, match=message):
+            from_pretrained(folder, **keywords)
 
 
 def test_plain_transformers_takes_the_loaded_state_dict(tmp_path: Path) -> None:
@@ -152,6 +244,23 @@ def test_a_folder_that_does_not_fit_names_the_file(tmp_path: Path) -> None:
         from_pretrained(tmp_path / "nothing" / "here")
     with pytest.raises(ReparametrizeError, match="mcnc_config"):
         save_pretrained(llama(), tmp_path / "plain")
+
+
+def test_a_file_missing_weights_says_what_to_do_instead(tmp_path: Path) -> None:
+    """A ``model.mcnc`` holding part of the model (what ``mcnc pack --base`` writes: the
+    adapter alone) is refused naming the missing weights, with a fix from_pretrained's caller
+    can apply, not load_into's "pass strict=False", which from_pretrained does not take."""
+    from mcnc_format.errors import StateDictMismatchError
+
+    folder = save_pretrained(trained("llama"), tmp_path / "m")
+    weights = mcnc_format.load(folder / "model.mcnc")
+    del weights["model.norm.weight"]
+    (folder / "model.mcnc").unlink()
+    mcnc_format.save(folder / "model.mcnc", weights)
+    with pytest.raises(StateDictMismatchError, match=r"'model\.norm\.weight'") as excinfo:
+        from_pretrained(folder)
+    assert "strict=False to load what matches" not in str(excinfo.value)
+    assert "load_adapter" in str(excinfo.value)
 
 
 def test_dtypes_that_are_not_floating_are_refused_before_building(tmp_path: Path) -> None:

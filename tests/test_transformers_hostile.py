@@ -66,3 +66,29 @@ def test_a_config_that_does_not_fit_the_file_fails_before_building(
 
 def test_the_saved_folder_still_loads(folder: Path) -> None:
     assert type(from_pretrained(folder)).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+@pytest.mark.parametrize("text", ["null", '"text"', "[1]", '{"model_type": ["llama"]}',
+                                  '{"model_type": "llama", "hidden_size": "x"}',
+                                  '{"max_new_tokens": "x"}', "{not json"])
+def test_a_config_file_transformers_cannot_read_is_a_config_error(
+        folder: Path, tmp_path: Path, name: str, text: str) -> None:
+    """Whatever transformers raises reading a broken ``config.json`` or
+    ``generation_config.json`` (a ``TypeError``, its own validation error, an ``OSError``
+    after the model was built) is a ``ConfigError`` naming the file, or the file is read."""
+    broken = _with(folder, tmp_path)
+    (broken / name).write_text(text)
+    try:
+        from_pretrained(broken)
+    except ConfigError as exc:
+        path = str(broken / name)
+        assert exc.path == path and str(exc).startswith(f"{path}: ")
+        assert not str(exc).startswith(f"{path}: {path}")
+
+
+def test_architectures_given_as_one_name_is_that_name(folder: Path, tmp_path: Path) -> None:
+    """``"architectures": "LlamaForCausalLM"`` (a string, not a list) names that class, not
+    the class ``'L'``."""
+    assert type(from_pretrained(_with(folder, tmp_path, architectures="LlamaForCausalLM"))
+                ).__name__ == "LlamaForCausalLM"

@@ -8,7 +8,7 @@ downloaded file safe to use, the model card, and errors that say what to do. See
 from ..uri import HubURI, parse_uri
 from .download import pinned, pull, read_reference, resolve_path, resolve_reference
 from .pin import theta0_reference, theta0_references
-from .push import PushResult, push
+from .push import PushResult, push, repo_files
 from .resolver import HubResolver
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "pull",
     "push",
     "read_reference",
+    "repo_files",
     "resolve_path",
     "resolve_reference",
     "theta0_reference",

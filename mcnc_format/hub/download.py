@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from huggingface_hub import (
@@ -25,6 +25,7 @@ from huggingface_hub import (
     get_cached_repo_tree,
     hf_hub_download,
     snapshot_download,
+    try_to_load_from_cache,
 )
 from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
@@ -39,10 +40,11 @@ from ..errors import (
     UnsupportedVersionError,
 )
 from ..uri import SCHEME, HubURI, check_repo_path, parse_uri
-from .error_map import hub_errors
+from .error_map import hub_errors, no_such_file
 from .integrity import check_mcnc_bytes
 
-__all__ = ["pinned", "pull", "read_reference", "resolve_path", "resolve_reference"]
+__all__ = ["opened_at", "pinned", "pull", "read_reference", "resolve_path",
+           "resolve_reference"]
 
 T = TypeVar("T")
 PathLike = str | os.PathLike[str]
@@ -95,6 +97,22 @@ def resolve_path(path_or_uri: PathLike, *, token: str | None = None,
     return _checked(target, local, check_mcnc_bytes, MCNC_DAMAGE, options)
 
 
+def opened_at(name: str, local: Path) -> str:
+    """``name`` (an ``hf://`` URI) pinned to the commit its downloaded copy ``local`` came
+    from, so that references relative to it are fetched from that same snapshot even if the
+    branch moves meanwhile. The client's cache keeps a file of commit ``C`` at
+    ``.../snapshots/C/PATH``; a copy found elsewhere leaves ``name`` as it is."""
+    target = parse_uri(name, error=HubError)
+    if target.pinned:
+        return name
+    depth = len(PurePosixPath(target.path).parts)
+    snapshot = local.parents[depth - 1] if 0 < depth < len(local.parents) else None
+    if (snapshot is None or snapshot.parent.name != "snapshots"
+            or not HubURI(target.repo_id, snapshot.name, target.path).pinned):
+        return name
+    return str(target.with_revision(snapshot.name))
+
+
 def pull(repo_id: str, filename: str | None = None, revision: str | None = None, *,
          local_dir: PathLike | None = None, token: str | None = None,
          endpoint: str | None = None) -> Path:
@@ -139,11 +157,28 @@ def pinned(target: HubURI, token: str | None, endpoint: str | None) -> HubURI:
 
 
 def download(target: HubURI, *, force: bool = False, **options: Any) -> Path:
-    """``hf_hub_download`` of ``target`` with errors a user can act on."""
+    """``hf_hub_download`` of ``target`` with errors a user can act on.
+
+    Offline, a file the cache records as absent at that commit (the client leaves a mark
+    when the Hub answers 404 for a commit, which never changes) is ``HubFileNotFoundError``,
+    as online, not a cache miss: callers that skip an optional file (``from_pretrained``'s
+    ``generation_config.json``) then work offline too."""
     with hub_errors(str(target), target.repo_id, target.revision, options.get("endpoint")):
+        if (constants.HF_HUB_OFFLINE and options.get("local_dir") is None
+                and _recorded_missing(target)):
+            raise no_such_file(str(target), target.repo_id, target.revision or "main",
+                               options.get("endpoint") or constants.ENDPOINT)
         return Path(hf_hub_download(target.repo_id, target.path, revision=target.revision,
                                     force_download=force, library_name="mcnc-format",
                                     library_version=__version__, **options))
+
+
+def _recorded_missing(target: HubURI) -> bool:
+    """Whether the cache holds the client's mark that ``target`` does not exist at the
+    commit its revision names (``try_to_load_from_cache`` returns a path for a cached file,
+    None when it knows nothing, and a sentinel for a recorded absence)."""
+    found = try_to_load_from_cache(target.repo_id, target.path, revision=target.revision)
+    return found is not None and not isinstance(found, str)
 
 
 def evict(local: Path) -> None:

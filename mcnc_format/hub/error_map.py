@@ -37,7 +37,7 @@ from ..errors import (
     MCNCError,
 )
 
-__all__ = ["LOGIN_HINT", "hub_errors", "without_userinfo"]
+__all__ = ["LOGIN_HINT", "hub_errors", "no_such_file", "without_userinfo"]
 
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
 _USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
@@ -94,9 +94,7 @@ def _translate(exc: BaseException, where: str, repo_id: str, revision: str,
     if isinstance(exc, (LocalEntryNotFoundError, RevisionResolutionError)):
         return _not_cached(where, endpoint)
     if isinstance(exc, EntryNotFoundError):
-        return HubFileNotFoundError(
-            f"{where}: no such file in {repo_id} at revision {revision!r}: check the path; "
-            f"the files are listed at {endpoint}/{repo_id}/tree/{revision}")
+        return no_such_file(where, repo_id, revision, endpoint)
     if isinstance(exc, OfflineModeIsEnabled):
         return HubOfflineError(
             f"{where}: this needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1): unset "
@@ -127,6 +125,15 @@ def _raised_by_client(exc: BaseException) -> bool:
         frame = frame.tb_next
     module = frame.tb_frame.f_globals.get("__name__", "") if frame is not None else ""
     return str(module).split(".")[0] == "huggingface_hub"
+
+
+def no_such_file(where: str, repo_id: str, revision: str, endpoint: str
+                 ) -> HubFileNotFoundError:
+    """The error for a file the repository does not hold at ``revision``."""
+    endpoint = without_userinfo(endpoint)
+    return HubFileNotFoundError(
+        f"{where}: no such file in {repo_id} at revision {revision!r}: check the path; "
+        f"the files are listed at {endpoint}/{repo_id}/tree/{revision}")
 
 
 def _text(exc: BaseException) -> str:

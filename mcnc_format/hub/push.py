@@ -15,14 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from ..errors import HubError, MCNCError
 from ..uri import HubURI, check_repo_path
 from .error_map import hub_errors
 from .integrity import check_mcnc_bytes
 
-__all__ = ["CARD_NAME", "PushResult", "push"]
+__all__ = ["CARD_NAME", "PushResult", "push", "repo_files"]
 
 CARD_NAME = "README.md"
 
@@ -84,6 +89,21 @@ def push(path: str | os.PathLike[str], repo_id: str, revision: str | None = None
                                  commit_message=commit_message or _message(files))
     paths = (*files, CARD_NAME) if model_card else tuple(files)
     return PushResult(repo_id, revision or "main", info.oid, paths)
+
+
+def repo_files(repo_id: str, revision: str | None = None, *, token: str | None = None,
+               endpoint: str | None = None) -> set[str]:
+    """The files a push of ``repo_id`` at ``revision`` lands beside: those of that branch, of
+    ``main`` when the branch does not exist yet (``push`` creates it from there), none for a
+    repository that does not exist yet."""
+    api = HfApi(endpoint=endpoint, token=token)
+    with hub_errors(f"push to {repo_id}", repo_id, revision, endpoint):
+        try:
+            return set(api.list_repo_files(repo_id, revision=revision))
+        except RevisionNotFoundError:
+            return set(api.list_repo_files(repo_id))
+        except RepositoryNotFoundError:
+            return set()
 
 
 def _files_to_push(source: Path, path_in_repo: str | None) -> dict[str, Path]:

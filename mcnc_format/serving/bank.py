@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,7 @@ class AdapterBank:
         self._cache: OrderedDict[str, tuple[Factors | None, int]] = OrderedDict()
         self._slabs = FactorSlabs()
         self._rebuilds = 0
+        self._serving = False  # a call's forward or generate is running
 
     # -- adapters --------------------------------------------------------------------------
     def add(self, name: str, source: str | os.PathLike[str], *, check_base: bool = True
@@ -94,6 +96,7 @@ class AdapterBank:
         Refused with an ``MCNCError`` when it adapts a module the base lacks or has another
         shape, or, with ``check_base``, when what it records of the base (SHA-256 pins of
         external theta0, stored tensors) differs from the base model's weights."""
+        self._refuse_while_serving(f"add adapter {name!r}")
         if name in self._adapters:
             raise UsageError(f"an adapter named {name!r} is in the bank; remove it first")
         load = object()  # keys this load's inline generators: never another file's
@@ -118,6 +121,7 @@ class AdapterBank:
 
     def remove(self, name: str) -> None:
         """Forget adapter ``name``: its alpha/beta, cached factors and unshared generators."""
+        self._refuse_while_serving(f"remove adapter {name!r}")
         self._adapter(name)
         del self._adapters[name]
         self._uncache(name)
@@ -135,6 +139,7 @@ class AdapterBank:
         the least recently used others to stay within ``factor_cache_bytes``; returns them
         (with ``Route.TRITON``, views of the slabs, valid until the bank's next call: a later
         adapter may reuse their slots. ``factors`` returns copies)."""
+        self._refuse_while_serving("prepare adapters")
         return {name: self._cached(name) for name in self._fill(names)}
 
     def _fill(self, names: Sequence[str | None]) -> list[str]:
@@ -199,7 +204,7 @@ class AdapterBank:
                  **model_kwargs: Any) -> Any:
         """``base_model(input_ids, **model_kwargs)`` with row ``i`` through ``adapters[i]``."""
         routing = self._routing(input_ids, adapters)
-        with routing.installed(self.base_model):
+        with self._serving_call(), routing.installed(self.base_model):
             return self.base_model(input_ids, **model_kwargs)
 
     def generate(self, input_ids: torch.Tensor, *, adapters: Sequence[str | None],
@@ -207,10 +212,29 @@ class AdapterBank:
         """``base_model.generate(input_ids, **generate_kwargs)`` with row ``i`` (and the beams
         or sequences generated from it) through ``adapters[i]``."""
         routing = self._routing(input_ids, adapters)
-        with routing.installed(self.base_model):
+        with self._serving_call(), routing.installed(self.base_model):
             return self.base_model.generate(input_ids, **generate_kwargs)
 
+    @contextmanager
+    def _serving_call(self) -> Iterator[None]:
+        self._serving = True
+        try:
+            yield
+        finally:
+            self._serving = False
+
+    def _refuse_while_serving(self, what: str) -> None:
+        """A call routes its rows to the factors cached when it began (``Route.TRITON``: to
+        slab slots, read again at every step): adding, removing or preparing adapters during
+        it (a generate callback, another thread) could evict or move them, and rows would go
+        on through another adapter, or none, without a word."""
+        if self._serving:
+            raise UsageError(f"cannot {what} while the bank serves a call (from a callback "
+                             "of generate, or another thread): one call at a time. Do it "
+                             "after the call returns")
+
     def _routing(self, input_ids: torch.Tensor, adapters: Sequence[str | None]) -> Routing:
+        self._refuse_while_serving("start another call")
         if isinstance(adapters, str) or len(adapters) != input_ids.shape[0]:
             raise UsageError(f"adapters must name one adapter (or None) per row: "
                              f"{input_ids.shape[0]} rows, got {adapters!r}")

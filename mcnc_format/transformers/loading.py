@@ -21,10 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import load_into
+from ..api import STRICT_HINT, load_into
 from ..api import open as open_file
 from ..devices import check_device, check_dtype
-from ..errors import ConfigError, HubFileNotFoundError, MCNCError, UsageError
+from ..errors import (
+    ConfigError,
+    HubFileNotFoundError,
+    MCNCError,
+    StateDictMismatchError,
+    UsageError,
+)
 from ..extras import require
 from ..uri import SCHEME, parse_uri
 
@@ -47,8 +53,10 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     ``token`` and ``endpoint`` as in ``mcnc_format.hub``). The model class is the one
     ``config.json``'s ``architectures`` names, or ``model_class`` (a model class, or an
     ``AutoModel*`` class). ``dtype`` converts floating weights (default: as stored; a floating
-    torch dtype or one of ``f32``, ``bf16``, ``f16``, ``f64``).
-    ``config_overrides`` go to ``AutoConfig.from_pretrained``. The class is looked up only
+    torch dtype or one of ``f32``, ``bf16``, ``f16``, ``f64``); transformers' ``torch_dtype``,
+    ``dtype="auto"`` and a ``device_map`` naming one device work as there (``_placement``).
+    ``config_overrides`` go to ``AutoConfig.from_pretrained``; one that is no config field is
+    a ``UsageError``. The class is looked up only
     among transformers' model classes of the config's model type, and the config is checked
     against the file's tensor names and shapes before the model is built (``ConfigError``).
     Tied weights (``tie_word_embeddings``) are tied; the generation config is loaded when the
@@ -56,11 +64,10 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
     missing or unreadable, or when the file's tensors do not match the model the config builds.
     """
     require("transformers", "transformers", "mcnc_format.transformers.from_pretrained")
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig
 
-    device = check_device(device)
-    dtype = check_dtype(dtype)
-    folder = resolve_folder(repo_or_dir, revision, token=token, endpoint=endpoint)
+    device, dtype = _placement(device, dtype, config_overrides)
+    folder, source = resolve_folder(repo_or_dir, revision, token=token, endpoint=endpoint)
     config_path, weights = folder / CONFIG_FILE, folder / MODEL_FILE
     for required in (config_path, weights):
         if not required.is_file():
@@ -68,31 +75,122 @@ def from_pretrained(repo_or_dir: str | os.PathLike[str], *, revision: str | None
                             "mcnc_format.transformers.save_pretrained holds config.json and "
                             "model.mcnc")
     try:
-        config = AutoConfig.from_pretrained(folder, **config_overrides)
-    except (OSError, ValueError, KeyError) as exc:
-        raise MCNCError(f"{config_path}: transformers cannot read this config ({exc})") from exc
+        config, unused = AutoConfig.from_pretrained(folder, return_unused_kwargs=True,
+                                                    **config_overrides)
+    except Exception as exc:  # transformers raises whatever a broken config.json makes it meet
+        raise ConfigError(f"transformers cannot read this config ({exc}); fix config.json",
+                          path=str(config_path)) from exc
+    if unused:
+        raise UsageError(f"from_pretrained got {sorted(unused)}, which are neither its own "
+                         f"options nor fields of this config ({type(config).__name__}), where "
+                         "other keywords go: check the spelling, or leave them out")
     cls = model_class or _architecture(config, config_path)
+    generation = _generation_config(folder / GENERATION_CONFIG_FILE)
     check_config(cls, config, weights)
     with _default_dtype(dtype), _parameters_on_meta():
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    load_into(model, weights, device=device, dtype=dtype)
+    try:
+        load_into(model, source, device=device, dtype=dtype,
+                  resolver=_resolver(source, token, endpoint))
+    except StateDictMismatchError as exc:  # its hint names a strict= from_pretrained lacks
+        raise StateDictMismatchError(
+            f"{exc.message.removesuffix(STRICT_HINT)} model.mcnc must hold every weight of the "
+            f"{type(model).__name__} its config builds: a file packed against a base "
+            "(mcnc pack --base) holds the adapter alone; attach it to the base with "
+            "mcnc_format.peft.load_adapter, or build the base and mcnc_format.load_into it "
+            "with strict=False", path=exc.path) from exc
     model.to(device)  # the buffers computed while building (parameters are there already)
     model.tie_weights()
     if dtype is not None:
         model.config.dtype = dtype
-    if (folder / GENERATION_CONFIG_FILE).is_file() and model.can_generate():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+    if generation is not None and model.can_generate():
+        model.generation_config = generation
     return model.eval()
 
 
+def _generation_config(path: Path) -> Any:
+    """The ``GenerationConfig`` in ``path``, if there is one, read before the model is built:
+    a broken one is a ``ConfigError`` at once, not whatever transformers meets after the
+    weights were loaded."""
+    from transformers import GenerationConfig
+
+    if not path.is_file():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(path.parent, path.name)
+    except Exception as exc:  # as for config.json
+        raise ConfigError(f"transformers cannot read this generation config ({exc}); fix or "
+                          "remove generation_config.json", path=str(path)) from exc
+
+
+#: transformers' download options: ``AutoConfig.from_pretrained`` would apply them to
+#: ``config.json`` alone (``model.mcnc`` comes through ``mcnc_format.hub``).
+_DOWNLOAD_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies", "subfolder",
+                     "gguf_file")
+#: ``device_map`` values that spread a model over several devices.
+_SPREAD = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device: torch.device | str, dtype: torch.dtype | str | None,
+               overrides: dict[str, Any]) -> tuple[torch.device, torch.dtype | None]:
+    """The checked device and dtype, taking transformers' spellings out of ``overrides``:
+    ``torch_dtype`` (its deprecated name of ``dtype``), ``dtype="auto"`` (as stored) and a
+    ``device_map`` naming one device; ``low_cpu_mem_usage`` is dropped (building on meta is
+    what it asks for; transformers 5 ignores it too). Left there, ``AutoConfig`` would drop
+    ``device_map`` and record ``torch_dtype`` in the config without converting a weight.
+    Download options, which would reach the config only, and a ``device_map`` spreading the
+    model are refused."""
+    if "torch_dtype" in overrides:
+        alias = overrides.pop("torch_dtype")
+        if dtype is not None and alias is not None:
+            raise UsageError("dtype= and torch_dtype= were both given; give dtype= only "
+                             "(torch_dtype is transformers' old name for it)")
+        dtype = dtype if alias is None else alias
+    if isinstance(dtype, str) and dtype == "auto":  # transformers' "as the weights are"
+        dtype = None
+    if "device_map" in overrides:
+        device = _one_device(overrides.pop("device_map"), check_device(device))
+    overrides.pop("low_cpu_mem_usage", None)
+    download = [name for name in _DOWNLOAD_OPTIONS if name in overrides]
+    if download:
+        raise UsageError(
+            f"from_pretrained does not take transformers' download options {download}: the "
+            "files come through mcnc_format.hub and huggingface_hub's cache. Name a subfolder "
+            "in the URI (hf://ORG/REPO/SUBFOLDER), and use HF_HUB_OFFLINE=1 or HF_HUB_CACHE "
+            "for the cache")
+    return check_device(device), check_dtype(dtype)
+
+
+def _one_device(device_map: object, device: torch.device) -> torch.device:
+    """The one device ``device_map`` names (a device, or ``{"": device}``, accelerate's map
+    of the whole model); ``device`` when given too must be the same one."""
+    target = device_map
+    if isinstance(device_map, Mapping):
+        target = device_map[""] if set(device_map) == {""} else None
+    if (not isinstance(target, str | int | torch.device) or isinstance(target, bool)
+            or target in _SPREAD):
+        raise UsageError(
+            f"device_map={device_map!r} spreads the model over devices; from_pretrained "
+            "loads every weight onto one device: pass device= (or device_map naming one "
+            "device)")
+    mapped = check_device(target)
+    if device not in (torch.device("cpu"), mapped):
+        raise UsageError(f"device={str(device)!r} and device_map={device_map!r} name different "
+                         "devices; give one")
+    return mapped
+
+
 def resolve_folder(repo_or_dir: str | os.PathLike[str], revision: str | None = None, *,
-                   token: str | None = None, endpoint: str | None = None) -> Path:
+                   token: str | None = None, endpoint: str | None = None) -> tuple[Path, str]:
     """A local folder holding the model's files: the folder itself, or the Hub snapshot of
     ``config.json``, ``model.mcnc`` and (if present) ``generation_config.json`` at one
-    commit (the branch or tag is resolved once, so the files cannot come from two commits)."""
+    commit (the branch or tag is resolved once, so the files cannot come from two commits);
+    and the name to load ``model.mcnc`` by: its path, or its ``hf://`` URI at that commit, so
+    that a theta0 reference beside it (``base.safetensors``) is fetched from the repository
+    as well, as a local folder's is read from the folder."""
     text = os.fspath(repo_or_dir)
     if os.path.isdir(text):
-        return Path(text)
+        return Path(text), str(Path(text) / MODEL_FILE)
     if not text.startswith(SCHEME) and (text.count("/") != 1 or os.path.exists(text)):
         raise MCNCError(f"{text}: no such folder, and not a Hub repo id ORG/REPO or an "
                         "hf://ORG/REPO URI")
@@ -109,7 +207,17 @@ def resolve_folder(repo_or_dir: str | os.PathLike[str], revision: str | None = N
     pull(target.repo_id, prefix + MODEL_FILE, target.revision, **options)
     with suppress(HubFileNotFoundError):  # optional: models that do not generate have none
         pull(target.repo_id, prefix + GENERATION_CONFIG_FILE, target.revision, **options)
-    return config.parent
+    return config.parent, str(target.with_path(prefix + MODEL_FILE))
+
+
+def _resolver(source: str, token: str | None, endpoint: str | None) -> Any:
+    """The Hub resolver with the caller's token and endpoint for an ``hf://`` source (its
+    references are fetched with them too); None (the default) for a local file."""
+    if not source.startswith(SCHEME):
+        return None
+    from ..hub import HubResolver
+
+    return HubResolver(token=token, endpoint=endpoint)
 
 
 def _architecture(config: Any, source: Path) -> Any:
@@ -120,20 +228,22 @@ def _architecture(config: Any, source: Path) -> Any:
     import transformers
 
     names = getattr(config, "architectures", None) or []
+    if isinstance(names, str):  # one name, not a list of them
+        names = [names]
     if not names:
-        raise ConfigError(f"{source}: names no architecture; pass model_class= (for example "
+        raise ConfigError("names no architecture; pass model_class= (for example "
                           "transformers.AutoModelForCausalLM)", path=str(source))
     name, model_type = names[0], getattr(config, "model_type", None)
     registered = _registered_classes(model_type)
     if not isinstance(name, str) or name not in registered:
         listed = ", ".join(sorted(registered)[:8]) or "none"
         raise ConfigError(
-            f"{source}: architecture {name!r} is not a model class of model type "
-            f"{model_type!r} in transformers {transformers.__version__} (its classes: "
-            f"{listed}); fix config.json or pass model_class=", path=str(source))
+            f"architecture {name!r} is not a model class of model type {model_type!r} in "
+            f"transformers {transformers.__version__} (its classes: {listed}); fix "
+            "config.json or pass model_class=", path=str(source))
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ConfigError(f"{source}: architecture {name!r} is not in this transformers "
+        raise ConfigError(f"architecture {name!r} is not in this transformers "
                           f"({transformers.__version__}); upgrade it or pass model_class=",
                           path=str(source))
     return cls

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..atomic import atomic_files
-from ..errors import MCNCError, WriteError
+from ..errors import HubError, MCNCError, WriteError
 from ..reader import MCNCFile
 from ..torch import save_model
 from .loading import CONFIG_FILE, MODEL_FILE
@@ -90,9 +90,18 @@ def push_to_hub(model: nn.Module, repo_id: str, *, tokenizer: Any = None,
                 token: str | None = None, endpoint: str | None = None) -> Any:
     """``save_pretrained`` into a temporary folder, then ``mcnc_format.hub.push`` of it to
     ``repo_id`` in one commit (created if missing), the card's example naming the repo.
-    Returns the ``PushResult`` (``.commit``, ``.uris``)."""
-    from ..hub import push
+    Returns the ``PushResult`` (``.commit``, ``.uris``). A repository holding dense weights
+    (``DENSE_WEIGHT_FILES``) is refused with ``HubError`` before anything is saved, as
+    ``save_pretrained`` refuses such a folder: plain transformers would load those."""
+    from ..hub import push, repo_files
 
+    stale = sorted(set(DENSE_WEIGHT_FILES) & repo_files(repo_id, revision, token=token,
+                                                        endpoint=endpoint))
+    if stale:
+        raise HubError(f"push to {repo_id}: the repository holds {stale} from an earlier push; "
+                       "plain transformers would load those weights instead of model.mcnc "
+                       "(with this config). Delete them from the repository, or push to another "
+                       "repository")
     with tempfile.TemporaryDirectory(prefix="mcnc-push-") as tmp:
         folder = save_pretrained(model, Path(tmp) / repo_id.rsplit("/", 1)[-1], tokenizer,
                                  metadata=metadata)
