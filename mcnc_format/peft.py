@@ -18,6 +18,7 @@ from torch import nn
 
 from .api import open as open_file
 from .converters.peft_export import peft_adapter
+from .engine.resolve import Resolver
 from .errors import ExternalReferenceError, MCNCError, UsageError
 from .extras import require
 from .header import ExternalTheta0, LoRATensor
@@ -27,7 +28,8 @@ __all__ = ["load_adapter"]
 
 
 def load_adapter(model: nn.Module, path_or_hf_uri: str | os.PathLike[str],
-                 adapter_name: str = "default", *, check_base: bool = True) -> Any:
+                 adapter_name: str = "default", *, check_base: bool = True,
+                 resolver: Resolver | None = None) -> Any:
     """Attach the lora tensors of ``path_or_hf_uri`` to ``model`` as PEFT adapter
     ``adapter_name``; returns the ``PeftModel`` (``model`` itself when it already is one, the
     adapter added beside the others).
@@ -42,7 +44,8 @@ def load_adapter(model: nn.Module, path_or_hf_uri: str | os.PathLike[str],
     factors alone would not give the model trained). Pass ``check_base=False`` for the same
     base in another dtype (its bytes differ). Each weight is hashed once per
     version (an in-place change is hashed again). Raises ``MCNCError`` when the file holds
-    no lora tensor or names a module ``model`` lacks.
+    no lora tensor or names a module ``model`` lacks. ``resolver`` reads the file, as in
+    ``mcnc_format.open`` (``HubResolver(token=...)`` for a private repository).
     """
     require("peft", "peft", "mcnc_format.peft.load_adapter")
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
@@ -54,7 +57,7 @@ def load_adapter(model: nn.Module, path_or_hf_uri: str | os.PathLike[str],
                          "base weights first (the adapter is built on their device)",
                          path=source)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    with open_file(source) as f:
+    with open_file(source, resolver=resolver) as f:
         adapter = peft_adapter(f, source, device)
         shapes = {t.name.removesuffix(".weight"): t.shape for t in f.header.tensors
                   if isinstance(t, LoRATensor)}

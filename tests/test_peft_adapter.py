@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import WRITE_TOKEN, HubServer
+from hub_server import READ_TOKEN, WRITE_TOKEN, HubServer
 from peft import PeftModel
 from torch import nn
 from torch_helpers import assert_same_outputs, one_thread  # noqa: F401 (autouse fixture)
@@ -21,8 +21,10 @@ from transformers_helpers import llama, output, tokens, train
 
 import mcnc_format
 from mcnc_format import hub as mhub
-from mcnc_format.errors import MCNCError
+from mcnc_format.errors import HubError, MCNCError
+from mcnc_format.hub import HubResolver
 from mcnc_format.peft import load_adapter
+from mcnc_format.serving import AdapterBank
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, save_model
 
 CONFIG = MCNCConfig(k=4, d=64, hidden=(8,), seed=11)
@@ -175,3 +177,28 @@ def test_a_tensor_trained_beside_the_adapter_is_refused_not_dropped(adapter: Pat
     ids = tokens(5)
     assert_same_outputs(output(load_adapter(wrapped, adapter).eval(), ids),
                         output(merged(adapter), ids))
+
+
+def test_a_private_adapter_is_read_with_the_callers_resolver(adapter: Path,
+                                                             hub: HubServer) -> None:
+    """An adapter in a private repository: without a token it is not found; with
+    ``resolver=HubResolver(token=...)`` both ``load_adapter`` and ``AdapterBank.add`` read it
+    (they had no way to pass a token but the environment)."""
+    mhub.push(adapter, "alice/private-adapter", token=WRITE_TOKEN, private=True)
+    uri = "hf://alice/private-adapter/a.mcnc"
+    bank = AdapterBank(base(), device="cpu", factor_cache_bytes=1 << 20)
+    with pytest.raises(HubError):
+        load_adapter(base(), uri)
+    with pytest.raises(HubError):
+        bank.add("private", uri)
+    reader = HubResolver(token=READ_TOKEN)
+    peft_model = load_adapter(base(), uri, resolver=reader).eval()
+    ids = tokens(5)
+    assert_same_outputs(output(peft_model, ids), output(merged(adapter), ids))
+
+    bank.add("private", uri, resolver=reader)
+    with mcnc_format.open(adapter) as f:
+        name = next(t for t in f.keys() if f.tensor_info(t).encoding == "lora")  # noqa: SIM118
+        a, b, scale = f.get_lora_factors(name)
+    got_a, got_b, got_scale = bank.factors("private")[name.removesuffix(".weight")]
+    assert torch.equal(got_a, a) and torch.equal(got_b, b) and got_scale == scale

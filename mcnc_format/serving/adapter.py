@@ -27,6 +27,7 @@ from ..dtypes import to_torch
 from ..engine.backend import default_backend
 from ..engine.fused import FusedGenerator
 from ..engine.members import MemberRun, rebuild_members
+from ..engine.resolve import Resolver
 from ..engine.theta0 import prng_values
 from ..errors import MCNCError
 from ..header import BlobTheta0, ExternalTheta0, LoRATensor, MemberEntry, Theta0Entry
@@ -78,13 +79,15 @@ class ResidentAdapter:
     @classmethod
     def load(cls, name: str, source: str | os.PathLike[str], base: nn.Module,
              device: torch.device, generator: Callable[[MCNCFile, int, int], GeneratorKey],
-             base_sha256: Callable[[str], str], check_base: bool) -> ResidentAdapter:
-        """Read and check the adapter file at ``source``; ``generator(file, index, m)`` makes
-        the bank hold the file's generator ``index`` and returns its key; ``base_sha256``
-        hashes a base parameter by name (cached by the bank)."""
+             base_sha256: Callable[[str], str], check_base: bool,
+             resolver: Resolver | None) -> ResidentAdapter:
+        """Read and check the adapter file at ``source`` (through ``resolver``, the default
+        one when ``None``); ``generator(file, index, m)`` makes the bank hold the file's
+        generator ``index`` and returns its key; ``base_sha256`` hashes a base parameter by
+        name (cached by the bank)."""
         from ..api import open as open_mcnc
 
-        with open_mcnc(source) as f:
+        with open_mcnc(source, resolver=resolver) as f:
             return _Reader(name, f, base, device, check_base, base_sha256).read(generator)
 
     def rebuild(self, generators: dict[GeneratorKey, FusedGenerator]) -> Factors:

@@ -25,6 +25,7 @@ from torch import nn
 from ..devices import check_device
 from ..engine.backend import default_backend, triton_refusal
 from ..engine.fused import FusedGenerator
+from ..engine.resolve import Resolver
 from ..errors import UsageError
 from ..reader import MCNCFile
 from .adapter import Factors, GeneratorKey, ResidentAdapter, base_sha256
@@ -89,9 +90,11 @@ class AdapterBank:
         self._serving = False  # a call's forward or generate is running
 
     # -- adapters --------------------------------------------------------------------------
-    def add(self, name: str, source: str | os.PathLike[str], *, check_base: bool = True
-            ) -> None:
-        """Register the adapter file ``source`` (a path or ``hf://`` URI) as ``name``.
+    def add(self, name: str, source: str | os.PathLike[str], *, check_base: bool = True,
+            resolver: Resolver | None = None) -> None:
+        """Register the adapter file ``source`` (a path or ``hf://`` URI) as ``name``;
+        ``resolver`` reads it, as in ``mcnc_format.open`` (``HubResolver(token=...)`` for a
+        private repository).
 
         Refused with an ``MCNCError`` when it adapts a module the base lacks or has another
         shape, or, with ``check_base``, when what it records of the base (SHA-256 pins of
@@ -104,7 +107,7 @@ class AdapterBank:
             adapter = ResidentAdapter.load(
                 name, source, self.base_model, self.device,
                 lambda f, index, m: self._generator(load, f, index, m),
-                lambda name: base_sha256(self.base_model, name), check_base)
+                lambda name: base_sha256(self.base_model, name), check_base, resolver)
         except BaseException:
             self._drop_unused_generators()  # those this failed load registered
             raise
