@@ -13,8 +13,10 @@ Inputs are fresh each run, seeded from ``MCNC_TEST_SEED`` or a random seed print
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from dist_helpers import requires_current_distributed
@@ -311,6 +313,25 @@ def test_refusals_name_the_problem_and_the_fix():
         MCNCConfig(chunking="layer")
     with pytest.raises(ReparametrizeError, match="no 'mcnc_config'"):
         export_state_dict(mlp().state_dict())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hidden", "32"), ("hidden", 32), ("hidden", (16.5,)), ("hidden", (True, 8)),
+    ("L", None), ("L", "20"), ("omega0", True), ("beta_init", "0"), ("include", 5),
+    ("exclude", None), ("train_dense", "no"),
+])
+def test_config_refuses_values_of_the_wrong_type(field: str, value: object) -> None:
+    """A value of the wrong type is a ReparametrizeError naming the field, not a TypeError
+    from deep inside, nor a silent conversion: ``hidden="32"`` used to give widths (3, 2),
+    ``(16.5,)`` the width 16, and ``train_dense="no"`` trained the dense parameters."""
+    with pytest.raises(ReparametrizeError, match=rf"MCNCConfig\.{field}"):
+        MCNCConfig(**{field: value})
+
+
+def test_config_takes_numpy_widths_as_ints() -> None:
+    config = MCNCConfig(hidden=np.array([8, 4]), L=np.float32(5.0))
+    assert config.hidden == (8, 4) and all(type(w) is int for w in config.hidden)
+    assert MCNCConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 @pytest.mark.parametrize("damage", ["not-an-object", "segment-out-of-range", "bad-dtype",
