@@ -283,6 +283,28 @@ def test_autocast_runs_the_generator_in_float32():
     assert model.mcnc_beta_0.grad is not None
 
 
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "double"])
+def test_a_dtype_conversion_of_the_model_is_refused_with_the_fix(convert: str) -> None:
+    """``model.half()`` converts alpha, beta and the dense tensors but not the compressed
+    weights, so the forward failed inside a layer ("self and mat2 must have the same dtype");
+    it is a ReparametrizeError pointing at autocast, and ``model.float()`` undoes it."""
+    torch.manual_seed(SEED)
+    model = reparametrize(mlp(), CONFIGS["mlp"])
+    _train(model, _inputs("mlp"), steps=2)
+    x = _inputs("mlp")
+    reference = model(x).detach()
+    dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}[convert]
+    model.to(dtype)
+    with pytest.raises(ReparametrizeError, match=r"model\.float\(\).*autocast"):
+        model(x.to(dtype))
+    model.float()
+    out = model(x)
+    if convert == "double":  # float32 -> float64 -> float32 is exact
+        assert torch.equal(out, reference)
+    out.square().mean().backward()
+    assert model.mcnc_alpha_0.grad is not None
+
+
 def test_model_chunking_generates_each_segment_once_per_forward(monkeypatch):
     calls = []
     original = MCNCRuntime.segment_value

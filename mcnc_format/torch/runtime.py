@@ -76,9 +76,28 @@ class MCNCRuntime:
     def enter(self, module: nn.Module, args: Any) -> None:
         """Forward pre-hook: project alpha once per outermost forward and open the cache."""
         if self._depth == 0:
+            self._check_float32()
             self.project_alpha_()
             self._clear()
         self._depth += 1
+
+    def _check_float32(self) -> None:
+        """Refuse alpha or beta converted away from float32 (``model.half()``, ``.to(dtype)``,
+        ``.double()``): the forward would otherwise fail inside a layer on mixed dtypes, since
+        the compressed weights keep the dtype recorded in the manifest. MCNC-LoRA is left alone:
+        its adapter casts the input to the factors' dtype, so a converted model still runs."""
+        if self.manifest.loras:
+            return
+        for s in range(len(self.manifest.chunks)):
+            for param in (self.alpha(s), self.beta(s)):
+                if param.dtype != torch.float32:
+                    raise ReparametrizeError(
+                        f"{type(self.root).__name__}: MCNC's alpha and beta are {param.dtype}, "
+                        "not float32: model.half(), .to(dtype) or .double() converted them "
+                        "(half and bfloat16 round them) and the dense tensors, while the "
+                        "compressed weights keep their recorded dtype. Call model.float() to go "
+                        "back, and compute in reduced precision with torch.autocast "
+                        "(docs/torch.md, Limits).")
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook (also on exceptions): drop cached tensors when the forward ends."""
