@@ -13,6 +13,8 @@ zero), so the adapter starts as the identity and maps onto PEFT's layout. The ex
 from __future__ import annotations
 
 import fnmatch
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -111,8 +113,8 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     _check_rank(rank)
+    scale = (rank if lora_alpha is None else _lora_alpha(lora_alpha)) / rank
     config = config or mcnc_lora_config(model, target_modules, rank=rank)
-    scale = (rank if lora_alpha is None else float(lora_alpha)) / rank
     order = tuple(model.state_dict().keys())
     targets = _targets(model, target_modules)
     for name, linear, _ in targets:
@@ -182,6 +184,16 @@ def lora_factor_sizes(model: nn.Module, target_modules: Sequence[str], rank: int
 def _check_rank(rank: object) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ReparametrizeError(f"add_mcnc_lora: rank must be a positive integer, got {rank!r}")
+
+
+def _lora_alpha(value: object) -> float:
+    """``lora_alpha`` as a float, checked before the model is touched: a non-finite scale
+    cannot go into the JSON manifest, and failing there left the layers already wrapped."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
+        raise ReparametrizeError(f"add_mcnc_lora: lora_alpha must be a finite number, got "
+                                 f"{value!r}")
+    return float(value)
 
 
 # Owners whose forward may read a child Linear's ``weight`` without calling the child.
