@@ -283,6 +283,24 @@ def test_autocast_runs_the_generator_in_float32():
     assert model.mcnc_beta_0.grad is not None
 
 
+def test_a_first_forward_in_inference_mode_leaves_training_possible() -> None:
+    """Evaluating before training under ``torch.inference_mode()`` drew the generator's
+    weights as inference tensors and cached them, so every later training forward failed
+    ("Inference tensors cannot be saved for backward")."""
+    torch.manual_seed(SEED)
+    model, fresh = reparametrize(mlp(), CONFIGS["mlp"]), reparametrize(mlp(), CONFIGS["mlp"])
+    fresh.load_state_dict(model.state_dict())
+    x = _inputs("mlp")
+    with torch.inference_mode():
+        evaluated = model(x)
+    for m in (model, fresh):
+        m(x).square().mean().backward()
+    assert torch.equal(evaluated, fresh(x).detach())
+    for name, param in fresh.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(model.get_parameter(name).grad, param.grad), name
+
+
 @pytest.mark.parametrize("convert", ["half", "bfloat16", "double"])
 def test_a_dtype_conversion_of_the_model_is_refused_with_the_fix(convert: str) -> None:
     """``model.half()`` converts alpha, beta and the dense tensors but not the compressed

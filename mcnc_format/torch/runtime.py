@@ -214,10 +214,15 @@ class MCNCRuntime:
 
     def fused(self, device: torch.device) -> FusedGenerator:
         """The generator on ``device``, drawn from the seed on first use. Kept out of the
-        module's buffers on purpose: ``model.half()`` or ``.to(dtype)`` cannot round it."""
+        module's buffers on purpose: ``model.half()`` or ``.to(dtype)`` cannot round it.
+        Drawn outside inference mode: a first forward under ``torch.inference_mode()`` would
+        otherwise cache inference tensors, which autograd refuses to save in every later
+        training forward."""
         key = str(device)
         if key not in self._fused:
-            self._fused[key] = FusedGenerator(self.spec.weights(device), self.manifest.config.m)
+            with torch.inference_mode(False):
+                self._fused[key] = FusedGenerator(self.spec.weights(device),
+                                                  self.manifest.config.m)
         return self._fused[key]
 
 
