@@ -283,6 +283,43 @@ def test_autocast_runs_the_generator_in_float32():
     assert model.mcnc_beta_0.grad is not None
 
 
+@pytest.mark.parametrize("outer_path", ["", "0"])
+def test_a_module_reparametrized_inside_a_reparametrized_one_saves(tmp_path,
+                                                                    outer_path: str) -> None:
+    """Reparametrizing a layer that an earlier ``reparametrize`` left dense (here
+    ``exclude``d) trains, but ``save_model`` failed: the outer manifest still lists the inner
+    layer's plain names and the export looked for ``...sub.0.weight``, which the inner
+    reparametrization had turned into alpha and beta ("the state dict lacks ...")."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 16)
+            self.sub = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.sub(self.fc(x))
+
+    def build() -> nn.Module:
+        return nn.Sequential(Block(), nn.Linear(8, 3))
+
+    torch.manual_seed(SEED)
+    model = build()
+    outer = model.get_submodule(outer_path)
+    reparametrize(outer, MCNCConfig(k=3, d=20, hidden=(8,), exclude=("*sub.*",)))
+    inner = outer.get_submodule("0.sub" if outer_path == "" else "sub")
+    reparametrize(inner, MCNCConfig(k=4, d=30, hidden=(8,), seed=7, chunking="model"))
+    x = torch.randn(5, 8)
+    _train(model, x)
+    save_model(model, tmp_path / "nested.mcnc")
+    plain = build()
+    assert list(export_state_dict(model.state_dict())) == list(plain.state_dict())
+    plain.load_state_dict(mcnc_format.load(tmp_path / "nested.mcnc"), strict=True)
+    for name in ("0.fc.weight", "0.sub.0.weight", "0.sub.2.weight"):
+        assert torch.equal(plain.get_parameter(name), model.get_submodule(name[:-7]).weight)
+    assert torch.equal(plain(x), model(x))
+
+
 def test_a_first_forward_in_inference_mode_leaves_training_possible() -> None:
     """Evaluating before training under ``torch.inference_mode()`` drew the generator's
     weights as inference tensors and cached them, so every later training forward failed
