@@ -320,6 +320,26 @@ def test_a_module_reparametrized_inside_a_reparametrized_one_saves(tmp_path,
     assert torch.equal(plain(x), model(x))
 
 
+def test_a_compiled_model_is_refused_before_anything_changes() -> None:
+    """``reparametrize(torch.compile(model))`` replaced the weights, then failed with
+    ``AttributeError: 'Sequential' object has no attribute 'mcnc_alpha_0'`` (the wrapper
+    forwards attribute reads to the module it compiled), leaving the model half-converted;
+    the same for ``add_mcnc_lora``. Both refuse the wrapper up front and name the order."""
+    from mcnc_format.torch import add_mcnc_lora
+
+    plain = mlp()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    compiled = torch.compile(plain)
+    with pytest.raises(ReparametrizeError, match=r"torch\.compile\(reparametrize\(model"):
+        reparametrize(compiled, CONFIGS["mlp"])
+    with pytest.raises(ReparametrizeError, match=r"torch\.compile wrapper"):
+        add_mcnc_lora(compiled, CONFIGS["mlp"], target_modules=["0"])
+    after = plain.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    reparametrize(plain, CONFIGS["mlp"])  # the plain model is still usable
+
+
 def test_a_first_forward_in_inference_mode_leaves_training_possible() -> None:
     """Evaluating before training under ``torch.inference_mode()`` drew the generator's
     weights as inference tensors and cached them, so every later training forward failed

@@ -124,6 +124,15 @@ def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Modu
 
 
 def check_not_reparametrized(model: nn.Module) -> None:
+    """Refuse a model that already holds MCNC state, or a ``torch.compile`` wrapper: the
+    wrapper forwards attribute reads to the module it compiled, so alpha registered on it
+    could not be read back, and the state-dict names would carry its ``_orig_mod.``."""
+    if isinstance(model._modules.get("_orig_mod"), nn.Module):
+        raise ReparametrizeError(
+            f"{type(model).__name__} is a torch.compile wrapper; reparametrize (or "
+            "add_mcnc_lora to) the plain model first, then compile it: model = "
+            "torch.compile(reparametrize(model, config)). The module it wraps is "
+            "model._orig_mod.")
     for module in model.modules():
         if hasattr(module, RUNTIME_ATTRIBUTE) or isinstance(module, MCNCMember):
             raise ReparametrizeError(
