@@ -340,6 +340,24 @@ def test_a_compiled_model_is_refused_before_anything_changes() -> None:
     reparametrize(plain, CONFIGS["mlp"])  # the plain model is still usable
 
 
+@pytest.mark.parametrize("selected", [True, False])
+def test_a_lazy_parameter_anywhere_is_refused_before_anything_changes(selected: bool) -> None:
+    """A lazy layer that the config does not select made ``reparametrize`` fail at its last
+    step (freezing the dense parameters) with torch's bare ValueError "Attempted to use an
+    uninitialized parameter", after the selected weights were already replaced."""
+    from mcnc_format.torch import add_mcnc_lora
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.LazyLinear(4))
+    config = MCNCConfig(k=3, d=20, hidden=(8,), include=("*",) if selected else ("0.*",))
+    for attach in (lambda: reparametrize(model, config),
+                   lambda: add_mcnc_lora(model, config, target_modules=["0"])):
+        with pytest.raises(ReparametrizeError, match=r"'1\.weight' is not materialised"):
+            attach()
+        assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.requires_grad
+    model(torch.randn(2, 8))
+    reparametrize(model, config)
+
+
 def test_a_first_forward_in_inference_mode_leaves_training_possible() -> None:
     """Evaluating before training under ``torch.inference_mode()`` drew the generator's
     weights as inference tensors and cached them, so every later training forward failed

@@ -29,7 +29,7 @@ from ..writer import Theta0
 from .budget import LORA_RECIPE, choose_d, payload_values
 from .config import CHUNKING_MODEL, CHUNKING_TENSOR, THETA0_STREAM_BASE, MCNCConfig
 from .manifest import LoRASpec
-from .reparam import PlannedMember, check_not_reparametrized, install, refuse_sharded
+from .reparam import PlannedMember, check_installable, install, refuse_sharded
 
 __all__ = [
     "MCNCLoRALinear",
@@ -109,7 +109,7 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
     rank)``: the measured recipe (``LORA_RECIPE``; train with Adam at its ``learning_rate``).
     Modifies ``model`` in place and returns it.
     """
-    check_not_reparametrized(model)
+    check_installable(model)
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     _check_rank(rank)

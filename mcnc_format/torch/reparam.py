@@ -51,7 +51,7 @@ from .runtime import MCNCMember, MCNCRuntime
 __all__ = [
     "Place",
     "PlannedMember",
-    "check_not_reparametrized",
+    "check_installable",
     "install",
     "places_by_tensor",
     "refuse_sharded",
@@ -108,11 +108,12 @@ def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Modu
     in state-dict order (``load_into`` and ``mcnc_format.transformers.from_pretrained`` tie
     the others to it again).
 
-    Raises ``ReparametrizeError`` when nothing is selected, a selected parameter is not yet
-    materialised (lazy modules), or the model is already reparametrized.
+    Raises ``ReparametrizeError`` when nothing is selected, a parameter is not yet
+    materialised (lazy modules), the model is a ``torch.compile`` wrapper, or it is already
+    reparametrized.
     """
     config = config or MCNCConfig()
-    check_not_reparametrized(model)
+    check_installable(model)
     order = tuple(model.state_dict().keys())
     selected = _select(model, config)
     planned = [
@@ -123,16 +124,23 @@ def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Modu
     return model
 
 
-def check_not_reparametrized(model: nn.Module) -> None:
-    """Refuse a model that already holds MCNC state, or a ``torch.compile`` wrapper: the
-    wrapper forwards attribute reads to the module it compiled, so alpha registered on it
-    could not be read back, and the state-dict names would carry its ``_orig_mod.``."""
+def check_installable(model: nn.Module) -> None:
+    """Refuse, before anything changes, a model that already holds MCNC state; a
+    ``torch.compile`` wrapper (it forwards attribute reads to the module it compiled, so
+    alpha registered on it could not be read back, and the state-dict names would carry its
+    ``_orig_mod.``); and a model with a lazy parameter anywhere, selected or not (its name
+    and shape are not known yet, and it cannot be frozen)."""
     if isinstance(model._modules.get("_orig_mod"), nn.Module):
         raise ReparametrizeError(
             f"{type(model).__name__} is a torch.compile wrapper; reparametrize (or "
             "add_mcnc_lora to) the plain model first, then compile it: model = "
             "torch.compile(reparametrize(model, config)). The module it wraps is "
             "model._orig_mod.")
+    for name, param in model.named_parameters():
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            raise ReparametrizeError(f"parameter {name!r} is not materialised yet (lazy "
+                                     "module); run one forward pass before reparametrize or "
+                                     "add_mcnc_lora")
     for module in model.modules():
         if hasattr(module, RUNTIME_ATTRIBUTE) or isinstance(module, MCNCMember):
             raise ReparametrizeError(
@@ -187,9 +195,6 @@ def _select(model: nn.Module, config: MCNCConfig
             continue
         if not any(_wanted(config, p.name, p.module, p.attribute) for p in places):
             continue
-        if isinstance(param, nn.parameter.UninitializedParameter):
-            raise ReparametrizeError(f"parameter {first.name!r} is not materialised yet (lazy "
-                                     "module); run one forward pass before reparametrize")
         if not param.is_floating_point() or param.numel() == 0:
             continue
         refuse_sharded(first.name, param)
