@@ -358,6 +358,21 @@ def test_a_lazy_parameter_anywhere_is_refused_before_anything_changes(selected: 
     reparametrize(model, config)
 
 
+@pytest.mark.parametrize("config", [{"k": 4}, MCNCConfig], ids=["dict", "class"])
+def test_a_config_that_is_not_an_mcncconfig_is_refused_up_front(config: object) -> None:
+    """A dict or the class itself failed on a missing attribute (``'dict' object has no
+    attribute 'exclude'``, ``to_dict() missing 1 required positional argument``), and
+    ``add_mcnc_lora`` failed only after wrapping the target layers."""
+    from mcnc_format.torch import add_mcnc_lora
+
+    model = mlp()
+    with pytest.raises(ReparametrizeError, match="config must be an MCNCConfig"):
+        reparametrize(model, config)
+    with pytest.raises(ReparametrizeError, match="config must be an MCNCConfig"):
+        add_mcnc_lora(model, config, target_modules=["0"])
+    assert isinstance(model[0], nn.Linear) and isinstance(model[0].weight, nn.Parameter)
+
+
 def test_a_first_forward_in_inference_mode_leaves_training_possible() -> None:
     """Evaluating before training under ``torch.inference_mode()`` drew the generator's
     weights as inference tensors and cached them, so every later training forward failed

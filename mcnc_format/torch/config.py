@@ -28,6 +28,7 @@ __all__ = [
     "THETA0_PRNG",
     "THETA0_STREAM_BASE",
     "MCNCConfig",
+    "require_config",
 ]
 
 CHUNKING_TENSOR = "tensor"
@@ -136,6 +137,16 @@ class MCNCConfig:
             raise ReparametrizeError(f"MCNCConfig: unknown fields {unknown}; this state dict was "
                                      "written by a newer mcnc-format. Upgrade mcnc-format.")
         return cls(**values)
+
+
+def require_config(value: object, caller: str) -> MCNCConfig:
+    """``value`` if it is an ``MCNCConfig``; checked before ``caller`` touches the model, since
+    a dict or the class itself would otherwise fail on a missing attribute halfway through."""
+    if isinstance(value, MCNCConfig):
+        return value
+    hint = ("the class itself; call it: MCNCConfig(...)" if value is MCNCConfig
+            else f"a {type(value).__name__}; build one with MCNCConfig(**values)")
+    raise ReparametrizeError(f"{caller}: config must be an MCNCConfig, got {hint}")
 
 
 def _widths(values: Any) -> tuple[int, ...]:

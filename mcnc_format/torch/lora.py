@@ -27,7 +27,13 @@ from ..errors import ReparametrizeError
 from ..header import ZerosTheta0
 from ..writer import Theta0
 from .budget import LORA_RECIPE, choose_d, payload_values
-from .config import CHUNKING_MODEL, CHUNKING_TENSOR, THETA0_STREAM_BASE, MCNCConfig
+from .config import (
+    CHUNKING_MODEL,
+    CHUNKING_TENSOR,
+    THETA0_STREAM_BASE,
+    MCNCConfig,
+    require_config,
+)
 from .manifest import LoRASpec
 from .reparam import PlannedMember, check_installable, install, refuse_sharded
 
@@ -114,7 +120,8 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
         target_modules = (target_modules,)
     _check_rank(rank)
     scale = (rank if lora_alpha is None else _lora_alpha(lora_alpha)) / rank
-    config = config or mcnc_lora_config(model, target_modules, rank=rank)
+    config = (mcnc_lora_config(model, target_modules, rank=rank) if config is None
+              else require_config(config, "add_mcnc_lora"))
     order = tuple(model.state_dict().keys())
     targets = _targets(model, target_modules)
     for name, linear, _ in targets:

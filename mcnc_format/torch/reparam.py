@@ -36,6 +36,7 @@ from .config import (
     THETA0_MODULE,
     THETA0_STREAM_BASE,
     MCNCConfig,
+    require_config,
 )
 from .manifest import (
     CONFIG_KEY,
@@ -112,7 +113,7 @@ def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Modu
     materialised (lazy modules), the model is a ``torch.compile`` wrapper, or it is already
     reparametrized.
     """
-    config = config or MCNCConfig()
+    config = MCNCConfig() if config is None else require_config(config, "reparametrize")
     check_installable(model)
     order = tuple(model.state_dict().keys())
     selected = _select(model, config)
