@@ -100,7 +100,8 @@ def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Modu
     layers) become ``theta0 + sum_j beta_j phi(alpha_j)`` per chunk of ``d`` values. Only
     alpha and beta are trainable (unless ``config.train_dense``). Alpha starts uniform on
     ``[-L, L]`` and beta at ``config.beta_init`` (0: the model starts exactly at theta0);
-    alpha is projected onto ``[-L, L]`` at the start of every forward. ``torch.save(
+    alpha is projected onto ``[-L, L]`` at the start of every forward (or weight read outside
+    one: a ``nn.ModuleList`` has no forward of its own). ``torch.save(
     model.state_dict())`` keeps everything ``mcnc_format.torch.export_state_dict`` needs.
 
     A parameter tied to several names (``lm_head.weight`` and ``embed_tokens.weight``) is

@@ -15,7 +15,8 @@ Inside a forward of the reparametrized module (opened and closed by hooks on it)
 is generated once, for all its chunks, and split among its members (``torch.split``: one
 backward node, not one full-size gradient per member); outside a forward, reading a weight
 generates just that member's chunks. Alpha is projected onto ``[-L, L]`` when a forward
-starts (projected gradient descent) and clamped in the computation as well, so the function
+starts, or its segment's when a weight is read outside one (projected gradient descent), and
+clamped in the computation as well, so the function
 always equals the file, whose alpha is ``clamp(alpha, -L, L)``.
 """
 
@@ -110,12 +111,12 @@ class MCNCRuntime:
         self._values.clear()
         self._cache_grad = None
 
-    def project_alpha_(self) -> None:
-        """Clamp every alpha into ``[-L, L]`` in place (through ``.data``: a projection step
-        of the optimizer, invisible to autograd)."""
+    def project_alpha_(self, segments: range | tuple[int, ...] | None = None) -> None:
+        """Clamp the alpha of ``segments`` (default: all) into ``[-L, L]`` in place (through
+        ``.data``: a projection step of the optimizer, invisible to autograd)."""
         bound = self.manifest.config.L
         with torch.no_grad():
-            for s in range(len(self.manifest.chunks)):
+            for s in range(len(self.manifest.chunks)) if segments is None else segments:
                 self.alpha(s).data.clamp_(-bound, bound)
 
     def check_incoming(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
@@ -152,6 +153,11 @@ class MCNCRuntime:
         if caching and index in self._values:
             return self._values[index]
         member = self.manifest.members[index]
+        if self._depth == 0:
+            # read outside a forward of the root: a root whose own forward never runs (an
+            # nn.ModuleList whose layers its parent calls) is projected here, or an alpha
+            # pushed out of the box would stay there with zero gradient
+            self.project_alpha_((member.segment,))
         flat = self._piece(index) if caching else self._member_flat(index, theta0)
         value = flat.view(member.shape).to(to_torch(member.dtype))
         if caching:
