@@ -406,6 +406,29 @@ def test_a_config_that_is_not_an_mcncconfig_is_refused_up_front(config: object) 
     assert isinstance(model[0], nn.Linear) and isinstance(model[0].weight, nn.Parameter)
 
 
+def test_a_model_on_the_meta_device_is_refused_and_to_empty_first_works() -> None:
+    """Reparametrizing on the meta device drew theta0 on meta; ``to_empty`` then left the
+    seeded theta0 (a buffer outside the state dict, so no checkpoint load fixes it) as
+    uninitialised memory, and the model trained around garbage while the file stored the
+    seed. It is refused; ``to_empty`` first, reparametrize, then load gives the model."""
+    from mcnc_format.torch import add_mcnc_lora
+
+    torch.manual_seed(SEED)
+    trained = reparametrize(mlp(), CONFIGS["mlp"])
+    _train(trained, _inputs("mlp"))
+    with torch.device("meta"):
+        model = mlp()
+    for attach in (lambda: reparametrize(model, CONFIGS["mlp"]),
+                   lambda: add_mcnc_lora(model, CONFIGS["mlp"], target_modules=["0"])):
+        with pytest.raises(ReparametrizeError, match=r"meta device.*to_empty"):
+            attach()
+    model.to_empty(device="cpu")
+    reparametrize(model, CONFIGS["mlp"])
+    model.load_state_dict(trained.state_dict())
+    x = _inputs("mlp", offset=1)
+    assert torch.equal(model(x), trained(x))
+
+
 def test_a_first_forward_in_inference_mode_leaves_training_possible() -> None:
     """Evaluating before training under ``torch.inference_mode()`` drew the generator's
     weights as inference tensors and cached them, so every later training forward failed

@@ -130,8 +130,10 @@ def check_installable(model: nn.Module) -> None:
     """Refuse, before anything changes, a model that already holds MCNC state; a
     ``torch.compile`` wrapper (it forwards attribute reads to the module it compiled, so
     alpha registered on it could not be read back, and the state-dict names would carry its
-    ``_orig_mod.``); and a model with a lazy parameter anywhere, selected or not (its name
-    and shape are not known yet, and it cannot be frozen)."""
+    ``_orig_mod.``); a model with a lazy parameter anywhere, selected or not (its name
+    and shape are not known yet, and it cannot be frozen); and one on the meta device: a
+    seeded theta0 is drawn here and is not in the state dict, so ``to_empty`` afterwards
+    would leave it uninitialised memory that no checkpoint load overwrites."""
     if isinstance(model._modules.get("_orig_mod"), nn.Module):
         raise ReparametrizeError(
             f"{type(model).__name__} is a torch.compile wrapper; reparametrize (or "
@@ -143,6 +145,12 @@ def check_installable(model: nn.Module) -> None:
             raise ReparametrizeError(f"parameter {name!r} is not materialised yet (lazy "
                                      "module); run one forward pass before reparametrize or "
                                      "add_mcnc_lora")
+        if param.is_meta:
+            raise ReparametrizeError(
+                f"parameter {name!r} is on the meta device; MCNC draws theta0 from its seed "
+                "now and keeps it out of the state dict, so it needs real memory. Call "
+                "model.to_empty(device=...) first, then reparametrize (or add_mcnc_lora), "
+                "then load the checkpoint")
     for module in model.modules():
         if hasattr(module, RUNTIME_ATTRIBUTE) or isinstance(module, MCNCMember):
             raise ReparametrizeError(
