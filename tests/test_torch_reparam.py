@@ -429,6 +429,29 @@ def test_a_model_on_the_meta_device_is_refused_and_to_empty_first_works() -> Non
     assert torch.equal(model(x), trained(x))
 
 
+@pytest.mark.parametrize("chunking", ["tensor", "model"])
+@pytest.mark.parametrize("layer", [nn.Embedding, nn.EmbeddingBag])
+def test_an_embedding_with_max_norm_trains_and_matches_the_file(tmp_path, layer: type,
+                                                                 chunking: str) -> None:
+    """``Embedding(max_norm=...)`` renormalises the looked-up rows of its weight in place;
+    the compressed weight is a view of its segment, so the first forward failed with "Output
+    0 of View is a view and its base ... has been modified inplace"."""
+
+    def build() -> nn.Module:
+        return nn.Sequential(layer(10, 8, max_norm=1.0), nn.Linear(8, 2))
+
+    torch.manual_seed(SEED)
+    config = MCNCConfig(**{**CONFIGS["mlp"].to_dict(), "beta_init": 0.5, "chunking": chunking})
+    model = reparametrize(build(), config)
+    tokens = torch.randint(0, 10, (3, 5), generator=_seeded(0))
+    _train(model, tokens)
+    out = model(tokens)
+    assert torch.equal(model(tokens), out)  # the renorm did not touch what is trained
+    plain = build()
+    plain.load_state_dict(mcnc_format.load(save_model(model, tmp_path / "e.mcnc")), strict=True)
+    assert torch.equal(plain(tokens), out)
+
+
 def test_a_first_forward_in_inference_mode_leaves_training_possible() -> None:
     """Evaluating before training under ``torch.inference_mode()`` drew the generator's
     weights as inference tensors and cached them, so every later training forward failed

@@ -278,7 +278,10 @@ def install(model: nn.Module, config: MCNCConfig, planned: Sequence[PlannedMembe
             if (id(place.module), place.attribute) in done:
                 continue  # a module reused under another name: parametrized once
             # a stored theta0 is saved once, by the first place (tied places share the tensor)
-            _parametrize(place, theta0, MCNCMember(runtime, index), stored and not done)
+            renorms = getattr(place.module, "max_norm", None) is not None  # Embedding(Bag)
+            _parametrize(place, theta0, MCNCMember(runtime, index, renorms and
+                                                   isinstance(place.module, _NORMAL_MODULES)),
+                         stored and not done)
             done.add((id(place.module), place.attribute))
     object.__setattr__(model, RUNTIME_ATTRIBUTE, runtime)
     model.register_forward_pre_hook(runtime.enter)

@@ -237,15 +237,21 @@ class MCNCMember(nn.Module):
 
     ``torch.nn.utils.parametrize`` keeps theta0 as ``parametrizations.<name>.original``
     (a buffer: persistent when theta0 is stored, rebuilt from the seed otherwise).
+    ``own_copy``: hand the module a copy it may modify in place, for an ``Embedding`` with
+    ``max_norm``, whose forward renormalises the looked-up rows of its weight in place; the
+    value itself is a view of its segment (or cached for the forward), which autograd does
+    not let it change.
     """
 
-    def __init__(self, runtime: MCNCRuntime, index: int) -> None:
+    def __init__(self, runtime: MCNCRuntime, index: int, own_copy: bool = False) -> None:
         super().__init__()
         self.runtime = runtime
         self.index = index
+        self.own_copy = own_copy
 
     def forward(self, theta0: torch.Tensor) -> torch.Tensor:
-        return self.runtime.member_value(self.index, theta0)
+        value = self.runtime.member_value(self.index, theta0)
+        return value.clone() if self.own_copy else value
 
     def extra_repr(self) -> str:
         member = self.runtime.manifest.members[self.index]
