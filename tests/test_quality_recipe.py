@@ -132,6 +132,10 @@ def test_choose_d_refuses_what_cannot_fit() -> None:
                 {"ratio": float("nan")}, {"budget_bytes": 100, "dtype": "i8"}):
         with pytest.raises(ReparametrizeError):
             choose_d([100], 4, **bad)
+    # k or m that no MCNCConfig accepts gave a chunk size for a config that cannot exist
+    for k, m in ((0, 1), (-3, 1), (2.5, 1), (4, 0), (4, True)):
+        with pytest.raises(ReparametrizeError, match=r"choose_d: [km] must be an integer"):
+            choose_d([100], k, m=m, ratio=2.0)
 
 
 @pytest.mark.parametrize("chunking", ["tensor", "model"])

@@ -178,6 +178,18 @@ def test_targets_must_be_linear_layers():
         add_mcnc_lora(_pretrained(), CONFIG, target_modules=TARGETS, rank=0)
 
 
+@pytest.mark.parametrize("lora_alpha", [float("nan"), float("inf"), "16", True])
+def test_a_bad_lora_alpha_is_refused_before_the_model_changes(lora_alpha: object) -> None:
+    """A non-finite ``lora_alpha`` failed with json's bare ValueError ("Out of range float
+    values are not JSON compliant") after the layers were wrapped, so the model could not be
+    given adapters again; it is refused up front and the model stays plain."""
+    model = _pretrained()
+    with pytest.raises(ReparametrizeError, match="lora_alpha must be a finite number"):
+        add_mcnc_lora(model, CONFIG, target_modules=TARGETS, lora_alpha=lora_alpha)
+    assert not any(isinstance(m, MCNCLoRALinear) for m in model.modules())
+    add_mcnc_lora(model, CONFIG, target_modules=TARGETS, lora_alpha=16)
+
+
 class _TiedHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()

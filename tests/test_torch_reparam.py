@@ -13,8 +13,10 @@ Inputs are fresh each run, seeded from ``MCNC_TEST_SEED`` or a random seed print
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from dist_helpers import requires_current_distributed
@@ -248,6 +250,39 @@ def test_alpha_is_projected_onto_the_box_and_the_file_matches(tmp_path):
     assert at_bound.any() and model.mcnc_alpha_0.grad[at_bound].abs().sum() > 0
 
 
+@pytest.mark.parametrize("chunking", ["tensor", "model"])
+def test_alpha_is_projected_when_the_reparametrized_module_never_runs_a_forward(
+        chunking: str) -> None:
+    """``reparametrize(model.layers)`` of an ``nn.ModuleList`` (the blocks of most
+    transformers) has no forward of its own, so the projection in the forward pre-hook never
+    ran: alpha pushed out of ``[-L, L]`` stayed there with zero gradient through the clamp
+    (after 20 Adam steps at lr 0.5, 92% of alpha outside the box for L = 1)."""
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(12, 12) for _ in range(3)])
+            self.head = nn.Linear(12, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return self.head(x)
+
+    config = MCNCConfig(**{**CONFIGS["mlp"].to_dict(), "beta_init": 0.5, "chunking": chunking})
+    model = Blocks()
+    reparametrize(model.layers, config)
+    alphas = [p for n, p in model.layers.named_parameters() if n.startswith("mcnc_alpha")]
+    with torch.no_grad():
+        for alpha in alphas:
+            alpha.mul_(3.0)  # as if an optimizer step left the box
+    model(_inputs("mlp")).square().mean().backward()
+    for alpha in alphas:
+        assert alpha.abs().max() <= config.L
+        at_bound = alpha.detach().abs() == config.L
+        assert at_bound.any() and alpha.grad[at_bound].abs().sum() > 0
+
+
 def test_low_precision_alpha_beta_are_what_the_forward_uses(tmp_path):
     config = MCNCConfig(**{**CONFIGS["mlp"].to_dict(), "alpha_dtype": torch.bfloat16,
                            "beta_dtype": "f16"})
@@ -281,6 +316,182 @@ def test_autocast_runs_the_generator_in_float32():
     assert model.mcnc_beta_0.grad is not None
 
 
+@pytest.mark.parametrize("outer_path", ["", "0"])
+def test_a_module_reparametrized_inside_a_reparametrized_one_saves(tmp_path,
+                                                                    outer_path: str) -> None:
+    """Reparametrizing a layer that an earlier ``reparametrize`` left dense (here
+    ``exclude``d) trains, but ``save_model`` failed: the outer manifest still lists the inner
+    layer's plain names and the export looked for ``...sub.0.weight``, which the inner
+    reparametrization had turned into alpha and beta ("the state dict lacks ...")."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 16)
+            self.sub = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.sub(self.fc(x))
+
+    def build() -> nn.Module:
+        return nn.Sequential(Block(), nn.Linear(8, 3))
+
+    torch.manual_seed(SEED)
+    model = build()
+    outer = model.get_submodule(outer_path)
+    reparametrize(outer, MCNCConfig(k=3, d=20, hidden=(8,), exclude=("*sub.*",)))
+    inner = outer.get_submodule("0.sub" if outer_path == "" else "sub")
+    reparametrize(inner, MCNCConfig(k=4, d=30, hidden=(8,), seed=7, chunking="model"))
+    x = torch.randn(5, 8)
+    _train(model, x)
+    save_model(model, tmp_path / "nested.mcnc")
+    plain = build()
+    assert list(export_state_dict(model.state_dict())) == list(plain.state_dict())
+    plain.load_state_dict(mcnc_format.load(tmp_path / "nested.mcnc"), strict=True)
+    for name in ("0.fc.weight", "0.sub.0.weight", "0.sub.2.weight"):
+        assert torch.equal(plain.get_parameter(name), model.get_submodule(name[:-7]).weight)
+    assert torch.equal(plain(x), model(x))
+
+
+def test_a_compiled_model_is_refused_before_anything_changes() -> None:
+    """``reparametrize(torch.compile(model))`` replaced the weights, then failed with
+    ``AttributeError: 'Sequential' object has no attribute 'mcnc_alpha_0'`` (the wrapper
+    forwards attribute reads to the module it compiled), leaving the model half-converted;
+    the same for ``add_mcnc_lora``. Both refuse the wrapper up front and name the order."""
+    from mcnc_format.torch import add_mcnc_lora
+
+    plain = mlp()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    compiled = torch.compile(plain)
+    with pytest.raises(ReparametrizeError, match=r"torch\.compile\(reparametrize\(model"):
+        reparametrize(compiled, CONFIGS["mlp"])
+    with pytest.raises(ReparametrizeError, match=r"torch\.compile wrapper"):
+        add_mcnc_lora(compiled, CONFIGS["mlp"], target_modules=["0"])
+    after = plain.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    reparametrize(plain, CONFIGS["mlp"])  # the plain model is still usable
+
+
+@pytest.mark.parametrize("selected", [True, False])
+def test_a_lazy_parameter_anywhere_is_refused_before_anything_changes(selected: bool) -> None:
+    """A lazy layer that the config does not select made ``reparametrize`` fail at its last
+    step (freezing the dense parameters) with torch's bare ValueError "Attempted to use an
+    uninitialized parameter", after the selected weights were already replaced."""
+    from mcnc_format.torch import add_mcnc_lora
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.LazyLinear(4))
+    config = MCNCConfig(k=3, d=20, hidden=(8,), include=("*",) if selected else ("0.*",))
+    for attach in (lambda: reparametrize(model, config),
+                   lambda: add_mcnc_lora(model, config, target_modules=["0"])):
+        with pytest.raises(ReparametrizeError, match=r"'1\.weight' is not materialised"):
+            attach()
+        assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.requires_grad
+    model(torch.randn(2, 8))
+    reparametrize(model, config)
+
+
+@pytest.mark.parametrize("config", [{"k": 4}, MCNCConfig], ids=["dict", "class"])
+def test_a_config_that_is_not_an_mcncconfig_is_refused_up_front(config: object) -> None:
+    """A dict or the class itself failed on a missing attribute (``'dict' object has no
+    attribute 'exclude'``, ``to_dict() missing 1 required positional argument``), and
+    ``add_mcnc_lora`` failed only after wrapping the target layers."""
+    from mcnc_format.torch import add_mcnc_lora
+
+    model = mlp()
+    with pytest.raises(ReparametrizeError, match="config must be an MCNCConfig"):
+        reparametrize(model, config)
+    with pytest.raises(ReparametrizeError, match="config must be an MCNCConfig"):
+        add_mcnc_lora(model, config, target_modules=["0"])
+    assert isinstance(model[0], nn.Linear) and isinstance(model[0].weight, nn.Parameter)
+
+
+def test_a_model_on_the_meta_device_is_refused_and_to_empty_first_works() -> None:
+    """Reparametrizing on the meta device drew theta0 on meta; ``to_empty`` then left the
+    seeded theta0 (a buffer outside the state dict, so no checkpoint load fixes it) as
+    uninitialised memory, and the model trained around garbage while the file stored the
+    seed. It is refused; ``to_empty`` first, reparametrize, then load gives the model."""
+    from mcnc_format.torch import add_mcnc_lora
+
+    torch.manual_seed(SEED)
+    trained = reparametrize(mlp(), CONFIGS["mlp"])
+    _train(trained, _inputs("mlp"))
+    with torch.device("meta"):
+        model = mlp()
+    for attach in (lambda: reparametrize(model, CONFIGS["mlp"]),
+                   lambda: add_mcnc_lora(model, CONFIGS["mlp"], target_modules=["0"])):
+        with pytest.raises(ReparametrizeError, match=r"meta device.*to_empty"):
+            attach()
+    model.to_empty(device="cpu")
+    reparametrize(model, CONFIGS["mlp"])
+    model.load_state_dict(trained.state_dict())
+    x = _inputs("mlp", offset=1)
+    assert torch.equal(model(x), trained(x))
+
+
+@pytest.mark.parametrize("chunking", ["tensor", "model"])
+@pytest.mark.parametrize("layer", [nn.Embedding, nn.EmbeddingBag])
+def test_an_embedding_with_max_norm_trains_and_matches_the_file(tmp_path, layer: type,
+                                                                 chunking: str) -> None:
+    """``Embedding(max_norm=...)`` renormalises the looked-up rows of its weight in place;
+    the compressed weight is a view of its segment, so the first forward failed with "Output
+    0 of View is a view and its base ... has been modified inplace"."""
+
+    def build() -> nn.Module:
+        return nn.Sequential(layer(10, 8, max_norm=1.0), nn.Linear(8, 2))
+
+    torch.manual_seed(SEED)
+    config = MCNCConfig(**{**CONFIGS["mlp"].to_dict(), "beta_init": 0.5, "chunking": chunking})
+    model = reparametrize(build(), config)
+    tokens = torch.randint(0, 10, (3, 5), generator=_seeded(0))
+    _train(model, tokens)
+    out = model(tokens)
+    assert torch.equal(model(tokens), out)  # the renorm did not touch what is trained
+    plain = build()
+    plain.load_state_dict(mcnc_format.load(save_model(model, tmp_path / "e.mcnc")), strict=True)
+    assert torch.equal(plain(tokens), out)
+
+
+def test_a_first_forward_in_inference_mode_leaves_training_possible() -> None:
+    """Evaluating before training under ``torch.inference_mode()`` drew the generator's
+    weights as inference tensors and cached them, so every later training forward failed
+    ("Inference tensors cannot be saved for backward")."""
+    torch.manual_seed(SEED)
+    model, fresh = reparametrize(mlp(), CONFIGS["mlp"]), reparametrize(mlp(), CONFIGS["mlp"])
+    fresh.load_state_dict(model.state_dict())
+    x = _inputs("mlp")
+    with torch.inference_mode():
+        evaluated = model(x)
+    for m in (model, fresh):
+        m(x).square().mean().backward()
+    assert torch.equal(evaluated, fresh(x).detach())
+    for name, param in fresh.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(model.get_parameter(name).grad, param.grad), name
+
+
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "double"])
+def test_a_dtype_conversion_of_the_model_is_refused_with_the_fix(convert: str) -> None:
+    """``model.half()`` converts alpha, beta and the dense tensors but not the compressed
+    weights, so the forward failed inside a layer ("self and mat2 must have the same dtype");
+    it is a ReparametrizeError pointing at autocast, and ``model.float()`` undoes it."""
+    torch.manual_seed(SEED)
+    model = reparametrize(mlp(), CONFIGS["mlp"])
+    _train(model, _inputs("mlp"), steps=2)
+    x = _inputs("mlp")
+    reference = model(x).detach()
+    dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}[convert]
+    model.to(dtype)
+    with pytest.raises(ReparametrizeError, match=r"model\.float\(\).*autocast"):
+        model(x.to(dtype))
+    model.float()
+    out = model(x)
+    if convert == "double":  # float32 -> float64 -> float32 is exact
+        assert torch.equal(out, reference)
+    out.square().mean().backward()
+    assert model.mcnc_alpha_0.grad is not None
+
+
 def test_model_chunking_generates_each_segment_once_per_forward(monkeypatch):
     calls = []
     original = MCNCRuntime.segment_value
@@ -311,6 +522,25 @@ def test_refusals_name_the_problem_and_the_fix():
         MCNCConfig(chunking="layer")
     with pytest.raises(ReparametrizeError, match="no 'mcnc_config'"):
         export_state_dict(mlp().state_dict())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hidden", "32"), ("hidden", 32), ("hidden", (16.5,)), ("hidden", (True, 8)),
+    ("L", None), ("L", "20"), ("omega0", True), ("beta_init", "0"), ("include", 5),
+    ("exclude", None), ("train_dense", "no"),
+])
+def test_config_refuses_values_of_the_wrong_type(field: str, value: object) -> None:
+    """A value of the wrong type is a ReparametrizeError naming the field, not a TypeError
+    from deep inside, nor a silent conversion: ``hidden="32"`` used to give widths (3, 2),
+    ``(16.5,)`` the width 16, and ``train_dense="no"`` trained the dense parameters."""
+    with pytest.raises(ReparametrizeError, match=rf"MCNCConfig\.{field}"):
+        MCNCConfig(**{field: value})
+
+
+def test_config_takes_numpy_widths_as_ints() -> None:
+    config = MCNCConfig(hidden=np.array([8, 4]), L=np.float32(5.0))
+    assert config.hidden == (8, 4) and all(type(w) is int for w in config.hidden)
+    assert MCNCConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 @pytest.mark.parametrize("damage", ["not-an-object", "segment-out-of-range", "bad-dtype",

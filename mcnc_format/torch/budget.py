@@ -64,6 +64,10 @@ def choose_d(sizes: Sequence[int], k: int, *, budget_bytes: int | None = None,
     if dtype not in C.ALPHA_BETA_DTYPES:
         raise ReparametrizeError(f"choose_d: dtype must be one of {C.ALPHA_BETA_DTYPES}, got "
                                  f"{dtype!r}")
+    for value, name, high in ((k, "k", C.MAX_K), (m, "m", C.MAX_M)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise ReparametrizeError(f"choose_d: {name} must be an integer in [1, {high}] (as "
+                                     f"MCNCConfig.{name}), got {value!r}")
     sizes = [int(n) for n in sizes]
     if not sizes or min(sizes) < 1:
         raise ReparametrizeError(f"choose_d: segment sizes must be positive, got {sizes}")

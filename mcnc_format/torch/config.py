@@ -8,6 +8,8 @@ rest of the package can trust its fields; each error names the field and the all
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -26,6 +28,7 @@ __all__ = [
     "THETA0_PRNG",
     "THETA0_STREAM_BASE",
     "MCNCConfig",
+    "require_config",
 ]
 
 CHUNKING_TENSOR = "tensor"
@@ -84,15 +87,18 @@ class MCNCConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "hidden", tuple(int(h) for h in self.hidden))
+        set_(self, "hidden", _widths(self.hidden))
         if self.include is not None:
             set_(self, "include", _patterns(self.include, "include"))
         set_(self, "exclude", _patterns(self.exclude, "exclude"))
         set_(self, "alpha_dtype", _storage_dtype(self.alpha_dtype, "alpha_dtype"))
         set_(self, "beta_dtype", _storage_dtype(self.beta_dtype, "beta_dtype"))
-        set_(self, "L", float(self.L))
-        set_(self, "omega0", float(self.omega0))
-        set_(self, "beta_init", float(self.beta_init))
+        set_(self, "L", _real(self.L, "L"))
+        set_(self, "omega0", _real(self.omega0, "omega0"))
+        set_(self, "beta_init", _real(self.beta_init, "beta_init"))
+        if not isinstance(self.train_dense, bool):
+            raise ReparametrizeError(f"MCNCConfig.train_dense: expected True or False, got "
+                                     f"{self.train_dense!r}")
         _check_int(self.k, "k", 1, C.MAX_K)
         _check_int(self.d, "d", 1, C.MAX_D)
         _check_int(self.m, "m", 1, C.MAX_M)
@@ -100,8 +106,6 @@ class MCNCConfig:
         if not 1 <= len(self.hidden) <= C.MAX_HIDDEN_LAYERS:
             raise ReparametrizeError(f"MCNCConfig.hidden: expected 1 to {C.MAX_HIDDEN_LAYERS} "
                                      f"widths, got {len(self.hidden)}")
-        for width in self.hidden:
-            _check_int(width, "hidden", 1, C.MAX_HIDDEN_WIDTH)
         if not (math.isfinite(self.L) and self.L > 0):
             raise ReparametrizeError(f"MCNCConfig.L: expected a finite bound > 0, got {self.L}")
         if not math.isfinite(self.omega0) or self.omega0 == 0:
@@ -135,9 +139,42 @@ class MCNCConfig:
         return cls(**values)
 
 
+def require_config(value: object, caller: str) -> MCNCConfig:
+    """``value`` if it is an ``MCNCConfig``; checked before ``caller`` touches the model, since
+    a dict or the class itself would otherwise fail on a missing attribute halfway through."""
+    if isinstance(value, MCNCConfig):
+        return value
+    hint = ("the class itself; call it: MCNCConfig(...)" if value is MCNCConfig
+            else f"a {type(value).__name__}; build one with MCNCConfig(**values)")
+    raise ReparametrizeError(f"{caller}: config must be an MCNCConfig, got {hint}")
+
+
+def _widths(values: Any) -> tuple[int, ...]:
+    """``hidden`` as a tuple of ints. Checked before converting: ``int()`` would turn 16.5 into
+    16, ``True`` into 1, and iterating the string ``"32"`` gives the widths (3, 2)."""
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise ReparametrizeError(f"MCNCConfig.hidden: expected a sequence of integer widths "
+                                 f"such as (32, 32), got {values!r}")
+    widths = tuple(int(w) if isinstance(w, numbers.Integral) and not isinstance(w, bool) else w
+                   for w in values)  # numpy integers become ints (the manifest is JSON)
+    for width in widths:
+        _check_int(width, "hidden", 1, C.MAX_HIDDEN_WIDTH)
+    return widths
+
+
+def _real(value: Any, name: str) -> float:
+    """A float field as ``float``; strings and booleans are refused, not converted."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ReparametrizeError(f"MCNCConfig.{name}: expected a number, got {value!r}")
+    return float(value)
+
+
 def _patterns(values: Any, name: str) -> tuple[str, ...]:
     if isinstance(values, str):
         values = (values,)
+    if not isinstance(values, Sequence):
+        raise ReparametrizeError(f"MCNCConfig.{name}: expected a sequence of fnmatch pattern "
+                                 f"strings, got {values!r}")
     out = tuple(values)
     if not all(isinstance(p, str) and p for p in out):
         raise ReparametrizeError(f"MCNCConfig.{name}: expected non-empty fnmatch pattern "

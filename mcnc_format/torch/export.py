@@ -48,7 +48,8 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor],
     the theta0 of compressed or LoRA tensors by output name
     (``{"fc.weight": Theta0.external(...)}``), for files that reference a base checkpoint
     instead of storing it. Several reparametrized submodules in one state dict are each
-    exported under their prefix.
+    exported under their prefix, also one reparametrized inside another (from layers the
+    outer ``reparametrize`` left dense): the innermost prefix owns a key.
 
     Raises ``ReparametrizeError`` if the state dict holds no ``mcnc_config`` key, lacks a key
     the manifest names, holds a merged MCNC-LoRA, or an override names no compressed tensor.
@@ -61,10 +62,12 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor],
             "reparametrized model. Call mcnc_format.torch.reparametrize(model, config) before "
             "training, or store plain tensors with mcnc_format.save.")
     overrides = dict(theta0 or {})
-    sections = {p: _Section(p, state_dict, overrides) for p in prefixes}
+    sections: dict[str, _Section] = {}
+    sections.update((p, _Section(p, state_dict, overrides, sections)) for p in prefixes)
     out: dict[str, TensorSource] = {}
     for key in state_dict:
-        owner = next((p for p in prefixes if key.startswith(p)), None)
+        # the innermost: a module reparametrized inside one that was reparametrized before
+        owner = max((p for p in prefixes if key.startswith(p)), key=len, default=None)
         section = sections[owner] if owner is not None else None
         if section is not None and not section.emitted:
             out.update(section.tensors())
@@ -93,8 +96,9 @@ class _Section:
     """The tensors one reparametrized module contributes, under its state-dict prefix."""
 
     def __init__(self, prefix: str, state_dict: Mapping[str, torch.Tensor],
-                 overrides: dict[str, Theta0]) -> None:
+                 overrides: dict[str, Theta0], sections: Mapping[str, _Section]) -> None:
         self.prefix = prefix
+        self.sections = sections
         self.state_dict = state_dict
         self.overrides = overrides
         self.manifest = Manifest.from_tensor(state_dict[prefix + CONFIG_KEY],
@@ -129,6 +133,11 @@ class _Section:
         out: dict[str, TensorSource] = {}
         for name in manifest.order:
             module, _, attribute = name.rpartition(".")
+            inner = self.inner_section(self.prefix + name)
+            if inner is not None:  # emitted by the section it belongs to, in its place
+                if not inner.emitted:
+                    out.update(inner.tensors())
+                continue
             if name in members:
                 out[self.prefix + name] = self.member(members[name], self.theta0_override(name))
             elif name in tied:
@@ -143,6 +152,12 @@ class _Section:
             else:
                 out[self.prefix + name] = self.get(name)
         return out
+
+    def inner_section(self, key: str) -> _Section | None:
+        """The section of a module reparametrized inside this one (from layers this one left
+        dense) that ``key`` belongs to: this manifest lists its plain names, it emits them."""
+        inner = [p for p in self.sections if len(p) > len(self.prefix) and key.startswith(p)]
+        return self.sections[max(inner, key=len)] if inner else None
 
     def drop(self, *keys: str) -> None:
         """Mark the keys a tied name holds in the state dict (a reused module's copy of a

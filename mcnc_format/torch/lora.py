@@ -13,6 +13,8 @@ zero), so the adapter starts as the identity and maps onto PEFT's layout. The ex
 from __future__ import annotations
 
 import fnmatch
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -25,9 +27,15 @@ from ..errors import ReparametrizeError
 from ..header import ZerosTheta0
 from ..writer import Theta0
 from .budget import LORA_RECIPE, choose_d, payload_values
-from .config import CHUNKING_MODEL, CHUNKING_TENSOR, THETA0_STREAM_BASE, MCNCConfig
+from .config import (
+    CHUNKING_MODEL,
+    CHUNKING_TENSOR,
+    THETA0_STREAM_BASE,
+    MCNCConfig,
+    require_config,
+)
 from .manifest import LoRASpec
-from .reparam import PlannedMember, check_not_reparametrized, install, refuse_sharded
+from .reparam import PlannedMember, check_installable, install, refuse_sharded
 
 __all__ = [
     "MCNCLoRALinear",
@@ -107,12 +115,13 @@ def add_mcnc_lora(model: nn.Module, config: MCNCConfig | None = None, *,
     rank)``: the measured recipe (``LORA_RECIPE``; train with Adam at its ``learning_rate``).
     Modifies ``model`` in place and returns it.
     """
-    check_not_reparametrized(model)
+    check_installable(model)
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     _check_rank(rank)
-    config = config or mcnc_lora_config(model, target_modules, rank=rank)
-    scale = (rank if lora_alpha is None else float(lora_alpha)) / rank
+    scale = (rank if lora_alpha is None else _lora_alpha(lora_alpha)) / rank
+    config = (mcnc_lora_config(model, target_modules, rank=rank) if config is None
+              else require_config(config, "add_mcnc_lora"))
     order = tuple(model.state_dict().keys())
     targets = _targets(model, target_modules)
     for name, linear, _ in targets:
@@ -182,6 +191,16 @@ def lora_factor_sizes(model: nn.Module, target_modules: Sequence[str], rank: int
 def _check_rank(rank: object) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ReparametrizeError(f"add_mcnc_lora: rank must be a positive integer, got {rank!r}")
+
+
+def _lora_alpha(value: object) -> float:
+    """``lora_alpha`` as a float, checked before the model is touched: a non-finite scale
+    cannot go into the JSON manifest, and failing there left the layers already wrapped."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
+        raise ReparametrizeError(f"add_mcnc_lora: lora_alpha must be a finite number, got "
+                                 f"{value!r}")
+    return float(value)
 
 
 # Owners whose forward may read a child Linear's ``weight`` without calling the child.

@@ -36,6 +36,7 @@ from .config import (
     THETA0_MODULE,
     THETA0_STREAM_BASE,
     MCNCConfig,
+    require_config,
 )
 from .manifest import (
     CONFIG_KEY,
@@ -51,7 +52,7 @@ from .runtime import MCNCMember, MCNCRuntime
 __all__ = [
     "Place",
     "PlannedMember",
-    "check_not_reparametrized",
+    "check_installable",
     "install",
     "places_by_tensor",
     "refuse_sharded",
@@ -99,7 +100,8 @@ def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Modu
     layers) become ``theta0 + sum_j beta_j phi(alpha_j)`` per chunk of ``d`` values. Only
     alpha and beta are trainable (unless ``config.train_dense``). Alpha starts uniform on
     ``[-L, L]`` and beta at ``config.beta_init`` (0: the model starts exactly at theta0);
-    alpha is projected onto ``[-L, L]`` at the start of every forward. ``torch.save(
+    alpha is projected onto ``[-L, L]`` at the start of every forward (or weight read outside
+    one: a ``nn.ModuleList`` has no forward of its own). ``torch.save(
     model.state_dict())`` keeps everything ``mcnc_format.torch.export_state_dict`` needs.
 
     A parameter tied to several names (``lm_head.weight`` and ``embed_tokens.weight``) is
@@ -108,11 +110,12 @@ def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Modu
     in state-dict order (``load_into`` and ``mcnc_format.transformers.from_pretrained`` tie
     the others to it again).
 
-    Raises ``ReparametrizeError`` when nothing is selected, a selected parameter is not yet
-    materialised (lazy modules), or the model is already reparametrized.
+    Raises ``ReparametrizeError`` when nothing is selected, a parameter is not yet
+    materialised (lazy modules), the model is a ``torch.compile`` wrapper, or it is already
+    reparametrized.
     """
-    config = config or MCNCConfig()
-    check_not_reparametrized(model)
+    config = MCNCConfig() if config is None else require_config(config, "reparametrize")
+    check_installable(model)
     order = tuple(model.state_dict().keys())
     selected = _select(model, config)
     planned = [
@@ -123,7 +126,31 @@ def reparametrize(model: nn.Module, config: MCNCConfig | None = None) -> nn.Modu
     return model
 
 
-def check_not_reparametrized(model: nn.Module) -> None:
+def check_installable(model: nn.Module) -> None:
+    """Refuse, before anything changes, a model that already holds MCNC state; a
+    ``torch.compile`` wrapper (it forwards attribute reads to the module it compiled, so
+    alpha registered on it could not be read back, and the state-dict names would carry its
+    ``_orig_mod.``); a model with a lazy parameter anywhere, selected or not (its name
+    and shape are not known yet, and it cannot be frozen); and one on the meta device: a
+    seeded theta0 is drawn here and is not in the state dict, so ``to_empty`` afterwards
+    would leave it uninitialised memory that no checkpoint load overwrites."""
+    if isinstance(model._modules.get("_orig_mod"), nn.Module):
+        raise ReparametrizeError(
+            f"{type(model).__name__} is a torch.compile wrapper; reparametrize (or "
+            "add_mcnc_lora to) the plain model first, then compile it: model = "
+            "torch.compile(reparametrize(model, config)). The module it wraps is "
+            "model._orig_mod.")
+    for name, param in model.named_parameters():
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            raise ReparametrizeError(f"parameter {name!r} is not materialised yet (lazy "
+                                     "module); run one forward pass before reparametrize or "
+                                     "add_mcnc_lora")
+        if param.is_meta:
+            raise ReparametrizeError(
+                f"parameter {name!r} is on the meta device; MCNC draws theta0 from its seed "
+                "now and keeps it out of the state dict, so it needs real memory. Call "
+                "model.to_empty(device=...) first, then reparametrize (or add_mcnc_lora), "
+                "then load the checkpoint")
     for module in model.modules():
         if hasattr(module, RUNTIME_ATTRIBUTE) or isinstance(module, MCNCMember):
             raise ReparametrizeError(
@@ -178,9 +205,6 @@ def _select(model: nn.Module, config: MCNCConfig
             continue
         if not any(_wanted(config, p.name, p.module, p.attribute) for p in places):
             continue
-        if isinstance(param, nn.parameter.UninitializedParameter):
-            raise ReparametrizeError(f"parameter {first.name!r} is not materialised yet (lazy "
-                                     "module); run one forward pass before reparametrize")
         if not param.is_floating_point() or param.numel() == 0:
             continue
         refuse_sharded(first.name, param)
@@ -254,7 +278,10 @@ def install(model: nn.Module, config: MCNCConfig, planned: Sequence[PlannedMembe
             if (id(place.module), place.attribute) in done:
                 continue  # a module reused under another name: parametrized once
             # a stored theta0 is saved once, by the first place (tied places share the tensor)
-            _parametrize(place, theta0, MCNCMember(runtime, index), stored and not done)
+            renorms = getattr(place.module, "max_norm", None) is not None  # Embedding(Bag)
+            _parametrize(place, theta0, MCNCMember(runtime, index, renorms and
+                                                   isinstance(place.module, _NORMAL_MODULES)),
+                         stored and not done)
             done.add((id(place.module), place.attribute))
     object.__setattr__(model, RUNTIME_ATTRIBUTE, runtime)
     model.register_forward_pre_hook(runtime.enter)

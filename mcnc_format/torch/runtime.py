@@ -15,7 +15,8 @@ Inside a forward of the reparametrized module (opened and closed by hooks on it)
 is generated once, for all its chunks, and split among its members (``torch.split``: one
 backward node, not one full-size gradient per member); outside a forward, reading a weight
 generates just that member's chunks. Alpha is projected onto ``[-L, L]`` when a forward
-starts (projected gradient descent) and clamped in the computation as well, so the function
+starts, or its segment's when a weight is read outside one (projected gradient descent), and
+clamped in the computation as well, so the function
 always equals the file, whose alpha is ``clamp(alpha, -L, L)``.
 """
 
@@ -76,9 +77,28 @@ class MCNCRuntime:
     def enter(self, module: nn.Module, args: Any) -> None:
         """Forward pre-hook: project alpha once per outermost forward and open the cache."""
         if self._depth == 0:
+            self._check_float32()
             self.project_alpha_()
             self._clear()
         self._depth += 1
+
+    def _check_float32(self) -> None:
+        """Refuse alpha or beta converted away from float32 (``model.half()``, ``.to(dtype)``,
+        ``.double()``): the forward would otherwise fail inside a layer on mixed dtypes, since
+        the compressed weights keep the dtype recorded in the manifest. MCNC-LoRA is left alone:
+        its adapter casts the input to the factors' dtype, so a converted model still runs."""
+        if self.manifest.loras:
+            return
+        for s in range(len(self.manifest.chunks)):
+            for param in (self.alpha(s), self.beta(s)):
+                if param.dtype != torch.float32:
+                    raise ReparametrizeError(
+                        f"{type(self.root).__name__}: MCNC's alpha and beta are {param.dtype}, "
+                        "not float32: model.half(), .to(dtype) or .double() converted them "
+                        "(half and bfloat16 round them) and the dense tensors, while the "
+                        "compressed weights keep their recorded dtype. Call model.float() to go "
+                        "back, and compute in reduced precision with torch.autocast "
+                        "(docs/torch.md, Limits).")
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook (also on exceptions): drop cached tensors when the forward ends."""
@@ -91,12 +111,12 @@ class MCNCRuntime:
         self._values.clear()
         self._cache_grad = None
 
-    def project_alpha_(self) -> None:
-        """Clamp every alpha into ``[-L, L]`` in place (through ``.data``: a projection step
-        of the optimizer, invisible to autograd)."""
+    def project_alpha_(self, segments: range | tuple[int, ...] | None = None) -> None:
+        """Clamp the alpha of ``segments`` (default: all) into ``[-L, L]`` in place (through
+        ``.data``: a projection step of the optimizer, invisible to autograd)."""
         bound = self.manifest.config.L
         with torch.no_grad():
-            for s in range(len(self.manifest.chunks)):
+            for s in range(len(self.manifest.chunks)) if segments is None else segments:
                 self.alpha(s).data.clamp_(-bound, bound)
 
     def check_incoming(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
@@ -133,6 +153,11 @@ class MCNCRuntime:
         if caching and index in self._values:
             return self._values[index]
         member = self.manifest.members[index]
+        if self._depth == 0:
+            # read outside a forward of the root: a root whose own forward never runs (an
+            # nn.ModuleList whose layers its parent calls) is projected here, or an alpha
+            # pushed out of the box would stay there with zero gradient
+            self.project_alpha_((member.segment,))
         flat = self._piece(index) if caching else self._member_flat(index, theta0)
         value = flat.view(member.shape).to(to_torch(member.dtype))
         if caching:
@@ -195,10 +220,15 @@ class MCNCRuntime:
 
     def fused(self, device: torch.device) -> FusedGenerator:
         """The generator on ``device``, drawn from the seed on first use. Kept out of the
-        module's buffers on purpose: ``model.half()`` or ``.to(dtype)`` cannot round it."""
+        module's buffers on purpose: ``model.half()`` or ``.to(dtype)`` cannot round it.
+        Drawn outside inference mode: a first forward under ``torch.inference_mode()`` would
+        otherwise cache inference tensors, which autograd refuses to save in every later
+        training forward."""
         key = str(device)
         if key not in self._fused:
-            self._fused[key] = FusedGenerator(self.spec.weights(device), self.manifest.config.m)
+            with torch.inference_mode(False):
+                self._fused[key] = FusedGenerator(self.spec.weights(device),
+                                                  self.manifest.config.m)
         return self._fused[key]
 
 
@@ -207,15 +237,21 @@ class MCNCMember(nn.Module):
 
     ``torch.nn.utils.parametrize`` keeps theta0 as ``parametrizations.<name>.original``
     (a buffer: persistent when theta0 is stored, rebuilt from the seed otherwise).
+    ``own_copy``: hand the module a copy it may modify in place, for an ``Embedding`` with
+    ``max_norm``, whose forward renormalises the looked-up rows of its weight in place; the
+    value itself is a view of its segment (or cached for the forward), which autograd does
+    not let it change.
     """
 
-    def __init__(self, runtime: MCNCRuntime, index: int) -> None:
+    def __init__(self, runtime: MCNCRuntime, index: int, own_copy: bool = False) -> None:
         super().__init__()
         self.runtime = runtime
         self.index = index
+        self.own_copy = own_copy
 
     def forward(self, theta0: torch.Tensor) -> torch.Tensor:
-        return self.runtime.member_value(self.index, theta0)
+        value = self.runtime.member_value(self.index, theta0)
+        return value.clone() if self.own_copy else value
 
     def extra_repr(self) -> str:
         member = self.runtime.manifest.members[self.index]
