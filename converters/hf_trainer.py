@@ -50,6 +50,6 @@ def _global_step(state: Path) -> int | None:
     """The step ``trainer_state.json`` records; ``None`` if it cannot say (it is a note)."""
     try:
         step = json.loads(state.read_text(encoding="utf-8")).get("global_step")
-    except (OSError, ValueError, AttributeError):
-        return None
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON
+        return None  # nested deeper than Python's decoder recurses
     return step if isinstance(step, int) else None

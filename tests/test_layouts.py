@@ -8,8 +8,10 @@ are never unpickled; unknown folders are refused with the known layouts.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from dist_helpers import init_gloo, leave_gloo, requires_current_distributed
 from layout_helpers import batch, booby_trapped_pickle, config, mlp, run_pack, trained
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mcnc_format as mf
@@ -270,6 +272,79 @@ def test_safetensors_shard_set(path: str, seed: int, tmp_path: Path) -> None:
     shards[1].unlink()
     with pytest.raises(MCNCError, match="missing; copy the whole checkpoint folder"):
         pack(source, tmp_path / "again.mcnc")
+
+
+def _shard_set(seed: int, folder: Path) -> tuple[nn.Module, Path]:
+    """A trained model saved as a shard set of at least two shards; its index."""
+    from huggingface_hub import save_torch_state_dict
+
+    model, _ = trained(seed)
+    folder.mkdir()
+    save_torch_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, folder,
+                          max_shard_size=300)
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) >= 2
+    return model, folder / "model.safetensors.index.json"
+
+
+def test_shard_index_that_disagrees_with_its_shards_is_refused(
+        seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A shard from another save lacking a tensor the index lists, an index listing nothing
+    or nested past the JSON decoder's depth: each one line, exit 2; never a model packed
+    without the tensor, an IndexError or a RecursionError."""
+    model, index = _shard_set(seed, tmp_path / "model")
+    document = json.loads(index.read_text())
+    shard = index.parent / document["weight_map"]["2.bias"]
+    kept = {n: t for n, t in load_file(shard).items() if n != "2.bias"}
+    save_file(kept, shard, metadata={"format": "pt"})
+    for damage, match in ((None, "lists tensors that no shard holds: '2.bias'"),
+                          ({"weight_map": {}}, "weight_map lists no tensors"),
+                          ("[" * 100_000 + "]" * 100_000, "not a shard index")):
+        if damage is not None:
+            index.write_text(damage if isinstance(damage, str) else json.dumps(damage))
+        code, _, err = run_pack([str(index.parent), str(tmp_path / "out.mcnc")], monkeypatch,
+                                capsys)
+        assert code == 2 and re.search(match, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.mcnc").exists()
+
+
+def test_bin_shards_holding_one_tensor_twice_are_refused(seed: int, tmp_path: Path) -> None:
+    """``pytorch_model-*.bin`` shards from two saves both hold a tensor: which is the model's
+    cannot be told (safetensors shards were already refused; .bin ones kept the last)."""
+    model, _ = trained(seed)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    state = model.state_dict()
+    names = list(state)
+    first, second = {n: state[n] for n in names[:3]}, {n: state[n] for n in names[2:]}
+    second[names[2]] = second[names[2]] + 1
+    torch.save(first, folder / "pytorch_model-1.bin")
+    torch.save(second, folder / "pytorch_model-2.bin")
+    weight_map = {n: "pytorch_model-1.bin" for n in first}
+    weight_map.update({n: "pytorch_model-2.bin" for n in names[3:]})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "optimizer.bin").write_bytes(b"")  # an Accelerate folder
+    with pytest.raises(MCNCError, match=f"tensor '{re.escape(names[2])}' is also in"):
+        pack(folder, tmp_path / "out.mcnc")
+    torch.save({n: t for n, t in second.items() if n != names[2]}, folder / "pytorch_model-2.bin")
+    pack(folder, tmp_path / "out.mcnc")
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+
+
+def test_trainer_state_nested_past_the_json_decoder_only_loses_the_step_note(
+        seed: int, tmp_path: Path) -> None:
+    """``trainer_state.json`` is read for a note; one the decoder cannot read (nested deeper
+    than it recurses) gives no note, not a RecursionError."""
+    model, _ = trained(seed)
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              folder / "model.safetensors")
+    (folder / "trainer_state.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = pack(folder, tmp_path / "out.mcnc")
+    assert result.converter == "hf-trainer"
+    assert not any("global step" in note for note in result.notes)
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
 
 
 # -- Accelerate ----------------------------------------------------------------------------------

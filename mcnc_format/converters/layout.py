@@ -18,7 +18,14 @@ import torch
 
 from ..errors import MCNCError
 from .checkpoint import Checkpoint, read_checkpoint
-from .lazy import LazyTensors, TensorInfo, read_shard_index, safetensors_tensors
+from .lazy import (
+    LazyTensors,
+    TensorInfo,
+    held_twice,
+    read_shard_index,
+    require_indexed,
+    safetensors_tensors,
+)
 from .native import NativeConverter
 from .registry import Conversion
 
@@ -46,19 +53,28 @@ def model_weights(folder: Path, stem: str = "model") -> tuple[LazyTensors, list[
     single = folder / f"{stem}.safetensors"
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = read_shard_index(index)
-        return safetensors_tensors(shards), [index, *shards]
+        weight_map = read_shard_index(index)
+        shards = list(dict.fromkeys(weight_map.values()))
+        lazy = safetensors_tensors(shards)
+        require_indexed(index, weight_map, lazy)
+        return lazy, [index, *shards]
     if single.is_file():
         return safetensors_tensors([single]), [single]
     bin_index = folder / f"pytorch_{stem}.bin.index.json"
-    bins = read_shard_index(bin_index) if bin_index.is_file() else [
+    bin_map = read_shard_index(bin_index) if bin_index.is_file() else {}
+    bins = list(dict.fromkeys(bin_map.values())) or [
         p for p in [folder / f"pytorch_{stem}.bin"] if p.is_file()]
     if not bins:
         return None
     tensors: dict[str, torch.Tensor] = {}
+    owner: dict[str, Path] = {}
     for path in bins:
-        tensors.update(read_checkpoint(path, unwrap=False).tensors)
-    used = [bin_index, *bins] if bin_index.is_file() else bins
+        for name, tensor in read_checkpoint(path, unwrap=False).tensors.items():
+            if name in owner:
+                raise held_twice(path, name, owner[name])
+            tensors[name], owner[name] = tensor, path
+    require_indexed(bin_index, bin_map, tensors)
+    used = [bin_index, *bins] if bin_map else bins
     return tensors_in_memory(tensors, str(folder)), used
 
 
