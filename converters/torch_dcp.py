@@ -30,7 +30,10 @@ shape and dtype another tensor shares.
 
 from __future__ import annotations
 
+import io
+import math
 import pickle
+import pickletools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -82,12 +85,18 @@ def read_metadata(folder: Path) -> Any:
     """DCP's ``Metadata`` of ``folder``, unpickled with the allow-list."""
     path = folder / METADATA
     try:
-        with path.open("rb") as f:
-            return _AllowListUnpickler(f).load()
+        data = path.read_bytes()
+        # pickle allocates what a length field (BINBYTES8, LONG4) says before reading it;
+        # genops, reading from memory, checks each length against the bytes left and runs
+        # nothing
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+        return _AllowListUnpickler(io.BytesIO(data)).load()
     except UnsafeCheckpointError as exc:
         raise UnsafeCheckpointError(f"{path}: {exc.message}") from None
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError) as exc:
+            IndexError, KeyError, RuntimeError, RecursionError) as exc:
+        # RuntimeError: TensorProperties.__setstate__ refuses an unknown memory format
         raise MCNCError(f"{path}: not readable DCP metadata ({exc}); is the checkpoint "
                         "damaged or truncated?") from exc
 
@@ -173,7 +182,41 @@ def _checked(folder: Path, fqn: str, entry: Any, stored: int) -> TensorInfo:
         raise MCNCError(f"{folder / METADATA}: tensor {fqn!r} ({dtype} {list(shape)}, "
                         f"{info.nbytes} bytes) is larger than its chunks on disk ({stored} "
                         "bytes); the metadata is damaged")
+    gap = _untiled(info.shape, getattr(entry, "chunks", None))
+    if gap:
+        raise MCNCError(f"{folder / METADATA}: the chunks of tensor {fqn!r} ({list(shape)}) "
+                        f"{gap}; the metadata is damaged")
     return info
+
+
+def _untiled(shape: tuple[int, ...], chunks: Any) -> str:
+    """What is wrong with ``chunks`` as a tiling of a tensor of ``shape`` ("" if nothing):
+    DCP reads each chunk into its box of a tensor allocated uninitialised, so a box outside
+    the tensor, two boxes overlapping or a part no box covers would pack leftover memory."""
+    if not isinstance(chunks, list):
+        return f"are {type(chunks).__name__}, not a list"
+    boxes = []
+    for chunk in chunks:
+        offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+        if not (isinstance(offsets, tuple) and isinstance(sizes, tuple)
+                and len(offsets) == len(sizes) == len(shape)
+                and all(isinstance(n, int) and n >= 0 for n in (*offsets, *sizes))
+                and all(o + n <= dim for o, n, dim in zip(offsets, sizes, shape, strict=True))):
+            return f"include one at {offsets!r} of size {sizes!r}, outside the tensor"
+        if math.prod(sizes):
+            boxes.append((offsets, sizes))
+    covered = sum(math.prod(sizes) for _, sizes in boxes)
+    if covered != math.prod(shape):
+        return f"cover {covered} elements of {math.prod(shape)}"
+    boxes.sort()  # by the first offset: only boxes starting before one ends can overlap it
+    for i, (offsets, sizes) in enumerate(boxes):
+        for other, other_sizes in boxes[i + 1:]:
+            if shape and other[0] >= offsets[0] + sizes[0]:
+                break
+            if all(o < p + m and p < o + n
+                   for o, n, p, m in zip(offsets, sizes, other, other_sizes, strict=True)):
+                return f"overlap at {list(offsets)} and {list(other)}"
+    return ""
 
 
 def _unwrapped(infos: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], str, list[str]]:
@@ -233,9 +276,18 @@ class _Reader:
                 dcp.load({fqn: target}, storage_reader=reader, no_dist=True)
         except (CheckpointException, Exception) as exc:  # a BaseException: DCP wraps its
             # readers' failures (a truncated chunk's EOFError) in it
-            raise MCNCError(f"{self.folder}: cannot read tensor {fqn!r} ({exc}); is a "
-                            "*.distcp file missing or truncated?") from exc
+            raise MCNCError(f"{self.folder}: cannot read tensor {fqn!r} ({_reason(exc)}); is "
+                            "a *.distcp file missing or truncated?") from exc
         return target
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why DCP failed: the first rank's exception, not the tracebacks a
+    ``CheckpointException`` prints."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class _AllowListReader(FileSystemReader):

@@ -292,7 +292,7 @@ def test_shard_index_that_disagrees_with_its_shards_is_refused(
     """A shard from another save lacking a tensor the index lists, an index listing nothing
     or nested past the JSON decoder's depth: each one line, exit 2; never a model packed
     without the tensor, an IndexError or a RecursionError."""
-    model, index = _shard_set(seed, tmp_path / "model")
+    _, index = _shard_set(seed, tmp_path / "model")
     document = json.loads(index.read_text())
     shard = index.parent / document["weight_map"]["2.bias"]
     kept = {n: t for n, t in load_file(shard).items() if n != "2.bias"}
@@ -534,3 +534,63 @@ def test_dcp_metadata_sizes_and_paths_are_checked(seed: int, tmp_path: Path) -> 
         (folder / ".metadata").write_bytes(pickle.dumps(metadata))
         with pytest.raises(MCNCError, match=match):
             pack(folder, tmp_path / "out.mcnc")
+
+
+@requires_current_distributed
+def test_dcp_chunks_that_do_not_tile_their_tensor_are_refused(seed: int, tmp_path: Path) -> None:
+    """DCP reads each chunk into its box of a tensor allocated uninitialised: chunks covering
+    half of it (a rank's entry lost), overlapping or lying outside it would pack leftover
+    memory. Each is refused from the metadata, before anything is read."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    model, _ = trained(seed, steps=1)
+    folder = tmp_path / "ckpt"
+    dcp.save(model.state_dict(), checkpoint_id=folder, no_dist=True)
+    original = FileSystemReader(folder).read_metadata()  # our own test file
+    name = "0.bias"
+    rows = original.state_dict_metadata[name].size[0]  # one chunk: the whole tensor
+    half = rows // 2
+
+    def boxes(*pieces: tuple[int, ...]) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=torch.Size([start]), sizes=torch.Size(n))
+                for start, *n in pieces]
+
+    for chunks, match in ((boxes((0, half)), rf"cover {half} elements of {rows}"),
+                          (boxes((0, half + 1), (half, rows - half)), "cover"),
+                          # as many elements as the tensor, one twice and one never
+                          (boxes((half, rows - half - 1), (0, half + 1)),
+                           rf"overlap at \[0\] and \[{half}\]"),
+                          (boxes((1, rows)), "outside the tensor"),
+                          (boxes((0, rows, 1)), "outside the tensor")):
+        metadata = pickle.loads(pickle.dumps(original))
+        metadata.state_dict_metadata[name].chunks = chunks
+        (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+        with pytest.raises(MCNCError, match=match):
+            pack(folder, tmp_path / "out.mcnc")
+    assert not (tmp_path / "out.mcnc").exists()
+
+
+@requires_current_distributed
+def test_dcp_damage_is_one_line_and_allocates_nothing_it_names(
+        seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A ``.metadata`` whose bytes field claims 2**62 bytes is refused before pickle
+    allocates them (a MemoryError escaped); a damaged chunk file is one line naming torch's
+    reason, not DCP's per-rank tracebacks."""
+    model, _ = trained(seed, steps=1)
+    folder = tmp_path / "ckpt"
+    dcp.save(model.state_dict(), checkpoint_id=folder, no_dist=True)
+    good = (folder / ".metadata").read_bytes()
+    (folder / ".metadata").write_bytes(b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b".")
+    out = str(tmp_path / "out.mcnc")
+    code, _, err = run_pack([str(folder), out], monkeypatch, capsys)
+    assert code == 2 and "not readable DCP metadata" in err, err
+    assert len(err.strip().splitlines()) == 1
+    (folder / ".metadata").write_bytes(good)
+    for shard in folder.glob("*.distcp"):
+        data = shard.read_bytes()
+        shard.write_bytes(data[:-64] + bytes(64))  # the zip's central directory zeroed
+    code, _, err = run_pack([str(folder), out], monkeypatch, capsys)
+    assert code == 2 and "cannot read tensor" in err and "RuntimeError:" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
