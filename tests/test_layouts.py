@@ -27,6 +27,7 @@ from torch import nn
 import mcnc_format as mf
 from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError, UnsafeCheckpointError
+from mcnc_format.header import ExternalTheta0
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
 
 #: Lightning's checkpoints name classes beyond tensors, which an older torch's weights-only
@@ -487,6 +488,47 @@ def test_lora_shard_set_packs_against_its_base(seed: int, tmp_path: Path) -> Non
     pack(tmp_path / "shards", tmp_path / "shards.mcnc", base=tmp_path / "base.safetensors")
     assert (tmp_path / "shards.mcnc").read_bytes() == (tmp_path / "plain.mcnc").read_bytes()
     assert mf.open(tmp_path / "shards.mcnc").info["base_model"] == "base.safetensors"
+
+
+def test_a_sharded_base_is_referenced_shard_by_shard(seed: int, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    """A large base is saved sharded: ``--base`` its index references each theta0 in the
+    shard holding it, and the adapter loads onto the base as with a one-file base. Before,
+    the index was refused, and one shard given as the base said the others' tensors were
+    missing from "the base the adapter was trained on"."""
+    from huggingface_hub import save_torch_state_dict
+
+    base = mlp(seed)
+    state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(state, tmp_path / "base.safetensors")
+    (tmp_path / "sharded").mkdir()
+    save_torch_state_dict(state, tmp_path / "sharded", max_shard_size=300)
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shards = set(weight_map.values())
+    assert weight_map["0.weight"] != weight_map["2.weight"]  # each over max_shard_size
+    model = add_mcnc_lora(base, config(seed), target_modules=["0", "2"], rank=3, lora_alpha=6)
+    torch.save(model.state_dict(), tmp_path / "adapter.pt")
+    code, _, err = run_pack([str(tmp_path / "adapter.pt"), str(tmp_path / "out.mcnc"),
+                             "--base", str(index)], monkeypatch, capsys)
+    assert code == 0, err
+    pack(tmp_path / "adapter.pt", tmp_path / "one.mcnc", base=tmp_path / "base.safetensors")
+    with mf.open(tmp_path / "out.mcnc") as f:
+        assert f.info["base_model"] == "sharded/model.safetensors.index.json"
+        uris = {theta0.uri for t in f.header.tensors
+                if isinstance(theta0 := getattr(t, "theta0", None), ExternalTheta0)}
+    assert uris == {f"sharded/{weight_map[n]}" for n in ("0.weight", "2.weight")}
+    want = mf.load(tmp_path / "one.mcnc")
+    got = mf.load(tmp_path / "out.mcnc")
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    first = sorted(shards)[0]
+    code, _, err = run_pack([str(tmp_path / "adapter.pt"), str(tmp_path / "bad.mcnc"),
+                             "--base", str(tmp_path / "sharded" / first)], monkeypatch, capsys)
+    assert code == 2 and "of a sharded base, its *.safetensors.index.json" in err, err
 
 
 @requires_current_distributed
