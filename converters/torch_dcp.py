@@ -46,16 +46,19 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mcnc_format.converters.checkpoint import TRAINING_STATE_MARKS, WRAPPER_KEYS, Checkpoint
-from mcnc_format.converters.layout import LayoutBase
+from mcnc_format.converters.layout import LayoutBase, model_weights
 from mcnc_format.converters.lazy import LazyTensors, TensorInfo
 from mcnc_format.errors import MCNCError, UnsafeCheckpointError
 from mcnc_format.reader import tensor_sha256
 from mcnc_format.sharing import is_constant
 from mcnc_format.torch_compat import require_checkpoint_api
 
-__all__ = ["DistributedCheckpoint"]
+__all__ = ["DistributedCheckpoint", "model_or_fsdp_weights"]
 
 METADATA = ".metadata"
+# Where Trainer / Accelerate save an FSDP model with SHARDED_STATE_DICT (accelerate's
+# save_fsdp_model: FSDP_MODEL_NAME + "_0", a DCP folder of {"model": state_dict}).
+FSDP_MODEL = "pytorch_model_fsdp_0"
 _DCP = "torch.distributed.checkpoint.metadata"
 ALLOWED = frozenset({
     (_DCP, "Metadata"), (_DCP, "TensorStorageMetadata"), (_DCP, "BytesStorageMetadata"),
@@ -111,6 +114,11 @@ class DistributedCheckpoint(LayoutBase):
                 and any(path.glob("*.distcp")))
 
     def read(self, path: Path) -> Checkpoint:
+        tensors, notes = self.lazy(path)
+        return Checkpoint(path, tensors, notes=notes)
+
+    def lazy(self, path: Path) -> tuple[LazyTensors, list[str]]:
+        """The folder's tensors, each read when indexed, and the notes for users."""
         require_checkpoint_api(f"packing the DCP folder {path}")
         metadata = read_metadata(path)
         entries = getattr(metadata, "state_dict_metadata", None)
@@ -137,7 +145,22 @@ class DistributedCheckpoint(LayoutBase):
         ties = _ties(infos, read)
         notes += [f"{alias!r} holds the values of {held!r}: one tied weight, which DCP saved "
                   "under both names" for alias, held in ties.items()]
-        return Checkpoint(path, LazyTensors(infos, read, str(path), ties), notes=notes)
+        return LazyTensors(infos, read, str(path), ties), notes
+
+
+def model_or_fsdp_weights(folder: Path) -> tuple[tuple[LazyTensors, list[Path]] | None,
+                                                 list[str]]:
+    """``model_weights(folder)``, or else the model an FSDP run saved sharded in the folder
+    (``pytorch_model_fsdp_0/``, a DCP folder: what Trainer and Accelerate write with
+    ``SHARDED_STATE_DICT`` instead of ``model.safetensors``), and notes saying so."""
+    found = model_weights(folder)
+    sharded = folder / FSDP_MODEL
+    layout = DistributedCheckpoint()
+    if found is not None or not layout.recognises(sharded):
+        return found, []
+    tensors, notes = layout.lazy(sharded)
+    return (tensors, [sharded]), [f"read the model FSDP saved sharded in {FSDP_MODEL}/ (DCP)",
+                                  *notes]
 
 
 def _stored_bytes(folder: Path, metadata: Any) -> dict[str, int]:

@@ -99,6 +99,7 @@ def require_weights(found: tuple[LazyTensors, list[Path]] | None, folder: Path, 
     """``found``, or the error saying which weight files the layout was expected to hold."""
     if found is None:
         raise MCNCError(f"{folder}: looks like a {layout} folder but holds no model weights "
-                        "(model.safetensors, model.safetensors.index.json with its shards, or "
-                        "pytorch_model.bin); save the model with the checkpoint")
+                        "(model.safetensors, model.safetensors.index.json with its shards, "
+                        "pytorch_model.bin, or FSDP's pytorch_model_fsdp_0/); save the model "
+                        "with the checkpoint")
     return found
