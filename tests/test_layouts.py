@@ -406,6 +406,23 @@ def test_accelerate_save_state(safe: bool, seed: int, tmp_path: Path) -> None:
     _same_as_save_model(accelerator.unwrap_model(model), tmp_path / "out.mcnc", tmp_path)
 
 
+def test_a_symlink_loop_in_the_folder_is_only_a_file_not_read(seed: int, tmp_path: Path
+                                                              ) -> None:
+    """A stray link that points at itself beside the weights: the note of unread files
+    resolved every entry, and ``Path.resolve`` raised RuntimeError ("Symlink loop")."""
+    model, _ = trained(seed)
+    folder = tmp_path / "state"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              folder / "model.safetensors")
+    booby_trapped_pickle(folder / "optimizer.bin", tmp_path / "ran")
+    (folder / "loop").symlink_to("loop")
+    result = pack(folder, tmp_path / "out.mcnc")
+    assert result.converter == "accelerate-state"
+    assert any("loop" in note and "optimizer.bin" in note for note in result.notes)
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+
+
 # -- Lightning -------------------------------------------------------------------------------------
 @needs_safe_globals
 def test_lightning_ckpt(seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -12,6 +12,7 @@ RNG and training-argument files are pickles of arbitrary objects, so they are ne
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -85,9 +86,11 @@ def tensors_in_memory(tensors: dict[str, torch.Tensor], source: str) -> LazyTens
 
 
 def left_out(folder: Path, used: list[Path]) -> list[str]:
-    """A note naming the files of ``folder`` that were not read, if any."""
-    read = {p.resolve() for p in used}
-    skipped = sorted(p.name for p in folder.iterdir() if p.resolve() not in read)
+    """A note naming the files of ``folder`` that were not read, if any. Paths are compared
+    by ``os.path.realpath``, which leaves a symlink loop as it is where ``Path.resolve``
+    raises ``RuntimeError``."""
+    read = {os.path.realpath(p) for p in used}
+    skipped = sorted(p.name for p in folder.iterdir() if os.path.realpath(p) not in read)
     if not skipped:
         return []
     return [f"not read: {', '.join(skipped)} (training state, configs and pickles: only the "
