@@ -195,8 +195,9 @@ def _stored_bytes(folder: Path, metadata: Any) -> dict[str, int]:
 def _checked(folder: Path, fqn: str, entry: Any, stored: int) -> TensorInfo:
     """The tensor's shape and dtype, once they are plausible: integers, a torch dtype, and no
     more bytes than its chunks occupy on disk (nothing is allocated from an unchecked size)."""
-    shape, dtype = entry.size, getattr(entry.properties, "dtype", None)
-    if not isinstance(dtype, torch.dtype) or not all(
+    shape = getattr(entry, "size", None)
+    dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+    if not isinstance(dtype, torch.dtype) or not isinstance(shape, tuple) or not all(
             isinstance(n, int) and n >= 0 for n in shape):
         raise MCNCError(f"{folder / METADATA}: tensor {fqn!r} has shape {shape!r} and dtype "
                         f"{dtype!r}; not DCP metadata of a tensor")

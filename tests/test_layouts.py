@@ -675,6 +675,11 @@ def test_dcp_damage_is_one_line_and_allocates_nothing_it_names(
     code, _, err = run_pack([str(folder), out], monkeypatch, capsys)
     assert code == 2 and "not readable DCP metadata" in err, err
     assert len(err.strip().splitlines()) == 1
+    metadata = pickle.loads(good)
+    metadata.state_dict_metadata["0.bias"].size = 40  # not a shape (a TypeError escaped)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    code, _, err = run_pack([str(folder), out], monkeypatch, capsys)
+    assert code == 2 and "'0.bias' has shape 40" in err, err
     (folder / ".metadata").write_bytes(good)
     for shard in folder.glob("*.distcp"):
         data = shard.read_bytes()
