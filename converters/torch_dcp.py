@@ -56,6 +56,8 @@ from mcnc_format.torch_compat import require_checkpoint_api
 __all__ = ["DistributedCheckpoint", "model_or_fsdp_weights"]
 
 METADATA = ".metadata"
+# What torch.save wraps around a chunk's bytes (zip records, pickle, alignment), at most.
+CHUNK_OVERHEAD = 64 * 1024
 # Where Trainer / Accelerate save an FSDP model with SHARDED_STATE_DICT (accelerate's
 # save_fsdp_model: FSDP_MODEL_NAME + "_0", a DCP folder of {"model": state_dict}).
 FSDP_MODEL = "pytorch_model_fsdp_0"
@@ -188,8 +190,59 @@ def _stored_bytes(folder: Path, metadata: Any) -> dict[str, int]:
                             f"{getattr(index, 'fqn', '?')!r} the metadata places at "
                             f"[{offset}, +{length}]; is the checkpoint complete?")
         fqn = str(getattr(index, "fqn", ""))
+        if getattr(where, "transform_descriptors", None):  # compressed (DCP's extensions)
+            length = _decompressed(folder, metadata, fqn, where)
         totals[fqn] = totals.get(fqn, 0) + length
     return totals
+
+
+def _decompressed(folder: Path, metadata: Any, fqn: str, where: Any) -> int:
+    """The bytes a compressed chunk (``FileSystemWriter(_extensions=[ZStandard()])``)
+    decompresses to, counted by streaming it, not holding it: its length on disk says nothing
+    of the tensor's size. A chunk that decompresses to more than the whole tensor its
+    metadata declares, plus what ``torch.save`` wraps around it, is refused at that point
+    (DCP would decompress it all into memory)."""
+    entry = getattr(metadata, "state_dict_metadata", {}).get(fqn)
+    dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+    shape = getattr(entry, "size", None)
+    if not isinstance(dtype, torch.dtype) or not isinstance(shape, tuple):
+        return 0  # not a tensor's chunk: _checked refuses the entry
+    cap = math.prod(shape) * dtype.itemsize + CHUNK_OVERHEAD
+    transforms = _AllowListReader(folder, metadata).transforms
+    count = 0
+    try:
+        with (folder / where.relative_path).open("rb") as file:
+            file.seek(where.offset)
+            stream = transforms.transform_load_stream(
+                None, where.transform_descriptors, io.BufferedReader(_Slice(file, where.length)))
+            while block := stream.read(1 << 20):
+                count += len(block)
+                if count > cap:
+                    raise MCNCError(f"{folder / where.relative_path}: a chunk of {fqn!r} "
+                                    f"decompresses to more than the {cap} bytes its tensor "
+                                    "can take; the checkpoint is damaged")
+    except MCNCError:
+        raise
+    except Exception as exc:  # the extension's own errors: unknown descriptor, bad frame
+        raise MCNCError(f"{folder / where.relative_path}: cannot decompress a chunk of "
+                        f"{fqn!r} ({type(exc).__name__}: {exc}); is it damaged?") from exc
+    return count
+
+
+class _Slice(io.RawIOBase):
+    """``length`` bytes of ``file`` from where it stands, as a stream."""
+
+    def __init__(self, file: Any, length: int) -> None:
+        super().__init__()
+        self.file, self.left = file, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self.file.readinto(memoryview(buffer)[:min(len(buffer), self.left)]) or 0
+        self.left -= count
+        return count
 
 
 def _checked(folder: Path, fqn: str, entry: Any, stored: int) -> TensorInfo:

@@ -687,3 +687,40 @@ def test_dcp_damage_is_one_line_and_allocates_nothing_it_names(
     code, _, err = run_pack([str(folder), out], monkeypatch, capsys)
     assert code == 2 and "cannot read tensor" in err and "RuntimeError:" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@requires_current_distributed
+def test_dcp_compressed_chunks_are_sized_by_what_they_decompress_to(seed: int, tmp_path: Path
+                                                                    ) -> None:
+    """DCP's ZStandard extension compresses each chunk: a zero buffer's chunk is a few hundred
+    bytes on disk, and the check that a tensor fits its chunks refused the checkpoint as
+    damaged. Chunks are now sized by streaming their decompression, and one that decompresses
+    to more than its tensor can take (a zstd bomb: DCP would inflate it all in memory) is
+    refused at that point."""
+    from dataclasses import replace
+
+    import zstandard
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._extension import ZStandard
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    model, _ = trained(seed)
+    model.register_buffer("mask", torch.zeros(100_000))
+    folder = tmp_path / "ckpt"
+    dcp.save(model.state_dict(), storage_writer=FileSystemWriter(folder, _extensions=[ZStandard()]),
+             no_dist=True)
+    pack(folder, tmp_path / "out.mcnc")
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+
+    metadata = FileSystemReader(folder).read_metadata()  # our own test file
+    index = next(i for i in metadata.storage_data if i.fqn == "0.bias")
+    where = metadata.storage_data[index]
+    shard = folder / where.relative_path
+    bomb = zstandard.ZstdCompressor().compress(bytes(8 << 20))  # 8 MiB of zeros, kilobytes
+    offset = shard.stat().st_size
+    with shard.open("ab") as file:
+        file.write(bomb)
+    metadata.storage_data[index] = replace(where, offset=offset, length=len(bomb))
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(MCNCError, match=r"'0\.bias' decompresses to more than the \d+ bytes"):
+        pack(folder, tmp_path / "bomb.mcnc")
