@@ -5,8 +5,9 @@ Layout (``accelerate.Accelerator.save_state(output_dir)``)::
     output_dir/
       model.safetensors          the first prepared model (pytorch_model.bin with
                                  safe_serialization=False); model_1.safetensors, ... for more;
-                                 with FSDP's SHARDED_STATE_DICT the DCP folder
-                                 pytorch_model_fsdp_0/ (and optimizer_0/)
+                                 with FSDP, pytorch_model_fsdp.bin (FULL_STATE_DICT) or
+                                 the DCP folder pytorch_model_fsdp_0/ (SHARDED_STATE_DICT,
+                                 beside optimizer_0/)
       optimizer.bin, scheduler.bin, sampler.bin    pickles: never opened
       random_states_0.pkl, scaler.pt               pickles: never opened
       custom_checkpoint_0.pkl                      registered objects: never opened

@@ -349,18 +349,25 @@ def test_trainer_state_nested_past_the_json_decoder_only_loses_the_step_note(
 
 
 @requires_current_distributed
-@pytest.mark.parametrize("layout", ["hf-trainer", "accelerate-state"])
-def test_fsdp_sharded_state_dict_inside_trainer_and_accelerate_folders(
-        layout: str, seed: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("layout", "saved"), [("hf-trainer", "sharded"),
+                                               ("accelerate-state", "sharded"),
+                                               ("accelerate-state", "full")])
+def test_fsdp_state_dicts_inside_trainer_and_accelerate_folders(
+        layout: str, saved: str, seed: int, tmp_path: Path) -> None:
     """With FSDP's SHARDED_STATE_DICT, Trainer and Accelerate write the model as the DCP
     folder ``pytorch_model_fsdp_0/`` (``{"model": state_dict}``, accelerate's
-    ``save_fsdp_model``) and the optimizer as ``optimizer_0/``, with no ``model.safetensors``:
+    ``save_fsdp_model``) and the optimizer as ``optimizer_0/``; with FULL_STATE_DICT,
+    ``save_state`` writes ``pytorch_model_fsdp.bin``. Neither has ``model.safetensors``, and
     the folder was refused as holding no model weights. It packs as the model, and the
     training state is still never opened."""
     model, optimizer = trained(seed)
     folder = tmp_path / "checkpoint-3"
-    dcp.save({"model": model.state_dict()}, checkpoint_id=folder / "pytorch_model_fsdp_0",
-             no_dist=True)
+    if saved == "sharded":
+        dcp.save({"model": model.state_dict()}, checkpoint_id=folder / "pytorch_model_fsdp_0",
+                 no_dist=True)
+    else:
+        folder.mkdir()
+        torch.save(model.state_dict(), folder / "pytorch_model_fsdp.bin")
     dcp.save({"optimizer": optimizer.state_dict()}, checkpoint_id=folder / "optimizer_0",
              no_dist=True)
     marker = tmp_path / "ran"
@@ -371,7 +378,7 @@ def test_fsdp_sharded_state_dict_inside_trainer_and_accelerate_folders(
         booby_trapped_pickle(folder / "random_states_0.pkl", marker)
     result = pack(folder, tmp_path / "out.mcnc")
     assert result.converter == layout
-    assert any("pytorch_model_fsdp_0/" in note for note in result.notes), result.notes
+    assert saved == "full" or any("pytorch_model_fsdp_0/" in n for n in result.notes)
     assert any("optimizer_0" in note and "not read" in note for note in result.notes)
     assert not marker.exists()
     _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)

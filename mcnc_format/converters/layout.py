@@ -49,8 +49,9 @@ class LayoutBase:
 
 def model_weights(folder: Path, stem: str = "model") -> tuple[LazyTensors, list[Path]] | None:
     """The tensors of ``{stem}.safetensors``, of the shards ``{stem}.safetensors.index.json``
-    names, or of ``pytorch_{stem}.bin`` / its index (read with torch's weights-only
-    unpickler), and the files read; ``None`` when the folder has none of them."""
+    names, or of ``pytorch_{stem}.bin`` / its index / ``pytorch_{stem}_fsdp.bin`` (read with
+    torch's weights-only unpickler), and the files read; ``None`` when the folder has none of
+    them."""
     single = folder / f"{stem}.safetensors"
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
@@ -63,8 +64,10 @@ def model_weights(folder: Path, stem: str = "model") -> tuple[LazyTensors, list[
         return safetensors_tensors([single]), [single]
     bin_index = folder / f"pytorch_{stem}.bin.index.json"
     bin_map = read_shard_index(bin_index) if bin_index.is_file() else {}
-    bins = list(dict.fromkeys(bin_map.values())) or [
-        p for p in [folder / f"pytorch_{stem}.bin"] if p.is_file()]
+    # pytorch_model_fsdp.bin: accelerate's save_fsdp_model with FULL_STATE_DICT
+    bins = list(dict.fromkeys(bin_map.values())) or next(
+        ([p] for p in (folder / f"pytorch_{stem}.bin", folder / f"pytorch_{stem}_fsdp.bin")
+         if p.is_file()), [])
     if not bins:
         return None
     tensors: dict[str, torch.Tensor] = {}
@@ -103,6 +106,6 @@ def require_weights(found: tuple[LazyTensors, list[Path]] | None, folder: Path, 
     if found is None:
         raise MCNCError(f"{folder}: looks like a {layout} folder but holds no model weights "
                         "(model.safetensors, model.safetensors.index.json with its shards, "
-                        "pytorch_model.bin, or FSDP's pytorch_model_fsdp_0/); save the model "
-                        "with the checkpoint")
+                        "pytorch_model.bin, or FSDP's pytorch_model_fsdp.bin or "
+                        "pytorch_model_fsdp_0/); save the model with the checkpoint")
     return found
