@@ -4,7 +4,10 @@ Layout (``accelerate.Accelerator.save_state(output_dir)``)::
 
     output_dir/
       model.safetensors          the first prepared model (pytorch_model.bin with
-                                 safe_serialization=False); model_1.safetensors, ... for more
+                                 safe_serialization=False); model_1.safetensors, ... for more;
+                                 with FSDP, pytorch_model_fsdp.bin (FULL_STATE_DICT) or
+                                 the DCP folder pytorch_model_fsdp_0/ (SHARDED_STATE_DICT,
+                                 beside optimizer_0/)
       optimizer.bin, scheduler.bin, sampler.bin    pickles: never opened
       random_states_0.pkl, scaler.pt               pickles: never opened
       custom_checkpoint_0.pkl                      registered objects: never opened
@@ -19,7 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from mcnc_format.converters.checkpoint import Checkpoint
-from mcnc_format.converters.layout import LayoutBase, left_out, model_weights, require_weights
+from mcnc_format.converters.layout import LayoutBase, left_out, require_weights
+
+from .torch_dcp import model_or_fsdp_weights
 
 __all__ = ["AccelerateState"]
 
@@ -36,5 +41,6 @@ class AccelerateState(LayoutBase):
                 and any((path / f).is_file() for f in STATE_FILES))
 
     def read(self, path: Path) -> Checkpoint:
-        tensors, used = require_weights(model_weights(path), path, "save_state")
-        return Checkpoint(path, tensors, notes=left_out(path, used))
+        found, notes = model_or_fsdp_weights(path)
+        tensors, used = require_weights(found, path, "save_state")
+        return Checkpoint(path, tensors, notes=notes + left_out(path, used))

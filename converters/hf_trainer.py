@@ -4,7 +4,9 @@ Layout (``transformers.Trainer._save_checkpoint``)::
 
     checkpoint-500/
       model.safetensors  or  model-0000x-of-0000y.safetensors + model.safetensors.index.json
-                         (or pytorch_model.bin with save_safetensors=False)
+                         (or pytorch_model.bin with save_safetensors=False; or, with
+                         FSDP's SHARDED_STATE_DICT, the DCP folder pytorch_model_fsdp_0/
+                         beside optimizer_0/)
       config.json, generation_config.json          (not read)
       trainer_state.json                           JSON: global_step, log history
       optimizer.pt, scheduler.pt, scaler.pt        pickles: never opened
@@ -22,7 +24,9 @@ import json
 from pathlib import Path
 
 from mcnc_format.converters.checkpoint import Checkpoint
-from mcnc_format.converters.layout import LayoutBase, left_out, model_weights, require_weights
+from mcnc_format.converters.layout import LayoutBase, left_out, require_weights
+
+from .torch_dcp import model_or_fsdp_weights
 
 __all__ = ["HFTrainerCheckpoint"]
 
@@ -38,8 +42,9 @@ class HFTrainerCheckpoint(LayoutBase):
         return path.is_dir() and (path / STATE).is_file()
 
     def read(self, path: Path) -> Checkpoint:
-        tensors, used = require_weights(model_weights(path), path, "Trainer checkpoint")
-        notes = left_out(path, [*used, path / STATE])
+        found, notes = model_or_fsdp_weights(path)
+        tensors, used = require_weights(found, path, "Trainer checkpoint")
+        notes += left_out(path, [*used, path / STATE])
         step = _global_step(path / STATE)
         if step is not None:
             notes.insert(0, f"Trainer checkpoint at global step {step} ({STATE})")
@@ -50,6 +55,6 @@ def _global_step(state: Path) -> int | None:
     """The step ``trainer_state.json`` records; ``None`` if it cannot say (it is a note)."""
     try:
         step = json.loads(state.read_text(encoding="utf-8")).get("global_step")
-    except (OSError, ValueError, AttributeError):
-        return None
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON
+        return None  # nested deeper than Python's decoder recurses
     return step if isinstance(step, int) else None

@@ -30,7 +30,10 @@ shape and dtype another tensor shares.
 
 from __future__ import annotations
 
+import io
+import math
 import pickle
+import pickletools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,16 +46,21 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mcnc_format.converters.checkpoint import TRAINING_STATE_MARKS, WRAPPER_KEYS, Checkpoint
-from mcnc_format.converters.layout import LayoutBase
+from mcnc_format.converters.layout import LayoutBase, model_weights
 from mcnc_format.converters.lazy import LazyTensors, TensorInfo
 from mcnc_format.errors import MCNCError, UnsafeCheckpointError
 from mcnc_format.reader import tensor_sha256
 from mcnc_format.sharing import is_constant
 from mcnc_format.torch_compat import require_checkpoint_api
 
-__all__ = ["DistributedCheckpoint"]
+__all__ = ["DistributedCheckpoint", "model_or_fsdp_weights"]
 
 METADATA = ".metadata"
+# What torch.save wraps around a chunk's bytes (zip records, pickle, alignment), at most.
+CHUNK_OVERHEAD = 64 * 1024
+# Where Trainer / Accelerate save an FSDP model with SHARDED_STATE_DICT (accelerate's
+# save_fsdp_model: FSDP_MODEL_NAME + "_0", a DCP folder of {"model": state_dict}).
+FSDP_MODEL = "pytorch_model_fsdp_0"
 _DCP = "torch.distributed.checkpoint.metadata"
 ALLOWED = frozenset({
     (_DCP, "Metadata"), (_DCP, "TensorStorageMetadata"), (_DCP, "BytesStorageMetadata"),
@@ -82,12 +90,18 @@ def read_metadata(folder: Path) -> Any:
     """DCP's ``Metadata`` of ``folder``, unpickled with the allow-list."""
     path = folder / METADATA
     try:
-        with path.open("rb") as f:
-            return _AllowListUnpickler(f).load()
+        data = path.read_bytes()
+        # pickle allocates what a length field (BINBYTES8, LONG4) says before reading it;
+        # genops, reading from memory, checks each length against the bytes left and runs
+        # nothing
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+        return _AllowListUnpickler(io.BytesIO(data)).load()
     except UnsafeCheckpointError as exc:
         raise UnsafeCheckpointError(f"{path}: {exc.message}") from None
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError) as exc:
+            IndexError, KeyError, RuntimeError, RecursionError) as exc:
+        # RuntimeError: TensorProperties.__setstate__ refuses an unknown memory format
         raise MCNCError(f"{path}: not readable DCP metadata ({exc}); is the checkpoint "
                         "damaged or truncated?") from exc
 
@@ -102,6 +116,11 @@ class DistributedCheckpoint(LayoutBase):
                 and any(path.glob("*.distcp")))
 
     def read(self, path: Path) -> Checkpoint:
+        tensors, notes = self.lazy(path)
+        return Checkpoint(path, tensors, notes=notes)
+
+    def lazy(self, path: Path) -> tuple[LazyTensors, list[str]]:
+        """The folder's tensors, each read when indexed, and the notes for users."""
         require_checkpoint_api(f"packing the DCP folder {path}")
         metadata = read_metadata(path)
         entries = getattr(metadata, "state_dict_metadata", None)
@@ -128,7 +147,22 @@ class DistributedCheckpoint(LayoutBase):
         ties = _ties(infos, read)
         notes += [f"{alias!r} holds the values of {held!r}: one tied weight, which DCP saved "
                   "under both names" for alias, held in ties.items()]
-        return Checkpoint(path, LazyTensors(infos, read, str(path), ties), notes=notes)
+        return LazyTensors(infos, read, str(path), ties), notes
+
+
+def model_or_fsdp_weights(folder: Path) -> tuple[tuple[LazyTensors, list[Path]] | None,
+                                                 list[str]]:
+    """``model_weights(folder)``, or else the model an FSDP run saved sharded in the folder
+    (``pytorch_model_fsdp_0/``, a DCP folder: what Trainer and Accelerate write with
+    ``SHARDED_STATE_DICT`` instead of ``model.safetensors``), and notes saying so."""
+    found = model_weights(folder)
+    sharded = folder / FSDP_MODEL
+    layout = DistributedCheckpoint()
+    if found is not None or not layout.recognises(sharded):
+        return found, []
+    tensors, notes = layout.lazy(sharded)
+    return (tensors, [sharded]), [f"read the model FSDP saved sharded in {FSDP_MODEL}/ (DCP)",
+                                  *notes]
 
 
 def _stored_bytes(folder: Path, metadata: Any) -> dict[str, int]:
@@ -156,15 +190,67 @@ def _stored_bytes(folder: Path, metadata: Any) -> dict[str, int]:
                             f"{getattr(index, 'fqn', '?')!r} the metadata places at "
                             f"[{offset}, +{length}]; is the checkpoint complete?")
         fqn = str(getattr(index, "fqn", ""))
+        if getattr(where, "transform_descriptors", None):  # compressed (DCP's extensions)
+            length = _decompressed(folder, metadata, fqn, where)
         totals[fqn] = totals.get(fqn, 0) + length
     return totals
+
+
+def _decompressed(folder: Path, metadata: Any, fqn: str, where: Any) -> int:
+    """The bytes a compressed chunk (``FileSystemWriter(_extensions=[ZStandard()])``)
+    decompresses to, counted by streaming it, not holding it: its length on disk says nothing
+    of the tensor's size. A chunk that decompresses to more than the whole tensor its
+    metadata declares, plus what ``torch.save`` wraps around it, is refused at that point
+    (DCP would decompress it all into memory)."""
+    entry = getattr(metadata, "state_dict_metadata", {}).get(fqn)
+    dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+    shape = getattr(entry, "size", None)
+    if not isinstance(dtype, torch.dtype) or not isinstance(shape, tuple):
+        return 0  # not a tensor's chunk: _checked refuses the entry
+    cap = math.prod(shape) * dtype.itemsize + CHUNK_OVERHEAD
+    transforms = _AllowListReader(folder, metadata).transforms
+    count = 0
+    try:
+        with (folder / where.relative_path).open("rb") as file:
+            file.seek(where.offset)
+            stream = transforms.transform_load_stream(
+                None, where.transform_descriptors, io.BufferedReader(_Slice(file, where.length)))
+            while block := stream.read(1 << 20):
+                count += len(block)
+                if count > cap:
+                    raise MCNCError(f"{folder / where.relative_path}: a chunk of {fqn!r} "
+                                    f"decompresses to more than the {cap} bytes its tensor "
+                                    "can take; the checkpoint is damaged")
+    except MCNCError:
+        raise
+    except Exception as exc:  # the extension's own errors: unknown descriptor, bad frame
+        raise MCNCError(f"{folder / where.relative_path}: cannot decompress a chunk of "
+                        f"{fqn!r} ({type(exc).__name__}: {exc}); is it damaged?") from exc
+    return count
+
+
+class _Slice(io.RawIOBase):
+    """``length`` bytes of ``file`` from where it stands, as a stream."""
+
+    def __init__(self, file: Any, length: int) -> None:
+        super().__init__()
+        self.file, self.left = file, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self.file.readinto(memoryview(buffer)[:min(len(buffer), self.left)]) or 0
+        self.left -= count
+        return count
 
 
 def _checked(folder: Path, fqn: str, entry: Any, stored: int) -> TensorInfo:
     """The tensor's shape and dtype, once they are plausible: integers, a torch dtype, and no
     more bytes than its chunks occupy on disk (nothing is allocated from an unchecked size)."""
-    shape, dtype = entry.size, getattr(entry.properties, "dtype", None)
-    if not isinstance(dtype, torch.dtype) or not all(
+    shape = getattr(entry, "size", None)
+    dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+    if not isinstance(dtype, torch.dtype) or not isinstance(shape, tuple) or not all(
             isinstance(n, int) and n >= 0 for n in shape):
         raise MCNCError(f"{folder / METADATA}: tensor {fqn!r} has shape {shape!r} and dtype "
                         f"{dtype!r}; not DCP metadata of a tensor")
@@ -173,7 +259,41 @@ def _checked(folder: Path, fqn: str, entry: Any, stored: int) -> TensorInfo:
         raise MCNCError(f"{folder / METADATA}: tensor {fqn!r} ({dtype} {list(shape)}, "
                         f"{info.nbytes} bytes) is larger than its chunks on disk ({stored} "
                         "bytes); the metadata is damaged")
+    gap = _untiled(info.shape, getattr(entry, "chunks", None))
+    if gap:
+        raise MCNCError(f"{folder / METADATA}: the chunks of tensor {fqn!r} ({list(shape)}) "
+                        f"{gap}; the metadata is damaged")
     return info
+
+
+def _untiled(shape: tuple[int, ...], chunks: Any) -> str:
+    """What is wrong with ``chunks`` as a tiling of a tensor of ``shape`` ("" if nothing):
+    DCP reads each chunk into its box of a tensor allocated uninitialised, so a box outside
+    the tensor, two boxes overlapping or a part no box covers would pack leftover memory."""
+    if not isinstance(chunks, list):
+        return f"are {type(chunks).__name__}, not a list"
+    boxes = []
+    for chunk in chunks:
+        offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+        if not (isinstance(offsets, tuple) and isinstance(sizes, tuple)
+                and len(offsets) == len(sizes) == len(shape)
+                and all(isinstance(n, int) and n >= 0 for n in (*offsets, *sizes))
+                and all(o + n <= dim for o, n, dim in zip(offsets, sizes, shape, strict=True))):
+            return f"include one at {offsets!r} of size {sizes!r}, outside the tensor"
+        if math.prod(sizes):
+            boxes.append((offsets, sizes))
+    covered = sum(math.prod(sizes) for _, sizes in boxes)
+    if covered != math.prod(shape):
+        return f"cover {covered} elements of {math.prod(shape)}"
+    boxes.sort()  # by the first offset: only boxes starting before one ends can overlap it
+    for i, (offsets, sizes) in enumerate(boxes):
+        for other, other_sizes in boxes[i + 1:]:
+            if shape and other[0] >= offsets[0] + sizes[0]:
+                break
+            if all(o < p + m and p < o + n
+                   for o, n, p, m in zip(offsets, sizes, other, other_sizes, strict=True)):
+                return f"overlap at {list(offsets)} and {list(other)}"
+    return ""
 
 
 def _unwrapped(infos: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], str, list[str]]:
@@ -233,9 +353,18 @@ class _Reader:
                 dcp.load({fqn: target}, storage_reader=reader, no_dist=True)
         except (CheckpointException, Exception) as exc:  # a BaseException: DCP wraps its
             # readers' failures (a truncated chunk's EOFError) in it
-            raise MCNCError(f"{self.folder}: cannot read tensor {fqn!r} ({exc}); is a "
-                            "*.distcp file missing or truncated?") from exc
+            raise MCNCError(f"{self.folder}: cannot read tensor {fqn!r} ({_reason(exc)}); is "
+                            "a *.distcp file missing or truncated?") from exc
         return target
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why DCP failed: the first rank's exception, not the tracebacks a
+    ``CheckpointException`` prints."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class _AllowListReader(FileSystemReader):

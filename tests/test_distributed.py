@@ -156,6 +156,26 @@ def test_a_state_dict_that_differs_from_the_file_is_a_usage_error(model_file: Pa
     assert set(_descriptors_of(model_file)) <= open_before
 
 
+def test_a_meta_model_without_a_process_group_is_told_to_get_storage(model_file: Path
+                                                                     ) -> None:
+    """A model built on the meta device and loaded with ``no_dist`` before ``to_empty``:
+    DCP would allocate its tensors on the process group's device and fail with "Default
+    process group has not been initialized" wrapped in a CheckpointException (a
+    BaseException), which reads as if no_dist were ignored."""
+    with torch.device("meta"):
+        meta = TinyLM()
+    with pytest.raises(UsageError, match=r"is on the meta device.*to_empty") as info:
+        load(meta.state_dict(), model_file, no_dist=True)
+    assert info.value.tensor in meta.state_dict() and info.value.path == str(model_file)
+    with pytest.raises(UsageError, match="to_empty"):
+        load({"model": meta.state_dict()}, model_file, strict=False, no_dist=True)
+    meta.to_empty(device="cpu")
+    load(meta.state_dict(), model_file, no_dist=True)
+    want = mf.load(model_file)
+    for name, value in meta.state_dict().items():
+        assert torch.equal(value, want[name]), name
+
+
 def _descriptors_of(path: Path) -> list[str]:
     """This process's open file descriptors on ``path``."""
     target = os.path.realpath(path)

@@ -89,3 +89,26 @@ def test_one_ranks_unreadable_file_reaches_every_rank_as_the_mcnc_error(
         direct = results[rank]["dcp"]
         assert direct["raised"] == "CheckpointException", (rank, direct)
         assert direct["failures"] == expected, (rank, direct)  # not "metadata is None"
+
+
+def test_another_file_on_one_rank_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """Each rank opens its own path (a node-local copy): a copy of another model there, with
+    the same names and shapes, filled that rank's tensors from it without a word. The
+    coordinator compares what each rank opened (size, header checksum) before any reads."""
+    good = write_model_file(tmp_path, seed=5)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_model_file(other, seed=6)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(tmp_path / "base.safetensors", copy)
+    shutil.copy(good, copy / "model.mcnc")
+    results = _run(tmp_path, [good, other / "model.mcnc"])
+    for rank in range(WORLD):
+        got = results[rank]["load"]
+        assert got["raised"] == "MCNCError" and got.get("mcnc") == "yes", (rank, got)
+        assert "rank 1 opened another file than rank 0" in got["message"], (rank, got)
+        direct = results[rank]["dcp"]
+        assert direct["raised"] == "CheckpointException" and direct["failures"] == "MCNCError"
+    for rank, outcome in enumerate(_run(tmp_path, [good, copy / "model.mcnc"])):
+        assert outcome["load"]["raised"] == "" == outcome["dcp"]["raised"], (rank, outcome)

@@ -8,8 +8,10 @@ are never unpickled; unknown folders are refused with the known layouts.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -19,12 +21,13 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from dist_helpers import init_gloo, leave_gloo, requires_current_distributed
 from layout_helpers import batch, booby_trapped_pickle, config, mlp, run_pack, trained
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mcnc_format as mf
 from mcnc_format.converters.pack import pack
 from mcnc_format.errors import MCNCError, UnsafeCheckpointError
+from mcnc_format.header import ExternalTheta0
 from mcnc_format.torch import MCNCConfig, add_mcnc_lora, reparametrize, save_model
 
 #: Lightning's checkpoints name classes beyond tensors, which an older torch's weights-only
@@ -272,6 +275,115 @@ def test_safetensors_shard_set(path: str, seed: int, tmp_path: Path) -> None:
         pack(source, tmp_path / "again.mcnc")
 
 
+def _shard_set(seed: int, folder: Path) -> tuple[nn.Module, Path]:
+    """A trained model saved as a shard set of at least two shards; its index."""
+    from huggingface_hub import save_torch_state_dict
+
+    model, _ = trained(seed)
+    folder.mkdir()
+    save_torch_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, folder,
+                          max_shard_size=300)
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) >= 2
+    return model, folder / "model.safetensors.index.json"
+
+
+def test_shard_index_that_disagrees_with_its_shards_is_refused(
+        seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A shard from another save lacking a tensor the index lists, an index listing nothing
+    or nested past the JSON decoder's depth: each one line, exit 2; never a model packed
+    without the tensor, an IndexError or a RecursionError."""
+    _, index = _shard_set(seed, tmp_path / "model")
+    document = json.loads(index.read_text())
+    shard = index.parent / document["weight_map"]["2.bias"]
+    kept = {n: t for n, t in load_file(shard).items() if n != "2.bias"}
+    save_file(kept, shard, metadata={"format": "pt"})
+    for damage, match in ((None, "lists tensors that no shard holds: '2.bias'"),
+                          ({"weight_map": {}}, "weight_map lists no tensors"),
+                          ("[" * 100_000 + "]" * 100_000, "not a shard index")):
+        if damage is not None:
+            index.write_text(damage if isinstance(damage, str) else json.dumps(damage))
+        code, _, err = run_pack([str(index.parent), str(tmp_path / "out.mcnc")], monkeypatch,
+                                capsys)
+        assert code == 2 and re.search(match, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.mcnc").exists()
+
+
+def test_bin_shards_holding_one_tensor_twice_are_refused(seed: int, tmp_path: Path) -> None:
+    """``pytorch_model-*.bin`` shards from two saves both hold a tensor: which is the model's
+    cannot be told (safetensors shards were already refused; .bin ones kept the last)."""
+    model, _ = trained(seed)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    state = model.state_dict()
+    names = list(state)
+    first, second = {n: state[n] for n in names[:3]}, {n: state[n] for n in names[2:]}
+    second[names[2]] = second[names[2]] + 1
+    torch.save(first, folder / "pytorch_model-1.bin")
+    torch.save(second, folder / "pytorch_model-2.bin")
+    weight_map = {n: "pytorch_model-1.bin" for n in first}
+    weight_map.update({n: "pytorch_model-2.bin" for n in names[3:]})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "optimizer.bin").write_bytes(b"")  # an Accelerate folder
+    with pytest.raises(MCNCError, match=f"tensor '{re.escape(names[2])}' is also in"):
+        pack(folder, tmp_path / "out.mcnc")
+    torch.save({n: t for n, t in second.items() if n != names[2]}, folder / "pytorch_model-2.bin")
+    pack(folder, tmp_path / "out.mcnc")
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+
+
+def test_trainer_state_nested_past_the_json_decoder_only_loses_the_step_note(
+        seed: int, tmp_path: Path) -> None:
+    """``trainer_state.json`` is read for a note; one the decoder cannot read (nested deeper
+    than it recurses) gives no note, not a RecursionError."""
+    model, _ = trained(seed)
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              folder / "model.safetensors")
+    (folder / "trainer_state.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = pack(folder, tmp_path / "out.mcnc")
+    assert result.converter == "hf-trainer"
+    assert not any("global step" in note for note in result.notes)
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+
+
+@requires_current_distributed
+@pytest.mark.parametrize(("layout", "saved"), [("hf-trainer", "sharded"),
+                                               ("accelerate-state", "sharded"),
+                                               ("accelerate-state", "full")])
+def test_fsdp_state_dicts_inside_trainer_and_accelerate_folders(
+        layout: str, saved: str, seed: int, tmp_path: Path) -> None:
+    """With FSDP's SHARDED_STATE_DICT, Trainer and Accelerate write the model as the DCP
+    folder ``pytorch_model_fsdp_0/`` (``{"model": state_dict}``, accelerate's
+    ``save_fsdp_model``) and the optimizer as ``optimizer_0/``; with FULL_STATE_DICT,
+    ``save_state`` writes ``pytorch_model_fsdp.bin``. Neither has ``model.safetensors``, and
+    the folder was refused as holding no model weights. It packs as the model, and the
+    training state is still never opened."""
+    model, optimizer = trained(seed)
+    folder = tmp_path / "checkpoint-3"
+    if saved == "sharded":
+        dcp.save({"model": model.state_dict()}, checkpoint_id=folder / "pytorch_model_fsdp_0",
+                 no_dist=True)
+    else:
+        folder.mkdir()
+        torch.save(model.state_dict(), folder / "pytorch_model_fsdp.bin")
+    dcp.save({"optimizer": optimizer.state_dict()}, checkpoint_id=folder / "optimizer_0",
+             no_dist=True)
+    marker = tmp_path / "ran"
+    if layout == "hf-trainer":
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+        booby_trapped_pickle(folder / "rng_state.pth", marker)
+    else:
+        booby_trapped_pickle(folder / "random_states_0.pkl", marker)
+    result = pack(folder, tmp_path / "out.mcnc")
+    assert result.converter == layout
+    assert saved == "full" or any("pytorch_model_fsdp_0/" in n for n in result.notes)
+    assert any("optimizer_0" in note and "not read" in note for note in result.notes)
+    assert not marker.exists()
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+
+
 # -- Accelerate ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 def test_accelerate_save_state(safe: bool, seed: int, tmp_path: Path) -> None:
@@ -299,6 +411,23 @@ def test_accelerate_save_state(safe: bool, seed: int, tmp_path: Path) -> None:
                for note in result.notes)
     assert not marker.exists()
     _same_as_save_model(accelerator.unwrap_model(model), tmp_path / "out.mcnc", tmp_path)
+
+
+def test_a_symlink_loop_in_the_folder_is_only_a_file_not_read(seed: int, tmp_path: Path
+                                                              ) -> None:
+    """A stray link that points at itself beside the weights: the note of unread files
+    resolved every entry, and ``Path.resolve`` raised RuntimeError ("Symlink loop")."""
+    model, _ = trained(seed)
+    folder = tmp_path / "state"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              folder / "model.safetensors")
+    booby_trapped_pickle(folder / "optimizer.bin", tmp_path / "ran")
+    (folder / "loop").symlink_to("loop")
+    result = pack(folder, tmp_path / "out.mcnc")
+    assert result.converter == "accelerate-state"
+    assert any("loop" in note and "optimizer.bin" in note for note in result.notes)
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
 
 
 # -- Lightning -------------------------------------------------------------------------------------
@@ -414,6 +543,47 @@ def test_lora_shard_set_packs_against_its_base(seed: int, tmp_path: Path) -> Non
     assert mf.open(tmp_path / "shards.mcnc").info["base_model"] == "base.safetensors"
 
 
+def test_a_sharded_base_is_referenced_shard_by_shard(seed: int, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    """A large base is saved sharded: ``--base`` its index references each theta0 in the
+    shard holding it, and the adapter loads onto the base as with a one-file base. Before,
+    the index was refused, and one shard given as the base said the others' tensors were
+    missing from "the base the adapter was trained on"."""
+    from huggingface_hub import save_torch_state_dict
+
+    base = mlp(seed)
+    state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(state, tmp_path / "base.safetensors")
+    (tmp_path / "sharded").mkdir()
+    save_torch_state_dict(state, tmp_path / "sharded", max_shard_size=300)
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shards = set(weight_map.values())
+    assert weight_map["0.weight"] != weight_map["2.weight"]  # each over max_shard_size
+    model = add_mcnc_lora(base, config(seed), target_modules=["0", "2"], rank=3, lora_alpha=6)
+    torch.save(model.state_dict(), tmp_path / "adapter.pt")
+    code, _, err = run_pack([str(tmp_path / "adapter.pt"), str(tmp_path / "out.mcnc"),
+                             "--base", str(index)], monkeypatch, capsys)
+    assert code == 0, err
+    pack(tmp_path / "adapter.pt", tmp_path / "one.mcnc", base=tmp_path / "base.safetensors")
+    with mf.open(tmp_path / "out.mcnc") as f:
+        assert f.info["base_model"] == "sharded/model.safetensors.index.json"
+        uris = {theta0.uri for t in f.header.tensors
+                if isinstance(theta0 := getattr(t, "theta0", None), ExternalTheta0)}
+    assert uris == {f"sharded/{weight_map[n]}" for n in ("0.weight", "2.weight")}
+    want = mf.load(tmp_path / "one.mcnc")
+    got = mf.load(tmp_path / "out.mcnc")
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    first = sorted(shards)[0]
+    code, _, err = run_pack([str(tmp_path / "adapter.pt"), str(tmp_path / "bad.mcnc"),
+                             "--base", str(tmp_path / "sharded" / first)], monkeypatch, capsys)
+    assert code == 2 and "of a sharded base, its *.safetensors.index.json" in err, err
+
+
 @requires_current_distributed
 def test_mapping_file_over_a_folder_layout(seed: int, tmp_path: Path) -> None:
     """``--mapping`` renames what a layout converter reads: a foreign MCNC state dict saved
@@ -459,3 +629,105 @@ def test_dcp_metadata_sizes_and_paths_are_checked(seed: int, tmp_path: Path) -> 
         (folder / ".metadata").write_bytes(pickle.dumps(metadata))
         with pytest.raises(MCNCError, match=match):
             pack(folder, tmp_path / "out.mcnc")
+
+
+@requires_current_distributed
+def test_dcp_chunks_that_do_not_tile_their_tensor_are_refused(seed: int, tmp_path: Path) -> None:
+    """DCP reads each chunk into its box of a tensor allocated uninitialised: chunks covering
+    half of it (a rank's entry lost), overlapping or lying outside it would pack leftover
+    memory. Each is refused from the metadata, before anything is read."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    model, _ = trained(seed, steps=1)
+    folder = tmp_path / "ckpt"
+    dcp.save(model.state_dict(), checkpoint_id=folder, no_dist=True)
+    original = FileSystemReader(folder).read_metadata()  # our own test file
+    name = "0.bias"
+    rows = original.state_dict_metadata[name].size[0]  # one chunk: the whole tensor
+    half = rows // 2
+
+    def boxes(*pieces: tuple[int, ...]) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=torch.Size([start]), sizes=torch.Size(n))
+                for start, *n in pieces]
+
+    for chunks, match in ((boxes((0, half)), rf"cover {half} elements of {rows}"),
+                          (boxes((0, half + 1), (half, rows - half)), "cover"),
+                          # as many elements as the tensor, one twice and one never
+                          (boxes((half, rows - half - 1), (0, half + 1)),
+                           rf"overlap at \[0\] and \[{half}\]"),
+                          (boxes((1, rows)), "outside the tensor"),
+                          (boxes((0, rows, 1)), "outside the tensor")):
+        metadata = pickle.loads(pickle.dumps(original))
+        metadata.state_dict_metadata[name].chunks = chunks
+        (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+        with pytest.raises(MCNCError, match=match):
+            pack(folder, tmp_path / "out.mcnc")
+    assert not (tmp_path / "out.mcnc").exists()
+
+
+@requires_current_distributed
+def test_dcp_damage_is_one_line_and_allocates_nothing_it_names(
+        seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A ``.metadata`` whose bytes field claims 2**62 bytes is refused before pickle
+    allocates them (a MemoryError escaped); a damaged chunk file is one line naming torch's
+    reason, not DCP's per-rank tracebacks."""
+    model, _ = trained(seed, steps=1)
+    folder = tmp_path / "ckpt"
+    dcp.save(model.state_dict(), checkpoint_id=folder, no_dist=True)
+    good = (folder / ".metadata").read_bytes()
+    (folder / ".metadata").write_bytes(b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b".")
+    out = str(tmp_path / "out.mcnc")
+    code, _, err = run_pack([str(folder), out], monkeypatch, capsys)
+    assert code == 2 and "not readable DCP metadata" in err, err
+    assert len(err.strip().splitlines()) == 1
+    metadata = pickle.loads(good)
+    metadata.state_dict_metadata["0.bias"].size = 40  # not a shape (a TypeError escaped)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    code, _, err = run_pack([str(folder), out], monkeypatch, capsys)
+    assert code == 2 and "'0.bias' has shape 40" in err, err
+    (folder / ".metadata").write_bytes(good)
+    for shard in folder.glob("*.distcp"):
+        data = shard.read_bytes()
+        shard.write_bytes(data[:-64] + bytes(64))  # the zip's central directory zeroed
+    code, _, err = run_pack([str(folder), out], monkeypatch, capsys)
+    assert code == 2 and "cannot read tensor" in err and "RuntimeError:" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@requires_current_distributed
+def test_dcp_compressed_chunks_are_sized_by_what_they_decompress_to(seed: int, tmp_path: Path
+                                                                    ) -> None:
+    """DCP's ZStandard extension compresses each chunk: a zero buffer's chunk is a few hundred
+    bytes on disk, and the check that a tensor fits its chunks refused the checkpoint as
+    damaged. Chunks are now sized by streaming their decompression, and one that decompresses
+    to more than its tensor can take (a zstd bomb: DCP would inflate it all in memory) is
+    refused at that point."""
+    from dataclasses import replace
+
+    import zstandard
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._extension import ZStandard
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    model, _ = trained(seed)
+    model.register_buffer("mask", torch.zeros(100_000))
+    folder = tmp_path / "ckpt"
+    dcp.save(model.state_dict(), storage_writer=FileSystemWriter(folder, _extensions=[ZStandard()]),
+             no_dist=True)
+    pack(folder, tmp_path / "out.mcnc")
+    _same_as_save_model(model, tmp_path / "out.mcnc", tmp_path)
+
+    metadata = FileSystemReader(folder).read_metadata()  # our own test file
+    index = next(i for i in metadata.storage_data if i.fqn == "0.bias")
+    where = metadata.storage_data[index]
+    shard = folder / where.relative_path
+    bomb = zstandard.ZstdCompressor().compress(bytes(8 << 20))  # 8 MiB of zeros, kilobytes
+    offset = shard.stat().st_size
+    with shard.open("ab") as file:
+        file.write(bomb)
+    metadata.storage_data[index] = replace(where, offset=offset, length=len(bomb))
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(MCNCError, match=r"'0\.bias' decompresses to more than the \d+ bytes"):
+        pack(folder, tmp_path / "bomb.mcnc")

@@ -520,3 +520,24 @@ def test_checkpoint_with_two_candidate_state_dicts_is_refused(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds tensors under model, ema" in err[0], err
     assert "torch.save(ckpt['model'], path)" in err[0]
+    # two wrapper keys: each named once (the second was listed twice)
+    torch.save({"state_dict": state, "model": state}, tmp_path / "ckpt.pt")
+    assert _run_pack([str(tmp_path / "ckpt.pt"), str(tmp_path / "p.mcnc")], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds tensors under state_dict, model, so" in err[0], err
+
+
+def test_an_optimizer_state_is_said_to_be_one(
+        seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A Trainer folder's ``optimizer.pt`` given to pack: named as an optimizer's state, not
+    "key 0 under 'state' is not a string"."""
+    model = _trained(seed, MCNCConfig(k=3, d=40, hidden=(8, 8)))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    model(torch.randn(2, 12)).sum().backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    assert _run_pack([str(tmp_path / "optimizer.pt"), str(tmp_path / "p.mcnc")],
+                     monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds an optimizer's state" in err[0], err

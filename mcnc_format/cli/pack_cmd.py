@@ -46,8 +46,9 @@ _STAGES = {"read": "reading checkpoint", "convert": "converting", "write": "writ
 @click.option("--converter", default=None,
               help="Use this registered converter instead of detecting the layout.")
 @click.option("--base", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Base checkpoint (.safetensors beside OUT) of an adapter: theta0 references "
-                   "it, sha256-pinned, and its unchanged tensors are left out.")
+              help="Base checkpoint (.safetensors, or a shard set's .safetensors.index.json, "
+                   "beside OUT) of an adapter: theta0 references it, sha256-pinned, and its "
+                   "unchanged tensors are left out.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress (default: for inputs over 64 MiB on a terminal).")

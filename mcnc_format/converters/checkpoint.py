@@ -62,6 +62,8 @@ CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NE
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 # Entries of a training checkpoint that hold tensors but no model: dropped beside a wrapper.
 TRAINING_STATE_MARKS = ("optim", "sched", "scaler")
+# What torch.optim.Optimizer.state_dict() holds (optimizer.pt of a Trainer folder, say).
+OPTIMIZER_KEYS = frozenset({"state", "param_groups"})
 # Prefixes that wrapping modules add to every name: DDP / DataParallel, torch.compile.
 SHARED_PREFIXES = ("module.", "_orig_mod.")
 
@@ -186,6 +188,10 @@ def _read_torch(source: Path, on_tensor: Callable[[str, int], None] | None,
             f"{source}: expected a state dict (a mapping of names to tensors), got "
             f"{type(obj).__name__}; save model.state_dict() rather than the model"
         )
+    if set(obj) == OPTIMIZER_KEYS:
+        raise MCNCError(f"{source}: holds an optimizer's state (optimizer.state_dict(): "
+                        "'state' and 'param_groups'), not a model's; pack the file holding "
+                        "model.state_dict()")
     if entry is not None:
         obj, notes = _entry(obj, entry, source)
     else:
@@ -213,7 +219,7 @@ def _unwrap(obj: Mapping[Any, Any], source: Path) -> tuple[Mapping[Any, Any], li
                  and _holds_tensors(obj[k])]
         if not found:
             break
-        others = [str(k) for k in obj if k != found[0] and _holds_tensors(obj[k])
+        others = [str(k) for k in obj if k not in found and _holds_tensors(obj[k])
                   and not any(mark in str(k).lower() for mark in TRAINING_STATE_MARKS)]
         if len(found) > 1 or others:
             raise MCNCError(f"{source}: holds tensors under {', '.join([*found, *others])}, so "

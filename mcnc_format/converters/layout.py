@@ -12,13 +12,21 @@ RNG and training-argument files are pickles of arbitrary objects, so they are ne
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from ..errors import MCNCError
 from .checkpoint import Checkpoint, read_checkpoint
-from .lazy import LazyTensors, TensorInfo, read_shard_index, safetensors_tensors
+from .lazy import (
+    LazyTensors,
+    TensorInfo,
+    held_twice,
+    read_shard_index,
+    require_indexed,
+    safetensors_tensors,
+)
 from .native import NativeConverter
 from .registry import Conversion
 
@@ -41,24 +49,36 @@ class LayoutBase:
 
 def model_weights(folder: Path, stem: str = "model") -> tuple[LazyTensors, list[Path]] | None:
     """The tensors of ``{stem}.safetensors``, of the shards ``{stem}.safetensors.index.json``
-    names, or of ``pytorch_{stem}.bin`` / its index (read with torch's weights-only
-    unpickler), and the files read; ``None`` when the folder has none of them."""
+    names, or of ``pytorch_{stem}.bin`` / its index / ``pytorch_{stem}_fsdp.bin`` (read with
+    torch's weights-only unpickler), and the files read; ``None`` when the folder has none of
+    them."""
     single = folder / f"{stem}.safetensors"
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = read_shard_index(index)
-        return safetensors_tensors(shards), [index, *shards]
+        weight_map = read_shard_index(index)
+        shards = list(dict.fromkeys(weight_map.values()))
+        lazy = safetensors_tensors(shards)
+        require_indexed(index, weight_map, lazy)
+        return lazy, [index, *shards]
     if single.is_file():
         return safetensors_tensors([single]), [single]
     bin_index = folder / f"pytorch_{stem}.bin.index.json"
-    bins = read_shard_index(bin_index) if bin_index.is_file() else [
-        p for p in [folder / f"pytorch_{stem}.bin"] if p.is_file()]
+    bin_map = read_shard_index(bin_index) if bin_index.is_file() else {}
+    # pytorch_model_fsdp.bin: accelerate's save_fsdp_model with FULL_STATE_DICT
+    bins = list(dict.fromkeys(bin_map.values())) or next(
+        ([p] for p in (folder / f"pytorch_{stem}.bin", folder / f"pytorch_{stem}_fsdp.bin")
+         if p.is_file()), [])
     if not bins:
         return None
     tensors: dict[str, torch.Tensor] = {}
+    owner: dict[str, Path] = {}
     for path in bins:
-        tensors.update(read_checkpoint(path, unwrap=False).tensors)
-    used = [bin_index, *bins] if bin_index.is_file() else bins
+        for name, tensor in read_checkpoint(path, unwrap=False).tensors.items():
+            if name in owner:
+                raise held_twice(path, name, owner[name])
+            tensors[name], owner[name] = tensor, path
+    require_indexed(bin_index, bin_map, tensors)
+    used = [bin_index, *bins] if bin_map else bins
     return tensors_in_memory(tensors, str(folder)), used
 
 
@@ -69,9 +89,11 @@ def tensors_in_memory(tensors: dict[str, torch.Tensor], source: str) -> LazyTens
 
 
 def left_out(folder: Path, used: list[Path]) -> list[str]:
-    """A note naming the files of ``folder`` that were not read, if any."""
-    read = {p.resolve() for p in used}
-    skipped = sorted(p.name for p in folder.iterdir() if p.resolve() not in read)
+    """A note naming the files of ``folder`` that were not read, if any. Paths are compared
+    by ``os.path.realpath``, which leaves a symlink loop as it is where ``Path.resolve``
+    raises ``RuntimeError``."""
+    read = {os.path.realpath(p) for p in used}
+    skipped = sorted(p.name for p in folder.iterdir() if os.path.realpath(p) not in read)
     if not skipped:
         return []
     return [f"not read: {', '.join(skipped)} (training state, configs and pickles: only the "
@@ -83,6 +105,7 @@ def require_weights(found: tuple[LazyTensors, list[Path]] | None, folder: Path, 
     """``found``, or the error saying which weight files the layout was expected to hold."""
     if found is None:
         raise MCNCError(f"{folder}: looks like a {layout} folder but holds no model weights "
-                        "(model.safetensors, model.safetensors.index.json with its shards, or "
-                        "pytorch_model.bin); save the model with the checkpoint")
+                        "(model.safetensors, model.safetensors.index.json with its shards, "
+                        "pytorch_model.bin, or FSDP's pytorch_model_fsdp.bin or "
+                        "pytorch_model_fsdp_0/); save the model with the checkpoint")
     return found

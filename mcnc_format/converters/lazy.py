@@ -24,7 +24,8 @@ import torch
 from ..errors import MCNCError
 from ..writer import Dense, LoRA, StoredTheta0, TensorSource, Theta0
 
-__all__ = ["LazyTensors", "TensorInfo", "planned", "read_shard_index", "safetensors_tensors"]
+__all__ = ["LazyTensors", "TensorInfo", "held_twice", "planned", "read_shard_index",
+           "require_indexed", "safetensors_tensors"]
 
 # safetensors' dtype names (its header's "dtype" field)
 SAFETENSORS_DTYPES = {
@@ -101,27 +102,49 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return LazyTensors(self.infos, read, self.source, self.ties)
 
 
-def read_shard_index(index: Path) -> list[Path]:
-    """The shard files a ``*.safetensors.index.json`` (``save_pretrained``'s
-    ``weight_map``) names, in first-mention order; each must lie in the index's folder."""
+def read_shard_index(index: Path) -> dict[str, Path]:
+    """The ``weight_map`` of a ``*.safetensors.index.json`` (``save_pretrained``'s): each
+    tensor name and the shard file that holds it, which must lie in the index's folder."""
     try:
         document = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = document["weight_map"]
+        weight_map = dict(document["weight_map"])
         names = list(dict.fromkeys(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than Python's decoder recurses
         raise MCNCError(f"{index}: not a shard index (a JSON object with a 'weight_map' of "
                         f"tensor names to shard files): {exc}") from exc
-    shards = []
+    if not weight_map:
+        raise MCNCError(f"{index}: its weight_map lists no tensors; is the checkpoint "
+                        "complete?")
+    shards = {}
     for name in names:
         if not isinstance(name, str) or Path(name).name != name:
             raise MCNCError(f"{index}: weight_map names the shard {name!r}; shards are file "
                             "names in the index's folder")
         shard = index.parent / name
         if not shard.is_file():
-            raise MCNCError(f"{index}: names the shard {name}, which is missing; copy the "
+            raise MCNCError(f"{index}: names the shard {name!r}, which is missing; copy the "
                             "whole checkpoint folder")
-        shards.append(shard)
-    return shards
+        shards[name] = shard
+    return {tensor: shards[name] for tensor, name in weight_map.items()}
+
+
+def require_indexed(index: Path, weight_map: Mapping[str, Path],
+                    tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor the index lists is in its shards: a shard from another save (an older
+    or partial upload) that lacks one would otherwise pack a model without it, silently."""
+    absent = [name for name in weight_map if name not in tensors]
+    if absent:
+        more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+        raise MCNCError(f"{index}: lists tensors that no shard holds: {absent[0]!r} (in "
+                        f"{weight_map[absent[0]].name}, says the index){more}; the shards are "
+                        "from another save, or the checkpoint is incomplete")
+
+
+def held_twice(path: Path, name: str, other: Path) -> MCNCError:
+    """Two shards holding one tensor: which one is the model's cannot be told."""
+    return MCNCError(f"{path}: tensor {name!r} is also in {other}; a shard set holds each "
+                     "tensor once")
 
 
 def safetensors_tensors(files: list[Path]) -> LazyTensors:
@@ -140,8 +163,7 @@ def safetensors_tensors(files: list[Path]) -> LazyTensors:
                         raise MCNCError(f"{path}: tensor {name!r} has the dtype "
                                         f"{piece.get_dtype()}, which mcnc pack cannot store")
                     if name in owner:
-                        raise MCNCError(f"{path}: tensor {name!r} is also in {owner[name]}; "
-                                        "a shard set holds each tensor once")
+                        raise held_twice(path, name, owner[name])
                     infos[name] = TensorInfo(tuple(piece.get_shape()), dtype)
                     owner[name] = path
         except (SafetensorError, OSError) as exc:

@@ -66,11 +66,12 @@ def pack(
     ``mapping`` names a mapping file (foreign layouts); ``converter`` picks a registered
     converter by name; with neither, the registered converters are asked in turn: a layout
     converter that recognises the path reads it, and a folder none recognises is refused,
-    naming the known layouts. ``base`` names the base checkpoint (a safetensors file in or
-    below the output's folder) of an adapter: theta0 then references it, sha256-pinned, and
-    tensors it holds unchanged are left out (``base_ref.py``). An existing ``output_path`` is
-    replaced only with ``force`` (and never when it is the checkpoint, the base or the mapping
-    file itself); the write itself is atomic.
+    naming the known layouts. ``base`` names the base checkpoint (a safetensors file, or a
+    shard set's index, in or below the output's folder) of an adapter: theta0 then
+    references it, sha256-pinned, and tensors it holds unchanged are left out
+    (``base_ref.py``). An existing ``output_path`` is replaced only with ``force`` (and never
+    when it is the checkpoint, the base or the mapping file itself); the write itself is
+    atomic.
     """
     output = Path(output_path)
     for read in (checkpoint_path, base, mapping):  # each is an input the output would destroy

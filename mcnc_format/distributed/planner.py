@@ -12,6 +12,7 @@ it, so each rank raises the ``MCNCError`` itself.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,6 +36,22 @@ class MCNCLoadPlanner(DefaultLoadPlanner):
     def __init__(self, *, allow_partial_load: bool = False) -> None:
         super().__init__(allow_partial_load=allow_partial_load)
 
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
+                       is_coordinator: bool = False) -> None:
+        """Refuses a tensor on the meta device without a process group first: DCP would
+        allocate it on the group's device and fails asking for a group, which reads as if
+        ``no_dist`` were ignored, when the model only lacks ``to_empty``."""
+        if not torch.distributed.is_initialized():
+            name = _on_meta(state_dict)
+            if name is not None:
+                meta = metadata.storage_meta if metadata is not None else None
+                raise UsageError(
+                    f"the state dict's {name!r} is on the meta device, which has no storage "
+                    "to load into; give the model storage first (model.to_empty(device=...))",
+                    path=os.fspath(meta.checkpoint_id) if meta and meta.checkpoint_id
+                    is not None else None, tensor=name)
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+
     def create_local_plan(self) -> LoadPlan:
         assert self.metadata is not None
         declared = self.metadata.state_dict_metadata
@@ -56,6 +73,18 @@ def tied_aliases(state_dict: dict[str, Any], declared: Any) -> list[str]:
 
     held = {key(v) for n, v in state_dict.items() if n in declared} - {None}
     return [n for n, v in state_dict.items() if n not in declared and key(v) in held]
+
+
+def _on_meta(state_dict: Mapping[str, Any], prefix: str = "") -> str | None:
+    """The dotted name of the first plain tensor on the meta device in ``state_dict``."""
+    for name, value in state_dict.items():
+        if isinstance(value, Mapping):
+            found = _on_meta(value, f"{prefix}{name}.")
+            if found is not None:
+                return found
+        elif isinstance(value, torch.Tensor) and value.is_meta:
+            return prefix + str(name)
+    return None
 
 
 def check_state_dict(state_dict: dict[str, Any], metadata: Metadata, partial: bool) -> None:

@@ -86,6 +86,8 @@ class MCNCStorageReader(StorageReader):
         self.stats = ReadStats()
         self.is_coordinator = False
         self._pins_checked = False  # by this reader's prepare_global_plan, in this load
+        # (size, header checksum) of the file read_metadata opened, for prepare_global_plan
+        self._contents: tuple[int, int] | None = None
 
     # -- DCP's protocol ----------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -111,6 +113,7 @@ class MCNCStorageReader(StorageReader):
         try:
             with self._opened() as f:
                 tensors = f.header.tensors
+                self._contents = (f.file_size, f.context.preamble.header_xxh3)
         except MCNCError as exc:
             return Metadata(state_dict_metadata={}, storage_data=exc,
                             storage_meta=StorageMeta(checkpoint_id=self.path))
@@ -132,7 +135,9 @@ class MCNCStorageReader(StorageReader):
         self.is_coordinator = is_coordinator
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        """The plan, carrying what identifies the file this rank opened (its size and header
+        checksum; the header holds every blob's checksum) to the coordinator."""
+        return replace(plan, storage_data=self._contents)
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         """On the coordinator: with ``strict``, every tensor of the file must be read by some
@@ -140,6 +145,7 @@ class MCNCStorageReader(StorageReader):
         bases are checked here, once, before any rank reads: with ``Verify.CACHED`` (the
         default) ranks on this machine then find the record in the digest cache and read only
         their boxes of the base, never all of it."""
+        _require_one_file(plans, self.path)
         wanted = {item.storage_index.fqn for plan in plans for item in plan.items}
         with self._opened() as f:
             f.check_references([t.name for t in f.header.tensors if t.name in wanted])
@@ -227,6 +233,24 @@ class MCNCStorageReader(StorageReader):
         stats.boxes += boxes.items()
         stats.engine_calls += 1
         stats.chunks_regenerated += chunks[0]
+
+
+def _require_one_file(plans: list[LoadPlan], path: str) -> None:
+    """Every rank opened the same file: each rank opens its own path (a node-local copy, say),
+    and a stale or other copy on one node would otherwise fill that rank's shards from another
+    model, silently."""
+    first = plans[0].storage_data
+    for rank, plan in enumerate(plans):
+        if plan.storage_data != first:
+            raise MCNCError(
+                f"rank {rank} opened another file than rank 0 ({_described(plan.storage_data)}"
+                f" against {_described(first)}): every rank must load the same file; is a "
+                "copy on some node stale or damaged? Compare them (sha256sum)", path=path)
+
+
+def _described(contents: Any) -> str:
+    size, header = contents if isinstance(contents, tuple) else ("?", 0)
+    return f"{size} bytes, header checksum {header:016x}"
 
 
 def _one_box_per_tensor(group: list[Work]) -> list[dict[str, Work]]:
