@@ -21,6 +21,7 @@ import pytest
 import torch
 from dist_helpers import requires_current_distributed
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch_helpers import (  # noqa: F401 (one_thread: autouse fixture)
     SEED,
     assert_same_outputs,
@@ -508,6 +509,68 @@ def test_model_chunking_generates_each_segment_once_per_forward(monkeypatch):
     calls.clear()
     _ = model.head.weight  # outside a forward: only the member's own chunks
     assert len(calls) == 1 and calls[0][2] - calls[0][1] <= -(-7 * 32 // 256) + 1
+
+
+class Checkpointed(nn.Module):
+    """Three layers, each run in a non-reentrant activation-checkpointed region (what
+    transformers' gradient checkpointing does), and optionally a weight also read outside
+    the regions (a penalty on it)."""
+
+    def __init__(self, checkpointed: bool, penalty: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(12, 40), nn.Linear(40, 24), nn.Linear(24, 5)])
+        self.checkpointed, self.penalty = checkpointed, penalty
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(checkpoint(layer, x, use_reentrant=False) if self.checkpointed
+                           else layer(x))
+        return x.square().mean() + (self.layers[1].weight.square().mean() if self.penalty
+                                    else 0.0)
+
+
+@pytest.mark.parametrize("chunking", ["model", "tensor"])
+@pytest.mark.parametrize("penalty", [False, True])
+def test_non_reentrant_checkpointing_gives_the_gradients_of_a_plain_forward(
+        chunking: str, penalty: bool) -> None:
+    """The recomputation of a checkpointed region must save what its first run saved: every
+    segment is generated before the regions and kept for the backward, so with
+    ``chunking="model"`` (one segment read by every region) or a weight also read outside the
+    regions, training steps equal those of the same model without checkpointing. It raised
+    ``CheckpointError`` before."""
+    config = MCNCConfig(k=4, d=64, hidden=(16,), seed=SEED & 0xFFFF, chunking=chunking)
+    models = []
+    for checkpointed in (False, True):
+        torch.manual_seed(SEED)
+        models.append(reparametrize(Checkpointed(checkpointed, penalty), config))
+    with torch.no_grad():
+        for plain, ckpt in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            ckpt.copy_(plain.normal_(generator=_seeded(7)) if plain.requires_grad else plain)
+    optimizers = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.05)
+                  for m in models]
+    for step in range(3):
+        for model, opt in zip(models, optimizers, strict=True):
+            opt.zero_grad()
+            model(torch.randn(6, 12, generator=_seeded(step))).backward()
+            opt.step()
+    for plain, ckpt in zip(models[0].named_parameters(), models[1].named_parameters(),
+                           strict=True):
+        torch.testing.assert_close(ckpt[1], plain[1], rtol=1e-5, atol=1e-6, msg=plain[0])
+
+
+def test_weights_kept_for_the_backward_follow_a_change_of_alpha(tmp_path) -> None:
+    """A forward with autograd recording keeps the generated weights for its backward; alpha
+    changed in place before that backward (an optimizer step of another loss) makes a weight
+    read afterwards the new one, as the saved file has it, not the kept one."""
+    config = MCNCConfig(k=4, d=64, hidden=(16,), seed=SEED & 0xFFFF, chunking="model")
+    model = reparametrize(mlp(), config)
+    with torch.no_grad():
+        model.mcnc_beta_0.normal_(generator=_seeded(1))
+    model(_inputs("mlp")).sum()  # recorded, no backward
+    with torch.no_grad():
+        model.mcnc_alpha_0.add_(0.25)
+    read = model[2].weight.detach().clone()
+    assert torch.equal(read, mcnc_format.load(save_model(model, tmp_path / "m.mcnc"))["2.weight"])
 
 
 def test_refusals_name_the_problem_and_the_fix():

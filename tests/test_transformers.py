@@ -285,3 +285,26 @@ def test_a_folder_with_dense_weights_of_an_earlier_save_is_refused(tmp_path: Pat
     with pytest.raises(WriteError, match=r"model\.safetensors"):
         save_pretrained(model, folder)
     assert not (folder / "model.mcnc").exists()
+
+
+@pytest.mark.parametrize("kind", ["lora", "reparametrize"])
+def test_gradient_checkpointing_with_model_chunking_trains_as_without(kind: str) -> None:
+    """transformers' gradient checkpointing (non-reentrant) with the paper's one-segment
+    chunking: the same Adam steps as without it (it raised ``CheckpointError``)."""
+    config = MCNCConfig(k=4, d=64, hidden=(8,), seed=5, chunking="model")
+    models = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        if kind == "lora":
+            model = add_mcnc_lora(llama(), config, target_modules=["q_proj", "v_proj"],
+                                  rank=4, lora_alpha=8)
+        else:
+            model = reparametrize(llama(), config)
+        if checkpointed:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.append(model)
+    trained = [dict(train(model).named_parameters()) for model in models]
+    assert trained[0].keys() == trained[1].keys()
+    for name, plain in trained[0].items():
+        torch.testing.assert_close(trained[1][name], plain, rtol=1e-5, atol=1e-6, msg=name)

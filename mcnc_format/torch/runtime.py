@@ -14,7 +14,19 @@ pass saves only the ``[chunks, m * width]`` activations instead of ``[chunks, m,
 Inside a forward of the reparametrized module (opened and closed by hooks on it), a segment
 is generated once, for all its chunks, and split among its members (``torch.split``: one
 backward node, not one full-size gradient per member); outside a forward, reading a weight
-generates just that member's chunks. Alpha is projected onto ``[-L, L]`` when a forward
+generates just that member's chunks.
+
+With autograd recording, every segment is generated when the forward starts (the root's
+pre-hook), before any activation-checkpointed region, and the values are kept after the
+forward until the segment's gradient has been computed. A non-reentrant checkpoint
+(``use_reentrant=False``, transformers' gradient checkpointing) re-runs a region during the
+backward and requires it to save the same tensors as the first run: generated inside the first
+region, a segment's activations would be saved there and not again in the recomputation, and a
+weight read in the recomputation, outside the forward, would generate other chunks. Generated
+before the regions and read from the kept values in both runs, no region saves a generator
+tensor. The values are dropped by the segment's gradient hook, by the next forward, or when
+alpha or beta change (an optimizer step) before a read; a forward with autograd recording and
+no backward keeps them until the next forward. Alpha is projected onto ``[-L, L]`` when a forward
 starts, or its segment's when a weight is read outside one (projected gradient descent), and
 clamped in the computation as well, so the function
 always equals the file, whose alpha is ``clamp(alpha, -L, L)``.
@@ -72,6 +84,11 @@ class MCNCRuntime:
         self._cache_grad: bool | None = None
         self._pieces: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
+        # Segments generated for the backward (their values kept after the forward), with the
+        # versions of alpha and beta they were generated from; the generation count tells a
+        # late gradient hook of an earlier forward from the current one.
+        self._kept: dict[int, tuple[int, int]] = {}
+        self._generation = 0
 
     # -- forward scope -----------------------------------------------------------------------
     def enter(self, module: nn.Module, args: Any) -> None:
@@ -80,7 +97,38 @@ class MCNCRuntime:
             self._check_float32()
             self.project_alpha_()
             self._clear()
+            if torch.is_grad_enabled():
+                self._generate_for_backward()
         self._depth += 1
+
+    def _generate_for_backward(self) -> None:
+        """Generate every segment now, outside any checkpointed region, and keep the values of
+        those autograd records until their gradient is computed (module docstring)."""
+        self._cache_grad = True
+        generation = self._generation
+        for segment, order in enumerate(self.segment_members):
+            if not order:
+                continue
+            flat = self._generate(segment)
+            if flat.requires_grad:
+                self._kept[segment] = self._versions(segment)
+                flat.register_hook(lambda grad, segment=segment: self._release(segment,
+                                                                               generation))
+
+    def _versions(self, segment: int) -> tuple[int, int]:
+        return self.alpha(segment)._version, self.beta(segment)._version
+
+    def _release(self, segment: int, generation: int) -> None:
+        """Gradient hook: the segment's gradient is computed, so no recomputation reads it
+        again; drop its values (unless a later forward has replaced them)."""
+        if generation == self._generation:
+            self._drop(segment)
+
+    def _drop(self, segment: int) -> None:
+        self._kept.pop(segment, None)
+        for index in self.segment_members[segment]:
+            self._pieces.pop(index, None)
+            self._values.pop(index, None)
 
     def _check_float32(self) -> None:
         """Refuse alpha or beta converted away from float32 (``model.half()``, ``.to(dtype)``,
@@ -104,11 +152,15 @@ class MCNCRuntime:
         """Forward hook (also on exceptions): drop cached tensors when the forward ends."""
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
-            self._clear()
+            for segment in range(len(self.segment_members)):
+                if segment not in self._kept:
+                    self._drop(segment)
 
     def _clear(self) -> None:
         self._pieces.clear()
         self._values.clear()
+        self._kept.clear()
+        self._generation += 1
         self._cache_grad = None
 
     def project_alpha_(self, segments: range | tuple[int, ...] | None = None) -> None:
@@ -149,10 +201,11 @@ class MCNCRuntime:
         ``theta0 + sum_j beta_j phi(alpha_j)`` computed as a load computes it
         (``FusedGenerator.value``: theta0 laid into the chunks' rows, one ``addmm``), so the
         trained weight equals the loaded one bit for bit."""
-        caching = self._depth > 0 and self._cache_grad in (None, torch.is_grad_enabled())
+        member = self.manifest.members[index]
+        caching = (self._depth > 0 or self._kept_valid(member.segment)) and \
+            self._cache_grad in (None, torch.is_grad_enabled())
         if caching and index in self._values:
             return self._values[index]
-        member = self.manifest.members[index]
         if self._depth == 0:
             # read outside a forward of the root: a root whose own forward never runs (an
             # nn.ModuleList whose layers its parent calls) is projected here, or an alpha
@@ -165,18 +218,32 @@ class MCNCRuntime:
             self._values[index] = value
         return value
 
+    def _kept_valid(self, segment: int) -> bool:
+        """Whether the segment's values kept for the backward may be read outside a forward:
+        alpha and beta unchanged since (else they are dropped)."""
+        if segment not in self._kept:
+            return False
+        if self._kept[segment] == self._versions(segment):
+            return True
+        self._drop(segment)
+        return False
+
     def _piece(self, index: int) -> torch.Tensor:
         """Member ``index``'s share of its whole segment, generated once per forward with
         every member's theta0 in place."""
         if index not in self._pieces:
-            segment = self.manifest.members[index].segment
-            order = self.segment_members[segment]
-            placed = [(self.manifest.members[i].offset, self.theta0_of(i)) for i in order]
-            flat = self.segment_value(segment, 0, self.manifest.chunks[segment], placed)
-            sizes = [self.manifest.members[i].numel for i in order]
-            pieces = torch.split(flat, [*sizes, flat.numel() - sum(sizes)])
-            self._pieces.update(zip(order, pieces, strict=False))
+            self._generate(self.manifest.members[index].segment)
         return self._pieces[index]
+
+    def _generate(self, segment: int) -> torch.Tensor:
+        """The whole segment, flat, split among its members' pieces."""
+        order = self.segment_members[segment]
+        placed = [(self.manifest.members[i].offset, self.theta0_of(i)) for i in order]
+        flat = self.segment_value(segment, 0, self.manifest.chunks[segment], placed)
+        sizes = [self.manifest.members[i].numel for i in order]
+        pieces = torch.split(flat, [*sizes, flat.numel() - sum(sizes)])
+        self._pieces.update(zip(order, pieces, strict=False))
+        return flat
 
     def _member_flat(self, index: int, theta0: torch.Tensor) -> torch.Tensor:
         """Member ``index`` alone: its chunks only."""
