@@ -708,6 +708,7 @@ def plot(results: Results, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
     names = list(summary)
 

@@ -46,7 +46,11 @@ def main() -> None:
     parser.add_argument("file", nargs="?", type=Path, help="an .mcnc file for inspect")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    mcnc = shutil.which("mcnc") or sys.exit("mcnc is not on PATH: pip install -e . first")
+    # The mcnc beside this interpreter first: the one on PATH may belong to another install
+    # (or be missing when the venv is not activated), and would be timed against this torch.
+    beside = Path(sys.executable).parent / "mcnc"
+    mcnc = (str(beside) if beside.is_file() else shutil.which("mcnc")) or sys.exit(
+        f"no mcnc beside {sys.executable} nor on PATH: pip install -e . first")
     with tempfile.TemporaryDirectory() as tmp:
         file = args.file or _sample_file(Path(tmp))
         torch_floor = _median_seconds([sys.executable, "-c", "import torch"], args.repeat)

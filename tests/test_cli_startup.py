@@ -106,3 +106,23 @@ def test_help_summaries_are_the_commands_own() -> None:
         command = cli.get_command(ctx, name)
         assert command is not None and command.name == name
         assert command.get_short_help_str(limit=1000) == summary
+
+
+def test_startup_benchmark_times_this_interpreters_mcnc(tmp_path: Path) -> None:
+    """``benchmarks/bench_startup.py`` times the ``mcnc`` installed with the interpreter it
+    runs under, not another one found first on PATH (whose start-up says nothing about this
+    torch)."""
+    mine = Path(sys.executable).parent / "mcnc"
+    if not mine.is_file():
+        pytest.skip("mcnc is not installed beside this interpreter")
+    other = tmp_path / "bin"
+    other.mkdir()
+    marker = tmp_path / "other-mcnc-ran"
+    (other / "mcnc").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (other / "mcnc").chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_startup.py"
+    run = subprocess.run([sys.executable, str(script), "--repeat", "1"], capture_output=True,
+                         text=True, timeout=120, env={"PATH": f"{other}:/usr/bin:/bin"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "mcnc inspect FILE" in run.stdout, run.stdout
+    assert not marker.exists()

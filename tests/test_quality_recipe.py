@@ -175,3 +175,22 @@ def test_the_quality_benchmark_quick_run(tmp_path: Path) -> None:
         for sweep in task["sweeps"].values():
             grid, chosen = sweep["grid"], sweep["chosen"]
             assert sweep["inside"] == (grid[0] < chosen < grid[-1])
+
+
+def test_the_quality_figures_go_into_a_new_folder(tmp_path: Path) -> None:
+    """``bench_quality.py --plot --figures DIR`` makes DIR: a folder that did not exist was a
+    FileNotFoundError from savefig after the tables were printed."""
+    pytest.importorskip("matplotlib")  # the bench extra
+    pytest.importorskip("peft")
+    out = tmp_path / "quality.json"
+    script = str(REPO / "benchmarks" / "bench_quality.py")
+    run = subprocess.run([sys.executable, script, "--quick", "--task", "lm", "--results",
+                          str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    figures = tmp_path / "figures" / "new"
+    run = subprocess.run([sys.executable, script, "--plot", "--results", str(out), "--figures",
+                          str(figures)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in figures.iterdir()) == [
+        "quality_loss_vs_bytes.png", "quality_loss_vs_payload.png", "quality_loss_vs_time.png"]
