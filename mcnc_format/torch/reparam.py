@@ -134,7 +134,7 @@ def check_installable(model: nn.Module) -> None:
     and shape are not known yet, and it cannot be frozen); and one on the meta device: a
     seeded theta0 is drawn here and is not in the state dict, so ``to_empty`` afterwards
     would leave it uninitialised memory that no checkpoint load overwrites."""
-    if isinstance(model._modules.get("_orig_mod"), nn.Module):
+    if "_orig_mod" in dict(model.named_children()):
         raise ReparametrizeError(
             f"{type(model).__name__} is a torch.compile wrapper; reparametrize (or "
             "add_mcnc_lora to) the plain model first, then compile it: model = "
@@ -278,9 +278,10 @@ def install(model: nn.Module, config: MCNCConfig, planned: Sequence[PlannedMembe
             if (id(place.module), place.attribute) in done:
                 continue  # a module reused under another name: parametrized once
             # a stored theta0 is saved once, by the first place (tied places share the tensor)
-            renorms = getattr(place.module, "max_norm", None) is not None  # Embedding(Bag)
-            _parametrize(place, theta0, MCNCMember(runtime, index, renorms and
-                                                   isinstance(place.module, _NORMAL_MODULES)),
+            # an Embedding(Bag) with max_norm renormalises its weight in place
+            renorms = isinstance(place.module, _NORMAL_MODULES) and \
+                place.module.max_norm is not None
+            _parametrize(place, theta0, MCNCMember(runtime, index, own_copy=renorms),
                          stored and not done)
             done.add((id(place.module), place.attribute))
     object.__setattr__(model, RUNTIME_ATTRIBUTE, runtime)

@@ -26,10 +26,11 @@ weight read in the recomputation, outside the forward, would generate other chun
 before the regions and read from the kept values in both runs, no region saves a generator
 tensor. The values are dropped by the segment's gradient hook, by the next forward, or when
 alpha or beta change (an optimizer step) before a read; a forward with autograd recording and
-no backward keeps them until the next forward. Alpha is projected onto ``[-L, L]`` when a forward
-starts, or its segment's when a weight is read outside one (projected gradient descent), and
-clamped in the computation as well, so the function
-always equals the file, whose alpha is ``clamp(alpha, -L, L)``.
+no backward keeps them until the next forward.
+
+Alpha is projected onto ``[-L, L]`` when a forward starts, or its segment's when a weight is
+read outside one (projected gradient descent), and clamped in the computation as well, so the
+function always equals the file, whose alpha is ``clamp(alpha, -L, L)``.
 """
 
 from __future__ import annotations
